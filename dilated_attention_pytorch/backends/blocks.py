@@ -1,0 +1,240 @@
+"""Attention of one block of queries against one block of keys, returning ``(out, lse)``.
+
+These are the per-block primitives of the ``reference`` backend and of the ring:
+
+- ``math_*``: PyTorch matmuls, any device and dtype, key masks and dropout. Memory
+  is bounded by chunking the batch of segments, never ``O(N^2)``.
+- ``flash_*``: PyTorch's flash-attention op (the kernel behind SDPA), on CUDA
+  for fp16/bf16. It reads the strided segment views in place and returns the LSE.
+
+All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hs, D)``,
+out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``causal`` means query ``t`` sees
+keys ``t' <= t`` of the block (blocks aligned at position 0). The backward takes
+the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Upper bound on score-matrix elements materialised at once by the math path
+# (2**24 fp32 = 64 MiB per temporary).
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(batch: int, per_item: int) -> list[tuple[int, int]]:
+    step = max(1, _MAX_SCORE_ELEMENTS // max(1, per_item))
+    return [(i, min(batch, i + step)) for i in range(0, batch, step)]
+
+
+def _dropout_keep(
+    shape: tuple[int, ...], p: float, seed: int, device: torch.device
+) -> Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _masked_scores(q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None) -> Tensor:
+    # q: (b, Hs, Lq, D), k: (b, Hs, Lk, D) -> (b, Hs, Lq, Lk)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        Lq, Lk = scores.shape[-2], scores.shape[-1]
+        future = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(future, -math.inf)
+    if key_keep is not None:
+        scores.masked_fill_(~key_keep[:, None, None, :], -math.inf)
+    return scores
+
+
+def math_block_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``out`` (compute dtype) and ``lse`` (compute dtype); rows with no key give ``(0, -inf)``.
+
+    ``key_keep``: ``(Bb, Lk)`` bool, ``True`` where the key may be attended.
+    """
+    Bb, Lq, Hs, D = q.shape
+    Lk = k.shape[1]
+    cdt = compute_dtype(q.dtype)
+    out = torch.empty(Bb, Lq, Hs, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.empty(Bb, Lq, Hs, dtype=cdt, device=q.device)
+    for ci, (a, b) in enumerate(_chunks(Bb, Hs * Lq * max(Lk, 1))):
+        qc = q[a:b].transpose(1, 2).to(cdt)
+        kc = k[a:b].transpose(1, 2).to(cdt)
+        vc = v[a:b].transpose(1, 2).to(cdt)
+        keep = None if key_keep is None else key_keep[a:b]
+        scores = _masked_scores(qc, kc, scale, causal, keep)
+        lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hs, Lq); -inf for empty rows
+        finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
+        probs = torch.exp(scores - finite.unsqueeze(-1))
+        if dropout_p > 0.0:
+            probs = probs * _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (1.0 - dropout_p)
+        out[a:b] = torch.matmul(probs, vc).transpose(1, 2)
+        lse[a:b] = lse_c.transpose(1, 2)
+    return out, lse
+
+
+def math_block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` in the compute dtype for one block, given the final out/lse."""
+    Bb, Lq, Hs, D = q.shape
+    Lk = k.shape[1]
+    cdt = compute_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device)
+    dk = torch.empty(k.shape, dtype=cdt, device=q.device)
+    dv = torch.empty(v.shape, dtype=cdt, device=q.device)
+    for ci, (a, b) in enumerate(_chunks(Bb, Hs * Lq * max(Lk, 1))):
+        qc = q[a:b].transpose(1, 2).to(cdt)
+        kc = k[a:b].transpose(1, 2).to(cdt)
+        vc = v[a:b].transpose(1, 2).to(cdt)
+        doc = dout[a:b].transpose(1, 2).to(cdt)
+        oc = out[a:b].transpose(1, 2).to(cdt)
+        lse_c = lse[a:b].transpose(1, 2).to(cdt)
+        # A row nobody attends has lse -inf: use +inf so its probabilities are 0, not inf.
+        lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
+        keep = None if key_keep is None else key_keep[a:b]
+        probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep) - lse_c.unsqueeze(-1))
+        dprobs = torch.matmul(doc, vc.transpose(-1, -2))
+        if dropout_p > 0.0:
+            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (1.0 - dropout_p)
+            dv_c = torch.matmul((probs * keep_mask).transpose(-1, -2), doc)
+            dprobs = dprobs * keep_mask
+        else:
+            dv_c = torch.matmul(probs.transpose(-1, -2), doc)
+        delta = (doc * oc).sum(dim=-1, keepdim=True)  # rowsum(dO * O) of the *final* output
+        dscores = probs * (dprobs - delta)
+        dq[a:b] = (torch.matmul(dscores, kc) * scale).transpose(1, 2)
+        dk[a:b] = (torch.matmul(dscores.transpose(-1, -2), qc) * scale).transpose(1, 2)
+        dv[a:b] = dv_c.transpose(1, 2)
+    return dq, dk, dv
+
+
+def flash_supported_reasons(device_type: str, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Why PyTorch's flash op cannot run a block; empty when it can."""
+    reasons = []
+    if device_type != "cuda":
+        reasons.append(f"flash needs CUDA, got device {device_type!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"flash needs float16/bfloat16, got {dtype}")
+    if head_dim % 8 != 0 or head_dim > 256:
+        reasons.append(f"flash needs head_dim % 8 == 0 and <= 256, got {head_dim}")
+    return reasons
+
+
+def flash_block_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's flash op on strided views; returns ``out`` (q.dtype) and ``lse`` (float32)."""
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale
+    )
+    return res[0].transpose(1, 2), res[1].transpose(1, 2)
+
+
+def flash_block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's flash backward fed with the final out/lse; returns grads in q.dtype."""
+    lse_t = lse.transpose(1, 2).float()
+    lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t).contiguous()
+    empty = torch.empty(0, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.transpose(1, 2),
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        out.transpose(1, 2),
+        lse_t,
+        empty,
+        empty,
+        q.shape[1],
+        k.shape[1],
+        0.0,
+        causal,
+        empty,
+        empty,
+        scale=scale,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def block_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Flash when it can run the block, the math path otherwise."""
+    if key_keep is None and dropout_p == 0.0 and not flash_supported_reasons(
+        q.device.type, q.dtype, q.shape[-1]
+    ):
+        return flash_block_forward(q, k, v, scale=scale, causal=causal)
+    return math_block_forward(
+        q, k, v, scale=scale, causal=causal, key_keep=key_keep, dropout_p=dropout_p, seed=seed
+    )
+
+
+def block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward matching :func:`block_forward`'s choice of path."""
+    if key_keep is None and dropout_p == 0.0 and not flash_supported_reasons(
+        q.device.type, q.dtype, q.shape[-1]
+    ):
+        return flash_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+    return math_block_backward(
+        dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep, dropout_p=dropout_p, seed=seed
+    )

@@ -1,0 +1,110 @@
+"""``dilated_attention``: the public, differentiable entry point (DESIGN.md section 2.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .backends import AttentionCall, Backend, ForwardContext, select_backend
+from .plan import make_plan
+from .validation import check_key_padding_mask, check_qkv, check_scalars, token_major
+
+__all__ = ["dilated_attention"]
+
+
+class _DilatedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, backend: Backend, fctx: ForwardContext):
+        out, lse = backend.forward(q, k, v, fctx)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend = backend
+        ctx.fctx = fctx
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor, _dlse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(token_major(dout), q, k, v, out, lse, ctx.fctx)
+        return dq, dk, dv, None, None
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LongNet dilated attention (DESIGN.md section 1).
+
+    Each branch ``(w, r)`` cuts the sequence into segments of ``w`` tokens (the last
+    one shorter when ``N % w != 0``); in a segment, head ``h`` keeps every ``r``-th
+    token starting at offset ``h mod r`` and attends among those. The branches are
+    mixed by their softmax denominators, i.e. the result is the softmax over the
+    union (with multiplicity) of every branch's keys.
+
+    Args:
+        q, k, v: ``(B, N, H, D)`` (batch, tokens, heads, head dim), one dtype
+            (float16, bfloat16, float32, float64) and device.
+        segment_lengths: segment length ``w`` of each branch.
+        dilation_rates: dilation rate ``r`` of each branch, ``1 <= r <= w``.
+        is_causal: query ``p`` only sees keys ``p' <= p``.
+        branch_mixing: ``"softmax"`` (every head runs every branch) or
+            ``"head_split"`` (heads are split into ``len(branches)`` groups).
+        scale: score scale, default ``D ** -0.5``.
+        dropout_p: drop probability of the joint attention probabilities. Applied
+            whenever ``> 0``: pass ``0.0`` at evaluation.
+        key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys (never attended).
+            A query that ends up with no key outputs 0.
+        backend: ``"auto"`` or a registered backend name (see ``available_backends()``).
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        ``out`` of shape ``(B, N, H, D)`` in ``q.dtype``, or ``(out, lse)`` with
+        ``lse`` of shape ``(B, N, H)`` in float32 (float64 for float64 inputs), ``-inf``
+        where a query has no key. ``lse`` is not differentiable.
+
+    Notes:
+        In ``"softmax"`` mode a head count smaller than the largest dilation rate
+        is allowed; offsets ``>= H`` then go unused and positions covered by no
+        branch output 0.
+    """
+    check_qkv(q, k, v)
+    check_key_padding_mask(key_padding_mask, q)
+    check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
+    B, N, H, D = q.shape
+    plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
+    call = AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=D,
+        is_causal=is_causal,
+        dropout=dropout_p > 0.0,
+        key_padding_mask=key_padding_mask is not None,
+        plan=plan,
+    )
+    chosen = select_backend(backend, call)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    fctx = ForwardContext(
+        plan=plan,
+        scale=D**-0.5 if scale is None else float(scale),
+        is_causal=is_causal,
+        dropout_p=float(dropout_p),
+        key_padding_mask=key_padding_mask,
+        seed=seed,
+    )
+    out, lse = _DilatedAttentionFunction.apply(token_major(q), token_major(k), token_major(v), chosen, fctx)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,122 @@
+"""The dense brute-force oracle of DESIGN.md section 1.
+
+O(N^2) memory and time: for tests and tiny inputs only. It is written straight
+from the definition and deliberately does *not* use :mod:`.plan`, so that the
+tests cross-check the plan too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["dense_dilated_attention", "dilated_count_mask"]
+
+
+def _head_offsets(
+    branch: int, num_branches: int, dilation_rate: int, num_heads: int, branch_mixing: str
+) -> list[int | None]:
+    """Offset of every head in one branch, ``None`` where the head does not run it."""
+    if branch_mixing == "softmax":
+        return [h % dilation_rate for h in range(num_heads)]
+    if branch_mixing == "head_split":
+        base, extra = divmod(num_heads, num_branches)
+        sizes = [base + (1 if i < extra else 0) for i in range(num_branches)]
+        start = sum(sizes[:branch])
+        offsets: list[int | None] = [None] * num_heads
+        for j in range(sizes[branch]):
+            offsets[start + j] = j % dilation_rate
+        return offsets
+    raise ValueError(f"branch_mixing must be 'softmax' or 'head_split', got {branch_mixing!r}")
+
+
+def dilated_count_mask(
+    seq_len: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``M[h, p, p']``: how many branches of head ``h`` contain the pair (query p, key p').
+
+    Returns an int64 tensor of shape ``(H, N, N)``.
+    """
+    pos = torch.arange(seq_len, device=device)
+    counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        seg = pos // w
+        same_segment = seg[:, None] == seg[None, :]
+        if is_causal:
+            same_segment = same_segment & (pos[None, :] <= pos[:, None])
+        offsets = _head_offsets(i, len(segment_lengths), r, num_heads, branch_mixing)
+        for h, o in enumerate(offsets):
+            if o is None:
+                continue
+            selected = (pos % w) % r == o
+            counts[h] += (same_segment & selected[:, None] & selected[None, :]).long()
+    return counts
+
+
+def dense_dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    return_lse: bool = False,
+    upcast: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Dilated attention by the count-mask formula (DESIGN.md section 1).
+
+    ``out = softmax_with_counts(S, M) @ V``: weights ``M * exp(S - rowmax)``
+    normalised per row; a row with no key gives 0 (and LSE ``-inf``).
+
+    Args:
+        q, k, v: ``(B, N, H, D)``.
+        key_padding_mask: optional ``(B, N)`` bool, ``True`` marks padding keys.
+        upcast: compute in float64 (the default) and cast the result back.
+
+    Returns:
+        ``out`` of shape ``(B, N, H, D)`` in ``q.dtype``; with ``return_lse`` also
+        ``lse = log(sum_p' M exp(S))`` of shape ``(B, N, H)`` (float64 if upcast).
+    """
+    B, N, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    compute_dtype = torch.float64 if upcast else q.dtype
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    counts = dilated_count_mask(
+        N,
+        H,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        branch_mixing=branch_mixing,
+        device=q.device,
+    ).to(compute_dtype)
+    counts = counts.unsqueeze(0).expand(B, H, N, N)
+    if key_padding_mask is not None:
+        keep = (~key_padding_mask).to(compute_dtype)[:, None, None, :]
+        counts = counts * keep
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+    scores = scores.masked_fill(counts == 0, -math.inf)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = counts * torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vc).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (torch.log(denom) + row_max).squeeze(-1).transpose(1, 2)  # (B, N, H)
+    return out, lse
