@@ -1,16 +1,32 @@
 """LongNet dilated attention and ring (sequence-parallel) dilated attention for PyTorch."""
 
 from .backends import available_backends
+from .config import PRESETS, DilatedAttentionConfig
+from .factory import (
+    available_attention_kinds,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    register_attention_kind,
+)
 from .functional import dilated_attention
+from .modules import DilatedAttention, MultiheadDilatedAttention
 from .plan import DilatedPlan, make_plan
 from .reference import dense_dilated_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "DilatedAttention",
+    "DilatedAttentionConfig",
     "DilatedPlan",
+    "MultiheadDilatedAttention",
+    "available_attention_kinds",
     "available_backends",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
     "dense_dilated_attention",
     "dilated_attention",
     "make_plan",
+    "register_attention_kind",
 ]

@@ -1,0 +1,71 @@
+"""Every bad input of the functional API raises a clear, pinned error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import dilated_attention
+
+
+def _qkv(*shape: int, dtype: torch.dtype = torch.float32):
+    return [torch.randn(*shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("ws", "rs", "exc", "match"),
+    [
+        ([], [], ValueError, "must be non-empty"),
+        ([4, 8], [1], ValueError, "same length"),
+        ([4, 0], [1, 1], ValueError, r"segment_lengths\[1\] must be a positive int, got 0"),
+        ([4], [-1], ValueError, r"dilation_rates\[0\] must be a positive int, got -1"),
+        ([4], [8], ValueError, "dilation rate 8 is larger than its segment length 4"),
+        ([4.0], [1], TypeError, r"segment_lengths\[0\] must be an int, got float"),
+        ([4], [True], TypeError, r"dilation_rates\[0\] must be an int, got bool"),
+        (4, [1], TypeError, "segment_lengths must be a list or tuple"),
+    ],
+)
+def test_bad_branches(ws, rs, exc, match) -> None:
+    q, k, v = _qkv(1, 8, 2, 4)
+    with pytest.raises(exc, match=match):
+        dilated_attention(q, k, v, ws, rs)
+
+
+def test_bad_tensors() -> None:
+    q, k, v = _qkv(1, 8, 2, 4)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        dilated_attention(q.numpy(), k, v, [4], [1])
+    with pytest.raises(ValueError, match=r"q must have 4 dims \(B, N, H, D\).*got shape \(8, 2, 4\)"):
+        dilated_attention(q[0], k[0], v[0], [4], [1])
+    with pytest.raises(ValueError, match=r"k must have the same shape as q \(1, 8, 2, 4\).*got \(1, 7, 2, 4\)"):
+        dilated_attention(q, k[:, :7], v, [4], [1])
+    with pytest.raises(ValueError, match="q, k and v must share one dtype, got q torch.float32 and v torch.float64"):
+        dilated_attention(q, k, v.double(), [4], [1])
+    with pytest.raises(ValueError, match=r"unsupported dtype torch.int64"):
+        dilated_attention(q.long(), k.long(), v.long(), [4], [1])
+    with pytest.raises(ValueError, match="q, k and v must be on one device"):
+        dilated_attention(q, k.to("meta"), v, [4], [1])
+
+
+def test_bad_mask() -> None:
+    q, k, v = _qkv(2, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, N\) = \(2, 8\), got \(2, 7\)"):
+        dilated_attention(q, k, v, [4], [1], key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask must have dtype torch.bool"):
+        dilated_attention(q, k, v, [4], [1], key_padding_mask=torch.zeros(2, 8))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        dilated_attention(q, k, v, [4], [1], key_padding_mask=[[True] * 8] * 2)
+
+
+def test_bad_options() -> None:
+    q, k, v = _qkv(1, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"branch_mixing must be one of \['softmax', 'head_split'\], got 'mean'"):
+        dilated_attention(q, k, v, [4], [1], branch_mixing="mean")
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; valid backends are \['auto', .*'reference'"):
+        dilated_attention(q, k, v, [4], [1], backend="cudnn")
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
+        dilated_attention(q, k, v, [4], [1], dropout_p=1.5)
+    with pytest.raises(ValueError, match="scale must be a positive finite float, got -1"):
+        dilated_attention(q, k, v, [4], [1], scale=-1.0)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        dilated_attention(q, k, v, [4], [1], is_causal="yes")

@@ -1,0 +1,160 @@
+"""``dilated_attention`` (reference backend) against the dense oracle of DESIGN.md section 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import dense_dilated_attention, dilated_attention
+
+# (segment_lengths, dilation_rates, num_heads): single and multiple branches, w not a
+# multiple of r, r larger than H, segments longer than N.
+CONFIGS = [
+    ([8], [1], 2),
+    ([16], [3], 4),
+    ([4, 16, 64], [1, 2, 4], 4),
+    ([10, 25], [3, 7], 3),  # w % r != 0, r > H
+    ([5, 12, 2000], [1, 5, 11], 5),  # segment longer than every N tested
+]
+SEQ_LENS = [1, 7, 97, 256, 1000]
+
+# float64: both sides compute in float64; errors are ~1e-15, so 1e-10 only allows roundoff.
+# float32: the backend accumulates in float32 against a float64 oracle; softmax/matmul
+# roundoff grows like sqrt(#keys) * 6e-8, well under 2e-5 for the <= 2000 keys here.
+TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
+
+
+def _inputs(B: int, N: int, H: int, D: int, dtype: torch.dtype, requires_grad: bool = True):
+    return [torch.randn(B, N, H, D, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
+
+
+def _compare(q, k, v, ws, rs, *, dtype, **kwargs) -> None:
+    out, lse = dilated_attention(q, k, v, ws, rs, return_lse=True, backend="reference", **kwargs)
+    ref_out, ref_lse = dense_dilated_attention(q, k, v, ws, rs, return_lse=True, **kwargs)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref_out, **tol)
+    # -inf where a query has no key, on both sides.
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, rg, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("N", SEQ_LENS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"w{c[0]}-r{c[1]}-H{c[2]}")
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_reference_matches_oracle_float64(N, config, is_causal, branch_mixing) -> None:
+    ws, rs, H = config
+    q, k, v = _inputs(2, N, H, 8, torch.float64)
+    _compare(q, k, v, ws, rs, dtype=torch.float64, is_causal=is_causal, branch_mixing=branch_mixing)
+
+
+@pytest.mark.parametrize("N", [97, 1000])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_reference_matches_oracle_float32(N, is_causal, branch_mixing) -> None:
+    q, k, v = _inputs(2, N, 4, 16, torch.float32)
+    _compare(
+        q, k, v, [32, 64, 256], [1, 2, 8], dtype=torch.float32, is_causal=is_causal, branch_mixing=branch_mixing
+    )
+
+
+@pytest.mark.parametrize("N", [7, 97, 256])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_key_padding_mask_matches_oracle(N, is_causal, branch_mixing) -> None:
+    B, H = 3, 4
+    q, k, v = _inputs(B, N, H, 8, torch.float64)
+    mask = torch.rand(B, N) < 0.3
+    mask[1] = True  # a fully padded batch element: every query has no key -> output 0
+    mask[2, : N // 2] = True  # with causal, early queries have no key
+    _compare(
+        q, k, v, [4, 32], [1, 3], dtype=torch.float64, is_causal=is_causal,
+        branch_mixing=branch_mixing, key_padding_mask=mask,
+    )  # fmt: skip
+    out = dilated_attention(q, k, v, [4, 32], [1, 3], key_padding_mask=mask, is_causal=is_causal)
+    assert torch.all(out[1] == 0)
+
+
+def test_custom_scale_matches_oracle() -> None:
+    q, k, v = _inputs(1, 50, 2, 8, torch.float64)
+    _compare(q, k, v, [10, 25], [1, 5], dtype=torch.float64, scale=0.3)
+
+
+def test_non_contiguous_inputs() -> None:
+    # (B, H, N, D) storage transposed to (B, N, H, D), and a slice of a fused qkv tensor.
+    base = torch.randn(2, 3, 40, 8, dtype=torch.float64)
+    q = base.transpose(1, 2).requires_grad_()
+    qkv = torch.randn(2, 40, 3, 3, 8, dtype=torch.float64)
+    k, v = qkv[:, :, 1].requires_grad_(), qkv[:, :, 2].requires_grad_()
+    _compare(q, k, v, [8, 20], [1, 4], dtype=torch.float64)
+
+
+def test_gradcheck_float64() -> None:
+    q, k, v = _inputs(1, 11, 3, 4, torch.float64)
+    for is_causal, mixing in [(False, "softmax"), (True, "softmax"), (False, "head_split")]:
+        fn = lambda q, k, v, c=is_causal, m=mixing: dilated_attention(  # noqa: E731
+            q, k, v, [3, 8], [1, 3], is_causal=c, branch_mixing=m
+        )
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_with_padding_mask() -> None:
+    q, k, v = _inputs(2, 9, 2, 4, torch.float64)
+    mask = torch.tensor([[False] * 6 + [True] * 3, [True] * 9])
+    fn = lambda q, k, v: dilated_attention(q, k, v, [4, 9], [1, 2], key_padding_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_dropout_zero_is_deterministic_and_dropout_changes_output() -> None:
+    q, k, v = _inputs(1, 64, 2, 8, torch.float64, requires_grad=False)
+    a = dilated_attention(q, k, v, [16, 64], [1, 4])
+    b = dilated_attention(q, k, v, [16, 64], [1, 4], dropout_p=0.0)
+    assert torch.equal(a, b)
+    c = dilated_attention(q, k, v, [16, 64], [1, 4], dropout_p=0.5)
+    assert not torch.allclose(a, c)
+
+
+def test_dropout_is_unbiased_and_gradients_are_consistent() -> None:
+    # E[dropout output] equals the plain output: average many draws.
+    q, k, v = _inputs(1, 32, 2, 4, torch.float64, requires_grad=False)
+    plain = dilated_attention(q, k, v, [8, 32], [1, 2])
+    draws = torch.stack([dilated_attention(q, k, v, [8, 32], [1, 2], dropout_p=0.3) for _ in range(400)])
+    # Each draw's entries have std O(1); 400 draws -> standard error ~0.05.
+    torch.testing.assert_close(draws.mean(0), plain, atol=0.25, rtol=0)
+    # With a fixed seed, the dropout mask is a fixed linear operator on V: the gradient
+    # must pass gradcheck when the RNG is reset before every call.
+    vv = v.clone().requires_grad_()
+
+    def fn(v_: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1234)
+        return dilated_attention(q, k, v_, [8, 32], [1, 2], dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(fn, (vv,), eps=1e-6, atol=1e-7)
+
+
+def test_lse_is_not_differentiable_and_float32() -> None:
+    q, k, v = _inputs(1, 16, 2, 8, torch.float32)
+    out, lse = dilated_attention(q, k, v, [8], [2], return_lse=True)
+    assert lse.shape == (1, 16, 2) and lse.dtype == torch.float32
+    assert not lse.requires_grad and out.requires_grad
+
+
+def test_empty_sequence() -> None:
+    q, k, v = _inputs(2, 0, 2, 8, torch.float32)
+    out = dilated_attention(q, k, v, [4], [1])
+    assert out.shape == (2, 0, 2, 8)
+
+
+def test_half_precision_on_cpu_matches_float32() -> None:
+    q, k, v = _inputs(1, 64, 2, 16, torch.float32, requires_grad=False)
+    ref = dense_dilated_attention(q, k, v, [16, 64], [1, 4])
+    for dtype in (torch.bfloat16, torch.float16):
+        out = dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4])
+        pt = dense_dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4], upcast=False)
+        # STYLE.md rule: error at most twice that of the oracle run in the same dtype (+eps).
+        assert (out.float() - ref).abs().max() <= 2 * (pt.float() - ref).abs().max() + 1e-3
