@@ -21,3 +21,8 @@ __all__ = [
     "register_backend",
     "select_backend",
 ]
+
+try:  # the triton backend registers itself on import; absent when triton is not installed
+    from . import triton_backend  # noqa: F401
+except ImportError:
+    pass

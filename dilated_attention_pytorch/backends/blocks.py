@@ -174,7 +174,9 @@ def flash_block_backward(
     """PyTorch's flash backward fed with the final out/lse; returns grads in q.dtype."""
     lse_t = lse.transpose(1, 2).float()
     lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t).contiguous()
-    empty = torch.empty(0, device=q.device)
+    # Dense (non-varlen) call: no cumulative lengths; the philox state is unused at p=0.
+    philox_seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    philox_offset = torch.zeros((), dtype=torch.uint64, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout.transpose(1, 2),
         q.transpose(1, 2),
@@ -182,14 +184,14 @@ def flash_block_backward(
         v.transpose(1, 2),
         out.transpose(1, 2),
         lse_t,
-        empty,
-        empty,
+        None,
+        None,
         q.shape[1],
         k.shape[1],
         0.0,
         causal,
-        empty,
-        empty,
+        philox_seed,
+        philox_offset,
         scale=scale,
     )
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,0 +1,6 @@
+"""Sequence parallelism over ``torch.distributed`` (DESIGN.md section 3). No ``nn.Module`` here."""
+
+from .ring_dilated_attention import ring_dilated_attention
+from .sequence import gather_sequence, shard_sequence
+
+__all__ = ["gather_sequence", "ring_dilated_attention", "shard_sequence"]

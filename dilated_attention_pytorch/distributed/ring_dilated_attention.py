@@ -1,0 +1,598 @@
+"""Ring dilated attention: dilated attention over a sequence sharded across ranks.
+
+DESIGN.md section 3. Rank ``j`` of a process group of ``k`` ranks holds tokens
+``[j*L, (j+1)*L)`` (``L = N/k``) of q, k and v. For each branch ``(w, r)``:
+
+- ``w <= L``: the shard holds whole segments; the branch runs locally, no transfer.
+- ``w > L``: the ``g = w/L`` ranks holding one segment form a ring. Each packs its
+  *dilated* K/V (only the positions its heads use, about ``L/r`` tokens per head)
+  into one buffer that travels around the ring by P2P. Every rank attends its own
+  dilated queries to each block as it arrives and merges the partial ``(out, lse)``
+  with the LSE rule; the next transfer is posted before the current block is
+  computed. With ``is_causal`` a block only travels to the later ranks of its
+  segment, the ones that attend to it.
+
+The backward sends K/V around the ring again; the gradient of a block's K/V is
+accumulated (in fp32, fp64 for fp64 inputs) in a buffer that travels behind the
+block through the ranks that attended to it and finally returns to its owner.
+
+Layers, as in ring-flash-attention: :func:`ring_dilated_forward` and
+:func:`ring_dilated_backward` hold the ring loops, :class:`RingDilatedAttentionFunction`
+is the ``autograd.Function``, :func:`ring_dilated_attention` the public function.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..backends import AttentionCall, available_backends, get_backend
+from ..backends.blocks import block_backward, block_forward, compute_dtype
+from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
+from ..segments import merge_lse_, segment_views
+from ..validation import token_major
+from .comm import RingComm
+from .validation import check_ring_call, resolve_group
+
+__all__ = [
+    "BlockOps",
+    "RingBranch",
+    "RingDilatedAttentionFunction",
+    "ring_dilated_attention",
+    "ring_dilated_backward",
+    "ring_dilated_forward",
+    "ring_layout",
+    "select_block_ops",
+]
+
+logger = logging.getLogger("dilated_attention_pytorch")
+
+# Gradient accumulators travel with their own tag so that, on gloo, they can never
+# be matched with a K/V transfer between the same two ranks.
+_KV_TAG, _GRAD_TAG = 0, 1
+
+
+# --------------------------------------------------------------------------- block ops
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The block primitive the ring calls, on token-major blocks.
+
+    ``forward(q, k, v, *, scale, causal) -> (out, lse)`` with q ``(Bb, Lq, Hs, D)``,
+    k/v ``(Bb, Lk, Hs, D)``, out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``;
+    ``backward(dout, q, k, v, out, lse, *, scale, causal) -> (dq, dk, dv)`` given the
+    *final* merged out/lse. ``causal`` aligns both blocks at position 0.
+    """
+
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+REFERENCE_BLOCK_OPS = BlockOps("reference", block_forward, block_backward)
+
+
+def _backend_block_ops(name: str) -> BlockOps | None:
+    # A backend joins the ring by defining block_forward/block_backward methods.
+    backend = get_backend(name)
+    if hasattr(backend, "block_forward") and hasattr(backend, "block_backward"):
+        return BlockOps(name, backend.block_forward, backend.block_backward)
+    return REFERENCE_BLOCK_OPS if name == "reference" else None
+
+
+def select_block_ops(backend: str, call: AttentionCall) -> BlockOps:
+    """The block primitive for ``backend``; the one place the ring chooses its kernel.
+
+    ``"auto"`` takes the highest-priority registered backend that exposes block ops
+    and supports ``call`` (the reference blocks, flash on CUDA fp16/bf16, otherwise).
+    A named backend must expose block ops and support the call, else ``ValueError``.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}.")
+    if backend == "auto":
+        for name in available_backends():
+            ops = _backend_block_ops(name)
+            if ops is not None and not get_backend(name).why_not(call):
+                logger.debug("ring backend='auto' chose %r block ops", ops.name)
+                return ops
+        return REFERENCE_BLOCK_OPS
+    ops = _backend_block_ops(backend)  # raises for unknown names, listing the valid ones
+    if ops is None:
+        with_ops = [n for n in available_backends() if _backend_block_ops(n) is not None]
+        raise ValueError(
+            f"backend {backend!r} has no block operations the ring can call; use backend='auto' "
+            f"or one of {with_ops}."
+        )
+    why = get_backend(backend).why_not(call)
+    if why:
+        raise ValueError(f"backend {backend!r} cannot run this call: {'; '.join(why)}.")
+    return ops
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class PieceGroup:
+    """One head group of a branch, as seen by every rank of the branch's ring.
+
+    ``offsets[c]`` is the first dilated position inside the shard (or local segment)
+    of the ``c``-th rank of the ring, ``counts[c]`` how many dilated positions that
+    piece has. Both depend on ``c`` when ``L % r != 0``.
+    """
+
+    heads: HeadGroup
+    offsets: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RingBranch:
+    """How one branch runs on this rank; a local branch has a ring of one rank."""
+
+    segment_length: int
+    dilation_rate: int
+    piece_length: int  # w for a local branch, L (the shard) for a branch across ranks
+    ring: tuple[int, ...]  # group ranks holding this rank's segment, in token order
+    position: int  # this rank's index in ``ring``
+    head_groups: tuple[PieceGroup, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ring)
+
+    def packed_numel(self, origin: int, batch: int, head_dim: int) -> int:
+        """Elements of the packed K+V buffer of ring member ``origin``."""
+        return 2 * sum(batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups)
+
+
+@functools.lru_cache(maxsize=256)
+def ring_layout(
+    plan: DilatedPlan, local_len: int, world_size: int, rank: int
+) -> tuple[RingBranch, ...]:
+    """Per branch of ``plan``: the ring, this rank's place in it and every piece's offsets.
+
+    Assumes the shard rules of DESIGN.md section 3 hold (checked before). A branch
+    with ``w > L`` groups ranks ``[s*g, (s+1)*g)`` with ``g = w/L``; when ``k % g != 0``
+    the last segment is shorter and its ring has fewer ranks.
+    """
+    branches = []
+    for branch in plan.branches:
+        w, r = branch.segment_length, branch.dilation_rate
+        if w <= local_len:
+            ring, position, piece, starts = (rank,), 0, w, (0,)
+        else:
+            g = w // local_len
+            first = (rank // g) * g
+            ring = tuple(range(first, min(first + g, world_size)))
+            position, piece = rank - first, local_len
+            # Position p of the segment is dilated for offset o iff p mod r == o; piece c
+            # starts at p = c*L, so its first dilated position is (o - c*L) mod r.
+            starts = tuple(c * local_len for c in range(len(ring)))
+        groups = tuple(
+            PieceGroup(
+                heads=hg,
+                offsets=tuple((hg.offset - s) % r for s in starts),
+                counts=tuple(num_dilated_positions(piece, r, (hg.offset - s) % r) for s in starts),
+            )
+            for hg in branch.head_groups
+        )
+        branches.append(RingBranch(w, r, piece, ring, position, groups))
+    return tuple(branches)
+
+
+def _view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor | None:
+    """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty.
+
+    A local branch (``L % w == 0``) gives one view ``(B*L/w, n, Hs, ...)`` of all its
+    segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
+    """
+    offset = group.offsets[branch.position]
+    views = segment_views(x, branch.piece_length, branch.dilation_rate, offset, group.heads.head_slice)
+    return views[0] if views else None
+
+
+def _unpack(
+    buf: Tensor, branch: RingBranch, origin: int, batch: int, head_dim: int
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Per head group, ``(k, v)`` views ``(B, n, Hs, D)`` into a packed buffer (None if empty)."""
+    blocks: list[tuple[Tensor, Tensor] | None] = []
+    start = 0
+    for g in branch.head_groups:
+        shape = (batch, g.counts[origin], g.heads.num_heads, head_dim)
+        numel = math.prod(shape)
+        if numel == 0:
+            blocks.append(None)
+            continue
+        k_part = buf[start : start + numel].view(shape)
+        v_part = buf[start + numel : start + 2 * numel].view(shape)
+        blocks.append((k_part, v_part))
+        start += 2 * numel
+    return blocks
+
+
+def _own_blocks(k: Tensor, v: Tensor, branch: RingBranch) -> list[tuple[Tensor, Tensor] | None]:
+    """Per head group, this rank's dilated K/V as strided views (no copy)."""
+    blocks: list[tuple[Tensor, Tensor] | None] = []
+    for g in branch.head_groups:
+        k_view, v_view = _view(k, branch, g), _view(v, branch, g)
+        blocks.append(None if k_view is None or v_view is None else (k_view, v_view))
+    return blocks
+
+
+def _pack(sources: list[tuple[Tensor, Tensor] | None], branch: RingBranch, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """Copy this rank's per-group ``(k, v)`` blocks into one flat buffer of ``dtype``."""
+    batch, head_dim = like.shape[0], like.shape[-1]
+    buf = torch.zeros(branch.packed_numel(branch.position, batch, head_dim), dtype=dtype, device=like.device)
+    for dst, src in zip(_unpack(buf, branch, branch.position, batch, head_dim), sources):
+        if dst is not None and src is not None:
+            dst[0].copy_(src[0])
+            dst[1].copy_(src[1])
+    return buf
+
+
+# --------------------------------------------------------------------------- schedule
+# Ring indices c in [0, size). Block "origin" starts on rank origin; ``_visitors``
+# lists the ranks that attend to it after its owner, in the order it reaches them.
+
+
+@functools.lru_cache(maxsize=1024)
+def _visitors(origin: int, size: int, causal: bool) -> tuple[int, ...]:
+    if causal:  # only later ranks of the segment attend to this block
+        return tuple(range(origin + 1, size))
+    return tuple((origin + i) % size for i in range(1, size))
+
+
+def _kv_messages(size: int, causal: bool, step: int) -> list[tuple[int, int, int]]:
+    """``(origin, src, dst)`` of the K/V transfers posted at ``step`` (used at ``step + 1``)."""
+    messages = []
+    for origin in range(size):
+        path = _visitors(origin, size, causal)
+        if step < len(path):
+            messages.append((origin, origin if step == 0 else path[step - 1], path[step]))
+    return messages
+
+
+def _grad_messages(size: int, causal: bool, step: int) -> list[tuple[int, int, int]]:
+    """``(origin, src, dst)`` of the dK/dV accumulators sent at the end of ``step`` (>= 1).
+
+    The accumulator of a block starts at its first visitor, follows the block and, from
+    the last visitor, goes home to ``origin``.
+    """
+    messages = []
+    for origin in range(size):
+        path = _visitors(origin, size, causal)
+        if 1 <= step <= len(path):
+            dst = path[step] if step < len(path) else origin
+            messages.append((origin, path[step - 1], dst))
+    return messages
+
+
+def _held_origin(branch: RingBranch, causal: bool, step: int) -> int | None:
+    """The ring member whose K/V this rank attends to at ``step`` (None: nothing to do)."""
+    if step >= branch.size:
+        return None
+    origin = branch.position - step
+    if origin < 0:
+        if causal:
+            return None
+        origin += branch.size
+    return origin
+
+
+# --------------------------------------------------------------------------- ring loops
+
+
+@dataclass(frozen=True)
+class RingSetup:
+    """Everything a ring forward/backward needs besides the tensors."""
+
+    branches: tuple[RingBranch, ...]
+    scale: float
+    is_causal: bool
+    group: dist.ProcessGroup
+    ops: BlockOps
+
+    @property
+    def num_steps(self) -> int:
+        return max(b.size for b in self.branches)
+
+
+def _post_kv(
+    comm: RingComm, setup: RingSetup, step: int, held: dict[int, Tensor], like: Tensor
+) -> dict[int, Tensor]:
+    """Queue the K/V transfers of ``step`` for every branch; returns the receive buffers."""
+    batch, head_dim = like.shape[0], like.shape[-1]
+    incoming: dict[int, Tensor] = {}
+    for i, b in enumerate(setup.branches):
+        for origin, src, dst in _kv_messages(b.size, setup.is_causal, step):
+            numel = b.packed_numel(origin, batch, head_dim)
+            if numel == 0:  # nobody has positions for this piece: both sides skip it
+                continue
+            if src == b.position:
+                comm.send(held[i], b.ring[dst])
+            if dst == b.position:
+                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+                incoming[i] = comm.recv(buf, b.ring[src])
+    return incoming
+
+
+def _kv_blocks(
+    setup: RingSetup, i: int, origin: int, k: Tensor, v: Tensor, held: dict[int, Tensor]
+) -> list[tuple[Tensor, Tensor] | None]:
+    b = setup.branches[i]
+    if origin == b.position:
+        return _own_blocks(k, v, b)
+    if i not in held:  # an empty piece, never sent
+        return [None] * len(b.head_groups)
+    return _unpack(held[i], b, origin, k.shape[0], k.shape[-1])
+
+
+def ring_dilated_forward(
+    q: Tensor, k: Tensor, v: Tensor, setup: RingSetup
+) -> tuple[Tensor, Tensor]:
+    """Forward ring loop on local shards.
+
+    Args:
+        q, k, v: ``(B, L, H, D)`` local shards, token-major.
+
+    Returns:
+        ``out (B, L, H, D)`` in ``q.dtype`` and ``lse (B, L, H)`` in the compute dtype
+        (float32, float64 for float64 inputs), ``-inf`` where a query has no key.
+    """
+    B, L, H, _ = q.shape
+    acc_dtype = compute_dtype(q.dtype)
+    out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype, device=q.device)
+    lse = torch.full((B, L, H), -math.inf, dtype=acc_dtype, device=q.device)
+    held = {
+        i: _pack(_own_blocks(k, v, b), b, k, k.dtype)
+        for i, b in enumerate(setup.branches)
+        if b.size > 1
+    }
+    for step in range(setup.num_steps):
+        comm = RingComm(setup.group, _KV_TAG)
+        incoming = _post_kv(comm, setup, step, held, k)
+        comm.commit()  # the next blocks travel while this one is computed
+        for i, b in enumerate(setup.branches):
+            origin = _held_origin(b, setup.is_causal, step)
+            if origin is None:
+                continue
+            causal = setup.is_causal and origin == b.position
+            for g, kv in zip(b.head_groups, _kv_blocks(setup, i, origin, k, v, held)):
+                q_blk = _view(q, b, g)
+                if kv is None or q_blk is None:
+                    continue
+                out_blk, lse_blk = setup.ops.forward(
+                    q_blk, kv[0], kv[1], scale=setup.scale, causal=causal
+                )
+                merge_lse_(_view(out, b, g), _view(lse, b, g), out_blk, lse_blk)
+        comm.wait()
+        held = incoming
+    return out.to(q.dtype), lse
+
+
+def ring_dilated_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, setup: RingSetup
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward ring loop: gradients of the local shards.
+
+    K/V travel the ring as in the forward; the dK/dV of a block is accumulated in a
+    compute-dtype buffer that follows the block through the ranks attending to it and
+    then returns to its owner.
+
+    Args:
+        dout, q, k, v, out: ``(B, L, H, D)`` local shards; ``out`` is the forward output.
+        lse: ``(B, L, H)`` final log-sum-exp of the forward.
+
+    Returns:
+        ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
+    """
+    B, _, _, D = q.shape
+    acc_dtype = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
+    held = {
+        i: _pack(_own_blocks(k, v, b), b, k, k.dtype)
+        for i, b in enumerate(setup.branches)
+        if b.size > 1
+    }
+    grad_comm: RingComm | None = None
+    travelling: dict[tuple[int, int], Tensor] = {}  # (branch, origin) -> accumulator received
+    home: dict[int, list[Tensor]] = {}  # branch -> accumulators of this rank's own K/V
+    for step in range(setup.num_steps):
+        kv_comm = RingComm(setup.group, _KV_TAG)
+        incoming = _post_kv(kv_comm, setup, step, held, k)
+        kv_comm.commit()
+        contributions: dict[int, Tensor] = {}
+        for i, b in enumerate(setup.branches):
+            origin = _held_origin(b, setup.is_causal, step)
+            if origin is None:
+                continue
+            causal = setup.is_causal and origin == b.position
+            own = origin == b.position
+            kv_blocks = _kv_blocks(setup, i, origin, k, v, held)
+            grads: list[tuple[Tensor, Tensor] | None] = []
+            for g, kv in zip(b.head_groups, kv_blocks):
+                q_blk = _view(q, b, g)
+                if kv is None or q_blk is None:
+                    grads.append(None)
+                    continue
+                dq_blk, dk_blk, dv_blk = setup.ops.backward(
+                    _view(dout, b, g), q_blk, kv[0], kv[1], _view(out, b, g), _view(lse, b, g),
+                    scale=setup.scale, causal=causal,
+                )  # fmt: skip
+                _view(dq, b, g).add_(dq_blk)
+                if own:
+                    _view(dk, b, g).add_(dk_blk)
+                    _view(dv, b, g).add_(dv_blk)
+                grads.append((dk_blk, dv_blk))
+            if not own and b.packed_numel(origin, B, D):
+                contributions[i] = _pack_remote(grads, b, origin, like=k, dtype=acc_dtype)
+        # Accumulators sent at the end of the previous step arrive while we computed.
+        if grad_comm is not None:
+            grad_comm.wait()
+        grad_comm = RingComm(setup.group, _GRAD_TAG)
+        received: dict[tuple[int, int], Tensor] = {}
+        for i, b in enumerate(setup.branches):
+            if step == 0 or step >= b.size:
+                continue
+            for origin, src, dst in _grad_messages(b.size, setup.is_causal, step):
+                numel = b.packed_numel(origin, B, D)
+                if numel == 0:
+                    continue
+                if src == b.position:
+                    acc = contributions[i]
+                    if (i, origin) in travelling:
+                        acc.add_(travelling.pop((i, origin)))
+                    grad_comm.send(acc, b.ring[dst])
+                if dst == b.position:
+                    buf = torch.empty(numel, dtype=acc_dtype, device=q.device)
+                    grad_comm.recv(buf, b.ring[src])
+                    if origin == b.position:
+                        home.setdefault(i, []).append(buf)
+                    else:
+                        received[(i, origin)] = buf
+        grad_comm.commit()
+        travelling = received
+        kv_comm.wait()
+        held = incoming
+    if grad_comm is not None:
+        grad_comm.wait()
+    for i, bufs in home.items():
+        b = setup.branches[i]
+        for buf in bufs:
+            for g, grad in zip(b.head_groups, _unpack(buf, b, b.position, B, D)):
+                if grad is not None:
+                    _view(dk, b, g).add_(grad[0])
+                    _view(dv, b, g).add_(grad[1])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _pack_remote(
+    grads: list[tuple[Tensor, Tensor] | None],
+    branch: RingBranch,
+    origin: int,
+    *,
+    like: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Pack per-group ``(dk, dv)`` of ring member ``origin``'s block into a flat buffer.
+
+    Groups for which this rank has no queries contribute zeros.
+    """
+    batch, head_dim = like.shape[0], like.shape[-1]
+    buf = torch.zeros(branch.packed_numel(origin, batch, head_dim), dtype=dtype, device=like.device)
+    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), grads):
+        if dst is not None and src is not None:
+            dst[0].copy_(src[0])
+            dst[1].copy_(src[1])
+    return buf
+
+
+# --------------------------------------------------------------------------- autograd + API
+
+
+class RingDilatedAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: the backward runs :func:`ring_dilated_backward`."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, setup: RingSetup) -> Tensor:
+        out, lse = ring_dilated_forward(q, k, v, setup)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = setup
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_dilated_backward(token_major(dout), q, k, v, out, lse, ctx.setup)
+        return dq, dk, dv, None
+
+
+def ring_dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    group: dist.ProcessGroup | None = None,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Dilated attention on a sequence sharded over the ranks of ``group``.
+
+    Rank ``j`` of the ``k`` ranks of ``group`` passes its shard: tokens
+    ``[j*N/k, (j+1)*N/k)`` of the global ``(B, N, H, D)`` q, k, v. The result (and
+    every gradient) is rank ``j``'s shard of :func:`~dilated_attention_pytorch.dilated_attention`
+    on the whole sequence. Collective: every rank of ``group`` must call it with the
+    same settings. Dense ring attention is ``segment_lengths=[N], dilation_rates=[1]``.
+
+    Shard rules (DESIGN.md section 3), with ``L = N/k``: a segment length ``w <= L``
+    must divide ``L`` (the branch is then local); a ``w > L`` must be a multiple of
+    ``L`` (the ``w/L`` ranks of a segment form a ring; only dilated K/V move).
+
+    Args:
+        q, k, v: ``(B, N/k, H, D)`` local shards, one dtype and device on every rank.
+        segment_lengths: segment length ``w`` of each branch (global token counts).
+        dilation_rates: dilation rate ``r`` of each branch, ``1 <= r <= w``.
+        group: the process group holding the sequence (default: WORLD); any group,
+            e.g. one dimension of a DeviceMesh.
+        is_causal: query ``p`` only sees keys ``p' <= p`` (global positions).
+        branch_mixing: ``"softmax"`` or ``"head_split"``, as in ``dilated_attention``.
+        scale: score scale, default ``D ** -0.5``.
+        backend: block kernel: ``"auto"`` or a backend exposing block ops
+            (``"reference"``: flash on CUDA fp16/bf16, chunked matmuls otherwise).
+
+    Returns:
+        ``(B, N/k, H, D)`` in ``q.dtype``: this rank's shard of the output.
+
+    Raises:
+        ValueError: on *every* rank when any rank's input is invalid, the ranks'
+            shapes, dtypes or settings differ, or the shard length breaks the rules above.
+
+    Notes:
+        Dropout and key padding masks are not supported over the ring.
+    """
+    group = resolve_group(group)
+    plan = check_ring_call(
+        q, k, v,
+        group=group,
+        segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates,
+        branch_mixing=branch_mixing,
+        is_causal=is_causal,
+        scale=scale,
+        backend=backend,
+    )  # fmt: skip
+    _, L, _, D = q.shape
+    call = AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=D,
+        is_causal=is_causal,
+        dropout=False,
+        key_padding_mask=False,
+        plan=plan,
+    )
+    setup = RingSetup(
+        branches=ring_layout(plan, L, dist.get_world_size(group), dist.get_rank(group)),
+        scale=D**-0.5 if scale is None else float(scale),
+        is_causal=is_causal,
+        group=group,
+        ops=select_block_ops(backend, call),
+    )
+    return RingDilatedAttentionFunction.apply(token_major(q), token_major(k), token_major(v), setup)

@@ -1,0 +1,188 @@
+"""Checks of a ring call that raise on *every* rank instead of hanging.
+
+A bad input on one rank (a shard of another length, another dtype, another head
+count, a config that differs) would make that rank raise while the others wait
+forever in the ring's P2P. So every rank first exchanges a small int64 metadata
+vector (shapes, dtype and device codes, a fingerprint of the settings) with one
+``all_gather``; K/V never move here. Every rank then runs the same checks on the
+same table and raises the same ``ValueError``, which names the ranks involved.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..plan import DilatedPlan, make_plan
+from ..validation import check_qkv, check_scalars
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+_DEVICE_CODES = {"cpu": 1, "cuda": 2}
+_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "another device"}
+# Layout of the metadata vector.
+_OK, _B, _L, _H, _D, _DTYPE, _DEVICE, _FINGERPRINT = range(8)
+_META_LEN = 8
+
+
+def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group`` or WORLD; raises a clear error when torch.distributed is not set up."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "ring attention needs torch.distributed: call torch.distributed.init_process_group "
+            "(e.g. launch with torchrun) first, or use dilated_attention on one device."
+        )
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process "
+            f"group passed as group=; call ring attention only on the group's ranks."
+        )
+    return group
+
+
+def collective_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a small metadata tensor must live on for ``group``'s backend."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend or "cpu:" in backend or backend == "ucc":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _fingerprint(*settings: object) -> int:
+    # A deterministic digest of the settings that every rank must share.
+    return zlib.crc32(repr(settings).encode())
+
+
+def _per_rank(table: list[list[int]], describe: Callable[[list[int]], str]) -> str:
+    return ", ".join(f"rank {j} has {describe(row)}" for j, row in enumerate(table))
+
+
+def _gather_texts(group: dist.ProcessGroup, text: str | None) -> list[str | None]:
+    # Only on error paths, which every rank reaches together (they share the table).
+    texts: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(texts, text, group=group)
+    return texts
+
+
+def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> None:
+    """DESIGN.md section 3: ``L % w == 0`` for ``w <= L`` and ``w % L == 0`` for ``w > L``."""
+    N = local_len * world_size
+    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates)):
+        if w <= local_len and local_len % w != 0:
+            raise ValueError(
+                f"branch {i} (segment length {w}, dilation {r}) does not tile the local shard: "
+                f"each of the {world_size} ranks holds L = N/k = {N}/{world_size} = {local_len} "
+                f"tokens, and a segment length w <= L must divide L (L % w == 0); choose a "
+                f"sequence length N whose shard L = N/k is a multiple of {w}."
+            )
+        if w > local_len and w % local_len != 0:
+            raise ValueError(
+                f"branch {i} (segment length {w}, dilation {r}) spans several ranks but is not a "
+                f"multiple of the local shard length L = N/k = {N}/{world_size} = {local_len}; a "
+                f"segment length w > L must satisfy w % L == 0 so that each segment is held by "
+                f"w/L whole shards; change N or the number of ranks so that L divides {w}."
+            )
+
+
+def check_ring_call(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    group: dist.ProcessGroup,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    branch_mixing: str,
+    is_causal: object,
+    scale: object,
+    backend: object,
+) -> DilatedPlan:
+    """Validate a ring call on every rank of ``group`` together; returns the plan.
+
+    Collective: every rank of ``group`` must call it. Raises the same ``ValueError``
+    on every rank when any rank's input is bad or the ranks disagree.
+    """
+    local_error: str | None = None
+    plan: DilatedPlan | None = None
+    meta = [0] * _META_LEN
+    try:
+        check_qkv(q, k, v)
+        check_scalars(scale=scale, dropout_p=0.0, is_causal=is_causal)
+        assert isinstance(q, Tensor)
+        if q.shape[1] == 0:
+            raise ValueError(
+                f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
+                f"N/k >= 1 tokens."
+            )
+        plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+        meta = [
+            1,
+            *q.shape,
+            _DTYPE_CODES[q.dtype],
+            _DEVICE_CODES.get(q.device.type, 3),
+            _fingerprint(
+                tuple(segment_lengths), tuple(dilation_rates), branch_mixing, is_causal, scale,
+                backend,
+            ),
+        ]  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        local_error = f"{type(exc).__name__}: {exc}"
+
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    device = collective_device(group)
+    mine = torch.tensor(meta, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    table = [row.tolist() for row in gathered]
+
+    bad = [j for j, row in enumerate(table) if row[_OK] != 1]
+    if bad:
+        # Error path only: fetch the texts so every rank can say what went wrong where.
+        messages = _gather_texts(group, local_error)
+        details = "; ".join(f"rank {j}: {messages[j]}" for j in bad)
+        raise ValueError(
+            f"ring attention: invalid input on rank(s) {bad} of {world_size} (this is rank "
+            f"{rank}; every rank raises this error): {details}"
+        )
+
+    shapes = {tuple(row[_B : _D + 1]) for row in table}
+    if len(shapes) > 1:
+        raise ValueError(
+            "ring attention: the local shards differ between ranks; every rank must pass q, k, "
+            "v of one shape (B, N/k, H, D) (same batch, shard length, head count and head dim): "
+            + _per_rank(table, lambda row: f"shape {tuple(row[_B : _D + 1])}")
+            + "."
+        )
+    if len({row[_DTYPE] for row in table}) > 1:
+        raise ValueError(
+            "ring attention: the dtype differs between ranks; cast every rank's q, k, v to one "
+            "dtype: " + _per_rank(table, lambda row: _DTYPE_NAMES[row[_DTYPE]]) + "."
+        )
+    if len({row[_DEVICE] for row in table}) > 1:
+        raise ValueError(
+            "ring attention: the device type differs between ranks; put every rank's tensors on "
+            "the same kind of device: "
+            + _per_rank(table, lambda row: _DEVICE_NAMES[row[_DEVICE]])
+            + "."
+        )
+    if len({row[_FINGERPRINT] for row in table}) > 1:
+        settings = (
+            f"segment_lengths={list(segment_lengths)}, dilation_rates={list(dilation_rates)}, "
+            f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
+            f"backend={backend!r}"
+        )
+        texts = _gather_texts(group, settings)
+        raise ValueError(
+            "ring attention: the settings differ between ranks; pass the same segment_lengths, "
+            "dilation_rates, branch_mixing, is_causal, scale and backend on every rank: "
+            + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
+            + "."
+        )
+    assert plan is not None
+    check_shard_length(plan, table[0][_L], world_size)
+    return plan
