@@ -2,6 +2,7 @@
 
 from .backends import available_backends
 from .config import PRESETS, DilatedAttentionConfig
+from .distributed import gather_sequence, ring_dilated_attention, shard_sequence
 from .factory import (
     available_attention_kinds,
     create_dilated_attention,
@@ -12,10 +13,17 @@ from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .plan import DilatedPlan, make_plan
 from .reference import dense_dilated_attention
+from .ring_modules import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "StandardRingAttention",
+    "gather_sequence",
+    "ring_dilated_attention",
+    "shard_sequence",
     "PRESETS",
     "DilatedAttention",
     "DilatedAttentionConfig",

@@ -9,6 +9,8 @@ time and peak memory, next to the same layer with dense attention (a plain
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
 import platform
 import sys
 import time
@@ -29,7 +31,7 @@ class DemoSetup:
     config: DilatedAttentionConfig
     dtype: torch.dtype
     seq_lens: tuple[int, ...]
-    dense_score_budget: int  # bytes of N x N scores beyond which dense is not run
+    dense_seconds_budget: float  # dense is skipped where its predicted time exceeds this
 
 
 def _setup(device: torch.device, max_seq_len: int | None) -> DemoSetup:
@@ -39,21 +41,18 @@ def _setup(device: torch.device, max_seq_len: int | None) -> DemoSetup:
         config = DilatedAttentionConfig.geometric(
             base_segment_length=2048, num_branches=5, embed_dim=1024, num_heads=16
         )
-        total = torch.cuda.get_device_properties(device).total_memory
-        setup = DemoSetup(config, torch.bfloat16, tuple(2**i for i in range(13, 21)), total // 4)
+        seq_lens = tuple(2**i for i in range(13, 21))
+        setup = DemoSetup(config, torch.bfloat16, seq_lens, dense_seconds_budget=10.0)
     else:
         # The same shape scaled down so that the demo takes seconds on a laptop CPU.
         config = DilatedAttentionConfig.geometric(
             base_segment_length=256, num_branches=4, embed_dim=64, num_heads=4
         )
-        setup = DemoSetup(config, torch.float32, tuple(2**i for i in range(10, 16)), GiB)
+        seq_lens = tuple(2**i for i in range(10, 17))
+        setup = DemoSetup(config, torch.float32, seq_lens, dense_seconds_budget=10.0)
     if max_seq_len is not None:
-        setup = DemoSetup(
-            setup.config,
-            setup.dtype,
-            tuple(n for n in setup.seq_lens if n <= max_seq_len) or (max_seq_len,),
-            setup.dense_score_budget,
-        )
+        kept = tuple(n for n in setup.seq_lens if n <= max_seq_len) or (max_seq_len,)
+        setup = dataclasses.replace(setup, seq_lens=kept)
     return setup
 
 
@@ -79,13 +78,23 @@ def _read_proc_status_kib(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    # glibc keeps freed blocks mapped; without returning them first, a step that reuses
+    # them would show no growth of the resident set and its memory would go unseen.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory a step adds on top of what was allocated before it.
 
     CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at the start.
     CPU (Linux): the process's peak resident set size (``VmHWM``, reset through
-    ``/proc/self/clear_refs``) minus its resident size at the start. It counts every
-    page the process touches, allocator slack included; elsewhere it reports nothing.
+    ``/proc/self/clear_refs``) minus its resident size at the start, after handing
+    freed heap memory back to the OS. It counts every page the step touches,
+    allocator slack included; on other systems it reports nothing.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -103,6 +112,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline = torch.cuda.memory_allocated(self.device)
             return
+        _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets the peak resident set size to the current one
@@ -121,20 +131,31 @@ class PeakMemory:
         return max(peak * 1024 - self._baseline, 0)
 
 
-def _step(
-    layer: MultiheadDilatedAttention, x: Tensor, memory: PeakMemory
-) -> tuple[float, int | None]:
-    """One forward + backward; returns ``(seconds, peak bytes)``."""
+def _forward_backward(layer: MultiheadDilatedAttention, x: Tensor) -> None:
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    memory.start()
-    t0 = time.perf_counter()
     out, _ = layer(x, is_causal=True)
     out.sum().backward()
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
+
+
+def _step(
+    layer: MultiheadDilatedAttention, x: Tensor, memory: PeakMemory
+) -> tuple[float, int | None]:
+    """Forward + backward; returns ``(seconds, peak bytes)``."""
+    memory.start()
+    t0 = time.perf_counter()
+    _forward_backward(layer, x)
     seconds = time.perf_counter() - t0
-    return seconds, memory.stop()
+    peak = memory.stop()
+    if x.device.type == "cpu":
+        # Time a second run: the memory probe handed freed memory back to the OS, so the
+        # first run page-faulted it in again, which a step in steady state does not pay.
+        t0 = time.perf_counter()
+        _forward_backward(layer, x)
+        seconds = time.perf_counter() - t0
+    return seconds, peak
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -143,13 +164,16 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
-def _timed_cell(layer: MultiheadDilatedAttention, x: Tensor, memory: PeakMemory) -> str:
+def _timed_cell(
+    layer: MultiheadDilatedAttention, x: Tensor, memory: PeakMemory
+) -> tuple[str, float | None]:
+    """``(table cell, seconds)`` of one step; seconds is ``None`` when it ran out of memory."""
     try:
         seconds, peak = _step(layer, x, memory)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return "out of memory"
-    return f"{seconds:7.2f} s {_fmt_bytes(peak):>10}"
+        return "out of memory", None
+    return f"{seconds:7.2f} s {_fmt_bytes(peak):>10}", seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         f"causal, batch 1, forward + backward\n"
         f"branches: segment_lengths={list(cfg.segment_lengths)}, "
         f"dilation_rates={list(cfg.dilation_rates)}\n"
-        f"dense: the same layer with one plain scaled_dot_product_attention call; skipped where "
-        f"an N x N score matrix per head would exceed {_fmt_bytes(setup.dense_score_budget)}\n"
+        f"dense: the same layer with one plain scaled_dot_product_attention call (a fused kernel "
+        f"that does not store the scores, but whose time grows as N^2); skipped where its "
+        f"predicted time exceeds {setup.dense_seconds_budget:.0f} s\n"
+        f"N x N scores: what one materialised (H, N, N) attention matrix would need\n"
         f"memory: {memory.what}",
         flush=True,
     )
@@ -192,22 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     _step(dilated, x, memory)
     _step(dense, x, memory)
 
-    print(f"\n{'N':>8}  {'dilated':>21}  {'dense':>21}", flush=True)
+    print(f"\n{'N':>8}  {'dilated':>21}  {'dense SDPA':>21}  {'N x N scores':>12}", flush=True)
+    last_dense: tuple[int, float] | None = None  # (N, seconds) of the last dense run
+    dense_failed = False
     for n in setup.seq_lens:
         print(f"{n:>8}  ", end="", flush=True)
         x = torch.randn(1, n, cfg.embed_dim, **factory, requires_grad=True)
-        print(f"{_timed_cell(dilated, x, memory):>21}  ", end="", flush=True)
-        scores = cfg.num_heads * n * n * itemsize  # one (H, N, N) score tensor at batch 1
-        if scores > setup.dense_score_budget:
-            print(f"would need {scores / GiB:.1f} GiB", flush=True)
+        print(f"{_timed_cell(dilated, x, memory)[0]:>21}  ", end="", flush=True)
+        predicted = None if last_dense is None else last_dense[1] * (n / last_dense[0]) ** 2
+        if dense_failed:
+            dense_cell = "skipped (out of memory)"
+        elif predicted is not None and predicted > setup.dense_seconds_budget:
+            dense_cell = f"skipped (~{predicted:.0f} s)"
         else:
-            print(f"{_timed_cell(dense, x, memory):>21}", flush=True)
-    if device.type == "cuda":
-        print(
-            "\nnote: on CUDA, SDPA may use a flash kernel that never stores the scores; its time "
-            "still grows as N^2.",
-            flush=True,
-        )
+            dense_cell, seconds = _timed_cell(dense, x, memory)
+            if seconds is None:
+                dense_failed = True
+            else:
+                last_dense = (n, seconds)
+        scores = cfg.num_heads * n * n * itemsize  # one (H, N, N) tensor at batch 1
+        print(f"{dense_cell:>21}  {_fmt_bytes(scores):>12}", flush=True)
     return 0
 
 

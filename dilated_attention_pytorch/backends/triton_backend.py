@@ -44,10 +44,14 @@ class TritonBackend(Backend):
         if call.head_dim not in SUPPORTED_HEAD_DIMS:
             reasons.append(f"triton needs head_dim in {SUPPORTED_HEAD_DIMS}, got {call.head_dim}")
         if call.dropout:
-            reasons.append("triton does not implement dropout; pass dropout_p=0.0 or use 'reference'")
+            reasons.append(
+                "triton does not implement dropout; pass dropout_p=0.0 or use 'reference'"
+            )
         return reasons
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> tuple[Tensor, Tensor]:
         # q, k, v: (B, N, H, D) -> out (B, N, H, D) in q.dtype, lse (B, N, H) fp32
         return dilated_forward(
             q,

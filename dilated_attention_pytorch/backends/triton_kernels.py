@@ -192,7 +192,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _delta_kernel(
-    DO, O, Delta, n, num_heads,
+    DO, Out, Delta, n, num_heads,
     s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -205,10 +205,14 @@ def _delta_kernel(
     mask = rows < n
     offs_d = tl.arange(0, HEAD_DIM)
     do = tl.load(
-        DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_d[None, :], mask=mask[:, None], other=0.0
+        DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_d[None, :],
+        mask=mask[:, None],
+        other=0.0,
     )
     o = tl.load(
-        O + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :], mask=mask[:, None], other=0.0
+        Out + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :],
+        mask=mask[:, None],
+        other=0.0,
     )
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(Delta + b * s_lb + h * s_lh + rows * s_ln, delta, mask=mask)
@@ -273,10 +277,14 @@ def _bwd_dkdv_kernel(
     kmask = offs_n < len_k
     rows_k = tok_k + offs_n.to(tl.int64) * dil
     k = tl.load(
-        K + b * s_kb + h64 * s_kh + rows_k[:, None] * s_kn + offs_d[None, :], mask=kmask[:, None], other=0.0
+        K + b * s_kb + h64 * s_kh + rows_k[:, None] * s_kn + offs_d[None, :],
+        mask=kmask[:, None],
+        other=0.0,
     )
     v = tl.load(
-        V + b * s_vb + h64 * s_vh + rows_k[:, None] * s_vn + offs_d[None, :], mask=kmask[:, None], other=0.0
+        V + b * s_vb + h64 * s_vh + rows_k[:, None] * s_vn + offs_d[None, :],
+        mask=kmask[:, None],
+        other=0.0,
     )
     keep_k = kmask
     if HAS_KPM:
@@ -370,10 +378,14 @@ def _bwd_dq_kernel(
     qmask = offs_m < len_q
     rows_q = tok_q + offs_m.to(tl.int64) * dil
     q = tl.load(
-        Q + b * s_qb + h64 * s_qh + rows_q[:, None] * s_qn + offs_d[None, :], mask=qmask[:, None], other=0.0
+        Q + b * s_qb + h64 * s_qh + rows_q[:, None] * s_qn + offs_d[None, :],
+        mask=qmask[:, None],
+        other=0.0,
     )
     do = tl.load(
-        DO + b * s_db + h64 * s_dh + rows_q[:, None] * s_dn + offs_d[None, :], mask=qmask[:, None], other=0.0
+        DO + b * s_db + h64 * s_dh + rows_q[:, None] * s_dn + offs_d[None, :],
+        mask=qmask[:, None],
+        other=0.0,
     )
     lse = tl.load(Lse + b * s_lb + h64 * s_lh + rows_q * s_ln, mask=qmask, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -575,7 +587,9 @@ def _branch_heads(branch: Branch) -> tuple[int, int]:
         if g.offset != (g.head_start - start) % branch.dilation_rate or (
             g.num_heads > 1 and g.head_step != branch.dilation_rate
         ):
-            raise ValueError(f"plan head group {g} does not follow the offset rule o = (h - {start}) % r")
+            raise ValueError(
+                f"plan head group {g} does not follow the offset rule o = (h - {start}) % r"
+            )
     return start, stop
 
 
@@ -614,9 +628,7 @@ def _schedule(plan: DilatedPlan) -> _Schedule:
         final = len(items) - 1
     # Without multi-coverage, the outputs are complete iff every head runs an r = 1 branch.
     full = final is not None or (
-        not multi
-        and all(count)
-        and all(b.dilation_rate == 1 for b, _, _ in items)
+        not multi and all(count) and all(b.dilation_rate == 1 for b, _, _ in items)
     )
     return _Schedule(tuple(items), multi, final, full)
 
@@ -726,7 +738,9 @@ def dilated_backward(
             if sched.multi:
                 shape = (B, N, c_hi - c_lo, D)
                 n_acc = 2 if which == "dkdv" else 1
-                bufs = [torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(n_acc)]
+                bufs = [
+                    torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(n_acc)
+                ]
                 accs = (bufs[0], bufs[0], bufs[1]) if which == "dkdv" else (bufs[0],) * 3
             else:
                 accs = (dqc, dkc, dvc)

@@ -152,7 +152,9 @@ class RingBranch:
 
     def packed_numel(self, origin: int, batch: int, head_dim: int) -> int:
         """Elements of the packed K+V buffer of ring member ``origin``."""
-        return 2 * sum(batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups)
+        return 2 * sum(
+            batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,7 +199,9 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor | None:
     segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
     """
     offset = group.offsets[branch.position]
-    views = segment_views(x, branch.piece_length, branch.dilation_rate, offset, group.heads.head_slice)
+    views = segment_views(
+        x, branch.piece_length, branch.dilation_rate, offset, group.heads.head_slice
+    )
     return views[0] if views else None
 
 
@@ -229,11 +233,20 @@ def _own_blocks(k: Tensor, v: Tensor, branch: RingBranch) -> list[tuple[Tensor, 
     return blocks
 
 
-def _pack(sources: list[tuple[Tensor, Tensor] | None], branch: RingBranch, like: Tensor, dtype: torch.dtype) -> Tensor:
+def _pack(
+    sources: list[tuple[Tensor, Tensor] | None],
+    branch: RingBranch,
+    like: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
     """Copy this rank's per-group ``(k, v)`` blocks into one flat buffer of ``dtype``."""
     batch, head_dim = like.shape[0], like.shape[-1]
-    buf = torch.zeros(branch.packed_numel(branch.position, batch, head_dim), dtype=dtype, device=like.device)
-    for dst, src in zip(_unpack(buf, branch, branch.position, batch, head_dim), sources):
+    buf = torch.zeros(
+        branch.packed_numel(branch.position, batch, head_dim), dtype=dtype, device=like.device
+    )
+    for dst, src in zip(
+        _unpack(buf, branch, branch.position, batch, head_dim), sources, strict=True
+    ):
         if dst is not None and src is not None:
             dst[0].copy_(src[0])
             dst[1].copy_(src[1])
@@ -367,7 +380,7 @@ def ring_dilated_forward(
             if origin is None:
                 continue
             causal = setup.is_causal and origin == b.position
-            for g, kv in zip(b.head_groups, _kv_blocks(setup, i, origin, k, v, held)):
+            for g, kv in zip(b.head_groups, _kv_blocks(setup, i, origin, k, v, held), strict=True):
                 q_blk = _view(q, b, g)
                 if kv is None or q_blk is None:
                     continue
@@ -422,7 +435,7 @@ def ring_dilated_backward(
             own = origin == b.position
             kv_blocks = _kv_blocks(setup, i, origin, k, v, held)
             grads: list[tuple[Tensor, Tensor] | None] = []
-            for g, kv in zip(b.head_groups, kv_blocks):
+            for g, kv in zip(b.head_groups, kv_blocks, strict=True):
                 q_blk = _view(q, b, g)
                 if kv is None or q_blk is None:
                     grads.append(None)
@@ -471,7 +484,7 @@ def ring_dilated_backward(
     for i, bufs in home.items():
         b = setup.branches[i]
         for buf in bufs:
-            for g, grad in zip(b.head_groups, _unpack(buf, b, b.position, B, D)):
+            for g, grad in zip(b.head_groups, _unpack(buf, b, b.position, B, D), strict=True):
                 if grad is not None:
                     _view(dk, b, g).add_(grad[0])
                     _view(dv, b, g).add_(grad[1])
@@ -492,7 +505,7 @@ def _pack_remote(
     """
     batch, head_dim = like.shape[0], like.shape[-1]
     buf = torch.zeros(branch.packed_numel(origin, batch, head_dim), dtype=dtype, device=like.device)
-    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), grads):
+    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), grads, strict=True):
         if dst is not None and src is not None:
             dst[0].copy_(src[0])
             dst[1].copy_(src[1])

@@ -72,7 +72,7 @@ def _gather_texts(group: dist.ProcessGroup, text: str | None) -> list[str | None
 def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> None:
     """DESIGN.md section 3: ``L % w == 0`` for ``w <= L`` and ``w % L == 0`` for ``w > L``."""
     N = local_len * world_size
-    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates)):
+    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates, strict=True)):
         if w <= local_len and local_len % w != 0:
             raise ValueError(
                 f"branch {i} (segment length {w}, dilation {r}) does not tile the local shard: "

@@ -1,0 +1,375 @@
+"""Dilated attention on one GPU: triton backend vs reference backend vs dense cuDNN SDPA.
+
+Usage::
+
+    python benchmarks/bench_dilated.py --out benchmarks/results [--quick] [--tune]
+
+Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation
+rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
+both branch mixings; forward and forward+backward; not causal.
+
+Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
+peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
+included), and the time ratio to the reference backend (b).
+
+FLOP formula (useful work only: the pairs the pattern attends, counted with
+multiplicity across branches). For branch ``(w, r)`` and a head ``h`` running it with
+offset ``o``, segment ``s`` holds ``L_s(o)`` dilated positions (the last segment may be
+shorter); non-causal it attends ``L_s^2`` pairs, causal ``L_s (L_s + 1) / 2``. Then::
+
+    pairs    = B * sum_{branches} sum_{heads h of the branch} sum_s pairs_s(o_h)
+    FLOP_fwd = 4 * D * pairs          # QK^T and PV, 2 FLOP per multiply-add each
+    FLOP_fwd+bwd = 3.5 * FLOP_fwd     # flash convention: backward = 2.5 x forward
+
+Dense SDPA: ``pairs = B * H * N^2`` (non-causal). Dense runs only up to ``--dense-max``
+tokens (it is O(N^2)); its best TFLOP/s is the ceiling the dilated kernels are held to.
+
+Writes ``dilated_bench.json`` (device, date, versions, command, rows) and
+``dilated_bench.png`` (log-log time vs N, one panel per head dim and mixing, the three
+implementations as lines) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from dilated_attention_pytorch import dilated_attention, make_plan
+from dilated_attention_pytorch.plan import num_dilated_positions
+
+SEGMENTS = [2048, 4096, 8192, 16384, 32768]
+RATES = [1, 2, 4, 8, 16]
+
+
+def attended_pairs(N: int, H: int, ws: list[int], rs: list[int], mixing: str, causal: bool) -> int:
+    """Number of (query, key, head) pairs the pattern attends, per batch element."""
+    plan = make_plan(ws, rs, H, mixing)
+    total = 0
+    for branch in plan.branches:
+        w, r = branch.segment_length, branch.dilation_rate
+        lengths = [w] * (N // w) + ([N % w] if N % w else [])
+        for group in branch.head_groups:
+            for seg_len in lengths:
+                L = num_dilated_positions(seg_len, r, group.offset)
+                total += group.num_heads * (L * (L + 1) // 2 if causal else L * L)
+    return total
+
+
+def time_cuda(fn: Callable[[], object], *, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak allocated bytes while running ``fn`` once (whatever is live before counts too)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def reps_for(ms_estimate: float) -> int:
+    # About 1 s of timing per measurement, between 5 and 50 runs.
+    return int(min(50, max(5, 1000.0 / max(ms_estimate, 1e-3))))
+
+
+def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool):
+    """A closure running one call (forward, or forward+backward) of a backend."""
+    if backend == "dense":
+        from torch.nn.attention import sdpa_kernel
+
+        qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
+
+        def run():
+            with sdpa_kernel(DENSE_BACKEND):
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+            if with_bwd:
+                out.backward(dt)
+            return out
+
+        return run
+
+    def run():
+        out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=backend)
+        if with_bwd:
+            out.backward(dout)
+        return out
+
+    return run
+
+
+DENSE_BACKEND = None
+DENSE_NAME = ""
+
+
+def pick_dense_backend() -> None:
+    """cuDNN SDPA if it runs here, else flash; records which."""
+    global DENSE_BACKEND, DENSE_NAME
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 16, 4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for backend, name in (
+        (SDPBackend.CUDNN_ATTENTION, "cudnn"),
+        (SDPBackend.FLASH_ATTENTION, "flash"),
+    ):
+        try:
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            out.sum().backward()
+            torch.cuda.synchronize()
+            DENSE_BACKEND, DENSE_NAME = backend, name
+            return
+        except RuntimeError as exc:
+            print(f"dense backend {name} unavailable: {exc}", file=sys.stderr)
+    raise RuntimeError("neither cuDNN nor flash SDPA runs on this device")
+
+
+def bench_one(
+    impl: str, N: int, D: int, mixing: str, with_bwd: bool, H: int = 16, B: int = 1
+) -> dict:
+    ws, rs = SEGMENTS, RATES
+    gen = torch.Generator(device="cuda").manual_seed(N + D)
+    q, k, v, dout = (
+        torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(4)
+    )
+    if with_bwd:
+        for t in (q, k, v):
+            t.requires_grad_()
+    run = make_runner(impl, q, k, v, dout, ws, rs, mixing, with_bwd)
+
+    def call():
+        for t in (q, k, v):
+            t.grad = None
+        if with_bwd:
+            return run()
+        with torch.no_grad():
+            return run()
+
+    t0 = time.perf_counter()
+    call()  # compile / warm caches
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    peak = peak_bytes(call)
+    ms = time_cuda(call, reps=reps_for(first_ms), warmup=1)
+    if impl == "dense":
+        pairs = B * H * N * N
+    else:
+        pairs = B * attended_pairs(N, H, ws, rs, mixing, causal=False)
+    flop = 4 * D * pairs * (3.5 if with_bwd else 1.0)
+    return dict(
+        impl=impl if impl != "dense" else f"dense-{DENSE_NAME}",
+        N=N,
+        D=D,
+        H=H,
+        B=B,
+        mixing=mixing if impl != "dense" else "dense",
+        pass_="fwd+bwd" if with_bwd else "fwd",
+        ms=ms,
+        tflops=flop / (ms * 1e-3) / 1e12,
+        peak_gib=peak / 2**30,
+    )
+
+
+def tune(N: int, D: int) -> dict:
+    """Try a few tile configs per kernel at one size; install and return the fastest."""
+    from dilated_attention_pytorch.backends import triton_kernels as tk
+
+    KC = tk.KernelConfig
+    candidates = {
+        "fwd": [KC(128, 64, 4, 3), KC(128, 128, 8, 3), KC(64, 64, 4, 4)]
+        if D <= 64
+        else [KC(128, 64, 8, 3), KC(128, 32, 4, 3), KC(64, 64, 4, 3)],
+        "dkdv": [KC(32, 128, 4, 3), KC(64, 128, 8, 3), KC(64, 64, 4, 3)]
+        if D <= 64
+        else [KC(32, 128, 8, 2), KC(32, 64, 4, 3), KC(64, 64, 8, 2)],
+        "dq": [KC(128, 32, 4, 3), KC(128, 64, 8, 3), KC(64, 64, 4, 3)]
+        if D <= 64
+        else [KC(128, 32, 8, 2), KC(64, 32, 4, 3), KC(64, 64, 8, 2)],
+    }
+    tables = {"fwd": tk.FWD_CONFIGS, "dkdv": tk.DKDV_CONFIGS, "dq": tk.DQ_CONFIGS}
+    H, ws, rs = 16, SEGMENTS, RATES
+    plan = make_plan(ws, rs, H, "softmax")
+    q, k, v, dout = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = D**-0.5
+    out, lse = tk.dilated_forward(q, k, v, plan, scale=scale)
+    chosen = {}
+    for kind, cands in candidates.items():
+        results = []
+        for cfg in cands:
+            tables[kind][D] = cfg
+            if kind == "fwd":
+                fn = lambda: tk.dilated_forward(q, k, v, plan, scale=scale)
+            else:
+                fn = lambda: tk.dilated_backward(dout, q, k, v, out, lse, plan, scale=scale)
+            try:
+                ms = time_cuda(fn, reps=5, warmup=1)
+            except Exception as exc:  # e.g. out of shared memory for this tile shape
+                print(f"tune {kind} D={D} {cfg}: failed ({type(exc).__name__})", file=sys.stderr)
+                continue
+            results.append((ms, cfg))
+            print(f"tune {kind} D={D} {cfg}: {ms:.2f} ms", flush=True)
+        best = min(results, key=lambda x: x[0])[1]
+        tables[kind][D] = best
+        chosen[kind] = best.__dict__
+    return chosen
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ds = sorted({r["D"] for r in rows})
+    mixings = ["softmax", "head_split"]
+    fig, axes = plt.subplots(len(Ds), 2, figsize=(11, 4.2 * len(Ds)), squeeze=False)
+    for i, D in enumerate(Ds):
+        for j, mixing in enumerate(mixings):
+            ax = axes[i][j]
+            for impl, style in (("triton", "o-"), ("reference", "s--")):
+                pts = sorted(
+                    (r["N"], r["ms"])
+                    for r in rows
+                    if r["impl"] == impl
+                    and r["D"] == D
+                    and r["mixing"] == mixing
+                    and r["pass_"] == "fwd+bwd"
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=f"{impl} (dilated)")
+            pts = sorted(
+                (r["N"], r["ms"])
+                for r in rows
+                if r["impl"].startswith("dense") and r["D"] == D and r["pass_"] == "fwd+bwd"
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "^:", label=f"{rows_dense_name(rows)} (dense)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (tokens)")
+            ax.set_ylabel("fwd+bwd time (ms)")
+            ax.set_title(f"D={D}, {mixing} mixing, bf16, B=1, H=16")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def rows_dense_name(rows: list[dict]) -> str:
+    names = {r["impl"] for r in rows if r["impl"].startswith("dense")}
+    return "/".join(sorted(names)) or "dense"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the JSON and the plot")
+    parser.add_argument("--quick", action="store_true", help="a few sizes only (smoke test)")
+    parser.add_argument("--tune", action="store_true", help="pick tile configs at N=256K first")
+    parser.add_argument("--dense-max", type=int, default=131072, help="largest N for dense SDPA")
+    parser.add_argument("--max-n", type=int, default=1 << 20)
+    parser.add_argument("--dims", default="64,128")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    pick_dense_backend()
+    tuned = {}
+    if args.tune:
+        for D in [int(d) for d in args.dims.split(",")]:
+            tuned[D] = tune(1 << 18, D)
+    Ns = [1 << p for p in range(15, 21)]  # 32K .. 1M
+    if args.quick:
+        Ns = [1 << 15, 1 << 20]
+    Ns = [n for n in Ns if n <= args.max_n]
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        torch.cuda.empty_cache()  # the call's tensors are gone: start each from a clean pool
+        rows.append(row)
+        print(
+            f"{row['impl']:>12} D={row['D']:<3} {row['mixing']:>10} {row['pass_']:>7} N={row['N']:>8}: "
+            f"{row['ms']:9.2f} ms {row['tflops']:7.1f} TFLOP/s {row['peak_gib']:6.2f} GiB",
+            flush=True,
+        )
+
+    for D in [int(d) for d in args.dims.split(",")]:
+        for N in Ns:
+            for with_bwd in (False, True):
+                if N <= args.dense_max:
+                    add(bench_one("dense", N, D, "dense", with_bwd))
+                for mixing in ("softmax", "head_split"):
+                    for impl in ("triton", "reference"):
+                        add(bench_one(impl, N, D, mixing, with_bwd))
+    # Ratio to the reference backend (b): time(b) / time(impl); >1 means faster than (b).
+    ref = {(r["N"], r["D"], r["mixing"], r["pass_"]): r for r in rows if r["impl"] == "reference"}
+    for r in rows:
+        b = ref.get((r["N"], r["D"], r["mixing"], r["pass_"]))
+        r["speedup_vs_reference"] = b["ms"] / r["ms"] if b else None
+        r["memory_ratio_vs_reference"] = r["peak_gib"] / b["peak_gib"] if b else None
+    device = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = dict(
+        device=device,
+        date=date,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        command="python " + " ".join(sys.argv),
+        dense_backend=DENSE_NAME,
+        segment_lengths=SEGMENTS,
+        dilation_rates=RATES,
+        dtype="bfloat16",
+        causal=False,
+        tuned_configs={str(k): v for k, v in tuned.items()},
+        flop_formula="fwd = 4*D*attended_pairs; fwd+bwd = 3.5*fwd (bwd = 2.5x fwd convention)",
+        rows=rows,
+    )
+    with open(os.path.join(args.out, "dilated_bench.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    plot(
+        rows,
+        os.path.join(args.out, "dilated_bench.png"),
+        f"{device}, {date}, torch {torch.__version__}, triton {triton.__version__}",
+    )
+    # Summary table (the last lines of output).
+    print(f"\n{device} {date} dense={DENSE_NAME}")
+    print(
+        f"{'impl':>10} {'D':>3} {'mixing':>10} {'pass':>7} {'N':>8} {'ms':>9} {'TFLOP/s':>8} {'GiB':>6} {'x(b)':>6} {'mem/(b)':>7}"
+    )
+    for r in rows:
+        if r["N"] in (Ns[0], Ns[-1]) or r["impl"].startswith("dense"):
+            sp = r["speedup_vs_reference"]
+            mr = r["memory_ratio_vs_reference"]
+            print(
+                f"{r['impl']:>10} {r['D']:>3} {r['mixing']:>10} {r['pass_']:>7} {r['N']:>8} {r['ms']:9.2f} "
+                f"{r['tflops']:8.1f} {r['peak_gib']:6.2f} {'' if sp is None else f'{sp:6.2f}':>6} "
+                f"{'' if mr is None else f'{mr:7.2f}':>7}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Ring dilated attention on several GPUs: correctness, scaling, and dense ring vs context parallel.
+
+One run per machine, launched by torchrun (NCCL, one GPU per rank):
+
+    torchrun --nproc_per_node=2 benchmarks/bench_ring.py --out benchmarks/results
+
+Sections (each rank of the world takes part; sub-groups of size k < world run side
+by side, as a data-parallel dimension would):
+
+1. ``correctness``: ring in bf16 on the whole world vs single-GPU ``dilated_attention``
+   in bf16, both against a float32 single-GPU reference, for the output and dq/dk/dv.
+   Rule (flash-attention's): ring error <= 2 x single-GPU bf16 error + 1e-5.
+2. ``weak_scaling``: fixed tokens per GPU, ``N = T * k`` for ring sizes k = 1, 2, 4, ..;
+   LongNet schedule whose largest segment is the whole sequence; forward+backward time
+   and peak memory per GPU.
+3. ``memory_scaling``: fixed global N on k = 1, 2, 4, .. GPUs: peak memory per GPU.
+4. ``dense_vs_context_parallel``: dense ring (``segment_lengths=[N]``) vs PyTorch's
+   ``context_parallel`` (SDPA flash, allgather and alltoall rotation) at the same shapes.
+
+FLOPs: the attention pairs the plan actually computes (per branch, head group and
+segment) times ``4 * D`` for the forward; forward+backward counts ``3.5x`` that
+(the backward does 5 of the forward's 2 matmuls per pair, as flash-attention counts).
+
+Prints a table and writes ``ring_<device>_<N>gpu_<date>.json`` (device, date,
+versions, command, results) into ``--out``; the file is rewritten after each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dilated_attention_pytorch import dilated_attention, ring_dilated_attention
+from dilated_attention_pytorch.plan import make_plan, num_dilated_positions
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def longnet_schedule(seq_len: int, base: int) -> tuple[list[int], list[int]]:
+    """Segments ``base * 4**i`` below ``seq_len`` plus ``seq_len`` itself, ``r = w / base``.
+
+    ``w / r = base`` for every branch (LongNet keeps it bounded), so the cost per
+    token stays constant as the sequence grows.
+    """
+    segments = []
+    w = base
+    while w < seq_len:
+        segments.append(w)
+        w *= 4
+    segments.append(seq_len)
+    return segments, [max(1, s // base) for s in segments]
+
+
+def attention_flops(
+    seq_len: int,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    segments: list[int],
+    rates: list[int],
+    causal: bool,
+) -> float:
+    """Forward FLOPs: ``4 * D`` per (query, key) pair the plan computes."""
+    plan = make_plan(segments, rates, heads, "softmax")
+    pairs = 0
+    for branch in plan.branches:
+        w = min(branch.segment_length, seq_len)
+        for group in branch.head_groups:
+            n = num_dilated_positions(w, branch.dilation_rate, group.offset)
+            per_segment = n * (n + 1) // 2 if causal else n * n
+            pairs += per_segment * (seq_len // w) * group.num_heads
+    return 4.0 * head_dim * pairs * batch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def max_over(value: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def measure(
+    step: Callable[[], None], device: torch.device, iters: int, warmup: int
+) -> tuple[float, float | None]:
+    """Median milliseconds of ``step`` and peak memory (MiB) allocated while it ran."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def fwd_bwd_step(
+    fn: Callable[..., Tensor], tensors: list[Tensor], dout: Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        for t in tensors:
+            t.grad = None
+        fn(*tensors).backward(dout)
+
+    return step
+
+
+def partition_groups(world_size: int, k: int) -> tuple[dist.ProcessGroup, list[list[int]]]:
+    """Split the world into ``world_size / k`` groups of ``k`` consecutive ranks; return mine."""
+    rank = dist.get_rank()
+    mine = None
+    parts = [list(range(i, i + k)) for i in range(0, world_size, k)]
+    for ranks in parts:  # every rank must create every group, in the same order
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    assert mine is not None
+    return mine, parts
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def correctness(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    N = args.check_tokens
+    L = N // world_size
+    segments, rates = longnet_schedule(N, args.base)
+    shape = (args.batch, N, args.heads, args.head_dim)
+    rows = []
+    for causal in (False, True):
+        gen = torch.Generator(device=device).manual_seed(1234 + causal)
+        q, k, v, dout = (torch.randn(shape, generator=gen, device=device) for _ in range(4))
+        kw = {"is_causal": causal}
+
+        def grads(
+            fn: Callable[..., Tensor], inputs: list[Tensor], grad_out: Tensor
+        ) -> list[Tensor]:
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            out.backward(grad_out)
+            return [out.detach().float(), *(t.grad.float() for t in leaves)]
+
+        ref = grads(
+            lambda a, b, c, kw=kw: dilated_attention(a, b, c, segments, rates, **kw),
+            [q, k, v],
+            dout,
+        )
+        bf = [t.to(torch.bfloat16) for t in (q, k, v, dout)]
+        single = grads(
+            lambda a, b, c, kw=kw: dilated_attention(a, b, c, segments, rates, **kw), bf[:3], bf[3]
+        )
+        local = slice(rank * L, (rank + 1) * L)
+        ring = grads(
+            lambda a, b, c, kw=kw: ring_dilated_attention(a, b, c, segments, rates, **kw),
+            [t[:, local] for t in bf[:3]],
+            bf[3][:, local].contiguous(),
+        )
+        for name, r_ring, r_single, r_ref in zip(
+            ("out", "dq", "dk", "dv"), ring, single, ref, strict=True
+        ):
+            err_ring = max_over((r_ring - r_ref[:, local]).abs().max().item(), device)
+            err_single = (r_single - r_ref).abs().max().item()
+            rows.append(
+                {
+                    "causal": causal,
+                    "tensor": name,
+                    "seq_len": N,
+                    "world_size": world_size,
+                    "segment_lengths": segments,
+                    "dilation_rates": rates,
+                    "max_err_ring_bf16": err_ring,
+                    "max_err_single_gpu_bf16": err_single,
+                    "max_abs_reference": r_ref.abs().max().item(),
+                    "ok": err_ring <= 2 * err_single + 1e-5,
+                }
+            )
+        del q, k, v, dout, ref, single, ring, bf
+    return rows
+
+
+def ring_point(
+    args: argparse.Namespace, device: torch.device, seq_len: int, k: int, causal: bool
+) -> dict[str, Any]:
+    """Forward+backward of ring dilated attention over groups of ``k`` ranks."""
+    world_size = dist.get_world_size()
+    group, parts = partition_groups(world_size, k)
+    L = seq_len // k
+    segments, rates = longnet_schedule(seq_len, args.base)
+    shape = (args.batch, L, args.heads, args.head_dim)
+    q, kk, v = (
+        torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True) for _ in range(3)
+    )
+    dout = torch.randn(shape, device=device, dtype=args.dtype)
+
+    def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        return ring_dilated_attention(a, b, c, segments, rates, group=group, is_causal=causal)
+
+    ms, peak = measure(fwd_bwd_step(fn, [q, kk, v], dout), device, args.iters, args.warmup)
+    ms, peak = max_over(ms, device), (None if peak is None else max_over(peak, device))
+    flops = 3.5 * attention_flops(
+        seq_len, args.batch, args.heads, args.head_dim, segments, rates, causal
+    )
+    del q, kk, v, dout
+    return {
+        "ring_size": k,
+        "groups": parts,
+        "seq_len": seq_len,
+        "tokens_per_gpu": L,
+        "causal": causal,
+        "segment_lengths": segments,
+        "dilation_rates": rates,
+        "fwd_bwd_ms": ms,
+        "peak_mib_per_gpu": peak,
+        "tflops_per_gpu": flops / k / (ms * 1e-3) / 1e12,
+    }
+
+
+def ring_sizes(world_size: int) -> list[int]:
+    sizes, k = [], 1
+    while k <= world_size:
+        if world_size % k == 0:
+            sizes.append(k)
+        k *= 2
+    return sizes
+
+
+def weak_scaling(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for tokens in args.tokens_per_gpu:
+        for causal in (False, True):
+            base_ms = None
+            for k in ring_sizes(dist.get_world_size()):
+                row = ring_point(args, device, tokens * k, k, causal)
+                base_ms = row["fwd_bwd_ms"] if base_ms is None else base_ms
+                row["time_vs_1gpu"] = row["fwd_bwd_ms"] / base_ms
+                rows.append(row)
+    return rows
+
+
+def memory_scaling(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    N = max(args.tokens_per_gpu) * dist.get_world_size()
+    base_peak = None
+    for k in ring_sizes(dist.get_world_size()):
+        row = ring_point(args, device, N, k, causal=False)
+        if row["peak_mib_per_gpu"] is not None:
+            base_peak = base_peak or row["peak_mib_per_gpu"]
+            row["memory_reduction_vs_1gpu"] = base_peak / row["peak_mib_per_gpu"]
+        rows.append(row)
+    return rows
+
+
+def dense_vs_context_parallel(
+    args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    world_size = dist.get_world_size()
+    rows = []
+    if device.type != "cuda":
+        return [{"error": "skipped: context_parallel needs CUDA SDPA kernels"}]
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    try:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+    except ImportError:  # older layout
+        from torch.distributed.tensor.experimental._context_parallel._attention import (
+            set_rotate_method,
+        )
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mesh = init_device_mesh("cuda", (world_size,))
+    B, H, D = args.batch, args.heads, args.head_dim
+    for N in args.dense_tokens:
+        L = N // world_size
+        flops = 3.5 * 4.0 * D * N * N * H * B
+        shape = (B, L, H, D)
+        q, k, v = (
+            torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True)
+            for _ in range(3)
+        )
+        dout = torch.randn(shape, device=device, dtype=args.dtype)
+
+        def ring_fn(a: Tensor, b: Tensor, c: Tensor, n: int = N) -> Tensor:
+            return ring_dilated_attention(a, b, c, [n], [1], is_causal=False)
+
+        ms, peak = measure(fwd_bwd_step(ring_fn, [q, k, v], dout), device, args.iters, args.warmup)
+        rows.append(
+            {
+                "method": "dense ring (this library)",
+                "seq_len": N,
+                "world_size": world_size,
+                "fwd_bwd_ms": max_over(ms, device),
+                "peak_mib_per_gpu": max_over(peak, device),
+                "tflops_per_gpu": flops / world_size / (max_over(ms, device) * 1e-3) / 1e12,
+            }
+        )
+        del q, k, v, dout
+        for rotate in ("allgather", "alltoall"):
+            try:
+                set_rotate_method(rotate)
+                # context_parallel shards full (B, H, N, D) buffers in place; afterwards we
+                # keep compact copies of the shards and free the full tensors, so that both
+                # methods start from the same resident memory (the local shards).
+                full = [torch.randn(B, H, N, D, device=device, dtype=args.dtype) for _ in range(4)]
+                with context_parallel(
+                    mesh, buffers=full, buffer_seq_dims=[2, 2, 2, 2], no_restore_buffers=set(full)
+                ):
+                    local = [t.clone().requires_grad_() for t in full[:3]]
+                    dl = full[3].clone()
+                    for t in full:
+                        t.set_()
+                    torch.cuda.empty_cache()
+
+                    def cp_fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            return torch.nn.functional.scaled_dot_product_attention(
+                                a, b, c, is_causal=False
+                            )
+
+                    ms, peak = measure(
+                        fwd_bwd_step(cp_fn, local, dl), device, args.iters, args.warmup
+                    )
+                del local, dl, full
+                rows.append(
+                    {
+                        "method": f"torch context_parallel ({rotate})",
+                        "seq_len": N,
+                        "world_size": world_size,
+                        "fwd_bwd_ms": max_over(ms, device),
+                        "peak_mib_per_gpu": max_over(peak, device),
+                        "tflops_per_gpu": flops / world_size / (max_over(ms, device) * 1e-3) / 1e12,
+                    }
+                )
+            except Exception as exc:  # report, keep benchmarking the rest
+                rows.append(
+                    {
+                        "method": f"torch context_parallel ({rotate})",
+                        "seq_len": N,
+                        "error": repr(exc),
+                    }
+                )
+        set_rotate_method("allgather")
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    print(f"\n## {title}")
+    print(" | ".join(columns))
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c, "")
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        print(" | ".join(cells))
+    sys.stdout.flush()
+
+
+TABLE_COLUMNS = {
+    "correctness": ["causal", "tensor", "seq_len", "max_err_ring_bf16", "max_err_single_gpu_bf16", "ok"],
+    "weak_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "causal", "fwd_bwd_ms", "time_vs_1gpu", "peak_mib_per_gpu", "tflops_per_gpu"],
+    "memory_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "fwd_bwd_ms", "peak_mib_per_gpu", "memory_reduction_vs_1gpu"],
+    "dense_vs_context_parallel": ["method", "seq_len", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
+}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON file")
+    parser.add_argument("--cpu", action="store_true", help="gloo smoke test with tiny sizes")
+    parser.add_argument("--tokens-per-gpu", type=int, nargs="+", default=[262144, 1048576])
+    parser.add_argument("--check-tokens", type=int, default=262144, help="global N of the check")
+    parser.add_argument("--dense-tokens", type=int, nargs="+", default=[131072, 262144])
+    parser.add_argument("--base", type=int, default=2048, help="LongNet w/r of every branch")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--sections", nargs="+", default=list(TABLE_COLUMNS), choices=list(TABLE_COLUMNS)
+    )
+    args = parser.parse_args()
+    args.dtype = torch.bfloat16
+    if args.cpu:
+        args.tokens_per_gpu, args.check_tokens, args.dense_tokens = [256], 512, [256]
+        args.base, args.heads, args.head_dim, args.iters, args.warmup = 16, 4, 16, 2, 1
+
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+        torch.backends.cudnn.allow_tf32 = False
+    # A hang (e.g. one rank out of memory) then fails within minutes instead of never.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=240))
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    name = torch.cuda.get_device_name() if use_cuda else platform.processor() or "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    date = datetime.datetime.now(datetime.timezone.utc)
+    report: dict[str, Any] = {
+        "device": name,
+        "world_size": world_size,
+        "date": date.isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if use_cuda else None,
+        "command": f"torchrun --nproc_per_node={world_size} {' '.join(sys.argv)}",
+        "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
+        "notes": (
+            "4-GPU runs were not possible: only a 2-GPU machine was available."
+            if world_size < 4
+            else ""
+        ),
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    path = os.path.join(args.out, f"ring_{slug}_{world_size}gpu_{date:%Y%m%d}.json")
+    sections = {
+        "correctness": correctness,
+        "weak_scaling": weak_scaling,
+        "memory_scaling": memory_scaling,
+        "dense_vs_context_parallel": dense_vs_context_parallel,
+    }
+    for section in args.sections:
+        start = time.perf_counter()
+        try:
+            rows = sections[section](args, device)
+        except Exception:
+            rows = [{"error": traceback.format_exc(limit=4)}]
+            if use_cuda:
+                torch.cuda.empty_cache()
+        report[section] = rows
+        if rank == 0:
+            print_table(
+                f"{section} ({time.perf_counter() - start:.0f} s)", rows, TABLE_COLUMNS[section]
+            )
+            os.makedirs(args.out, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+    if rank == 0:
+        print(f"\nwrote {path}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

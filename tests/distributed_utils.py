@@ -1,0 +1,90 @@
+"""Run a function in spawned gloo processes on CPU (one process group per spawn).
+
+Spawning costs seconds on a small CI machine, so a test module spawns once per world
+size and runs many cases inside; the worker returns plain data and the tests assert.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, payload: Any, results: Any
+) -> None:
+    try:
+        torch.set_num_threads(1)  # world_size processes share the CI machine's few cores
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        )
+        try:
+            # Plain pickle copies tensors by value; the queue's own pickler would share them
+            # through file descriptors that die with this process.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, payload))))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # report anything, including assertion errors, to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def spawn(
+    fn: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, timeout: float = 300
+) -> list[Any]:
+    """Run ``fn(rank, world_size, payload)`` on ``world_size`` gloo ranks; per-rank results.
+
+    ``fn`` must be a module-level function. Raises ``RuntimeError`` with the rank's
+    traceback if any rank fails, or if the ranks do not finish within ``timeout``
+    seconds (a hang in the code under test fails the test instead of blocking CI).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        procs = [
+            ctx.Process(target=_entry, args=(fn, rank, world_size, port, payload, results))
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    collected: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(collected) < world_size:
+            rank, status, value = results.get(timeout=timeout)
+            collected[rank] = (status, value)
+    except queue.Empty:
+        missing = sorted(set(range(world_size)) - set(collected))
+        raise RuntimeError(
+            f"ranks {missing} of {world_size} did not finish within {timeout} s (a hang?)"
+        ) from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = {r: v for r, (s, v) in collected.items() if s == "error"}
+    if errors:
+        raise RuntimeError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [pickle.loads(collected[r][1]) for r in range(world_size)]

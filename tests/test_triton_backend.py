@@ -1,0 +1,193 @@
+"""Triton backend under the interpreter (``TRITON_INTERPRET=1``, CPU) against the dense oracle.
+
+The kernels run in fp32 on small shapes with 16x16 tiles (the interpreter's config),
+so odd lengths, ragged last segments, partial tiles and the causal diagonal are all
+exercised. Skipped when Triton is not installed.
+
+Tolerance: the interpreter computes every dot in fp32 with fp32 accumulation, against
+the float64 oracle; softmax/matmul roundoff grows like sqrt(#keys) * 6e-8, well under
+2e-5 for the <= 100 keys per row here (the same bound as the reference backend's
+fp32 test).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dilated_attention_pytorch import dense_dilated_attention, dilated_attention  # noqa: E402
+from dilated_attention_pytorch.backends import AttentionCall, get_backend  # noqa: E402
+from dilated_attention_pytorch.backends.blocks import (  # noqa: E402
+    math_block_backward,
+    math_block_forward,
+)
+from dilated_attention_pytorch.plan import make_plan  # noqa: E402
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+# ``triton.jit`` (Triton's own tl.zeros, tl.max, ... included) decides at import time
+# whether to interpret, so the kernels can only be interpreted in a process that had
+# TRITON_INTERPRET=1 before importing triton. In any other process (a plain `pytest`)
+# this file re-runs itself in a subprocess with the variable set; other test modules
+# never see it, so their backend="auto" choices are unaffected.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess"
+)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="already interpreting")
+def test_interpreted_suite_in_subprocess() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
+    )
+    assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+def _patch_interpreter_index() -> None:
+    # Triton 3.6's interpreter turns scalar tensors into Python ints with
+    # int(ndarray of shape (1,)), which numpy >= 2.4 rejects; in-kernel loop bounds
+    # need it. Take the single element explicitly instead.
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_dilated_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._dilated_patched = True
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRETING:
+    _patch_interpreter_index()
+
+
+@pytest.fixture
+def kernels():
+    from dilated_attention_pytorch.backends import triton_kernels
+
+    return triton_kernels
+
+
+def _compare(B, N, H, ws, rs, *, D=16, mask_p=0.0, **kwargs) -> None:
+    q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+    mask = None
+    if mask_p > 0:
+        mask = torch.rand(B, N) < mask_p
+        mask[0, : N // 3] = True  # whole segments without keys: rows output 0, lse -inf
+    kw = dict(key_padding_mask=mask, **kwargs)
+    out, lse = dilated_attention(q, k, v, ws, rs, return_lse=True, backend="triton", **kw)
+    ref_out, ref_lse = dense_dilated_attention(q, k, v, ws, rs, return_lse=True, **kw)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite].float(), **TOL)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_branches_with_r1_and_ragged_segments(branch_mixing, is_causal) -> None:
+    # N odd; 40 % 3 != 0; the r = 1 branch runs last and writes the output dtype.
+    _compare(2, 97, 4, [16, 40], [1, 3], is_causal=is_causal, branch_mixing=branch_mixing)
+
+
+@interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_branches_without_r1(branch_mixing, is_causal) -> None:
+    # No branch covers everything: uncovered positions give 0 / -inf and the fp32
+    # accumulator is cast once; r = 7 > H = 5 leaves offsets unused; w = 128 > N.
+    _compare(1, 71, 5, [10, 25, 128], [2, 3, 7], is_causal=is_causal, branch_mixing=branch_mixing)
+
+
+@interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_key_padding_mask(branch_mixing, is_causal) -> None:
+    _compare(
+        2, 61, 3, [8, 32], [1, 2], mask_p=0.3, is_causal=is_causal, branch_mixing=branch_mixing
+    )
+
+
+@interpreted
+def test_head_chunks(kernels, monkeypatch) -> None:
+    # Accumulators limited to 2 heads: the plan runs in three head chunks.
+    monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 50 * 16 * 4 * 2)
+    _compare(2, 50, 5, [8, 20], [1, 4], is_causal=True)
+
+
+@interpreted
+def test_head_dim_32() -> None:
+    _compare(1, 45, 2, [12, 45], [1, 2], D=32)
+
+
+@interpreted
+@pytest.mark.parametrize("Lq,Lk,causal", [(37, 37, True), (20, 45, False), (45, 20, True)])
+def test_block_ops(kernels, Lq, Lk, causal) -> None:
+    # Strided token-major blocks (a head slice of a larger tensor), as the ring passes them.
+    scale = 0.3
+    q = torch.randn(3, Lq, 6, 16)[:, :, 1:4]
+    k, v = torch.randn(3, Lk, 3, 16), torch.randn(3, Lk, 3, 16)
+    out, lse = kernels.triton_block_forward(q, k, v, scale=scale, causal=causal)
+    ref_out, ref_lse = math_block_forward(q, k, v, scale=scale, causal=causal)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], **TOL)
+    dout = torch.randn_like(out)
+    grads = kernels.triton_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+    ref_grads = math_block_backward(dout, q, k, v, ref_out, ref_lse, scale=scale, causal=causal)
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def _call(device_type="cuda", dtype=torch.bfloat16, head_dim=64, dropout=False) -> AttentionCall:
+    return AttentionCall(
+        device_type=device_type,
+        dtype=dtype,
+        head_dim=head_dim,
+        is_causal=False,
+        dropout=dropout,
+        key_padding_mask=False,
+        plan=make_plan([8], [1], 2),
+    )
+
+
+@interpreted
+def test_why_not_reasons(monkeypatch) -> None:
+    backend = get_backend("triton")
+    assert backend.why_not(_call()) == []
+    assert backend.why_not(_call(dtype=torch.float16)) == []
+    assert backend.why_not(_call(device_type="cpu", dtype=torch.float32)) == []  # interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert any("CUDA" in r for r in backend.why_not(_call(device_type="cpu")))
+    assert any("float16/bfloat16" in r for r in backend.why_not(_call(dtype=torch.float32)))
+    assert any("head_dim" in r for r in backend.why_not(_call(head_dim=40)))
+    assert any("dropout" in r for r in backend.why_not(_call(dropout=True)))
+
+
+@interpreted
+def test_explicit_triton_raises_with_reasons() -> None:
+    q = torch.randn(1, 8, 2, 40, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this call: .*head_dim"):
+        dilated_attention(q, q, q, [8], [1], backend="triton")
