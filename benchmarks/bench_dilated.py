@@ -193,46 +193,78 @@ def bench_one(
 
 
 def tune(N: int, D: int) -> dict:
-    """Try a few tile configs per kernel at one size; install and return the fastest."""
+    """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
+
+    Installs the fastest config per kernel, and FUSE_DQ (dQ by atomics inside the
+    dK/dV kernel) when the fused kernel beats dK/dV + dQ; returns what it chose.
+    """
     from dilated_attention_pytorch.backends import triton_kernels as tk
 
     KC = tk.KernelConfig
-    candidates = {
-        "fwd": [KC(128, 64, 4, 3), KC(128, 128, 8, 3), KC(64, 64, 4, 4)]
-        if D <= 64
-        else [KC(128, 64, 8, 3), KC(128, 32, 4, 3), KC(64, 64, 4, 3)],
-        "dkdv": [KC(32, 128, 4, 3), KC(64, 128, 8, 3), KC(64, 64, 4, 3)]
-        if D <= 64
-        else [KC(32, 128, 8, 2), KC(32, 64, 4, 3), KC(64, 64, 8, 2)],
-        "dq": [KC(128, 32, 4, 3), KC(128, 64, 8, 3), KC(64, 64, 4, 3)]
-        if D <= 64
-        else [KC(128, 32, 8, 2), KC(64, 32, 4, 3), KC(64, 64, 8, 2)],
+    if D <= 64:
+        fwd = [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3),
+               (128, 32, 4, 3)]  # fmt: skip
+        dkdv = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                (32, 128, 4, 2), (16, 128, 4, 3)]  # fmt: skip
+        dq = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 4)]
+    else:
+        fwd = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+               (64, 32, 4, 3)]  # fmt: skip
+        dkdv = [(32, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2),
+                (16, 128, 4, 3)]  # fmt: skip
+        dq = [(128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+    H, B, scale = 16, 1, D**-0.5
+    q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
+    out = torch.empty_like(q)
+    lse = torch.empty(B, N, H, device="cuda", dtype=torch.float32)
+    tk._launch_forward(
+        q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
+    )
+    delta = tk._compute_delta(dout, out)
+    dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+    dk, dv, dqo = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+
+    def run_fwd():
+        tk._launch_forward(
+            q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
+        )
+
+    def run_bwd(which: str, fuse: bool):
+        grads = (dq_acc if fuse else dqo, dk, dv)
+        tk._launch_backward(
+            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            scale=scale, causal=False, acc_in=False, which=which, fuse_dq=fuse,
+        )  # fmt: skip
+
+    jobs = {
+        "fwd": (tk.FWD_CONFIGS, fwd, run_fwd),
+        "dkdv_fused": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv", True)),
+        "dkdv": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv", False)),
+        "dq": (tk.DQ_CONFIGS, dq, lambda: run_bwd("dq", False)),
     }
-    tables = {"fwd": tk.FWD_CONFIGS, "dkdv": tk.DKDV_CONFIGS, "dq": tk.DQ_CONFIGS}
-    H, ws, rs = 16, SEGMENTS, RATES
-    plan = make_plan(ws, rs, H, "softmax")
-    q, k, v, dout = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    scale = D**-0.5
-    out, lse = tk.dilated_forward(q, k, v, plan, scale=scale)
-    chosen = {}
-    for kind, cands in candidates.items():
-        results = []
-        for cfg in cands:
-            tables[kind][D] = cfg
-            if kind == "fwd":
-                fn = lambda: tk.dilated_forward(q, k, v, plan, scale=scale)
-            else:
-                fn = lambda: tk.dilated_backward(dout, q, k, v, out, lse, plan, scale=scale)
+    best: dict[str, tuple[float, object]] = {}
+    for name, (table, cands, fn) in jobs.items():
+        default = table[D]
+        for c in cands:
+            table[D] = KC(*c)
             try:
-                ms = time_cuda(fn, reps=5, warmup=1)
+                ms = time_cuda(fn, reps=10, warmup=1)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
-                print(f"tune {kind} D={D} {cfg}: failed ({type(exc).__name__})", file=sys.stderr)
+                print(f"tune {name} D={D} {c}: failed ({type(exc).__name__})", flush=True)
                 continue
-            results.append((ms, cfg))
-            print(f"tune {kind} D={D} {cfg}: {ms:.2f} ms", flush=True)
-        best = min(results, key=lambda x: x[0])[1]
-        tables[kind][D] = best
-        chosen[kind] = best.__dict__
+            print(f"tune {name} D={D} {c}: {ms:.3f} ms", flush=True)
+            if name not in best or ms < best[name][0]:
+                best[name] = (ms, table[D])
+        table[D] = default
+    fused = best["dkdv_fused"][0] < best["dkdv"][0] + best["dq"][0]
+    tk.FUSE_DQ[D] = fused
+    tk.FWD_CONFIGS[D] = best["fwd"][1]
+    tk.DKDV_CONFIGS[D] = best["dkdv_fused" if fused else "dkdv"][1]
+    tk.DQ_CONFIGS[D] = best["dq"][1]
+    chosen = {name: dict(ms=ms, config=cfg.__dict__) for name, (ms, cfg) in best.items()}
+    chosen["fuse_dq"] = fused
+    print(f"tune D={D}: {chosen}", flush=True)
     return chosen
 
 

@@ -279,93 +279,121 @@ def memory_scaling(args: argparse.Namespace, device: torch.device) -> list[dict[
 def dense_vs_context_parallel(
     args: argparse.Namespace, device: torch.device
 ) -> list[dict[str, Any]]:
+    """Dense ring vs ``context_parallel`` (allgather / alltoall) vs SDPA flash on one GPU.
+
+    Causal runs let ``context_parallel`` use its head-tail load balancing (tokens are
+    reordered); the ring keeps contiguous shards, so its causal work is unbalanced.
+    """
     world_size = dist.get_world_size()
-    rows = []
     if device.type != "cuda":
         return [{"error": "skipped: context_parallel needs CUDA SDPA kernels"}]
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
-        from torch.distributed.tensor.experimental._attention import set_rotate_method
+        from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
     except ImportError:  # older layout
         from torch.distributed.tensor.experimental._context_parallel._attention import (
+            _cp_options,
             set_rotate_method,
         )
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     mesh = init_device_mesh("cuda", (world_size,))
     B, H, D = args.batch, args.heads, args.head_dim
-    for N in args.dense_tokens:
-        L = N // world_size
-        flops = 3.5 * 4.0 * D * N * N * H * B
-        shape = (B, L, H, D)
-        q, k, v = (
-            torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True)
-            for _ in range(3)
-        )
-        dout = torch.randn(shape, device=device, dtype=args.dtype)
+    rows: list[dict[str, Any]] = []
 
-        def ring_fn(a: Tensor, b: Tensor, c: Tensor, n: int = N) -> Tensor:
-            return ring_dilated_attention(a, b, c, [n], [1], is_causal=False)
-
-        ms, peak = measure(fwd_bwd_step(ring_fn, [q, k, v], dout), device, args.iters, args.warmup)
+    def record(method: str, N: int, causal: bool, gpus: int, ms: float, peak: float | None) -> None:
+        ms = max_over(ms, device)
+        flops = 3.5 * 4.0 * D * N * N * H * B * (0.5 if causal else 1.0)
         rows.append(
             {
-                "method": "dense ring (this library)",
+                "method": method,
                 "seq_len": N,
-                "world_size": world_size,
-                "fwd_bwd_ms": max_over(ms, device),
-                "peak_mib_per_gpu": max_over(peak, device),
-                "tflops_per_gpu": flops / world_size / (max_over(ms, device) * 1e-3) / 1e12,
+                "causal": causal,
+                "world_size": gpus,
+                "fwd_bwd_ms": ms,
+                "peak_mib_per_gpu": max_over(peak or 0.0, device),
+                "tflops_per_gpu": flops / gpus / (ms * 1e-3) / 1e12,
             }
         )
-        del q, k, v, dout
-        for rotate in ("allgather", "alltoall"):
-            try:
-                set_rotate_method(rotate)
-                # context_parallel shards full (B, H, N, D) buffers in place; afterwards we
-                # keep compact copies of the shards and free the full tensors, so that both
-                # methods start from the same resident memory (the local shards).
-                full = [torch.randn(B, H, N, D, device=device, dtype=args.dtype) for _ in range(4)]
-                with context_parallel(
-                    mesh, buffers=full, buffer_seq_dims=[2, 2, 2, 2], no_restore_buffers=set(full)
-                ):
-                    local = [t.clone().requires_grad_() for t in full[:3]]
-                    dl = full[3].clone()
-                    for t in full:
-                        t.set_()
-                    torch.cuda.empty_cache()
 
-                    def cp_fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                            return torch.nn.functional.scaled_dot_product_attention(
-                                a, b, c, is_causal=False
-                            )
+    def sdpa(a: Tensor, b: Tensor, c: Tensor, causal: bool) -> Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=causal)
 
-                    ms, peak = measure(
-                        fwd_bwd_step(cp_fn, local, dl), device, args.iters, args.warmup
+    for N in args.dense_tokens:
+        L = N // world_size
+        for causal in (False, True):
+            shape = (B, L, H, D)
+            q, k, v = (
+                torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True)
+                for _ in range(3)
+            )
+            dout = torch.randn(shape, device=device, dtype=args.dtype)
+
+            def ring_fn(a: Tensor, b: Tensor, c: Tensor, n: int = N, cz: bool = causal) -> Tensor:
+                return ring_dilated_attention(a, b, c, [n], [1], is_causal=cz)
+
+            step = fwd_bwd_step(ring_fn, [q, k, v], dout)
+            record(
+                "dense ring (this library)",
+                N,
+                causal,
+                world_size,
+                *measure(step, device, args.iters, args.warmup),
+            )
+            del q, k, v, dout, step
+
+            for rotate in ("allgather", "alltoall"):
+                method = f"torch context_parallel ({rotate})"
+                try:
+                    set_rotate_method(rotate)
+                    _cp_options.enable_load_balance = causal  # it refuses non-causal balancing
+                    # context_parallel shards full (B, H, N, D) buffers in place; we keep
+                    # compact copies of the shards and free the full tensors, so that both
+                    # methods start from the same resident memory (the local shards).
+                    full = [
+                        torch.randn(B, H, N, D, device=device, dtype=args.dtype) for _ in range(4)
+                    ]
+                    with context_parallel(
+                        mesh,
+                        buffers=full,
+                        buffer_seq_dims=[2, 2, 2, 2],
+                        no_restore_buffers=set(full),
+                    ):
+                        local = [t.clone().requires_grad_() for t in full[:3]]
+                        dl = full[3].clone()
+                        for t in full:
+                            t.set_()
+                        torch.cuda.empty_cache()
+                        step = fwd_bwd_step(lambda a, b, c, cz=causal: sdpa(a, b, c, cz), local, dl)
+                        result = measure(step, device, args.iters, args.warmup)
+                    del local, dl, full, step
+                    record(method, N, causal, world_size, *result)
+                except Exception as exc:  # report, keep benchmarking the rest
+                    rows.append(
+                        {"method": method, "seq_len": N, "causal": causal, "error": repr(exc)}
                     )
-                del local, dl, full
-                rows.append(
-                    {
-                        "method": f"torch context_parallel ({rotate})",
-                        "seq_len": N,
-                        "world_size": world_size,
-                        "fwd_bwd_ms": max_over(ms, device),
-                        "peak_mib_per_gpu": max_over(peak, device),
-                        "tflops_per_gpu": flops / world_size / (max_over(ms, device) * 1e-3) / 1e12,
-                    }
-                )
-            except Exception as exc:  # report, keep benchmarking the rest
-                rows.append(
-                    {
-                        "method": f"torch context_parallel ({rotate})",
-                        "seq_len": N,
-                        "error": repr(exc),
-                    }
-                )
-        set_rotate_method("allgather")
+            set_rotate_method("allgather")
+            _cp_options.enable_load_balance = True
+
+            # Reference point: the whole sequence on one GPU (every rank runs it alone).
+            full_shape = (B, H, N, D)
+            q, k, v = (
+                torch.randn(full_shape, device=device, dtype=args.dtype, requires_grad=True)
+                for _ in range(3)
+            )
+            dout = torch.randn(full_shape, device=device, dtype=args.dtype)
+            step = fwd_bwd_step(lambda a, b, c, cz=causal: sdpa(a, b, c, cz), [q, k, v], dout)
+            record(
+                "torch SDPA flash, 1 GPU",
+                N,
+                causal,
+                1,
+                *measure(step, device, args.iters, args.warmup),
+            )
+            del q, k, v, dout, step
     return rows
 
 
@@ -388,7 +416,7 @@ TABLE_COLUMNS = {
     "correctness": ["causal", "tensor", "seq_len", "max_err_ring_bf16", "max_err_single_gpu_bf16", "ok"],
     "weak_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "causal", "fwd_bwd_ms", "time_vs_1gpu", "peak_mib_per_gpu", "tflops_per_gpu"],
     "memory_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "fwd_bwd_ms", "peak_mib_per_gpu", "memory_reduction_vs_1gpu"],
-    "dense_vs_context_parallel": ["method", "seq_len", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
+    "dense_vs_context_parallel": ["method", "seq_len", "causal", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
 }  # fmt: skip
 
 

@@ -48,8 +48,8 @@ def _setup(device: torch.device, max_seq_len: int | None) -> DemoSetup:
         config = DilatedAttentionConfig.geometric(
             base_segment_length=256, num_branches=4, embed_dim=64, num_heads=4
         )
-        seq_lens = tuple(2**i for i in range(10, 17))
-        setup = DemoSetup(config, torch.float32, seq_lens, dense_seconds_budget=10.0)
+        seq_lens = tuple(2**i for i in range(10, 16))
+        setup = DemoSetup(config, torch.float32, seq_lens, dense_seconds_budget=5.0)
     if max_seq_len is not None:
         kept = tuple(n for n in setup.seq_lens if n <= max_seq_len) or (max_seq_len,)
         setup = dataclasses.replace(setup, seq_lens=kept)

@@ -106,5 +106,7 @@ def dilated_attention(
         key_padding_mask=key_padding_mask,
         seed=seed,
     )
-    out, lse = _DilatedAttentionFunction.apply(token_major(q), token_major(k), token_major(v), chosen, fctx)
+    out, lse = _DilatedAttentionFunction.apply(
+        token_major(q), token_major(k), token_major(v), chosen, fctx
+    )
     return (out, lse) if return_lse else out

@@ -14,7 +14,9 @@ def check_qkv(q: object, k: object, v: object) -> None:
     """q, k, v must be ``(B, N, H, D)`` tensors of one shape, dtype and device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, H, D), got {type(t).__name__}.")
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape (B, N, H, D), got {type(t).__name__}."
+            )
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     if q.dim() != 4:
         raise ValueError(
@@ -40,8 +42,7 @@ def check_qkv(q: object, k: object, v: object) -> None:
             )
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"unsupported dtype {q.dtype}; expected one of "
-            f"{[str(d) for d in SUPPORTED_DTYPES]}."
+            f"unsupported dtype {q.dtype}; expected one of {[str(d) for d in SUPPORTED_DTYPES]}."
         )
 
 
@@ -63,9 +64,7 @@ def check_key_padding_mask(mask: object, q: Tensor) -> None:
             f"key_padding_mask must have shape (B, N) = ({B}, {N}), got {tuple(mask.shape)}."
         )
     if mask.device != q.device:
-        raise ValueError(
-            f"key_padding_mask must be on q's device {q.device}, got {mask.device}."
-        )
+        raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}.")
 
 
 def check_scalars(*, scale: object, dropout_p: object, is_causal: object) -> None:

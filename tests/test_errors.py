@@ -35,11 +35,17 @@ def test_bad_tensors() -> None:
     q, k, v = _qkv(1, 8, 2, 4)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         dilated_attention(q.numpy(), k, v, [4], [1])
-    with pytest.raises(ValueError, match=r"q must have 4 dims \(B, N, H, D\).*got shape \(8, 2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"q must have 4 dims \(B, N, H, D\).*got shape \(8, 2, 4\)"
+    ):
         dilated_attention(q[0], k[0], v[0], [4], [1])
-    with pytest.raises(ValueError, match=r"k must have the same shape as q \(1, 8, 2, 4\).*got \(1, 7, 2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"k must have the same shape as q \(1, 8, 2, 4\).*got \(1, 7, 2, 4\)"
+    ):
         dilated_attention(q, k[:, :7], v, [4], [1])
-    with pytest.raises(ValueError, match="q, k and v must share one dtype, got q torch.float32 and v torch.float64"):
+    with pytest.raises(
+        ValueError, match="q, k and v must share one dtype, got q torch.float32 and v torch.float64"
+    ):
         dilated_attention(q, k, v.double(), [4], [1])
     with pytest.raises(ValueError, match=r"unsupported dtype torch.int64"):
         dilated_attention(q.long(), k.long(), v.long(), [4], [1])
@@ -49,7 +55,9 @@ def test_bad_tensors() -> None:
 
 def test_bad_mask() -> None:
     q, k, v = _qkv(2, 8, 2, 4)
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, N\) = \(2, 8\), got \(2, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask must have shape \(B, N\) = \(2, 8\), got \(2, 7\)"
+    ):
         dilated_attention(q, k, v, [4], [1], key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask must have dtype torch.bool"):
         dilated_attention(q, k, v, [4], [1], key_padding_mask=torch.zeros(2, 8))
@@ -59,9 +67,13 @@ def test_bad_mask() -> None:
 
 def test_bad_options() -> None:
     q, k, v = _qkv(1, 8, 2, 4)
-    with pytest.raises(ValueError, match=r"branch_mixing must be one of \['softmax', 'head_split'\], got 'mean'"):
+    with pytest.raises(
+        ValueError, match=r"branch_mixing must be one of \['softmax', 'head_split'\], got 'mean'"
+    ):
         dilated_attention(q, k, v, [4], [1], branch_mixing="mean")
-    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; valid backends are \['auto', .*'reference'"):
+    with pytest.raises(
+        ValueError, match=r"unknown backend 'cudnn'; valid backends are \['auto', .*'reference'"
+    ):
         dilated_attention(q, k, v, [4], [1], backend="cudnn")
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
         dilated_attention(q, k, v, [4], [1], dropout_p=1.5)

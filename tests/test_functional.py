@@ -21,7 +21,10 @@ SEQ_LENS = [1, 7, 97, 256, 1000]
 # float64: both sides compute in float64; errors are ~1e-15, so 1e-10 only allows roundoff.
 # float32: the backend accumulates in float32 against a float64 oracle; softmax/matmul
 # roundoff grows like sqrt(#keys) * 6e-8, well under 2e-5 for the <= 2000 keys here.
-TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+}
 
 
 def _inputs(B: int, N: int, H: int, D: int, dtype: torch.dtype, requires_grad: bool = True):
@@ -59,7 +62,14 @@ def test_reference_matches_oracle_float64(N, config, is_causal, branch_mixing) -
 def test_reference_matches_oracle_float32(N, is_causal, branch_mixing) -> None:
     q, k, v = _inputs(2, N, 4, 16, torch.float32)
     _compare(
-        q, k, v, [32, 64, 256], [1, 2, 8], dtype=torch.float32, is_causal=is_causal, branch_mixing=branch_mixing
+        q,
+        k,
+        v,
+        [32, 64, 256],
+        [1, 2, 8],
+        dtype=torch.float32,
+        is_causal=is_causal,
+        branch_mixing=branch_mixing,
     )
 
 
@@ -123,7 +133,9 @@ def test_dropout_is_unbiased_and_gradients_are_consistent() -> None:
     # E[dropout output] equals the plain output: average many draws.
     q, k, v = _inputs(1, 32, 2, 4, torch.float64, requires_grad=False)
     plain = dilated_attention(q, k, v, [8, 32], [1, 2])
-    draws = torch.stack([dilated_attention(q, k, v, [8, 32], [1, 2], dropout_p=0.3) for _ in range(400)])
+    draws = torch.stack(
+        [dilated_attention(q, k, v, [8, 32], [1, 2], dropout_p=0.3) for _ in range(400)]
+    )
     # Each draw's entries have std O(1); 400 draws -> standard error ~0.05.
     torch.testing.assert_close(draws.mean(0), plain, atol=0.25, rtol=0)
     # With a fixed seed, the dropout mask is a fixed linear operator on V: the gradient
@@ -155,6 +167,8 @@ def test_half_precision_on_cpu_matches_float32() -> None:
     ref = dense_dilated_attention(q, k, v, [16, 64], [1, 4])
     for dtype in (torch.bfloat16, torch.float16):
         out = dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4])
-        pt = dense_dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4], upcast=False)
+        pt = dense_dilated_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4], upcast=False
+        )
         # STYLE.md rule: error at most twice that of the oracle run in the same dtype (+eps).
         assert (out.float() - ref).abs().max() <= 2 * (pt.float() - ref).abs().max() + 1e-3

@@ -25,7 +25,9 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_n131072_forward_backward_runs_in_linear_memory() -> None:
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr
     extra = int(res.stdout.strip().splitlines()[-1])
     # q, k, v, out, their grads and the fp32 accumulators are ~64 MiB each (~1 GiB in all);

@@ -33,7 +33,8 @@ def test_plan_is_cached() -> None:
 
 
 @pytest.mark.parametrize(
-    ("length", "r", "o", "expected"), [(8, 2, 0, 4), (8, 3, 2, 2), (7, 3, 0, 3), (2, 3, 2, 0), (0, 1, 0, 0)]
+    ("length", "r", "o", "expected"),
+    [(8, 2, 0, 4), (8, 3, 2, 2), (7, 3, 0, 3), (2, 3, 2, 0), (0, 1, 0, 0)],
 )
 def test_num_dilated_positions(length: int, r: int, o: int, expected: int) -> None:
     assert num_dilated_positions(length, r, o) == expected == len(range(o, length, r))

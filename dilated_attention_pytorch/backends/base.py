@@ -54,7 +54,9 @@ class Backend:
         """Reasons this backend cannot run ``call``; empty when it can."""
         raise NotImplementedError
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> tuple[Tensor, Tensor]:
         """q, k, v: ``(B, N, H, D)`` -> ``out (B, N, H, D)`` in q.dtype, ``lse (B, N, H)``."""
         raise NotImplementedError
 

@@ -35,15 +35,15 @@ def _chunks(batch: int, per_item: int) -> list[tuple[int, int]]:
     return [(i, min(batch, i + step)) for i in range(0, batch, step)]
 
 
-def _dropout_keep(
-    shape: tuple[int, ...], p: float, seed: int, device: torch.device
-) -> Tensor:
+def _dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _masked_scores(q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None) -> Tensor:
+def _masked_scores(
+    q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None
+) -> Tensor:
     # q: (b, Hs, Lq, D), k: (b, Hs, Lk, D) -> (b, Hs, Lq, Lk)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
@@ -85,7 +85,11 @@ def math_block_forward(
         finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         probs = torch.exp(scores - finite.unsqueeze(-1))
         if dropout_p > 0.0:
-            probs = probs * _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (1.0 - dropout_p)
+            probs = (
+                probs
+                * _dropout_keep(probs.shape, dropout_p, seed + ci, q.device)
+                / (1.0 - dropout_p)
+            )
         out[a:b] = torch.matmul(probs, vc).transpose(1, 2)
         lse[a:b] = lse_c.transpose(1, 2)
     return out, lse
@@ -125,7 +129,9 @@ def math_block_backward(
         probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep) - lse_c.unsqueeze(-1))
         dprobs = torch.matmul(doc, vc.transpose(-1, -2))
         if dropout_p > 0.0:
-            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (1.0 - dropout_p)
+            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (
+                1.0 - dropout_p
+            )
             dv_c = torch.matmul((probs * keep_mask).transpose(-1, -2), doc)
             dprobs = dprobs * keep_mask
         else:
@@ -209,8 +215,10 @@ def block_forward(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Flash when it can run the block, the math path otherwise."""
-    if key_keep is None and dropout_p == 0.0 and not flash_supported_reasons(
-        q.device.type, q.dtype, q.shape[-1]
+    if (
+        key_keep is None
+        and dropout_p == 0.0
+        and not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
     ):
         return flash_block_forward(q, k, v, scale=scale, causal=causal)
     return math_block_forward(
@@ -233,10 +241,22 @@ def block_backward(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward matching :func:`block_forward`'s choice of path."""
-    if key_keep is None and dropout_p == 0.0 and not flash_supported_reasons(
-        q.device.type, q.dtype, q.shape[-1]
+    if (
+        key_keep is None
+        and dropout_p == 0.0
+        and not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
     ):
         return flash_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
     return math_block_backward(
-        dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep, dropout_p=dropout_p, seed=seed
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        scale=scale,
+        causal=causal,
+        key_keep=key_keep,
+        dropout_p=dropout_p,
+        seed=seed,
     )

@@ -40,7 +40,8 @@ def iter_blocks(
         w, r = branch.segment_length, branch.dilation_rate
         for group in branch.head_groups:
             per_tensor = {
-                name: segment_views(t, w, r, group.offset, group.head_slice) for name, t in tensors.items()
+                name: segment_views(t, w, r, group.offset, group.head_slice)
+                for name, t in tensors.items()
             }
             per_token = {
                 name: (None if t is None else segment_views(t, w, r, group.offset))
@@ -51,7 +52,10 @@ def iter_blocks(
                 yield (
                     block_id,
                     {name: views[i] for name, views in per_tensor.items()},
-                    {name: (None if views is None else views[i]) for name, views in per_token.items()},
+                    {
+                        name: (None if views is None else views[i])
+                        for name, views in per_token.items()
+                    },
                 )
                 block_id += 1
 
@@ -63,7 +67,9 @@ class ReferenceBackend(Backend):
     def why_not(self, call: AttentionCall) -> list[str]:
         return []
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> tuple[Tensor, Tensor]:
         # q, k, v: (B, N, H, D)
         B, N, H, _ = q.shape
         acc_dtype = compute_dtype(q.dtype)

@@ -56,6 +56,10 @@ LN2 = 0.6931471805599453
 # of q itself at N = 1M, H = 16, D = 64 while launches stay large.
 ACC_CHUNK_BYTES = 1 << 30
 
+# Backward, per head dim: compute dQ inside the dK/dV kernel with fp32 atomics (True)
+# or in a separate dQ kernel that recomputes S and dP (False, deterministic).
+FUSE_DQ: dict[int, bool] = {16: True, 32: True, 64: True, 128: True}
+
 
 # --------------------------------------------------------------------------- kernels
 
@@ -174,6 +178,9 @@ def _fwd_kernel(
             other=0.0,
         ).to(tl.float32)
         lse_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))
+        # No branch wrote this row yet (lse -inf): the accumulator was never
+        # initialised there, so do not read it (saves a zero-fill pass).
+        acc_old = tl.where((lse_old == float("-inf"))[:, None], 0.0, acc_old)
         mx = tl.maximum(lse_old, lse)
         shift = tl.where(mx == float("-inf"), 0.0, mx)
         w_old = tl.exp(lse_old - shift)
@@ -220,11 +227,13 @@ def _delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl,
-    start, stop, len_q, offs_n, keep_k, qk_scale,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base, row_q, row_do, row_l, row_dl,
+    row_dq, start, stop, len_q, offs_n, keep_k, qk_scale, scale,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
+    # FUSE_DQ: dQ += dS K is added to an fp32 buffer with atomics (5 matmuls per tile
+    # instead of the 7 of a separate dQ kernel that recomputes S and dP).
     for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
@@ -243,21 +252,27 @@ def _bwd_dkdv_inner(
             p_t = tl.where(keep_k[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(ds_t), k) * scale
+            tl.atomic_add(
+                dq_base + offs64[:, None] * row_dq, dq, mask=qmask[:, None], sem="relaxed"
+            )
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
+    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, DQacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
+    s_xb, s_xn, s_xh, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):  # fmt: skip
-    # s_g*: strides of DK and DV (same layout); s_a*: strides of DKacc and DVacc.
+    # s_g*: strides of DK and DV (same layout); s_a*: of DKacc and DVacc; s_x*: of DQacc.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = pid_n // tiles_per_seg
@@ -293,6 +308,7 @@ def _bwd_dkdv_kernel(
     do_base = DO + b * s_db + h64 * s_dh + tok_q * s_dn + offs_d[None, :]
     lse_base = Lse + b * s_lb + h64 * s_lh + tok_q * s_ln
     dl_base = Delta + b * s_eb + h64 * s_eh + tok_q * s_en
+    dq_base = DQacc + b * s_xb + h64 * s_xh + tok_q * s_xn + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal: queries before the key tile see none of it; query tiles that start at or
@@ -303,14 +319,14 @@ def _bwd_dkdv_kernel(
         lo = (n0 // BLOCK_M) * BLOCK_M
         free = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, len_q)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
-            lo, free, len_q, offs_n, keep_k, qk_scale, BLOCK_M, True, HAS_KPM,
+            dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base,
+            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, dil * s_xn,
+            lo, free, len_q, offs_n, keep_k, qk_scale, scale, BLOCK_M, True, HAS_KPM, FUSE_DQ,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
-        free, len_q, len_q, offs_n, keep_k, qk_scale, BLOCK_M, False, HAS_KPM,
+        dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base,
+        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, dil * s_xn,
+        free, len_q, len_q, offs_n, keep_k, qk_scale, scale, BLOCK_M, False, HAS_KPM, FUSE_DQ,
     )  # fmt: skip
     dk = dk * scale
     acc_off = b * s_ab + h64 * s_ah + rows_k[:, None] * s_an + offs_d[None, :]
@@ -535,9 +551,10 @@ def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
 def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
-    *, scale: float, causal: bool, acc_in: bool, which: str,
+    *, scale: float, causal: bool, acc_in: bool, which: str, fuse_dq: bool = False,
 ) -> None:  # fmt: skip
-    # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
+    # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators;
+    # fuse_dq: the dK/dV kernel also adds dQ into accs[0] (fp32) with atomics.
     B, n_q, _, D = q.shape
     n_k = k.shape[1]
     num_segments = triton.cdiv(n_q, launch.seg_q)
@@ -554,11 +571,11 @@ def _launch_backward(
         tiles = triton.cdiv(triton.cdiv(launch.seg_k, launch.dil), cfg.block_n)
         grid = (num_segments * tiles, B * launch.num_heads)
         _bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, grads[1], grads[2], accs[1], accs[2], kpm_t,
-            *common, *_s3(grads[1]), *_s3(accs[1]), s_mb, s_mn,
+            q, k, v, dout, lse, delta, grads[1], grads[2], accs[1], accs[2], accs[0], kpm_t,
+            *common, *_s3(grads[1]), *_s3(accs[1]), *_s3(accs[0]), s_mb, s_mn,
             *tail, tiles, scale * LOG2E, scale,
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-            HAS_KPM=kpm is not None, ACC_IN=acc_in, num_warps=cfg.num_warps,
+            HAS_KPM=kpm is not None, ACC_IN=acc_in, FUSE_DQ=fuse_dq, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
@@ -686,8 +703,11 @@ def dilated_forward(
     for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
         hs = slice(c_lo, c_hi)
         qc, kc, vc, oc, lc = q[:, :, hs], k[:, :, hs], v[:, :, hs], out[:, :, hs], lse[:, :, hs]
+        # The kernels never read an accumulator row whose LSE is still -inf, so it needs
+        # no zero fill, except when it is copied out at the end (no covering branch).
+        acc_alloc = torch.zeros if sched.final is None else torch.empty
         acc = (
-            torch.zeros(B, N, c_hi - c_lo, D, dtype=torch.float32, device=q.device)
+            acc_alloc(B, N, c_hi - c_lo, D, dtype=torch.float32, device=q.device)
             if sched.multi
             else oc
         )
@@ -728,27 +748,33 @@ def dilated_backward(
     if N == 0:
         return dq, dk, dv
     delta = _compute_delta(dout, out)
-    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
+    fuse = FUSE_DQ[D]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    for c_lo, c_hi in _head_chunks(sched.multi or fuse, B, N, H, D):
         hs = slice(c_lo, c_hi)
         views = [t[:, :, hs] for t in (dout, q, k, v, lse, delta, dq, dk, dv)]
         doc, qc, kc, vc, lc, dlc, dqc, dkc, dvc = views
+        shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi)
-        # dK/dV for all branches first, then dQ: only two fp32 accumulators live at once.
-        for which in ("dkdv", "dq"):
-            if sched.multi:
-                shape = (B, N, c_hi - c_lo, D)
-                n_acc = 2 if which == "dkdv" else 1
-                bufs = [
-                    torch.zeros(shape, dtype=torch.float32, device=q.device) for _ in range(n_acc)
-                ]
-                accs = (bufs[0], bufs[0], bufs[1]) if which == "dkdv" else (bufs[0],) * 3
+        # Fused: one pass, dQ through atomics into an fp32 buffer. Otherwise dK/dV for
+        # all branches first, then dQ, so at most two fp32 accumulators live at once.
+        dq_acc = torch.zeros(shape, **f32) if fuse else None
+        for which in ("dkdv",) if fuse else ("dkdv", "dq"):
+            if sched.multi and which == "dkdv":
+                dk_acc, dv_acc = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
+                # (Unfused, the dQ slot is a never-read placeholder.)
+                accs = (dk_acc if dq_acc is None else dq_acc, dk_acc, dv_acc)
+            elif sched.multi:
+                dq_acc = torch.zeros(shape, **f32)
+                accs = (dq_acc, dq_acc, dq_acc)
             else:
-                accs = (dqc, dkc, dvc)
+                accs = (dqc if dq_acc is None else dq_acc, dkc, dvc)
             for j, (i, launch) in enumerate(launches):
                 final = not sched.multi or i == sched.final
+                targets = ((dq_acc if fuse else dqc), dkc, dvc) if final else accs
                 _launch_backward(
-                    doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs, launch,
-                    scale=scale, causal=causal, acc_in=sched.multi and j > 0, which=which,
+                    doc, qc, kc, vc, lc, dlc, kpm, targets, accs, launch, scale=scale,
+                    causal=causal, acc_in=sched.multi and j > 0, which=which, fuse_dq=fuse,
                 )  # fmt: skip
             if sched.multi and sched.final is None:
                 if which == "dkdv":
@@ -757,6 +783,9 @@ def dilated_backward(
                 else:
                     dqc.copy_(accs[0])
             del accs
+        if fuse:
+            dqc.copy_(dq_acc)  # the atomics accumulate in fp32: one cast pass
+        del dq_acc
     return dq, dk, dv
 
 
@@ -811,8 +840,17 @@ def triton_block_backward(
     if Lq == 0 or Lk == 0:
         return dq, dk, dv
     delta = _compute_delta(dout, out)
-    grads = (dq, dk, dv)
     launch = _Launch(Lq, Lk, 1, 0, 0, Hs)
+    if FUSE_DQ[D]:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        grads = (dq_acc, dk, dv)
+        _launch_backward(
+            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            scale=scale, causal=causal, acc_in=False, which="dkdv", fuse_dq=True,
+        )  # fmt: skip
+        dq.copy_(dq_acc)
+        return dq, dk, dv
+    grads = (dq, dk, dv)
     for which in ("dkdv", "dq"):
         _launch_backward(
             dout, q, k, v, lse, delta, None, grads, grads, launch,

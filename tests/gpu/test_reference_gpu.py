@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_reference_cuda_low_precision(dtype, is_causal, branch_mixing, N) -> None:
     B, H, D = 2, 8, 64
     ws, rs = [256, 1024, 4096], [1, 4, 16]
-    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(B, N, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+    )
     kwargs = dict(is_causal=is_causal, branch_mixing=branch_mixing)
     out = dilated_attention(q, k, v, ws, rs, backend="reference", **kwargs)
     ref = dense_dilated_attention(q, k, v, ws, rs, upcast=True, **kwargs)
@@ -37,4 +39,6 @@ def test_reference_cuda_low_precision(dtype, is_causal, branch_mixing, N) -> Non
     for name, x, r, lo in pairs:
         err = (x.double() - r.double()).abs().max().item()
         low_err = (lo.double() - r.double()).abs().max().item()
-        assert err <= 2 * low_err + 1e-4, f"{name}: error {err:.3g} vs low-precision oracle {low_err:.3g}"
+        assert err <= 2 * low_err + 1e-4, (
+            f"{name}: error {err:.3g} vs low-precision oracle {low_err:.3g}"
+        )
