@@ -234,19 +234,20 @@ def _own_blocks(k: Tensor, v: Tensor, branch: RingBranch) -> list[tuple[Tensor, 
 
 
 def _pack(
-    sources: list[tuple[Tensor, Tensor] | None],
+    blocks: list[tuple[Tensor, Tensor] | None],
     branch: RingBranch,
+    origin: int,
+    *,
     like: Tensor,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Copy this rank's per-group ``(k, v)`` blocks into one flat buffer of ``dtype``."""
+    """Copy per-group ``(k, v)`` (or ``(dk, dv)``) blocks of ring member ``origin`` into one
+    flat buffer of ``dtype``, laid out as :func:`_unpack` reads it; missing groups are zeros.
+    """
     batch, head_dim = like.shape[0], like.shape[-1]
-    buf = torch.zeros(
-        branch.packed_numel(branch.position, batch, head_dim), dtype=dtype, device=like.device
-    )
-    for dst, src in zip(
-        _unpack(buf, branch, branch.position, batch, head_dim), sources, strict=True
-    ):
+    numel = branch.packed_numel(origin, batch, head_dim)
+    buf = torch.zeros(numel, dtype=dtype, device=like.device)
+    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), blocks, strict=True):
         if dst is not None and src is not None:
             dst[0].copy_(src[0])
             dst[1].copy_(src[1])
@@ -367,7 +368,7 @@ def ring_dilated_forward(
     out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype, device=q.device)
     lse = torch.full((B, L, H), -math.inf, dtype=acc_dtype, device=q.device)
     held = {
-        i: _pack(_own_blocks(k, v, b), b, k, k.dtype)
+        i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
         for i, b in enumerate(setup.branches)
         if b.size > 1
     }
@@ -415,7 +416,7 @@ def ring_dilated_backward(
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
     held = {
-        i: _pack(_own_blocks(k, v, b), b, k, k.dtype)
+        i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
         for i, b in enumerate(setup.branches)
         if b.size > 1
     }
@@ -450,7 +451,7 @@ def ring_dilated_backward(
                     _view(dv, b, g).add_(dv_blk)
                 grads.append((dk_blk, dv_blk))
             if not own and b.packed_numel(origin, B, D):
-                contributions[i] = _pack_remote(grads, b, origin, like=k, dtype=acc_dtype)
+                contributions[i] = _pack(grads, b, origin, like=k, dtype=acc_dtype)
         # Accumulators sent at the end of the previous step arrive while we computed.
         if grad_comm is not None:
             grad_comm.wait()
@@ -489,27 +490,6 @@ def ring_dilated_backward(
                     _view(dk, b, g).add_(grad[0])
                     _view(dv, b, g).add_(grad[1])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _pack_remote(
-    grads: list[tuple[Tensor, Tensor] | None],
-    branch: RingBranch,
-    origin: int,
-    *,
-    like: Tensor,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Pack per-group ``(dk, dv)`` of ring member ``origin``'s block into a flat buffer.
-
-    Groups for which this rank has no queries contribute zeros.
-    """
-    batch, head_dim = like.shape[0], like.shape[-1]
-    buf = torch.zeros(branch.packed_numel(origin, batch, head_dim), dtype=dtype, device=like.device)
-    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), grads, strict=True):
-        if dst is not None and src is not None:
-            dst[0].copy_(src[0])
-            dst[1].copy_(src[1])
-    return buf
 
 
 # --------------------------------------------------------------------------- autograd + API
