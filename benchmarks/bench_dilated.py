@@ -194,20 +194,21 @@ def bench_one(
 def tune(N: int, D: int) -> dict:
     """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
 
-    Installs the fastest config per kernel, and FUSE_DQ (dQ by atomics inside the
-    dK/dV kernel) when the fused kernel beats dK/dV + dQ; returns what it chose.
+    Installs the fastest config per kernel for this run and returns what it chose; the
+    library defaults (triton_kernels.*_CONFIGS) are set from such a run.
     """
     from dilated_attention_pytorch.backends import triton_kernels as tk
 
     KC = tk.KernelConfig
     if D <= 64:
-        fwd = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
-        dkdv = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3)]
-        dq = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+        fwd = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
+        dkdv = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 2),
+                (64, 64, 4, 3), (32, 64, 4, 4)]  # fmt: skip
+        dq = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
     else:
-        fwd = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2)]
-        dkdv = [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 128, 4, 3)]
-        dq = [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+        fwd = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
+        dkdv = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)]
+        dq = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
     H, B, scale = 16, 1, D**-0.5
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
@@ -217,30 +218,27 @@ def tune(N: int, D: int) -> dict:
         q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
     delta = tk._compute_delta(dout, out)
-    dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-    dk, dv, dqo = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():
         tk._launch_forward(
             q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
         )
 
-    def run_bwd(which: str, fuse: bool):
-        grads = (dq_acc if fuse else dqo, dk, dv)
+    def run_bwd(which: str):
         tk._launch_backward(
             dout, q, k, v, lse, delta, None, grads, grads, launch,
-            scale=scale, causal=False, acc_in=False, which=which, fuse_dq=fuse,
+            scale=scale, causal=False, acc_in=False, which=which,
         )  # fmt: skip
 
     jobs = {
         "fwd": (tk.FWD_CONFIGS, fwd, run_fwd),
-        "dkdv_fused": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv", True)),
-        "dkdv": (tk.DKDV_CONFIGS, dkdv[:2], lambda: run_bwd("dkdv", False)),
-        "dq": (tk.DQ_CONFIGS, dq, lambda: run_bwd("dq", False)),
+        "dkdv": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv")),
+        "dq": (tk.DQ_CONFIGS, dq, lambda: run_bwd("dq")),
     }
-    best: dict[str, tuple[float, object]] = {}
+    chosen = {}
     for name, (table, cands, fn) in jobs.items():
-        default = table[D]
+        best = None
         for c in cands:
             table[D] = KC(*c)
             try:
@@ -249,16 +247,10 @@ def tune(N: int, D: int) -> dict:
                 print(f"tune {name} D={D} {c}: failed ({type(exc).__name__})", flush=True)
                 continue
             print(f"tune {name} D={D} {c}: {ms:.3f} ms", flush=True)
-            if name not in best or ms < best[name][0]:
-                best[name] = (ms, table[D])
-        table[D] = default
-    fused = best["dkdv_fused"][0] < best["dkdv"][0] + best["dq"][0]
-    tk.FUSE_DQ[D] = fused
-    tk.FWD_CONFIGS[D] = best["fwd"][1]
-    tk.DKDV_CONFIGS[D] = best["dkdv_fused" if fused else "dkdv"][1]
-    tk.DQ_CONFIGS[D] = best["dq"][1]
-    chosen = {name: dict(ms=ms, config=cfg.__dict__) for name, (ms, cfg) in best.items()}
-    chosen["fuse_dq"] = fused
+            if best is None or ms < best[0]:
+                best = (ms, table[D])
+        table[D] = best[1]
+        chosen[name] = dict(ms=best[0], config=best[1].__dict__)
     print(f"tune D={D}: {chosen}", flush=True)
     return chosen
 

@@ -137,15 +137,6 @@ def test_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
-@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
-def test_separate_dq_kernel(kernels, monkeypatch, branch_mixing) -> None:
-    # The deterministic dQ path (its own kernel, no atomics) instead of the fused one.
-    monkeypatch.setitem(kernels.FUSE_DQ, 16, False)
-    _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3, is_causal=True, branch_mixing=branch_mixing)
-    _compare(1, 40, 2, [10, 25], [2, 3], branch_mixing=branch_mixing)
-
-
-@interpreted
 def test_head_dim_32() -> None:
     _compare(1, 45, 2, [12, 45], [1, 2], D=32)
 

@@ -7,21 +7,15 @@ returns no reason.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .base import AttentionCall, Backend, ForwardContext, register_backend
-from .triton_kernels import dilated_backward, dilated_forward
+from .triton_kernels import dilated_backward, dilated_forward, interpreting
 
 # Head dims the kernels are compiled for (tl.arange needs a power of two; 16 is the
 # smallest tl.dot operand).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class TritonBackend(Backend):
@@ -30,7 +24,7 @@ class TritonBackend(Backend):
 
     def why_not(self, call: AttentionCall) -> list[str]:
         reasons = []
-        interpret = _interpreting()
+        interpret = interpreting()
         if call.device_type != "cuda" and not (interpret and call.device_type == "cpu"):
             reasons.append(
                 f"triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {call.device_type!r}"

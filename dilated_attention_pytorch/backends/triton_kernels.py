@@ -32,6 +32,7 @@ branch) every kernel writes its final output directly.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,6 @@ LN2 = 0.6931471805599453
 # together; 1 GiB keeps the multi-branch path's extra memory well under the size
 # of q itself at N = 1M, H = 16, D = 64 while launches stay large.
 ACC_CHUNK_BYTES = 1 << 30
-
-# Backward, per head dim: compute dQ inside the dK/dV kernel with fp32 atomics (True)
-# or in a separate dQ kernel that recomputes S and dP (False, deterministic).
-FUSE_DQ: dict[int, bool] = {16: True, 32: True, 64: True, 128: True}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -227,13 +224,13 @@ def _delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base, row_q, row_do, row_l, row_dl,
-    row_dq, start, stop, len_q, offs_n, keep_k, qk_scale, scale,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, FUSE_DQ: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl,
+    start, stop, len_q, offs_n, keep_k, qk_scale,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
-    # FUSE_DQ: dQ += dS K is added to an fp32 buffer with atomics (5 matmuls per tile
-    # instead of the 7 of a separate dQ kernel that recomputes S and dP).
+    # dQ has its own kernel (recomputing S and dP): adding dS K into an fp32 dQ buffer
+    # with atomics from here measured 1.2x slower on an H200 (and is not deterministic).
     for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
@@ -252,27 +249,21 @@ def _bwd_dkdv_inner(
             p_t = tl.where(keep_k[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t), k) * scale
-            tl.atomic_add(
-                dq_base + offs64[:, None] * row_dq, dq, mask=qmask[:, None], sem="relaxed"
-            )
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, DQacc, Kpm,
+    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
-    s_xb, s_xn, s_xh, s_mb, s_mn,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, FUSE_DQ: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr,
 ):  # fmt: skip
-    # s_g*: strides of DK and DV (same layout); s_a*: of DKacc and DVacc; s_x*: of DQacc.
+    # s_g*: strides of DK and DV (same layout); s_a*: strides of DKacc and DVacc.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = pid_n // tiles_per_seg
@@ -308,7 +299,6 @@ def _bwd_dkdv_kernel(
     do_base = DO + b * s_db + h64 * s_dh + tok_q * s_dn + offs_d[None, :]
     lse_base = Lse + b * s_lb + h64 * s_lh + tok_q * s_ln
     dl_base = Delta + b * s_eb + h64 * s_eh + tok_q * s_en
-    dq_base = DQacc + b * s_xb + h64 * s_xh + tok_q * s_xn + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal: queries before the key tile see none of it; query tiles that start at or
@@ -319,14 +309,14 @@ def _bwd_dkdv_kernel(
         lo = (n0 // BLOCK_M) * BLOCK_M
         free = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, len_q)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base,
-            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, dil * s_xn,
-            lo, free, len_q, offs_n, keep_k, qk_scale, scale, BLOCK_M, True, HAS_KPM, FUSE_DQ,
+            dk, dv, k, v, q_base, do_base, lse_base, dl_base,
+            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
+            lo, free, len_q, offs_n, keep_k, qk_scale, BLOCK_M, True, HAS_KPM,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, dl_base, dq_base,
-        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, dil * s_xn,
-        free, len_q, len_q, offs_n, keep_k, qk_scale, scale, BLOCK_M, False, HAS_KPM, FUSE_DQ,
+        dk, dv, k, v, q_base, do_base, lse_base, dl_base,
+        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
+        free, len_q, len_q, offs_n, keep_k, qk_scale, BLOCK_M, False, HAS_KPM,
     )  # fmt: skip
     dk = dk * scale
     acc_off = b * s_ab + h64 * s_ah + rows_k[:, None] * s_an + offs_d[None, :]
@@ -450,38 +440,38 @@ class KernelConfig:
     num_stages: int
 
 
-def _interpreting() -> bool:
-    import os
-
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Chosen for Hopper (H100/H200) in bf16/fp16; keyed by head dim. The benchmark can
-# override entries to try others. The interpreter gets small tiles so CPU tests exercise
-# many tiles, partial tiles and the diagonal logic on small shapes.
+# Measured on an H200 in bf16 (benchmarks/bench_dilated.py --tune, the fastest of a few
+# candidates per kernel, timed alone on LongNet's r = 1 branch at N = 256K); 16 and 32
+# are untuned. The benchmark can override entries to try others. The interpreter gets
+# small tiles so CPU tests exercise many tiles, partial tiles and the causal diagonal.
 FWD_CONFIGS: dict[int, KernelConfig] = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
-    64: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 64, 8, 3),
+    64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(64, 64, 4, 3),
 }
 DKDV_CONFIGS: dict[int, KernelConfig] = {
     16: KernelConfig(32, 128, 4, 3),
     32: KernelConfig(32, 128, 4, 3),
-    64: KernelConfig(32, 128, 4, 3),
-    128: KernelConfig(32, 128, 8, 2),
+    64: KernelConfig(32, 128, 4, 4),
+    128: KernelConfig(32, 64, 4, 4),
 }
 DQ_CONFIGS: dict[int, KernelConfig] = {
     16: KernelConfig(128, 32, 4, 3),
     32: KernelConfig(128, 32, 4, 3),
-    64: KernelConfig(128, 32, 4, 3),
-    128: KernelConfig(128, 32, 8, 2),
+    64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(64, 64, 4, 2),
 }
 _INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
-    return _INTERPRET_CONFIG if _interpreting() else table[head_dim]
+    return _INTERPRET_CONFIG if interpreting() else table[head_dim]
 
 
 # --------------------------------------------------------------------------- launches
@@ -541,7 +531,7 @@ def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
     """``rowsum(dout * out)`` in fp32, ``(B, N, H)``."""
     B, N, H, D = out.shape
     delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
-    block = 16 if _interpreting() else 64
+    block = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(N, block), B * H)](
         dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
     )
@@ -551,10 +541,9 @@ def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
 def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
-    *, scale: float, causal: bool, acc_in: bool, which: str, fuse_dq: bool = False,
+    *, scale: float, causal: bool, acc_in: bool, which: str,
 ) -> None:  # fmt: skip
-    # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators;
-    # fuse_dq: the dK/dV kernel also adds dQ into accs[0] (fp32) with atomics.
+    # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     B, n_q, _, D = q.shape
     n_k = k.shape[1]
     num_segments = triton.cdiv(n_q, launch.seg_q)
@@ -571,11 +560,11 @@ def _launch_backward(
         tiles = triton.cdiv(triton.cdiv(launch.seg_k, launch.dil), cfg.block_n)
         grid = (num_segments * tiles, B * launch.num_heads)
         _bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, grads[1], grads[2], accs[1], accs[2], accs[0], kpm_t,
-            *common, *_s3(grads[1]), *_s3(accs[1]), *_s3(accs[0]), s_mb, s_mn,
+            q, k, v, dout, lse, delta, grads[1], grads[2], accs[1], accs[2], kpm_t,
+            *common, *_s3(grads[1]), *_s3(accs[1]), s_mb, s_mn,
             *tail, tiles, scale * LOG2E, scale,
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-            HAS_KPM=kpm is not None, ACC_IN=acc_in, FUSE_DQ=fuse_dq, num_warps=cfg.num_warps,
+            HAS_KPM=kpm is not None, ACC_IN=acc_in, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
@@ -748,33 +737,28 @@ def dilated_backward(
     if N == 0:
         return dq, dk, dv
     delta = _compute_delta(dout, out)
-    fuse = FUSE_DQ[D]
     f32 = dict(dtype=torch.float32, device=q.device)
-    for c_lo, c_hi in _head_chunks(sched.multi or fuse, B, N, H, D):
+    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
         hs = slice(c_lo, c_hi)
         views = [t[:, :, hs] for t in (dout, q, k, v, lse, delta, dq, dk, dv)]
         doc, qc, kc, vc, lc, dlc, dqc, dkc, dvc = views
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi)
-        # Fused: one pass, dQ through atomics into an fp32 buffer. Otherwise dK/dV for
-        # all branches first, then dQ, so at most two fp32 accumulators live at once.
-        dq_acc = torch.zeros(shape, **f32) if fuse else None
-        for which in ("dkdv",) if fuse else ("dkdv", "dq"):
+        # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.
+        for which in ("dkdv", "dq"):
             if sched.multi and which == "dkdv":
                 dk_acc, dv_acc = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
-                # (Unfused, the dQ slot is a never-read placeholder.)
-                accs = (dk_acc if dq_acc is None else dq_acc, dk_acc, dv_acc)
+                accs = (dk_acc, dk_acc, dv_acc)  # the dQ slot is unused here
             elif sched.multi:
                 dq_acc = torch.zeros(shape, **f32)
                 accs = (dq_acc, dq_acc, dq_acc)
             else:
-                accs = (dqc if dq_acc is None else dq_acc, dkc, dvc)
+                accs = (dqc, dkc, dvc)
             for j, (i, launch) in enumerate(launches):
                 final = not sched.multi or i == sched.final
-                targets = ((dq_acc if fuse else dqc), dkc, dvc) if final else accs
                 _launch_backward(
-                    doc, qc, kc, vc, lc, dlc, kpm, targets, accs, launch, scale=scale,
-                    causal=causal, acc_in=sched.multi and j > 0, which=which, fuse_dq=fuse,
+                    doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs,
+                    launch, scale=scale, causal=causal, acc_in=sched.multi and j > 0, which=which,
                 )  # fmt: skip
             if sched.multi and sched.final is None:
                 if which == "dkdv":
@@ -783,9 +767,6 @@ def dilated_backward(
                 else:
                     dqc.copy_(accs[0])
             del accs
-        if fuse:
-            dqc.copy_(dq_acc)  # the atomics accumulate in fp32: one cast pass
-        del dq_acc
     return dq, dk, dv
 
 
@@ -798,7 +779,8 @@ def triton_block_forward(
     """One block of queries against one block of keys (same signature as ``blocks.py``).
 
     q: ``(Bb, Lq, Hs, D)``, k/v: ``(Bb, Lk, Hs, D)``, any token-major strides (unit
-    stride on D). ``causal``: query ``t`` sees keys ``t' <= t`` (blocks aligned at 0).
+    stride on D), fp16/bf16 on CUDA (fp32 would run its dots in tf32), head dim in
+    {16, 32, 64, 128}. ``causal``: query ``t`` sees keys ``t' <= t`` (blocks aligned at 0).
     Returns ``out (Bb, Lq, Hs, D)`` in q.dtype and ``lse (Bb, Lq, Hs)`` fp32 (``-inf``
     for rows with no key).
     """
@@ -841,15 +823,6 @@ def triton_block_backward(
         return dq, dk, dv
     delta = _compute_delta(dout, out)
     launch = _Launch(Lq, Lk, 1, 0, 0, Hs)
-    if FUSE_DQ[D]:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        grads = (dq_acc, dk, dv)
-        _launch_backward(
-            dout, q, k, v, lse, delta, None, grads, grads, launch,
-            scale=scale, causal=causal, acc_in=False, which="dkdv", fuse_dq=True,
-        )  # fmt: skip
-        dq.copy_(dq_acc)
-        return dq, dk, dv
     grads = (dq, dk, dv)
     for which in ("dkdv", "dq"):
         _launch_backward(

@@ -153,12 +153,3 @@ def test_triton_block_ops(Lq, Lk, is_causal) -> None:
     _check("lse", lse, ref[1], low[1])
     for n, g, rg, lg in zip("qkv", grads, ref_g, low_g, strict=True):
         _check(f"d{n}", g, rg, lg)
-
-
-def test_triton_separate_dq_kernel(monkeypatch) -> None:
-    # The deterministic dQ kernel (no atomics), whichever path FUSE_DQ selects by default.
-    from dilated_attention_pytorch.backends import triton_kernels
-
-    monkeypatch.setitem(triton_kernels.FUSE_DQ, 64, not triton_kernels.FUSE_DQ[64])
-    B, N, H, D, ws, rs = CASES[0]
-    _compare(B, N, H, D, ws, rs, torch.bfloat16, is_causal=True, branch_mixing="softmax")
