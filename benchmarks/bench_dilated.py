@@ -110,10 +110,19 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
 
         return run
 
+    # "reference-flash": the reference backend forced onto PyTorch's flash op instead of
+    # cuDNN, to show what the reference's choice of kernel is worth.
+    name = "reference" if backend == "reference-flash" else backend
+    kernel_env = "flash" if backend == "reference-flash" else ""
+
     def run():
-        out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=backend)
-        if with_bwd:
-            out.backward(dout)
+        os.environ["DILATED_ATTENTION_REFERENCE_KERNEL"] = kernel_env
+        try:
+            out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=name)
+            if with_bwd:
+                out.backward(dout)
+        finally:
+            os.environ.pop("DILATED_ATTENTION_REFERENCE_KERNEL", None)
         return out
 
     return run
@@ -267,7 +276,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for i, D in enumerate(Ds):
         for j, mixing in enumerate(mixings):
             ax = axes[i][j]
-            for impl, style in (("triton", "o-"), ("reference", "s--")):
+            for impl, style in (("triton", "o-"), ("reference", "s--"), ("reference-flash", "x:")):
                 pts = sorted(
                     (r["N"], r["ms"])
                     for r in rows
@@ -312,6 +321,12 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128")
     parser.add_argument(
         "--sizes", default="15,17,19,20", help="log2 of the sequence lengths (default 32K..1M)"
+    )
+    parser.add_argument(
+        "--impls",
+        default="triton,reference",
+        help="dilated implementations to time; 'reference-flash' adds the reference backend "
+        "forced onto the flash op instead of cuDNN",
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -373,7 +388,7 @@ def main() -> None:
                 if N <= args.dense_max:
                     add(bench_one("dense", N, D, "dense", with_bwd))
                 for mixing in ("softmax", "head_split"):
-                    for impl in ("triton", "reference"):
+                    for impl in args.impls.split(","):
                         add(bench_one(impl, N, D, mixing, with_bwd))
     plot(
         rows,

@@ -95,6 +95,7 @@ def dilated_attention(
         dropout=dropout_p > 0.0,
         key_padding_mask=key_padding_mask is not None,
         plan=plan,
+        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
     )
     chosen = select_backend(backend, call)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0

@@ -30,6 +30,7 @@ class AttentionCall:
     dropout: bool
     key_padding_mask: bool
     plan: DilatedPlan
+    requires_grad: bool = False  # a backward will follow (grad mode on, an input needs grad)
 
 
 @dataclass
@@ -53,6 +54,14 @@ class Backend:
     def why_not(self, call: AttentionCall) -> list[str]:
         """Reasons this backend cannot run ``call``; empty when it can."""
         raise NotImplementedError
+
+    def auto_priority(self, call: AttentionCall) -> int:
+        """Rank of this backend for ``backend="auto"`` on ``call`` (higher is tried first).
+
+        Defaults to ``priority``; a backend overrides it where measurements show that
+        another backend is faster for some calls it supports.
+        """
+        return self.priority
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
@@ -106,7 +115,7 @@ def select_backend(name: str, call: AttentionCall) -> Backend:
         raise TypeError(f"backend must be a str, got {type(name).__name__} {name!r}.")
     if name == "auto":
         reasons: dict[str, list[str]] = {}
-        for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        for backend in sorted(_REGISTRY.values(), key=lambda b: -b.auto_priority(call)):
             why = backend.why_not(call)
             if not why:
                 logger.debug("backend='auto' chose %r for %s", backend.name, call)

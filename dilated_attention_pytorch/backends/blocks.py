@@ -4,8 +4,9 @@ These are the per-block primitives of the ``reference`` backend and of the ring:
 
 - ``math_*``: PyTorch matmuls, any device and dtype, key masks and dropout. Memory
   is bounded by chunking the batch of segments, never ``O(N^2)``.
-- ``flash_*``: PyTorch's flash-attention op (the kernel behind SDPA), on CUDA
-  for fp16/bf16. It reads the strided segment views in place and returns the LSE.
+- ``cudnn_*`` / ``flash_*``: PyTorch's cuDNN and flash-attention ops (the kernels
+  behind SDPA), on CUDA for fp16/bf16. They read the strided segment views in place
+  and return the LSE; cuDNN is preferred on Hopper and newer, where it is faster.
 
 All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hs, D)``,
 out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``causal`` means query ``t`` sees
@@ -16,6 +17,7 @@ the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradi
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -203,6 +205,73 @@ def flash_block_backward(
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether PyTorch's cuDNN attention op runs this block (Hopper or newer, fp16/bf16).
+
+    On an H200 it reads the same strided views as flash and is about 1.45x faster
+    forward and backward (benchmarks/results/reference_kernels_*.json), so it is the
+    reference's first choice. ``DILATED_ATTENTION_REFERENCE_KERNEL=flash`` disables it.
+    """
+    if os.environ.get("DILATED_ATTENTION_REFERENCE_KERNEL", "") == "flash":
+        return False
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim % 8 != 0 or head_dim > 128:
+        return False
+    if not (torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()):
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def cudnn_block_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's cuDNN attention op on strided views; ``out`` (q.dtype), ``lse`` (float32)."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False,
+        scale=scale,
+    )  # fmt: skip
+    lse = res[1]
+    if lse.dim() == 4:  # (Bb, Hs, Lq, 1)
+        lse = lse[..., 0]
+    return res[0].transpose(1, 2), lse.transpose(1, 2)
+
+
+def cudnn_block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's cuDNN attention backward fed with the final out/lse."""
+    lse_t = lse.transpose(1, 2).float()
+    lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t)
+    lse_t = lse_t.unsqueeze(-1).contiguous()  # (Bb, Hs, Lq, 1), the op's layout
+    philox = torch.zeros((), dtype=torch.int64, device=q.device)  # unused at p=0
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out.transpose(1, 2), lse_t, philox, philox, None, None, None, q.shape[1], k.shape[1],
+        0.0, causal, scale=scale,
+    )  # fmt: skip
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _fused_kernel(q: Tensor, key_keep: Tensor | None, dropout_p: float) -> str | None:
+    """The fused PyTorch kernel for a block: ``"cudnn"``, ``"flash"`` or None (math path)."""
+    if key_keep is not None or dropout_p != 0.0:
+        return None
+    if cudnn_usable(q.device, q.dtype, q.shape[-1]):
+        return "cudnn"
+    if not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1]):
+        return "flash"
+    return None
+
+
 def block_forward(
     q: Tensor,
     k: Tensor,
@@ -214,12 +283,11 @@ def block_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Flash when it can run the block, the math path otherwise."""
-    if (
-        key_keep is None
-        and dropout_p == 0.0
-        and not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
-    ):
+    """cuDNN or flash when one can run the block, the math path otherwise."""
+    kernel = _fused_kernel(q, key_keep, dropout_p)
+    if kernel == "cudnn":
+        return cudnn_block_forward(q, k, v, scale=scale, causal=causal)
+    if kernel == "flash":
         return flash_block_forward(q, k, v, scale=scale, causal=causal)
     return math_block_forward(
         q, k, v, scale=scale, causal=causal, key_keep=key_keep, dropout_p=dropout_p, seed=seed
@@ -241,22 +309,12 @@ def block_backward(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward matching :func:`block_forward`'s choice of path."""
-    if (
-        key_keep is None
-        and dropout_p == 0.0
-        and not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
-    ):
+    kernel = _fused_kernel(q, key_keep, dropout_p)
+    if kernel == "cudnn":
+        return cudnn_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+    if kernel == "flash":
         return flash_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
     return math_block_backward(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        scale=scale,
-        causal=causal,
-        key_keep=key_keep,
-        dropout_p=dropout_p,
-        seed=seed,
-    )
+        dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep,
+        dropout_p=dropout_p, seed=seed,
+    )  # fmt: skip

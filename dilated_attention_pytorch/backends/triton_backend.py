@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import AttentionCall, Backend, ForwardContext, register_backend
+from .blocks import cudnn_usable
 from .triton_kernels import dilated_backward, dilated_forward, interpreting
 
 # Head dims the kernels are compiled for (tl.arange needs a power of two; 16 is the
@@ -42,6 +43,23 @@ class TritonBackend(Backend):
                 "triton does not implement dropout; pass dropout_p=0.0 or use 'reference'"
             )
         return reasons
+
+    def auto_priority(self, call: AttentionCall) -> int:
+        # Measured on an H200 (benchmarks/results/dilated_bench_h200_20261121.json, LongNet
+        # config, N=1M, bf16): the forward is 1.2-1.6x faster than the reference, but for
+        # forward+backward with softmax mixing the reference on cuDNN is faster (triton at
+        # 0.97x for D=64, 0.85x for D=128). So "auto" hands those training calls to the
+        # reference; with head_split (1.02-1.16x), key padding masks (the reference then
+        # falls back to matmuls) or without cuDNN, triton stays first.
+        if (
+            call.requires_grad
+            and call.plan.branch_mixing == "softmax"
+            and not call.key_padding_mask
+            and call.device_type == "cuda"
+            and cudnn_usable(torch.device("cuda"), call.dtype, call.head_dim)
+        ):
+            return -1
+        return self.priority
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
