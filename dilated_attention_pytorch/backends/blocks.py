@@ -208,9 +208,10 @@ def flash_block_backward(
 def cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether PyTorch's cuDNN attention op runs this block (Hopper or newer, fp16/bf16).
 
-    On an H200 it reads the same strided views as flash and is about 1.45x faster
-    forward and backward (benchmarks/results/reference_kernels_*.json), so it is the
-    reference's first choice. ``DILATED_ATTENTION_REFERENCE_KERNEL=flash`` disables it.
+    On an H200 it reads the same strided views as flash and made the whole reference
+    backend 1.3-1.45x faster (the ``reference-flash`` rows of
+    benchmarks/results/dilated_bench_h200_20261121.json), so it is the reference's
+    first choice. ``DILATED_ATTENTION_REFERENCE_KERNEL=flash`` disables it.
     """
     if os.environ.get("DILATED_ATTENTION_REFERENCE_KERNEL", "") == "flash":
         return False
