@@ -145,16 +145,15 @@ def _step(
 ) -> tuple[float, int | None]:
     """Forward + backward; returns ``(seconds, peak bytes)``."""
     memory.start()
+    _forward_backward(layer, x)
+    peak = memory.stop()
+    # Time a second run. On CUDA the first call at a new N also builds the cuDNN plans
+    # (and compiles kernels) for the new shapes; on CPU the memory probe handed freed
+    # memory back to the OS, so the first run page-faulted it in again. A step in
+    # steady state pays neither.
     t0 = time.perf_counter()
     _forward_backward(layer, x)
     seconds = time.perf_counter() - t0
-    peak = memory.stop()
-    if x.device.type == "cpu":
-        # Time a second run: the memory probe handed freed memory back to the OS, so the
-        # first run page-faulted it in again, which a step in steady state does not pay.
-        t0 = time.perf_counter()
-        _forward_backward(layer, x)
-        seconds = time.perf_counter() - t0
     return seconds, peak
 
 
