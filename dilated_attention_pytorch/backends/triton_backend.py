@@ -12,7 +12,13 @@ from torch import Tensor
 
 from .base import AttentionCall, Backend, ForwardContext, register_backend
 from .blocks import cudnn_usable
-from .triton_kernels import dilated_backward, dilated_forward, interpreting
+from .triton_kernels import (
+    dilated_backward,
+    dilated_forward,
+    interpreting,
+    triton_block_backward,
+    triton_block_forward,
+)
 
 # Head dims the kernels are compiled for (tl.arange needs a power of two; 16 is the
 # smallest tl.dot operand).
@@ -97,6 +103,28 @@ class TritonBackend(Backend):
             causal=ctx.is_causal,
             key_padding_mask=_contiguous_mask(ctx.key_padding_mask),
         )
+
+
+    # Block ops for the ring (DESIGN.md section 3), the signatures of backends/blocks.py:
+    # q (Bb, Lq, Hs, D), k/v (Bb, Lk, Hs, D) -> out (Bb, Lq, Hs, D), lse (Bb, Lq, Hs).
+    def block_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        return triton_block_forward(q, k, v, scale=scale, causal=causal)
+
+    def block_backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        *,
+        scale: float,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return triton_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
 
 
 def _contiguous_mask(mask: Tensor | None) -> Tensor | None:

@@ -445,6 +445,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _patch_interpreter_index() -> None:
+    # Triton 3.6's interpreter turns scalar tensors into Python ints with
+    # int(ndarray of shape (1,)), which numpy >= 2.4 rejects, and the kernels' loop
+    # bounds need it. Take the single element explicitly instead. Only the interpreter
+    # (CPU tests) is touched; compiled kernels never go through this path.
+    import triton.runtime.interpreter as interp
+
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_dilated_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._dilated_patched = True  # type: ignore[attr-defined]
+    interp._patch_lang_tensor = patched
+
+
+if interpreting():
+    _patch_interpreter_index()
+
+
 # Measured on an H200 in bf16 (benchmarks/bench_dilated.py --tune, the fastest of a few
 # candidates per kernel, timed alone on LongNet's r = 1 branch at N = 256K); 16 and 32
 # are untuned. The benchmark can override entries to try others. The interpreter gets
@@ -617,7 +640,8 @@ class _Schedule:
 
 def _schedule(plan: DilatedPlan) -> _Schedule:
     H = plan.num_heads
-    items = [(b, *_branch_heads(b)) for b in plan.branches]
+    # In head_split mode with fewer heads than branches, some branches run no head.
+    items = [(b, *_branch_heads(b)) for b in plan.branches if b.head_groups]
     items = [it for it in items if it[2] > it[1]]
     count = [0] * H
     for _, start, stop in items:
