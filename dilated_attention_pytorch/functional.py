@@ -74,8 +74,8 @@ def dilated_attention(
 
     Returns:
         ``out`` of shape ``(B, N, H, D)`` in ``q.dtype``, or ``(out, lse)`` with
-        ``lse`` of shape ``(B, N, H)`` in float32 (float64 for float64 inputs), ``-inf``
-        where a query has no key. ``lse`` is not differentiable.
+        ``lse`` of shape ``(B, N, H)`` in float32, ``-inf`` where a query has no key.
+        ``lse`` is not differentiable.
 
     Notes:
         In ``"softmax"`` mode a head count smaller than the largest dilation rate
@@ -110,4 +110,6 @@ def dilated_attention(
     out, lse = _DilatedAttentionFunction.apply(
         token_major(q), token_major(k), token_major(v), chosen, fctx
     )
-    return (out, lse) if return_lse else out
+    # The LSE is returned in float32 whatever the input dtype (the autograd function keeps
+    # its float64 copy for float64 inputs, so gradients stay exact).
+    return (out, lse.float()) if return_lse else out

@@ -40,6 +40,10 @@ def check_qkv(q: object, k: object, v: object) -> None:
                 f"q, k and v must be on one device, got q on {q.device} and {name} on {t.device}; "
                 f"move them with .to(q.device)."
             )
+    if q.shape[-1] == 0:
+        raise ValueError(
+            f"head_dim (the last dim of q, k, v) must be >= 1, got shape {tuple(q.shape)}."
+        )
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"unsupported dtype {q.dtype}; expected one of {[str(d) for d in SUPPORTED_DTYPES]}."

@@ -49,6 +49,8 @@ def test_bad_tensors() -> None:
         dilated_attention(q, k, v.double(), [4], [1])
     with pytest.raises(ValueError, match=r"unsupported dtype torch.int64"):
         dilated_attention(q.long(), k.long(), v.long(), [4], [1])
+    with pytest.raises(ValueError, match=r"head_dim \(the last dim of q, k, v\) must be >= 1"):
+        dilated_attention(q[..., :0], k[..., :0], v[..., :0], [4], [1])
     with pytest.raises(ValueError, match="q, k and v must be on one device"):
         dilated_attention(q, k.to("meta"), v, [4], [1])
 

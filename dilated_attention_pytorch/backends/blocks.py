@@ -32,9 +32,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(batch: int, per_item: int) -> list[tuple[int, int]]:
-    step = max(1, _MAX_SCORE_ELEMENTS // max(1, per_item))
-    return [(i, min(batch, i + step)) for i in range(0, batch, step)]
+def _tiles(Bb: int, Lq: int, Hs: int, Lk: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, q0, q1)`` tiles whose score matrices hold at most ``_MAX_SCORE_ELEMENTS``.
+
+    Whole blocks are batched while they fit; a block whose ``Lq x Lk`` scores alone are
+    too large (a long segment with little dilation) is cut into query rows, so memory
+    stays bounded by ``max(_MAX_SCORE_ELEMENTS, Hs * Lk)``, never ``Lq x Lk``.
+    """
+    row = Hs * max(Lk, 1)
+    if Lq * row <= _MAX_SCORE_ELEMENTS:
+        step = max(1, _MAX_SCORE_ELEMENTS // max(1, Lq * row))
+        return [(a, min(Bb, a + step), 0, Lq) for a in range(0, Bb, step)]
+    rows = max(1, _MAX_SCORE_ELEMENTS // row)
+    return [(a, a + 1, q0, min(Lq, q0 + rows)) for a in range(Bb) for q0 in range(0, Lq, rows)]
 
 
 def _dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
@@ -44,13 +54,15 @@ def _dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.dev
 
 
 def _masked_scores(
-    q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None
+    q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None, q_start: int
 ) -> Tensor:
-    # q: (b, Hs, Lq, D), k: (b, Hs, Lk, D) -> (b, Hs, Lq, Lk)
+    # q: (b, Hs, lq, D) = query rows [q_start, q_start + lq) of the block, k: (b, Hs, Lk, D)
+    # -> scores (b, Hs, lq, Lk)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
-        Lq, Lk = scores.shape[-2], scores.shape[-1]
-        future = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1)
+        lq, Lk = scores.shape[-2], scores.shape[-1]
+        rows = torch.arange(q_start, q_start + lq, device=q.device)
+        future = torch.arange(Lk, device=q.device)[None, :] > rows[:, None]
         scores.masked_fill_(future, -math.inf)
     if key_keep is not None:
         scores.masked_fill_(~key_keep[:, None, None, :], -math.inf)
@@ -77,23 +89,20 @@ def math_block_forward(
     cdt = compute_dtype(q.dtype)
     out = torch.empty(Bb, Lq, Hs, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(Bb, Lq, Hs, dtype=cdt, device=q.device)
-    for ci, (a, b) in enumerate(_chunks(Bb, Hs * Lq * max(Lk, 1))):
-        qc = q[a:b].transpose(1, 2).to(cdt)
+    for ti, (a, b, q0, q1) in enumerate(_tiles(Bb, Lq, Hs, Lk)):
+        qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
         keep = None if key_keep is None else key_keep[a:b]
-        scores = _masked_scores(qc, kc, scale, causal, keep)
-        lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hs, Lq); -inf for empty rows
+        scores = _masked_scores(qc, kc, scale, causal, keep, q0)
+        lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hs, lq); -inf for empty rows
         finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         probs = torch.exp(scores - finite.unsqueeze(-1))
         if dropout_p > 0.0:
-            probs = (
-                probs
-                * _dropout_keep(probs.shape, dropout_p, seed + ci, q.device)
-                / (1.0 - dropout_p)
-            )
-        out[a:b] = torch.matmul(probs, vc).transpose(1, 2)
-        lse[a:b] = lse_c.transpose(1, 2)
+            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ti, q.device)
+            probs = probs * keep_mask / (1.0 - dropout_p)
+        out[a:b, q0:q1] = torch.matmul(probs, vc).transpose(1, 2)
+        lse[a:b, q0:q1] = lse_c.transpose(1, 2)
     return out, lse
 
 
@@ -116,33 +125,32 @@ def math_block_backward(
     Lk = k.shape[1]
     cdt = compute_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
-    dk = torch.empty(k.shape, dtype=cdt, device=q.device)
-    dv = torch.empty(v.shape, dtype=cdt, device=q.device)
-    for ci, (a, b) in enumerate(_chunks(Bb, Hs * Lq * max(Lk, 1))):
-        qc = q[a:b].transpose(1, 2).to(cdt)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    for ti, (a, b, q0, q1) in enumerate(_tiles(Bb, Lq, Hs, Lk)):
+        qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
-        doc = dout[a:b].transpose(1, 2).to(cdt)
-        oc = out[a:b].transpose(1, 2).to(cdt)
-        lse_c = lse[a:b].transpose(1, 2).to(cdt)
+        doc = dout[a:b, q0:q1].transpose(1, 2).to(cdt)
+        oc = out[a:b, q0:q1].transpose(1, 2).to(cdt)
+        lse_c = lse[a:b, q0:q1].transpose(1, 2).to(cdt)
         # A row nobody attends has lse -inf: use +inf so its probabilities are 0, not inf.
         lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         keep = None if key_keep is None else key_keep[a:b]
-        probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep) - lse_c.unsqueeze(-1))
+        probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep, q0) - lse_c.unsqueeze(-1))
         dprobs = torch.matmul(doc, vc.transpose(-1, -2))
         if dropout_p > 0.0:
-            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ci, q.device) / (
-                1.0 - dropout_p
-            )
+            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ti, q.device)
+            keep_mask = keep_mask / (1.0 - dropout_p)
             dv_c = torch.matmul((probs * keep_mask).transpose(-1, -2), doc)
             dprobs = dprobs * keep_mask
         else:
             dv_c = torch.matmul(probs.transpose(-1, -2), doc)
         delta = (doc * oc).sum(dim=-1, keepdim=True)  # rowsum(dO * O) of the *final* output
         dscores = probs * (dprobs - delta)
-        dq[a:b] = (torch.matmul(dscores, kc) * scale).transpose(1, 2)
-        dk[a:b] = (torch.matmul(dscores.transpose(-1, -2), qc) * scale).transpose(1, 2)
-        dv[a:b] = dv_c.transpose(1, 2)
+        dq[a:b, q0:q1] = (torch.matmul(dscores, kc) * scale).transpose(1, 2)
+        dk[a:b] += (torch.matmul(dscores.transpose(-1, -2), qc) * scale).transpose(1, 2)
+        dv[a:b] += dv_c.transpose(1, 2)
     return dq, dk, dv
 
 
