@@ -108,17 +108,8 @@ class RingDilatedAttention(DilatedAttention):
         Returns:
             ``(B, N/k, H, D)`` in ``q.dtype``.
         """
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is not supported by ring attention; mask padded positions "
-                "in the loss instead, or use DilatedAttention on one device."
-            )
-        if self.training and self.dropout > 0.0:
-            raise ValueError(
-                f"dropout={self.dropout} is not supported by ring attention in training mode: "
-                f"the ring cannot reproduce the attention-probability dropout of the "
-                f"single-device module; construct it with dropout=0.0 (or call .eval())."
-            )
+        # Unsupported options are checked inside the collective validation, so that a
+        # mask or dropout on one rank makes every rank raise instead of hanging the others.
         return ring_dilated_attention(
             q,
             k,
@@ -130,6 +121,8 @@ class RingDilatedAttention(DilatedAttention):
             branch_mixing=self.branch_mixing,
             scale=self.scale,
             backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
+            key_padding_mask=key_padding_mask,
         )
 
     def extra_repr(self) -> str:

@@ -202,8 +202,10 @@ BAD_CASES: dict[str, str] = {
     "dilation-larger-than-segment": r"invalid input on rank\(s\) \[0, 1\].*dilation rate 8 is larger than its segment length 4",
     "unknown-backend": r"unknown backend 'nope'",
     "ring-size-mismatch": r"ring_size=3 does not match the process group, which has 2 ranks",
-    "dropout-in-training": r"dropout=0.1 is not supported by ring attention in training mode",
-    "key-padding-mask": r"key_padding_mask is not supported by ring attention",
+    "dropout-in-training": r"invalid input on rank\(s\) \[0, 1\].*dropout_p=0.1 is not supported by ring attention",
+    "key-padding-mask": r"invalid input on rank\(s\) \[0, 1\].*key_padding_mask is not supported by ring attention",
+    "key-padding-mask-on-one-rank": r"invalid input on rank\(s\) \[1\].*key_padding_mask is not supported",
+    "dropout-on-one-rank": r"invalid input on rank\(s\) \[0\].*dropout_p=0.2 is not supported",
 }
 
 
@@ -242,6 +244,11 @@ def _bad_call(name: str, rank: int) -> None:
     elif name == "key-padding-mask":
         mask = torch.zeros(1, 16, dtype=torch.bool)
         RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask)
+    elif name == "key-padding-mask-on-one-rank":
+        mask = torch.zeros(1, 16, dtype=torch.bool) if rank == 1 else None
+        RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask)
+    elif name == "dropout-on-one-rank":
+        ring_dilated_attention(*qkv(), segs, rates, dropout_p=0.2 if rank == 0 else 0.0)
     else:
         raise AssertionError(name)
 
@@ -254,8 +261,11 @@ def _bad_worker(rank: int, world_size: int, names: list[str]) -> dict[str, str |
             raised[name] = None
         except ValueError as exc:
             raised[name] = str(exc)
-    # The group still works after all those errors: a real ring call succeeds.
-    ring_dilated_attention(*(torch.randn(1, 16, 4, 8) for _ in range(3)), [32], [1])
+    # The group still works after all those errors: a real ring call succeeds, also with
+    # scale=1 on one rank and scale=1.0 on the other (the same setting).
+    ring_dilated_attention(
+        *(torch.randn(1, 16, 4, 8) for _ in range(3)), [32], [1], scale=1 if rank else 1.0
+    )
     return raised
 
 
@@ -272,7 +282,7 @@ def test_bad_input_raises_on_every_rank(
     for rank, message in enumerate(messages):
         assert message is not None, f"rank {rank} did not raise for {name}"
         assert re.search(BAD_CASES[name], message, flags=re.S), f"rank {rank}: {message}"
-    if name not in ("ring-size-mismatch", "dropout-in-training", "key-padding-mask"):
+    if name != "ring-size-mismatch":
         # Collective checks: every rank raises the very same text, naming the ranks.
         assert len({m.replace(f"this is rank {r};", "") for r, m in enumerate(messages)}) == 1
 

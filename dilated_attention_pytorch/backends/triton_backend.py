@@ -104,7 +104,6 @@ class TritonBackend(Backend):
             key_padding_mask=_contiguous_mask(ctx.key_padding_mask),
         )
 
-
     # Block ops for the ring (DESIGN.md section 3), the signatures of backends/blocks.py:
     # q (Bb, Lq, Hs, D), k/v (Bb, Lk, Hs, D) -> out (Bb, Lq, Hs, D), lse (Bb, Lq, Hs).
     def block_forward(

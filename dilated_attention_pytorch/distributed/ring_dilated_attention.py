@@ -524,6 +524,8 @@ def ring_dilated_attention(
     branch_mixing: str = "softmax",
     scale: float | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Dilated attention on a sequence sharded over the ranks of ``group``.
 
@@ -546,8 +548,12 @@ def ring_dilated_attention(
         is_causal: query ``p`` only sees keys ``p' <= p`` (global positions).
         branch_mixing: ``"softmax"`` or ``"head_split"``, as in ``dilated_attention``.
         scale: score scale, default ``D ** -0.5``.
-        backend: block kernel: ``"auto"`` or a backend exposing block ops
-            (``"reference"``: flash on CUDA fp16/bf16, chunked matmuls otherwise).
+        backend: block kernel: ``"auto"`` (the reference blocks: cuDNN or flash on CUDA
+            fp16/bf16, chunked matmuls otherwise) or a backend exposing block ops
+            (``"reference"``, ``"triton"``).
+        dropout_p, key_padding_mask: accepted for symmetry with ``dilated_attention``
+            but not supported over the ring: anything but ``0.0`` / ``None`` raises a
+            ``ValueError`` on every rank.
 
     Returns:
         ``(B, N/k, H, D)`` in ``q.dtype``: this rank's shard of the output.
@@ -569,6 +575,8 @@ def ring_dilated_attention(
         is_causal=is_causal,
         scale=scale,
         backend=backend,
+        dropout_p=dropout_p,
+        key_padding_mask=key_padding_mask,
     )  # fmt: skip
     _, L, _, D = q.shape
     call = AttentionCall(

@@ -101,6 +101,8 @@ def check_ring_call(
     is_causal: object,
     scale: object,
     backend: object,
+    dropout_p: object = 0.0,
+    key_padding_mask: object = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -113,6 +115,17 @@ def check_ring_call(
     try:
         check_qkv(q, k, v)
         check_scalars(scale=scale, dropout_p=0.0, is_causal=is_causal)
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is not supported by ring attention; mask padded positions "
+                "out of the loss instead, or use single-device dilated_attention."
+            )
+        if dropout_p != 0.0:
+            raise ValueError(
+                f"dropout_p={dropout_p} is not supported by ring attention: the ring cannot "
+                f"reproduce the attention-probability dropout of the single-device module; "
+                f"pass dropout_p=0.0 (modules: dropout=0.0, or call .eval())."
+            )
         assert isinstance(q, Tensor)
         if q.shape[1] == 0:
             raise ValueError(
@@ -126,7 +139,8 @@ def check_ring_call(
             _DTYPE_CODES[q.dtype],
             _DEVICE_CODES.get(q.device.type, 3),
             _fingerprint(
-                tuple(segment_lengths), tuple(dilation_rates), branch_mixing, is_causal, scale,
+                tuple(segment_lengths), tuple(dilation_rates), branch_mixing, is_causal,
+                None if scale is None else float(scale),  # scale=1 and scale=1.0 agree
                 backend,
             ),
         ]  # fmt: skip
