@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .distributed import ring_dilated_attention
 from .distributed.validation import resolve_group
+from .factory import register_attention_kind
 from .modules import DilatedAttention, MultiheadDilatedAttention
 
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
@@ -191,3 +192,30 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     ) -> Tensor:
         """Ring attention on local shards: ``(B, N/k, H, D)`` q, k, v -> ``(B, N/k, H, D)``."""
         return self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+
+
+def _distributed_not_ready() -> str | None:
+    if not dist.is_available() or not dist.is_initialized():
+        return (
+            "torch.distributed is not initialized; call torch.distributed.init_process_group() "
+            "(e.g. under torchrun) first"
+        )
+    return None
+
+
+# Never chosen by kind="auto": a ring module takes the local shard of the sequence, which
+# changes what the caller must pass, so it is only built when asked for by name.
+register_attention_kind(
+    "ring",
+    RingDilatedAttention,
+    multihead=False,
+    why_not=_distributed_not_ready,
+    description="ring (sequence-parallel) dilated attention on local shards (RingDilatedAttention)",
+)
+register_attention_kind(
+    "ring_multihead",
+    RingMultiheadDilatedAttention,
+    multihead=True,
+    why_not=_distributed_not_ready,
+    description="ring multi-head dilated attention on the local shard of x (RingMultiheadDilatedAttention)",
+)

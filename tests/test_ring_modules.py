@@ -63,9 +63,13 @@ def _plain(rank: int, world_size: int) -> dict[str, Any]:
     want = DilatedAttention(SEGMENTS, DILATIONS)(q, k, v, is_causal=True)
     ring = StandardRingAttention(SEGMENTS, DILATIONS, ring_size=world_size).eval()
     got = ring(*(shard_sequence(t) for t in (q, k, v)), is_causal=True)
+    from dilated_attention_pytorch import create_dilated_attention
+
+    built = create_dilated_attention("ring", segment_lengths=SEGMENTS, dilation_rates=DILATIONS)
     return {
         "out": (got, shard_sequence(want)),
         "alias": StandardRingAttention is RingDilatedAttention,
+        "factory": type(built) is RingDilatedAttention,
     }
 
 
@@ -96,6 +100,16 @@ def test_ring_dilated_attention_module(results: list[dict[str, Any]]) -> None:
     for res in results:
         torch.testing.assert_close(*res["plain"]["out"], **TOL)
         assert res["plain"]["alias"]
+        assert res["plain"]["factory"]  # create_dilated_attention("ring", ...) under dist
+
+
+def test_factory_ring_kind_needs_an_initialized_process_group() -> None:
+    from dilated_attention_pytorch import create_multihead_dilated_attention
+
+    with pytest.raises(ValueError, match="kind 'ring_multihead' cannot be built here: torch"):
+        create_multihead_dilated_attention(
+            "ring_multihead", embed_dim=32, num_heads=4, segment_lengths=[8], dilation_rates=[1]
+        )
 
 
 def test_ring_module_without_process_group_raises() -> None:
