@@ -157,6 +157,8 @@ def test_why_not_reasons(monkeypatch) -> None:
     assert backend.why_not(_call()) == []
     assert backend.why_not(_call(dtype=torch.float16)) == []
     assert backend.why_not(_call(device_type="cpu", dtype=torch.float32)) == []  # interpreter
+    cpu_bf16 = backend.why_not(_call(device_type="cpu", dtype=torch.bfloat16))
+    assert any("float32 only" in r for r in cpu_bf16)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert any("CUDA" in r for r in backend.why_not(_call(device_type="cpu")))
     assert any("float16/bfloat16" in r for r in backend.why_not(_call(dtype=torch.float32)))

@@ -42,6 +42,13 @@ class TritonBackend(Backend):
                 f"triton needs float16/bfloat16 inputs, got {call.dtype} (fp32 matmuls would run "
                 f"in tf32; use backend='reference' for full fp32/fp64 precision)"
             )
+        if interpret and call.device_type == "cpu" and call.dtype != torch.float32:
+            # Seen with Triton 3.6: its CPU interpreter returns wrong bf16 dot products even
+            # for a minimal kernel, so CPU runs are limited to float32.
+            reasons.append(
+                f"under TRITON_INTERPRET=1 on CPU triton runs float32 only (the interpreter "
+                f"mis-computes low-precision dots), got {call.dtype}"
+            )
         if call.head_dim not in SUPPORTED_HEAD_DIMS:
             reasons.append(f"triton needs head_dim in {SUPPORTED_HEAD_DIMS}, got {call.head_dim}")
         if call.dropout:
