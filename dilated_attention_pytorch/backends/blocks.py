@@ -166,6 +166,16 @@ def flash_supported_reasons(device_type: str, dtype: torch.dtype, head_dim: int)
     return reasons
 
 
+def _head_major_lse(lse: Tensor) -> Tensor:
+    """``(Bb, Lq, Hs)`` LSE -> contiguous float32 ``(Bb, Hs, Lq)`` for PyTorch's kernels.
+
+    A row nobody attends has LSE ``-inf``; it becomes ``+inf`` so that the backward's
+    probabilities ``exp(S - lse)`` are 0 instead of ``inf``.
+    """
+    lse_t = lse.transpose(1, 2).float()
+    return torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t).contiguous()
+
+
 def flash_block_forward(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -188,8 +198,7 @@ def flash_block_backward(
     causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PyTorch's flash backward fed with the final out/lse; returns grads in q.dtype."""
-    lse_t = lse.transpose(1, 2).float()
-    lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t).contiguous()
+    lse_t = _head_major_lse(lse)
     # Dense (non-varlen) call: no cumulative lengths; the philox state is unused at p=0.
     philox_seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=q.device)
@@ -258,9 +267,7 @@ def cudnn_block_backward(
     causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PyTorch's cuDNN attention backward fed with the final out/lse."""
-    lse_t = lse.transpose(1, 2).float()
-    lse_t = torch.where(torch.isinf(lse_t), torch.full_like(lse_t, math.inf), lse_t)
-    lse_t = lse_t.unsqueeze(-1).contiguous()  # (Bb, Hs, Lq, 1), the op's layout
+    lse_t = _head_major_lse(lse).unsqueeze(-1)  # (Bb, Hs, Lq, 1), the op's layout
     philox = torch.zeros((), dtype=torch.int64, device=q.device)  # unused at p=0
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
