@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .backends import get_backend
 from .functional import dilated_attention
 from .plan import check_branch_mixing, validate_branches
-from .validation import check_scalars
+from .validation import check_probability, check_scalars
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
 
@@ -30,13 +30,7 @@ def check_backend_name(backend: object) -> str:
 
 def check_dropout(dropout: object) -> float:
     """``dropout`` must be a float in ``[0, 1)``; returns it as a float."""
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(
-            f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}."
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}; use 0.0 to disable it.")
-    return float(dropout)
+    return check_probability("dropout", dropout)
 
 
 def check_head_split(embed_dim: object, num_heads: object) -> int:

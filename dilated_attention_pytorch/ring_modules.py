@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .distributed import ring_dilated_attention
-from .distributed.validation import resolve_group
+from .distributed.validation import distributed_not_ready, resolve_group
 from .factory import register_attention_kind
 from .modules import DilatedAttention, MultiheadDilatedAttention
 
@@ -194,28 +194,19 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         return self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
 
 
-def _distributed_not_ready() -> str | None:
-    if not dist.is_available() or not dist.is_initialized():
-        return (
-            "torch.distributed is not initialized; call torch.distributed.init_process_group() "
-            "(e.g. under torchrun) first"
-        )
-    return None
-
-
 # Never chosen by kind="auto": a ring module takes the local shard of the sequence, which
 # changes what the caller must pass, so it is only built when asked for by name.
 register_attention_kind(
     "ring",
     RingDilatedAttention,
     multihead=False,
-    why_not=_distributed_not_ready,
+    why_not=distributed_not_ready,
     description="ring (sequence-parallel) dilated attention on local shards (RingDilatedAttention)",
 )
 register_attention_kind(
     "ring_multihead",
     RingMultiheadDilatedAttention,
     multihead=True,
-    why_not=_distributed_not_ready,
+    why_not=distributed_not_ready,
     description="ring multi-head dilated attention on the local shard of x (RingMultiheadDilatedAttention)",
 )

@@ -71,16 +71,22 @@ def check_key_padding_mask(mask: object, q: Tensor) -> None:
         raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}.")
 
 
+def check_probability(name: str, value: object) -> float:
+    """A drop probability in ``[0, 1)``; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}.")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}; use 0.0 to disable it.")
+    return float(value)
+
+
 def check_scalars(*, scale: object, dropout_p: object, is_causal: object) -> None:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}.")
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float, got {scale}.")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}.")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
+    check_probability("dropout_p", dropout_p)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
 

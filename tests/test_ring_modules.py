@@ -106,7 +106,10 @@ def test_ring_dilated_attention_module(results: list[dict[str, Any]]) -> None:
 def test_factory_ring_kind_needs_an_initialized_process_group() -> None:
     from dilated_attention_pytorch import create_multihead_dilated_attention
 
-    with pytest.raises(ValueError, match="kind 'ring_multihead' cannot be built here: torch"):
+    with pytest.raises(
+        ValueError,
+        match="kind 'ring_multihead' cannot be built here: ring attention needs torch.distributed",
+    ):
         create_multihead_dilated_attention(
             "ring_multihead", embed_dim=32, num_heads=4, segment_lengths=[8], dilation_rates=[1]
         )

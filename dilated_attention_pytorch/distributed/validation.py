@@ -29,13 +29,21 @@ _OK, _B, _L, _H, _D, _DTYPE, _DEVICE, _FINGERPRINT = range(8)
 _META_LEN = 8
 
 
+def distributed_not_ready() -> str | None:
+    """Why ring attention cannot run in this process yet, or ``None`` when it can."""
+    if not dist.is_available() or not dist.is_initialized():
+        return (
+            "ring attention needs torch.distributed: call torch.distributed.init_process_group "
+            "(e.g. launch with torchrun) first, or use dilated_attention on one device"
+        )
+    return None
+
+
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """``group`` or WORLD; raises a clear error when torch.distributed is not set up."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
-            "ring attention needs torch.distributed: call torch.distributed.init_process_group "
-            "(e.g. launch with torchrun) first, or use dilated_attention on one device."
-        )
+    reason = distributed_not_ready()
+    if reason is not None:
+        raise ValueError(reason + ".")
     group = dist.group.WORLD if group is None else group
     if dist.get_rank(group) < 0:
         raise ValueError(
