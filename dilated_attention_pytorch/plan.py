@@ -1,6 +1,7 @@
 """The plan: which heads run which branch, with which token offset.
 
-Pure Python, no torch. Every backend and the ring consume a :class:`DilatedPlan`;
+Pure Python, no torch. FLOP counts of a plan live here too, so that benchmarks and
+memory estimates count the same work. Every backend and the ring consume a :class:`DilatedPlan`;
 nobody re-derives head offsets (DESIGN.md section 2.1).
 
 A *branch* is a pair ``(w, r)``: segment length ``w`` and dilation rate ``r``.
@@ -22,8 +23,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-BRANCH_MIXINGS = ("softmax", "head_split")
-
+from .validation import check_branch_mixing, check_positive_int, validate_branches
 
 @dataclass(frozen=True)
 class HeadGroup:
@@ -89,68 +89,6 @@ def num_dilated_positions(length: int, dilation_rate: int, offset: int) -> int:
     return (length - offset + dilation_rate - 1) // dilation_rate
 
 
-def _check_int_list(name: str, values: object) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(
-            f"{name} must be a list or tuple of positive ints, got {type(values).__name__} "
-            f"{values!r}; pass e.g. {name}=[2048, 4096]."
-        )
-    out = []
-    for i, v in enumerate(values):
-        # bool is an int subclass; reject it explicitly.
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(
-                f"{name}[{i}] must be an int, got {type(v).__name__} {v!r}; "
-                f"convert it with int() or fix the config."
-            )
-        if v <= 0:
-            raise ValueError(
-                f"{name}[{i}] must be a positive int, got {v}; every segment length and "
-                f"dilation rate must be >= 1."
-            )
-        out.append(int(v))
-    return tuple(out)
-
-
-def validate_branches(
-    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Check the branch lists of DESIGN.md section 1 and return them as int tuples.
-
-    Raises:
-        TypeError: a list is not a sequence of ints.
-        ValueError: an empty list, unequal lengths, a non-positive value or ``r > w``.
-    """
-    ws = _check_int_list("segment_lengths", segment_lengths)
-    rs = _check_int_list("dilation_rates", dilation_rates)
-    if len(ws) == 0 or len(rs) == 0:
-        raise ValueError(
-            f"segment_lengths and dilation_rates must be non-empty, got {list(ws)} and "
-            f"{list(rs)}; give at least one branch, e.g. segment_lengths=[N], dilation_rates=[1]."
-        )
-    if len(ws) != len(rs):
-        raise ValueError(
-            f"segment_lengths and dilation_rates must have the same length (one dilation rate "
-            f"per segment length), got {len(ws)} segment lengths {list(ws)} and {len(rs)} "
-            f"dilation rates {list(rs)}."
-        )
-    for i, (w, r) in enumerate(zip(ws, rs)):
-        if r > w:
-            raise ValueError(
-                f"branch {i}: dilation rate {r} is larger than its segment length {w}; "
-                f"each dilation rate must satisfy 1 <= r <= w."
-            )
-    return ws, rs
-
-
-def check_branch_mixing(branch_mixing: object) -> str:
-    if branch_mixing not in BRANCH_MIXINGS:
-        raise ValueError(
-            f"branch_mixing must be one of {list(BRANCH_MIXINGS)}, got {branch_mixing!r}."
-        )
-    return branch_mixing  # type: ignore[return-value]
-
-
 def make_plan(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
@@ -165,9 +103,7 @@ def make_plan(
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}.")
-    return _make_plan_cached(ws, rs, int(num_heads), mixing)
+    return _make_plan_cached(ws, rs, check_positive_int("num_heads", num_heads), mixing)
 
 
 @functools.lru_cache(maxsize=256)
@@ -190,3 +126,45 @@ def _make_plan_cached(
             branches.append(Branch(w, r, groups))
             start = stop
     return DilatedPlan(ws, rs, num_heads, mixing, tuple(branches))
+
+
+def segment_lengths_of(seq_len: int, segment_length: int) -> list[int]:
+    """Lengths of the segments of a ``seq_len``-token sequence (the last may be shorter)."""
+    full, rest = divmod(seq_len, segment_length)
+    return [segment_length] * full + ([rest] if rest else [])
+
+
+def attended_pairs(plan: DilatedPlan, seq_len: int, *, is_causal: bool = False) -> int:
+    """``(query, key, head)`` triples the plan attends per batch element.
+
+    Counted with multiplicity across branches (a pair two branches share counts twice,
+    as both compute it). For branch ``(w, r)`` and a head with offset ``o``, a segment
+    of ``s`` tokens holds ``L = num_dilated_positions(s, r, o)`` positions and attends
+    ``L**2`` pairs, ``L (L + 1) / 2`` when causal.
+    """
+    total = 0
+    for branch in plan.branches:
+        lengths = segment_lengths_of(seq_len, branch.segment_length)
+        for group in branch.head_groups:
+            for length in lengths:
+                n = num_dilated_positions(length, branch.dilation_rate, group.offset)
+                total += group.num_heads * (n * (n + 1) // 2 if is_causal else n * n)
+    return total
+
+
+def attention_flops(
+    plan: DilatedPlan,
+    seq_len: int,
+    head_dim: int,
+    *,
+    batch: int = 1,
+    is_causal: bool = False,
+    backward: bool = False,
+) -> float:
+    """Useful FLOPs of one call: ``4 * D`` per attended pair (``QK^T`` and ``PV``).
+
+    With ``backward=True``, forward plus backward: ``3.5x`` the forward (the backward
+    does five of the forward's two matmuls per pair, flash-attention's convention).
+    """
+    forward = 4.0 * head_dim * batch * attended_pairs(plan, seq_len, is_causal=is_causal)
+    return 3.5 * forward if backward else forward

@@ -1,13 +1,164 @@
-"""Up-front checks of an attention call, with messages that say what to fix."""
+"""Every argument check of the library, with messages that say what to fix.
+
+One rule throughout: a value of the wrong *type* raises ``TypeError``, a value of
+the right type but outside what is allowed raises ``ValueError``. Each message says
+what was expected, what arrived and how to fix it.
+
+This module imports nothing else from the package, so every layer (plan, backends,
+functional, modules, config, factory, ring) can use it.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BRANCH_MIXINGS = ("softmax", "head_split")
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """A positive ``int`` (``bool`` is rejected although it is an int subclass)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}.")
+    return int(value)
+
+
+def check_optional_positive_int(name: str, value: object) -> int | None:
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A positive finite ``float`` (ints accepted, ``bool`` rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {value}.")
+    return float(value)
+
+
+def check_probability(name: str, value: object) -> float:
+    """A drop probability in ``[0, 1)``; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}.")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}; use 0.0 to disable it.")
+    return float(value)
+
+
+def check_scale(scale: object) -> float | None:
+    """``None`` (meaning ``D ** -0.5``) or a positive finite float."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}.")
+    return check_positive_float("scale", scale)
+
+
+def check_scalars(*, scale: object, dropout_p: object, is_causal: object) -> None:
+    """The scalar options of an attention call."""
+    check_scale(scale)
+    check_probability("dropout_p", dropout_p)
+    check_bool("is_causal", is_causal)
+
+
+def check_dropout(dropout: object) -> float:
+    """A module's ``dropout``: a float in ``[0, 1)``."""
+    return check_probability("dropout", dropout)
+
+
+def check_gamma_init(gamma_init: object) -> float:
+    return check_positive_float("gamma_init", gamma_init)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r}."
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+# --------------------------------------------------------------------------- branches
+
+
+def check_int_list(name: str, values: object) -> tuple[int, ...]:
+    """A list or tuple of positive ints, returned as a tuple."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(
+            f"{name} must be a list or tuple of positive ints, got {type(values).__name__} "
+            f"{values!r}; pass e.g. {name}=[2048, 4096]."
+        )
+    out = []
+    for i, v in enumerate(values):
+        # bool is an int subclass; reject it explicitly.
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(
+                f"{name}[{i}] must be an int, got {type(v).__name__} {v!r}; "
+                f"convert it with int() or fix the config."
+            )
+        if v <= 0:
+            raise ValueError(
+                f"{name}[{i}] must be a positive int, got {v}; every segment length and "
+                f"dilation rate must be >= 1."
+            )
+        out.append(int(v))
+    return tuple(out)
+
+
+def validate_branches(
+    segment_lengths: object, dilation_rates: object
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check the branch lists ``(w_i)``, ``(r_i)`` and return them as int tuples.
+
+    Raises:
+        TypeError: a list is not a sequence of ints.
+        ValueError: an empty list, unequal lengths, a non-positive value or ``r > w``.
+    """
+    ws = check_int_list("segment_lengths", segment_lengths)
+    rs = check_int_list("dilation_rates", dilation_rates)
+    if len(ws) == 0 or len(rs) == 0:
+        raise ValueError(
+            f"segment_lengths and dilation_rates must be non-empty, got {list(ws)} and "
+            f"{list(rs)}; give at least one branch, e.g. segment_lengths=[N], dilation_rates=[1]."
+        )
+    if len(ws) != len(rs):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length (one dilation rate "
+            f"per segment length), got {len(ws)} segment lengths {list(ws)} and {len(rs)} "
+            f"dilation rates {list(rs)}."
+        )
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        if r > w:
+            raise ValueError(
+                f"branch {i}: dilation rate {r} is larger than its segment length {w}; "
+                f"each dilation rate must satisfy 1 <= r <= w."
+            )
+    return ws, rs
+
+
+def check_branch_mixing(branch_mixing: object) -> str:
+    return check_choice("branch_mixing", branch_mixing, BRANCH_MIXINGS)
+
+
+# --------------------------------------------------------------------------- tensors
 
 
 def check_qkv(q: object, k: object, v: object) -> None:
@@ -71,28 +222,50 @@ def check_key_padding_mask(mask: object, q: Tensor) -> None:
         raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}.")
 
 
-def check_probability(name: str, value: object) -> float:
-    """A drop probability in ``[0, 1)``; returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}.")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}; use 0.0 to disable it.")
-    return float(value)
+def check_embedding_input(name: str, x: object, embed_dim: int) -> Tensor:
+    """A multi-head layer's input: a ``(B, N, E)`` tensor with ``E == embed_dim``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (B, N, E), got {type(x).__name__}."
+        )
+    if x.dim() != 3 or x.shape[-1] != embed_dim:
+        raise ValueError(
+            f"{name} must have shape (B, N, E) with E = embed_dim = {embed_dim} "
+            f"(batch-first), got {tuple(x.shape)}; if your tensor is (N, B, E), pass "
+            f"{name}.transpose(0, 1)."
+        )
+    return x
 
 
-def check_scalars(*, scale: object, dropout_p: object, is_causal: object) -> None:
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}.")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a positive finite float, got {scale}.")
-    check_probability("dropout_p", dropout_p)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
+# --------------------------------------------------------------------------- modules
 
 
-def token_major(x: Tensor) -> Tensor:
-    """``x`` itself when segment views can read it in place, else a contiguous copy."""
-    from .segments import has_token_major_layout
+def check_head_split(embed_dim: object, num_heads: object) -> int:
+    """``embed_dim`` and ``num_heads`` positive ints, ``embed_dim % num_heads == 0``; returns head_dim."""
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value}.")
+    assert isinstance(embed_dim, int) and isinstance(num_heads, int)
+    if embed_dim % num_heads != 0:
+        raise ValueError(
+            f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
+            f"num_heads={num_heads} (head_dim would be {embed_dim / num_heads:g}); choose "
+            f"num_heads among the divisors of embed_dim."
+        )
+    return embed_dim // num_heads
 
-    return x if has_token_major_layout(x) else x.contiguous()
+
+def check_backend_name(backend: object, valid: Sequence[str]) -> str:
+    """``"auto"`` or one of the registered backend names ``valid``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}.")
+    if backend != "auto" and backend not in valid:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are {['auto', *valid]}.")
+    return backend
+
+
+def check_ring_size(ring_size: object) -> int | None:
+    """``None`` (the whole process group) or a positive int."""
+    return check_optional_positive_int("ring_size", ring_size)

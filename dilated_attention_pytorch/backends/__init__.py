@@ -1,21 +1,29 @@
-"""Backends: each computes a plan's branches and says why it cannot run a call."""
+"""Backends: each declares what it supports and computes a plan's branches.
+
+``available_backends()`` lists the registered ones: ``"triton"`` (fused kernels, CUDA,
+registered when Triton is installed) and ``"pytorch"`` (PyTorch ops, any device).
+"""
 
 from .base import (
     AttentionCall,
     Backend,
+    BlockOps,
+    Capabilities,
     ForwardContext,
     available_backends,
     get_backend,
     register_backend,
     select_backend,
 )
-from .reference import ReferenceBackend
+from .pytorch import PyTorchBackend
 
 __all__ = [
     "AttentionCall",
     "Backend",
+    "BlockOps",
+    "Capabilities",
     "ForwardContext",
-    "ReferenceBackend",
+    "PyTorchBackend",
     "available_backends",
     "get_backend",
     "register_backend",
@@ -23,6 +31,6 @@ __all__ = [
 ]
 
 try:  # the triton backend registers itself on import; absent when triton is not installed
-    from . import triton_backend  # noqa: F401
+    from . import triton  # noqa: F401
 except ImportError:
     pass

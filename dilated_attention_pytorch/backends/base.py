@@ -1,20 +1,26 @@
-"""Backend protocol and registry (xformers-style: each backend says why it cannot run).
+"""Backend protocol and registry (xformers-style: each backend declares what it supports).
 
 A backend computes one plan's branches for local tensors and returns
 ``(out, lse)``; its backward takes ``(dout, q, k, v, out, lse)`` where ``out`` and
 ``lse`` are the *final mixed* output and log-sum-exp, so the gradient is the exact
-gradient of the joint softmax (DESIGN.md section 1).
+gradient of the joint softmax over every branch's keys.
+
+What a backend supports is data (:class:`Capabilities`): the base class turns it
+into the reasons a call cannot run, and a backend adds only reasons of its own by
+extending :meth:`Backend.why_not`. The tests are generated from the same data.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..plan import DilatedPlan
+from ..validation import check_backend_name
 
 logger = logging.getLogger("dilated_attention_pytorch")
 
@@ -45,15 +51,91 @@ class ForwardContext:
     seed: int = 0  # dropout seed, drawn once per forward so backward regenerates the same mask
 
 
+@dataclass(frozen=True)
+class BlockOps:
+    """A backend's attention of one block of queries against one block of keys.
+
+    The ring (sequence parallelism) calls these for each block it receives.
+    ``forward(q, k, v, *, scale, causal) -> (out, lse)`` with q ``(Bb, Lq, Hs, D)``,
+    k/v ``(Bb, Lk, Hs, D)``, out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``;
+    ``backward(dout, q, k, v, out, lse, *, scale, causal) -> (dq, dk, dv)`` given the
+    *final* merged out/lse. ``causal`` aligns both blocks at position 0.
+    """
+
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports, as data.
+
+    Attributes:
+        dtypes: per device type (``"cpu"``, ``"cuda"``), the input dtypes it runs; a
+            device type not listed is not supported.
+        head_dims: the head dims it runs, ``None`` for any.
+        causal, key_padding_mask, dropout: whether it implements these options.
+        block_ops: whether it exposes :class:`BlockOps` for the ring.
+        tolerances: per dtype, ``(atol, rtol)`` of its output and gradients against
+            the float64 dense oracle on the tests' small random inputs.
+    """
+
+    dtypes: Mapping[str, tuple[torch.dtype, ...]]
+    head_dims: tuple[int, ...] | None = None
+    causal: bool = True
+    key_padding_mask: bool = True
+    dropout: bool = True
+    block_ops: bool = False
+    tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def device_types(self) -> tuple[str, ...]:
+        return tuple(self.dtypes)
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 class Backend:
-    """Base class. Subclasses set ``name`` and ``priority`` (higher is tried first by ``auto``)."""
+    """Base class. Subclasses set ``name``, ``priority`` (higher is tried first by
+    ``auto``) and ``capabilities``, and implement :meth:`forward` / :meth:`backward`."""
 
     name: str = "base"
     priority: int = 0
+    capabilities: Capabilities = Capabilities(dtypes={})
 
     def why_not(self, call: AttentionCall) -> list[str]:
-        """Reasons this backend cannot run ``call``; empty when it can."""
-        raise NotImplementedError
+        """Reasons this backend cannot run ``call``; empty when it can.
+
+        Derived from :attr:`capabilities`; a subclass extends it with reasons the
+        declaration cannot express (calling ``super().why_not(call)`` first).
+        """
+        caps = self.capabilities
+        reasons = []
+        dtypes = caps.dtypes.get(call.device_type)
+        if dtypes is None:
+            reasons.append(
+                f"{self.name} runs on {' or '.join(caps.device_types)} devices, got "
+                f"{call.device_type!r}"
+            )
+        elif call.dtype not in dtypes:
+            reasons.append(
+                f"{self.name} on {call.device_type} runs {_names(dtypes)} inputs, got {call.dtype}"
+            )
+        if caps.head_dims is not None and call.head_dim not in caps.head_dims:
+            reasons.append(f"{self.name} needs head_dim in {caps.head_dims}, got {call.head_dim}")
+        if call.is_causal and not caps.causal:
+            reasons.append(f"{self.name} does not implement is_causal=True")
+        if call.key_padding_mask and not caps.key_padding_mask:
+            reasons.append(f"{self.name} does not implement key_padding_mask")
+        if call.dropout and not caps.dropout:
+            reasons.append(
+                f"{self.name} does not implement dropout; pass dropout_p=0.0 or use another "
+                f"backend"
+            )
+        return reasons
 
     def auto_priority(self, call: AttentionCall) -> int:
         """Rank of this backend for ``backend="auto"`` on ``call`` (higher is tried first).
@@ -62,6 +144,10 @@ class Backend:
         another backend is faster for some calls it supports.
         """
         return self.priority
+
+    def block_ops(self) -> BlockOps | None:
+        """The block primitive the ring calls, or ``None`` (``capabilities.block_ops`` False)."""
+        return None
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
@@ -96,23 +182,24 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
 
-def get_backend(name: str) -> Backend:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown backend {name!r}; valid backends are {['auto', *available_backends()]}."
-        )
+def get_backend(name: str | Backend) -> Backend:
+    """The registered backend called ``name`` (a :class:`Backend` instance is returned as is)."""
+    if isinstance(name, Backend):
+        return name
+    check_backend_name(name, available_backends())
+    if name == "auto":
+        raise ValueError("get_backend needs a backend name, not 'auto'; use select_backend.")
     return _REGISTRY[name]
 
 
-def select_backend(name: str, call: AttentionCall) -> Backend:
+def select_backend(name: str | Backend, call: AttentionCall) -> Backend:
     """Pick the backend for ``call``.
 
-    ``"auto"`` takes the highest-priority backend that supports the call and logs
-    the choice at DEBUG level. An explicitly named backend that cannot run raises
-    one ``ValueError`` listing its reasons; there is no silent fallback.
+    ``"auto"`` takes the backend with the highest :meth:`Backend.auto_priority` that
+    supports the call and logs the choice at DEBUG level. An explicitly named backend
+    (or a :class:`Backend` instance, e.g. ``PyTorchBackend(kernel="flash")``) that
+    cannot run raises one ``ValueError`` listing its reasons; there is no silent fallback.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, got {type(name).__name__} {name!r}.")
     if name == "auto":
         reasons: dict[str, list[str]] = {}
         for backend in sorted(_REGISTRY.values(), key=lambda b: -b.auto_priority(call)):
@@ -127,7 +214,7 @@ def select_backend(name: str, call: AttentionCall) -> Backend:
     why = backend.why_not(call)
     if why:
         raise ValueError(
-            f"backend {name!r} cannot run this call: {'; '.join(why)}. "
+            f"backend {backend.name!r} cannot run this call: {'; '.join(why)}. "
             f"Use backend='auto' or one of {available_backends()}."
         )
     return backend

@@ -1,12 +1,13 @@
 """Attention of one block of queries against one block of keys, returning ``(out, lse)``.
 
-These are the per-block primitives of the ``reference`` backend and of the ring:
+These are the per-block primitives of the ``pytorch`` backend and of the ring:
 
 - ``math_*``: PyTorch matmuls, any device and dtype, key masks and dropout. Memory
   is bounded by chunking the batch of segments, never ``O(N^2)``.
 - ``cudnn_*`` / ``flash_*``: PyTorch's cuDNN and flash-attention ops (the kernels
   behind SDPA), on CUDA for fp16/bf16. They read the strided segment views in place
   and return the LSE; cuDNN is preferred on Hopper and newer, where it is faster.
+  :func:`block_kernel` is the one routing rule between them.
 
 All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hs, D)``,
 out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``causal`` means query ``t`` sees
@@ -17,7 +18,6 @@ the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -223,15 +223,12 @@ def flash_block_backward(
 
 
 def cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether PyTorch's cuDNN attention op runs this block (Hopper or newer, fp16/bf16).
+    """Whether PyTorch's cuDNN attention op runs blocks of this kind (Hopper or newer, fp16/bf16).
 
-    On an H200 it reads the same strided views as flash and made the whole reference
+    On an H200 it reads the same strided views as flash and made the whole pure-PyTorch
     backend 1.3-1.45x faster (the ``reference-flash`` rows of
-    benchmarks/results/dilated_bench_h200_20261121.json), so it is the reference's
-    first choice. ``DILATED_ATTENTION_REFERENCE_KERNEL=flash`` disables it.
+    benchmarks/results/dilated_bench_h200_20261121.json), so ``kernel="auto"`` prefers it.
     """
-    if os.environ.get("DILATED_ATTENTION_REFERENCE_KERNEL", "") == "flash":
-        return False
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     if head_dim % 8 != 0 or head_dim > 128:
@@ -239,6 +236,18 @@ def cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
     if not (torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()):
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def cudnn_accepts_lengths(q_len: int, k_len: int) -> bool:
+    """Block lengths PyTorch's cuDNN op accepts.
+
+    With torch 2.11 on an H200 a block of one query and one key fails with "cuDNN
+    Frontend error: s_q = s_kv = 1 is not supported"; such blocks appear whenever a
+    dilated segment holds one position (``w == r``, or a short last segment). Blocks
+    with a single query or a single key are routed away from cuDNN as well, as the op's
+    shape checks treat length 1 specially.
+    """
+    return q_len > 1 and k_len > 1
 
 
 def cudnn_block_forward(
@@ -277,15 +286,29 @@ def cudnn_block_backward(
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _fused_kernel(q: Tensor, key_keep: Tensor | None, dropout_p: float) -> str | None:
-    """The fused PyTorch kernel for a block: ``"cudnn"``, ``"flash"`` or None (math path)."""
-    if key_keep is not None or dropout_p != 0.0:
-        return None
-    if cudnn_usable(q.device, q.dtype, q.shape[-1]):
-        return "cudnn"
-    if not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1]):
+KERNELS = ("auto", "cudnn", "flash", "math")
+
+
+def block_kernel(
+    q: Tensor, k: Tensor, key_keep: Tensor | None, dropout_p: float, kernel: str = "auto"
+) -> str:
+    """The kernel that runs one block: ``"cudnn"``, ``"flash"`` or ``"math"``.
+
+    ``kernel`` is the caller's choice (:data:`KERNELS`). Key masks and dropout always
+    take the math path (the fused ops are called without them). ``"auto"`` and
+    ``"cudnn"`` take cuDNN where :func:`cudnn_usable` and :func:`cudnn_accepts_lengths`
+    allow, then flash where it can run; blocks a fused op refuses go to a path that
+    runs them, so every input the CPU accepts also runs on CUDA.
+    """
+    if kernel == "math" or key_keep is not None or dropout_p != 0.0:
+        return "math"
+    flash_ok = not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
+    if kernel in ("auto", "cudnn") and cudnn_usable(q.device, q.dtype, q.shape[-1]):
+        if cudnn_accepts_lengths(q.shape[1], k.shape[1]):
+            return "cudnn"
+    if flash_ok:
         return "flash"
-    return None
+    return "math"
 
 
 def block_forward(
@@ -298,9 +321,10 @@ def block_forward(
     key_keep: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    kernel: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """cuDNN or flash when one can run the block, the math path otherwise."""
-    kernel = _fused_kernel(q, key_keep, dropout_p)
+    """The block on the kernel :func:`block_kernel` picks (cuDNN, flash or matmuls)."""
+    kernel = block_kernel(q, k, key_keep, dropout_p, kernel)
     if kernel == "cudnn":
         return cudnn_block_forward(q, k, v, scale=scale, causal=causal)
     if kernel == "flash":
@@ -323,9 +347,10 @@ def block_backward(
     key_keep: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    kernel: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward matching :func:`block_forward`'s choice of path."""
-    kernel = _fused_kernel(q, key_keep, dropout_p)
+    kernel = block_kernel(q, k, key_keep, dropout_p, kernel)
     if kernel == "cudnn":
         return cudnn_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
     if kernel == "flash":

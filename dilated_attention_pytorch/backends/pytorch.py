@@ -1,9 +1,9 @@
-"""The ``reference`` backend: public PyTorch ops only, any device, every feature.
+"""The ``pytorch`` backend: PyTorch ops only, any device, every feature.
 
 For each branch and each head group (heads sharing one offset) it takes strided
-views of q/k/v (no gather copies), runs the block attention (PyTorch's flash
-kernel on CUDA in fp16/bf16, chunked matmuls otherwise) and merges the block's
-``(out, lse)`` into fp32 accumulators with the LSE rule. Memory is ``O(N)``.
+views of q/k/v (no gather copies), runs the block attention (PyTorch's cuDNN or
+flash attention op on CUDA in fp16/bf16, chunked matmuls otherwise) and merges the
+block's ``(out, lse)`` into fp32 accumulators with the LSE rule. Memory is ``O(N)``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,40 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from functools import partial
+
 from ..plan import DilatedPlan
 from ..segments import merge_lse_, segment_views
-from .base import AttentionCall, Backend, ForwardContext, register_backend
-from .blocks import block_backward, block_forward, compute_dtype
+from ..validation import check_choice
+from .base import (
+    AttentionCall,
+    Backend,
+    BlockOps,
+    Capabilities,
+    ForwardContext,
+    register_backend,
+)
+from .blocks import (
+    KERNELS,
+    block_backward,
+    block_forward,
+    compute_dtype,
+    cudnn_usable,
+)
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Against the float64 oracle on the tests' inputs (<= a few hundred keys per row):
+# float64 is exact to roundoff; float32 softmax/matmul error grows like
+# sqrt(#keys) * 6e-8, far below 2e-5; fp16/bf16 inputs are computed in float32 on
+# the CPU (or by the fused ops on CUDA), so the error is the inputs' rounding
+# (2**-11, 2**-8) amplified by at most a few units.
+_TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
 
 
 def _block_seed(seed: int, *indices: int) -> int:
@@ -60,12 +90,55 @@ def iter_blocks(
                 block_id += 1
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
+class PyTorchBackend(Backend):
+    """Dilated attention from PyTorch ops: runs on every device and dtype, every feature.
+
+    Args:
+        kernel: the block kernel: ``"auto"`` (cuDNN on Hopper and newer, else flash, in
+            fp16/bf16 on CUDA without masks or dropout; chunked matmuls otherwise),
+            ``"cudnn"``, ``"flash"`` (PyTorch's fused ops; fp16/bf16 on CUDA, no key
+            padding mask, no dropout) or ``"math"`` (chunked matmuls, anywhere).
+            Blocks a fused op refuses (e.g. one-token segments on cuDNN) go to the
+            next kernel that runs them.
+
+    The registered ``"pytorch"`` backend uses ``kernel="auto"``; pass an instance as
+    ``backend=PyTorchBackend(kernel="flash")`` to pin a kernel (e.g. in benchmarks).
+    """
+
+    name = "pytorch"
     priority = 0
 
+    def __init__(self, kernel: str = "auto") -> None:
+        self.kernel = check_choice("kernel", kernel, KERNELS)
+        fused = kernel in ("cudnn", "flash")
+        self.capabilities = Capabilities(
+            dtypes={"cuda": _LOW_PRECISION} if fused else {"cpu": _ALL_DTYPES, "cuda": _ALL_DTYPES},
+            head_dims=tuple(range(8, 257, 8)) if fused else None,
+            key_padding_mask=not fused,
+            dropout=not fused,
+            block_ops=True,
+            tolerances=_TOLERANCES,
+        )
+
     def why_not(self, call: AttentionCall) -> list[str]:
-        return []
+        reasons = super().why_not(call)
+        if self.kernel == "cudnn" and call.device_type == "cuda" and not reasons:
+            if not cudnn_usable(torch.device("cuda"), call.dtype, call.head_dim):
+                reasons.append(
+                    "kernel='cudnn' needs PyTorch's cuDNN attention on a Hopper or newer GPU "
+                    "with head_dim <= 128; use kernel='auto'"
+                )
+        return reasons
+
+    def block_ops(self) -> BlockOps:
+        return BlockOps(
+            self.name,
+            partial(block_forward, kernel=self.kernel),
+            partial(block_backward, kernel=self.kernel),
+        )
+
+    def __repr__(self) -> str:
+        return f"PyTorchBackend(kernel={self.kernel!r})"
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
@@ -89,6 +162,7 @@ class ReferenceBackend(Backend):
                 key_keep=m["keep"],
                 dropout_p=ctx.dropout_p,
                 seed=_block_seed(ctx.seed, block_id),
+                kernel=self.kernel,
             )
             merge_lse_(t["out"], t["lse"], out_blk, lse_blk)
         return out_acc.to(q.dtype), lse_acc
@@ -125,6 +199,7 @@ class ReferenceBackend(Backend):
                 key_keep=m["keep"],
                 dropout_p=ctx.dropout_p,
                 seed=_block_seed(ctx.seed, block_id),
+                kernel=self.kernel,
             )
             t["dq"].add_(dq_blk)
             t["dk"].add_(dk_blk)
@@ -132,4 +207,4 @@ class ReferenceBackend(Backend):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-register_backend(ReferenceBackend())
+register_backend(PyTorchBackend())
