@@ -1,6 +1,6 @@
 """LongNet dilated attention and ring (sequence-parallel) dilated attention for PyTorch."""
 
-from .backends import available_backends
+from .backends import PyTorchBackend, available_backends
 from .config import PRESETS, DilatedAttentionConfig
 from .distributed import gather_sequence, ring_dilated_attention, shard_sequence
 from .factory import (
@@ -11,8 +11,8 @@ from .factory import (
 )
 from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
-from .plan import DilatedPlan, make_plan
-from .reference import dense_dilated_attention
+from .oracle import dense_dilated_attention
+from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
 from .ring_modules import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __version__ = "0.1.0"
@@ -25,6 +25,9 @@ __all__ = [
     "ring_dilated_attention",
     "shard_sequence",
     "PRESETS",
+    "PyTorchBackend",
+    "attended_pairs",
+    "attention_flops",
     "DilatedAttention",
     "DilatedAttentionConfig",
     "DilatedPlan",

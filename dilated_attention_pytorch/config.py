@@ -12,9 +12,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .modules import check_backend_name, check_dropout, check_gamma_init, check_head_split
-from .plan import check_branch_mixing, validate_branches
-from .validation import check_scalars
+from .backends import available_backends
+from .validation import (
+    check_backend_name,
+    check_bool,
+    check_branch_mixing,
+    check_dropout,
+    check_gamma_init,
+    check_head_split,
+    check_positive_int,
+    check_scale,
+    validate_branches,
+)
 
 __all__ = ["PRESETS", "DilatedAttentionConfig"]
 
@@ -64,8 +73,8 @@ class DilatedAttentionConfig:
         object.__setattr__(self, "dilation_rates", rs)
         check_branch_mixing(self.branch_mixing)
         object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        check_scalars(scale=self.scale, dropout_p=0.0, is_causal=False)
-        check_backend_name(self.backend)
+        check_scale(self.scale)
+        check_backend_name(self.backend, available_backends())
         if (self.embed_dim is None) != (self.num_heads is None):
             raise ValueError(
                 f"embed_dim and num_heads must be given together (for a multi-head layer) or "
@@ -73,10 +82,8 @@ class DilatedAttentionConfig:
             )
         if self.embed_dim is not None:
             check_head_split(self.embed_dim, self.num_heads)
-        for name in ("bias", "layer_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
+        check_bool("bias", self.bias)
+        check_bool("layer_norm", self.layer_norm)
         object.__setattr__(self, "gamma_init", check_gamma_init(self.gamma_init))
 
     @classmethod
@@ -101,13 +108,9 @@ class DilatedAttentionConfig:
         Every branch then attends over ``w_i / r_i = base_segment_length`` tokens per
         head and segment, so cost grows linearly with ``N``.
         """
-        for name, value in (
-            ("base_segment_length", base_segment_length),
-            ("num_branches", num_branches),
-            ("ratio", ratio),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        check_positive_int("base_segment_length", base_segment_length)
+        check_positive_int("num_branches", num_branches)
+        check_positive_int("ratio", ratio)
         return cls(
             segment_lengths=[base_segment_length * ratio**i for i in range(num_branches)],
             dilation_rates=[ratio**i for i in range(num_branches)],

@@ -3,13 +3,17 @@
 A *kind* is a registered ``nn.Module`` class: either a plain attention over
 ``(B, N, H, D)`` tensors (built by :func:`create_dilated_attention`) or a
 multi-head layer over ``(B, N, E)`` inputs (built by
-:func:`create_multihead_dilated_attention`). Other parts of the library (e.g. the
-ring) add kinds with :func:`register_attention_kind`.
+:func:`create_multihead_dilated_attention`). The library's kinds are registered at
+the bottom of this file, the one table of kinds; users add their own with
+:func:`register_attention_kind`.
 
 - Unknown kind: ``ValueError`` listing the valid ones.
 - Unknown or missing keyword: ``TypeError`` naming it and the accepted ones.
 - ``kind="auto"``: the available kind with the highest ``auto_priority``; the
   choice is logged at INFO level on the ``dilated_attention_pytorch`` logger.
+- ``segment_lengths`` / ``dilation_rates`` left out (and no ``config``): the kind
+  gets :data:`DEFAULT_SEGMENT_LENGTHS` / :data:`DEFAULT_DILATION_RATES`, logged at
+  INFO level.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from typing import Any
 from torch import nn
 
 from .config import DilatedAttentionConfig
+from .distributed.validation import distributed_not_ready
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .ring_modules import RingDilatedAttention, RingMultiheadDilatedAttention
 
 __all__ = [
+    "DEFAULT_DILATION_RATES",
+    "DEFAULT_SEGMENT_LENGTHS",
     "AttentionKind",
     "available_attention_kinds",
     "create_dilated_attention",
@@ -34,6 +42,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("dilated_attention_pytorch")
+
+# The branch schedule a factory call gets when it names none: LongNet's geometric
+# shape (w / r = 2048 tokens per head and segment in every branch) up to 8K tokens.
+DEFAULT_SEGMENT_LENGTHS = (2048, 4096, 8192)
+DEFAULT_DILATION_RATES = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,21 @@ def _create(
         kwargs = {**base, **kwargs}
 
     accepted, required, var_kwargs = _accepted_keywords(chosen.cls)
+    schedule = ("segment_lengths", "dilation_rates")
+    if "attention" not in kwargs and all(n in accepted and n not in kwargs for n in schedule):
+        kwargs = {
+            **kwargs,
+            "segment_lengths": DEFAULT_SEGMENT_LENGTHS,
+            "dilation_rates": DEFAULT_DILATION_RATES,
+        }
+        logger.info(
+            "%s(kind=%r): no segment_lengths/dilation_rates given, using the defaults "
+            "segment_lengths=%s, dilation_rates=%s",
+            caller,
+            chosen.name,
+            list(DEFAULT_SEGMENT_LENGTHS),
+            list(DEFAULT_DILATION_RATES),
+        )
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown and not var_kwargs:
         raise TypeError(
@@ -249,4 +277,20 @@ register_attention_kind(
     multihead=True,
     auto_priority=0,
     description="single-device multi-head dilated attention (MultiheadDilatedAttention)",
+)
+# Never chosen by kind="auto": a ring module takes the local shard of the sequence, which
+# changes what the caller must pass, so it is only built when asked for by name.
+register_attention_kind(
+    "ring",
+    RingDilatedAttention,
+    multihead=False,
+    why_not=distributed_not_ready,
+    description="ring (sequence-parallel) dilated attention on local shards (RingDilatedAttention)",
+)
+register_attention_kind(
+    "ring_multihead",
+    RingMultiheadDilatedAttention,
+    multihead=True,
+    why_not=distributed_not_ready,
+    description="ring multi-head dilated attention on the local shard of x (RingMultiheadDilatedAttention)",
 )

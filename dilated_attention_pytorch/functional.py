@@ -10,7 +10,8 @@ from torch.autograd.function import once_differentiable
 
 from .backends import AttentionCall, Backend, ForwardContext, select_backend
 from .plan import make_plan
-from .validation import check_key_padding_mask, check_qkv, check_scalars, token_major
+from .segments import token_major
+from .validation import check_key_padding_mask, check_qkv, check_scalars
 
 __all__ = ["dilated_attention"]
 
@@ -45,10 +46,10 @@ def dilated_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """LongNet dilated attention (DESIGN.md section 1).
+    """LongNet dilated attention on ``(B, N, H, D)`` tensors (batch, tokens, heads, head dim).
 
     Each branch ``(w, r)`` cuts the sequence into segments of ``w`` tokens (the last
     one shorter when ``N % w != 0``); in a segment, head ``h`` keeps every ``r``-th
@@ -69,7 +70,9 @@ def dilated_attention(
             whenever ``> 0``: pass ``0.0`` at evaluation.
         key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys (never attended).
             A query that ends up with no key outputs 0.
-        backend: ``"auto"`` or a registered backend name (see ``available_backends()``).
+        backend: ``"auto"``, a registered backend name (see ``available_backends()``:
+            ``"triton"``, ``"pytorch"``) or a :class:`~dilated_attention_pytorch.backends.Backend`
+            instance such as ``PyTorchBackend(kernel="flash")``.
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:

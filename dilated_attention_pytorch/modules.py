@@ -1,63 +1,31 @@
 """Thin ``nn.Module`` wrappers over :func:`~dilated_attention_pytorch.dilated_attention`.
 
 They own hyper-parameters and projections; the maths lives in :mod:`.functional`
-(DESIGN.md section 2.5). Both modules are batch-first.
+(``dilated_attention``). Both modules are batch-first: tensors are ``(B, N, ...)``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .backends import get_backend
+from .backends import available_backends
 from .functional import dilated_attention
-from .plan import check_branch_mixing, validate_branches
-from .validation import check_probability, check_scalars
+from .validation import (
+    check_backend_name,
+    check_bool,
+    check_branch_mixing,
+    check_dropout,
+    check_embedding_input,
+    check_gamma_init,
+    check_head_split,
+    check_scale,
+    validate_branches,
+)
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
-
-
-def check_backend_name(backend: object) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}.")
-    if backend != "auto":
-        get_backend(backend)  # raises a ValueError listing the valid names
-    return backend
-
-
-def check_dropout(dropout: object) -> float:
-    """``dropout`` must be a float in ``[0, 1)``; returns it as a float."""
-    return check_probability("dropout", dropout)
-
-
-def check_head_split(embed_dim: object, num_heads: object) -> int:
-    """``embed_dim`` and ``num_heads`` positive ints, ``embed_dim % num_heads == 0``; returns head_dim."""
-    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value}.")
-    assert isinstance(embed_dim, int) and isinstance(num_heads, int)
-    if embed_dim % num_heads != 0:
-        raise ValueError(
-            f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
-            f"num_heads={num_heads} (head_dim would be {embed_dim / num_heads:g}); choose "
-            f"num_heads among the divisors of embed_dim."
-        )
-    return embed_dim // num_heads
-
-
-def check_gamma_init(gamma_init: object) -> float:
-    if isinstance(gamma_init, bool) or not isinstance(gamma_init, (int, float)):
-        raise TypeError(
-            f"gamma_init must be a float, got {type(gamma_init).__name__} {gamma_init!r}."
-        )
-    if not math.isfinite(gamma_init) or gamma_init <= 0:
-        raise ValueError(f"gamma_init must be a positive finite float, got {gamma_init}.")
-    return float(gamma_init)
 
 
 class DilatedAttention(nn.Module):
@@ -95,9 +63,8 @@ class DilatedAttention(nn.Module):
         )
         self.branch_mixing = check_branch_mixing(branch_mixing)
         self.dropout = check_dropout(dropout)
-        check_scalars(scale=scale, dropout_p=0.0, is_causal=False)
-        self.scale = None if scale is None else float(scale)
-        self.backend = check_backend_name(backend)
+        self.scale = check_scale(scale)
+        self.backend = check_backend_name(backend, available_backends())
 
     def forward(
         self,
@@ -141,12 +108,18 @@ class DilatedAttention(nn.Module):
 
 
 class MultiheadDilatedAttention(nn.Module):
-    """Multi-head dilated attention with projections, batch-first.
+    """Multi-head attention layer over ``(B, N, E)`` inputs, batch-first.
 
-    ``out = out_proj(norm(attend(q_proj(query), k_proj(key), v_proj(value))))`` where
-    ``attend`` is :class:`DilatedAttention` on ``num_heads`` heads of size
-    ``embed_dim // num_heads`` and ``norm`` is the LongNet/MAGNETO sub-LayerNorm
-    (identity when ``layer_norm=False``).
+    ``out = out_proj(norm(attention(q_proj(query), k_proj(key), v_proj(value))))``
+    where the projections give ``num_heads`` heads of size ``embed_dim // num_heads``,
+    ``attention`` maps ``(B, N, H, D)`` q/k/v to ``(B, N, H, D)`` (by default a
+    :class:`DilatedAttention` built from ``segment_lengths`` and ``dilation_rates``)
+    and ``norm`` is the LongNet/MAGNETO sub-LayerNorm (identity when ``layer_norm=False``).
+
+    The layer owns the projections, the norm and their initialisation; *how* attention
+    is computed is the inner module's business. Pass ``attention=`` to use another
+    one (the ring, a Hilbert-ordered or block-sparse attention, or your own module
+    called as ``attention(q, k, v, *, is_causal, key_padding_mask)``).
 
     Initialisation follows MAGNETO (arXiv 2210.06423): xavier-normal weights and zero
     biases, with the ``v_proj`` and ``out_proj`` weights' gain set to ``gamma_init``
@@ -156,25 +129,28 @@ class MultiheadDilatedAttention(nn.Module):
         embed_dim: model width ``E``; must be divisible by ``num_heads``.
         num_heads: number of heads ``H``. In ``"softmax"`` mode ``H`` smaller than the
             largest dilation rate is allowed, but offsets ``>= H`` then go unused.
-        segment_lengths, dilation_rates, branch_mixing, dropout: see :class:`DilatedAttention`.
+        segment_lengths, dilation_rates, branch_mixing, dropout, scale, backend: the
+            keywords of the default inner :class:`DilatedAttention` (``scale`` defaults
+            to ``(E // H) ** -0.5``). Leave them unset when passing ``attention=``.
+        attention: the inner attention module; built from the arguments above when
+            ``None``.
         bias: add biases to the four projections.
         layer_norm: apply the sub-LayerNorm before ``out_proj``.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
-        scale: score scale, default ``(E // H) ** -0.5``.
-        backend: ``"auto"`` or a registered backend name.
         device, dtype: of the parameters.
 
-    Subclasses that change *how* attention is computed (e.g. a sequence-parallel ring)
-    override :meth:`_attend` only; projections, norm and checks stay here.
+    Shapes:
+        query, key, value: ``(B, N, E)``; output ``((B, N, E), None)``.
     """
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         *,
+        attention: nn.Module | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         branch_mixing: str = "softmax",
@@ -190,14 +166,43 @@ class MultiheadDilatedAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.gamma_init = check_gamma_init(gamma_init)
-        self.attention = DilatedAttention(
-            segment_lengths,
-            dilation_rates,
-            branch_mixing=branch_mixing,
-            dropout=dropout,
-            scale=scale,
-            backend=backend,
-        )
+        check_bool("bias", bias)
+        check_bool("layer_norm", layer_norm)
+        if attention is None:
+            if segment_lengths is None or dilation_rates is None:
+                raise TypeError(
+                    "MultiheadDilatedAttention needs segment_lengths and dilation_rates (e.g. "
+                    "segment_lengths=[2048, 4096], dilation_rates=[1, 2]) or an attention= module."
+                )
+            attention = DilatedAttention(
+                segment_lengths,
+                dilation_rates,
+                branch_mixing=branch_mixing,
+                dropout=dropout,
+                scale=scale,
+                backend=backend,
+            )
+        else:
+            if not isinstance(attention, nn.Module):
+                raise TypeError(
+                    f"attention must be an nn.Module called as attention(q, k, v, *, is_causal, "
+                    f"key_padding_mask), got {type(attention).__name__}."
+                )
+            given = {
+                "segment_lengths": segment_lengths is not None,
+                "dilation_rates": dilation_rates is not None,
+                "dropout": dropout != 0.0,
+                "branch_mixing": branch_mixing != "softmax",
+                "scale": scale is not None,
+                "backend": backend != "auto",
+            }
+            clash = [name for name, set_ in given.items() if set_]
+            if clash:
+                raise ValueError(
+                    f"{clash} configure the inner attention, but attention= was passed too; "
+                    f"set them on the attention module instead."
+                )
+        self.attention = attention
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -224,19 +229,6 @@ class MultiheadDilatedAttention(nn.Module):
         if isinstance(self.norm, nn.LayerNorm):
             self.norm.reset_parameters()
 
-    def _check_input(self, name: str, x: object) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"{name} must be a torch.Tensor of shape (B, N, E), got {type(x).__name__}."
-            )
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"{name} must have shape (B, N, E) with E = embed_dim = {self.embed_dim} "
-                f"(batch-first), got {tuple(x.shape)}; if your tensor is (N, B, E), pass "
-                f"{name}.transpose(0, 1)."
-            )
-        return x
-
     def _attend(
         self,
         q: Tensor,
@@ -246,10 +238,7 @@ class MultiheadDilatedAttention(nn.Module):
         is_causal: bool,
         key_padding_mask: Tensor | None,
     ) -> Tensor:
-        """The attention step: ``(B, N, H, D)`` q, k, v -> ``(B, N, H, D)``.
-
-        The one method a subclass overrides to compute attention differently.
-        """
+        """The attention step: ``(B, N, H, D)`` q, k, v -> ``(B, N, H, D)`` by the inner module."""
         return self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
 
     def forward(
@@ -284,9 +273,9 @@ class MultiheadDilatedAttention(nn.Module):
             )
         key = query if key is None else key
         value = key if value is None else value
-        query = self._check_input("query", query)
-        key = self._check_input("key", key)
-        value = self._check_input("value", value)
+        query = check_embedding_input("query", query, self.embed_dim)
+        key = check_embedding_input("key", key, self.embed_dim)
+        value = check_embedding_input("value", value, self.embed_dim)
         B, N, _ = query.shape
         H, D = self.num_heads, self.head_dim
         # q, k, v: (B, N, E) -> (B, N, H, D), views of the projections.

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .validation import check_branch_mixing, check_positive_int, validate_branches
 
+
 @dataclass(frozen=True)
 class HeadGroup:
     """Heads ``range(head_start, head_stop, head_step)`` of one branch, all with token offset ``offset``."""

@@ -11,23 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .distributed import ring_dilated_attention
-from .distributed.validation import distributed_not_ready, resolve_group
-from .factory import register_attention_kind
+from .distributed.validation import resolve_group
 from .modules import DilatedAttention, MultiheadDilatedAttention
+from .validation import check_choice, check_ring_size
 
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
-
-
-def _check_ring_size(ring_size: object) -> int | None:
-    if ring_size is None:
-        return None
-    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size <= 0:
-        raise ValueError(f"ring_size must be a positive int or None, got {ring_size!r}.")
-    return ring_size
 
 
 class RingDilatedAttention(DilatedAttention):
@@ -48,6 +41,12 @@ class RingDilatedAttention(DilatedAttention):
             (a forward in training mode with ``dropout > 0`` raises). It is ignored in
             eval mode, like in the single-device module.
         ring_size: optional check: when given it must equal the group's size.
+        validate: when the collective input check runs (one small ``all_gather`` and a
+            host sync, so that a bad input on any rank raises on every rank):
+            ``"once"`` (default) the first time the module sees an input signature
+            (shapes, dtypes, device, ``is_causal``, mask, dropout, group), with this
+            rank's own checks on every call; ``"always"`` on every call, for inputs
+            whose shapes may change on some ranks but not others.
 
     Shapes:
         q, k, v: ``(B, N/k, H, D)`` local shards; output ``(B, N/k, H, D)``.
@@ -64,6 +63,7 @@ class RingDilatedAttention(DilatedAttention):
         scale: float | None = None,
         ring_size: int | None = None,
         backend: str = "auto",
+        validate: str = "once",
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -74,7 +74,9 @@ class RingDilatedAttention(DilatedAttention):
             backend=backend,
         )
         self.process_group = process_group
-        self.ring_size = _check_ring_size(ring_size)
+        self.ring_size = check_ring_size(ring_size)
+        self.validate = check_choice("validate", validate, ("once", "always"))
+        self._validated: set[tuple] = set()  # input signatures that passed the collective check
         if dist.is_available() and dist.is_initialized():
             self.group()  # fail early when the group is already known
 
@@ -111,23 +113,38 @@ class RingDilatedAttention(DilatedAttention):
         """
         # Unsupported options are checked inside the collective validation, so that a
         # mask or dropout on one rank makes every rank raise instead of hanging the others.
-        return ring_dilated_attention(
+        group = self.group()
+        dropout_p = self.dropout if self.training else 0.0
+        signature = (
+            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
+            *(getattr(t, "dtype", None) for t in (q, k, v)),
+            getattr(q, "device", None),
+            is_causal,
+            key_padding_mask is None,
+            dropout_p,
+            id(group),
+        )
+        validate = self.validate == "always" or signature not in self._validated
+        out = ring_dilated_attention(
             q,
             k,
             v,
             self.segment_lengths,
             self.dilation_rates,
-            group=self.group(),
+            group=group,
             is_causal=is_causal,
             branch_mixing=self.branch_mixing,
             scale=self.scale,
             backend=self.backend,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
+            validate=validate,
         )
+        self._validated.add(signature)
+        return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ring_size={self.ring_size}"
+        return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
 
 
 StandardRingAttention = RingDilatedAttention
@@ -137,20 +154,19 @@ StandardRingAttention = RingDilatedAttention
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """Multi-head dilated attention on a sequence sharded across a process group.
 
-    Takes the *local shard* ``(B, N/k, E)`` of the input; projections, norm and output
-    projection run on the shard, and only the attention step talks to other ranks
-    (through :class:`RingDilatedAttention`). With the same weights, rank ``j``'s output
-    is shard ``j`` of :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` on
-    the full sequence. Parameter gradients are each rank's share: sum them over the
-    group (as data parallelism over the sequence dimension would).
+    A :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` whose inner
+    attention is :class:`RingDilatedAttention`. It takes the *local shard*
+    ``(B, N/k, E)`` of the input; projections, norm and output projection run on the
+    shard, and only the attention step talks to other ranks. With the same weights,
+    rank ``j``'s output is shard ``j`` of ``MultiheadDilatedAttention`` on the full
+    sequence. Parameter gradients are each rank's share: sum them over the group (as
+    data parallelism over the sequence dimension would).
 
     Args:
-        embed_dim, num_heads, segment_lengths, dilation_rates: as in
-            :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`.
-        process_group: the group holding the sequence (default: WORLD).
-        ring_size: optional check: when given it must equal the group's size.
-        **kwargs: the other keyword arguments of ``MultiheadDilatedAttention``
-            (``dropout`` must be 0 for training, see :class:`RingDilatedAttention`).
+        embed_dim, num_heads, segment_lengths, dilation_rates, bias, layer_norm,
+            gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
+        process_group, ring_size, branch_mixing, dropout, scale, backend: the
+            keywords of the inner :class:`RingDilatedAttention`.
 
     Shapes:
         query/key/value: ``(B, N/k, E)``; output ``((B, N/k, E), None)``.
@@ -165,48 +181,33 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         *,
         process_group: dist.ProcessGroup | None = None,
         ring_size: int | None = None,
-        **kwargs: object,
+        branch_mixing: str = "softmax",
+        dropout: float = 0.0,
+        scale: float | None = None,
+        backend: str = "auto",
+        bias: bool = True,
+        layer_norm: bool = True,
+        gamma_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)  # type: ignore[arg-type]
-        single = self.attention
-        assert isinstance(single, DilatedAttention)
-        self.attention = RingDilatedAttention(
-            single.segment_lengths,
-            single.dilation_rates,
+        attention: nn.Module = RingDilatedAttention(
+            segment_lengths,
+            dilation_rates,
             process_group=process_group,
-            branch_mixing=single.branch_mixing,
-            dropout=single.dropout,
-            scale=single.scale,
+            branch_mixing=branch_mixing,
+            dropout=dropout,
+            scale=scale,
             ring_size=ring_size,
-            backend=single.backend,
+            backend=backend,
         )
-
-    def _attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        is_causal: bool,
-        key_padding_mask: Tensor | None,
-    ) -> Tensor:
-        """Ring attention on local shards: ``(B, N/k, H, D)`` q, k, v -> ``(B, N/k, H, D)``."""
-        return self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
-
-
-# Never chosen by kind="auto": a ring module takes the local shard of the sequence, which
-# changes what the caller must pass, so it is only built when asked for by name.
-register_attention_kind(
-    "ring",
-    RingDilatedAttention,
-    multihead=False,
-    why_not=distributed_not_ready,
-    description="ring (sequence-parallel) dilated attention on local shards (RingDilatedAttention)",
-)
-register_attention_kind(
-    "ring_multihead",
-    RingMultiheadDilatedAttention,
-    multihead=True,
-    why_not=distributed_not_ready,
-    description="ring multi-head dilated attention on the local shard of x (RingMultiheadDilatedAttention)",
-)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            attention=attention,
+            bias=bias,
+            layer_norm=layer_norm,
+            gamma_init=gamma_init,
+            device=device,
+            dtype=dtype,
+        )

@@ -26,6 +26,11 @@ def has_token_major_layout(x: Tensor) -> bool:
     return B == 1 or N == 0 or x.stride(0) == N * x.stride(1)
 
 
+def token_major(x: Tensor) -> Tensor:
+    """``x`` itself when segment views can read it in place, else a contiguous copy."""
+    return x if has_token_major_layout(x) else x.contiguous()
+
+
 def segment_views(
     x: Tensor, segment_length: int, dilation_rate: int, offset: int, heads: slice | None = None
 ) -> list[Tensor]:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from dilated_attention_pytorch import make_plan  # noqa: E402
-from dilated_attention_pytorch.reference import dilated_count_mask  # noqa: E402
+from dilated_attention_pytorch.oracle import dilated_count_mask  # noqa: E402
 
 SEQ_LEN = 32
 NUM_HEADS = 4

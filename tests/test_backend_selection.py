@@ -27,13 +27,13 @@ def _call(
     )
 
 
-def test_auto_on_cpu_picks_reference_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_on_cpu_picks_pytorch_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="dilated_attention_pytorch"):
         chosen = select_backend("auto", _call(requires_grad=True, device="cpu"))
     if "triton" in available_backends() and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter lets triton run on CPU")
-    assert chosen.name == "reference"
-    assert "chose 'reference'" in caplog.text
+    assert chosen.name == "pytorch"
+    assert "chose 'pytorch'" in caplog.text
 
 
 def test_explicit_backend_that_cannot_run_lists_reasons() -> None:
@@ -47,13 +47,13 @@ def test_explicit_backend_that_cannot_run_lists_reasons() -> None:
         select_backend("triton", call)
 
 
-def test_training_softmax_calls_go_to_reference_when_cudnn_is_faster(monkeypatch) -> None:
+def test_training_softmax_calls_go_to_pytorch_when_cudnn_is_faster(monkeypatch) -> None:
     if "triton" not in available_backends():
         pytest.skip("triton is not installed")
     from dilated_attention_pytorch.backends import triton_backend
 
     monkeypatch.setattr(triton_backend, "cudnn_usable", lambda *a: True)
-    assert select_backend("auto", _call(requires_grad=True)).name == "reference"
+    assert select_backend("auto", _call(requires_grad=True)).name == "pytorch"
     # Inference, head_split and padding masks measured faster (or only fast) on triton.
     assert select_backend("auto", _call(requires_grad=False)).name == "triton"
     assert select_backend("auto", _call(requires_grad=True, mixing="head_split")).name == "triton"

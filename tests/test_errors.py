@@ -74,7 +74,7 @@ def test_bad_options() -> None:
     ):
         dilated_attention(q, k, v, [4], [1], branch_mixing="mean")
     with pytest.raises(
-        ValueError, match=r"unknown backend 'cudnn'; valid backends are \['auto', .*'reference'"
+        ValueError, match=r"unknown backend 'cudnn'; valid backends are \['auto', .*'pytorch'"
     ):
         dilated_attention(q, k, v, [4], [1], backend="cudnn")
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dilated_attention_pytorch.reference import dense_dilated_attention, dilated_count_mask
+from dilated_attention_pytorch.oracle import dense_dilated_attention, dilated_count_mask
 
 
 def test_union_with_multiplicity_by_hand() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dilated_attention_pytorch.plan import make_plan, num_dilated_positions, validate_branches
-from dilated_attention_pytorch.reference import _head_offsets
+from dilated_attention_pytorch.oracle import _head_offsets
 
 
 @pytest.mark.parametrize("mixing", ["softmax", "head_split"])

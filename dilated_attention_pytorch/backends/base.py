@@ -132,8 +132,7 @@ class Backend:
             reasons.append(f"{self.name} does not implement key_padding_mask")
         if call.dropout and not caps.dropout:
             reasons.append(
-                f"{self.name} does not implement dropout; pass dropout_p=0.0 or use another "
-                f"backend"
+                f"{self.name} does not implement dropout; pass dropout_p=0.0 or use another backend"
             )
         return reasons
 
@@ -148,6 +147,9 @@ class Backend:
     def block_ops(self) -> BlockOps | None:
         """The block primitive the ring calls, or ``None`` (``capabilities.block_ops`` False)."""
         return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor
-
-from functools import partial
 
 from ..plan import DilatedPlan
 from ..segments import merge_lse_, segment_views

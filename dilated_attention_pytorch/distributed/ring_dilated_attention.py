@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +34,17 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..backends import AttentionCall, available_backends, get_backend
-from ..backends.blocks import block_backward, block_forward, compute_dtype
+from ..backends import AttentionCall, Backend, BlockOps, available_backends, get_backend
+from ..backends.blocks import compute_dtype
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
-from ..segments import merge_lse_, segment_views
-from ..validation import token_major
+from ..segments import merge_lse_, segment_views, token_major
 from .comm import RingComm
-from .validation import check_ring_call, resolve_group
+from .validation import (
+    check_ring_call,
+    check_ring_call_locally,
+    check_shard_length,
+    resolve_group,
+)
 
 __all__ = [
     "BlockOps",
@@ -63,57 +67,26 @@ _KV_TAG, _GRAD_TAG = 0, 1
 # --------------------------------------------------------------------------- block ops
 
 
-@dataclass(frozen=True)
-class BlockOps:
-    """The block primitive the ring calls, on token-major blocks.
-
-    ``forward(q, k, v, *, scale, causal) -> (out, lse)`` with q ``(Bb, Lq, Hs, D)``,
-    k/v ``(Bb, Lk, Hs, D)``, out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``;
-    ``backward(dout, q, k, v, out, lse, *, scale, causal) -> (dq, dk, dv)`` given the
-    *final* merged out/lse. ``causal`` aligns both blocks at position 0.
-    """
-
-    name: str
-    forward: Callable[..., tuple[Tensor, Tensor]]
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
-
-
-REFERENCE_BLOCK_OPS = BlockOps("reference", block_forward, block_backward)
-
-
-def _backend_block_ops(name: str) -> BlockOps | None:
-    # A backend joins the ring by defining block_forward/block_backward methods.
-    backend = get_backend(name)
-    if hasattr(backend, "block_forward") and hasattr(backend, "block_backward"):
-        return BlockOps(name, backend.block_forward, backend.block_backward)
-    return REFERENCE_BLOCK_OPS if name == "reference" else None
-
-
-def select_block_ops(backend: str, call: AttentionCall) -> BlockOps:
+def select_block_ops(backend: str | Backend, call: AttentionCall) -> BlockOps:
     """The block primitive for ``backend``; the one place the ring chooses its kernel.
 
-    ``"auto"`` takes the reference blocks (cuDNN or flash on CUDA fp16/bf16, chunked
-    matmuls otherwise). A named backend must expose block ops (``block_forward`` /
-    ``block_backward`` methods) and support the call, else ``ValueError``.
+    ``"auto"`` takes the ``pytorch`` backend's blocks (cuDNN or flash on CUDA
+    fp16/bf16, chunked matmuls otherwise), the configuration tested with NCCL and
+    measured on 2 GPUs. A named backend (or a :class:`Backend` instance) must declare
+    block ops and support the call, else ``ValueError``.
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}.")
-    if backend == "auto":
-        # The ring's "auto" keeps the reference blocks (cuDNN or flash on CUDA), the
-        # configuration tested with NCCL and measured on 2 GPUs; other backends' block
-        # ops (e.g. backend="triton") are used when named explicitly.
-        logger.debug("ring backend='auto' chose the reference block ops")
-        return REFERENCE_BLOCK_OPS
-    ops = _backend_block_ops(backend)  # raises for unknown names, listing the valid ones
+    chosen = get_backend("pytorch" if backend == "auto" else backend)
+    ops = chosen.block_ops() if chosen.capabilities.block_ops else None
     if ops is None:
-        with_ops = [n for n in available_backends() if _backend_block_ops(n) is not None]
+        with_ops = [n for n in available_backends() if get_backend(n).capabilities.block_ops]
         raise ValueError(
-            f"backend {backend!r} has no block operations the ring can call; use backend='auto' "
-            f"or one of {with_ops}."
+            f"backend {chosen.name!r} has no block operations the ring can call; use "
+            f"backend='auto' or one of {with_ops}."
         )
-    why = get_backend(backend).why_not(call)
+    why = chosen.why_not(call)
     if why:
-        raise ValueError(f"backend {backend!r} cannot run this call: {'; '.join(why)}.")
+        raise ValueError(f"backend {chosen.name!r} cannot run this call: {'; '.join(why)}.")
+    logger.debug("ring backend=%r runs the block ops of %r", backend, chosen)
     return ops
 
 
@@ -302,7 +275,10 @@ def _held_origin(branch: RingBranch, causal: bool, step: int) -> int | None:
     return origin
 
 
-# --------------------------------------------------------------------------- ring loops
+# --------------------------------------------------------------------------- ring pieces
+# Shared by the forward and backward loops (and by any ring over other block patterns):
+# the K/V rotation, the blocks a rank computes at each step, and the routing of the
+# dK/dV accumulators back to the ranks that own the K/V.
 
 
 @dataclass(frozen=True)
@@ -320,34 +296,167 @@ class RingSetup:
         return max(b.size for b in self.branches)
 
 
-def _post_kv(
-    comm: RingComm, setup: RingSetup, step: int, held: dict[int, Tensor], like: Tensor
-) -> dict[int, Tensor]:
-    """Queue the K/V transfers of ``step`` for every branch; returns the receive buffers."""
-    batch, head_dim = like.shape[0], like.shape[-1]
-    incoming: dict[int, Tensor] = {}
-    for i, b in enumerate(setup.branches):
-        for origin, src, dst in _kv_messages(b.size, setup.is_causal, step):
-            numel = b.packed_numel(origin, batch, head_dim)
-            if numel == 0:  # nobody has positions for this piece: both sides skip it
+@dataclass(frozen=True)
+class BlockTask:
+    """One block a rank computes at a ring step: its queries of one (branch, head
+    group) against the K/V of ring member ``origin``."""
+
+    branch_index: int
+    group_index: int
+    branch: RingBranch
+    group: PieceGroup
+    origin: int
+    causal: bool  # the block is on the diagonal of a causal call
+    k: Tensor  # (Bb, Lk, Hs, D)
+    v: Tensor
+
+    @property
+    def own(self) -> bool:
+        return self.origin == self.branch.position
+
+    def view(self, x: Tensor) -> Tensor:
+        """This rank's dilated view of a local ``(B, L, H, ...)`` tensor for the block."""
+        view = _view(x, self.branch, self.group)
+        assert view is not None  # tasks exist only where this rank has positions
+        return view
+
+
+class KVRotation:
+    """The packed dilated K/V of every cross-rank branch, passed around its ring.
+
+    Each step's transfers are posted (:meth:`post`) before that step's blocks are
+    computed and waited for (:meth:`advance`) after, so transfer and compute overlap.
+    """
+
+    def __init__(self, setup: RingSetup, k: Tensor, v: Tensor) -> None:
+        self.setup, self.k, self.v = setup, k, v
+        self.held = {
+            i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
+            for i, b in enumerate(setup.branches)
+            if b.size > 1
+        }
+        self._comm: RingComm | None = None
+        self._incoming: dict[int, Tensor] = {}
+
+    def post(self, step: int) -> None:
+        """Queue and start the K/V transfers of ``step`` for every branch."""
+        batch, head_dim = self.k.shape[0], self.k.shape[-1]
+        comm = RingComm(self.setup.group, _KV_TAG)
+        self._incoming = {}
+        for i, b in enumerate(self.setup.branches):
+            for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
+                numel = b.packed_numel(origin, batch, head_dim)
+                if numel == 0:  # nobody has positions for this piece: both sides skip it
+                    continue
+                if src == b.position:
+                    comm.send(self.held[i], b.ring[dst])
+                if dst == b.position:
+                    buf = torch.empty(numel, dtype=self.k.dtype, device=self.k.device)
+                    self._incoming[i] = comm.recv(buf, b.ring[src])
+        comm.commit()
+        self._comm = comm
+
+    def advance(self) -> None:
+        """Wait for the posted transfers; their blocks are held from now on."""
+        assert self._comm is not None
+        self._comm.wait()
+        self.held = self._incoming
+
+    def tasks(self, step: int) -> list[BlockTask]:
+        """The blocks this rank computes at ``step`` (those with positions on both sides)."""
+        tasks = []
+        for i, b in enumerate(self.setup.branches):
+            origin = _held_origin(b, self.setup.is_causal, step)
+            if origin is None:
                 continue
-            if src == b.position:
-                comm.send(held[i], b.ring[dst])
-            if dst == b.position:
-                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-                incoming[i] = comm.recv(buf, b.ring[src])
-    return incoming
+            if origin == b.position:
+                kv_blocks = _own_blocks(self.k, self.v, b)
+            elif i in self.held:
+                kv_blocks = _unpack(self.held[i], b, origin, self.k.shape[0], self.k.shape[-1])
+            else:  # an empty piece, never sent
+                kv_blocks = [None] * len(b.head_groups)
+            causal = self.setup.is_causal and origin == b.position
+            for j, (g, kv) in enumerate(zip(b.head_groups, kv_blocks, strict=True)):
+                if kv is not None and g.counts[b.position] > 0:
+                    tasks.append(BlockTask(i, j, b, g, origin, causal, kv[0], kv[1]))
+        return tasks
 
 
-def _kv_blocks(
-    setup: RingSetup, i: int, origin: int, k: Tensor, v: Tensor, held: dict[int, Tensor]
-) -> list[tuple[Tensor, Tensor] | None]:
-    b = setup.branches[i]
-    if origin == b.position:
-        return _own_blocks(k, v, b)
-    if i not in held:  # an empty piece, never sent
-        return [None] * len(b.head_groups)
-    return _unpack(held[i], b, origin, k.shape[0], k.shape[-1])
+def ring_steps(setup: RingSetup, k: Tensor, v: Tensor) -> Iterator[tuple[int, list[BlockTask]]]:
+    """``(step, blocks)`` of every ring step, K/V transfers of the step in flight.
+
+    The next step's K/V travel while the caller computes ``blocks``; the loop waits
+    for them when the caller asks for the next step.
+    """
+    rotation = KVRotation(setup, k, v)
+    for step in range(setup.num_steps):
+        rotation.post(step)
+        yield step, rotation.tasks(step)
+        rotation.advance()
+
+
+class GradRouter:
+    """Routes the dK/dV of visiting K/V blocks back to the ranks that own them.
+
+    The accumulator (compute dtype) of a block starts at the block's first visitor,
+    follows the block through every rank that attends to it, adding each rank's
+    contribution, and finally travels home, where :meth:`finish` adds it to the
+    owner's dK/dV. Transfers of one step overlap the next step's compute.
+    """
+
+    def __init__(self, setup: RingSetup, like: Tensor, acc_dtype: torch.dtype) -> None:
+        self.setup, self.like, self.acc_dtype = setup, like, acc_dtype
+        self.batch, self.head_dim, self.device = like.shape[0], like.shape[-1], like.device
+        self._comm: RingComm | None = None
+        self._travelling: dict[tuple[int, int], Tensor] = {}  # (branch, origin) -> received
+        self._home: dict[int, list[Tensor]] = {}  # branch -> accumulators of own K/V
+
+    def route(self, step: int, visiting: dict[int, list[tuple[Tensor, Tensor] | None]]) -> None:
+        """Send this step's contributions on; ``visiting[branch][group]`` is the
+        ``(dk, dv)`` this rank computed for the visiting block of that branch."""
+        if self._comm is not None:  # sent at the previous step; arrived while we computed
+            self._comm.wait()
+        comm = RingComm(self.setup.group, _GRAD_TAG)
+        received: dict[tuple[int, int], Tensor] = {}
+        for i, b in enumerate(self.setup.branches):
+            if step == 0 or step >= b.size:
+                continue
+            for origin, src, dst in _grad_messages(b.size, self.setup.is_causal, step):
+                numel = b.packed_numel(origin, self.batch, self.head_dim)
+                if numel == 0:
+                    continue
+                if src == b.position:
+                    grads = visiting.get(i, [None] * len(b.head_groups))
+                    acc = _pack(grads, b, origin, like=self.like, dtype=self.acc_dtype)
+                    if (i, origin) in self._travelling:
+                        acc.add_(self._travelling.pop((i, origin)))
+                    comm.send(acc, b.ring[dst])
+                if dst == b.position:
+                    buf = torch.empty(numel, dtype=self.acc_dtype, device=self.device)
+                    comm.recv(buf, b.ring[src])
+                    if origin == b.position:
+                        self._home.setdefault(i, []).append(buf)
+                    else:
+                        received[(i, origin)] = buf
+        comm.commit()
+        self._comm = comm
+        self._travelling = received
+
+    def finish(self, dk: Tensor, dv: Tensor) -> None:
+        """Wait for the last transfers and add the accumulators that came home."""
+        if self._comm is not None:
+            self._comm.wait()
+        for i, bufs in self._home.items():
+            b = self.setup.branches[i]
+            for buf in bufs:
+                unpacked = _unpack(buf, b, b.position, self.batch, self.head_dim)
+                for g, grad in zip(b.head_groups, unpacked, strict=True):
+                    if grad is not None:
+                        _view(dk, b, g).add_(grad[0])
+                        _view(dv, b, g).add_(grad[1])
+
+
+# --------------------------------------------------------------------------- ring loops
 
 
 def ring_dilated_forward(
@@ -366,30 +475,12 @@ def ring_dilated_forward(
     acc_dtype = compute_dtype(q.dtype)
     out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype, device=q.device)
     lse = torch.full((B, L, H), -math.inf, dtype=acc_dtype, device=q.device)
-    held = {
-        i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
-        for i, b in enumerate(setup.branches)
-        if b.size > 1
-    }
-    for step in range(setup.num_steps):
-        comm = RingComm(setup.group, _KV_TAG)
-        incoming = _post_kv(comm, setup, step, held, k)
-        comm.commit()  # the next blocks travel while this one is computed
-        for i, b in enumerate(setup.branches):
-            origin = _held_origin(b, setup.is_causal, step)
-            if origin is None:
-                continue
-            causal = setup.is_causal and origin == b.position
-            for g, kv in zip(b.head_groups, _kv_blocks(setup, i, origin, k, v, held), strict=True):
-                q_blk = _view(q, b, g)
-                if kv is None or q_blk is None:
-                    continue
-                out_blk, lse_blk = setup.ops.forward(
-                    q_blk, kv[0], kv[1], scale=setup.scale, causal=causal
-                )
-                merge_lse_(_view(out, b, g), _view(lse, b, g), out_blk, lse_blk)
-        comm.wait()
-        held = incoming
+    for _, tasks in ring_steps(setup, k, v):
+        for t in tasks:
+            out_blk, lse_blk = setup.ops.forward(
+                t.view(q), t.k, t.v, scale=setup.scale, causal=t.causal
+            )
+            merge_lse_(t.view(out), t.view(lse), out_blk, lse_blk)
     return out.to(q.dtype), lse
 
 
@@ -398,9 +489,8 @@ def ring_dilated_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward ring loop: gradients of the local shards.
 
-    K/V travel the ring as in the forward; the dK/dV of a block is accumulated in a
-    compute-dtype buffer that follows the block through the ranks attending to it and
-    then returns to its owner.
+    K/V travel the ring as in the forward; :class:`GradRouter` carries the dK/dV of
+    every visiting block back to its owner.
 
     Args:
         dout, q, k, v, out: ``(B, L, H, D)`` local shards; ``out`` is the forward output.
@@ -409,85 +499,25 @@ def ring_dilated_backward(
     Returns:
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
     """
-    B, _, _, D = q.shape
     acc_dtype = compute_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
-    held = {
-        i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
-        for i, b in enumerate(setup.branches)
-        if b.size > 1
-    }
-    grad_comm: RingComm | None = None
-    travelling: dict[tuple[int, int], Tensor] = {}  # (branch, origin) -> accumulator received
-    home: dict[int, list[Tensor]] = {}  # branch -> accumulators of this rank's own K/V
-    for step in range(setup.num_steps):
-        kv_comm = RingComm(setup.group, _KV_TAG)
-        incoming = _post_kv(kv_comm, setup, step, held, k)
-        kv_comm.commit()
-        contributions: dict[int, Tensor] = {}
-        for i, b in enumerate(setup.branches):
-            origin = _held_origin(b, setup.is_causal, step)
-            if origin is None:
-                continue
-            causal = setup.is_causal and origin == b.position
-            own = origin == b.position
-            kv_blocks = _kv_blocks(setup, i, origin, k, v, held)
-            grads: list[tuple[Tensor, Tensor] | None] = []
-            for g, kv in zip(b.head_groups, kv_blocks, strict=True):
-                q_blk = _view(q, b, g)
-                if kv is None or q_blk is None:
-                    grads.append(None)
-                    continue
-                dq_blk, dk_blk, dv_blk = setup.ops.backward(
-                    _view(dout, b, g), q_blk, kv[0], kv[1], _view(out, b, g), _view(lse, b, g),
-                    scale=setup.scale, causal=causal,
-                )  # fmt: skip
-                _view(dq, b, g).add_(dq_blk)
-                if own:
-                    _view(dk, b, g).add_(dk_blk)
-                    _view(dv, b, g).add_(dv_blk)
-                grads.append((dk_blk, dv_blk))
-            if not own and b.packed_numel(origin, B, D):
-                contributions[i] = _pack(grads, b, origin, like=k, dtype=acc_dtype)
-        # Accumulators sent at the end of the previous step arrive while we computed.
-        if grad_comm is not None:
-            grad_comm.wait()
-        grad_comm = RingComm(setup.group, _GRAD_TAG)
-        received: dict[tuple[int, int], Tensor] = {}
-        for i, b in enumerate(setup.branches):
-            if step == 0 or step >= b.size:
-                continue
-            for origin, src, dst in _grad_messages(b.size, setup.is_causal, step):
-                numel = b.packed_numel(origin, B, D)
-                if numel == 0:
-                    continue
-                if src == b.position:
-                    acc = contributions[i]
-                    if (i, origin) in travelling:
-                        acc.add_(travelling.pop((i, origin)))
-                    grad_comm.send(acc, b.ring[dst])
-                if dst == b.position:
-                    buf = torch.empty(numel, dtype=acc_dtype, device=q.device)
-                    grad_comm.recv(buf, b.ring[src])
-                    if origin == b.position:
-                        home.setdefault(i, []).append(buf)
-                    else:
-                        received[(i, origin)] = buf
-        grad_comm.commit()
-        travelling = received
-        kv_comm.wait()
-        held = incoming
-    if grad_comm is not None:
-        grad_comm.wait()
-    for i, bufs in home.items():
-        b = setup.branches[i]
-        for buf in bufs:
-            for g, grad in zip(b.head_groups, _unpack(buf, b, b.position, B, D), strict=True):
-                if grad is not None:
-                    _view(dk, b, g).add_(grad[0])
-                    _view(dv, b, g).add_(grad[1])
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
+    router = GradRouter(setup, k, acc_dtype)
+    for step, tasks in ring_steps(setup, k, v):
+        visiting: dict[int, list[tuple[Tensor, Tensor] | None]] = {}
+        for t in tasks:
+            dq_blk, dk_blk, dv_blk = setup.ops.backward(
+                t.view(dout), t.view(q), t.k, t.v, t.view(out), t.view(lse),
+                scale=setup.scale, causal=t.causal,
+            )  # fmt: skip
+            t.view(dq).add_(dq_blk)
+            if t.own:
+                t.view(dk).add_(dk_blk)
+                t.view(dv).add_(dv_blk)
+            else:
+                groups = visiting.setdefault(t.branch_index, [None] * len(t.branch.head_groups))
+                groups[t.group_index] = (dk_blk, dv_blk)
+        router.route(step, visiting)
+    router.finish(dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -523,9 +553,10 @@ def ring_dilated_attention(
     is_causal: bool = False,
     branch_mixing: str = "softmax",
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Dilated attention on a sequence sharded over the ranks of ``group``.
 
@@ -554,6 +585,11 @@ def ring_dilated_attention(
         dropout_p, key_padding_mask: accepted for symmetry with ``dilated_attention``
             but not supported over the ring: anything but ``0.0`` / ``None`` raises a
             ``ValueError`` on every rank.
+        validate: run the collective check (one small ``all_gather`` and a host sync)
+            that makes every rank raise when any rank's input is bad or the ranks
+            disagree. With ``False`` only this rank's own checks run: use it for calls
+            whose signature (shapes, dtype, device, settings) was already validated,
+            as the ring modules do; a mismatch between ranks then goes undetected.
 
     Returns:
         ``(B, N/k, H, D)`` in ``q.dtype``: this rank's shard of the output.
@@ -566,18 +602,20 @@ def ring_dilated_attention(
         Dropout and key padding masks are not supported over the ring.
     """
     group = resolve_group(group)
-    plan = check_ring_call(
-        q, k, v,
-        group=group,
+    settings = dict(
         segment_lengths=segment_lengths,
         dilation_rates=dilation_rates,
         branch_mixing=branch_mixing,
         is_causal=is_causal,
         scale=scale,
-        backend=backend,
         dropout_p=dropout_p,
         key_padding_mask=key_padding_mask,
-    )  # fmt: skip
+    )
+    if validate:
+        plan = check_ring_call(q, k, v, group=group, backend=backend, **settings)
+    else:
+        plan = check_ring_call_locally(q, k, v, **settings)
+        check_shard_length(plan, q.shape[1], dist.get_world_size(group))
     _, L, _, D = q.shape
     call = AttentionCall(
         device_type=q.device.type,

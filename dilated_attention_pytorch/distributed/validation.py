@@ -97,6 +97,46 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
             )
 
 
+def check_ring_call_locally(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    branch_mixing: str,
+    is_causal: object,
+    scale: object,
+    dropout_p: object = 0.0,
+    key_padding_mask: object = None,
+) -> DilatedPlan:
+    """The checks of a ring call that need no other rank; returns the plan.
+
+    Raises ``ValueError``/``TypeError`` on this rank only. :func:`check_ring_call`
+    runs them inside its collective so that every rank raises together.
+    """
+    check_qkv(q, k, v)
+    check_scalars(scale=scale, dropout_p=0.0, is_causal=is_causal)
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask is not supported by ring attention; mask padded positions "
+            "out of the loss instead, or use single-device dilated_attention."
+        )
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"dropout_p={dropout_p} is not supported by ring attention: the ring cannot "
+            f"reproduce the attention-probability dropout of the single-device module; "
+            f"pass dropout_p=0.0 (modules: dropout=0.0, or call .eval())."
+        )
+    assert isinstance(q, Tensor)
+    if q.shape[1] == 0:
+        raise ValueError(
+            f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
+            f"N/k >= 1 tokens."
+        )
+    return make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+
+
 def check_ring_call(
     q: object,
     k: object,
@@ -115,32 +155,24 @@ def check_ring_call(
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
     Collective: every rank of ``group`` must call it. Raises the same ``ValueError``
-    on every rank when any rank's input is bad or the ranks disagree.
+    on every rank when any rank's input is bad or the ranks disagree. Costs one small
+    ``all_gather`` and a host synchronisation.
     """
     local_error: str | None = None
     plan: DilatedPlan | None = None
     meta = [0] * _META_LEN
     try:
-        check_qkv(q, k, v)
-        check_scalars(scale=scale, dropout_p=0.0, is_causal=is_causal)
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is not supported by ring attention; mask padded positions "
-                "out of the loss instead, or use single-device dilated_attention."
-            )
-        if dropout_p != 0.0:
-            raise ValueError(
-                f"dropout_p={dropout_p} is not supported by ring attention: the ring cannot "
-                f"reproduce the attention-probability dropout of the single-device module; "
-                f"pass dropout_p=0.0 (modules: dropout=0.0, or call .eval())."
-            )
+        plan = check_ring_call_locally(
+            q, k, v,
+            segment_lengths=segment_lengths,
+            dilation_rates=dilation_rates,
+            branch_mixing=branch_mixing,
+            is_causal=is_causal,
+            scale=scale,
+            dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask,
+        )  # fmt: skip
         assert isinstance(q, Tensor)
-        if q.shape[1] == 0:
-            raise ValueError(
-                f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
-                f"N/k >= 1 tokens."
-            )
-        plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
         meta = [
             1,
             *q.shape,
@@ -149,7 +181,7 @@ def check_ring_call(
             _fingerprint(
                 tuple(segment_lengths), tuple(dilation_rates), branch_mixing, is_causal,
                 None if scale is None else float(scale),  # scale=1 and scale=1.0 agree
-                backend,
+                backend if isinstance(backend, str) else repr(backend),
             ),
         ]  # fmt: skip
     except (TypeError, ValueError) as exc:

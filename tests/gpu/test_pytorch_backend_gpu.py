@@ -26,7 +26,7 @@ def test_reference_cuda_low_precision(dtype, is_causal, branch_mixing, N) -> Non
         torch.randn(B, N, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
     )
     kwargs = dict(is_causal=is_causal, branch_mixing=branch_mixing)
-    out = dilated_attention(q, k, v, ws, rs, backend="reference", **kwargs)
+    out = dilated_attention(q, k, v, ws, rs, backend="pytorch", **kwargs)
     ref = dense_dilated_attention(q, k, v, ws, rs, upcast=True, **kwargs)
     low = dense_dilated_attention(q, k, v, ws, rs, upcast=False, **kwargs)
     dout = torch.randn_like(out)
