@@ -1,4 +1,4 @@
-"""Dilated attention on one GPU: triton backend vs reference backend vs dense cuDNN SDPA.
+"""Dilated attention on one GPU: triton backend vs pytorch backend vs dense cuDNN SDPA.
 
 Usage::
 
@@ -8,14 +8,20 @@ Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dil
 rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
 both branch mixings; forward and forward+backward; not causal.
 
+Implementations (``--impls``): backend names (``triton``, ``pytorch``) and
+``pytorch-flash``, the pytorch backend pinned to PyTorch's flash op
+(``backend=PyTorchBackend(kernel="flash")``) instead of cuDNN.
+
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
 peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
-included), and the time ratio to the reference backend (b).
+included), and the time ratio to the pytorch backend (b). Timing, memory, FLOPs and
+the JSON stamp come from ``benchmarks/measure.py``.
 
-FLOP formula (useful work only: the pairs the pattern attends, counted with
-multiplicity across branches). For branch ``(w, r)`` and a head ``h`` running it with
-offset ``o``, segment ``s`` holds ``L_s(o)`` dilated positions (the last segment may be
-shorter); non-causal it attends ``L_s^2`` pairs, causal ``L_s (L_s + 1) / 2``. Then::
+FLOP formula (``dilated_attention_pytorch.plan.attention_flops``; useful work only: the
+pairs the pattern attends, counted with multiplicity across branches). For branch
+``(w, r)`` and a head ``h`` running it with offset ``o``, segment ``s`` holds ``L_s(o)``
+dilated positions (the last segment may be shorter); non-causal it attends ``L_s^2``
+pairs, causal ``L_s (L_s + 1) / 2``. Then::
 
     pairs    = B * sum_{branches} sum_{heads h of the branch} sum_s pairs_s(o_h)
     FLOP_fwd = 4 * D * pairs          # QK^T and PV, 2 FLOP per multiply-add each
@@ -32,66 +38,27 @@ implementations as lines) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
+from measure import (
+    FLOP_CONVENTION,
+    GiB,
+    dense_flops,
+    dilated_flops,
+    measure,
+    stamp,
+    tflops,
+    time_ms,
+    write_json,
+)
 
-from dilated_attention_pytorch import dilated_attention, make_plan
-from dilated_attention_pytorch.plan import num_dilated_positions
+from dilated_attention_pytorch import dilated_attention
+from dilated_attention_pytorch.backends import PyTorchBackend
 
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
-
-
-def attended_pairs(N: int, H: int, ws: list[int], rs: list[int], mixing: str, causal: bool) -> int:
-    """Number of (query, key, head) pairs the pattern attends, per batch element."""
-    plan = make_plan(ws, rs, H, mixing)
-    total = 0
-    for branch in plan.branches:
-        w, r = branch.segment_length, branch.dilation_rate
-        lengths = [w] * (N // w) + ([N % w] if N % w else [])
-        for group in branch.head_groups:
-            for seg_len in lengths:
-                L = num_dilated_positions(seg_len, r, group.offset)
-                total += group.num_heads * (L * (L + 1) // 2 if causal else L * L)
-    return total
-
-
-def time_cuda(fn: Callable[[], object], *, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak allocated bytes while running ``fn`` once (whatever is live before counts too)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
-
-
-def reps_for(ms_estimate: float) -> int:
-    # About 0.7 s of timing per measurement, between 5 and 50 runs.
-    return int(min(50, max(5, 700.0 / max(ms_estimate, 1e-3))))
 
 
 def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool):
@@ -110,19 +77,14 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
 
         return run
 
-    # "reference-flash": the reference backend forced onto PyTorch's flash op instead of
-    # cuDNN, to show what the reference's choice of kernel is worth.
-    name = "reference" if backend == "reference-flash" else backend
-    kernel_env = "flash" if backend == "reference-flash" else ""
+    # "pytorch-flash": the pytorch backend pinned to PyTorch's flash op instead of cuDNN,
+    # to show what the pytorch backend's choice of kernel is worth.
+    chosen = PyTorchBackend(kernel="flash") if backend == "pytorch-flash" else backend
 
     def run():
-        os.environ["DILATED_ATTENTION_REFERENCE_KERNEL"] = kernel_env
-        try:
-            out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=name)
-            if with_bwd:
-                out.backward(dout)
-        finally:
-            os.environ.pop("DILATED_ATTENTION_REFERENCE_KERNEL", None)
+        out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
+        if with_bwd:
+            out.backward(dout)
         return out
 
     return run
@@ -176,16 +138,13 @@ def bench_one(
         with torch.no_grad():
             return run()
 
-    call()  # compile / warm caches
-    t0 = time.perf_counter()
-    peak = peak_bytes(call)  # second call: also a rough time estimate for the rep count
-    est_ms = (time.perf_counter() - t0) * 1e3
-    ms = time_cuda(call, reps=reps_for(est_ms), warmup=1)
+    # One warm-up call (compile, caches), one under the memory probe (which also sizes the
+    # number of timed runs: about 0.7 s of timing, 5 to 50 runs), then the timed runs.
+    m = measure(call, "cuda", warmup=1, count_live=True)
     if impl == "dense":
-        pairs = B * H * N * N
+        flop = dense_flops(N, H, D, batch=B, backward=with_bwd)
     else:
-        pairs = B * attended_pairs(N, H, ws, rs, mixing, causal=False)
-    flop = 4 * D * pairs * (3.5 if with_bwd else 1.0)
+        flop = dilated_flops(ws, rs, H, N, D, branch_mixing=mixing, batch=B, backward=with_bwd)
     return dict(
         impl=impl if impl != "dense" else f"dense-{DENSE_NAME}",
         N=N,
@@ -194,9 +153,10 @@ def bench_one(
         B=B,
         mixing=mixing if impl != "dense" else "dense",
         pass_="fwd+bwd" if with_bwd else "fwd",
-        ms=ms,
-        tflops=flop / (ms * 1e-3) / 1e12,
-        peak_gib=peak / 2**30,
+        ms=m.ms,
+        reps=m.reps,
+        tflops=tflops(flop, m.ms),
+        peak_gib=m.peak_bytes / GiB,
     )
 
 
@@ -204,9 +164,9 @@ def tune(N: int, D: int) -> dict:
     """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
 
     Installs the fastest config per kernel for this run and returns what it chose; the
-    library defaults (triton_kernels.*_CONFIGS) are set from such a run.
+    library defaults (``backends/triton/launch.py``, ``*_CONFIGS``) are set from such a run.
     """
-    from dilated_attention_pytorch.backends import triton_kernels as tk
+    from dilated_attention_pytorch.backends.triton import launch as tk
 
     KC = tk.KernelConfig
     if D <= 64:
@@ -251,7 +211,7 @@ def tune(N: int, D: int) -> dict:
         for c in cands:
             table[D] = KC(*c)
             try:
-                ms = time_cuda(fn, reps=10, warmup=1)
+                ms = time_ms(fn, "cuda", reps=10, warmup=1)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
                 print(f"tune {name} D={D} {c}: failed ({type(exc).__name__})", flush=True)
                 continue
@@ -276,7 +236,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for i, D in enumerate(Ds):
         for j, mixing in enumerate(mixings):
             ax = axes[i][j]
-            for impl, style in (("triton", "o-"), ("reference", "s--"), ("reference-flash", "x:")):
+            for impl, style in (("triton", "o-"), ("pytorch", "s--"), ("pytorch-flash", "x:")):
                 pts = sorted(
                     (r["N"], r["ms"])
                     for r in rows
@@ -324,14 +284,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--impls",
-        default="triton,reference",
-        help="dilated implementations to time; 'reference-flash' adds the reference backend "
-        "forced onto the flash op instead of cuDNN",
+        default="triton,pytorch",
+        help="dilated implementations to time: backend names; 'pytorch-flash' adds the pytorch "
+        "backend pinned to PyTorch's flash op instead of cuDNN",
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    import triton
-
     pick_dense_backend()
     tuned = {}
     if args.tune:
@@ -342,23 +300,15 @@ def main() -> None:
         Ns = [1 << 15, 1 << 20]
     Ns = [n for n in Ns if n <= args.max_n]
     rows: list[dict] = []
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = dict(
-        device=device,
-        date=date,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        command="python " + " ".join(sys.argv),
+        **stamp("cuda"),
         dense_backend=DENSE_NAME,
         segment_lengths=SEGMENTS,
         dilation_rates=RATES,
         dtype="bfloat16",
         causal=False,
         tuned_configs={str(k): v for k, v in tuned.items()},
-        flop_formula="fwd = 4*D*attended_pairs; fwd+bwd = 3.5*fwd (bwd = 2.5x fwd convention)",
+        flop_formula=FLOP_CONVENTION,
         rows=rows,
     )
     json_path = os.path.join(args.out, "dilated_bench.json")
@@ -366,18 +316,15 @@ def main() -> None:
     def add(row: dict) -> None:
         torch.cuda.empty_cache()  # the call's tensors are gone: start each from a clean pool
         rows.append(row)
-        # Ratio to the reference backend (b): time(b) / time(impl); > 1 is faster than (b).
-        ref = {
-            (r["N"], r["D"], r["mixing"], r["pass_"]): r for r in rows if r["impl"] == "reference"
-        }
+        # Ratio to the pytorch backend (b): time(b) / time(impl); > 1 is faster than (b).
+        ref = {(r["N"], r["D"], r["mixing"], r["pass_"]): r for r in rows if r["impl"] == "pytorch"}
         for r in rows:
             b = ref.get((r["N"], r["D"], r["mixing"], r["pass_"]))
-            r["speedup_vs_reference"] = b["ms"] / r["ms"] if b else None
-            r["memory_ratio_vs_reference"] = r["peak_gib"] / b["peak_gib"] if b else None
-        with open(json_path, "w") as f:  # after every row, so a cut-off run keeps its data
-            json.dump(meta, f, indent=1)
+            r["speedup_vs_pytorch"] = b["ms"] / r["ms"] if b else None
+            r["memory_ratio_vs_pytorch"] = r["peak_gib"] / b["peak_gib"] if b else None
+        write_json(json_path, meta)  # after every row, so a cut-off run keeps its data
         print(
-            f"{row['impl']:>12} D={row['D']:<3} {row['mixing']:>10} {row['pass_']:>7} N={row['N']:>8}: "
+            f"{row['impl']:>13} D={row['D']:<3} {row['mixing']:>10} {row['pass_']:>7} N={row['N']:>8}: "
             f"{row['ms']:9.2f} ms {row['tflops']:7.1f} TFLOP/s {row['peak_gib']:6.2f} GiB",
             flush=True,
         )
@@ -393,19 +340,19 @@ def main() -> None:
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),
-        f"{device}, {date}, torch {torch.__version__}, triton {triton.__version__}",
+        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}",
     )
     # Summary table (the last lines of output).
-    print(f"\n{device} {date} dense={DENSE_NAME}")
+    print(f"\n{meta['device']} {meta['date']} dense={DENSE_NAME}")
     print(
-        f"{'impl':>10} {'D':>3} {'mixing':>10} {'pass':>7} {'N':>8} {'ms':>9} {'TFLOP/s':>8} {'GiB':>6} {'x(b)':>6} {'mem/(b)':>7}"
+        f"{'impl':>13} {'D':>3} {'mixing':>10} {'pass':>7} {'N':>8} {'ms':>9} {'TFLOP/s':>8} {'GiB':>6} {'x(b)':>6} {'mem/(b)':>7}"
     )
     for r in rows:
         if r["N"] in (Ns[0], Ns[-1]) or r["impl"].startswith("dense"):
-            sp = r["speedup_vs_reference"]
-            mr = r["memory_ratio_vs_reference"]
+            sp = r["speedup_vs_pytorch"]
+            mr = r["memory_ratio_vs_pytorch"]
             print(
-                f"{r['impl']:>10} {r['D']:>3} {r['mixing']:>10} {r['pass_']:>7} {r['N']:>8} {r['ms']:9.2f} "
+                f"{r['impl']:>13} {r['D']:>3} {r['mixing']:>10} {r['pass_']:>7} {r['N']:>8} {r['ms']:9.2f} "
                 f"{r['tflops']:8.1f} {r['peak_gib']:6.2f} {'' if sp is None else f'{sp:6.2f}':>6} "
                 f"{'' if mr is None else f'{mr:7.2f}':>7}"
             )

@@ -19,7 +19,11 @@ by side, as a data-parallel dimension would):
 
 FLOPs: the attention pairs the plan actually computes (per branch, head group and
 segment) times ``4 * D`` for the forward; forward+backward counts ``3.5x`` that
-(the backward does 5 of the forward's 2 matmuls per pair, as flash-attention counts).
+(the backward does 5 of the forward's 2 matmuls per pair, as flash-attention counts):
+``dilated_attention_pytorch.plan.attention_flops``. Time (median of ``--iters`` runs
+after ``--warmup``, CUDA events), peak memory (on CUDA everything allocated, inputs
+included; on the CPU what a step adds to the resident memory) and the JSON stamp come from ``benchmarks/measure.py``; time and memory are the
+maximum over ranks.
 
 Prints a table and writes ``ring_<device>_<N>gpu_<date>.json`` (device, date,
 versions, command, results) into ``--out``; the file is rewritten after each section.
@@ -28,11 +32,7 @@ versions, command, results) into ``--out``; the file is rewritten after each sec
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
@@ -42,9 +42,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from measure import (
+    FLOP_CONVENTION,
+    Measurement,
+    MiB,
+    PeakMemory,
+    dense_flops,
+    dilated_flops,
+    measure,
+    result_path,
+    stamp,
+    tflops,
+    write_json,
+)
 
 from dilated_attention_pytorch import dilated_attention, ring_dilated_attention
-from dilated_attention_pytorch.plan import make_plan, num_dilated_positions
 
 Tensor = torch.Tensor
 
@@ -67,56 +79,21 @@ def longnet_schedule(seq_len: int, base: int) -> tuple[list[int], list[int]]:
     return segments, [max(1, s // base) for s in segments]
 
 
-def attention_flops(
-    seq_len: int,
-    batch: int,
-    heads: int,
-    head_dim: int,
-    segments: list[int],
-    rates: list[int],
-    causal: bool,
-) -> float:
-    """Forward FLOPs: ``4 * D`` per (query, key) pair the plan computes."""
-    plan = make_plan(segments, rates, heads, "softmax")
-    pairs = 0
-    for branch in plan.branches:
-        w = min(branch.segment_length, seq_len)
-        for group in branch.head_groups:
-            n = num_dilated_positions(w, branch.dilation_rate, group.offset)
-            per_segment = n * (n + 1) // 2 if causal else n * n
-            pairs += per_segment * (seq_len // w) * group.num_heads
-    return 4.0 * head_dim * pairs * batch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def max_over(value: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
 
 
-def measure(
-    step: Callable[[], None], device: torch.device, iters: int, warmup: int
-) -> tuple[float, float | None]:
-    """Median milliseconds of ``step`` and peak memory (MiB) allocated while it ran."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+def count_live(device: torch.device) -> bool:
+    # CUDA: all that is allocated, inputs included. CPU (the gloo smoke test): what the
+    # step adds to the process's resident memory, which would otherwise be mostly libraries.
+    return device.type == "cuda"
+
+
+def timed(step: Callable[[], None], device: torch.device, args: argparse.Namespace) -> Measurement:
+    """``measure`` with the same number of runs on every rank (the steps are collective)."""
+    return measure(step, device, reps=args.iters, warmup=args.warmup, count_live=count_live(device))
 
 
 def fwd_bwd_step(
@@ -221,11 +198,13 @@ def ring_point(
     def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         return ring_dilated_attention(a, b, c, segments, rates, group=group, is_causal=causal)
 
-    ms, peak = measure(fwd_bwd_step(fn, [q, kk, v], dout), device, args.iters, args.warmup)
-    ms, peak = max_over(ms, device), (None if peak is None else max_over(peak, device))
-    flops = 3.5 * attention_flops(
-        seq_len, args.batch, args.heads, args.head_dim, segments, rates, causal
-    )
+    m = timed(fwd_bwd_step(fn, [q, kk, v], dout), device, args)
+    ms = max_over(m.ms, device)
+    peak = None if m.peak_bytes is None else max_over(m.peak_bytes / MiB, device)
+    flops = dilated_flops(
+        segments, rates, args.heads, seq_len, args.head_dim,
+        batch=args.batch, is_causal=causal, backward=True,
+    )  # fmt: skip
     del q, kk, v, dout
     return {
         "ring_size": k,
@@ -237,7 +216,7 @@ def ring_point(
         "dilation_rates": rates,
         "fwd_bwd_ms": ms,
         "peak_mib_per_gpu": peak,
-        "tflops_per_gpu": flops / k / (ms * 1e-3) / 1e12,
+        "tflops_per_gpu": tflops(flops / k, ms),
     }
 
 
@@ -303,9 +282,9 @@ def dense_vs_context_parallel(
     B, H, D = args.batch, args.heads, args.head_dim
     rows: list[dict[str, Any]] = []
 
-    def record(method: str, N: int, causal: bool, gpus: int, ms: float, peak: float | None) -> None:
-        ms = max_over(ms, device)
-        flops = 3.5 * 4.0 * D * N * N * H * B * (0.5 if causal else 1.0)
+    def record(method: str, N: int, causal: bool, gpus: int, m: Measurement) -> None:
+        ms = max_over(m.ms, device)
+        flops = dense_flops(N, H, D, batch=B, is_causal=causal, backward=True)
         rows.append(
             {
                 "method": method,
@@ -313,8 +292,8 @@ def dense_vs_context_parallel(
                 "causal": causal,
                 "world_size": gpus,
                 "fwd_bwd_ms": ms,
-                "peak_mib_per_gpu": max_over(peak or 0.0, device),
-                "tflops_per_gpu": flops / gpus / (ms * 1e-3) / 1e12,
+                "peak_mib_per_gpu": max_over((m.peak_bytes or 0) / MiB, device),
+                "tflops_per_gpu": tflops(flops / gpus, ms),
             }
         )
 
@@ -336,13 +315,7 @@ def dense_vs_context_parallel(
                 return ring_dilated_attention(a, b, c, [n], [1], is_causal=cz)
 
             step = fwd_bwd_step(ring_fn, [q, k, v], dout)
-            record(
-                "dense ring (this library)",
-                N,
-                causal,
-                world_size,
-                *measure(step, device, args.iters, args.warmup),
-            )
+            record("dense ring (this library)", N, causal, world_size, timed(step, device, args))
             del q, k, v, dout, step
 
             for rotate in ("allgather", "alltoall"):
@@ -368,9 +341,9 @@ def dense_vs_context_parallel(
                             t.set_()
                         torch.cuda.empty_cache()
                         step = fwd_bwd_step(lambda a, b, c, cz=causal: sdpa(a, b, c, cz), local, dl)
-                        result = measure(step, device, args.iters, args.warmup)
+                        result = timed(step, device, args)
                     del local, dl, full, step
-                    record(method, N, causal, world_size, *result)
+                    record(method, N, causal, world_size, result)
                 except Exception as exc:  # report, keep benchmarking the rest
                     rows.append(
                         {"method": method, "seq_len": N, "causal": causal, "error": repr(exc)}
@@ -386,13 +359,7 @@ def dense_vs_context_parallel(
             )
             dout = torch.randn(full_shape, device=device, dtype=args.dtype)
             step = fwd_bwd_step(lambda a, b, c, cz=causal: sdpa(a, b, c, cz), [q, k, v], dout)
-            record(
-                "torch SDPA flash, 1 GPU",
-                N,
-                causal,
-                1,
-                *measure(step, device, args.iters, args.warmup),
-            )
+            record("torch SDPA flash, 1 GPU", N, causal, 1, timed(step, device, args))
             del q, k, v, dout, step
     return rows
 
@@ -454,23 +421,11 @@ def main() -> None:
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    name = torch.cuda.get_device_name() if use_cuda else platform.processor() or "cpu"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    date = datetime.datetime.now(datetime.timezone.utc)
     report: dict[str, Any] = {
-        "device": name,
+        **stamp(device),
         "world_size": world_size,
-        "date": date.isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if use_cuda else None,
-        "command": f"torchrun --nproc_per_node={world_size} {' '.join(sys.argv)}",
+        "flop_formula": FLOP_CONVENTION,
+        "memory": PeakMemory(device, count_live=count_live(device)).what + ", max over ranks",
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
         "notes": (
             "4-GPU runs were not possible: only a 2-GPU machine was available."
@@ -478,8 +433,7 @@ def main() -> None:
             else ""
         ),
     }
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = os.path.join(args.out, f"ring_{slug}_{world_size}gpu_{date:%Y%m%d}.json")
+    path = result_path(args.out, "ring", device, f"{world_size}gpu")
     sections = {
         "correctness": correctness,
         "weak_scaling": weak_scaling,
@@ -499,9 +453,7 @@ def main() -> None:
             print_table(
                 f"{section} ({time.perf_counter() - start:.0f} s)", rows, TABLE_COLUMNS[section]
             )
-            os.makedirs(args.out, exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(path, report)
     if rank == 0:
         print(f"\nwrote {path}")
     dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
@@ -73,11 +74,52 @@ def _plain(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
+def _validate_once(rank: int, world_size: int) -> dict[str, Any]:
+    """Count the collective checks a module runs: once per input signature."""
+    # The module, not the function of the same name that the package exports.
+    ring_impl = importlib.import_module(
+        "dilated_attention_pytorch.distributed.ring_dilated_attention"
+    )
+
+    calls = []
+    original = ring_impl.check_ring_call
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    ring_impl.check_ring_call = counting
+    try:
+        torch.manual_seed(5)
+        q = torch.randn(1, 16, 4, 8, dtype=torch.float64)
+        module = StandardRingAttention(SEGMENTS, DILATIONS)
+        always = StandardRingAttention(SEGMENTS, DILATIONS, validate="always")
+        for _ in range(3):
+            module(q, q, q)
+        module(q[:, :8], q[:, :8], q[:, :8])  # a new shard length: checked again
+        module(q, q, q, is_causal=True)  # a new option: checked again
+        for _ in range(2):
+            always(q, q, q)
+        counted = list(calls)
+        # Shards of different lengths on the two ranks, both signatures new: the
+        # collective check runs on every rank, and every rank raises.
+        n = 2 if rank == 0 else 4
+        try:
+            module(q[:, :n], q[:, :n], q[:, :n])
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+    finally:
+        ring_impl.check_ring_call = original
+    return {"calls": counted, "mismatch_error": error}
+
+
 def _worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     return {
         "multihead": _multihead(rank, world_size, False),
         "multihead-causal": _multihead(rank, world_size, True),
         "plain": _plain(rank, world_size),
+        "validate": _validate_once(rank, world_size),
     }
 
 
@@ -101,6 +143,17 @@ def test_ring_dilated_attention_module(results: list[dict[str, Any]]) -> None:
         torch.testing.assert_close(*res["plain"]["out"], **TOL)
         assert res["plain"]["alias"]
         assert res["plain"]["factory"]  # create_dilated_attention("ring", ...) under dist
+
+
+def test_collective_check_runs_once_per_signature(results: list[dict[str, Any]]) -> None:
+    for res in results:
+        # 3 calls of one signature -> 1 check; new length -> 1; causal -> 1; "always" -> 2.
+        assert (
+            res["validate"]["calls"]
+            == [(1, 16, 4, 8), (1, 8, 4, 8), (1, 16, 4, 8)] + [(1, 16, 4, 8)] * 2
+        )
+        assert res["validate"]["mismatch_error"] is not None
+        assert "the local shards differ between ranks" in res["validate"]["mismatch_error"]
 
 
 def test_factory_ring_kind_needs_an_initialized_process_group() -> None:

@@ -1,0 +1,195 @@
+"""Every registered backend against the dense oracle, generated from its declared capabilities.
+
+For each backend in ``available_backends()``, and each (device, dtype) its
+``capabilities`` declare, the cases below run with every option the backend declares
+(causal, key padding mask, both branch mixings), forward and gradients, against the
+float64 dense oracle, within the backend's own per-dtype tolerance. Options it does
+not declare must be refused with a reason when asked for by name, and its block ops
+(for the ring) are checked against dense attention on one block. A new backend is
+tested by registering it: no new test file.
+
+Backends that cannot run on this machine's devices (Triton needs CUDA) are run again
+in a subprocess with ``TRITON_INTERPRET=1``, where Triton kernels run on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import dense_dilated_attention, dilated_attention
+from dilated_attention_pytorch.backends import AttentionCall, available_backends, get_backend
+from dilated_attention_pytorch.plan import make_plan
+
+# (B, N, H, segment_lengths, dilation_rates): ragged last segments, r > 1 with
+# offsets, more than one branch, a branch wider than the sequence, few heads.
+CONFIGS = [
+    (2, 37, 4, (8, 16), (1, 2)),
+    (1, 48, 3, (4, 16, 64), (1, 2, 4)),
+]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Set in the TRITON_INTERPRET=1 subprocess: only these backends are run there.
+ONLY = os.environ.get("DILATED_ATTENTION_TEST_BACKENDS")
+
+
+def _backends() -> list[str]:
+    names = available_backends()
+    return [n for n in names if n in ONLY.split(",")] if ONLY else names
+
+
+def _head_dim(caps) -> int:
+    return 16 if caps.head_dims is None or 16 in caps.head_dims else caps.head_dims[0]
+
+
+def _cases() -> list:
+    cases = []
+    for name in _backends():
+        caps = get_backend(name).capabilities
+        for device in (d for d in caps.device_types if d in DEVICES):
+            for dtype in caps.dtypes[device]:
+                for config in range(len(CONFIGS)):
+                    for causal in [False, True] if caps.causal else [False]:
+                        for mask in [False, True] if caps.key_padding_mask else [False]:
+                            for mixing in ("softmax", "head_split"):
+                                dt = str(dtype).removeprefix("torch.")
+                                cases.append(
+                                    pytest.param(
+                                        name, device, dtype, config, causal, mask, mixing,
+                                        id=f"{name}-{device}-{dt}-c{config}-causal{int(causal)}"
+                                        f"-mask{int(mask)}-{mixing}",
+                                    )
+                                )  # fmt: skip
+    return cases
+
+
+def _call(name, device, dtype, head_dim, plan, **flags) -> AttentionCall:
+    base = dict(is_causal=False, dropout=False, key_padding_mask=False)
+    return AttentionCall(device, dtype, head_dim, plan=plan, **{**base, **flags})
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "dtype", "config", "causal", "mask", "mixing"), _cases()
+)
+def test_backend_matches_oracle(name, device, dtype, config, causal, mask, mixing) -> None:
+    backend = get_backend(name)
+    B, N, H, ws, rs = CONFIGS[config]
+    D = _head_dim(backend.capabilities)
+    plan = make_plan(ws, rs, H, mixing)
+    why = backend.why_not(_call(name, device, dtype, D, plan, is_causal=causal))
+    if why:
+        pytest.skip(f"{name} cannot run here: {why}")
+    q, k, v = (torch.randn(B, N, H, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    key_padding_mask = None
+    if mask:
+        key_padding_mask = torch.rand(B, N, device=device) < 0.3
+        key_padding_mask[0, : N // 2] = True  # whole segments without keys: rows output 0
+    kw = dict(is_causal=causal, branch_mixing=mixing, key_padding_mask=key_padding_mask)
+    out, lse = dilated_attention(q, k, v, ws, rs, backend=name, return_lse=True, **kw)
+    ref_out, ref_lse = dense_dilated_attention(q, k, v, ws, rs, return_lse=True, **kw)
+    atol, rtol = backend.capabilities.tolerances[dtype]
+    # The oracle computes in float64 from the same (rounded) inputs and rounds its
+    # output to the input dtype once; the tolerance bounds the backend's own error.
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(
+        lse[finite].double(), ref_lse[finite], atol=max(atol, 1e-6), rtol=max(rtol, 1e-6)
+    )
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    for which, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m, w=which: f"d{w}: {m}")
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_undeclared_options_are_refused(name) -> None:
+    backend = get_backend(name)
+    caps = backend.capabilities
+    plan = make_plan([8], [1], 2)
+    device = caps.device_types[0]
+    call = _call(name, device, caps.dtypes[device][0], _head_dim(caps), plan)
+    for flag, supported in (
+        ("is_causal", caps.causal),
+        ("key_padding_mask", caps.key_padding_mask),
+        ("dropout", caps.dropout),
+    ):
+        reasons = backend.why_not(dataclasses.replace(call, **{flag: True}))
+        assert bool(reasons) != supported or backend.why_not(call), (flag, reasons)
+    for device_type in ("cpu", "cuda", "mps"):
+        if device_type not in caps.device_types:
+            reasons = backend.why_not(dataclasses.replace(call, device_type=device_type))
+            assert any(device_type in r for r in reasons), reasons
+    if caps.head_dims is not None:
+        odd = dataclasses.replace(call, head_dim=max(caps.head_dims) + 1)
+        assert any("head_dim" in r for r in backend.why_not(odd))
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_ops_match_dense_attention(name, causal) -> None:
+    backend = get_backend(name)
+    caps = backend.capabilities
+    if not caps.block_ops:
+        assert backend.block_ops() is None
+        return
+    ops = backend.block_ops()
+    device = next((d for d in caps.device_types if d in DEVICES), None)
+    D = _head_dim(caps)
+    dtype = caps.dtypes[device][0] if device else None
+    plan = make_plan([24], [1], 2)
+    if device is None or backend.why_not(_call(name, device, dtype, D, plan, is_causal=causal)):
+        pytest.skip(f"{name} cannot run its blocks here")
+    # Three blocks of 24 queries against 24 keys, two heads: one dense segment each.
+    q, k, v = (torch.randn(3, 24, 2, D, device=device).to(dtype) for _ in range(3))
+    out, lse = ops.forward(q, k, v, scale=D**-0.5, causal=causal)
+    flat = [t.reshape(1, 72, 2, D) for t in (q, k, v)]
+    ref_out, ref_lse = dense_dilated_attention(*flat, [24], [1], is_causal=causal, return_lse=True)
+    atol, rtol = caps.tolerances[dtype]
+    torch.testing.assert_close(out.reshape(1, 72, 2, D).to(dtype), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(
+        lse.reshape(1, 72, 2).double(), ref_lse, atol=max(atol, 1e-6), rtol=max(rtol, 1e-6)
+    )
+    # Backward given the final out/lse: the gradient of the block's own softmax here.
+    dout = torch.randn_like(out)
+    grads = ops.backward(dout, q, k, v, out.to(dtype), lse, scale=D**-0.5, causal=causal)
+    leaves = [t.detach().requires_grad_() for t in flat]
+    ref = dense_dilated_attention(*leaves, [24], [1], is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.reshape(1, 72, 2, D).to(dtype))
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.reshape(1, 72, 2, D).to(dtype), rg, atol=atol, rtol=rtol)
+
+
+def _not_runnable_here() -> list[str]:
+    """Backends whose declared devices include none of this process's devices."""
+    return [
+        n
+        for n in available_backends()
+        if not any(d in DEVICES for d in get_backend(n).capabilities.device_types)
+    ]
+
+
+@pytest.mark.skipif(
+    ONLY is not None or os.environ.get("TRITON_INTERPRET") == "1"
+    or importlib.util.find_spec("triton") is None
+    or not _not_runnable_here(),
+    reason="no backend needs the Triton interpreter here",
+)  # fmt: skip
+def test_backends_under_triton_interpreter() -> None:
+    # triton.jit decides at import whether to interpret, so these backends can only run
+    # on the CPU in a fresh process with TRITON_INTERPRET=1 set before the import.
+    only = ",".join(_not_runnable_here())
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DILATED_ATTENTION_TEST_BACKENDS": only}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
+    )
+    assert " passed" in res.stdout and " failed" not in res.stdout
