@@ -16,6 +16,10 @@ by side, as a data-parallel dimension would):
 3. ``memory_scaling``: fixed global N on k = 1, 2, 4, .. GPUs: peak memory per GPU.
 4. ``dense_vs_context_parallel``: dense ring (``segment_lengths=[N]``) vs PyTorch's
    ``context_parallel`` (SDPA flash, allgather and alltoall rotation) at the same shapes.
+5. ``validation_cost``: the ring module's collective input check (one ``all_gather``
+   and a host sync) on every call (``validate="always"``) vs once per input signature
+   (``validate="once"``, the default), forward+backward over the whole world, and the
+   check alone.
 
 FLOPs: the attention pairs the plan actually computes (per branch, head group and
 segment) times ``4 * D`` for the forward; forward+backward counts ``3.5x`` that
@@ -56,7 +60,12 @@ from measure import (
     write_json,
 )
 
-from dilated_attention_pytorch import dilated_attention, ring_dilated_attention
+from dilated_attention_pytorch import (
+    RingDilatedAttention,
+    dilated_attention,
+    ring_dilated_attention,
+)
+from dilated_attention_pytorch.distributed.validation import check_ring_call
 
 Tensor = torch.Tensor
 
@@ -364,6 +373,38 @@ def dense_vs_context_parallel(
     return rows
 
 
+def validation_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    world_size = dist.get_world_size()
+    for tokens in args.validate_tokens:
+        N = tokens * world_size
+        segments, rates = longnet_schedule(N, args.base)
+        shape = (args.batch, tokens, args.heads, args.head_dim)
+        q, k, v = (
+            torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True)
+            for _ in range(3)
+        )
+        dout = torch.randn(shape, device=device, dtype=args.dtype)
+        row: dict[str, Any] = {"seq_len": N, "tokens_per_gpu": tokens, "world_size": world_size}
+        for validate in ("always", "once"):
+            module = RingDilatedAttention(segments, rates, validate=validate)
+            m = timed(fwd_bwd_step(module, [q, k, v], dout), device, args)
+            row[f"fwd_bwd_ms_{validate}"] = max_over(m.ms, device)
+
+        def check(a: Tensor = q, segments: list[int] = segments, rates: list[int] = rates) -> None:
+            check_ring_call(
+                a, a, a, group=dist.group.WORLD, segment_lengths=segments,
+                dilation_rates=rates, branch_mixing="softmax", is_causal=False, scale=None,
+                backend="auto",
+            )  # fmt: skip
+
+        row["check_alone_ms"] = max_over(timed(check, device, args).ms, device)
+        row["saved_ms_per_call"] = row["fwd_bwd_ms_always"] - row["fwd_bwd_ms_once"]
+        rows.append(row)
+        del q, k, v, dout
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -384,6 +425,7 @@ TABLE_COLUMNS = {
     "weak_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "causal", "fwd_bwd_ms", "time_vs_1gpu", "peak_mib_per_gpu", "tflops_per_gpu"],
     "memory_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "fwd_bwd_ms", "peak_mib_per_gpu", "memory_reduction_vs_1gpu"],
     "dense_vs_context_parallel": ["method", "seq_len", "causal", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
+    "validation_cost": ["seq_len", "tokens_per_gpu", "world_size", "fwd_bwd_ms_always", "fwd_bwd_ms_once", "saved_ms_per_call", "check_alone_ms"],
 }  # fmt: skip
 
 
@@ -396,6 +438,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-gpu", type=int, nargs="+", default=[262144, 1048576])
     parser.add_argument("--check-tokens", type=int, default=262144, help="global N of the check")
     parser.add_argument("--dense-tokens", type=int, nargs="+", default=[131072, 262144])
+    parser.add_argument("--validate-tokens", type=int, nargs="+", default=[16384, 262144])
     parser.add_argument("--base", type=int, default=2048, help="LongNet w/r of every branch")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
@@ -409,6 +452,7 @@ def main() -> None:
     args.dtype = torch.bfloat16
     if args.cpu:
         args.tokens_per_gpu, args.check_tokens, args.dense_tokens = [256], 512, [256]
+        args.validate_tokens = [256]
         args.base, args.heads, args.head_dim, args.iters, args.warmup = 16, 4, 16, 2, 1
 
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -439,6 +483,7 @@ def main() -> None:
         "weak_scaling": weak_scaling,
         "memory_scaling": memory_scaling,
         "dense_vs_context_parallel": dense_vs_context_parallel,
+        "validation_cost": validation_cost,
     }
     for section in args.sections:
         start = time.perf_counter()
