@@ -1,4 +1,4 @@
-"""``dilated_attention``: the public, differentiable entry point (DESIGN.md section 2.3)."""
+"""``dilated_attention``: the public, differentiable entry point."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dense brute-force oracle of DESIGN.md section 1.
+"""The dense brute-force oracle of dilated attention.
 
 O(N^2) memory and time: for tests and tiny inputs only. It is written straight
 from the definition and deliberately does *not* use :mod:`.plan`, so that the
@@ -77,7 +77,7 @@ def dense_dilated_attention(
     return_lse: bool = False,
     upcast: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Dilated attention by the count-mask formula (DESIGN.md section 1).
+    """Dilated attention by the count-mask formula.
 
     ``out = softmax_with_counts(S, M) @ V``: weights ``M * exp(S - rowmax)``
     normalised per row; a row with no key gives 0 (and LSE ``-inf``).

@@ -2,7 +2,7 @@
 
 Pure Python, no torch. FLOP counts of a plan live here too, so that benchmarks and
 memory estimates count the same work. Every backend and the ring consume a :class:`DilatedPlan`;
-nobody re-derives head offsets (DESIGN.md section 2.1).
+nobody re-derives head offsets.
 
 A *branch* is a pair ``(w, r)``: segment length ``w`` and dilation rate ``r``.
 Within a branch, the heads that share one token offset ``o`` form a

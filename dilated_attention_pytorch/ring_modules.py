@@ -1,7 +1,7 @@
 """``nn.Module`` forms of ring (sequence-parallel) dilated attention.
 
-Each rank of a process group holds a contiguous shard of the sequence (DESIGN.md
-section 3): :class:`RingDilatedAttention` takes local ``(B, N/k, H, D)`` q/k/v,
+Each rank of a process group holds a contiguous shard of the sequence:
+:class:`RingDilatedAttention` takes local ``(B, N/k, H, D)`` q/k/v,
 :class:`RingMultiheadDilatedAttention` the local shard ``(B, N/k, E)`` of the input,
 so projections and activations are O(N/k) per rank as well. The maths lives in
 :mod:`.distributed`; these modules only hold settings and the process group.

@@ -88,7 +88,7 @@ def segment_views(
 
 
 def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
-    """Merge a block's ``(out, lse)`` into accumulators in place (DESIGN.md section 1).
+    """Merge a block's ``(out, lse)`` into accumulators in place (the rule that mixes branches).
 
     ``lse = logaddexp(lse_acc, lse_block)``;
     ``out = exp(lse_acc - lse) * out_acc + exp(lse_block - lse) * out_block``.

@@ -1,6 +1,6 @@
 """Draw the dilated attention pattern, per head, into ``docs/pattern.png``.
 
-Each panel is ``M[h, p, p']`` of DESIGN.md section 1: how many branches of head ``h``
+Each panel is ``M[h, p, p']`` of the definition: how many branches of head ``h``
 let query ``p`` (row) attend to key ``p'`` (column). The head offsets in the titles
 come from :func:`dilated_attention_pytorch.make_plan`.
 

@@ -1,4 +1,4 @@
-"""``dilated_attention`` (reference backend) against the dense oracle of DESIGN.md section 1."""
+"""``dilated_attention`` (pytorch backend) against the dense oracle."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_half_precision_on_cpu_matches_float32() -> None:
         pt = dense_dilated_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), [16, 64], [1, 4], upcast=False
         )
-        # STYLE.md rule: error at most twice that of the oracle run in the same dtype (+eps).
+        # flash-attn's rule: error at most twice that of the oracle run in the same dtype (+eps).
         assert (out.float() - ref).abs().max() <= 2 * (pt.float() - ref).abs().max() + 1e-3
 
 

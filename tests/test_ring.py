@@ -306,7 +306,7 @@ class CommCase:
 
 
 COMM_CASES = [
-    # One global branch with L % r == 0: DESIGN 3's (g-1) * L/r tokens of K and V per head.
+    # One global branch with L % r == 0: the design's (g-1) * L/r tokens of K and V per head.
     CommCase("global-even", (64,), (8,), False, torch.float32),
     # Several branches, L % r != 0 (pieces of different sizes), 2- and 4-rank rings.
     CommCase("longnet-uneven", (8, 32, 64), (2, 3, 5), False, torch.float64, heads=5),
@@ -369,7 +369,7 @@ def _comm_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]
 
 
 def _head_offsets(c: CommCase, branch: int) -> list[int]:
-    """Offsets of the heads running ``branch``, straight from DESIGN.md section 1."""
+    """Offsets of the heads running ``branch``, straight from the definition."""
     r = c.dilation_rates[branch]
     if c.branch_mixing == "softmax":
         return [h % r for h in range(c.heads)]
@@ -379,7 +379,7 @@ def _head_offsets(c: CommCase, branch: int) -> list[int]:
 
 
 def _expected_send_bytes(c: CommCase, rank: int, world_size: int) -> tuple[int, int]:
-    """Bytes rank ``rank`` sends in the forward and in the backward (DESIGN.md section 3).
+    """Bytes rank ``rank`` sends in the forward and in the backward.
 
     For a branch with ``w > L`` the ``g`` ranks of a segment form a ring; rank ``c`` of
     it holds ``n(c, o)`` dilated positions for offset ``o``. Non-causal forward: each rank
@@ -440,7 +440,7 @@ def test_communication_bytes(comm_results: list[dict[str, Any]], case: CommCase)
                 assert name == "all_gather" and phase == "forward"
                 assert all(dtype == torch.int64 and numel == 8 for dtype, numel in tensors)
     if case.name == "global-even":
-        # DESIGN 3 verbatim: (g - 1) * L / r tokens of K and V per head, every rank.
+        # The design's bound verbatim: (g - 1) * L / r tokens of K and V per head, every rank.
         g, L, r = 4, case.local_len, 8
         tokens = (g - 1) * L // r
         itemsize = 4

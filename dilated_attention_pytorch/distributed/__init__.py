@@ -1,4 +1,4 @@
-"""Sequence parallelism over ``torch.distributed`` (DESIGN.md section 3). No ``nn.Module`` here."""
+"""Sequence parallelism over ``torch.distributed``: ring dilated attention. No ``nn.Module`` here."""
 
 from .ring_dilated_attention import ring_dilated_attention
 from .sequence import gather_sequence, shard_sequence

@@ -1,6 +1,6 @@
 """Ring dilated attention: dilated attention over a sequence sharded across ranks.
 
-DESIGN.md section 3. Rank ``j`` of a process group of ``k`` ranks holds tokens
+Rank ``j`` of a process group of ``k`` ranks holds tokens
 ``[j*L, (j+1)*L)`` (``L = N/k``) of q, k and v. For each branch ``(w, r)``:
 
 - ``w <= L``: the shard holds whole segments; the branch runs locally, no transfer.
@@ -135,7 +135,7 @@ def ring_layout(
 ) -> tuple[RingBranch, ...]:
     """Per branch of ``plan``: the ring, this rank's place in it and every piece's offsets.
 
-    Assumes the shard rules of DESIGN.md section 3 hold (checked before). A branch
+    Assumes the shard rules of :func:`ring_dilated_attention` hold (checked before). A branch
     with ``w > L`` groups ranks ``[s*g, (s+1)*g)`` with ``g = w/L``; when ``k % g != 0``
     the last segment is shorter and its ring has fewer ranks.
     """
@@ -566,7 +566,7 @@ def ring_dilated_attention(
     on the whole sequence. Collective: every rank of ``group`` must call it with the
     same settings. Dense ring attention is ``segment_lengths=[N], dilation_rates=[1]``.
 
-    Shard rules (DESIGN.md section 3), with ``L = N/k``: a segment length ``w <= L``
+    Shard rules, with ``L = N/k``: a segment length ``w <= L``
     must divide ``L`` (the branch is then local); a ``w > L`` must be a multiple of
     ``L`` (the ``w/L`` ranks of a segment form a ring; only dilated K/V move).
 

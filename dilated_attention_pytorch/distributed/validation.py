@@ -78,7 +78,7 @@ def _gather_texts(group: dist.ProcessGroup, text: str | None) -> list[str | None
 
 
 def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> None:
-    """DESIGN.md section 3: ``L % w == 0`` for ``w <= L`` and ``w % L == 0`` for ``w > L``."""
+    """The shard rules of the ring: ``L % w == 0`` for ``w <= L`` and ``w % L == 0`` for ``w > L``."""
     N = local_len * world_size
     for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates, strict=True)):
         if w <= local_len and local_len % w != 0:
