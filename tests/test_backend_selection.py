@@ -50,7 +50,7 @@ def test_explicit_backend_that_cannot_run_lists_reasons() -> None:
 def test_training_softmax_calls_go_to_pytorch_when_cudnn_is_faster(monkeypatch) -> None:
     if "triton" not in available_backends():
         pytest.skip("triton is not installed")
-    from dilated_attention_pytorch.backends import triton_backend
+    from dilated_attention_pytorch.backends.triton import backend as triton_backend
 
     monkeypatch.setattr(triton_backend, "cudnn_usable", lambda *a: True)
     assert select_backend("auto", _call(requires_grad=True)).name == "pytorch"

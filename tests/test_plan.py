@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from dilated_attention_pytorch.plan import make_plan, num_dilated_positions, validate_branches
 from dilated_attention_pytorch.oracle import _head_offsets
+from dilated_attention_pytorch.plan import make_plan, num_dilated_positions
+from dilated_attention_pytorch.validation import validate_branches
 
 
 @pytest.mark.parametrize("mixing", ["softmax", "head_split"])

@@ -6,7 +6,7 @@ exercised. Skipped when Triton is not installed.
 
 Tolerance: the interpreter computes every dot in fp32 with fp32 accumulation, against
 the float64 oracle; softmax/matmul roundoff grows like sqrt(#keys) * 6e-8, well under
-2e-5 for the <= 100 keys per row here (the same bound as the reference backend's
+2e-5 for the <= 100 keys per row here (the same bound as the pytorch backend's
 fp32 test).
 """
 
@@ -55,9 +55,9 @@ def test_interpreted_suite_in_subprocess() -> None:
 
 @pytest.fixture
 def kernels():
-    from dilated_attention_pytorch.backends import triton_kernels
+    from dilated_attention_pytorch.backends.triton import launch
 
-    return triton_kernels
+    return launch
 
 
 def _compare(B, N, H, ws, rs, *, D=16, mask_p=0.0, **kwargs) -> None:
@@ -181,8 +181,13 @@ def test_head_split_with_fewer_heads_than_branches() -> None:
 
 
 def _ring_triton_worker(rank: int, world_size: int, cases: list) -> list[dict]:
-    # Runs in a spawned gloo process that inherited TRITON_INTERPRET=1.
+    # Runs in a spawned gloo process that inherited TRITON_INTERPRET=1 but, not being
+    # started by pytest, not conftest's interpreter patch.
+    from conftest import patch_triton_interpreter
+
     from dilated_attention_pytorch import ring_dilated_attention
+
+    patch_triton_interpreter()
 
     results = []
     for ws, rs, is_causal, mixing in cases:
@@ -190,7 +195,7 @@ def _ring_triton_worker(rank: int, world_size: int, cases: list) -> list[dict]:
         B, N, H, D = 2, 48, 3, 16
         q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
         kw = dict(is_causal=is_causal, branch_mixing=mixing)
-        ref = dilated_attention(q, k, v, ws, rs, backend="reference", **kw)
+        ref = dilated_attention(q, k, v, ws, rs, backend="pytorch", **kw)
         dout = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
         L = N // world_size

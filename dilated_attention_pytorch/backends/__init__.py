@@ -30,7 +30,7 @@ __all__ = [
     "select_backend",
 ]
 
-try:  # the triton backend registers itself on import; absent when triton is not installed
+import importlib.util
+
+if importlib.util.find_spec("triton") is not None:  # the triton backend registers on import
     from . import triton  # noqa: F401
-except ImportError:
-    pass

@@ -1,9 +1,9 @@
-"""Triton backend on CUDA in bf16/fp16 at real sizes, against the reference backend in fp32.
+"""Triton backend on CUDA in bf16/fp16 at real sizes, against the pytorch backend in fp32.
 
-Tolerance rule (flash-attn's, STYLE.md): the kernel's error against the fp32 result
+Tolerance rule (flash-attn's): the kernel's error against the fp32 result
 must be at most twice the error of PyTorch's own low-precision pipeline (the
-``reference`` backend run in the same dtype) plus a small eps. The dense oracle is
-O(N^2), so the fp32 truth here is the reference backend on fp32 copies of the inputs
+``pytorch`` backend run in the same dtype) plus a small eps. The dense oracle is
+O(N^2), so the fp32 truth here is the pytorch backend on fp32 copies of the inputs
 (itself tested against the oracle on CPU).
 
 Unwritten elements are caught by poisoning: before each run the CUDA caching
@@ -28,7 +28,7 @@ if torch.cuda.is_available():
         math_block_backward,
         math_block_forward,
     )
-    from dilated_attention_pytorch.backends.triton_kernels import (
+    from dilated_attention_pytorch.backends.triton import (
         triton_block_backward,
         triton_block_forward,
     )
@@ -76,9 +76,9 @@ CASES = [
 def _compare(B, N, H, D, ws, rs, dtype, **kwargs) -> None:
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=dtype) for _ in range(4))
     ref_out, ref_lse, ref_grads = _run(
-        q.float(), k.float(), v.float(), dout.float(), ws, rs, "reference", **kwargs
+        q.float(), k.float(), v.float(), dout.float(), ws, rs, "pytorch", **kwargs
     )
-    low_out, low_lse, low_grads = _run(q, k, v, dout, ws, rs, "reference", **kwargs)
+    low_out, low_lse, low_grads = _run(q, k, v, dout, ws, rs, "pytorch", **kwargs)
     _poison(((B, N, H, D), dtype), ((B, N, H), torch.float32), ((B, N, H, D), torch.float32))
     out, lse, grads = _run(q, k, v, dout, ws, rs, "triton", **kwargs)
     _check("out", out, ref_out, low_out)
@@ -106,7 +106,7 @@ def test_triton_other_head_dims(D) -> None:
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_triton_key_padding_mask(is_causal) -> None:
-    # The reference backend takes its fp32 math path when a mask is given, so the
+    # The pytorch backend takes its fp32 math path when a mask is given, so the
     # low-precision baseline here is the dense oracle computed in bf16 (O(N^2), hence
     # the smaller N), and the truth the same oracle in fp64.
     B, N, H, D = 2, 2048 + 33, 4, 64
@@ -135,7 +135,7 @@ def test_triton_key_padding_mask(is_causal) -> None:
 )
 def test_triton_block_ops(Lq, Lk, is_causal) -> None:
     # Token-major strided blocks (a head slice of a larger tensor), as the ring passes
-    # them. Low-precision baseline: PyTorch's flash op (the reference's block kernel).
+    # them. Low-precision baseline: PyTorch's flash op (the pytorch backend's block kernel).
     Bb, Hs, D, scale = 4, 4, 64, 0.125
     dtype = torch.bfloat16
     q = torch.randn(Bb, Lq, 2 * Hs, D, device="cuda", dtype=dtype)[:, :, ::2]

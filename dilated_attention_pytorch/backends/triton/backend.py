@@ -1,8 +1,9 @@
-"""The ``triton`` backend: fused, in-place Triton kernels (see :mod:`.triton_kernels`).
+"""The ``triton`` backend: fused, in-place Triton kernels (:mod:`.kernels`, launched by :mod:`.launch`).
 
-Registered on import only when Triton imports (``backends/__init__.py`` guards the
-import). ``backend="auto"`` picks it over ``reference`` whenever :meth:`why_not`
-returns no reason.
+Registered by this package's ``__init__`` (imported only when Triton is installed).
+``backend="auto"`` picks it over ``pytorch`` whenever :meth:`~Backend.why_not` returns
+no reason, except for the training calls :meth:`TritonBackend.auto_priority` hands to
+``pytorch``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import AttentionCall, Backend, ForwardContext, register_backend
-from .blocks import cudnn_usable
-from .triton_kernels import (
+from ..base import AttentionCall, Backend, BlockOps, Capabilities, ForwardContext
+from ..blocks import cudnn_usable
+from .launch import (
     dilated_backward,
     dilated_forward,
     interpreting,
@@ -23,47 +24,73 @@ from .triton_kernels import (
 # Head dims the kernels are compiled for (tl.arange needs a power of two; 16 is the
 # smallest tl.dot operand).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# triton.jit decides when the kernels are defined (at import) whether they are compiled
+# for CUDA or run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, for tests), so
+# the devices are decided at import too. The interpreter runs float32 only (see why_not).
+_INTERPRETER = interpreting()
+
+# Against the float64 oracle on the tests' inputs. float32 (the interpreter): every
+# dot in fp32 with fp32 accumulation; softmax/matmul roundoff grows like
+# sqrt(#keys) * 6e-8, well under 2e-5 for the <= 100 keys per row of
+# tests/test_triton_backend.py. fp16/bf16 (CUDA): the rule of tests/gpu/test_triton_gpu.py
+# allows twice the error of PyTorch's own low-precision pipeline (the pytorch backend in
+# the same dtype, whose tolerances are (5e-3, 5e-3) and (3e-2, 3e-2)) plus 1e-4 absolute.
+_TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2 * 5e-3 + 1e-4, 2 * 5e-3),
+    torch.bfloat16: (2 * 3e-2 + 1e-4, 2 * 3e-2),
+}
 
 
 class TritonBackend(Backend):
+    """Dilated attention in fused Triton kernels, in place on ``(B, N, H, D)`` strides.
+
+    CUDA, float16/bfloat16, head dims 16/32/64/128, causal and key padding masks, no
+    dropout; block ops for the ring. Under ``TRITON_INTERPRET=1`` also CPU in float32.
+    """
+
     name = "triton"
     priority = 10
+    capabilities = Capabilities(
+        dtypes={"cuda": _LOW_PRECISION, **({"cpu": (torch.float32,)} if _INTERPRETER else {})},
+        head_dims=SUPPORTED_HEAD_DIMS,
+        causal=True,
+        key_padding_mask=True,
+        dropout=False,
+        block_ops=True,
+        tolerances=_TOLERANCES,
+    )
 
     def why_not(self, call: AttentionCall) -> list[str]:
-        reasons = []
-        interpret = interpreting()
-        if call.device_type != "cuda" and not (interpret and call.device_type == "cpu"):
+        reasons = super().why_not(call)
+        if call.device_type == "cuda" and call.dtype not in _LOW_PRECISION:
             reasons.append(
-                f"triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {call.device_type!r}"
+                "triton's float32 matmuls would run in tf32; use backend='pytorch' for full "
+                "float32/float64 precision"
             )
-        low_precision = (torch.float16, torch.bfloat16)
-        if call.dtype not in low_precision and not (interpret and call.dtype == torch.float32):
+        if call.device_type == "cpu" and not _INTERPRETER:
             reasons.append(
-                f"triton needs float16/bfloat16 inputs, got {call.dtype} (fp32 matmuls would run "
-                f"in tf32; use backend='reference' for full fp32/fp64 precision)"
+                "triton's kernels run on CUDA; on CPU only through Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before importing triton, for tests)"
             )
-        if interpret and call.device_type == "cpu" and call.dtype != torch.float32:
+        if call.device_type == "cpu" and _INTERPRETER and call.dtype != torch.float32:
             # Seen with Triton 3.6: its CPU interpreter returns wrong bf16 dot products even
-            # for a minimal kernel, so CPU runs are limited to float32.
+            # for a minimal kernel.
             reasons.append(
-                f"under TRITON_INTERPRET=1 on CPU triton runs float32 only (the interpreter "
-                f"mis-computes low-precision dots), got {call.dtype}"
-            )
-        if call.head_dim not in SUPPORTED_HEAD_DIMS:
-            reasons.append(f"triton needs head_dim in {SUPPORTED_HEAD_DIMS}, got {call.head_dim}")
-        if call.dropout:
-            reasons.append(
-                "triton does not implement dropout; pass dropout_p=0.0 or use 'reference'"
+                f"under TRITON_INTERPRET=1 triton runs float32 only (the interpreter "
+                f"mis-computes low-precision dots; float16/bfloat16 run on CUDA), got {call.dtype}"
             )
         return reasons
 
     def auto_priority(self, call: AttentionCall) -> int:
         # Measured on an H200 (benchmarks/results/dilated_bench_h200_20261121.json, LongNet
-        # config, N=1M, bf16): the forward is 1.2-1.6x faster than the reference, but for
-        # forward+backward with softmax mixing the reference on cuDNN is faster (triton at
-        # 0.97x for D=64, 0.85x for D=128). So "auto" hands those training calls to the
-        # reference; with head_split (1.02-1.16x), key padding masks (the reference then
-        # falls back to matmuls) or without cuDNN, triton stays first.
+        # config, N=1M, bf16): the forward is 1.2-1.6x faster than the pytorch backend, but
+        # for forward+backward with softmax mixing the pytorch backend on cuDNN is faster
+        # (triton at 0.97x for D=64, 0.85x for D=128). So "auto" hands those training calls
+        # to pytorch; with head_split (1.02-1.16x), key padding masks (pytorch then falls
+        # back to matmuls) or without cuDNN, triton stays first.
         if (
             call.requires_grad
             and call.plan.branch_mixing == "softmax"
@@ -74,19 +101,15 @@ class TritonBackend(Backend):
             return -1
         return self.priority
 
+    def block_ops(self) -> BlockOps:
+        # The ring's blocks (DESIGN.md section 3), the signatures of backends/blocks.py.
+        return BlockOps(self.name, triton_block_forward, triton_block_backward)
+
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
     ) -> tuple[Tensor, Tensor]:
         # q, k, v: (B, N, H, D) -> out (B, N, H, D) in q.dtype, lse (B, N, H) fp32
-        return dilated_forward(
-            q,
-            k,
-            v,
-            ctx.plan,
-            scale=ctx.scale,
-            causal=ctx.is_causal,
-            key_padding_mask=_contiguous_mask(ctx.key_padding_mask),
-        )
+        return dilated_forward(q, k, v, ctx.plan, **_options(ctx))
 
     def backward(
         self,
@@ -98,44 +121,15 @@ class TritonBackend(Backend):
         lse: Tensor,
         ctx: ForwardContext,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return dilated_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            ctx.plan,
-            scale=ctx.scale,
-            causal=ctx.is_causal,
-            key_padding_mask=_contiguous_mask(ctx.key_padding_mask),
-        )
-
-    # Block ops for the ring (DESIGN.md section 3), the signatures of backends/blocks.py:
-    # q (Bb, Lq, Hs, D), k/v (Bb, Lk, Hs, D) -> out (Bb, Lq, Hs, D), lse (Bb, Lq, Hs).
-    def block_forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        return triton_block_forward(q, k, v, scale=scale, causal=causal)
-
-    def block_backward(
-        self,
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        *,
-        scale: float,
-        causal: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return triton_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+        return dilated_backward(dout, q, k, v, out, lse, ctx.plan, **_options(ctx))
 
 
-def _contiguous_mask(mask: Tensor | None) -> Tensor | None:
-    # The kernels view the bool mask as uint8, which needs a dense last dim.
-    return None if mask is None else mask.contiguous()
-
-
-register_backend(TritonBackend())
+def _options(ctx: ForwardContext) -> dict:
+    """The keyword arguments of :func:`dilated_forward` / :func:`dilated_backward`."""
+    mask = ctx.key_padding_mask
+    return dict(
+        scale=ctx.scale,
+        causal=ctx.is_causal,
+        # The kernels view the bool mask as uint8, which needs a dense last dim.
+        key_padding_mask=None if mask is None else mask.contiguous(),
+    )

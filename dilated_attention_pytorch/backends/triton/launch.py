@@ -1,0 +1,453 @@
+"""Launching the Triton kernels: tile configs, a plan's branches, block ops.
+
+Launch structure (one branch ``(w, r)`` per launch, grid
+``(segments * tiles_per_segment, B * heads_of_the_branch)``):
+
+- forward: each program owns one tile of dilated query positions of one
+  ``(batch, head)``; it runs a flash-style online softmax over the key tiles of
+  its segment, then merges its ``(O_i, LSE_i)`` into the accumulators with the
+  LSE rule of DESIGN.md section 1. Within a launch every ``(position, head)``
+  belongs to one program and launches run in order, so the read-modify-write
+  is race free.
+- backward: ``delta = rowsum(dO * O)`` once, then per branch a dK/dV kernel (a
+  program per key tile loops over the query tiles of the segment) and a dQ
+  kernel (a program per query tile loops over the key tiles). ``P`` is rebuilt
+  from the *final* mixed LSE, so summing the branches gives the exact gradient
+  of the joint softmax.
+
+Accumulation across branches: when a ``(position, head)`` can be covered by
+several branches ("softmax" mixing with more than one branch) the partial
+results go to fp32 accumulators, the heads processed in chunks so that an
+accumulator stays <= ``ACC_CHUNK_BYTES``; the branch with ``r = 1`` (it covers
+every position) runs last and writes the final dtype directly, so there is no
+separate cast pass. With a single branch per head ("head_split", or one
+branch) every kernel writes its final output directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from ...plan import Branch, DilatedPlan
+from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
+
+__all__ = [
+    "ACC_CHUNK_BYTES",
+    "DKDV_CONFIGS",
+    "DQ_CONFIGS",
+    "FWD_CONFIGS",
+    "KernelConfig",
+    "dilated_backward",
+    "dilated_forward",
+    "interpreting",
+    "triton_block_backward",
+    "triton_block_forward",
+]
+
+# Upper bound on one fp32 accumulator (out, dq, dk or dv) for the heads processed
+# together; 1 GiB keeps the multi-branch path's extra memory well under the size
+# of q itself at N = 1M, H = 16, D = 64 while launches stay large.
+ACC_CHUNK_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings of one kernel (BLOCK_M: queries, BLOCK_N: keys)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Measured on an H200 in bf16 (benchmarks/bench_dilated.py --tune, the fastest of a few
+# candidates per kernel, timed alone on LongNet's r = 1 branch at N = 256K); 16 and 32
+# are untuned. The benchmark can override entries to try others. The interpreter gets
+# small tiles so CPU tests exercise many tiles, partial tiles and the causal diagonal.
+FWD_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(128, 64, 4, 3),
+    32: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(64, 64, 4, 3),
+}
+DKDV_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(32, 128, 4, 3),
+    32: KernelConfig(32, 128, 4, 3),
+    64: KernelConfig(32, 128, 4, 4),
+    128: KernelConfig(32, 64, 4, 4),
+}
+DQ_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(128, 32, 4, 3),
+    32: KernelConfig(128, 32, 4, 3),
+    64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(64, 64, 4, 2),
+}
+_INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
+
+
+def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
+    return _INTERPRET_CONFIG if interpreting() else table[head_dim]
+
+
+# --------------------------------------------------------------------------- launches
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One branch restricted to a chunk of heads, in chunk-relative head indices.
+
+    ``seg_q``/``seg_k``: segment length in query/key tokens (the same ``w`` for
+    dilated attention; the block lengths for block ops). ``head0``: head index of the
+    branch's first head (offset rule ``o = (h - head0) % dil``, may be negative);
+    ``h_first``/``num_heads``: the heads this launch runs.
+    """
+
+    seg_q: int
+    seg_k: int
+    dil: int
+    head0: int
+    h_first: int
+    num_heads: int
+
+
+def _s3(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _launch_tiles(
+    kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
+    strided: tuple[Tensor, ...], kpm: Tensor | None, launch: _Launch, *, scales: tuple[float, ...],
+    per_key_tile: bool, causal: bool, acc_in: bool,
+) -> None:  # fmt: skip
+    """Launch the forward, dK/dV or dQ kernel for one branch.
+
+    ``tensors``: the kernel's tensor arguments before ``Kpm``, q and k first;
+    ``strided``: the tensors whose ``(B, N, H)`` strides it takes, in its order;
+    ``scales``: its arguments after ``tiles_per_seg``. A program runs a tile of dilated
+    queries, or of keys with ``per_key_tile`` (dK/dV).
+    """
+    q, k = tensors[0], tensors[1]
+    B, n_q, _, D = q.shape
+    cfg = _config(table, D)
+    seg_len, block = (launch.seg_k, cfg.block_n) if per_key_tile else (launch.seg_q, cfg.block_m)
+    tiles = triton.cdiv(triton.cdiv(seg_len, launch.dil), block)
+    grid = (triton.cdiv(n_q, launch.seg_q) * tiles, B * launch.num_heads)
+    # Without a mask the kernel never reads Kpm (HAS_KPM is False): pass any tensor.
+    kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
+    kernel[grid](
+        *tensors, kpm_t, *[s for t in strided for s in _s3(t)], s_mb, s_mn,
+        launch.seg_q, launch.seg_k, n_q, k.shape[1], launch.dil, launch.head0, launch.h_first,
+        launch.num_heads, tiles, *scales,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        HAS_KPM=kpm is not None, ACC_IN=acc_in, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _launch_forward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, acc: Tensor, lse: Tensor, kpm: Tensor | None,
+    launch: _Launch, *, scale: float, causal: bool, acc_in: bool,
+) -> None:  # fmt: skip
+    # q: (B, Nq, Hc, D); k, v: (B, Nk, Hc, D); out, acc: (B, Nq, Hc, D); lse: (B, Nq, Hc)
+    tensors = (q, k, v, out, acc, lse)
+    _launch_tiles(
+        _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
+        scales=(scale * LOG2E.value,), per_key_tile=False, causal=causal, acc_in=acc_in,
+    )  # fmt: skip
+
+
+def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
+    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``."""
+    B, N, H, D = out.shape
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    block = 16 if interpreting() else 64
+    _delta_kernel[(triton.cdiv(N, block), B * H)](
+        dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
+    )
+    return delta
+
+
+def _launch_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
+    grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
+    *, scale: float, causal: bool, acc_in: bool, which: str,
+) -> None:  # fmt: skip
+    # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
+    inputs = (q, k, v, dout, lse, delta)
+    if which == "dkdv":
+        # DK and DV share their strides, and so do DKacc and DVacc.
+        kernel, table = _bwd_dkdv_kernel, DKDV_CONFIGS
+        tensors = (*inputs, grads[1], grads[2], accs[1], accs[2])
+        strided = (*inputs, grads[1], accs[1])
+    else:
+        kernel, table = _bwd_dq_kernel, DQ_CONFIGS
+        tensors = strided = (*inputs, grads[0], accs[0])
+    _launch_tiles(
+        kernel, table, tensors, strided, kpm, launch, scales=(scale * LOG2E.value, scale),
+        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- plan driver
+
+
+def _branch_heads(branch: Branch) -> tuple[int, int]:
+    """``(head_start, head_stop)`` of a branch; checks the plan's offset rule is ours."""
+    start = min(g.head_start for g in branch.head_groups)
+    stop = max(g.head_stop for g in branch.head_groups)
+    for g in branch.head_groups:
+        # The kernels compute o = (h - start) % r; the plan must agree (DESIGN.md 1).
+        if g.offset != (g.head_start - start) % branch.dilation_rate or (
+            g.num_heads > 1 and g.head_step != branch.dilation_rate
+        ):
+            raise ValueError(
+                f"plan head group {g} does not follow the offset rule o = (h - {start}) % r"
+            )
+    return start, stop
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How a plan's branches are launched.
+
+    ``multi``: some ``(position, head)`` is covered by several branches, so partial
+    results go through fp32 accumulators. ``final``: index of a branch that covers
+    every ``(position, head)`` (``r == 1`` over all heads), launched last to write the
+    final dtype; ``None`` if there is none. ``full``: the outputs need no zero fill.
+    """
+
+    branches: tuple[tuple[Branch, int, int], ...]  # (branch, head_start, head_stop)
+    multi: bool
+    final: int | None
+    full: bool
+
+
+def _schedule(plan: DilatedPlan) -> _Schedule:
+    H = plan.num_heads
+    # In head_split mode with fewer heads than branches, some branches run no head.
+    items = [(b, *_branch_heads(b)) for b in plan.branches if b.head_groups]
+    items = [it for it in items if it[2] > it[1]]
+    count = [0] * H
+    for _, start, stop in items:
+        for h in range(start, stop):
+            count[h] += 1
+    multi = max(count, default=0) > 1
+    final = None
+    for i, (b, start, stop) in enumerate(items):
+        if b.dilation_rate == 1 and start == 0 and stop == H:
+            final = i
+    if final is not None:
+        # The covering branch goes last: it reads the accumulators and writes the output.
+        items.append(items.pop(final))
+        final = len(items) - 1
+    # Without multi-coverage, the outputs are complete iff every head runs an r = 1 branch.
+    full = final is not None or (
+        not multi and all(count) and all(b.dilation_rate == 1 for b, _, _ in items)
+    )
+    return _Schedule(tuple(items), multi, final, full)
+
+
+def _head_chunks(plan_multi: bool, B: int, N: int, H: int, D: int) -> list[tuple[int, int]]:
+    if not plan_multi:
+        return [(0, H)]
+    per_head = B * N * D * 4
+    size = max(1, min(H, ACC_CHUNK_BYTES // max(1, per_head)))
+    return [(c, min(H, c + size)) for c in range(0, H, size)]
+
+
+def _launches_for_chunk(sched: _Schedule, c_lo: int, c_hi: int) -> list[tuple[int, _Launch]]:
+    """Branch index and launch (chunk-relative heads) for every branch touching the chunk."""
+    out = []
+    for i, (branch, start, stop) in enumerate(sched.branches):
+        lo, hi = max(start, c_lo), min(stop, c_hi)
+        if hi <= lo:
+            continue
+        w, r = branch.segment_length, branch.dilation_rate
+        out.append((i, _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo)))
+    return out
+
+
+def _kpm_u8(key_padding_mask: Tensor | None) -> Tensor | None:
+    # bool -> uint8 view (same bytes): Triton loads it as an integer, 1 = padding.
+    return None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+
+
+def dilated_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: DilatedPlan,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """All branches of ``plan``: q, k, v ``(B, N, H, D)`` -> out ``(B, N, H, D)`` in q.dtype, lse ``(B, N, H)`` fp32.
+
+    ``key_padding_mask``: ``(B, N)`` bool, ``True`` = padding key. Positions no branch
+    covers get ``out = 0`` and ``lse = -inf``.
+    """
+    B, N, H, D = q.shape
+    sched = _schedule(plan)
+    kpm = _kpm_u8(key_padding_mask)
+    out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    # The LSE is read back by later branches (multi) or may stay uncovered: start at -inf.
+    lse = torch.empty((B, N, H), dtype=torch.float32, device=q.device)
+    if sched.multi or not sched.full:
+        lse.fill_(-math.inf)
+    if N == 0:
+        return out, lse
+    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
+        hs = slice(c_lo, c_hi)
+        qc, kc, vc, oc, lc = q[:, :, hs], k[:, :, hs], v[:, :, hs], out[:, :, hs], lse[:, :, hs]
+        # The kernels never read an accumulator row whose LSE is still -inf, so it needs
+        # no zero fill, except when it is copied out at the end (no covering branch).
+        acc_alloc = torch.zeros if sched.final is None else torch.empty
+        acc = (
+            acc_alloc(B, N, c_hi - c_lo, D, dtype=torch.float32, device=q.device)
+            if sched.multi
+            else oc
+        )
+        launches = _launches_for_chunk(sched, c_lo, c_hi)
+        for j, (i, launch) in enumerate(launches):
+            target = oc if (not sched.multi or i == sched.final) else acc
+            _launch_forward(
+                qc, kc, vc, target, acc, lc, kpm, launch,
+                scale=scale, causal=causal, acc_in=sched.multi and j > 0,
+            )  # fmt: skip
+        if sched.multi and sched.final is None:
+            oc.copy_(acc)  # no branch covers everything: one cast pass
+        del acc
+    return out, lse
+
+
+def dilated_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plan: DilatedPlan,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` (each ``(B, N, H, D)`` in the input dtype) given the final out/lse."""
+    B, N, H, D = q.shape
+    sched = _schedule(plan)
+    kpm = _kpm_u8(key_padding_mask)
+    alloc = torch.empty if sched.full else torch.zeros
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if N == 0:
+        return dq, dk, dv
+    delta = _compute_delta(dout, out)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
+        hs = slice(c_lo, c_hi)
+        views = [t[:, :, hs] for t in (dout, q, k, v, lse, delta, dq, dk, dv)]
+        doc, qc, kc, vc, lc, dlc, dqc, dkc, dvc = views
+        shape = (B, N, c_hi - c_lo, D)
+        launches = _launches_for_chunk(sched, c_lo, c_hi)
+        # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.
+        for which in ("dkdv", "dq"):
+            if sched.multi and which == "dkdv":
+                dk_acc, dv_acc = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
+                accs = (dk_acc, dk_acc, dv_acc)  # the dQ slot is unused here
+            elif sched.multi:
+                dq_acc = torch.zeros(shape, **f32)
+                accs = (dq_acc, dq_acc, dq_acc)
+            else:
+                accs = (dqc, dkc, dvc)
+            for j, (i, launch) in enumerate(launches):
+                final = not sched.multi or i == sched.final
+                _launch_backward(
+                    doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs,
+                    launch, scale=scale, causal=causal, acc_in=sched.multi and j > 0, which=which,
+                )  # fmt: skip
+            if sched.multi and sched.final is None:
+                if which == "dkdv":
+                    dkc.copy_(accs[1])
+                    dvc.copy_(accs[2])
+                else:
+                    dqc.copy_(accs[0])
+            del accs
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- block ops
+
+
+def triton_block_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One block of queries against one block of keys (same signature as ``blocks.py``).
+
+    q: ``(Bb, Lq, Hs, D)``, k/v: ``(Bb, Lk, Hs, D)``, any token-major strides (unit
+    stride on D), fp16/bf16 on CUDA (fp32 would run its dots in tf32), head dim in
+    {16, 32, 64, 128}. ``causal``: query ``t`` sees keys ``t' <= t`` (blocks aligned at 0).
+    Returns ``out (Bb, Lq, Hs, D)`` in q.dtype and ``lse (Bb, Lq, Hs)`` fp32 (``-inf``
+    for rows with no key).
+    """
+    Bb, Lq, Hs, D = q.shape
+    Lk = k.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Bb, Lq, Hs, dtype=torch.float32, device=q.device)
+    if Lq == 0:
+        return out, lse
+    launch = _Launch(Lq, max(Lk, 1), 1, 0, 0, Hs)
+    _launch_forward(q, k, v, out, out, lse, None, launch, scale=scale, causal=causal, acc_in=False)
+    return out, lse
+
+
+def triton_block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` in q.dtype for one block, given the *final* out/lse.
+
+    Shapes as in :func:`triton_block_forward`; ``lse`` is ``(Bb, Lq, Hs)`` and may be
+    ``-inf`` for rows with no key (their probabilities are 0).
+    """
+    Bb, Lq, Hs, D = q.shape
+    Lk = k.shape[1]
+    # Every row is written (dK/dV tiles cover the keys, dQ tiles the queries), except
+    # when a block is empty.
+    alloc = torch.zeros if Lq == 0 or Lk == 0 else torch.empty
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if Lq == 0 or Lk == 0:
+        return dq, dk, dv
+    delta = _compute_delta(dout, out)
+    launch = _Launch(Lq, Lk, 1, 0, 0, Hs)
+    grads = (dq, dk, dv)
+    for which in ("dkdv", "dq"):
+        _launch_backward(
+            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            scale=scale, causal=causal, acc_in=False, which=which,
+        )  # fmt: skip
+    return dq, dk, dv
