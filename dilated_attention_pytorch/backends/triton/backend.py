@@ -102,7 +102,7 @@ class TritonBackend(Backend):
         return self.priority
 
     def block_ops(self) -> BlockOps:
-        # The ring's blocks (DESIGN.md section 3), the signatures of backends/blocks.py.
+        # The ring's blocks, the signatures of backends/blocks.py.
         return BlockOps(self.name, triton_block_forward, triton_block_backward)
 
     def forward(

@@ -2,7 +2,7 @@
 
 Every kernel reads and writes ``(B, N, H, D)`` tensors *in place* through their
 strides: the dilated positions ``s*w + o + r*t`` of segment ``s`` are rows ``t`` of
-a strided view with token stride ``r * stride_n`` (DESIGN.md section 2), so no
+a strided view with token stride ``r * stride_n``, so no
 gather/scatter copy of q, k, v, out or the gradients is ever made.
 
 A program of the forward, dK/dV and dQ kernels runs one tile of dilated positions of
@@ -213,7 +213,7 @@ def _fwd_kernel(
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     if ACC_IN:
-        # Merge with what earlier branches left (DESIGN.md section 1 LSE rule).
+        # Merge with what earlier branches left (the LSE rule that mixes branches).
         acc_old = _load_rows(_rows_ptr(Acc, b, h, rows_q, s_ab, s_an, s_ah, offs_d), qmask)
         acc_old = acc_old.to(tl.float32)
         lse_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))

@@ -6,7 +6,7 @@ Launch structure (one branch ``(w, r)`` per launch, grid
 - forward: each program owns one tile of dilated query positions of one
   ``(batch, head)``; it runs a flash-style online softmax over the key tiles of
   its segment, then merges its ``(O_i, LSE_i)`` into the accumulators with the
-  LSE rule of DESIGN.md section 1. Within a launch every ``(position, head)``
+  LSE rule that mixes branches. Within a launch every ``(position, head)``
   belongs to one program and launches run in order, so the read-modify-write
   is race free.
 - backward: ``delta = rowsum(dO * O)`` once, then per branch a dK/dV kernel (a
@@ -209,7 +209,7 @@ def _branch_heads(branch: Branch) -> tuple[int, int]:
     start = min(g.head_start for g in branch.head_groups)
     stop = max(g.head_stop for g in branch.head_groups)
     for g in branch.head_groups:
-        # The kernels compute o = (h - start) % r; the plan must agree (DESIGN.md 1).
+        # The kernels compute o = (h - start) % r; the plan must agree.
         if g.offset != (g.head_start - start) % branch.dilation_rate or (
             g.num_heads > 1 and g.head_step != branch.dilation_rate
         ):
