@@ -13,7 +13,7 @@ from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
-from .ring_modules import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
+from .ring import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __version__ = "0.1.0"
 

@@ -27,9 +27,8 @@ from typing import Any
 from torch import nn
 
 from .config import DilatedAttentionConfig
-from .distributed.validation import distributed_not_ready
 from .modules import DilatedAttention, MultiheadDilatedAttention
-from .ring_modules import RingDilatedAttention, RingMultiheadDilatedAttention
+from .ring import RingMultiheadDilatedAttention, StandardRingAttention
 
 __all__ = [
     "DEFAULT_DILATION_RATES",
@@ -75,7 +74,8 @@ class AttentionKind:
         return None if self.why_not is None else self.why_not()
 
 
-_KINDS: dict[str, AttentionKind] = {}
+# (multihead, name) -> kind: one name may exist in both families (e.g. "ring").
+_KINDS: dict[tuple[bool, str], AttentionKind] = {}
 
 
 def register_attention_kind(
@@ -96,19 +96,20 @@ def register_attention_kind(
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"kind name must be a non-empty str other than 'auto', got {name!r}.")
-    if name in _KINDS and not replace:
+    if (multihead, name) in _KINDS and not replace:
         raise ValueError(
-            f"attention kind {name!r} is already registered ({_KINDS[name].cls.__qualname__}); "
+            f"attention kind {name!r} is already registered "
+            f"({_KINDS[multihead, name].cls.__qualname__}); "
             f"pass replace=True to overwrite it."
         )
     kind = AttentionKind(name, cls, multihead, auto_priority, why_not, description)
-    _KINDS[name] = kind
+    _KINDS[multihead, name] = kind
     return kind
 
 
 def available_attention_kinds(*, multihead: bool | None = None) -> list[str]:
     """Registered kind names (of one family when ``multihead`` is given), sorted."""
-    return sorted(n for n, k in _KINDS.items() if multihead is None or k.multihead == multihead)
+    return sorted({n for (mh, n) in _KINDS if multihead is None or mh == multihead})
 
 
 def _choose_auto(multihead: bool, caller: str) -> AttentionKind:
@@ -161,17 +162,13 @@ def _create(
     valid = ["auto", *available_attention_kinds(multihead=multihead)]
     if kind == "auto":
         chosen = _choose_auto(multihead, caller)
-    elif kind in _KINDS and _KINDS[kind].multihead == multihead:
-        chosen = _KINDS[kind]
+    elif (multihead, kind) in _KINDS:
+        chosen = _KINDS[multihead, kind]
         reason = chosen.unavailable_reason()
         if reason is not None:
             raise ValueError(f"{caller}: kind {kind!r} cannot be built here: {reason}.")
-    elif kind in _KINDS:
-        other = (
-            "create_multihead_dilated_attention"
-            if _KINDS[kind].multihead
-            else "create_dilated_attention"
-        )
+    elif (not multihead, kind) in _KINDS:
+        other = "create_dilated_attention" if multihead else "create_multihead_dilated_attention"
         raise ValueError(
             f"{caller}: kind {kind!r} belongs to {other}(); valid kinds here are {valid}."
         )
@@ -278,19 +275,17 @@ register_attention_kind(
     auto_priority=0,
     description="single-device multi-head dilated attention (MultiheadDilatedAttention)",
 )
-# Never chosen by kind="auto": a ring module takes the local shard of the sequence, which
-# changes what the caller must pass, so it is only built when asked for by name.
+# Never chosen by kind="auto": the ring needs every rank of its group to call it together.
 register_attention_kind(
     "ring",
-    RingDilatedAttention,
+    StandardRingAttention,
     multihead=False,
-    why_not=distributed_not_ready,
-    description="ring (sequence-parallel) dilated attention on local shards (RingDilatedAttention)",
+    description="ring (sequence-parallel) dilated attention (StandardRingAttention)",
 )
-register_attention_kind(
-    "ring_multihead",
-    RingMultiheadDilatedAttention,
-    multihead=True,
-    why_not=distributed_not_ready,
-    description="ring multi-head dilated attention on the local shard of x (RingMultiheadDilatedAttention)",
-)
+for _name in ("ring", "ring_multihead"):
+    register_attention_kind(
+        _name,
+        RingMultiheadDilatedAttention,
+        multihead=True,
+        description="ring multi-head dilated attention (RingMultiheadDilatedAttention)",
+    )

@@ -7,6 +7,7 @@ They own hyper-parameters and projections; the maths lives in :mod:`.functional`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -237,9 +238,12 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         is_causal: bool,
         key_padding_mask: Tensor | None,
+        **attention_kwargs: Any,
     ) -> Tensor:
         """The attention step: ``(B, N, H, D)`` q, k, v -> ``(B, N, H, D)`` by the inner module."""
-        return self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        return self.attention(
+            q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **attention_kwargs
+        )
 
     def forward(
         self,
@@ -250,6 +254,7 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = False,
+        **attention_kwargs: Any,
     ) -> tuple[Tensor, None]:
         """Project, attend, normalise and project back.
 
@@ -260,6 +265,8 @@ class MultiheadDilatedAttention(nn.Module):
             key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys.
             is_causal: query ``p`` only sees keys ``p' <= p``.
             need_weights: must be ``False``: attention weights are never materialised.
+            **attention_kwargs: passed on to the inner attention module, e.g.
+                ``already_split=True`` for a ring attention.
 
         Returns:
             ``(out, None)`` with ``out`` of shape ``(B, N, E)``, like
@@ -282,7 +289,9 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).view(B, N, H, D)
         k = self.k_proj(key).view(key.shape[0], key.shape[1], H, D)
         v = self.v_proj(value).view(value.shape[0], value.shape[1], H, D)
-        out = self._attend(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        out = self._attend(
+            q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **attention_kwargs
+        )
         out = self.norm(out.reshape(B, N, self.embed_dim))
         return self.out_proj(out), None
 

@@ -61,7 +61,7 @@ def main() -> None:
     x = torch.randn(1, L, args.embed_dim, device=device, dtype=dtype, requires_grad=True)
 
     def step() -> torch.Tensor:
-        out, _ = ring(x, is_causal=True)
+        out, _ = ring(x, is_causal=True, already_split=True)
         out.float().square().mean().backward()
         return out
 

@@ -201,7 +201,7 @@ BAD_CASES: dict[str, str] = {
     "segment-not-multiple-of-shard": r"branch 1 \(segment length 24, dilation 2\) spans several ranks but is not a multiple of the local shard length.*L = N/k = 32/2 = 16",
     "dilation-larger-than-segment": r"invalid input on rank\(s\) \[0, 1\].*dilation rate 8 is larger than its segment length 4",
     "unknown-backend": r"unknown backend 'nope'",
-    "ring-size-mismatch": r"ring_size=3 does not match the process group, which has 2 ranks",
+    "ring-size-mismatch": r"ring_size=3 does not divide the process group's 2 ranks",
     "dropout-in-training": r"invalid input on rank\(s\) \[0, 1\].*dropout_p=0.1 is not supported by ring attention",
     "key-padding-mask": r"invalid input on rank\(s\) \[0, 1\].*key_padding_mask is not supported by ring attention",
     "key-padding-mask-on-one-rank": r"invalid input on rank\(s\) \[1\].*key_padding_mask is not supported",
@@ -240,13 +240,13 @@ def _bad_call(name: str, rank: int) -> None:
     elif name == "ring-size-mismatch":
         RingDilatedAttention(segs, rates, ring_size=3)
     elif name == "dropout-in-training":
-        RingDilatedAttention(segs, rates, dropout=0.1)(*qkv())
+        RingDilatedAttention(segs, rates, dropout=0.1)(*qkv(), already_split=True)
     elif name == "key-padding-mask":
         mask = torch.zeros(1, 16, dtype=torch.bool)
-        RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask)
+        RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask, already_split=True)
     elif name == "key-padding-mask-on-one-rank":
         mask = torch.zeros(1, 16, dtype=torch.bool) if rank == 1 else None
-        RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask)
+        RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask, already_split=True)
     elif name == "dropout-on-one-rank":
         ring_dilated_attention(*qkv(), segs, rates, dropout_p=0.2 if rank == 0 else 0.0)
     else:

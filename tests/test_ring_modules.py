@@ -43,7 +43,7 @@ def _multihead(rank: int, world_size: int, is_causal: bool) -> dict[str, Any]:
     want.backward(dout)
 
     x_local = shard_sequence(x.detach(), dim=1).requires_grad_()
-    got, _ = ring_module(x_local, is_causal=is_causal)
+    got, _ = ring_module(x_local, is_causal=is_causal, already_split=True)
     got.backward(shard_sequence(dout, dim=1))
     # Each rank holds its share of the parameter gradients; their sum is the full one.
     param_grads = {}
@@ -63,7 +63,7 @@ def _plain(rank: int, world_size: int) -> dict[str, Any]:
     q, k, v = (torch.randn(1, 32, 4, 8, dtype=torch.float64) for _ in range(3))
     want = DilatedAttention(SEGMENTS, DILATIONS)(q, k, v, is_causal=True)
     ring = StandardRingAttention(SEGMENTS, DILATIONS, ring_size=world_size).eval()
-    got = ring(*(shard_sequence(t) for t in (q, k, v)), is_causal=True)
+    got = ring(*(shard_sequence(t) for t in (q, k, v)), is_causal=True, already_split=True)
     from dilated_attention_pytorch import create_dilated_attention
 
     built = create_dilated_attention("ring", segment_lengths=SEGMENTS, dilation_rates=DILATIONS)
@@ -95,17 +95,18 @@ def _validate_once(rank: int, world_size: int) -> dict[str, Any]:
         module = StandardRingAttention(SEGMENTS, DILATIONS)
         always = StandardRingAttention(SEGMENTS, DILATIONS, validate="always")
         for _ in range(3):
-            module(q, q, q)
-        module(q[:, :8], q[:, :8], q[:, :8])  # a new shard length: checked again
-        module(q, q, q, is_causal=True)  # a new option: checked again
+            module(q, q, q, already_split=True)
+        short = q[:, :8]
+        module(short, short, short, already_split=True)  # a new shard length: checked again
+        module(q, q, q, is_causal=True, already_split=True)  # a new option: checked again
         for _ in range(2):
-            always(q, q, q)
+            always(q, q, q, already_split=True)
         counted = list(calls)
         # Shards of different lengths on the two ranks, both signatures new: the
         # collective check runs on every rank, and every rank raises.
         n = 2 if rank == 0 else 4
         try:
-            module(q[:, :n], q[:, :n], q[:, :n])
+            module(q[:, :n], q[:, :n], q[:, :n], already_split=True)
             error = None
         except ValueError as exc:
             error = str(exc)
@@ -114,12 +115,94 @@ def _validate_once(rank: int, world_size: int) -> dict[str, Any]:
     return {"calls": counted, "mismatch_error": error}
 
 
+def _replicated(rank: int, world_size: int, ring_size: int | None) -> dict[str, Any]:
+    """Whole sequence in and out (already_split=False), rings of ``ring_size`` side by side."""
+    k = world_size if ring_size is None else ring_size
+    ring_index = rank // k
+    torch.manual_seed(100 + ring_index)  # every ring its own data, the same within a ring
+    q, kk, v = (torch.randn(2, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 32, 4, 8, dtype=torch.float64)
+    want = DilatedAttention(SEGMENTS, DILATIONS)(q, kk, v, is_causal=True)
+    want_grads = torch.autograd.grad(want, (q, kk, v), dout)
+    got = StandardRingAttention(SEGMENTS, DILATIONS, ring_size=ring_size)(q, kk, v, is_causal=True)
+    got_grads = torch.autograd.grad(got, (q, kk, v), dout)
+    # Shards of this ring (already_split=True), rank j of the ring holds tokens [j*L, (j+1)*L).
+    L, j = 32 // k, rank % k
+    local = [t.detach()[:, j * L : (j + 1) * L].clone().requires_grad_() for t in (q, kk, v)]
+    split = StandardRingAttention(SEGMENTS, DILATIONS, ring_size=ring_size)(
+        *local, is_causal=True, already_split=True
+    )
+    split_grads = torch.autograd.grad(split, local, dout[:, j * L : (j + 1) * L])
+    # Multi-head layer, whole sequence: the single-device layer exactly, parameters included.
+    torch.manual_seed(7)
+    full_layer = MultiheadDilatedAttention(32, 4, SEGMENTS, DILATIONS, dtype=torch.float64)
+    ring_layer = RingMultiheadDilatedAttention(
+        32, 4, SEGMENTS, DILATIONS, ring_size=ring_size, dtype=torch.float64
+    )
+    ring_layer.load_state_dict(full_layer.state_dict())
+    x = torch.randn(2, 32, 32, dtype=torch.float64, requires_grad=True)
+    x_ring = x.detach().clone().requires_grad_()
+    dy = torch.randn(2, 32, 32, dtype=torch.float64)
+    full_layer(x, is_causal=True)[0].backward(dy)
+    y_ring = ring_layer(x_ring, is_causal=True)[0]
+    y_ring.backward(dy)
+    return {
+        "out": (got.detach(), want.detach()),
+        "grads": list(zip(got_grads, want_grads, strict=True)),
+        "split_out": (split.detach(), want.detach()[:, j * L : (j + 1) * L]),
+        "split_grads": [
+            (g, w[:, j * L : (j + 1) * L]) for g, w in zip(split_grads, want_grads, strict=True)
+        ],
+        "layer": [(x_ring.grad, x.grad)]
+        + [
+            (p.grad, dict(full_layer.named_parameters())[n].grad)
+            for n, p in ring_layer.named_parameters()
+        ],
+    }
+
+
+def _worker4(rank: int, world_size: int, _: Any) -> dict[str, Any]:
+    return {
+        "ring4": _replicated(rank, world_size, None),
+        "rings2": _replicated(rank, world_size, 2),
+    }
+
+
+@pytest.fixture(scope="module")
+def results_w4() -> list[dict[str, Any]]:
+    return spawn(_worker4, 4)
+
+
+def _assert_pairs(pairs, rank: int, what: str) -> None:
+    for i, (got, want) in enumerate(pairs):
+        torch.testing.assert_close(
+            got, want, **TOL, msg=lambda m, i=i: f"rank {rank}, {what} #{i}: {m}"
+        )
+
+
+@pytest.mark.parametrize("name", ["ring4", "rings2"])
+def test_whole_sequence_in_and_out_is_the_single_device_module(
+    results_w4: list[dict[str, Any]], results: list[dict[str, Any]], name: str
+) -> None:
+    # "ring4": one ring over 4 ranks; "rings2": two rings of 2 side by side, each with
+    # its own data. Every rank gets the single-device output and gradients (not a
+    # multiple of them), of the whole inputs and, for the layer, of every parameter.
+    for rank, res in enumerate([*results_w4, *results] if name == "ring4" else results_w4):
+        r = res[name]
+        _assert_pairs([r["out"]], rank, "output")
+        _assert_pairs(r["grads"], rank, "grad")
+        _assert_pairs([r["split_out"]], rank, "already_split output")
+        _assert_pairs(r["split_grads"], rank, "already_split grad")
+        _assert_pairs(r["layer"], rank, "layer grad")
+
+
 def _worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     return {
         "multihead": _multihead(rank, world_size, False),
         "multihead-causal": _multihead(rank, world_size, True),
         "plain": _plain(rank, world_size),
         "validate": _validate_once(rank, world_size),
+        "ring4": _replicated(rank, world_size, None),  # named for the test: one ring of 2 here
     }
 
 
@@ -156,23 +239,25 @@ def test_collective_check_runs_once_per_signature(results: list[dict[str, Any]])
         assert "the local shards differ between ranks" in res["validate"]["mismatch_error"]
 
 
-def test_factory_ring_kind_needs_an_initialized_process_group() -> None:
+def test_without_process_group_a_ring_is_a_ring_of_one() -> None:
     from dilated_attention_pytorch import create_multihead_dilated_attention
 
-    with pytest.raises(
-        ValueError,
-        match="kind 'ring_multihead' cannot be built here: ring attention needs torch.distributed",
-    ):
-        create_multihead_dilated_attention(
-            "ring_multihead", embed_dim=32, num_heads=4, segment_lengths=[8], dilation_rates=[1]
+    # Construction works anywhere (planning, memory estimates); a ring of one computes
+    # the single-device result; a larger ring needs torch.distributed at forward.
+    layer = create_multihead_dilated_attention(
+        "ring", embed_dim=32, num_heads=4, segment_lengths=[8], dilation_rates=[1]
+    )
+    assert isinstance(layer, RingMultiheadDilatedAttention)
+    q, k, v = (torch.randn(1, 16, 4, 8, dtype=torch.float64) for _ in range(3))
+    want = DilatedAttention(SEGMENTS, DILATIONS)(q, k, v, is_causal=True)
+    for already_split in (False, True):
+        got = StandardRingAttention(SEGMENTS, DILATIONS)(
+            q, k, v, is_causal=True, already_split=already_split
         )
-
-
-def test_ring_module_without_process_group_raises() -> None:
-    module = RingDilatedAttention(SEGMENTS, DILATIONS)
-    q = torch.randn(1, 16, 4, 8)
-    with pytest.raises(ValueError, match="ring attention needs torch.distributed"):
-        module(q, q, q)
+        torch.testing.assert_close(got, want, **TOL)
+    module = RingDilatedAttention(SEGMENTS, DILATIONS, ring_size=2)
+    with pytest.raises(ValueError, match=r"ring_size=2 needs torch.distributed"):
+        module(q, k, v)
 
 
 def test_ring_size_must_be_positive() -> None:

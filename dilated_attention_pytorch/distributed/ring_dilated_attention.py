@@ -42,7 +42,6 @@ from .comm import RingComm
 from .validation import (
     check_ring_call,
     check_ring_call_locally,
-    check_shard_length,
     resolve_group,
 )
 
@@ -131,23 +130,26 @@ class RingBranch:
 
 @functools.lru_cache(maxsize=256)
 def ring_layout(
-    plan: DilatedPlan, local_len: int, world_size: int, rank: int
+    plan: DilatedPlan, local_len: int, world_size: int, rank: int, base: int = 0
 ) -> tuple[RingBranch, ...]:
     """Per branch of ``plan``: the ring, this rank's place in it and every piece's offsets.
 
-    Assumes the shard rules of :func:`ring_dilated_attention` hold (checked before). A branch
-    with ``w > L`` groups ranks ``[s*g, (s+1)*g)`` with ``g = w/L``; when ``k % g != 0``
-    the last segment is shorter and its ring has fewer ranks.
+    ``world_size`` ranks hold the sequence, this one is number ``rank`` among them;
+    they are group ranks ``base .. base + world_size - 1`` (``base > 0`` when the group
+    is cut into several rings). Assumes the shard rules of :func:`ring_dilated_attention`
+    hold (checked before). A branch with ``w > L`` groups ranks ``[s*g, (s+1)*g)`` with
+    ``g = w/L``; when ``k % g != 0`` the last segment is shorter and its ring has fewer
+    ranks.
     """
     branches = []
     for branch in plan.branches:
         w, r = branch.segment_length, branch.dilation_rate
         if w <= local_len:
-            ring, position, piece, starts = (rank,), 0, w, (0,)
+            ring, position, piece, starts = (base + rank,), 0, w, (0,)
         else:
             g = w // local_len
             first = (rank // g) * g
-            ring = tuple(range(first, min(first + g, world_size)))
+            ring = tuple(range(base + first, base + min(first + g, world_size)))
             position, piece = rank - first, local_len
             # Position p of the segment is dilated for offset o iff p mod r == o; piece c
             # starts at p = c*L, so its first dilated position is (o - c*L) mod r.
@@ -557,6 +559,7 @@ def ring_dilated_attention(
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
     validate: bool = True,
+    ring_size: int | None = None,
 ) -> Tensor:
     """Dilated attention on a sequence sharded over the ranks of ``group``.
 
@@ -585,6 +588,10 @@ def ring_dilated_attention(
         dropout_p, key_padding_mask: accepted for symmetry with ``dilated_attention``
             but not supported over the ring: anything but ``0.0`` / ``None`` raises a
             ``ValueError`` on every rank.
+        ring_size: ranks per ring: ``None`` for the whole group, or ``k`` dividing the
+            group size to cut the group into consecutive rings of ``k`` ranks (sequence
+            parallel inside a ring, data parallel across rings). Ring ``i`` holds group
+            ranks ``[i*k, (i+1)*k)`` and its own sequence; ``N = k * L``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -603,6 +610,7 @@ def ring_dilated_attention(
     """
     group = resolve_group(group)
     settings = dict(
+        ring_size=ring_size,
         segment_lengths=segment_lengths,
         dilation_rates=dilation_rates,
         branch_mixing=branch_mixing,
@@ -614,8 +622,9 @@ def ring_dilated_attention(
     if validate:
         plan = check_ring_call(q, k, v, group=group, backend=backend, **settings)
     else:
-        plan = check_ring_call_locally(q, k, v, **settings)
-        check_shard_length(plan, q.shape[1], dist.get_world_size(group))
+        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
+    size = dist.get_world_size(group) if ring_size is None else ring_size
+    rank = dist.get_rank(group)
     _, L, _, D = q.shape
     call = AttentionCall(
         device_type=q.device.type,
@@ -627,7 +636,7 @@ def ring_dilated_attention(
         plan=plan,
     )
     setup = RingSetup(
-        branches=ring_layout(plan, L, dist.get_world_size(group), dist.get_rank(group)),
+        branches=ring_layout(plan, L, size, rank % size, base=rank - rank % size),
         scale=D**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
         group=group,

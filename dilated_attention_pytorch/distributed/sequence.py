@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .comm import RingComm
 from .validation import resolve_group
+
+# Tag of the P2P all-gather within a ring (the ring's K/V and gradients use 0 and 1).
+_GATHER_TAG = 2
 
 
 def shard_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
@@ -73,3 +79,87 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int 
     """
     group = resolve_group(group)
     return _GatherSequence.apply(x, group, dim)
+
+
+def ring_all_gather(
+    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+) -> Tensor:
+    """Concatenate along ``dim`` the shards of the group ranks ``ring`` (this rank among them).
+
+    P2P only between the ring's members, so rings side by side in one group (data
+    parallel across rings) never exchange data. Every member must call it.
+    """
+    x = x.contiguous()
+    rank = dist.get_rank(group)
+    parts = {rank: x}
+    comm = RingComm(group, _GATHER_TAG)
+    for peer in ring:
+        if peer != rank:
+            comm.send(x, peer)
+            parts[peer] = comm.recv(torch.empty_like(x), peer)
+    comm.commit()
+    comm.wait()
+    return torch.cat([parts[peer] for peer in ring], dim=dim)
+
+
+class _ShardReplicated(torch.autograd.Function):
+    """The whole tensor (the same on every ring member) -> this member's shard.
+
+    Backward: the shards' gradients gathered over the ring, so every member gets the
+    gradient of the whole input, exactly once (not summed over members).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int):
+        ctx.group, ctx.ring, ctx.dim = group, ring, dim
+        position = ring.index(dist.get_rank(group))
+        length = x.shape[dim] // len(ring)
+        return x.narrow(dim, position * length, length)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim), None, None, None
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """This member's shard -> the whole tensor on every ring member.
+
+    Backward: the slice of this member's shard from the whole tensor's gradient,
+    which is the same on every member (every member computes the same loss from the
+    same whole output), so nothing is summed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int):
+        ctx.group, ctx.ring, ctx.dim = group, ring, dim
+        ctx.position, ctx.length = ring.index(dist.get_rank(group)), x.shape[dim]
+        return ring_all_gather(x, group, ring, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shard = grad.narrow(ctx.dim, ctx.position * ctx.length, ctx.length)
+        return shard.contiguous(), None, None, None
+
+
+def shard_replicated(
+    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+) -> Tensor:
+    """This rank's shard of ``x``, which every member of ``ring`` holds whole (a view).
+
+    Differentiable: the backward gives every member the gradient of the whole ``x``
+    (the members' shard gradients, gathered). ``x.shape[dim]`` must be a multiple of
+    ``len(ring)``.
+    """
+    return _ShardReplicated.apply(x, group, tuple(ring), dim)
+
+
+def gather_replicated(
+    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+) -> Tensor:
+    """The whole tensor from the shards of ``ring``'s members, on every member.
+
+    The inverse of :func:`shard_replicated`. Its backward assumes that every member
+    back-propagates the same gradient of the whole tensor (the same loss on the same
+    output), and keeps its own slice of it.
+    """
+    return _GatherReplicated.apply(x, group, tuple(ring), dim)

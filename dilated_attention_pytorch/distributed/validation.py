@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
-from ..validation import check_qkv, check_scalars
+from ..validation import check_qkv, check_ring_size, check_scalars
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
@@ -97,11 +97,27 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
             )
 
 
+def check_ring_size_divides(ring_size: object, world_size: int) -> int:
+    """``ring_size`` (``None`` = the whole group) must divide the group's size; returns it."""
+    size = check_ring_size(ring_size)
+    if size is None:
+        return world_size
+    if world_size % size != 0:
+        raise ValueError(
+            f"ring_size={size} does not divide the process group's {world_size} ranks; the "
+            f"group is cut into consecutive rings of ring_size ranks, so pass a divisor of "
+            f"{world_size} (or None for one ring over the whole group)."
+        )
+    return size
+
+
 def check_ring_call_locally(
     q: object,
     k: object,
     v: object,
     *,
+    ring_size: object = None,
+    world_size: int = 1,
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     branch_mixing: str,
@@ -134,7 +150,9 @@ def check_ring_call_locally(
             f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
             f"N/k >= 1 tokens."
         )
-    return make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    check_shard_length(plan, q.shape[1], check_ring_size_divides(ring_size, world_size))
+    return plan
 
 
 def check_ring_call(
@@ -151,6 +169,7 @@ def check_ring_call(
     backend: object,
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
+    ring_size: object = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -164,6 +183,8 @@ def check_ring_call(
     try:
         plan = check_ring_call_locally(
             q, k, v,
+            ring_size=ring_size,
+            world_size=dist.get_world_size(group),
             segment_lengths=segment_lengths,
             dilation_rates=dilation_rates,
             branch_mixing=branch_mixing,
@@ -182,6 +203,7 @@ def check_ring_call(
                 tuple(segment_lengths), tuple(dilation_rates), branch_mixing, is_causal,
                 None if scale is None else float(scale),  # scale=1 and scale=1.0 agree
                 backend if isinstance(backend, str) else repr(backend),
+                ring_size,
             ),
         ]  # fmt: skip
     except (TypeError, ValueError) as exc:
@@ -228,15 +250,14 @@ def check_ring_call(
         settings = (
             f"segment_lengths={list(segment_lengths)}, dilation_rates={list(dilation_rates)}, "
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
-            f"backend={backend!r}"
+            f"backend={backend!r}, ring_size={ring_size}"
         )
         texts = _gather_texts(group, settings)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
-            "dilation_rates, branch_mixing, is_causal, scale and backend on every rank: "
+            "dilation_rates, branch_mixing, is_causal, scale, backend and ring_size on every rank: "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
             + "."
         )
     assert plan is not None
-    check_shard_length(plan, table[0][_L], world_size)
     return plan

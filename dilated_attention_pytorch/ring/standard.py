@@ -1,0 +1,259 @@
+"""``nn.Module`` forms of ring (sequence-parallel) dilated attention.
+
+The ranks of a process group (or of each ring of ``ring_size`` consecutive ranks)
+share one sequence: rank ``j`` of a ring of ``k`` holds tokens ``[j*N/k, (j+1)*N/k)``.
+The modules take either the whole sequence on every rank (``already_split=False``,
+the default: the module takes its shard and returns the whole output, exactly the
+single-device result) or each rank's shard (``already_split=True``: the O(N/k) per
+rank path). The maths lives in :mod:`dilated_attention_pytorch.distributed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
+from ..distributed.validation import check_ring_size_divides, distributed_not_ready, resolve_group
+from ..modules import DilatedAttention, MultiheadDilatedAttention
+from ..validation import check_bool, check_choice, check_ring_size
+
+__all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
+
+
+class StandardRingAttention(DilatedAttention):
+    """Dilated attention over a sequence shared by the ranks of a ring.
+
+    On ``(B, N, H, D)`` q, k, v (batch, tokens, heads, head dim). Every rank of the
+    process group calls it together. The group is one ring (``ring_size=None``) or is
+    cut into consecutive rings of ``ring_size`` ranks, each with its own sequence
+    (sequence parallel inside a ring, data parallel across rings). Branches whose
+    segment fits in a rank's shard run locally; longer ones pass only the *dilated*
+    K/V between the ranks holding a segment, by P2P.
+
+    Without ``torch.distributed`` initialized the module is a ring of one: it computes
+    :class:`~dilated_attention_pytorch.DilatedAttention` on the local device
+    (``ring_size > 1`` then raises at ``forward``; construction works anywhere).
+
+    Args:
+        segment_lengths, dilation_rates, branch_mixing, scale, backend: as in
+            :class:`~dilated_attention_pytorch.DilatedAttention`; segment lengths are
+            global token counts. With ``L = N / ring_size`` tokens per rank, a segment
+            length ``w <= L`` must divide ``L`` and a ``w > L`` must be a multiple of ``L``.
+        dropout: must be 0 in training mode over a ring of more than one rank (dropout
+            over the ring is not implemented yet; it raises on every rank). Ignored in
+            eval mode.
+        ring_size: ranks per ring; ``None`` for the whole process group, else a divisor
+            of its size.
+        process_group: the group holding the sequence (default: WORLD), e.g. one
+            dimension of a DeviceMesh.
+        validate: when the collective input check runs (one small ``all_gather`` and a
+            host sync, so that a bad input on any rank raises on every rank):
+            ``"once"`` (default) the first time the module sees an input signature
+            (shapes, dtypes, device, ``is_causal``, mask, dropout, group), with this
+            rank's own checks on every call; ``"always"`` on every call, for inputs
+            whose shapes may change on some ranks but not others.
+
+    Shapes:
+        ``already_split=False``: q, k, v ``(B, N, H, D)``, the same on every rank of a
+        ring; output ``(B, N, H, D)``. ``already_split=True``: this rank's shards
+        ``(B, N/k, H, D)`` in and out.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        dropout: float = 0.0,
+        ring_size: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        branch_mixing: str = "softmax",
+        scale: float | None = None,
+        backend: str = "auto",
+        validate: str = "once",
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            branch_mixing=branch_mixing,
+            dropout=dropout,
+            scale=scale,
+            backend=backend,
+        )
+        self.process_group = process_group
+        self.ring_size = check_ring_size(ring_size)
+        self.validate = check_choice("validate", validate, ("once", "always"))
+        self._validated: set[tuple] = set()  # input signatures that passed the collective check
+        if dist.is_available() and dist.is_initialized():
+            self.ring()  # fail early when the group is already known
+
+    def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
+        """``(process group, group ranks of this rank's ring)``, or ``None`` for a ring
+        of one without ``torch.distributed``."""
+        if distributed_not_ready() is not None:
+            if self.ring_size not in (None, 1):
+                raise ValueError(
+                    f"ring_size={self.ring_size} needs torch.distributed: call "
+                    f"torch.distributed.init_process_group (e.g. launch with torchrun) first, "
+                    f"or use ring_size=None / 1 to run on this device alone."
+                )
+            return None
+        group = resolve_group(self.process_group)
+        size = check_ring_size_divides(self.ring_size, dist.get_world_size(group))
+        rank = dist.get_rank(group)
+        first = rank - rank % size
+        return group, tuple(range(first, first + size))
+
+    def group(self) -> dist.ProcessGroup:
+        """The process group (raises when ``torch.distributed`` is not initialized)."""
+        return resolve_group(self.process_group)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        already_split: bool = False,
+    ) -> Tensor:
+        """Attend ``query`` to ``key``/``value`` over the ring.
+
+        Args:
+            query, key, value: ``(B, N, H, D)``, the whole sequence and the same on every
+                rank of the ring; with ``already_split=True`` this rank's shard
+                ``(B, N/k, H, D)``.
+            is_causal: query ``p`` only sees keys ``p' <= p`` (global positions).
+            key_padding_mask: ``None`` over a ring of more than one rank (not supported
+                there yet; raises on every rank).
+            already_split: whether the inputs are already this rank's shards.
+
+        Returns:
+            ``(B, N, H, D)`` (``already_split=False``: the whole output, equal on every
+            rank to the single-device result, with the single-device gradients of the
+            whole inputs) or this rank's shard ``(B, N/k, H, D)``.
+        """
+        check_bool("already_split", already_split)
+        ring = self.ring()
+        if ring is None or len(ring[1]) == 1:
+            # A ring of one: nothing to exchange, the single-device computation.
+            return super().forward(
+                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
+            )
+        group, members = ring
+        q, k, v = query, key, value
+        if not already_split:
+            q, k, v = (
+                shard_replicated(t, group, members) if isinstance(t, Tensor) else t
+                for t in (query, key, value)
+            )
+        # Unsupported options are checked inside the collective validation, so that a
+        # mask or dropout on one rank makes every rank raise instead of hanging the others.
+        dropout_p = self.dropout if self.training else 0.0
+        signature = (
+            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
+            *(getattr(t, "dtype", None) for t in (q, k, v)),
+            getattr(q, "device", None),
+            is_causal,
+            key_padding_mask is None,
+            dropout_p,
+            id(group),
+        )
+        validate = self.validate == "always" or signature not in self._validated
+        out = ring_dilated_attention(
+            q,
+            k,
+            v,
+            self.segment_lengths,
+            self.dilation_rates,
+            group=group,
+            ring_size=len(members),
+            is_causal=is_causal,
+            branch_mixing=self.branch_mixing,
+            scale=self.scale,
+            backend=self.backend,
+            dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask,
+            validate=validate,
+        )
+        self._validated.add(signature)
+        return out if already_split else gather_replicated(out, group, members)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
+
+
+RingDilatedAttention = StandardRingAttention
+"""Another name of :class:`StandardRingAttention` (the same class)."""
+
+
+class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """Multi-head dilated attention whose attention runs over a ring of ranks.
+
+    A :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` whose inner
+    attention is :class:`StandardRingAttention`. ``forward(query, key=None, value=None,
+    *, is_causal=False, key_padding_mask=None, already_split=False)``:
+
+    - ``already_split=False`` (default): every rank of a ring passes the whole
+      ``(B, N, E)`` input and gets the whole output, exactly the single-device layer's
+      (and the single-device gradients, parameters included); only the attention is
+      split over the ring.
+    - ``already_split=True``: every rank passes its shard ``(B, N/k, E)``; projections,
+      norm and output projection run on the shard (O(N/k) per rank), and rank ``j``'s
+      output is shard ``j`` of the single-device output. Parameter gradients are then
+      each rank's share: sum them over the ring (as data parallelism over the sequence
+      dimension would).
+
+    Args:
+        embed_dim, num_heads, segment_lengths, dilation_rates, bias, layer_norm,
+            gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
+        ring_size, process_group, branch_mixing, dropout, scale, backend, validate:
+            the keywords of the inner :class:`StandardRingAttention`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        ring_size: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        branch_mixing: str = "softmax",
+        dropout: float = 0.0,
+        scale: float | None = None,
+        backend: str = "auto",
+        validate: str = "once",
+        bias: bool = True,
+        layer_norm: bool = True,
+        gamma_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        attention: nn.Module = StandardRingAttention(
+            segment_lengths,
+            dilation_rates,
+            process_group=process_group,
+            branch_mixing=branch_mixing,
+            dropout=dropout,
+            scale=scale,
+            ring_size=ring_size,
+            backend=backend,
+            validate=validate,
+        )
+        super().__init__(
+            embed_dim,
+            num_heads,
+            attention=attention,
+            bias=bias,
+            layer_norm=layer_norm,
+            gamma_init=gamma_init,
+            device=device,
+            dtype=dtype,
+        )
