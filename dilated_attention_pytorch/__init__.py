@@ -1,5 +1,8 @@
 """LongNet dilated attention and ring (sequence-parallel) dilated attention for PyTorch."""
 
+import sys
+
+from . import compat
 from .backends import PyTorchBackend, available_backends
 from .config import PRESETS, DilatedAttentionConfig
 from .distributed import gather_sequence, ring_dilated_attention, shard_sequence
@@ -16,6 +19,14 @@ from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
 from .ring import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Deprecated names (see compat): resolved on access, with a DeprecationWarning.
+    if name == "ring_dilated_attention_v2":
+        return sys.modules[f"{__name__}.{name}"]
+    return compat.deprecated_attribute(__name__, name)
+
 
 __all__ = [
     "RingDilatedAttention",
