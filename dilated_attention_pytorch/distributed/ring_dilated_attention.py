@@ -38,7 +38,7 @@ from ..backends import AttentionCall, Backend, BlockOps, available_backends, get
 from ..backends.blocks import compute_dtype
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import merge_lse_, segment_views, token_major
-from .comm import RingComm
+from .comm import RingComm, RingStats
 from .validation import (
     check_ring_call,
     check_ring_call_locally,
@@ -292,10 +292,24 @@ class RingSetup:
     is_causal: bool
     group: dist.ProcessGroup
     ops: BlockOps
+    stats: RingStats | None = None  # counts bytes, steps and time when given
+    timeout: float | None = None  # bound on every wait, in seconds
 
     @property
     def num_steps(self) -> int:
         return max(b.size for b in self.branches)
+
+    def comm(self, tag: int, context: str) -> RingComm:
+        return RingComm(self.group, tag, stats=self.stats, timeout=self.timeout, context=context)
+
+    def branches_at(self, step: int) -> str:
+        """The branches whose ring is still turning at ``step``, for error messages."""
+        names = [
+            f"{i} (w={b.segment_length}, r={b.dilation_rate})"
+            for i, b in enumerate(self.branches)
+            if step < b.size
+        ]
+        return ", ".join(names)
 
 
 @dataclass(frozen=True)
@@ -343,7 +357,8 @@ class KVRotation:
     def post(self, step: int) -> None:
         """Queue and start the K/V transfers of ``step`` for every branch."""
         batch, head_dim = self.k.shape[0], self.k.shape[-1]
-        comm = RingComm(self.setup.group, _KV_TAG)
+        setup = self.setup
+        comm = setup.comm(_KV_TAG, f"K/V of ring step {step}, branch(es) {setup.branches_at(step)}")
         self._incoming = {}
         for i, b in enumerate(self.setup.branches):
             for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
@@ -391,9 +406,14 @@ def ring_steps(setup: RingSetup, k: Tensor, v: Tensor) -> Iterator[tuple[int, li
     for them when the caller asks for the next step.
     """
     rotation = KVRotation(setup, k, v)
+    stats = setup.stats
     for step in range(setup.num_steps):
         rotation.post(step)
+        token = None if stats is None else stats.compute.start(k.device)
         yield step, rotation.tasks(step)
+        if stats is not None:
+            stats.compute.stop(token)
+            stats.ring_steps += 1
         rotation.advance()
 
 
@@ -418,7 +438,10 @@ class GradRouter:
         ``(dk, dv)`` this rank computed for the visiting block of that branch."""
         if self._comm is not None:  # sent at the previous step; arrived while we computed
             self._comm.wait()
-        comm = RingComm(self.setup.group, _GRAD_TAG)
+        setup = self.setup
+        comm = setup.comm(
+            _GRAD_TAG, f"dK/dV after ring step {step}, branch(es) {setup.branches_at(step)}"
+        )
         received: dict[tuple[int, int], Tensor] = {}
         for i, b in enumerate(self.setup.branches):
             if step == 0 or step >= b.size:
@@ -560,6 +583,8 @@ def ring_dilated_attention(
     key_padding_mask: Tensor | None = None,
     validate: bool = True,
     ring_size: int | None = None,
+    timeout: float | None = None,
+    stats: RingStats | None = None,
 ) -> Tensor:
     """Dilated attention on a sequence sharded over the ranks of ``group``.
 
@@ -592,6 +617,10 @@ def ring_dilated_attention(
             group size to cut the group into consecutive rings of ``k`` ranks (sequence
             parallel inside a ring, data parallel across rings). Ring ``i`` holds group
             ranks ``[i*k, (i+1)*k)`` and its own sequence; ``N = k * L``.
+        timeout: seconds any wait on a transfer or collective may take before a
+            ``RuntimeError`` naming the rank, the branch(es) and the ring step is raised
+            (a dead or stuck peer); ``None``: the process group's own timeout.
+        stats: a :class:`RingStats` that counts this call's bytes, steps and time.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -620,7 +649,7 @@ def ring_dilated_attention(
         key_padding_mask=key_padding_mask,
     )
     if validate:
-        plan = check_ring_call(q, k, v, group=group, backend=backend, **settings)
+        plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
     else:
         plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
     size = dist.get_world_size(group) if ring_size is None else ring_size
@@ -641,5 +670,9 @@ def ring_dilated_attention(
         is_causal=is_causal,
         group=group,
         ops=select_block_ops(backend, call),
+        stats=stats,
+        timeout=timeout,
     )
+    if stats is not None:
+        stats.calls += 1
     return RingDilatedAttentionFunction.apply(token_major(q), token_major(k), token_major(v), setup)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import RingComm
+from .comm import RingComm, RingStats
 from .validation import resolve_group
 
 # Tag of the P2P all-gather within a ring (the ring's K/V and gradients use 0 and 1).
@@ -82,7 +82,13 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int 
 
 
 def ring_all_gather(
-    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+    x: Tensor,
+    group: dist.ProcessGroup,
+    ring: Sequence[int],
+    dim: int = 1,
+    *,
+    stats: RingStats | None = None,
+    timeout: float | None = None,
 ) -> Tensor:
     """Concatenate along ``dim`` the shards of the group ranks ``ring`` (this rank among them).
 
@@ -92,7 +98,9 @@ def ring_all_gather(
     x = x.contiguous()
     rank = dist.get_rank(group)
     parts = {rank: x}
-    comm = RingComm(group, _GATHER_TAG)
+    comm = RingComm(
+        group, _GATHER_TAG, stats=stats, timeout=timeout, context="gather of a ring's shards"
+    )
     for peer in ring:
         if peer != rank:
             comm.send(x, peer)
@@ -110,15 +118,16 @@ class _ShardReplicated(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int):
-        ctx.group, ctx.ring, ctx.dim = group, ring, dim
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int, opts):
+        ctx.group, ctx.ring, ctx.dim, ctx.opts = group, ring, dim, opts
         position = ring.index(dist.get_rank(group))
         length = x.shape[dim] // len(ring)
         return x.narrow(dim, position * length, length)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim), None, None, None
+        gathered = ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim, **ctx.opts)
+        return gathered, None, None, None, None
 
 
 class _GatherReplicated(torch.autograd.Function):
@@ -130,19 +139,25 @@ class _GatherReplicated(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int):
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int, opts):
         ctx.group, ctx.ring, ctx.dim = group, ring, dim
         ctx.position, ctx.length = ring.index(dist.get_rank(group)), x.shape[dim]
-        return ring_all_gather(x, group, ring, dim)
+        return ring_all_gather(x, group, ring, dim, **opts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         shard = grad.narrow(ctx.dim, ctx.position * ctx.length, ctx.length)
-        return shard.contiguous(), None, None, None
+        return shard.contiguous(), None, None, None, None
 
 
 def shard_replicated(
-    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+    x: Tensor,
+    group: dist.ProcessGroup,
+    ring: Sequence[int],
+    dim: int = 1,
+    *,
+    stats: RingStats | None = None,
+    timeout: float | None = None,
 ) -> Tensor:
     """This rank's shard of ``x``, which every member of ``ring`` holds whole (a view).
 
@@ -150,11 +165,18 @@ def shard_replicated(
     (the members' shard gradients, gathered). ``x.shape[dim]`` must be a multiple of
     ``len(ring)``.
     """
-    return _ShardReplicated.apply(x, group, tuple(ring), dim)
+    opts = {"stats": stats, "timeout": timeout}
+    return _ShardReplicated.apply(x, group, tuple(ring), dim, opts)
 
 
 def gather_replicated(
-    x: Tensor, group: dist.ProcessGroup, ring: Sequence[int], dim: int = 1
+    x: Tensor,
+    group: dist.ProcessGroup,
+    ring: Sequence[int],
+    dim: int = 1,
+    *,
+    stats: RingStats | None = None,
+    timeout: float | None = None,
 ) -> Tensor:
     """The whole tensor from the shards of ``ring``'s members, on every member.
 
@@ -162,4 +184,5 @@ def gather_replicated(
     back-propagates the same gradient of the whole tensor (the same loss on the same
     output), and keeps its own slice of it.
     """
-    return _GatherReplicated.apply(x, group, tuple(ring), dim)
+    opts = {"stats": stats, "timeout": timeout}
+    return _GatherReplicated.apply(x, group, tuple(ring), dim, opts)

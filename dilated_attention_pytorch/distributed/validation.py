@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
 from ..validation import check_qkv, check_ring_size, check_scalars
+from .comm import wait_bounded
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
@@ -170,6 +171,7 @@ def check_ring_call(
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
     ring_size: object = None,
+    timeout: float | None = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -213,7 +215,8 @@ def check_ring_call(
     device = collective_device(group)
     mine = torch.tensor(meta, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(gathered, mine, group=group)
+    work = dist.all_gather(gathered, mine, group=group, async_op=True)
+    wait_bounded(work, timeout, f"rank {rank}: the collective input check of ring attention")
     table = [row.tolist() for row in gathered]
 
     bad = [j for j, row in enumerate(table) if row[_OK] != 1]

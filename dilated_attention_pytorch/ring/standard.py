@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
+from ..distributed.comm import RingStats
 from ..distributed.validation import check_ring_size_divides, distributed_not_ready, resolve_group
 from ..modules import DilatedAttention, MultiheadDilatedAttention
-from ..validation import check_bool, check_choice, check_ring_size
+from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
 
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
 
@@ -56,6 +57,9 @@ class StandardRingAttention(DilatedAttention):
             (shapes, dtypes, device, ``is_causal``, mask, dropout, group), with this
             rank's own checks on every call; ``"always"`` on every call, for inputs
             whose shapes may change on some ranks but not others.
+        timeout: seconds any wait on another rank may take (P2P transfers, the input
+            check) before a ``RuntimeError`` naming the rank, branch and ring step is
+            raised instead of hanging; ``None``: the process group's own timeout.
 
     Shapes:
         ``already_split=False``: q, k, v ``(B, N, H, D)``, the same on every rank of a
@@ -75,6 +79,7 @@ class StandardRingAttention(DilatedAttention):
         scale: float | None = None,
         backend: str = "auto",
         validate: str = "once",
+        timeout: float | None = None,
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -87,6 +92,8 @@ class StandardRingAttention(DilatedAttention):
         self.process_group = process_group
         self.ring_size = check_ring_size(ring_size)
         self.validate = check_choice("validate", validate, ("once", "always"))
+        self.timeout = None if timeout is None else check_positive_float("timeout", timeout)
+        self._stats: RingStats | None = None  # set by subclasses that monitor the ring
         self._validated: set[tuple] = set()  # input signatures that passed the collective check
         if dist.is_available() and dist.is_initialized():
             self.ring()  # fail early when the group is already known
@@ -146,10 +153,11 @@ class StandardRingAttention(DilatedAttention):
                 query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
             )
         group, members = ring
+        options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v = query, key, value
         if not already_split:
             q, k, v = (
-                shard_replicated(t, group, members) if isinstance(t, Tensor) else t
+                shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
             )
         # Unsupported options are checked inside the collective validation, so that a
@@ -180,9 +188,10 @@ class StandardRingAttention(DilatedAttention):
             dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
             validate=validate,
+            **options,
         )
         self._validated.add(signature)
-        return out if already_split else gather_replicated(out, group, members)
+        return out if already_split else gather_replicated(out, group, members, **options)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
@@ -212,7 +221,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     Args:
         embed_dim, num_heads, segment_lengths, dilation_rates, bias, layer_norm,
             gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
-        ring_size, process_group, branch_mixing, dropout, scale, backend, validate:
+        ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout:
             the keywords of the inner :class:`StandardRingAttention`.
     """
 
@@ -230,6 +239,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         scale: float | None = None,
         backend: str = "auto",
         validate: str = "once",
+        timeout: float | None = None,
         bias: bool = True,
         layer_norm: bool = True,
         gamma_init: float = 1.0,
@@ -246,6 +256,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             ring_size=ring_size,
             backend=backend,
             validate=validate,
+            timeout=timeout,
         )
         super().__init__(
             embed_dim,
