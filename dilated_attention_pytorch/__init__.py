@@ -16,7 +16,12 @@ from .functional import dilated_attention
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
-from .ring import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
+from .ring import (
+    DistributedRingAttention,
+    RingDilatedAttention,
+    RingMultiheadDilatedAttention,
+    StandardRingAttention,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +34,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DistributedRingAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",
