@@ -18,6 +18,7 @@ from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
 from .ring import (
     DistributedRingAttention,
+    EnterpriseDistributedDilatedAttention,
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
@@ -35,6 +36,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DistributedRingAttention",
+    "EnterpriseDistributedDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",

@@ -8,6 +8,7 @@ when it is imported or accessed from the package, and again when it is construct
 | --- | --- |
 | ``RingDilatedAttentionV2``, ``RingDilatedAttentionV2Collective``, ``RingDilatedAttentionProduction`` | :class:`~dilated_attention_pytorch.ring.StandardRingAttention` |
 | ``RingDilatedAttentionCorrect``, ``RingDilatedAttentionSDPA`` | :class:`~dilated_attention_pytorch.ring.RingMultiheadDilatedAttention` |
+| ``RingDistributedDilatedAttention`` | :class:`~dilated_attention_pytorch.ring.EnterpriseDistributedDilatedAttention` |
 | module ``dilated_attention_pytorch.ring_dilated_attention_v2`` | ``dilated_attention_pytorch.ring`` |
 """
 
@@ -21,7 +22,11 @@ from typing import Any
 
 import torch
 
-from .ring import RingMultiheadDilatedAttention, StandardRingAttention
+from .ring import (
+    EnterpriseDistributedDilatedAttention,
+    RingMultiheadDilatedAttention,
+    StandardRingAttention,
+)
 
 __all__ = ["DEPRECATED", "deprecated_attribute"]
 
@@ -81,6 +86,26 @@ RingDilatedAttentionV2 = _ring_alias("RingDilatedAttentionV2")
 RingDilatedAttentionV2Collective = _ring_alias("RingDilatedAttentionV2Collective")
 RingDilatedAttentionProduction = _ring_alias("RingDilatedAttentionProduction")
 RingDilatedAttentionCorrect = _multihead_alias("RingDilatedAttentionCorrect")
+
+
+class RingDistributedDilatedAttention(EnterpriseDistributedDilatedAttention):
+    """Deprecated: :class:`EnterpriseDistributedDilatedAttention` under its earlier name."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        **kwargs: Any,
+    ) -> None:
+        _warn(
+            "RingDistributedDilatedAttention",
+            "dilated_attention_pytorch.ring.EnterpriseDistributedDilatedAttention",
+        )
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+
+
 RingDilatedAttentionSDPA = _multihead_alias("RingDilatedAttentionSDPA")
 
 # name -> (object, replacement named in the warning)
@@ -93,6 +118,10 @@ DEPRECATED: dict[str, tuple[Any, str]] = {
     "RingDilatedAttentionProduction": (RingDilatedAttentionProduction, "StandardRingAttention"),
     "RingDilatedAttentionCorrect": (RingDilatedAttentionCorrect, "RingMultiheadDilatedAttention"),
     "RingDilatedAttentionSDPA": (RingDilatedAttentionSDPA, "RingMultiheadDilatedAttention"),
+    "RingDistributedDilatedAttention": (
+        RingDistributedDilatedAttention,
+        "EnterpriseDistributedDilatedAttention",
+    ),
 }
 
 

@@ -26,9 +26,14 @@ from typing import Any
 
 from torch import nn
 
+from .compat import RingDistributedDilatedAttention
 from .config import DilatedAttentionConfig
 from .modules import DilatedAttention, MultiheadDilatedAttention
-from .ring import RingMultiheadDilatedAttention, StandardRingAttention
+from .ring import (
+    EnterpriseDistributedDilatedAttention,
+    RingMultiheadDilatedAttention,
+    StandardRingAttention,
+)
 
 __all__ = [
     "DEFAULT_DILATION_RATES",
@@ -289,3 +294,16 @@ for _name in ("ring", "ring_multihead"):
         multihead=True,
         description="ring multi-head dilated attention (RingMultiheadDilatedAttention)",
     )
+register_attention_kind(
+    "multihead_enterprise_distributed",
+    EnterpriseDistributedDilatedAttention,
+    multihead=True,
+    description="multi-head dilated attention for data-parallel training, with monitoring and "
+    "checkpointing (EnterpriseDistributedDilatedAttention)",
+)
+register_attention_kind(
+    "multihead_ring_distributed",
+    RingDistributedDilatedAttention,
+    multihead=True,
+    description="deprecated name of 'multihead_enterprise_distributed' (warns when built)",
+)

@@ -4,13 +4,16 @@
   q, k, v; :class:`RingMultiheadDilatedAttention`: the multi-head layer on ``(B, N, E)``.
 - :class:`DistributedRingAttention`: the ring plus monitoring, activation
   checkpointing and timeouts.
+- :class:`EnterpriseDistributedDilatedAttention`: the multi-head layer for data-parallel
+  training (whole sequence on every rank) with monitoring and checkpointing.
 """
 
-from .distributed import DistributedRingAttention
+from .distributed import DistributedRingAttention, EnterpriseDistributedDilatedAttention
 from .standard import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __all__ = [
     "DistributedRingAttention",
+    "EnterpriseDistributedDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",
