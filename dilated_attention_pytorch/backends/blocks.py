@@ -226,7 +226,7 @@ def cudnn_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
     """Whether PyTorch's cuDNN attention op runs blocks of this kind (Hopper or newer, fp16/bf16).
 
     On an H200 it reads the same strided views as flash and made the whole pure-PyTorch
-    backend 1.3-1.45x faster (the ``reference-flash`` rows of
+    backend 1.3-1.45x faster (the rows of the flash-pinned pipeline in
     benchmarks/results/dilated_bench_h200_20261121.json), so ``kernel="auto"`` prefers it.
     """
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):

@@ -607,9 +607,9 @@ def ring_dilated_attention(
         is_causal: query ``p`` only sees keys ``p' <= p`` (global positions).
         branch_mixing: ``"softmax"`` or ``"head_split"``, as in ``dilated_attention``.
         scale: score scale, default ``D ** -0.5``.
-        backend: block kernel: ``"auto"`` (the reference blocks: cuDNN or flash on CUDA
+        backend: block kernel: ``"auto"`` (the pytorch backend's blocks: cuDNN or flash on CUDA
             fp16/bf16, chunked matmuls otherwise) or a backend exposing block ops
-            (``"reference"``, ``"triton"``).
+            (``"pytorch"``, ``"triton"``), or a ``Backend`` instance.
         dropout_p, key_padding_mask: accepted for symmetry with ``dilated_attention``
             but not supported over the ring: anything but ``0.0`` / ``None`` raises a
             ``ValueError`` on every rank.
