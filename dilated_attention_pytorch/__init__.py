@@ -13,6 +13,7 @@ from .factory import (
     register_attention_kind,
 )
 from .functional import dilated_attention
+from .hilbert import hilbert_permutation, inverse_permutation
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
@@ -35,6 +36,8 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "hilbert_permutation",
+    "inverse_permutation",
     "DistributedRingAttention",
     "EnterpriseDistributedDilatedAttention",
     "RingDilatedAttention",
