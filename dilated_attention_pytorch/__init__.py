@@ -20,6 +20,8 @@ from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
 from .ring import (
     DistributedRingAttention,
     EnterpriseDistributedDilatedAttention,
+    HilbertRingAttention,
+    HilbertRingMultiheadAttention,
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
@@ -40,6 +42,8 @@ __all__ = [
     "inverse_permutation",
     "DistributedRingAttention",
     "EnterpriseDistributedDilatedAttention",
+    "HilbertRingAttention",
+    "HilbertRingMultiheadAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",

@@ -2,6 +2,8 @@
 
 - :class:`StandardRingAttention` (also ``RingDilatedAttention``): on ``(B, N, H, D)``
   q, k, v; :class:`RingMultiheadDilatedAttention`: the multi-head layer on ``(B, N, E)``.
+- :class:`HilbertRingAttention` / :class:`HilbertRingMultiheadAttention`: the ring over
+  image patches in Hilbert-curve order.
 - :class:`DistributedRingAttention`: the ring plus monitoring, activation
   checkpointing and timeouts.
 - :class:`EnterpriseDistributedDilatedAttention`: the multi-head layer for data-parallel
@@ -9,11 +11,14 @@
 """
 
 from .distributed import DistributedRingAttention, EnterpriseDistributedDilatedAttention
+from .hilbert import HilbertRingAttention, HilbertRingMultiheadAttention
 from .standard import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __all__ = [
     "DistributedRingAttention",
     "EnterpriseDistributedDilatedAttention",
+    "HilbertRingAttention",
+    "HilbertRingMultiheadAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",
