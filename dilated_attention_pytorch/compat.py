@@ -8,6 +8,7 @@ when it is imported or accessed from the package, and again when it is construct
 | --- | --- |
 | ``RingDilatedAttentionV2``, ``RingDilatedAttentionV2Collective``, ``RingDilatedAttentionProduction`` | :class:`~dilated_attention_pytorch.ring.StandardRingAttention` |
 | ``RingDilatedAttentionCorrect``, ``RingDilatedAttentionSDPA`` | :class:`~dilated_attention_pytorch.ring.RingMultiheadDilatedAttention` |
+| ``RingDilatedAttentionHilbertGPUOptimized`` | :class:`~dilated_attention_pytorch.ring.HilbertRingMultiheadAttention` |
 | ``RingDistributedDilatedAttention`` | :class:`~dilated_attention_pytorch.ring.EnterpriseDistributedDilatedAttention` |
 | module ``dilated_attention_pytorch.ring_dilated_attention_v2`` | ``dilated_attention_pytorch.ring`` |
 """
@@ -24,6 +25,7 @@ import torch
 
 from .ring import (
     EnterpriseDistributedDilatedAttention,
+    HilbertRingMultiheadAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
 )
@@ -88,6 +90,32 @@ RingDilatedAttentionProduction = _ring_alias("RingDilatedAttentionProduction")
 RingDilatedAttentionCorrect = _multihead_alias("RingDilatedAttentionCorrect")
 
 
+class RingDilatedAttentionHilbertGPUOptimized(HilbertRingMultiheadAttention):
+    """Deprecated: :class:`HilbertRingMultiheadAttention` under its earlier name
+    (segment lengths first; ``embed_dim=768``, ``num_heads=12`` by default)."""
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        embed_dim: int = 768,
+        num_heads: int = 12,
+        *,
+        use_hilbert: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _warn(
+            "RingDilatedAttentionHilbertGPUOptimized",
+            "dilated_attention_pytorch.ring.HilbertRingMultiheadAttention",
+        )
+        if use_hilbert is not True:
+            raise ValueError(
+                "RingDilatedAttentionHilbertGPUOptimized(use_hilbert=False) is the plain ring: "
+                "use RingMultiheadDilatedAttention instead."
+            )
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+
+
 class RingDistributedDilatedAttention(EnterpriseDistributedDilatedAttention):
     """Deprecated: :class:`EnterpriseDistributedDilatedAttention` under its earlier name."""
 
@@ -118,6 +146,10 @@ DEPRECATED: dict[str, tuple[Any, str]] = {
     "RingDilatedAttentionProduction": (RingDilatedAttentionProduction, "StandardRingAttention"),
     "RingDilatedAttentionCorrect": (RingDilatedAttentionCorrect, "RingMultiheadDilatedAttention"),
     "RingDilatedAttentionSDPA": (RingDilatedAttentionSDPA, "RingMultiheadDilatedAttention"),
+    "RingDilatedAttentionHilbertGPUOptimized": (
+        RingDilatedAttentionHilbertGPUOptimized,
+        "HilbertRingMultiheadAttention",
+    ),
     "RingDistributedDilatedAttention": (
         RingDistributedDilatedAttention,
         "EnterpriseDistributedDilatedAttention",

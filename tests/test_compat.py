@@ -80,3 +80,16 @@ def test_deprecated_module_path() -> None:
 def test_unknown_names_still_raise() -> None:
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
         dilated_attention_pytorch.NoSuchThing  # noqa: B018
+
+
+def test_hilbert_alias() -> None:
+    from dilated_attention_pytorch import HilbertRingMultiheadAttention
+
+    with pytest.warns(DeprecationWarning, match="use .*HilbertRingMultiheadAttention"):
+        cls = dilated_attention_pytorch.RingDilatedAttentionHilbertGPUOptimized
+    with pytest.warns(DeprecationWarning):
+        layer = cls(segment_lengths=[8, 16], dilation_rates=[1, 2], use_hilbert=True)
+    assert isinstance(layer, HilbertRingMultiheadAttention)
+    assert (layer.embed_dim, layer.num_heads) == (768, 12)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="use_hilbert=False"):
+        cls([8], [1], use_hilbert=False)
