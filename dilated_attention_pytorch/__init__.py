@@ -18,13 +18,17 @@ from .modules import DilatedAttention, MultiheadDilatedAttention
 from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
 from .ring import (
+    RING_PRESETS,
     DistributedRingAttention,
     EnterpriseDistributedDilatedAttention,
     HilbertRingAttention,
     HilbertRingMultiheadAttention,
+    RingAttentionConfig,
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
+    create_ring_attention,
+    create_ring_attention_from_preset,
 )
 
 __version__ = "0.1.0"
@@ -38,6 +42,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "RING_PRESETS",
+    "RingAttentionConfig",
+    "create_ring_attention",
+    "create_ring_attention_from_preset",
     "hilbert_permutation",
     "inverse_permutation",
     "DistributedRingAttention",

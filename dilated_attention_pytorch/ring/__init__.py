@@ -10,11 +10,18 @@
   training (whole sequence on every rank) with monitoring and checkpointing.
 """
 
+from .config import RING_PRESETS, RingAttentionConfig
 from .distributed import DistributedRingAttention, EnterpriseDistributedDilatedAttention
+from .factory import RING_IMPLEMENTATIONS, create_ring_attention, create_ring_attention_from_preset
 from .hilbert import HilbertRingAttention, HilbertRingMultiheadAttention
 from .standard import RingDilatedAttention, RingMultiheadDilatedAttention, StandardRingAttention
 
 __all__ = [
+    "RING_IMPLEMENTATIONS",
+    "RING_PRESETS",
+    "RingAttentionConfig",
+    "create_ring_attention",
+    "create_ring_attention_from_preset",
     "DistributedRingAttention",
     "EnterpriseDistributedDilatedAttention",
     "HilbertRingAttention",
