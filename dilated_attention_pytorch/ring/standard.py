@@ -115,10 +115,6 @@ class StandardRingAttention(DilatedAttention):
         first = rank - rank % size
         return group, tuple(range(first, first + size))
 
-    def group(self) -> dist.ProcessGroup:
-        """The process group (raises when ``torch.distributed`` is not initialized)."""
-        return resolve_group(self.process_group)
-
     def forward(
         self,
         query: Tensor,
