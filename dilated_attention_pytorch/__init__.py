@@ -14,6 +14,7 @@ from .factory import (
 )
 from .functional import dilated_attention
 from .hilbert import hilbert_permutation, inverse_permutation
+from .memory import get_memory_estimate
 from .modules import DilatedAttention, MultiheadDilatedAttention
 from .oracle import dense_dilated_attention
 from .plan import DilatedPlan, attended_pairs, attention_flops, make_plan
@@ -42,6 +43,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "get_memory_estimate",
     "RING_PRESETS",
     "RingAttentionConfig",
     "create_ring_attention",

@@ -90,3 +90,12 @@ def test_built_modules_compute_dilated_attention() -> None:
     for preset in ("development", "production", "large_scale"):
         module = create_ring_attention_from_preset(preset, **overrides)
         torch.testing.assert_close(module(q, k, v, is_causal=True), want, atol=1e-12, rtol=1e-12)
+
+
+def test_module_memory_estimate_is_the_specifications_check() -> None:
+    module = StandardRingAttention(segment_lengths=[1024], dilation_rates=[1], ring_size=4)
+    estimate = module.get_memory_estimate(seq_len=8192, batch_size=1, num_heads=8, head_dim=64)
+    assert estimate["mode"] == "ring" and estimate["ring_size"] == 4
+    assert estimate["memory_reduction_factor"] == pytest.approx(4, rel=0.1)
+    one = StandardRingAttention([1024], [1]).get_memory_estimate(8192, 1, 8, 64)
+    assert one["ring_size"] == 1 and one["memory_reduction_factor"] == pytest.approx(1.0)

@@ -11,6 +11,7 @@ rank path). The maths lives in :mod:`dilated_attention_pytorch.distributed`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
 from ..distributed.comm import RingStats
 from ..distributed.validation import check_ring_size_divides, distributed_not_ready, resolve_group
+from ..memory import get_memory_estimate
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
 
@@ -188,6 +190,37 @@ class StandardRingAttention(DilatedAttention):
         )
         self._validated.add(signature)
         return out if already_split else gather_replicated(out, group, members, **options)
+
+    def get_memory_estimate(
+        self,
+        seq_len: int,
+        batch_size: int = 1,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Per-rank bytes of one forward+backward of this module (no tensor is allocated).
+
+        :func:`~dilated_attention_pytorch.get_memory_estimate` with this module's
+        schedule, mixing and ``ring_size`` (``None``: the process group's size, 1 without
+        ``torch.distributed``); ``kwargs`` are its other keywords (``dtype``,
+        ``already_split``, ...). ``memory_reduction_factor`` compares with one device.
+        """
+        ring_size = self.ring_size
+        if ring_size is None:
+            ring = self.ring()
+            ring_size = 1 if ring is None else len(ring[1])
+        return get_memory_estimate(
+            seq_len,
+            batch_size,
+            num_heads,
+            head_dim,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            ring_size=ring_size,
+            branch_mixing=self.branch_mixing,
+            **kwargs,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
