@@ -203,8 +203,8 @@ class StandardRingAttention(DilatedAttention):
 
         :func:`~dilated_attention_pytorch.get_memory_estimate` with this module's
         schedule, mixing and ``ring_size`` (``None``: the process group's size, 1 without
-        ``torch.distributed``); ``kwargs`` are its other keywords (``dtype``,
-        ``already_split``, ...). ``memory_reduction_factor`` compares with one device.
+        ``torch.distributed``) and backend (``"auto"``: the pytorch blocks the ring runs);
+        ``kwargs`` are its other keywords (``dtype``, ``already_split``, ...). ``memory_reduction_factor`` compares with one device.
         """
         ring_size = self.ring_size
         if ring_size is None:
@@ -219,7 +219,7 @@ class StandardRingAttention(DilatedAttention):
             dilation_rates=self.dilation_rates,
             ring_size=ring_size,
             branch_mixing=self.branch_mixing,
-            **kwargs,
+            **{"backend": "pytorch" if self.backend == "auto" else self.backend, **kwargs},
         )
 
     def extra_repr(self) -> str:
