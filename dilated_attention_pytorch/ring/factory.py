@@ -22,13 +22,18 @@ _EXTRA_KEYWORDS = ("process_group", "grid_size", "world_size", "sparsity_ratio")
 _DISTRIBUTED_FIELDS = ("enable_monitoring", "use_checkpointing")
 
 
+def _distributed_features(config: RingAttentionConfig) -> list[str]:
+    """The operations features of the 'distributed' implementation that ``config`` asks for."""
+    return [f for f in _DISTRIBUTED_FIELDS if getattr(config, f)]
+
+
 def _choose(config: RingAttentionConfig, extras: dict[str, Any]) -> tuple[str, str]:
     """``(implementation, why)`` for ``implementation="auto"``."""
     if extras.get("sparsity_ratio") is not None:
         return "block_sparse", "sparsity_ratio was given"
     if config.use_hilbert:
         return "hilbert", "config.use_hilbert is set"
-    asked = [f for f in _DISTRIBUTED_FIELDS if getattr(config, f)]
+    asked = _distributed_features(config)
     if asked:
         return "distributed", f"{' and '.join(asked)} asked for"
     return "standard", "no Hilbert order, sparsity or operations feature asked for"
@@ -95,7 +100,7 @@ def create_ring_attention(
             "in this version yet; use 'standard', 'hilbert' or 'distributed'."
         )
     if implementation != "distributed":
-        asked = [f for f in _DISTRIBUTED_FIELDS if getattr(config, f)]
+        asked = _distributed_features(config)
         if asked:
             raise ValueError(
                 f"{asked} are features of the 'distributed' implementation, not of "
