@@ -107,6 +107,41 @@ class DilatedAttention(nn.Module):
             f"dropout={self.dropout}, scale={self.scale}, backend={self.backend!r}"
         )
 
+    def memory_ring_size(self) -> int:
+        """Ranks the sequence is split over, for :meth:`get_memory_estimate` (1 here)."""
+        return 1
+
+    def get_memory_estimate(
+        self,
+        seq_len: int,
+        batch_size: int = 1,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Per-device bytes of one forward+backward of this module (no tensor is allocated).
+
+        :func:`~dilated_attention_pytorch.get_memory_estimate` with this module's
+        schedule, mixing, ring size (:meth:`memory_ring_size`) and backend
+        (``"auto"`` is counted as the ``pytorch`` backend, which ``auto`` runs for
+        training calls with softmax mixing on Hopper and on the CPU; pass ``backend=``
+        to count another). ``kwargs`` are its other keywords (``dtype``,
+        ``already_split``, ``embed_dim``, ...).
+        """
+        from .memory import get_memory_estimate  # the estimate replays the backends
+
+        return get_memory_estimate(
+            seq_len,
+            batch_size,
+            num_heads,
+            head_dim,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            ring_size=self.memory_ring_size(),
+            branch_mixing=self.branch_mixing,
+            **{"backend": "pytorch" if self.backend == "auto" else self.backend, **kwargs},
+        )
+
 
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head attention layer over ``(B, N, E)`` inputs, batch-first.
@@ -294,6 +329,41 @@ class MultiheadDilatedAttention(nn.Module):
         )
         out = self.norm(out.reshape(B, N, self.embed_dim))
         return self.out_proj(out), None
+
+    def get_memory_estimate(
+        self, seq_len: int, batch_size: int = 1, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Per-rank bytes of one forward+backward of this layer on ``(B, N, E)`` inputs.
+
+        The inner attention's :meth:`~DilatedAttention.get_memory_estimate` for this
+        layer's heads, head dim and ``embed_dim`` (self-attention; the input, the
+        parameters in their dtype, the projections, the norm, ``out_proj``, the saved
+        tensors and every gradient are counted). ``kwargs``: ``dtype`` (default: the
+        parameters' dtype), ``already_split``, ``with_backward``.
+
+        Raises:
+            TypeError: the inner attention has no ``get_memory_estimate``.
+            ValueError: the layer was built without biases or without its norm (the
+                estimate counts the default layer).
+        """
+        estimate = getattr(self.attention, "get_memory_estimate", None)
+        if estimate is None:
+            raise TypeError(
+                f"the inner attention {type(self.attention).__name__} has no "
+                f"get_memory_estimate; use a DilatedAttention or ring attention module."
+            )
+        if not self.layer_norm or self.q_proj.bias is None:
+            raise ValueError(
+                "get_memory_estimate counts the default layer (bias=True, layer_norm=True); "
+                "this one was built with bias=False or layer_norm=False."
+            )
+        for name in ("num_heads", "head_dim", "embed_dim"):
+            if name in kwargs:
+                raise TypeError(f"{name} is this layer's own; do not pass it.")
+        kwargs.setdefault("dtype", self.q_proj.weight.dtype)
+        return estimate(
+            seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dense_dilated_attention", "dilated_count_mask"]
+from .dropout import dropout_keep, token_ids
+
+__all__ = ["dense_dilated_attention", "dilated_branch_masks", "dilated_count_mask"]
 
 
 def _head_offsets(
@@ -33,6 +35,38 @@ def _head_offsets(
     raise ValueError(f"branch_mixing must be 'softmax' or 'head_split', got {branch_mixing!r}")
 
 
+def dilated_branch_masks(
+    seq_len: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """Per branch, ``M_i[h, p, p']``: whether branch ``i`` of head ``h`` contains the pair.
+
+    Returns one bool tensor of shape ``(H, N, N)`` per branch.
+    """
+    pos = torch.arange(seq_len, device=device)
+    masks = []
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        seg = pos // w
+        same_segment = seg[:, None] == seg[None, :]
+        if is_causal:
+            same_segment = same_segment & (pos[None, :] <= pos[:, None])
+        mask = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.bool, device=device)
+        offsets = _head_offsets(i, len(segment_lengths), r, num_heads, branch_mixing)
+        for h, o in enumerate(offsets):
+            if o is None:
+                continue
+            selected = (pos % w) % r == o
+            mask[h] = same_segment & selected[:, None] & selected[None, :]
+        masks.append(mask)
+    return masks
+
+
 def dilated_count_mask(
     seq_len: int,
     num_heads: int,
@@ -47,19 +81,13 @@ def dilated_count_mask(
 
     Returns an int64 tensor of shape ``(H, N, N)``.
     """
-    pos = torch.arange(seq_len, device=device)
+    masks = dilated_branch_masks(
+        seq_len, num_heads, segment_lengths, dilation_rates,
+        is_causal=is_causal, branch_mixing=branch_mixing, device=device,
+    )  # fmt: skip
     counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
-    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        seg = pos // w
-        same_segment = seg[:, None] == seg[None, :]
-        if is_causal:
-            same_segment = same_segment & (pos[None, :] <= pos[:, None])
-        offsets = _head_offsets(i, len(segment_lengths), r, num_heads, branch_mixing)
-        for h, o in enumerate(offsets):
-            if o is None:
-                continue
-            selected = (pos % w) % r == o
-            counts[h] += (same_segment & selected[:, None] & selected[None, :]).long()
+    for mask in masks:
+        counts += mask.long()
     return counts
 
 
@@ -74,6 +102,8 @@ def dense_dilated_attention(
     branch_mixing: str = "softmax",
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
     return_lse: bool = False,
     upcast: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -85,6 +115,10 @@ def dense_dilated_attention(
     Args:
         q, k, v: ``(B, N, H, D)``.
         key_padding_mask: optional ``(B, N)`` bool, ``True`` marks padding keys.
+        dropout_p, dropout_seed: drop the entries of the joint probabilities that
+            :func:`~dilated_attention_pytorch.dropout.dropout_keep` drops for this seed
+            (branch ``i``'s copy of a pair is its own entry), scaling the rest by
+            ``1 / (1 - p)``; the LSE is that of the undropped scores.
         upcast: compute in float64 (the default) and cast the result back.
 
     Returns:
@@ -114,6 +148,21 @@ def dense_dilated_attention(
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = counts * torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
+    if dropout_p > 0.0:
+        # Each branch's copy of a pair is dropped on its own: the kept count of a pair.
+        ids = token_ids(B, N, 0, N, q.device)
+        masks = dilated_branch_masks(
+            N, H, segment_lengths, dilation_rates,
+            is_causal=is_causal, branch_mixing=branch_mixing, device=q.device,
+        )  # fmt: skip
+        kept = torch.zeros_like(counts)
+        for i, mask in enumerate(masks):
+            streams = i * H + torch.arange(H, device=q.device)
+            keep = dropout_keep(dropout_p, dropout_seed, streams, ids, ids)
+            kept = kept + (mask[None] & keep).to(compute_dtype)
+        if key_padding_mask is not None:
+            kept = kept * (~key_padding_mask).to(compute_dtype)[:, None, None, :]
+        weights = kept * torch.exp(scores - row_max) / (1.0 - dropout_p)
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vc).to(q.dtype)
     if not return_lse:

@@ -201,12 +201,14 @@ def check_qkv(q: object, k: object, v: object) -> None:
         )
 
 
-def check_key_padding_mask(mask: object, q: Tensor) -> None:
+def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> None:
+    """A ``(B, N)`` bool mask on q's device; ``what`` names the expected shape in errors."""
     if mask is None:
         return
     if not isinstance(mask, Tensor):
         raise TypeError(
-            f"key_padding_mask must be a bool tensor of shape (B, N) or None, got {type(mask).__name__}."
+            f"key_padding_mask must be a bool tensor of shape {what} or None, got "
+            f"{type(mask).__name__}."
         )
     B, N = q.shape[0], q.shape[1]
     if mask.dtype != torch.bool:
@@ -216,7 +218,8 @@ def check_key_padding_mask(mask: object, q: Tensor) -> None:
         )
     if tuple(mask.shape) != (B, N):
         raise ValueError(
-            f"key_padding_mask must have shape (B, N) = ({B}, {N}), got {tuple(mask.shape)}."
+            f"key_padding_mask must have shape {what} = ({B}, {N}), the batch and tokens of "
+            f"q, got {tuple(mask.shape)}."
         )
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}.")

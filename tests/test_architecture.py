@@ -25,6 +25,7 @@ from dilated_attention_pytorch import (
     make_plan,
 )
 from dilated_attention_pytorch.backends import blocks
+from dilated_attention_pytorch.dropout import DropoutKeys
 from dilated_attention_pytorch.factory import DEFAULT_DILATION_RATES, DEFAULT_SEGMENT_LENGTHS
 
 PACKAGE = pathlib.Path(dilated_attention_pytorch.__file__).parent
@@ -167,18 +168,20 @@ def test_fused_ops_never_get_blocks_they_refuse(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(blocks, "flash_supported_reasons", lambda *a: [])
     one, two = torch.empty(4, 1, 2, 64), torch.empty(4, 2, 2, 64)
     keep = torch.ones(4, 2, dtype=torch.bool)
-    assert blocks.block_kernel(two, two, None, 0.0) == "cudnn"
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    dropout = DropoutKeys(0.1, 0, ids, ids, torch.arange(2))
+    assert blocks.block_kernel(two, two, None, None) == "cudnn"
     # cuDNN fails on one-token blocks ("s_q = s_kv = 1 is not supported").
-    assert blocks.block_kernel(one, one, None, 0.0) == "flash"
-    assert blocks.block_kernel(one, two, None, 0.0, "cudnn") == "flash"
-    assert blocks.block_kernel(two, one, None, 0.0) == "flash"
+    assert blocks.block_kernel(one, one, None, None) == "flash"
+    assert blocks.block_kernel(one, two, None, None, "cudnn") == "flash"
+    assert blocks.block_kernel(two, one, None, None) == "flash"
     # Masks and dropout are computed by the math path only.
-    assert blocks.block_kernel(two, two, keep, 0.0) == "math"
-    assert blocks.block_kernel(two, two, None, 0.1, "cudnn") == "math"
-    assert blocks.block_kernel(two, two, None, 0.0, "flash") == "flash"
-    assert blocks.block_kernel(two, two, None, 0.0, "math") == "math"
+    assert blocks.block_kernel(two, two, keep, None) == "math"
+    assert blocks.block_kernel(two, two, None, dropout, "cudnn") == "math"
+    assert blocks.block_kernel(two, two, None, None, "flash") == "flash"
+    assert blocks.block_kernel(two, two, None, None, "math") == "math"
     monkeypatch.setattr(blocks, "flash_supported_reasons", lambda *a: ["no flash"])
-    assert blocks.block_kernel(one, one, None, 0.0) == "math"
+    assert blocks.block_kernel(one, one, None, None) == "math"
 
 
 def test_one_token_segments_are_routed_in_a_real_call(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,6 +152,70 @@ def test_dropout_is_unbiased_and_gradients_are_consistent() -> None:
     assert torch.autograd.gradcheck(fn, (vv,), eps=1e-6, atol=1e-7)
 
 
+def _drawn_seed(seed: int) -> int:
+    """The dropout seed ``dilated_attention`` draws after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_drops_the_entries_of_the_oracle(branch_mixing: str, is_causal: bool) -> None:
+    # The dropped entries are a function of (seed, branch, head, positions): the oracle
+    # rebuilds them from the definition, so output and gradients match exactly.
+    q, k, v = _inputs(2, 97, 5, 8, torch.float64)
+    mask = torch.rand(2, 97) < 0.2
+    ws, rs = [8, 32, 97], [1, 3, 4]
+    kw = dict(is_causal=is_causal, branch_mixing=branch_mixing, key_padding_mask=mask)
+    torch.manual_seed(21)
+    out = dilated_attention(q, k, v, ws, rs, dropout_p=0.3, backend="pytorch", **kw)
+    ref = dense_dilated_attention(
+        q, k, v, ws, rs, dropout_p=0.3, dropout_seed=_drawn_seed(21), **kw
+    )
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOLERANCES[torch.float64])
+    # About p of the entries are dropped: the output is far from the undropped one.
+    plain = dense_dilated_attention(q, k, v, ws, rs, **kw)
+    assert (out - plain).abs().max() > 0.1
+
+
+def test_dropout_masks_do_not_depend_on_tiling(monkeypatch) -> None:
+    # The math path cuts large blocks into tiles; the dropped entries stay the same.
+    from dilated_attention_pytorch.backends import blocks
+
+    q, k, v = _inputs(1, 64, 2, 8, torch.float64, requires_grad=False)
+    torch.manual_seed(3)
+    whole = dilated_attention(q, k, v, [64], [1], dropout_p=0.5)
+    monkeypatch.setattr(blocks, "_MAX_SCORE_ELEMENTS", 200)  # tiles of a few rows
+    torch.manual_seed(3)
+    tiled = dilated_attention(q, k, v, [64], [1], dropout_p=0.5)
+    torch.testing.assert_close(tiled, whole, atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_keep_rate_and_independence() -> None:
+    from dilated_attention_pytorch.dropout import dropout_keep, token_ids
+
+    ids = token_ids(2, 300, 0, 300, torch.device("cpu"))
+    for p in (0.1, 0.5, 0.9):
+        keep = dropout_keep(p, 5, torch.arange(3), ids, ids).double()
+        # 540,000 Bernoulli draws: standard error ~7e-4.
+        assert abs(keep.mean().item() - (1 - p)) < 5e-3
+    keep = dropout_keep(0.5, 5, torch.arange(3), ids, ids).double() - 0.5
+    other = dropout_keep(0.5, 6, torch.arange(3), ids, ids).double() - 0.5
+    # Neighbouring keys, neighbouring queries, heads and seeds are uncorrelated.
+    for a, b in [
+        (keep[..., 1:], keep[..., :-1]),
+        (keep[..., 1:, :], keep[..., :-1, :]),
+        (keep[:, 1:], keep[:, :-1]),
+        (keep, other),
+    ]:
+        assert abs((4 * a * b).mean().item()) < 1e-2
+
+
 def test_lse_is_not_differentiable_and_float32() -> None:
     q, k, v = _inputs(1, 16, 2, 8, torch.float32)
     out, lse = dilated_attention(q, k, v, [8], [2], return_lse=True)

@@ -52,6 +52,8 @@ class Case:
     heads: int = 4
     head_dim: int = 8
     mesh: bool = False  # world 4: a 2 x 2 DeviceMesh, one ring of 2 per data-parallel index
+    dropout: float = 0.0  # the same seed on both sides: the same entries are dropped
+    mask: bool = False  # a random key padding mask (whole on one process, sharded on the ring)
     kind: str = field(default="compare")
 
 
@@ -87,7 +89,32 @@ def _cases(world_size: int) -> list[Case]:
         cases.append(Case(f"few-heads-{tag}", N, (8, N), (2, 12), causal, heads=3, batch=1))
         # A segment longer than the sequence: one ring over every rank.
         cases.append(Case(f"segment-beyond-N-{tag}", N, (2 * N,), (3,), causal, batch=1))
+        # Dropout of the joint probabilities and key padding masks travelling with the
+        # keys, alone and together, with uneven pieces and head_split.
+        cases.append(Case(f"longnet-dropout-{tag}", N, *longnet, causal, dropout=0.3))
+        cases.append(Case(f"longnet-mask-{tag}", N, *longnet, causal, mask=True))
+        cases.append(
+            Case(
+                f"uneven-headsplit-dropout-mask-{tag}",
+                N,
+                (4, 2 * L, N),
+                (2, 3, 5),
+                causal,
+                "head_split",
+                heads=5,
+                dropout=0.5,
+                mask=True,
+            )  # fmt: skip
+        )
+        cases.append(
+            Case(f"dense-dropout-mask-{tag}-float32", N, (N,), (1,), causal, dtype=torch.float32,
+                 dropout=0.1, mask=True)
+        )  # fmt: skip
         if world_size == 4:
+            cases.append(
+                Case(f"mesh-2x2-dropout-mask-{tag}", 2 * L, (4, 2 * L), (1, 3), causal,
+                     mesh=True, dropout=0.2, mask=True)
+            )  # fmt: skip
             # w = 3L with 4 ranks: rings {0, 1, 2} and {3}, the last segment is shorter.
             cases.append(Case(f"partial-last-segment-{tag}", N, (8, 3 * L), (2, 3), causal))
             cases.append(Case(f"mesh-2x2-{tag}", 2 * L, (4, 2 * L), (1, 3), causal, mesh=True))
@@ -113,18 +140,29 @@ def _compare(case: Case, rank: int, world_size: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(_seed(case.name, data_index))
     shape = (case.batch, case.seq_len, case.heads, case.head_dim)
     q, k, v, dout = (torch.randn(shape, generator=gen, dtype=case.dtype) for _ in range(4))
-    kwargs = {"is_causal": case.is_causal, "branch_mixing": case.branch_mixing}
+    # About a quarter of the keys are padding, and batch 0 pads its whole second half.
+    mask = torch.rand(case.batch, case.seq_len, generator=gen) < 0.25
+    mask[0, case.seq_len // 2 :] = True
+    kwargs: dict[str, Any] = {"is_causal": case.is_causal, "branch_mixing": case.branch_mixing}
+    kwargs["dropout_p"] = case.dropout
+    seed = _seed("dropout", case.name, data_index)
 
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out = dilated_attention(*full, case.segment_lengths, case.dilation_rates, **kwargs)
+    torch.manual_seed(seed)
+    ref_out = dilated_attention(
+        *full, case.segment_lengths, case.dilation_rates,
+        key_padding_mask=mask if case.mask else None, **kwargs,
+    )  # fmt: skip
     ref_out.backward(dout)
 
     L = case.seq_len // ring_size
     local = slice(ring_rank * L, (ring_rank + 1) * L)
     shards = [t[:, local].clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(seed)  # every rank draws the seed the single process drew
     out = ring_dilated_attention(
-        *shards, case.segment_lengths, case.dilation_rates, group=group, **kwargs
-    )
+        *shards, case.segment_lengths, case.dilation_rates, group=group,
+        key_padding_mask=mask[:, local] if case.mask else None, **kwargs,
+    )  # fmt: skip
     out.backward(dout[:, local])
     result = {
         "ring": [out.detach(), *(t.grad for t in shards)],
@@ -202,10 +240,12 @@ BAD_CASES: dict[str, str] = {
     "dilation-larger-than-segment": r"invalid input on rank\(s\) \[0, 1\].*dilation rate 8 is larger than its segment length 4",
     "unknown-backend": r"unknown backend 'nope'",
     "ring-size-mismatch": r"ring_size=3 does not divide the process group's 2 ranks",
-    "dropout-in-training": r"invalid input on rank\(s\) \[0, 1\].*dropout_p=0.1 is not supported by ring attention",
-    "key-padding-mask": r"invalid input on rank\(s\) \[0, 1\].*key_padding_mask is not supported by ring attention",
-    "key-padding-mask-on-one-rank": r"invalid input on rank\(s\) \[1\].*key_padding_mask is not supported",
-    "dropout-on-one-rank": r"invalid input on rank\(s\) \[0\].*dropout_p=0.2 is not supported",
+    "dropout-out-of-range": r"invalid input on rank\(s\) \[0, 1\].*dropout_p must be",
+    "key-padding-mask-whole-sequence": r"invalid input on rank\(s\) \[0, 1\].*key_padding_mask must have shape this rank's shard \(B, N/k\) = \(1, 16\).*got \(1, 32\)",
+    "key-padding-mask-not-bool": r"invalid input on rank\(s\) \[1\].*key_padding_mask must have dtype torch.bool",
+    "key-padding-mask-on-one-rank": r"settings differ between ranks.*rank 0 has .*key_padding_mask=None.*rank 1 has .*key_padding_mask=given",
+    "dropout-on-one-rank": r"settings differ between ranks.*rank 0 has .*dropout_p=0.2.*rank 1 has .*dropout_p=0.0",
+    "dropout-with-triton": r"backend 'triton'|unknown backend 'triton'",
 }
 
 
@@ -239,14 +279,21 @@ def _bad_call(name: str, rank: int) -> None:
         ring_dilated_attention(*qkv(), segs, rates, backend="nope")
     elif name == "ring-size-mismatch":
         RingDilatedAttention(segs, rates, ring_size=3)
-    elif name == "dropout-in-training":
-        RingDilatedAttention(segs, rates, dropout=0.1)(*qkv(), already_split=True)
-    elif name == "key-padding-mask":
-        mask = torch.zeros(1, 16, dtype=torch.bool)
+    elif name == "dropout-out-of-range":
+        ring_dilated_attention(*qkv(), segs, rates, dropout_p=1.5)
+    elif name == "key-padding-mask-whole-sequence":
+        mask = torch.zeros(1, 32, dtype=torch.bool)
         RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask, already_split=True)
+    elif name == "key-padding-mask-not-bool":
+        mask = torch.zeros(1, 16, dtype=torch.bool if rank == 0 else torch.int64)
+        ring_dilated_attention(*qkv(), segs, rates, key_padding_mask=mask)
     elif name == "key-padding-mask-on-one-rank":
         mask = torch.zeros(1, 16, dtype=torch.bool) if rank == 1 else None
         RingDilatedAttention(segs, rates)(*qkv(), key_padding_mask=mask, already_split=True)
+    elif name == "dropout-with-triton":
+        ring_dilated_attention(
+            *qkv(dtype=torch.float32), segs, rates, dropout_p=0.1, backend="triton"
+        )
     elif name == "dropout-on-one-rank":
         ring_dilated_attention(*qkv(), segs, rates, dropout_p=0.2 if rank == 0 else 0.0)
     else:
@@ -303,6 +350,7 @@ class CommCase:
     heads: int = 4
     head_dim: int = 8
     local_len: int = 16
+    mask: bool = False  # a key padding mask travels with the keys
 
 
 COMM_CASES = [
@@ -315,6 +363,9 @@ COMM_CASES = [
         "headsplit-causal", (8, 32, 64), (1, 3, 6), True, torch.float64, "head_split", heads=6
     ),
     CommCase("local-only", (4, 16), (1, 4), False, torch.float32),
+    # The key mask adds one element per dilated key and head group to K/V transfers only.
+    CommCase("uneven-masked", (8, 32, 64), (2, 3, 5), False, torch.float32, heads=5, mask=True),
+    CommCase("causal-masked", (8, 64), (1, 4), True, torch.float64, mask=True),
 ]
 
 
@@ -355,6 +406,8 @@ def _comm_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]
             shape = (c.batch, c.local_len, c.heads, c.head_dim)
             q, k, v = (torch.randn(shape, dtype=c.dtype, requires_grad=True) for _ in range(3))
             kwargs = {"is_causal": c.is_causal, "branch_mixing": c.branch_mixing}
+            if c.mask:
+                kwargs["key_padding_mask"] = torch.rand(c.batch, c.local_len) < 0.3
             current.update(send=[], recv=[], collective=[])
             out = ring_dilated_attention(q, k, v, c.segment_lengths, c.dilation_rates, **kwargs)
             forward = {key: list(val) for key, val in current.items()}
@@ -387,6 +440,8 @@ def _expected_send_bytes(c: CommCase, rank: int, world_size: int) -> tuple[int, 
     sends). Causal: a block only travels to later ranks, so ring rank ``c`` sends the
     blocks of ``0..c`` unless it is the last. The backward sends K+V again plus, for every
     block it attended to other than its own, one dK+dV accumulator (compute dtype).
+    With a key padding mask, every K/V transfer also carries one element per dilated
+    key position and distinct offset (head group); accumulators do not.
     """
     L, itemsize = c.local_len, torch.tensor([], dtype=c.dtype).element_size()
     forward = backward = 0
@@ -397,17 +452,18 @@ def _expected_send_bytes(c: CommCase, rank: int, world_size: int) -> tuple[int, 
         first = (rank // g) * g
         size, pos = min(g, world_size - first), rank - first
 
-        def block(origin: int, w: int = w, r: int = r, i: int = i) -> int:
+        def block(origin: int, w: int = w, r: int = r, i: int = i, mask: bool = False) -> int:
             # K and V elements of ring member ``origin``'s dilated positions, all heads.
             positions = range(origin * L, (origin + 1) * L)  # inside the segment
             count = sum(1 for o in _head_offsets(c, i) for p in positions if (p % w) % r == o)
-            return 2 * c.batch * count * c.head_dim
+            keys = sum(1 for o in set(_head_offsets(c, i)) for p in positions if (p % w) % r == o)
+            return 2 * c.batch * count * c.head_dim + (c.batch * keys if mask else 0)
 
         if c.is_causal:
-            kv = [block(o) for o in range(pos + 1)] if pos < size - 1 else []
+            kv = [block(o, mask=c.mask) for o in range(pos + 1)] if pos < size - 1 else []
             grads = [block(o) for o in range(pos)]
         else:
-            kv = [block((pos - t) % size) for t in range(size - 1)]
+            kv = [block((pos - t) % size, mask=c.mask) for t in range(size - 1)]
             grads = [block((pos - t) % size) for t in range(1, size)]
         forward += sum(kv) * itemsize
         backward += sum(kv) * itemsize + sum(grads) * itemsize  # accumulators: fp32/fp64 here

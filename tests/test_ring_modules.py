@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 import pytest
@@ -161,10 +162,79 @@ def _replicated(rank: int, world_size: int, ring_size: int | None) -> dict[str, 
     }
 
 
+def _dropout_and_mask(rank: int, world_size: int, ring_size: int | None) -> dict[str, Any]:
+    """Training mode with dropout and a key padding mask: with every rank's generator
+    seeded like the single-device call, the ring drops the same entries (forward and
+    backward), whole sequence in and out and already split."""
+    k = world_size if ring_size is None else ring_size
+    ring_index, j = rank // k, rank % k
+    torch.manual_seed(300 + ring_index)
+    q, kk, v = (torch.randn(2, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 32, 4, 8, dtype=torch.float64)
+    mask = torch.rand(2, 32) < 0.3
+    mask[1, :20] = True  # many queries of batch 1 see no key in their local segments
+    single = DilatedAttention(SEGMENTS, DILATIONS, dropout=0.25)
+    torch.manual_seed(11)
+    want = single(q, kk, v, is_causal=True, key_padding_mask=mask)
+    want_grads = torch.autograd.grad(want, (q, kk, v), dout)
+    ring = StandardRingAttention(SEGMENTS, DILATIONS, dropout=0.25, ring_size=ring_size)
+    torch.manual_seed(11)
+    got = ring(q, kk, v, is_causal=True, key_padding_mask=mask)
+    got_grads = torch.autograd.grad(got, (q, kk, v), dout)
+    L = 32 // k
+    local = [t.detach()[:, j * L : (j + 1) * L].clone().requires_grad_() for t in (q, kk, v)]
+    torch.manual_seed(11)
+    split = ring(*local, is_causal=True, key_padding_mask=mask[:, j * L : (j + 1) * L],
+                 already_split=True)  # fmt: skip
+    split_grads = torch.autograd.grad(split, local, dout[:, j * L : (j + 1) * L])
+    # The multi-head layer in training mode, whole sequence.
+    torch.manual_seed(8)
+    full_layer = MultiheadDilatedAttention(32, 4, SEGMENTS, DILATIONS, dropout=0.25,
+                                           dtype=torch.float64)  # fmt: skip
+    ring_layer = RingMultiheadDilatedAttention(
+        32, 4, SEGMENTS, DILATIONS, ring_size=ring_size, dropout=0.25, dtype=torch.float64
+    )
+    ring_layer.load_state_dict(full_layer.state_dict())
+    x = torch.randn(2, 32, 32, dtype=torch.float64, requires_grad=True)
+    x_ring = x.detach().clone().requires_grad_()
+    torch.manual_seed(12)
+    y = full_layer(x, key_padding_mask=mask)[0]
+    torch.manual_seed(12)
+    y_ring = ring_layer(x_ring, key_padding_mask=mask)[0]
+    y.sum().backward()
+    y_ring.sum().backward()
+    # Without the seed shared, the ring still drops entries (another draw of the mask).
+    torch.manual_seed(13)
+    other = ring(q, kk, v, is_causal=True, key_padding_mask=mask)
+    errors = {}
+    for name, call in {
+        "length": lambda: ring(q[:, :31], kk[:, :31], v[:, :31]),
+        "mask-shape": lambda: ring(q, kk, v, key_padding_mask=mask[:, :L]),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return {
+        "out": (got.detach(), want.detach()),
+        "grads": list(zip(got_grads, want_grads, strict=True)),
+        "split_out": (split.detach(), want.detach()[:, j * L : (j + 1) * L]),
+        "split_grads": [
+            (g, w[:, j * L : (j + 1) * L]) for g, w in zip(split_grads, want_grads, strict=True)
+        ],
+        "layer": [(y_ring.detach(), y.detach()), (x_ring.grad, x.grad)],
+        "reseeded_differs": not torch.allclose(other, want),
+        "errors": errors,
+    }
+
+
 def _worker4(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     return {
         "ring4": _replicated(rank, world_size, None),
         "rings2": _replicated(rank, world_size, 2),
+        "dropout-mask-ring4": _dropout_and_mask(rank, world_size, None),
+        "dropout-mask-rings2": _dropout_and_mask(rank, world_size, 2),
     }
 
 
@@ -196,6 +266,29 @@ def test_whole_sequence_in_and_out_is_the_single_device_module(
         _assert_pairs(r["layer"], rank, "layer grad")
 
 
+@pytest.mark.parametrize(
+    "name", ["dropout-mask-ring2", "dropout-mask-ring4", "dropout-mask-rings2"]
+)
+def test_dropout_and_key_padding_mask_over_the_ring(
+    results_w4: list[dict[str, Any]], results: list[dict[str, Any]], name: str
+) -> None:
+    per_rank = results if name == "dropout-mask-ring2" else results_w4
+    for rank, res in enumerate(per_rank):
+        r = res[name]
+        _assert_pairs([r["out"]], rank, "output")
+        _assert_pairs(r["grads"], rank, "grad")
+        _assert_pairs([r["split_out"]], rank, "already_split output")
+        _assert_pairs(r["split_grads"], rank, "already_split grad")
+        _assert_pairs(r["layer"], rank, "layer")
+        assert r["reseeded_differs"]
+        assert re.search(r"31 tokens.*does not cut into \d equal shards", r["errors"]["length"])
+        assert re.search(
+            r"key_padding_mask must have shape \(B, N\) = \(2, 32\), the whole sequence.*"
+            r"already_split=True",
+            r["errors"]["mask-shape"],
+        )
+
+
 def _worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     return {
         "multihead": _multihead(rank, world_size, False),
@@ -203,6 +296,7 @@ def _worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
         "plain": _plain(rank, world_size),
         "validate": _validate_once(rank, world_size),
         "ring4": _replicated(rank, world_size, None),  # named for the test: one ring of 2 here
+        "dropout-mask-ring2": _dropout_and_mask(rank, world_size, None),
     }
 
 

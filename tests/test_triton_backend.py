@@ -120,21 +120,29 @@ def test_head_dim_32() -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("Lq,Lk,causal", [(37, 37, True), (20, 45, False), (45, 20, True)])
-def test_block_ops(kernels, Lq, Lk, causal) -> None:
-    # Strided token-major blocks (a head slice of a larger tensor), as the ring passes them.
+def test_block_ops(kernels, Lq, Lk, causal, masked) -> None:
+    # Strided token-major blocks (a head slice of a larger tensor), as the ring passes them;
+    # a strided key keep mask, as the ring's dilated views of a mask are.
     scale = 0.3
     q = torch.randn(3, Lq, 6, 16)[:, :, 1:4]
     k, v = torch.randn(3, Lk, 3, 16), torch.randn(3, Lk, 3, 16)
-    out, lse = kernels.triton_block_forward(q, k, v, scale=scale, causal=causal)
-    ref_out, ref_lse = math_block_forward(q, k, v, scale=scale, causal=causal)
+    keep = (torch.rand(3, 2 * Lk) > 0.3)[:, ::2] if masked else None
+    if masked:
+        keep[0] = False  # a batch row that sees no key at all
+    mk = {"key_keep": keep}
+    out, lse = kernels.triton_block_forward(q, k, v, scale=scale, causal=causal, **mk)
+    ref_out, ref_lse = math_block_forward(q, k, v, scale=scale, causal=causal, **mk)
     torch.testing.assert_close(out, ref_out, **TOL)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], **TOL)
     dout = torch.randn_like(out)
-    grads = kernels.triton_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
-    ref_grads = math_block_backward(dout, q, k, v, ref_out, ref_lse, scale=scale, causal=causal)
+    grads = kernels.triton_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, **mk)
+    ref_grads = math_block_backward(
+        dout, q, k, v, ref_out, ref_lse, scale=scale, causal=causal, **mk
+    )
     for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
 
@@ -190,24 +198,28 @@ def _ring_triton_worker(rank: int, world_size: int, cases: list) -> list[dict]:
     patch_triton_interpreter()
 
     results = []
-    for ws, rs, is_causal, mixing in cases:
+    for ws, rs, is_causal, mixing, masked in cases:
         torch.manual_seed(0)  # the same full tensors on every rank
         B, N, H, D = 2, 48, 3, 16
         q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+        mask = torch.rand(B, N) < 0.3 if masked else None
         kw = dict(is_causal=is_causal, branch_mixing=mixing)
-        ref = dilated_attention(q, k, v, ws, rs, backend="pytorch", **kw)
+        ref = dilated_attention(q, k, v, ws, rs, backend="pytorch", key_padding_mask=mask, **kw)
         dout = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
         L = N // world_size
         part = slice(rank * L, (rank + 1) * L)
         shards = [t.detach()[:, part].clone().requires_grad_() for t in (q, k, v)]
-        out = ring_dilated_attention(*shards, ws, rs, backend="triton", **kw)
+        local_mask = None if mask is None else mask[:, part]
+        out = ring_dilated_attention(
+            *shards, ws, rs, backend="triton", key_padding_mask=local_mask, **kw
+        )
         grads = torch.autograd.grad(out, shards, dout[:, part])
         errs = [(out - ref[:, part]).abs().max().item()]
         errs += [
             (g - rg[:, part]).abs().max().item() for g, rg in zip(grads, ref_grads, strict=True)
         ]
-        results.append({"case": (ws, rs, is_causal, mixing), "max_err": max(errs)})
+        results.append({"case": (ws, rs, is_causal, mixing, masked), "max_err": max(errs)})
     return results
 
 
@@ -218,9 +230,9 @@ def test_ring_with_triton_block_ops() -> None:
     # Shard L = 24: w = 8 is local, w = 24 fills a shard, w = 48 spans both ranks with
     # L % r != 0, so the ranks' dilated pieces have different lengths (Lq != Lk blocks).
     cases = [
-        ([8, 24, 48], [1, 3, 5], False, "softmax"),
-        ([8, 24, 48], [1, 3, 5], True, "softmax"),
-        ([8, 48], [2, 5], True, "head_split"),
+        ([8, 24, 48], [1, 3, 5], False, "softmax", False),
+        ([8, 24, 48], [1, 3, 5], True, "softmax", True),
+        ([8, 48], [2, 5], True, "head_split", True),
     ]
     for rank_results in spawn(_ring_triton_worker, 2, cases):
         for r in rank_results:

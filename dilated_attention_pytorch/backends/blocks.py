@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..dropout import DropoutKeys
+
 # Upper bound on score-matrix elements materialised at once by the math path
 # (2**24 fp32 = 64 MiB per temporary).
 _MAX_SCORE_ELEMENTS = 1 << 24
@@ -45,12 +47,6 @@ def _tiles(Bb: int, Lq: int, Hs: int, Lk: int) -> list[tuple[int, int, int, int]
         return [(a, min(Bb, a + step), 0, Lq) for a in range(0, Bb, step)]
     rows = max(1, _MAX_SCORE_ELEMENTS // row)
     return [(a, a + 1, q0, min(Lq, q0 + rows)) for a in range(Bb) for q0 in range(0, Lq, rows)]
-
-
-def _dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-    return torch.rand(shape, generator=gen, device=device) >= p
 
 
 def _masked_scores(
@@ -77,19 +73,20 @@ def math_block_forward(
     scale: float,
     causal: bool = False,
     key_keep: Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    dropout: DropoutKeys | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out`` (compute dtype) and ``lse`` (compute dtype); rows with no key give ``(0, -inf)``.
 
     ``key_keep``: ``(Bb, Lk)`` bool, ``True`` where the key may be attended.
+    ``dropout``: drops entries of the block's probabilities (the LSE is that of the
+    undropped scores, so merged blocks give dropout of the joint probabilities).
     """
     Bb, Lq, Hs, D = q.shape
     Lk = k.shape[1]
     cdt = compute_dtype(q.dtype)
     out = torch.empty(Bb, Lq, Hs, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(Bb, Lq, Hs, dtype=cdt, device=q.device)
-    for ti, (a, b, q0, q1) in enumerate(_tiles(Bb, Lq, Hs, Lk)):
+    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk):
         qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
@@ -98,9 +95,8 @@ def math_block_forward(
         lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hs, lq); -inf for empty rows
         finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         probs = torch.exp(scores - finite.unsqueeze(-1))
-        if dropout_p > 0.0:
-            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ti, q.device)
-            probs = probs * keep_mask / (1.0 - dropout_p)
+        if dropout is not None:
+            probs = probs * dropout.keep(a, b, q0, q1) / (1.0 - dropout.p)
         out[a:b, q0:q1] = torch.matmul(probs, vc).transpose(1, 2)
         lse[a:b, q0:q1] = lse_c.transpose(1, 2)
     return out, lse
@@ -117,17 +113,19 @@ def math_block_backward(
     scale: float,
     causal: bool = False,
     key_keep: Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    dropout: DropoutKeys | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv)`` in the compute dtype for one block, given the final out/lse."""
+    """Gradients ``(dq, dk, dv)`` in the compute dtype for one block, given the final out/lse.
+
+    ``dropout`` must be the forward's: the same entries are dropped again.
+    """
     Bb, Lq, Hs, D = q.shape
     Lk = k.shape[1]
     cdt = compute_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-    for ti, (a, b, q0, q1) in enumerate(_tiles(Bb, Lq, Hs, Lk)):
+    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk):
         qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
@@ -139,9 +137,8 @@ def math_block_backward(
         keep = None if key_keep is None else key_keep[a:b]
         probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep, q0) - lse_c.unsqueeze(-1))
         dprobs = torch.matmul(doc, vc.transpose(-1, -2))
-        if dropout_p > 0.0:
-            keep_mask = _dropout_keep(probs.shape, dropout_p, seed + ti, q.device)
-            keep_mask = keep_mask / (1.0 - dropout_p)
+        if dropout is not None:
+            keep_mask = dropout.keep(a, b, q0, q1).to(cdt) / (1.0 - dropout.p)
             dv_c = torch.matmul((probs * keep_mask).transpose(-1, -2), doc)
             dprobs = dprobs * keep_mask
         else:
@@ -290,7 +287,7 @@ KERNELS = ("auto", "cudnn", "flash", "math")
 
 
 def block_kernel(
-    q: Tensor, k: Tensor, key_keep: Tensor | None, dropout_p: float, kernel: str = "auto"
+    q: Tensor, k: Tensor, key_keep: Tensor | None, dropout: DropoutKeys | None, kernel: str = "auto"
 ) -> str:
     """The kernel that runs one block: ``"cudnn"``, ``"flash"`` or ``"math"``.
 
@@ -300,7 +297,7 @@ def block_kernel(
     allow, then flash where it can run; blocks a fused op refuses go to a path that
     runs them, so every input the CPU accepts also runs on CUDA.
     """
-    if kernel == "math" or key_keep is not None or dropout_p != 0.0:
+    if kernel == "math" or key_keep is not None or dropout is not None:
         return "math"
     flash_ok = not flash_supported_reasons(q.device.type, q.dtype, q.shape[-1])
     if kernel in ("auto", "cudnn") and cudnn_usable(q.device, q.dtype, q.shape[-1]):
@@ -319,18 +316,17 @@ def block_forward(
     scale: float,
     causal: bool = False,
     key_keep: Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    dropout: DropoutKeys | None = None,
     kernel: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The block on the kernel :func:`block_kernel` picks (cuDNN, flash or matmuls)."""
-    kernel = block_kernel(q, k, key_keep, dropout_p, kernel)
+    kernel = block_kernel(q, k, key_keep, dropout, kernel)
     if kernel == "cudnn":
         return cudnn_block_forward(q, k, v, scale=scale, causal=causal)
     if kernel == "flash":
         return flash_block_forward(q, k, v, scale=scale, causal=causal)
     return math_block_forward(
-        q, k, v, scale=scale, causal=causal, key_keep=key_keep, dropout_p=dropout_p, seed=seed
+        q, k, v, scale=scale, causal=causal, key_keep=key_keep, dropout=dropout
     )
 
 
@@ -345,17 +341,16 @@ def block_backward(
     scale: float,
     causal: bool = False,
     key_keep: Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
+    dropout: DropoutKeys | None = None,
     kernel: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward matching :func:`block_forward`'s choice of path."""
-    kernel = block_kernel(q, k, key_keep, dropout_p, kernel)
+    kernel = block_kernel(q, k, key_keep, dropout, kernel)
     if kernel == "cudnn":
         return cudnn_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
     if kernel == "flash":
         return flash_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
     return math_block_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep,
-        dropout_p=dropout_p, seed=seed,
+        dropout=dropout,
     )  # fmt: skip

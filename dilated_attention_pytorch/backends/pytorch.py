@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from ..plan import DilatedPlan
+from ..dropout import DropoutKeys, token_ids
+from ..plan import DilatedPlan, HeadGroup
 from ..segments import merge_lse_, segment_views
 from ..validation import check_choice
 from .base import (
@@ -49,23 +51,25 @@ _TOLERANCES = {
 }
 
 
-def _block_seed(seed: int, *indices: int) -> int:
-    # Distinct, reproducible dropout seeds per block; forward and backward agree.
-    for i in indices:
-        seed = (seed * 1_000_003 + i + 1) & 0x7FFF_FFFF_FFFF_FFFF
-    return seed << 16  # leave room for the per-chunk index added in blocks.py
+@dataclass(frozen=True)
+class Block:
+    """One (branch, head group, segment slab) of a plan, as :func:`iter_blocks` yields it."""
+
+    branch_index: int
+    group: HeadGroup
+    views: dict[str, Tensor]  # per (B, N, H, ...) tensor: (Bb, n, Hs, ...)
+    token_views: dict[str, Tensor | None]  # per (B, N) tensor: (Bb, n)
 
 
 def iter_blocks(
     plan: DilatedPlan, tensors: dict[str, Tensor], token_only: dict[str, Tensor | None]
-) -> Iterator[tuple[int, dict[str, Tensor], dict[str, Tensor | None]]]:
-    """Yield ``(block_id, views, token_views)`` for every (branch, head group, segment slab).
+) -> Iterator[Block]:
+    """Every (branch, head group, segment slab) of ``plan`` as strided views.
 
     ``tensors`` are ``(B, N, H, ...)`` tensors sliced by heads; ``token_only`` are
-    ``(B, N)`` tensors (key masks) that only get the token selection.
+    ``(B, N)`` tensors (key masks, token ids) that only get the token selection.
     """
-    block_id = 0
-    for branch in plan.branches:
+    for branch_index, branch in enumerate(plan.branches):
         w, r = branch.segment_length, branch.dilation_rate
         for group in branch.head_groups:
             per_tensor = {
@@ -78,15 +82,38 @@ def iter_blocks(
             }
             num_views = len(next(iter(per_tensor.values())))
             for i in range(num_views):
-                yield (
-                    block_id,
+                yield Block(
+                    branch_index,
+                    group,
                     {name: views[i] for name, views in per_tensor.items()},
                     {
                         name: (None if views is None else views[i])
                         for name, views in per_token.items()
                     },
                 )
-                block_id += 1
+
+
+def head_streams(branch_index: int, group: HeadGroup, num_heads: int, device) -> Tensor:
+    """``branch_index * H + h`` for the heads of ``group``: the dropout streams of a block."""
+    heads = torch.arange(group.head_start, group.head_stop, group.head_step, device=device)
+    return branch_index * num_heads + heads
+
+
+def _dropout_and_mask(ctx: ForwardContext, q: Tensor) -> dict[str, Tensor | None]:
+    """The ``(B, N)`` token tensors the blocks need: key keep mask and dropout token ids."""
+    B, N = q.shape[0], q.shape[1]
+    return {
+        "keep": None if ctx.key_padding_mask is None else ~ctx.key_padding_mask,
+        "ids": token_ids(B, N, 0, N, q.device) if ctx.dropout_p > 0.0 else None,
+    }
+
+
+def _block_dropout(ctx: ForwardContext, block: Block, num_heads: int) -> DropoutKeys | None:
+    ids = block.token_views["ids"]
+    if ids is None:
+        return None
+    streams = head_streams(block.branch_index, block.group, num_heads, ids.device)
+    return DropoutKeys(ctx.dropout_p, ctx.seed, ids, ids, streams)
 
 
 class PyTorchBackend(Backend):
@@ -147,20 +174,17 @@ class PyTorchBackend(Backend):
         acc_dtype = compute_dtype(q.dtype)
         out_acc = torch.zeros(B, N, H, v.shape[-1], dtype=acc_dtype, device=q.device)
         lse_acc = torch.full((B, N, H), -math.inf, dtype=acc_dtype, device=q.device)
-        keep = None if ctx.key_padding_mask is None else ~ctx.key_padding_mask
-        blocks = iter_blocks(
-            ctx.plan, {"q": q, "k": k, "v": v, "out": out_acc, "lse": lse_acc}, {"keep": keep}
-        )
-        for block_id, t, m in blocks:
+        tensors = {"q": q, "k": k, "v": v, "out": out_acc, "lse": lse_acc}
+        for block in iter_blocks(ctx.plan, tensors, _dropout_and_mask(ctx, q)):
+            t = block.views
             out_blk, lse_blk = block_forward(
                 t["q"],
                 t["k"],
                 t["v"],
                 scale=ctx.scale,
                 causal=ctx.is_causal,
-                key_keep=m["keep"],
-                dropout_p=ctx.dropout_p,
-                seed=_block_seed(ctx.seed, block_id),
+                key_keep=block.token_views["keep"],
+                dropout=_block_dropout(ctx, block, H),
                 kernel=self.kernel,
             )
             merge_lse_(t["out"], t["lse"], out_blk, lse_blk)
@@ -180,12 +204,12 @@ class PyTorchBackend(Backend):
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
-        keep = None if ctx.key_padding_mask is None else ~ctx.key_padding_mask
         tensors = {
             "q": q, "k": k, "v": v, "out": out, "dout": dout, "lse": lse,
             "dq": dq, "dk": dk, "dv": dv,
         }  # fmt: skip
-        for block_id, t, m in iter_blocks(ctx.plan, tensors, {"keep": keep}):
+        for block in iter_blocks(ctx.plan, tensors, _dropout_and_mask(ctx, q)):
+            t = block.views
             dq_blk, dk_blk, dv_blk = block_backward(
                 t["dout"],
                 t["q"],
@@ -195,9 +219,8 @@ class PyTorchBackend(Backend):
                 t["lse"],
                 scale=ctx.scale,
                 causal=ctx.is_causal,
-                key_keep=m["keep"],
-                dropout_p=ctx.dropout_p,
-                seed=_block_seed(ctx.seed, block_id),
+                key_keep=block.token_views["keep"],
+                dropout=_block_dropout(ctx, block, q.shape[2]),
                 kernel=self.kernel,
             )
             t["dq"].add_(dq_blk)

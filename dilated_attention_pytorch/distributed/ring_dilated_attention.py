@@ -36,6 +36,8 @@ from torch.autograd.function import once_differentiable
 
 from ..backends import AttentionCall, Backend, BlockOps, available_backends, get_backend
 from ..backends.blocks import compute_dtype
+from ..backends.pytorch import head_streams
+from ..dropout import DropoutKeys, token_ids
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import merge_lse_, segment_views, token_major
 from .comm import RingComm, RingStats
@@ -116,16 +118,19 @@ class RingBranch:
     ring: tuple[int, ...]  # group ranks holding this rank's segment, in token order
     position: int  # this rank's index in ``ring``
     head_groups: tuple[PieceGroup, ...]
+    piece_starts: tuple[int, ...]  # first token (in the ring's sequence) of each member's piece
 
     @property
     def size(self) -> int:
         return len(self.ring)
 
-    def packed_numel(self, origin: int, batch: int, head_dim: int) -> int:
-        """Elements of the packed K+V buffer of ring member ``origin``."""
-        return 2 * sum(
+    def packed_numel(self, origin: int, batch: int, head_dim: int, masked: bool = False) -> int:
+        """Elements of the packed K+V buffer of ring member ``origin`` (and, when
+        ``masked``, of its dilated key keep mask, one element per key and head group)."""
+        kv = 2 * sum(
             batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups
         )
+        return kv + (sum(batch * g.counts[origin] for g in self.head_groups) if masked else 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,6 +151,7 @@ def ring_layout(
         w, r = branch.segment_length, branch.dilation_rate
         if w <= local_len:
             ring, position, piece, starts = (base + rank,), 0, w, (0,)
+            piece_starts = (rank * local_len,)
         else:
             g = w // local_len
             first = (rank // g) * g
@@ -154,6 +160,7 @@ def ring_layout(
             # Position p of the segment is dilated for offset o iff p mod r == o; piece c
             # starts at p = c*L, so its first dilated position is (o - c*L) mod r.
             starts = tuple(c * local_len for c in range(len(ring)))
+            piece_starts = tuple((first + c) * local_len for c in range(len(ring)))
         groups = tuple(
             PieceGroup(
                 heads=hg,
@@ -162,7 +169,7 @@ def ring_layout(
             )
             for hg in branch.head_groups
         )
-        branches.append(RingBranch(w, r, piece, ring, position, groups))
+        branches.append(RingBranch(w, r, piece, ring, position, groups, piece_starts))
     return tuple(branches)
 
 
@@ -179,52 +186,85 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor | None:
     return views[0] if views else None
 
 
+def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor:
+    """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids)."""
+    offset = group.offsets[branch.position]
+    return segment_views(x, branch.piece_length, branch.dilation_rate, offset)[0]
+
+
+# Per head group: (k, v) or (dk, dv), and the dilated key keep mask when one travels.
+Piece = tuple[Tensor, Tensor, Tensor | None]
+
+
 def _unpack(
-    buf: Tensor, branch: RingBranch, origin: int, batch: int, head_dim: int
-) -> list[tuple[Tensor, Tensor] | None]:
-    """Per head group, ``(k, v)`` views ``(B, n, Hs, D)`` into a packed buffer (None if empty)."""
-    blocks: list[tuple[Tensor, Tensor] | None] = []
+    buf: Tensor, branch: RingBranch, origin: int, batch: int, head_dim: int, masked: bool = False
+) -> list[Piece | None]:
+    """Per head group, views ``(B, n, Hs, D)`` of K and V (and ``(B, n)`` of the key mask
+    when ``masked``) into a packed buffer; None for an empty group.
+
+    Layout: K then V of every group in order, then (``masked``) every group's mask.
+    """
+    pieces: list[Piece | None] = []
     start = 0
     for g in branch.head_groups:
         shape = (batch, g.counts[origin], g.heads.num_heads, head_dim)
         numel = math.prod(shape)
         if numel == 0:
-            blocks.append(None)
+            pieces.append(None)
             continue
         k_part = buf[start : start + numel].view(shape)
         v_part = buf[start + numel : start + 2 * numel].view(shape)
-        blocks.append((k_part, v_part))
+        pieces.append((k_part, v_part, None))
         start += 2 * numel
-    return blocks
+    if masked:
+        for i, g in enumerate(branch.head_groups):
+            piece = pieces[i]
+            if piece is not None:
+                numel = batch * g.counts[origin]
+                pieces[i] = (piece[0], piece[1], buf[start : start + numel].view(batch, -1))
+                start += numel
+    return pieces
 
 
-def _own_blocks(k: Tensor, v: Tensor, branch: RingBranch) -> list[tuple[Tensor, Tensor] | None]:
-    """Per head group, this rank's dilated K/V as strided views (no copy)."""
-    blocks: list[tuple[Tensor, Tensor] | None] = []
+def _own_pieces(
+    k: Tensor, v: Tensor, keep: Tensor | None, branch: RingBranch
+) -> list[Piece | None]:
+    """Per head group, this rank's dilated K/V (and key keep mask) as strided views."""
+    pieces: list[Piece | None] = []
     for g in branch.head_groups:
         k_view, v_view = _view(k, branch, g), _view(v, branch, g)
-        blocks.append(None if k_view is None or v_view is None else (k_view, v_view))
-    return blocks
+        if k_view is None or v_view is None:
+            pieces.append(None)
+        else:
+            mask = None if keep is None else _token_view(keep, branch, g)
+            pieces.append((k_view, v_view, mask))
+    return pieces
 
 
 def _pack(
-    blocks: list[tuple[Tensor, Tensor] | None],
+    pieces: list[Piece | None],
     branch: RingBranch,
     origin: int,
     *,
     like: Tensor,
     dtype: torch.dtype,
+    masked: bool = False,
 ) -> Tensor:
-    """Copy per-group ``(k, v)`` (or ``(dk, dv)``) blocks of ring member ``origin`` into one
-    flat buffer of ``dtype``, laid out as :func:`_unpack` reads it; missing groups are zeros.
+    """Copy per-group ``(k, v[, keep])`` (or ``(dk, dv)``) pieces of ring member ``origin``
+    into one flat buffer of ``dtype``, laid out as :func:`_unpack` reads it; missing groups
+    are zeros. A key mask travels as 0/1 values of ``dtype``.
     """
     batch, head_dim = like.shape[0], like.shape[-1]
-    numel = branch.packed_numel(origin, batch, head_dim)
+    numel = branch.packed_numel(origin, batch, head_dim, masked)
     buf = torch.zeros(numel, dtype=dtype, device=like.device)
-    for dst, src in zip(_unpack(buf, branch, origin, batch, head_dim), blocks, strict=True):
+    dsts = _unpack(buf, branch, origin, batch, head_dim, masked)
+    for dst, src in zip(dsts, pieces, strict=True):
         if dst is not None and src is not None:
             dst[0].copy_(src[0])
             dst[1].copy_(src[1])
+            if masked:
+                assert dst[2] is not None and src[2] is not None
+                dst[2].copy_(src[2])
     return buf
 
 
@@ -294,6 +334,10 @@ class RingSetup:
     ops: BlockOps
     stats: RingStats | None = None  # counts bytes, steps and time when given
     timeout: float | None = None  # bound on every wait, in seconds
+    dropout_p: float = 0.0  # drop probability of the joint attention probabilities
+    seed: int = 0  # dropout seed of the call (forward and backward share it)
+    seq_len: int = 0  # N: tokens of the ring's whole sequence (dropout token ids)
+    num_heads: int = 0  # H (dropout streams)
 
     @property
     def num_steps(self) -> int:
@@ -325,6 +369,8 @@ class BlockTask:
     causal: bool  # the block is on the diagonal of a causal call
     k: Tensor  # (Bb, Lk, Hs, D)
     v: Tensor
+    key_keep: Tensor | None = None  # (Bb, Lk) bool, True where a key may be attended
+    dropout: DropoutKeys | None = None  # the entries of the block that dropout drops
 
     @property
     def own(self) -> bool:
@@ -344,15 +390,32 @@ class KVRotation:
     computed and waited for (:meth:`advance`) after, so transfer and compute overlap.
     """
 
-    def __init__(self, setup: RingSetup, k: Tensor, v: Tensor) -> None:
-        self.setup, self.k, self.v = setup, k, v
+    def __init__(
+        self, setup: RingSetup, k: Tensor, v: Tensor, key_keep: Tensor | None = None
+    ) -> None:
+        self.setup, self.k, self.v, self.key_keep = setup, k, v, key_keep
+        self.masked = key_keep is not None
         self.held = {
-            i: _pack(_own_blocks(k, v, b), b, b.position, like=k, dtype=k.dtype)
+            i: _pack(
+                _own_pieces(k, v, key_keep, b),
+                b,
+                b.position,
+                like=k,
+                dtype=k.dtype,
+                masked=self.masked,
+            )  # fmt: skip
             for i, b in enumerate(setup.branches)
             if b.size > 1
         }
         self._comm: RingComm | None = None
         self._incoming: dict[int, Tensor] = {}
+        # Global token ids of the local shard, for dropout keyed by position.
+        self.ids: Tensor | None = None
+        if setup.dropout_p > 0.0:
+            B, L = k.shape[0], k.shape[1]
+            first = setup.branches[0]  # any branch: its own piece starts at the shard's start
+            start = first.piece_starts[first.position]
+            self.ids = token_ids(B, setup.seq_len, start, L, k.device)
 
     def post(self, step: int) -> None:
         """Queue and start the K/V transfers of ``step`` for every branch."""
@@ -362,7 +425,7 @@ class KVRotation:
         self._incoming = {}
         for i, b in enumerate(self.setup.branches):
             for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
-                numel = b.packed_numel(origin, batch, head_dim)
+                numel = b.packed_numel(origin, batch, head_dim, self.masked)
                 if numel == 0:  # nobody has positions for this piece: both sides skip it
                     continue
                 if src == b.position:
@@ -382,30 +445,69 @@ class KVRotation:
     def tasks(self, step: int) -> list[BlockTask]:
         """The blocks this rank computes at ``step`` (those with positions on both sides)."""
         tasks = []
+        batch, head_dim = self.k.shape[0], self.k.shape[-1]
         for i, b in enumerate(self.setup.branches):
             origin = _held_origin(b, self.setup.is_causal, step)
             if origin is None:
                 continue
             if origin == b.position:
-                kv_blocks = _own_blocks(self.k, self.v, b)
+                pieces = _own_pieces(self.k, self.v, self.key_keep, b)
             elif i in self.held:
-                kv_blocks = _unpack(self.held[i], b, origin, self.k.shape[0], self.k.shape[-1])
+                pieces = _unpack(self.held[i], b, origin, batch, head_dim, self.masked)
             else:  # an empty piece, never sent
-                kv_blocks = [None] * len(b.head_groups)
+                pieces = [None] * len(b.head_groups)
             causal = self.setup.is_causal and origin == b.position
-            for j, (g, kv) in enumerate(zip(b.head_groups, kv_blocks, strict=True)):
-                if kv is not None and g.counts[b.position] > 0:
-                    tasks.append(BlockTask(i, j, b, g, origin, causal, kv[0], kv[1]))
+            for j, (g, piece) in enumerate(zip(b.head_groups, pieces, strict=True)):
+                if piece is None or g.counts[b.position] == 0:
+                    continue
+                keep = piece[2]
+                if keep is not None and keep.dtype != torch.bool:
+                    keep = keep != 0  # a mask that travelled as 0/1 values
+                tasks.append(
+                    BlockTask(
+                        i,
+                        j,
+                        b,
+                        g,
+                        origin,
+                        causal,
+                        piece[0],
+                        piece[1],
+                        key_keep=keep,
+                        dropout=self._dropout(i, b, g, origin),
+                    )  # fmt: skip
+                )
         return tasks
 
+    def _dropout(
+        self, index: int, branch: RingBranch, group: PieceGroup, origin: int
+    ) -> DropoutKeys | None:
+        """Dropout keys of a block: global ids of its queries and keys, its heads' streams."""
+        if self.ids is None:
+            return None
+        q_ids = _token_view(self.ids, branch, group)
+        if origin == branch.position:
+            k_ids = q_ids
+        else:  # the keys of member ``origin``'s piece: b*N + start + offset + r*t
+            r, device = branch.dilation_rate, self.ids.device
+            first = branch.piece_starts[origin] + group.offsets[origin]
+            pos = first + r * torch.arange(group.counts[origin], device=device)
+            rows = torch.arange(self.k.shape[0], device=device)[:, None] * self.setup.seq_len
+            k_ids = rows + pos[None, :]
+        setup = self.setup
+        streams = head_streams(index, group.heads, setup.num_heads, q_ids.device)
+        return DropoutKeys(setup.dropout_p, setup.seed, q_ids, k_ids, streams)
 
-def ring_steps(setup: RingSetup, k: Tensor, v: Tensor) -> Iterator[tuple[int, list[BlockTask]]]:
+
+def ring_steps(
+    setup: RingSetup, k: Tensor, v: Tensor, key_keep: Tensor | None = None
+) -> Iterator[tuple[int, list[BlockTask]]]:
     """``(step, blocks)`` of every ring step, K/V transfers of the step in flight.
 
-    The next step's K/V travel while the caller computes ``blocks``; the loop waits
-    for them when the caller asks for the next step.
+    The next step's K/V (and key keep mask) travel while the caller computes
+    ``blocks``; the loop waits for them when the caller asks for the next step.
     """
-    rotation = KVRotation(setup, k, v)
+    rotation = KVRotation(setup, k, v, key_keep)
     stats = setup.stats
     for step in range(setup.num_steps):
         rotation.post(step)
@@ -433,7 +535,7 @@ class GradRouter:
         self._travelling: dict[tuple[int, int], Tensor] = {}  # (branch, origin) -> received
         self._home: dict[int, list[Tensor]] = {}  # branch -> accumulators of own K/V
 
-    def route(self, step: int, visiting: dict[int, list[tuple[Tensor, Tensor] | None]]) -> None:
+    def route(self, step: int, visiting: dict[int, list[Piece | None]]) -> None:
         """Send this step's contributions on; ``visiting[branch][group]`` is the
         ``(dk, dv)`` this rank computed for the visiting block of that branch."""
         if self._comm is not None:  # sent at the previous step; arrived while we computed
@@ -485,12 +587,14 @@ class GradRouter:
 
 
 def ring_dilated_forward(
-    q: Tensor, k: Tensor, v: Tensor, setup: RingSetup
+    q: Tensor, k: Tensor, v: Tensor, setup: RingSetup, key_keep: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Forward ring loop on local shards.
 
     Args:
         q, k, v: ``(B, L, H, D)`` local shards, token-major.
+        key_keep: ``(B, L)`` bool shard, ``True`` where a key may be attended; it
+            travels with the keys.
 
     Returns:
         ``out (B, L, H, D)`` in ``q.dtype`` and ``lse (B, L, H)`` in the compute dtype
@@ -500,17 +604,25 @@ def ring_dilated_forward(
     acc_dtype = compute_dtype(q.dtype)
     out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype, device=q.device)
     lse = torch.full((B, L, H), -math.inf, dtype=acc_dtype, device=q.device)
-    for _, tasks in ring_steps(setup, k, v):
+    for _, tasks in ring_steps(setup, k, v, key_keep):
         for t in tasks:
             out_blk, lse_blk = setup.ops.forward(
-                t.view(q), t.k, t.v, scale=setup.scale, causal=t.causal
-            )
+                t.view(q), t.k, t.v, scale=setup.scale, causal=t.causal,
+                key_keep=t.key_keep, dropout=t.dropout,
+            )  # fmt: skip
             merge_lse_(t.view(out), t.view(lse), out_blk, lse_blk)
     return out.to(q.dtype), lse
 
 
 def ring_dilated_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, setup: RingSetup
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    setup: RingSetup,
+    key_keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward ring loop: gradients of the local shards.
 
@@ -520,6 +632,7 @@ def ring_dilated_backward(
     Args:
         dout, q, k, v, out: ``(B, L, H, D)`` local shards; ``out`` is the forward output.
         lse: ``(B, L, H)`` final log-sum-exp of the forward.
+        key_keep: the forward's key keep mask; dropout is replayed from ``setup``.
 
     Returns:
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
@@ -527,12 +640,12 @@ def ring_dilated_backward(
     acc_dtype = compute_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
     router = GradRouter(setup, k, acc_dtype)
-    for step, tasks in ring_steps(setup, k, v):
-        visiting: dict[int, list[tuple[Tensor, Tensor] | None]] = {}
+    for step, tasks in ring_steps(setup, k, v, key_keep):
+        visiting: dict[int, list[Piece | None]] = {}
         for t in tasks:
             dq_blk, dk_blk, dv_blk = setup.ops.backward(
                 t.view(dout), t.view(q), t.k, t.v, t.view(out), t.view(lse),
-                scale=setup.scale, causal=t.causal,
+                scale=setup.scale, causal=t.causal, key_keep=t.key_keep, dropout=t.dropout,
             )  # fmt: skip
             t.view(dq).add_(dq_blk)
             if t.own:
@@ -540,7 +653,7 @@ def ring_dilated_backward(
                 t.view(dv).add_(dv_blk)
             else:
                 groups = visiting.setdefault(t.branch_index, [None] * len(t.branch.head_groups))
-                groups[t.group_index] = (dk_blk, dv_blk)
+                groups[t.group_index] = (dk_blk, dv_blk, None)
         router.route(step, visiting)
     router.finish(dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -553,18 +666,22 @@ class RingDilatedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: the backward runs :func:`ring_dilated_backward`."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, setup: RingSetup) -> Tensor:
-        out, lse = ring_dilated_forward(q, k, v, setup)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, setup: RingSetup
+    ) -> Tensor:
+        out, lse = ring_dilated_forward(q, k, v, setup, key_keep)
+        ctx.save_for_backward(q, k, v, out, lse, key_keep)
         ctx.setup = setup
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_dilated_backward(token_major(dout), q, k, v, out, lse, ctx.setup)
-        return dq, dk, dv, None
+        q, k, v, out, lse, key_keep = ctx.saved_tensors
+        dq, dk, dv = ring_dilated_backward(
+            token_major(dout), q, k, v, out, lse, ctx.setup, key_keep
+        )
+        return dq, dk, dv, None, None
 
 
 def ring_dilated_attention(
@@ -610,9 +727,14 @@ def ring_dilated_attention(
         backend: block kernel: ``"auto"`` (the pytorch backend's blocks: cuDNN or flash on CUDA
             fp16/bf16, chunked matmuls otherwise) or a backend exposing block ops
             (``"pytorch"``, ``"triton"``), or a ``Backend`` instance.
-        dropout_p, key_padding_mask: accepted for symmetry with ``dilated_attention``
-            but not supported over the ring: anything but ``0.0`` / ``None`` raises a
-            ``ValueError`` on every rank.
+        dropout_p: drop probability of the joint attention probabilities, as in
+            ``dilated_attention``: an entry is dropped according to a hash of its branch,
+            head and global query/key positions and a seed drawn from this rank's default
+            generator, so with the generator seeded alike on every rank the ring drops
+            exactly the entries the single-device call drops, and the backward replays
+            them. Blocks with dropout run on the matmul path of the ``pytorch`` backend.
+        key_padding_mask: ``(B, N/k)`` bool, this rank's shard of the ``(B, N)`` mask
+            (``True`` marks padding keys); it travels around the ring with the keys.
         ring_size: ranks per ring: ``None`` for the whole group, or ``k`` dividing the
             group size to cut the group into consecutive rings of ``k`` ranks (sequence
             parallel inside a ring, data parallel across rings). Ring ``i`` holds group
@@ -635,7 +757,8 @@ def ring_dilated_attention(
             shapes, dtypes or settings differ, or the shard length breaks the rules above.
 
     Notes:
-        Dropout and key padding masks are not supported over the ring.
+        A key padding mask adds one element per dilated key and head group to each K/V
+        transfer (``1 / (2 * H_group * D)`` of its size).
     """
     group = resolve_group(group)
     settings = dict(
@@ -660,10 +783,12 @@ def ring_dilated_attention(
         dtype=q.dtype,
         head_dim=D,
         is_causal=is_causal,
-        dropout=False,
-        key_padding_mask=False,
+        dropout=dropout_p > 0.0,
+        key_padding_mask=key_padding_mask is not None,
         plan=plan,
     )
+    # Drawn like dilated_attention's, so equally seeded generators give its masks.
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     setup = RingSetup(
         branches=ring_layout(plan, L, size, rank % size, base=rank - rank % size),
         scale=D**-0.5 if scale is None else float(scale),
@@ -672,7 +797,14 @@ def ring_dilated_attention(
         ops=select_block_ops(backend, call),
         stats=stats,
         timeout=timeout,
+        dropout_p=float(dropout_p),
+        seed=seed,
+        seq_len=size * L,
+        num_heads=q.shape[2],
     )
     if stats is not None:
         stats.calls += 1
-    return RingDilatedAttentionFunction.apply(token_major(q), token_major(k), token_major(v), setup)
+    keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
+    return RingDilatedAttentionFunction.apply(
+        token_major(q), token_major(k), token_major(v), keep, setup
+    )

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
-from ..validation import check_qkv, check_ring_size, check_scalars
+from ..validation import check_key_padding_mask, check_qkv, check_ring_size, check_scalars
 from .comm import wait_bounded
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -133,19 +133,9 @@ def check_ring_call_locally(
     runs them inside its collective so that every rank raises together.
     """
     check_qkv(q, k, v)
-    check_scalars(scale=scale, dropout_p=0.0, is_causal=is_causal)
-    if key_padding_mask is not None:
-        raise ValueError(
-            "key_padding_mask is not supported by ring attention; mask padded positions "
-            "out of the loss instead, or use single-device dilated_attention."
-        )
-    if dropout_p != 0.0:
-        raise ValueError(
-            f"dropout_p={dropout_p} is not supported by ring attention: the ring cannot "
-            f"reproduce the attention-probability dropout of the single-device module; "
-            f"pass dropout_p=0.0 (modules: dropout=0.0, or call .eval())."
-        )
+    check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     assert isinstance(q, Tensor)
+    check_key_padding_mask(key_padding_mask, q, what="this rank's shard (B, N/k)")
     if q.shape[1] == 0:
         raise ValueError(
             f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
@@ -206,6 +196,8 @@ def check_ring_call(
                 None if scale is None else float(scale),  # scale=1 and scale=1.0 agree
                 backend if isinstance(backend, str) else repr(backend),
                 ring_size,
+                float(dropout_p),  # type: ignore[arg-type]
+                key_padding_mask is not None,
             ),
         ]  # fmt: skip
     except (TypeError, ValueError) as exc:
@@ -253,12 +245,14 @@ def check_ring_call(
         settings = (
             f"segment_lengths={list(segment_lengths)}, dilation_rates={list(dilation_rates)}, "
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
-            f"backend={backend!r}, ring_size={ring_size}"
+            f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
+            f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}"
         )
         texts = _gather_texts(group, settings)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
-            "dilation_rates, branch_mixing, is_causal, scale, backend and ring_size on every rank: "
+            "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size and dropout_p, "
+            "and a key_padding_mask on every rank or on none: "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
             + "."
         )

@@ -11,7 +11,6 @@ rank path). The maths lives in :mod:`dilated_attention_pytorch.distributed`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +19,6 @@ from torch import Tensor, nn
 from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
 from ..distributed.comm import RingStats
 from ..distributed.validation import check_ring_size_divides, distributed_not_ready, resolve_group
-from ..memory import get_memory_estimate
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
 
@@ -46,9 +44,12 @@ class StandardRingAttention(DilatedAttention):
             :class:`~dilated_attention_pytorch.DilatedAttention`; segment lengths are
             global token counts. With ``L = N / ring_size`` tokens per rank, a segment
             length ``w <= L`` must divide ``L`` and a ``w > L`` must be a multiple of ``L``.
-        dropout: must be 0 in training mode over a ring of more than one rank (dropout
-            over the ring is not implemented yet; it raises on every rank). Ignored in
-            eval mode.
+        dropout: drop probability of the joint attention probabilities, in training
+            mode only. Over the ring the dropped entries are those the single-device
+            module drops when every rank's default generator is seeded alike (each entry
+            is dropped by a hash of its branch, head, positions and a seed drawn from that
+            generator), and the backward replays them. Calls with dropout run the
+            ``pytorch`` backend's matmul blocks.
         ring_size: ranks per ring; ``None`` for the whole process group, else a divisor
             of its size.
         process_group: the group holding the sequence (default: WORLD), e.g. one
@@ -134,8 +135,9 @@ class StandardRingAttention(DilatedAttention):
                 rank of the ring; with ``already_split=True`` this rank's shard
                 ``(B, N/k, H, D)``.
             is_causal: query ``p`` only sees keys ``p' <= p`` (global positions).
-            key_padding_mask: ``None`` over a ring of more than one rank (not supported
-                there yet; raises on every rank).
+            key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys; with
+                ``already_split=True`` this rank's shard ``(B, N/k)``. It travels around
+                the ring with the keys.
             already_split: whether the inputs are already this rank's shards.
 
         Returns:
@@ -152,21 +154,24 @@ class StandardRingAttention(DilatedAttention):
             )
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
-        q, k, v = query, key, value
+        q, k, v, mask = query, key, value, key_padding_mask
         if not already_split:
+            _check_whole_length(query, len(members))
             q, k, v = (
                 shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
             )
-        # Unsupported options are checked inside the collective validation, so that a
-        # mask or dropout on one rank makes every rank raise instead of hanging the others.
+            position = members.index(dist.get_rank(group))
+            mask = _mask_shard(key_padding_mask, query, position, len(members))
+        # Bad options are checked inside the collective validation, so that a bad mask or
+        # dropout on one rank makes every rank raise instead of hanging the others.
         dropout_p = self.dropout if self.training else 0.0
         signature = (
             *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
             *(getattr(t, "dtype", None) for t in (q, k, v)),
             getattr(q, "device", None),
             is_causal,
-            key_padding_mask is None,
+            None if mask is None else (type(mask), getattr(mask, "dtype", None)),
             dropout_p,
             id(group),
         )
@@ -184,46 +189,55 @@ class StandardRingAttention(DilatedAttention):
             scale=self.scale,
             backend=self.backend,
             dropout_p=dropout_p,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=mask,
             validate=validate,
             **options,
         )
         self._validated.add(signature)
         return out if already_split else gather_replicated(out, group, members, **options)
 
-    def get_memory_estimate(
-        self,
-        seq_len: int,
-        batch_size: int = 1,
-        num_heads: int = 8,
-        head_dim: int = 64,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Per-rank bytes of one forward+backward of this module (no tensor is allocated).
-
-        :func:`~dilated_attention_pytorch.get_memory_estimate` with this module's
-        schedule, mixing and ``ring_size`` (``None``: the process group's size, 1 without
-        ``torch.distributed``) and backend (``"auto"``: the pytorch blocks the ring runs);
-        ``kwargs`` are its other keywords (``dtype``, ``already_split``, ...). ``memory_reduction_factor`` compares with one device.
-        """
-        ring_size = self.ring_size
-        if ring_size is None:
-            ring = self.ring()
-            ring_size = 1 if ring is None else len(ring[1])
-        return get_memory_estimate(
-            seq_len,
-            batch_size,
-            num_heads,
-            head_dim,
-            segment_lengths=self.segment_lengths,
-            dilation_rates=self.dilation_rates,
-            ring_size=ring_size,
-            branch_mixing=self.branch_mixing,
-            **{"backend": "pytorch" if self.backend == "auto" else self.backend, **kwargs},
-        )
+    def memory_ring_size(self) -> int:
+        """Ranks per ring for :meth:`get_memory_estimate`: ``ring_size``, else the process
+        group's size (1 without ``torch.distributed``: planning works anywhere)."""
+        if self.ring_size is not None:
+            return self.ring_size
+        ring = self.ring()
+        return 1 if ring is None else len(ring[1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
+
+
+def _check_whole_length(query: object, size: int) -> None:
+    """The whole sequence must cut into ``size`` equal shards (the same input on every
+    rank of a ring, so every rank raises together)."""
+    if isinstance(query, Tensor) and query.dim() >= 2 and query.shape[1] % size != 0:
+        raise ValueError(
+            f"the whole sequence has {query.shape[1]} tokens (dim 1 of query "
+            f"{tuple(query.shape)}), which does not cut into {size} equal shards for a ring "
+            f"of {size} ranks; pad it to a multiple of {size}."
+        )
+
+
+def _mask_shard(mask: object, query: object, position: int, size: int) -> object:
+    """Ring member ``position``'s shard of a whole-sequence ``(B, N)`` key padding mask.
+
+    A mask of another shape raises here (the same mask is passed on every rank, so
+    every rank raises); anything that is not a 2-D tensor is returned as is, for the
+    collective check to reject on every rank.
+    """
+    if not (isinstance(mask, Tensor) and isinstance(query, Tensor) and mask.dim() == 2):
+        return mask
+    B, N = query.shape[0], query.shape[1]
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, N) = ({B}, {N}), the whole sequence like "
+            f"query, got {tuple(mask.shape)}; pass this rank's shard only together with "
+            f"already_split=True."
+        )
+    if N % size != 0:
+        return mask  # the collective check reports the shard length
+    return mask.narrow(1, position * (N // size), N // size)
 
 
 RingDilatedAttention = StandardRingAttention

@@ -42,3 +42,25 @@ def test_reference_cuda_low_precision(dtype, is_causal, branch_mixing, N) -> Non
         assert err <= 2 * low_err + 1e-4, (
             f"{name}: error {err:.3g} vs low-precision oracle {low_err:.3g}"
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_on_cuda_drops_what_the_cpu_drops(dtype) -> None:
+    # The dropped entries are a hash of (seed, branch, head, positions): the same on
+    # every device, so CUDA and CPU agree up to the arithmetic's rounding.
+    B, N, H, D = 2, 1024 + 7, 4, 32
+    ws, rs = [128, 512, 2048], [1, 2, 4]
+    q, k, v, dout = (torch.randn(B, N, H, D, dtype=dtype) for _ in range(4))
+    mask = torch.rand(B, N) < 0.2
+    results = []
+    for device in ("cpu", "cuda"):
+        qq, kk, vv = (t.to(device).requires_grad_() for t in (q, k, v))
+        torch.manual_seed(5)
+        out = dilated_attention(
+            qq, kk, vv, ws, rs, dropout_p=0.3, key_padding_mask=mask.to(device), is_causal=True
+        )
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(device))
+        results.append([t.float().cpu() for t in (out, *grads)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # both compute in fp32; bf16 outputs
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -394,17 +394,37 @@ def dilated_backward(
 # --------------------------------------------------------------------------- block ops
 
 
+def _block_kpm(key_keep: Tensor | None, dropout: object) -> Tensor | None:
+    """A block's ``(Bb, Lk)`` keep mask as the kernels' uint8 padding mask (1 = padding)."""
+    if dropout is not None:
+        raise ValueError(
+            "the triton backend does not implement dropout; use backend='pytorch' (or 'auto') "
+            "for calls with dropout."
+        )
+    return None if key_keep is None else _kpm_u8((~key_keep).contiguous())
+
+
 def triton_block_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout: object = None,
 ) -> tuple[Tensor, Tensor]:
     """One block of queries against one block of keys (same signature as ``blocks.py``).
 
     q: ``(Bb, Lq, Hs, D)``, k/v: ``(Bb, Lk, Hs, D)``, any token-major strides (unit
     stride on D), fp16/bf16 on CUDA (fp32 would run its dots in tf32), head dim in
     {16, 32, 64, 128}. ``causal``: query ``t`` sees keys ``t' <= t`` (blocks aligned at 0).
+    ``key_keep``: ``(Bb, Lk)`` bool, ``True`` where a key may be attended. ``dropout``
+    must be ``None`` (not implemented here).
     Returns ``out (Bb, Lq, Hs, D)`` in q.dtype and ``lse (Bb, Lq, Hs)`` fp32 (``-inf``
     for rows with no key).
     """
+    kpm = _block_kpm(key_keep, dropout)
     Bb, Lq, Hs, D = q.shape
     Lk = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -412,7 +432,7 @@ def triton_block_forward(
     if Lq == 0:
         return out, lse
     launch = _Launch(Lq, max(Lk, 1), 1, 0, 0, Hs)
-    _launch_forward(q, k, v, out, out, lse, None, launch, scale=scale, causal=causal, acc_in=False)
+    _launch_forward(q, k, v, out, out, lse, kpm, launch, scale=scale, causal=causal, acc_in=False)
     return out, lse
 
 
@@ -426,12 +446,15 @@ def triton_block_backward(
     *,
     scale: float,
     causal: bool = False,
+    key_keep: Tensor | None = None,
+    dropout: object = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` in q.dtype for one block, given the *final* out/lse.
 
-    Shapes as in :func:`triton_block_forward`; ``lse`` is ``(Bb, Lq, Hs)`` and may be
-    ``-inf`` for rows with no key (their probabilities are 0).
+    Shapes and ``key_keep`` as in :func:`triton_block_forward`; ``lse`` is
+    ``(Bb, Lq, Hs)`` and may be ``-inf`` for rows with no key (their probabilities are 0).
     """
+    kpm = _block_kpm(key_keep, dropout)
     Bb, Lq, Hs, D = q.shape
     Lk = k.shape[1]
     # Every row is written (dK/dV tiles cover the keys, dQ tiles the queries), except
@@ -447,7 +470,7 @@ def triton_block_backward(
     grads = (dq, dk, dv)
     for which in ("dkdv", "dq"):
         _launch_backward(
-            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            dout, q, k, v, lse, delta, kpm, grads, grads, launch,
             scale=scale, causal=causal, acc_in=False, which=which,
         )  # fmt: skip
     return dq, dk, dv

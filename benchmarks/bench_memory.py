@@ -1,0 +1,345 @@
+"""``get_memory_estimate`` against measured peak memory, and what checkpointing saves.
+
+One GPU, several GPUs (torchrun, NCCL), a gloo smoke test, or offline on a ring
+benchmark's JSON:
+
+    python benchmarks/bench_memory.py --out benchmarks/results
+    torchrun --nproc_per_node=4 benchmarks/bench_memory.py --out benchmarks/results
+    torchrun --nproc_per_node=2 benchmarks/bench_memory.py --cpu
+    python benchmarks/bench_memory.py --recorded benchmarks/results/ring_nvidia-h200_2gpu_20261121.json
+
+Sections:
+
+1. ``estimate_vs_measured``: for every ring size ``k`` (1, 2, 4, .. dividing the
+   world; rings of ``k`` ranks side by side) and tokens per GPU ``T`` doubling from
+   ``--min-tokens`` while the estimate fits in ``--fill`` of the GPU's memory (or up
+   to ``--max-tokens``): one forward+backward of
+   ``StandardRingAttention(..., ring_size=k)`` on ``(B, T, H, D)`` shards
+   (``already_split=True``) and of ``RingMultiheadDilatedAttention`` (``E = H * D``,
+   parameters in the input dtype) on ``(B, T, E)`` shards. Measured: the peak of
+   ``torch.cuda.max_memory_allocated`` during the step, everything allocated
+   included (inputs, parameters, gradients), max over ranks. Estimated: the module's
+   ``get_memory_estimate(T * k, ...)``. ``error = estimate / measured - 1``.
+2. ``checkpointing``: a stack of ``--layers`` multi-head layers whose attention is
+   ``DistributedRingAttention(use_checkpointing=False / True)`` (ring over the whole
+   world), ``--checkpoint-tokens`` per GPU: peak memory and forward+backward time.
+
+``--recorded FILE`` skips the GPU work: it recomputes the estimate for every
+non-causal row of a ``benchmarks/bench_ring.py`` JSON (whose peaks were measured the
+same way) and prints the comparison.
+
+LongNet schedule as in ``bench_ring.py``: segments ``base * 4**i`` below ``N`` and
+``N`` itself, ``r = w / base``. bf16, non-causal (the estimate counts the
+non-causal ring, an upper bound for causal calls). Prints tables and writes
+``memory_<device>_<k>gpu_<date>.json`` (device, date, versions, command) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from bench_ring import longnet_schedule, max_over, print_table, ring_sizes
+from measure import GiB, PeakMemory, result_path, stamp, time_ms, write_json
+
+from dilated_attention_pytorch import (
+    DistributedRingAttention,
+    MultiheadDilatedAttention,
+    RingMultiheadDilatedAttention,
+    StandardRingAttention,
+    get_memory_estimate,
+)
+
+Tensor = torch.Tensor
+
+# The estimate must agree with the measured peak within this, from this many tokens
+# per GPU up (below it, allocator rounding and cuDNN workspaces are a larger share).
+AGREEMENT, AGREEMENT_FROM_TOKENS = 0.20, 262144
+
+
+def _peak_of(step, device: torch.device) -> int | None:
+    """Peak bytes allocated (everything live included) during one call of ``step``."""
+    probe = PeakMemory(device, count_live=True)
+    probe.start()
+    step()
+    return probe.stop()
+
+
+def _point(
+    args: argparse.Namespace, device: torch.device, tokens: int, k: int, layer: bool
+) -> dict[str, Any]:
+    """Estimate and measured peak of one forward+backward, attention or layer."""
+    N = tokens * k
+    segments, rates = longnet_schedule(N, args.base)
+    B, H, D = args.batch, args.heads, args.head_dim
+    E = H * D
+    if layer:
+        module = RingMultiheadDilatedAttention(
+            E, H, segments, rates, ring_size=k, device=device, dtype=args.dtype
+        )
+        x = torch.randn(B, tokens, E, device=device, dtype=args.dtype, requires_grad=True)
+        inputs, dout = [x], torch.randn(B, tokens, E, device=device, dtype=args.dtype)
+
+        def run() -> Tensor:
+            return module(x, already_split=True)[0]
+
+        estimate = module.get_memory_estimate(N, B, already_split=True)
+    else:
+        module = StandardRingAttention(segments, rates, ring_size=k)
+        shape = (B, tokens, H, D)
+        inputs = [
+            torch.randn(shape, device=device, dtype=args.dtype, requires_grad=True)
+            for _ in range(3)
+        ]
+        dout = torch.randn(shape, device=device, dtype=args.dtype)
+
+        def run() -> Tensor:
+            return module(*inputs, already_split=True)
+
+        estimate = module.get_memory_estimate(N, B, H, D, dtype=args.dtype, already_split=True)
+
+    def step() -> None:
+        for t in (*inputs, *module.parameters()):
+            t.grad = None
+        run().backward(dout)
+
+    step()  # warm-up: kernels, cuDNN plans, the collective input check
+    peak = _peak_of(step, device)
+    # Off CUDA the probe reads resident memory, which the estimate does not model.
+    measured = max_over(peak, device) if peak is not None and device.type == "cuda" else None
+    est = estimate["bytes_per_device"]
+    row = {
+        "what": "layer" if layer else "attention",
+        "ring_size": k,
+        "seq_len": N,
+        "tokens_per_gpu": tokens,
+        "segment_lengths": segments,
+        "dilation_rates": rates,
+        "estimate_gib": est / GiB,
+        "measured_gib": None if measured is None else measured / GiB,
+        "error": None if not measured else est / measured - 1.0,
+        "peak_phase": estimate["peak_phase"],
+    }
+    return row
+
+
+def estimate_vs_measured(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    capacity = (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    )
+    for layer in (False, True):
+        for k in ring_sizes(dist.get_world_size()):
+            tokens = args.min_tokens
+            while tokens <= args.max_tokens:
+                N = tokens * k
+                segments, rates = longnet_schedule(N, args.base)
+                est = get_memory_estimate(
+                    N, args.batch, args.heads, args.head_dim,
+                    segment_lengths=segments, dilation_rates=rates, ring_size=k,
+                    dtype=args.dtype, already_split=True,
+                    embed_dim=args.heads * args.head_dim if layer else None,
+                )["bytes_per_device"]  # fmt: skip
+                if capacity is not None and est > args.fill * capacity:
+                    break  # the largest N that fits was the previous one
+                try:
+                    rows.append(_point(args, device, tokens, k, layer))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append({"what": "layer" if layer else "attention", "ring_size": k,
+                                 "tokens_per_gpu": tokens, "error": "out of memory"})  # fmt: skip
+                    break
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                tokens *= 2
+    return rows
+
+
+def checkpointing(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    world = dist.get_world_size()
+    B, H, D = args.batch, args.heads, args.head_dim
+    E = H * D
+    rows = []
+    for tokens in args.checkpoint_tokens:
+        N = tokens * world
+        segments, rates = longnet_schedule(N, args.base)
+        for use in (False, True):
+            layers = torch.nn.ModuleList(
+                MultiheadDilatedAttention(
+                    E,
+                    H,
+                    attention=DistributedRingAttention(
+                        segments, rates, use_checkpointing=use, enable_monitoring=False
+                    ),
+                    device=device,
+                    dtype=args.dtype,
+                )  # fmt: skip
+                for _ in range(args.layers)
+            )
+            x = torch.randn(B, tokens, E, device=device, dtype=args.dtype, requires_grad=True)
+            dout = torch.randn(B, tokens, E, device=device, dtype=args.dtype)
+
+            def step(layers=layers, x=x, dout=dout) -> None:
+                x.grad = None
+                layers.zero_grad(set_to_none=True)
+                y = x
+                for layer in layers:
+                    y = y + layer(y, already_split=True)[0]
+                y.backward(dout)
+
+            try:
+                step()
+                peak = _peak_of(step, device)
+                ms = time_ms(step, device, reps=args.iters, warmup=0)
+                rows.append({
+                    "tokens_per_gpu": tokens, "ring_size": world, "layers": args.layers,
+                    "use_checkpointing": use,
+                    "peak_gib": None if peak is None else max_over(peak, device) / GiB,
+                    "fwd_bwd_ms": max_over(ms, device),
+                })  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                rows.append({"tokens_per_gpu": tokens, "use_checkpointing": use,
+                             "error": "out of memory"})  # fmt: skip
+            del layers, x, dout
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        pair = [r for r in rows[-2:] if r.get("peak_gib") is not None]
+        if len(pair) == 2:
+            pair[1]["saved_gib"] = pair[0]["peak_gib"] - pair[1]["peak_gib"]
+            pair[1]["time_vs_plain"] = pair[1]["fwd_bwd_ms"] / pair[0]["fwd_bwd_ms"]
+    return rows
+
+
+def recorded(path: str) -> list[dict[str, Any]]:
+    """The estimate for the non-causal rows of a ``bench_ring.py`` JSON."""
+    data = json.loads(open(path).read())
+    cfg = data["config"]
+    rows = []
+    for row in data.get("weak_scaling", []) + data.get("memory_scaling", []):
+        if row.get("causal") or row.get("peak_mib_per_gpu") is None:
+            continue
+        est = get_memory_estimate(
+            row["seq_len"], cfg["batch"], cfg["heads"], cfg["head_dim"],
+            segment_lengths=row["segment_lengths"], dilation_rates=row["dilation_rates"],
+            ring_size=row["ring_size"], dtype=torch.bfloat16,
+        )["bytes_per_device"]  # fmt: skip
+        measured = row["peak_mib_per_gpu"] * 2**20
+        rows.append({
+            "what": "attention", "ring_size": row["ring_size"], "seq_len": row["seq_len"],
+            "tokens_per_gpu": row["tokens_per_gpu"], "estimate_gib": est / GiB,
+            "measured_gib": measured / GiB, "error": est / measured - 1.0,
+        })  # fmt: skip
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One sentence computed from the rows: the worst error where the rule applies."""
+    judged = [
+        r for r in rows
+        if isinstance(r.get("error"), float) and r["tokens_per_gpu"] >= AGREEMENT_FROM_TOKENS
+    ]  # fmt: skip
+    if not judged:
+        return f"no row with at least {AGREEMENT_FROM_TOKENS} tokens per GPU was measured."
+    worst = max(judged, key=lambda r: abs(r["error"]))
+    verdict = "within" if abs(worst["error"]) <= AGREEMENT else "OUTSIDE"
+    sizes = sorted({r["ring_size"] for r in judged})
+    return (
+        f"{len(judged)} rows with >= {AGREEMENT_FROM_TOKENS} tokens per GPU on ring sizes "
+        f"{sizes}: the largest error is {worst['error']:+.1%} ({worst['what']}, ring of "
+        f"{worst['ring_size']}, {worst['tokens_per_gpu']} tokens per GPU), {verdict} "
+        f"+-{AGREEMENT:.0%}."
+    )
+
+
+COLUMNS = {
+    "estimate_vs_measured": ["what", "ring_size", "tokens_per_gpu", "seq_len", "estimate_gib", "measured_gib", "error", "peak_phase"],
+    "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "use_checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_plain", "error"],
+}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON file")
+    parser.add_argument("--cpu", action="store_true", help="gloo smoke test with tiny sizes")
+    parser.add_argument("--recorded", help="a bench_ring.py JSON to compare offline")
+    parser.add_argument("--min-tokens", type=int, default=65536, help="first tokens per GPU")
+    parser.add_argument("--max-tokens", type=int, default=1 << 24, help="last tokens per GPU")
+    parser.add_argument(
+        "--fill",
+        type=float,
+        default=0.85,
+        help="stop when the estimate exceeds this share of the GPU",
+    )
+    parser.add_argument("--checkpoint-tokens", type=int, nargs="+", default=[262144, 1048576])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--base", type=int, default=2048, help="LongNet w/r of every branch")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--sections", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    args = parser.parse_args()
+    args.dtype = torch.bfloat16
+
+    if args.recorded:
+        rows = recorded(args.recorded)
+        print_table(f"estimate vs peaks recorded in {args.recorded}", rows,
+                    ["what", "ring_size", "tokens_per_gpu", "seq_len", "estimate_gib",
+                     "measured_gib", "error"])  # fmt: skip
+        print("\n" + summary(rows))
+        return
+
+    if args.cpu:
+        args.min_tokens, args.max_tokens, args.checkpoint_tokens = 256, 512, [256]
+        args.base, args.heads, args.head_dim, args.layers, args.iters = 16, 4, 16, 2, 1
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if not use_cuda and not args.cpu:
+        sys.exit(
+            "bench_memory.py measures CUDA memory and found no GPU; pass --cpu for the gloo "
+            "smoke test (tiny sizes, resident memory: not comparable to the estimate)."
+        )
+    if "RANK" not in os.environ:  # one process without torchrun: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=240))
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    report: dict[str, Any] = {
+        **stamp(device),
+        "world_size": world_size,
+        "memory": PeakMemory(device, count_live=True).what + ", max over ranks",
+        "rule": f"|estimate / measured - 1| <= {AGREEMENT} from {AGREEMENT_FROM_TOKENS} tokens per GPU",
+        "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
+    }
+    path = result_path(args.out, "memory", device, f"{world_size}gpu")
+    sections = {"estimate_vs_measured": estimate_vs_measured, "checkpointing": checkpointing}
+    for section in args.sections:
+        start = time.perf_counter()
+        try:
+            rows = sections[section](args, device)
+        except Exception:
+            rows = [{"error": traceback.format_exc(limit=4)}]
+        report[section] = rows
+        if rank == 0:
+            print_table(f"{section} ({time.perf_counter() - start:.0f} s)", rows, COLUMNS[section])
+    if rank == 0:
+        if "estimate_vs_measured" in report:
+            report["summary"] = summary(report["estimate_vs_measured"])
+            print("\n" + report["summary"])
+        print(f"\nwrote {write_json(path, report)}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
