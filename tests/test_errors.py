@@ -58,7 +58,8 @@ def test_bad_tensors() -> None:
 def test_bad_mask() -> None:
     q, k, v = _qkv(2, 8, 2, 4)
     with pytest.raises(
-        ValueError, match=r"key_padding_mask must have shape \(B, N\) = \(2, 8\), the batch and tokens of q, got \(2, 7\)"
+        ValueError,
+        match=r"key_padding_mask must have shape \(B, N\) = \(2, 8\), the batch and tokens of q, got \(2, 7\)",
     ):
         dilated_attention(q, k, v, [4], [1], key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask must have dtype torch.bool"):
