@@ -20,9 +20,11 @@ Sections:
    ``torch.cuda.max_memory_allocated`` during the step, everything allocated
    included (inputs, parameters, gradients), max over ranks. Estimated: the module's
    ``get_memory_estimate(T * k, ...)``. ``error = estimate / measured - 1``.
-2. ``checkpointing``: a stack of ``--layers`` multi-head layers whose attention is
-   ``DistributedRingAttention(use_checkpointing=False / True)`` (ring over the whole
-   world), ``--checkpoint-tokens`` per GPU: peak memory and forward+backward time.
+2. ``checkpointing``: a residual stack of ``--layers`` multi-head layers whose
+   attention is ``DistributedRingAttention`` (ring over the whole world),
+   ``--checkpoint-tokens`` per GPU, three ways: nothing recomputed, the ring attention
+   recomputed (``use_checkpointing=True``), each whole layer recomputed
+   (``torch.utils.checkpoint``): peak memory and forward+backward time.
 
 ``--recorded FILE`` skips the GPU work: it recomputes the estimate for every
 non-causal row of a ``benchmarks/bench_ring.py`` JSON (whose peaks were measured the
@@ -47,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from bench_ring import longnet_schedule, max_over, print_table, ring_sizes
 from measure import GiB, PeakMemory, result_path, stamp, time_ms, write_json
 
@@ -163,7 +166,15 @@ def estimate_vs_measured(args: argparse.Namespace, device: torch.device) -> list
     return rows
 
 
+CHECKPOINT_MODES = {
+    "none": "nothing recomputed",
+    "attention": "DistributedRingAttention(use_checkpointing=True): the ring attention recomputed",
+    "layer": "torch.utils.checkpoint around each whole layer (projections, attention, norm)",
+}
+
+
 def checkpointing(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """A residual stack of multi-head ring layers, three ways of checkpointing."""
     world = dist.get_world_size()
     B, H, D = args.batch, args.heads, args.head_dim
     E = H * D
@@ -171,13 +182,17 @@ def checkpointing(args: argparse.Namespace, device: torch.device) -> list[dict[s
     for tokens in args.checkpoint_tokens:
         N = tokens * world
         segments, rates = longnet_schedule(N, args.base)
-        for use in (False, True):
+        plain = None
+        for mode in CHECKPOINT_MODES:
             layers = torch.nn.ModuleList(
                 MultiheadDilatedAttention(
                     E,
                     H,
                     attention=DistributedRingAttention(
-                        segments, rates, use_checkpointing=use, enable_monitoring=False
+                        segments,
+                        rates,
+                        use_checkpointing=mode == "attention",
+                        enable_monitoring=False,
                     ),
                     device=device,
                     dtype=args.dtype,
@@ -187,34 +202,43 @@ def checkpointing(args: argparse.Namespace, device: torch.device) -> list[dict[s
             x = torch.randn(B, tokens, E, device=device, dtype=args.dtype, requires_grad=True)
             dout = torch.randn(B, tokens, E, device=device, dtype=args.dtype)
 
-            def step(layers=layers, x=x, dout=dout) -> None:
+            def block(layer: torch.nn.Module, y: Tensor) -> Tensor:
+                return layer(y, already_split=True)[0]
+
+            def step(layers=layers, x=x, dout=dout, mode=mode) -> None:
                 x.grad = None
                 layers.zero_grad(set_to_none=True)
                 y = x
                 for layer in layers:
-                    y = y + layer(y, already_split=True)[0]
+                    if mode == "layer":
+                        y = y + torch.utils.checkpoint.checkpoint(
+                            block, layer, y, use_reentrant=False
+                        )
+                    else:
+                        y = y + block(layer, y)
                 y.backward(dout)
 
+            row: dict[str, Any] = {
+                "tokens_per_gpu": tokens, "ring_size": world, "layers": args.layers,
+                "checkpointing": mode,
+            }  # fmt: skip
             try:
                 step()
                 peak = _peak_of(step, device)
                 ms = time_ms(step, device, reps=args.iters, warmup=0)
-                rows.append({
-                    "tokens_per_gpu": tokens, "ring_size": world, "layers": args.layers,
-                    "use_checkpointing": use,
-                    "peak_gib": None if peak is None else max_over(peak, device) / GiB,
-                    "fwd_bwd_ms": max_over(ms, device),
-                })  # fmt: skip
+                row["peak_gib"] = None if peak is None else max_over(peak, device) / GiB
+                row["fwd_bwd_ms"] = max_over(ms, device)
+                if plain is None:
+                    plain = row
+                elif row["peak_gib"] is not None and plain.get("peak_gib") is not None:
+                    row["saved_gib"] = plain["peak_gib"] - row["peak_gib"]
+                    row["time_vs_none"] = row["fwd_bwd_ms"] / plain["fwd_bwd_ms"]
             except torch.cuda.OutOfMemoryError:
-                rows.append({"tokens_per_gpu": tokens, "use_checkpointing": use,
-                             "error": "out of memory"})  # fmt: skip
+                row["error"] = "out of memory"
+            rows.append(row)
             del layers, x, dout
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        pair = [r for r in rows[-2:] if r.get("peak_gib") is not None]
-        if len(pair) == 2:
-            pair[1]["saved_gib"] = pair[0]["peak_gib"] - pair[1]["peak_gib"]
-            pair[1]["time_vs_plain"] = pair[1]["fwd_bwd_ms"] / pair[0]["fwd_bwd_ms"]
     return rows
 
 
@@ -261,7 +285,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 COLUMNS = {
     "estimate_vs_measured": ["what", "ring_size", "tokens_per_gpu", "seq_len", "estimate_gib", "measured_gib", "error", "peak_phase"],
-    "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "use_checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_plain", "error"],
+    "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_none", "error"],
 }  # fmt: skip
 
 
@@ -319,6 +343,7 @@ def main() -> None:
         **stamp(device),
         "world_size": world_size,
         "memory": PeakMemory(device, count_live=True).what + ", max over ranks",
+        "checkpoint_modes": CHECKPOINT_MODES,
         "rule": f"|estimate / measured - 1| <= {AGREEMENT} from {AGREEMENT_FROM_TOKENS} tokens per GPU",
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
     }

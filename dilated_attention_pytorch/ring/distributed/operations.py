@@ -45,8 +45,12 @@ class DistributedRingAttention(StandardRingAttention):
         enable_monitoring: count what the ring does on this rank; read it with
             :meth:`get_communication_stats`, clear it with :meth:`reset_communication_stats`.
         use_checkpointing: do not keep the ring's saved tensors for the backward; the
-            ring forward (with its transfers) runs again during the backward. Saves
-            the attention's activations at the cost of a second forward.
+            ring forward (with its transfers) runs again during the backward. Inside a
+            multi-head layer this frees little (the projections and the norm keep the
+            attention's inputs and output for their own backward; measured on an H200:
+            0.19 GiB of 74.6 GiB for 4 layers at 1M tokens, 1.24x the time); checkpoint
+            whole layers with ``torch.utils.checkpoint`` to save activations (30 GiB
+            there, 1.30x the time; ``benchmarks/bench_memory.py``).
         use_deepspeed: checkpoint through ``deepspeed.checkpointing`` (needs DeepSpeed;
             an ``ImportError`` says how to install it otherwise). Implies checkpointing.
         timeout: seconds any wait on another rank may take before a ``RuntimeError``
