@@ -63,7 +63,7 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["hilbert_permutation", "inverse_permutation"]
+__all__ = ["hilbert_permutation", "inverse_permutation", "segment_boundaries", "segment_map"]
 
 # A piece of a split rectangle: its own (major, minor) lengths, whether its major axis
 # runs along the parent's minor axis (swap), and the affine map from the piece's
@@ -261,3 +261,51 @@ def inverse_permutation(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n, dtype=torch.long, device=perm.device)
     return inv
+
+
+def segment_map(order: Tensor, height: int, width: int, segment_length: int) -> Tensor:
+    """Which segment each cell of a patch grid falls in when tokens run in ``order``.
+
+    Dilated attention cuts the token sequence into segments of ``segment_length``
+    consecutive tokens; with the tokens of a ``height x width`` grid taken in ``order``
+    (``torch.arange(height * width)`` for row-major, :func:`hilbert_permutation` for
+    the curve), cell ``(r, c)`` is in segment ``position // segment_length``.
+
+    Args:
+        order: ``(height * width,)`` permutation: ``order[k]`` is the row-major cell of
+            the ``k``-th token.
+        height, width: the grid.
+        segment_length: tokens per segment, positive.
+
+    Returns:
+        ``(height, width)`` int64 segment index of every cell.
+    """
+    _check_side("height", height)
+    _check_side("width", width)
+    _check_side("segment_length", segment_length)
+    if tuple(order.shape) != (height * width,):
+        raise ValueError(
+            f"segment_map: order must have shape ({height * width},) for a {height} x "
+            f"{width} grid, got {tuple(order.shape)}."
+        )
+    position = inverse_permutation(order)
+    return (position // segment_length).view(height, width).cpu()
+
+
+def segment_boundaries(labels: Tensor) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Unit edges between neighbouring cells of different segments, for drawing.
+
+    Args:
+        labels: ``(height, width)`` segment index per cell (:func:`segment_map`).
+
+    Returns:
+        ``((x0, y0), (x1, y1))`` line pieces in image coordinates (cell ``(r, c)`` is
+        centred at ``x = c``, ``y = r``); their count is the total perimeter inside the
+        grid, a measure of how compact the segments are.
+    """
+    edges: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    for r, c in (labels[:, 1:] != labels[:, :-1]).nonzero().tolist():  # between c and c+1
+        edges.append(((c + 0.5, r - 0.5), (c + 0.5, r + 0.5)))
+    for r, c in (labels[1:] != labels[:-1]).nonzero().tolist():  # between r and r+1
+        edges.append(((c - 0.5, r + 0.5), (c + 0.5, r + 0.5)))
+    return edges

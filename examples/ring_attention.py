@@ -85,7 +85,7 @@ def main() -> None:
         single.load_state_dict(ring.state_dict())
         with torch.no_grad():
             want, _ = single(x_full, is_causal=True)
-        err = (out_full.float() - want.float()).abs().max().item()
+        err = (out_full.double() - want.double()).abs().max().item()
         scale = want.float().abs().max().item()
         ok = err <= 2e-2 * scale if dtype == torch.bfloat16 else err <= 1e-4 * scale
         print(

@@ -5,7 +5,9 @@
 
 Each rank builds the same inputs, runs the module over the ring, and compares the
 output and the input gradients with ``dilated_attention`` on one device (rank-local,
-no communication). Prints one line per module and exits non-zero on a mismatch.
+no communication). The last row trains with dropout and padded keys: with the
+generator seeded alike on every rank, the ring drops exactly the entries one device
+drops. Prints one line per module and exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch.distributed as dist
 from dilated_attention_pytorch import (
     DistributedRingAttention,
     HilbertRingAttention,
+    RingAttentionConfig,
     StandardRingAttention,
+    create_ring_attention,
     dilated_attention,
     hilbert_permutation,
     inverse_permutation,
@@ -49,9 +53,21 @@ def main() -> int:
     q, k, v = (torch.randn(1, N, 8, 64, device=device, dtype=dtype) for _ in range(3))
     dout = torch.randn_like(q)
 
-    def reference(permute: bool) -> tuple[torch.Tensor, ...]:
+    # Training with dropout and padded keys, built as the specification's config example.
+    mask = torch.zeros(1, N, dtype=torch.bool, device=device)
+    mask[:, -N // 8 :] = True  # the last eighth of the sequence is padding
+    config = RingAttentionConfig(
+        segment_lengths=segments, dilation_rates=rates, dropout=0.1, ring_size=world
+    )
+
+    def reference(permute: bool, train: bool = False) -> tuple[torch.Tensor, ...]:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        if permute:
+        if train:
+            torch.manual_seed(1)  # the ring draws its dropout seed like this call does
+            out = dilated_attention(
+                *leaves, segments, rates, is_causal=True, dropout_p=0.1, key_padding_mask=mask
+            )
+        elif permute:
             perm = hilbert_permutation(side, side, device=device)
             inv = inverse_permutation(perm)
             out = dilated_attention(*(t[:, perm] for t in leaves), segments, rates, is_causal=True)
@@ -67,15 +83,21 @@ def main() -> int:
             DistributedRingAttention(segments, rates, timeout=120.0, use_checkpointing=True),
             False,
         ),
+        "dropout 0.1 + key mask": (create_ring_attention("standard", config=config), False),
     }
     ok = True
     for name, (module, permute) in modules.items():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = module(*leaves, is_causal=True)  # the whole sequence in and out
+        train = module.dropout > 0.0
+        if train:
+            torch.manual_seed(1)
+            out = module(*leaves, is_causal=True, key_padding_mask=mask)
+        else:
+            out = module(*leaves, is_causal=True)  # the whole sequence in and out
         got = (out, *torch.autograd.grad(out, leaves, dout))
-        want = reference(permute)
+        want = reference(permute, train)
         err = max(
-            (a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True)
+            (a.double() - b.double()).abs().max().item() for a, b in zip(got, want, strict=True)
         )
         scale = max(b.float().abs().max().item() for b in want)
         good = err <= tol * max(scale, 1.0)

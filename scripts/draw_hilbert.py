@@ -25,7 +25,11 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
-from dilated_attention_pytorch.hilbert import hilbert_permutation  # noqa: E402
+from dilated_attention_pytorch.hilbert import (  # noqa: E402
+    hilbert_permutation,
+    segment_boundaries,
+    segment_map,
+)
 
 SEGMENT = 256  # tokens per dilated-attention segment
 SQUARE = (64, 64)  # patch grid (rows, columns) of the first two panels
@@ -47,15 +51,8 @@ def _picture(height: int, width: int) -> torch.Tensor:
 
 def _segment_boundaries(order: torch.Tensor, height: int, width: int) -> LineCollection:
     """Black lines between neighbouring cells that lie in different segments."""
-    label = torch.empty(height * width, dtype=torch.long)
-    label[order] = torch.arange(height * width) // SEGMENT
-    grid = label.view(height, width)
-    lines = []
-    for r, c in (grid[:, 1:] != grid[:, :-1]).nonzero().tolist():  # between c and c+1
-        lines.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
-    for r, c in (grid[1:] != grid[:-1]).nonzero().tolist():  # between r and r+1
-        lines.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
-    return LineCollection(lines, colors="black", linewidths=1.3)
+    edges = segment_boundaries(segment_map(order, height, width, SEGMENT))
+    return LineCollection(edges, colors="black", linewidths=1.3)
 
 
 def _panel(ax, height: int, width: int, order: torch.Tensor, title: str, curve: bool) -> None:
