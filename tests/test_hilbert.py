@@ -274,3 +274,19 @@ def test_each_call_returns_a_fresh_tensor() -> None:
     expected = first.clone()
     first.zero_()
     assert torch.equal(hilbert_permutation(8, 8), expected)
+
+
+def test_segment_map_and_boundaries() -> None:
+    from dilated_attention_pytorch.hilbert import segment_boundaries, segment_map
+
+    raster = segment_map(torch.arange(16), 4, 4, 4)
+    assert torch.equal(raster, torch.arange(4).repeat_interleave(4).view(4, 4))
+    curve = segment_map(hilbert_permutation(4, 4), 4, 4, 4)
+    # Along the curve the four segments of 4 cells are the four 2 x 2 quadrants.
+    for r0, c0 in [(0, 0), (0, 2), (2, 0), (2, 2)]:
+        assert curve[r0 : r0 + 2, c0 : c0 + 2].unique().numel() == 1
+    # Boundary length: 3 full rows of 4 edges for strips, 2 crossing lines for quadrants.
+    assert len(segment_boundaries(raster)) == 12
+    assert len(segment_boundaries(curve)) == 8
+    with pytest.raises(ValueError, match=r"order must have shape \(16,\)"):
+        segment_map(torch.arange(15), 4, 4, 4)
