@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .backends import available_backends
 from .functional import dilated_attention
+from .memory import get_memory_estimate
 from .validation import (
     check_backend_name,
     check_bool,
@@ -128,8 +129,6 @@ class DilatedAttention(nn.Module):
         to count another). ``kwargs`` are its other keywords (``dtype``,
         ``already_split``, ``embed_dim``, ...).
         """
-        from .memory import get_memory_estimate  # the estimate replays the backends
-
         return get_memory_estimate(
             seq_len,
             batch_size,
