@@ -25,11 +25,19 @@ from .ring import (
     HilbertRingAttention,
     HilbertRingMultiheadAttention,
     RingAttentionConfig,
+    RingBlockSparseAttention,
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
     create_ring_attention,
     create_ring_attention_from_preset,
+)
+from .sparse import (
+    BlockSparseAttention,
+    BlockSparsePattern,
+    block_sparse_attention,
+    create_block_sparse_attention,
+    make_block_sparse_pattern,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +51,12 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "BlockSparseAttention",
+    "BlockSparsePattern",
+    "RingBlockSparseAttention",
+    "block_sparse_attention",
+    "create_block_sparse_attention",
+    "make_block_sparse_pattern",
     "get_memory_estimate",
     "RING_PRESETS",
     "RingAttentionConfig",

@@ -10,6 +10,7 @@ when it is imported or accessed from the package, and again when it is construct
 | ``RingDilatedAttentionCorrect``, ``RingDilatedAttentionSDPA`` | :class:`~dilated_attention_pytorch.ring.RingMultiheadDilatedAttention` |
 | ``RingDilatedAttentionHilbertGPUOptimized`` | :class:`~dilated_attention_pytorch.ring.HilbertRingMultiheadAttention` |
 | ``RingDistributedDilatedAttention`` | :class:`~dilated_attention_pytorch.ring.EnterpriseDistributedDilatedAttention` |
+| ``BlockSparseRingDilatedAttention`` | :class:`~dilated_attention_pytorch.ring.RingBlockSparseAttention` |
 | module ``dilated_attention_pytorch.ring_dilated_attention_v2`` | ``dilated_attention_pytorch.ring`` |
 """
 
@@ -26,6 +27,7 @@ import torch
 from .ring import (
     EnterpriseDistributedDilatedAttention,
     HilbertRingMultiheadAttention,
+    RingBlockSparseAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
 )
@@ -136,6 +138,38 @@ class RingDistributedDilatedAttention(EnterpriseDistributedDilatedAttention):
 
 RingDilatedAttentionSDPA = _multihead_alias("RingDilatedAttentionSDPA")
 
+
+class BlockSparseRingDilatedAttention(RingBlockSparseAttention):
+    """Deprecated: :class:`RingBlockSparseAttention` under its earlier name, configured by
+    ``sparsity_config={"sparsity_ratio": .., "pattern_type": .., "block_size": ..}``."""
+
+    _CONFIG_KEYS = ("sparsity_ratio", "pattern_type", "block_size")
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        sparsity_config: dict[str, Any] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _warn(
+            "BlockSparseRingDilatedAttention",
+            "dilated_attention_pytorch.ring.RingBlockSparseAttention",
+        )
+        config = dict(sparsity_config or {})
+        unknown = sorted(set(config) - set(self._CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"sparsity_config keys {unknown} are not supported; it takes "
+                f"{list(self._CONFIG_KEYS)}."
+            )
+        # device/dtype: accepted as the earlier API did; there are no parameters to place.
+        super().__init__(segment_lengths, dilation_rates, **config, **kwargs)
+
+
 # name -> (object, replacement named in the warning)
 DEPRECATED: dict[str, tuple[Any, str]] = {
     "RingDilatedAttentionV2": (RingDilatedAttentionV2, "StandardRingAttention"),
@@ -153,6 +187,10 @@ DEPRECATED: dict[str, tuple[Any, str]] = {
     "RingDistributedDilatedAttention": (
         RingDistributedDilatedAttention,
         "EnterpriseDistributedDilatedAttention",
+    ),
+    "BlockSparseRingDilatedAttention": (
+        BlockSparseRingDilatedAttention,
+        "RingBlockSparseAttention",
     ),
 }
 

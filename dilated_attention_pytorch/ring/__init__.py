@@ -6,10 +6,13 @@
   image patches in Hilbert-curve order.
 - :class:`DistributedRingAttention`: the ring plus monitoring, activation
   checkpointing and timeouts.
+- :class:`RingBlockSparseAttention`: block-sparse attention over the ring, moving only
+  the key/value blocks some local query keeps.
 - :class:`EnterpriseDistributedDilatedAttention`: the multi-head layer for data-parallel
   training (whole sequence on every rank) with monitoring and checkpointing.
 """
 
+from ..sparse.modules import RingBlockSparseAttention
 from .config import RING_PRESETS, RingAttentionConfig
 from .distributed import DistributedRingAttention, EnterpriseDistributedDilatedAttention
 from .factory import RING_IMPLEMENTATIONS, create_ring_attention, create_ring_attention_from_preset
@@ -26,6 +29,7 @@ __all__ = [
     "EnterpriseDistributedDilatedAttention",
     "HilbertRingAttention",
     "HilbertRingMultiheadAttention",
+    "RingBlockSparseAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "StandardRingAttention",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..sparse.modules import RingBlockSparseAttention
 from .config import RING_PRESETS, RingAttentionConfig
 from .distributed import DistributedRingAttention
 from .hilbert import HilbertRingAttention
@@ -18,7 +19,10 @@ logger = logging.getLogger("dilated_attention_pytorch")
 
 RING_IMPLEMENTATIONS = ("standard", "hilbert", "distributed", "block_sparse")
 # Keywords that are not config fields: where the module runs, and the Hilbert grid.
-_EXTRA_KEYWORDS = ("process_group", "grid_size", "world_size", "sparsity_ratio")
+_EXTRA_KEYWORDS = (
+    "process_group", "grid_size", "world_size", "sparsity_ratio", "pattern_type", "block_size",
+)  # fmt: skip
+_SPARSE_KEYWORDS = ("sparsity_ratio", "pattern_type", "block_size")
 _DISTRIBUTED_FIELDS = ("enable_monitoring", "use_checkpointing")
 
 
@@ -47,14 +51,18 @@ def create_ring_attention(
     Args:
         implementation: ``"standard"`` (:class:`StandardRingAttention`), ``"hilbert"``
             (:class:`HilbertRingAttention`), ``"distributed"``
-            (:class:`DistributedRingAttention`), ``"block_sparse"`` (not available yet:
-            raises) or ``"auto"``: block_sparse when ``sparsity_ratio`` is given,
+            (:class:`DistributedRingAttention`), ``"block_sparse"``
+            (:class:`~dilated_attention_pytorch.sparse.RingBlockSparseAttention`) or
+            ``"auto"``: block_sparse when ``sparsity_ratio`` is given,
             hilbert when ``config.use_hilbert``, distributed when monitoring or
             checkpointing is asked for, else standard; the choice is logged at INFO.
         config: the settings; ``None`` means ``RingAttentionConfig()`` (LongNet's
             ``[2048, 4096, 8192]`` / ``[1, 2, 4]``).
         **kwargs: config fields overriding ``config``, plus ``process_group``,
-            ``grid_size`` (Hilbert) and ``world_size`` (another name of ``ring_size``).
+            ``grid_size`` (Hilbert), ``world_size`` (another name of ``ring_size``) and
+            ``sparsity_ratio``, ``pattern_type``, ``block_size`` (block_sparse; the
+            config's segment lengths and dilation rates shape its ``dilated_sparse``
+            pattern).
 
     Raises:
         ValueError: unknown implementation (the valid ones are listed), or settings the
@@ -94,11 +102,11 @@ def create_ring_attention(
     if implementation == "auto":
         implementation, why = _choose(config, extras)
         logger.info("create_ring_attention('auto') chose %r: %s", implementation, why)
+    sparse_given = [k for k in _SPARSE_KEYWORDS if k in extras]
+    if sparse_given and implementation != "block_sparse":
+        raise ValueError(f"{sparse_given} only apply to the 'block_sparse' implementation.")
     if implementation == "block_sparse":
-        raise ValueError(
-            "the 'block_sparse' ring implementation (RingBlockSparseAttention) is not available "
-            "in this version yet; use 'standard', 'hilbert' or 'distributed'."
-        )
+        return _block_sparse(config, extras)
     if implementation != "distributed":
         asked = _distributed_features(config)
         if asked:
@@ -138,6 +146,40 @@ def create_ring_attention(
             **common,
         )
     return StandardRingAttention(*schedule, **common)
+
+
+def _block_sparse(config: RingAttentionConfig, extras: dict[str, Any]) -> nn.Module:
+    """The 'block_sparse' implementation; config fields it cannot honour raise."""
+    unsupported = {
+        "branch_mixing": config.branch_mixing != "softmax",
+        "backend": config.backend != "auto",
+        "use_hilbert": config.use_hilbert,
+        "enable_monitoring": config.enable_monitoring,
+        "use_checkpointing": config.use_checkpointing,
+    }
+    asked = [name for name, set_ in unsupported.items() if set_]
+    if asked:
+        raise ValueError(
+            f"{asked} are not features of the 'block_sparse' implementation; leave them at "
+            f"their defaults (it has its own block kernel and no Hilbert order)."
+        )
+    pattern_type = extras.get("pattern_type", "dilated_sparse")
+    schedule: dict[str, Any] = {}
+    if pattern_type == "dilated_sparse":
+        schedule = dict(
+            segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates
+        )
+    return RingBlockSparseAttention(
+        **schedule,
+        sparsity_ratio=extras.get("sparsity_ratio", 0.9),
+        pattern_type=pattern_type,
+        block_size=extras.get("block_size", 64),
+        dropout=config.dropout,
+        ring_size=config.ring_size,
+        validate=config.validate,
+        timeout=config.timeout,
+        process_group=extras.get("process_group"),
+    )
 
 
 def create_ring_attention_from_preset(

@@ -25,6 +25,26 @@ from ..validation import check_bool, check_choice, check_positive_float, check_r
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
 
 
+def ring_members(
+    process_group: dist.ProcessGroup | None, ring_size: int | None
+) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
+    """``(process group, group ranks of this rank's ring)`` for a ring module, or ``None``
+    for a ring of one without ``torch.distributed`` (``ring_size > 1`` then raises)."""
+    if distributed_not_ready() is not None:
+        if ring_size not in (None, 1):
+            raise ValueError(
+                f"ring_size={ring_size} needs torch.distributed: call "
+                f"torch.distributed.init_process_group (e.g. launch with torchrun) first, "
+                f"or use ring_size=None / 1 to run on this device alone."
+            )
+        return None
+    group = resolve_group(process_group)
+    size = check_ring_size_divides(ring_size, dist.get_world_size(group))
+    rank = dist.get_rank(group)
+    first = rank - rank % size
+    return group, tuple(range(first, first + size))
+
+
 class StandardRingAttention(DilatedAttention):
     """Dilated attention over a sequence shared by the ranks of a ring.
 
@@ -104,19 +124,7 @@ class StandardRingAttention(DilatedAttention):
     def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
         """``(process group, group ranks of this rank's ring)``, or ``None`` for a ring
         of one without ``torch.distributed``."""
-        if distributed_not_ready() is not None:
-            if self.ring_size not in (None, 1):
-                raise ValueError(
-                    f"ring_size={self.ring_size} needs torch.distributed: call "
-                    f"torch.distributed.init_process_group (e.g. launch with torchrun) first, "
-                    f"or use ring_size=None / 1 to run on this device alone."
-                )
-            return None
-        group = resolve_group(self.process_group)
-        size = check_ring_size_divides(self.ring_size, dist.get_world_size(group))
-        rank = dist.get_rank(group)
-        first = rank - rank % size
-        return group, tuple(range(first, first + size))
+        return ring_members(self.process_group, self.ring_size)
 
     def forward(
         self,
@@ -156,7 +164,7 @@ class StandardRingAttention(DilatedAttention):
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
         if not already_split:
-            _check_whole_length(query, len(members))
+            check_whole_length(query, len(members))
             q, k, v = (
                 shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
@@ -208,7 +216,7 @@ class StandardRingAttention(DilatedAttention):
         return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
 
 
-def _check_whole_length(query: object, size: int) -> None:
+def check_whole_length(query: object, size: int) -> None:
     """The whole sequence must cut into ``size`` equal shards (the same input on every
     rank of a ring, so every rank raises together)."""
     if isinstance(query, Tensor) and query.dim() >= 2 and query.shape[1] % size != 0:

@@ -1,0 +1,299 @@
+"""``block_sparse_attention``: attention restricted to the kept blocks of a pattern.
+
+The ``pytorch`` implementation gathers, for a chunk of query blocks, only the key
+blocks each keeps (FlexAttention's ``kv_num_blocks`` / ``kv_indices`` layout, padded
+to the chunk's longest list) and computes their softmax with matmuls; dropped blocks
+are never read and never multiplied. Memory is bounded by the chunk (no ``N x N``
+tensor). The backward recomputes the probabilities from the saved log-sum-exp,
+chunk by chunk, and scatters dK/dV back to the kept key blocks.
+
+The same block computation serves the ring (:mod:`.ring`), which passes the
+queries of its shard and the key blocks it holds or received, with their global
+block numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..backends.blocks import compute_dtype
+from ..dropout import dropout_keep
+from ..segments import token_major
+from ..validation import check_qkv, check_scalars
+from .patterns import BlockSparsePattern, pattern_from_block_mask
+
+__all__ = ["block_sparse_attention", "kv_block_lists", "pattern_from_block_mask"]
+
+# Upper bound on score elements materialised at once (2**24 fp32 = 64 MiB).
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def kv_block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """FlexAttention's layout of a ``(..., Qb, Kb)`` bool block mask.
+
+    Returns ``kv_num_blocks (..., Qb)`` (int64) and ``kv_indices (..., Qb, Kmax)``:
+    the kept key blocks of each query block in increasing order, padded with 0.
+    """
+    counts = block_mask.sum(-1)
+    kmax = max(1, int(counts.max())) if block_mask.numel() else 1
+    # Kept blocks first (stable sort of "dropped" flags), in increasing block order.
+    order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
+    indices = order[..., :kmax].clone()
+    indices[torch.arange(kmax) >= counts.unsqueeze(-1)] = 0
+    return counts, indices
+
+
+@dataclass(frozen=True)
+class SparseCall:
+    """Settings of one call, shared by its forward and backward."""
+
+    block_mask: Tensor  # (Qb, Kb) bool on the CPU: rows are this call's query blocks
+    block_size: int
+    q_start: int  # global token of the first query (shards of a ring start later)
+    k_blocks: Tensor  # (Kb,) int64 global block number of each key block held
+    k_start: Tensor  # (Kb,) int64 first local key token of each key block held
+    k_len: int  # local key tokens held
+    seq_len: int  # N: the whole sequence (dropout ids, last block)
+    scale: float
+    is_causal: bool
+    dropout_p: float = 0.0
+    seed: int = 0
+    head: int | None = None  # per-head patterns run one head at a time
+
+
+def _chunks(kv_num: Tensor, kmax: int, B: int, H: int, bs: int) -> list[tuple[int, int]]:
+    per_block = max(1, B * H * bs * kmax * bs)
+    step = max(1, _MAX_SCORE_ELEMENTS // per_block)
+    nq = kv_num.shape[0]
+    return [(a, min(nq, a + step)) for a in range(0, nq, step)]
+
+
+def _chunk_tokens(
+    call: SparseCall, idx: Tensor, num: Tensor, a: int, b: int, Lq: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Token indices and validity of the queries and kept keys of query blocks ``a:b``.
+
+    Returns ``q_tok (c, bs)`` local query tokens (clamped), ``q_ok (c, bs)``,
+    ``k_tok (c, Kmax*bs)`` local key tokens (clamped), ``k_ok (c, Kmax*bs)`` and
+    ``allowed (c, bs, Kmax*bs)`` (validity and causality, by global positions).
+    """
+    bs = call.block_size
+    ar = torch.arange(bs, device=device)
+    q_tok = torch.arange(a, b, device=device)[:, None] * bs + ar  # (c, bs)
+    q_ok = q_tok < Lq
+    sel = idx[a:b].to(device)  # (c, Kmax) indices into the held key blocks
+    slot_ok = torch.arange(sel.shape[1], device=device)[None, :] < num[a:b, None].to(device)
+    k_first = call.k_start.to(device)[sel]  # (c, Kmax)
+    k_tok = (k_first[..., None] + ar).flatten(1)  # (c, Kmax*bs)
+    k_glob = (call.k_blocks.to(device)[sel][..., None] * bs + ar).flatten(1)
+    k_ok = slot_ok.repeat_interleave(bs, dim=1) & (k_glob < call.seq_len) & (k_tok < call.k_len)
+    allowed = q_ok[:, :, None] & k_ok[:, None, :]
+    if call.is_causal:
+        q_glob = q_tok + call.q_start
+        allowed = allowed & (k_glob[:, None, :] <= q_glob[:, :, None])
+    return q_tok.clamp(max=Lq - 1), q_ok, k_tok.clamp(max=max(call.k_len - 1, 0)), k_glob, allowed
+
+
+def _keep(call: SparseCall, q_tok: Tensor, k_glob: Tensor, B: int, H: int) -> Tensor:
+    """Dropout keep mask ``(B, c, H, bs, Kmax*bs)`` keyed by global positions and head."""
+    c = q_tok.shape[0]
+    rows = torch.arange(B, device=q_tok.device)[:, None, None] * call.seq_len
+    q_ids = (rows + q_tok[None] + call.q_start).reshape(B * c, -1)
+    k_ids = (rows + k_glob[None]).reshape(B * c, -1)
+    heads = (
+        torch.arange(H, device=q_tok.device)
+        if call.head is None
+        else torch.tensor([call.head], device=q_tok.device)
+    )
+    keep = dropout_keep(call.dropout_p, call.seed, heads, q_ids, k_ids)  # (B*c, H, bs, K)
+    return keep.view(B, c, *keep.shape[1:])
+
+
+def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[Tensor, Tensor]:
+    """q ``(B, Lq, H, D)``; k, v ``(B, Lk, H, D)`` -> out (compute dtype), lse ``(B, Lq, H)``."""
+    B, Lq, H, D = q.shape
+    cdt = compute_dtype(q.dtype)
+    out = torch.zeros(B, Lq, H, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.full((B, Lq, H), -math.inf, dtype=cdt, device=q.device)
+    num, idx = kv_block_lists(call.block_mask)
+    bs = call.block_size
+    for a, b in _chunks(num, idx.shape[1], B, H, bs):
+        q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
+        qc = q[:, q_tok].to(cdt)  # (B, c, bs, H, D)
+        kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)  # (B, c, K, H, D)
+        s = torch.einsum("bcqhd,bckhd->bchqk", qc, kc) * call.scale
+        s = s.masked_fill(~allowed[None, :, None], -math.inf)
+        lse_c = torch.logsumexp(s, dim=-1)  # (B, c, H, bs)
+        finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
+        p = torch.exp(s - finite[..., None])
+        if call.dropout_p > 0.0:
+            keep = _keep(call, q_tok, k_glob, B, H).to(cdt)
+            p = p * keep / (1.0 - call.dropout_p)
+        o = torch.einsum("bchqk,bckhd->bcqhd", p, vc)
+        rows = q_tok[q_ok]
+        out[:, rows] = o[:, q_ok]
+        lse[:, rows] = lse_c.transpose(2, 3)[:, q_ok]
+    return out, lse
+
+
+def sparse_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, call: SparseCall
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (compute dtype) of q ``(B, Lq, H, D)`` and of the held k, v ``(B, Lk, H, D)``."""
+    B, Lq, H, D = q.shape
+    cdt = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    num, idx = kv_block_lists(call.block_mask)
+    bs = call.block_size
+    for a, b in _chunks(num, idx.shape[1], B, H, bs):
+        q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
+        qc, doc, oc = (t[:, q_tok].to(cdt) for t in (q, dout, out))  # (B, c, bs, H, D)
+        kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)
+        lse_c = lse[:, q_tok].to(cdt).permute(0, 1, 3, 2)  # (B, c, H, bs)
+        lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
+        s = torch.einsum("bcqhd,bckhd->bchqk", qc, kc) * call.scale
+        s = s.masked_fill(~allowed[None, :, None], -math.inf)
+        p = torch.exp(s - lse_c[..., None])
+        dp = torch.einsum("bcqhd,bckhd->bchqk", doc, vc)
+        if call.dropout_p > 0.0:
+            keep = _keep(call, q_tok, k_glob, B, H).to(cdt) / (1.0 - call.dropout_p)
+            dv_c = torch.einsum("bchqk,bcqhd->bckhd", p * keep, doc)
+            dp = dp * keep
+        else:
+            dv_c = torch.einsum("bchqk,bcqhd->bckhd", p, doc)
+        delta = (doc * oc).sum(-1).permute(0, 1, 3, 2)  # (B, c, H, bs)
+        ds = p * (dp - delta[..., None])
+        dq_c = torch.einsum("bchqk,bckhd->bcqhd", ds, kc) * call.scale
+        dk_c = torch.einsum("bchqk,bcqhd->bckhd", ds, qc) * call.scale
+        dq[:, q_tok[q_ok]] += dq_c[:, q_ok]
+        flat = k_tok.flatten()
+        dk.index_add_(1, flat, dk_c.flatten(1, 2))
+        dv.index_add_(1, flat, dv_c.flatten(1, 2))
+    return dq, dk, dv
+
+
+def run_heads(fn, call: SparseCall, per_head_mask: Tensor | None, *tensors: Tensor):
+    """Run ``fn(*tensors, call)`` for a shared pattern, or head by head for a per-head one."""
+    if per_head_mask is None:
+        return fn(*tensors, call)
+    results = []
+    for h in range(per_head_mask.shape[0]):
+        sub = SparseCall(**{**call.__dict__, "block_mask": per_head_mask[h], "head": h})
+        view = [t[:, :, h : h + 1] for t in tensors]
+        results.append(fn(*view, sub))
+    return tuple(torch.cat(parts, dim=2) for parts in zip(*results, strict=True))
+
+
+class _BlockSparseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: SparseCall, per_head: Tensor | None):
+        out, lse = run_heads(sparse_forward, call, per_head, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.per_head = call, per_head
+        ctx.mark_non_differentiable(lse)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = token_major(dout)
+        dq, dk, dv = run_heads(sparse_backward, ctx.call, ctx.per_head, dout, q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def resolve_pattern(pattern: object, seq_len: int, is_causal: bool) -> BlockSparsePattern:
+    """A :class:`BlockSparsePattern` for this call (a bool block mask is wrapped)."""
+    if isinstance(pattern, Tensor):
+        # A bare block mask: blocks of ceil(N / num_blocks) tokens.
+        nb = pattern.shape[-1] if pattern.dim() >= 2 else 0
+        block_size = math.ceil(seq_len / nb) if nb else 1
+        return pattern_from_block_mask(pattern, seq_len, block_size, is_causal=is_causal)
+    if not isinstance(pattern, BlockSparsePattern):
+        raise TypeError(
+            f"pattern must be a BlockSparsePattern (make_block_sparse_pattern(...)), got "
+            f"{type(pattern).__name__}."
+        )
+    if pattern.seq_len != seq_len:
+        raise ValueError(
+            f"the pattern was built for {pattern.seq_len} tokens but q has {seq_len}; build it "
+            f"with make_block_sparse_pattern(..., seq_len={seq_len})."
+        )
+    if pattern.is_causal != is_causal:
+        raise ValueError(
+            f"the pattern was built with is_causal={pattern.is_causal} but the call has "
+            f"is_causal={is_causal}; build the pattern with the call's setting."
+        )
+    return pattern
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: BlockSparsePattern,
+    *,
+    is_causal: bool | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Softmax attention on ``(B, N, H, D)`` q, k, v over the kept blocks of ``pattern``.
+
+    Token ``p`` attends to token ``p'`` iff ``pattern.block_mask`` keeps their blocks
+    (per head for per-head patterns) and, when causal, ``p' <= p``. Dropped blocks are
+    never read. Exact gradients.
+
+    Args:
+        q, k, v: ``(B, N, H, D)`` (batch, tokens, heads, head dim), one dtype and device.
+        pattern: from :func:`~dilated_attention_pytorch.sparse.make_block_sparse_pattern`
+            for this ``N``, or a bool block mask ``(nb, nb)`` / ``(H, nb, nb)`` (blocks of
+            ``ceil(N / nb)`` tokens; the diagonal is added); a per-head pattern needs
+            ``H`` heads.
+        is_causal: must match the pattern's; ``None`` takes it from the pattern.
+        scale: score scale, default ``D ** -0.5``.
+        dropout_p: drop probability of the attention probabilities (an entry is dropped
+            by a hash of its head, positions and a seed drawn from the default generator).
+        return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
+
+    Returns:
+        ``(B, N, H, D)`` in ``q.dtype`` (and the LSE).
+    """
+    check_qkv(q, k, v)
+    if is_causal is None:
+        is_causal = pattern.is_causal if isinstance(pattern, BlockSparsePattern) else False
+    check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
+    B, N, H, D = q.shape
+    pattern = resolve_pattern(pattern, N, is_causal)
+    per_head = pattern.block_mask if pattern.per_head else None
+    if per_head is not None and per_head.shape[0] != H:
+        raise ValueError(
+            f"the pattern has one block mask per head for {per_head.shape[0]} heads, but q has "
+            f"{H}; build it with num_heads={H}."
+        )
+    nb = pattern.num_blocks
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    call = SparseCall(
+        block_mask=pattern.block_mask if per_head is None else pattern.block_mask[0],
+        block_size=pattern.block_size,
+        q_start=0,
+        k_blocks=torch.arange(nb),
+        k_start=torch.arange(nb) * pattern.block_size,
+        k_len=N,
+        seq_len=N,
+        scale=D**-0.5 if scale is None else float(scale),
+        is_causal=is_causal,
+        dropout_p=float(dropout_p),
+        seed=seed,
+    )
+    out, lse = _BlockSparseFunction.apply(
+        token_major(q), token_major(k), token_major(v), call, per_head
+    )
+    return (out, lse.float()) if return_lse else out

@@ -1,0 +1,319 @@
+"""``nn.Module`` forms of block-sparse attention, on one device and over a ring."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..distributed import gather_replicated, shard_replicated
+from ..distributed.comm import RingStats
+from ..modules import MultiheadDilatedAttention
+from ..ring.standard import check_whole_length, ring_members
+from ..validation import (
+    check_bool,
+    check_choice,
+    check_dropout,
+    check_positive_float,
+    check_positive_int,
+    check_qkv,
+    check_ring_size,
+    check_scale,
+)
+from .functional import block_sparse_attention
+from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
+from .ring import RingSparseSetup, ring_block_sparse_attention
+
+__all__ = ["BlockSparseAttention", "RingBlockSparseAttention", "create_block_sparse_attention"]
+
+
+class BlockSparseAttention(nn.Module):
+    """Block-sparse attention on ``(B, N, H, D)`` q, k, v with a named pattern.
+
+    The pattern (:func:`~dilated_attention_pytorch.sparse.make_block_sparse_pattern`)
+    is built for each sequence length and causal setting the module sees (cached) and
+    read by :meth:`pattern`; only its kept blocks are computed.
+
+    Args:
+        block_size: tokens per block.
+        sparsity_ratio: fraction of (causally allowed) block pairs dropped, ``[0, 1)``.
+        pattern_type: one of ``"local_window"``, ``"dilated_sparse"``, ``"global_local"``,
+            ``"random"``.
+        segment_lengths, dilation_rates: the ``dilated_sparse`` branch schedule in tokens
+            (scaled to meet ``sparsity_ratio``); only that pattern takes them.
+        num_heads: for ``"random"``: one pattern per head.
+        seed: the ``"random"`` pattern's seed.
+        dropout: drop probability of the attention probabilities, training only.
+        scale: score scale, default ``D ** -0.5``.
+
+    Shapes:
+        q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``.
+    """
+
+    def __init__(
+        self,
+        block_size: int = 64,
+        sparsity_ratio: float = 0.9,
+        pattern_type: str = "dilated_sparse",
+        *,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        num_heads: int | None = None,
+        seed: int = 0,
+        dropout: float = 0.0,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.block_size = check_positive_int("block_size", block_size)
+        self.sparsity_ratio = _check_ratio(sparsity_ratio)
+        self.pattern_type = check_choice("pattern_type", pattern_type, PATTERN_TYPES)
+        if (segment_lengths is not None or dilation_rates is not None) and (
+            pattern_type != "dilated_sparse"
+        ):
+            raise ValueError(
+                f"segment_lengths and dilation_rates shape the 'dilated_sparse' pattern only; "
+                f"pattern_type={pattern_type!r} does not use them: leave them unset."
+            )
+        self.knobs: dict[str, Any] = {}
+        if segment_lengths is not None or dilation_rates is not None:
+            self.knobs = {
+                "segment_lengths": tuple(segment_lengths or ()),
+                "dilation_rates": tuple(dilation_rates or ()),
+            }
+        self.num_heads = None if num_heads is None else check_positive_int("num_heads", num_heads)
+        self.seed = seed
+        self.dropout = check_dropout(dropout)
+        self.scale = check_scale(scale)
+        self.pattern(max(self.block_size, 1) * 4, False)  # validate the settings now
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (a few (N, causal) per module)
+    def pattern(self, seq_len: int, is_causal: bool = False) -> BlockSparsePattern:
+        """The pattern this module uses for ``seq_len`` tokens."""
+        knobs = {k: list(v) for k, v in self.knobs.items()}
+        return make_block_sparse_pattern(
+            self.pattern_type, seq_len, block_size=self.block_size,
+            sparsity_ratio=self.sparsity_ratio, is_causal=is_causal,
+            num_heads=self.num_heads if self.pattern_type == "random" else None,
+            seed=self.seed, **knobs,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend ``q`` ``(B, N, H, D)`` to ``k``/``v`` over the kept blocks."""
+        _no_mask(key_padding_mask)
+        check_qkv(q, k, v)
+        check_bool("is_causal", is_causal)
+        return block_sparse_attention(
+            q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, sparsity_ratio={self.sparsity_ratio}, "
+            f"pattern_type={self.pattern_type!r}"
+        )
+
+
+def _no_mask(key_padding_mask: object) -> None:
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask is not supported by block-sparse attention; drop padded blocks "
+            "with a custom block mask (pattern_from_block_mask) or use DilatedAttention."
+        )
+
+
+class RingBlockSparseAttention(BlockSparseAttention):
+    """Block-sparse attention over a sequence sharded across the ranks of a ring.
+
+    Computes exactly :class:`BlockSparseAttention`; rank ``j`` of a ring of ``k`` holds
+    tokens ``[j*N/k, (j+1)*N/k)``, and a rank receives only the key/value blocks its
+    queries keep (each once, by P2P) and returns only their gradients; ranks whose
+    queries keep none of each other's blocks exchange nothing. ``already_split``,
+    ``ring_size``, ``process_group`` and ``timeout`` are those of
+    :class:`~dilated_attention_pytorch.StandardRingAttention`; without
+    ``torch.distributed`` it is a ring of one. ``N/k`` must be a multiple of
+    ``block_size``.
+
+    Args:
+        segment_lengths, dilation_rates: the ``dilated_sparse`` schedule (tokens), as in
+            :class:`BlockSparseAttention`; ``None`` for the other patterns.
+        sparsity_ratio, pattern_type, block_size, num_heads, seed, dropout, scale: as in
+            :class:`BlockSparseAttention`.
+        validate: ``"once"`` (default): the collective input check (one small
+            ``all_gather_object``) runs the first time an input signature is seen;
+            ``"always"``: on every call.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        *,
+        sparsity_ratio: float = 0.9,
+        pattern_type: str = "dilated_sparse",
+        block_size: int = 64,
+        ring_size: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        num_heads: int | None = None,
+        seed: int = 0,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        validate: str = "once",
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            block_size, sparsity_ratio, pattern_type, segment_lengths=segment_lengths,
+            dilation_rates=dilation_rates, num_heads=num_heads, seed=seed, dropout=dropout,
+            scale=scale,
+        )  # fmt: skip
+        self.ring_size = check_ring_size(ring_size)
+        self.process_group = process_group
+        self.validate = check_choice("validate", validate, ("once", "always"))
+        self.timeout = None if timeout is None else check_positive_float("timeout", timeout)
+        self._stats: RingStats | None = None
+        self._validated: set[tuple] = set()
+        if dist.is_available() and dist.is_initialized():
+            self.ring()
+
+    def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
+        """``(process group, group ranks of this rank's ring)``, or ``None`` (ring of one)."""
+        return ring_members(self.process_group, self.ring_size)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        already_split: bool = False,
+    ) -> Tensor:
+        """As :meth:`BlockSparseAttention.forward`; ``already_split=True`` takes and
+        returns this rank's shard ``(B, N/k, H, D)``."""
+        check_bool("already_split", already_split)
+        ring = self.ring()
+        if ring is None or len(ring[1]) == 1:
+            return super().forward(
+                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
+            )
+        group, members = ring
+        options = {"stats": self._stats, "timeout": self.timeout}
+        q, k, v = query, key, value
+        if not already_split:
+            check_whole_length(query, len(members))
+            q, k, v = (shard_replicated(t, group, members, **options) for t in (q, k, v))
+        self._check(q, k, v, is_causal, key_padding_mask, group, members)
+        _, L, _, D = q.shape
+        N = L * len(members)
+        pattern = self.pattern(N, is_causal)
+        dropout_p = self.dropout if self.training else 0.0
+        setup = RingSparseSetup(
+            group=group,
+            ring=members,
+            position=members.index(dist.get_rank(group)),
+            block_mask=pattern.block_mask,
+            block_size=self.block_size,
+            seq_len=N,
+            scale=D**-0.5 if self.scale is None else self.scale,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            seed=int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0,
+            stats=self._stats,
+            timeout=self.timeout,
+        )
+        out = ring_block_sparse_attention(q, k, v, setup)
+        return out if already_split else gather_replicated(out, group, members, **options)
+
+    def _check(self, q, k, v, is_causal, mask, group, members) -> None:
+        """Local checks, shared with every rank of the group so that all raise together."""
+        error = None
+        try:
+            _no_mask(mask)
+            check_qkv(q, k, v)
+            check_bool("is_causal", is_causal)
+            if q.shape[1] % self.block_size != 0:
+                raise ValueError(
+                    f"each rank's shard has {q.shape[1]} tokens, not a multiple of "
+                    f"block_size={self.block_size}; blocks must not straddle ranks: choose N "
+                    f"with N/{len(members)} a multiple of {self.block_size}."
+                )
+            signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group))
+        except (TypeError, ValueError) as exc:
+            error, signature = f"{type(exc).__name__}: {exc}", None
+        if self.validate == "once" and signature in self._validated:
+            return
+        rows: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(rows, (error, signature, self.extra_repr()), group=group)
+        rank = dist.get_rank(group)
+        bad = [(j, e) for j, (e, _, _) in enumerate(rows) if e is not None]
+        if bad:
+            details = "; ".join(f"rank {j}: {e}" for j, e in bad)
+            raise ValueError(
+                f"block-sparse ring attention: invalid input on rank(s) {[j for j, _ in bad]} "
+                f"(this is rank {rank}; every rank raises this error): {details}"
+            )
+        ring_rows = [rows[m] for m in members]
+        # The group's id is this process's own; compare the rest.
+        if len({(None if sig is None else sig[:4], cfg) for _, sig, cfg in ring_rows}) > 1:
+            details = "; ".join(
+                f"rank {m} has shape/dtype/device/causal {sig[:4]} and {cfg}"
+                for m, (_, sig, cfg) in zip(members, ring_rows, strict=True)
+            )
+            raise ValueError(
+                f"block-sparse ring attention: the ranks of a ring disagree (this is rank "
+                f"{rank}); pass shards of one shape, dtype and device and the same settings "
+                f"on every rank: {details}."
+            )
+        self._validated.add(signature)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ring_size={self.ring_size}"
+
+
+def create_block_sparse_attention(
+    embed_dim: int = 768,
+    num_heads: int = 12,
+    sparsity_ratio: float = 0.9,
+    pattern_type: str = "dilated_sparse",
+    block_size: int = 64,
+    segment_lengths: Sequence[int] | None = None,
+    dilation_rates: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> MultiheadDilatedAttention:
+    """A multi-head layer ``(B, N, E) -> (B, N, E)`` whose attention is block-sparse.
+
+    :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` (projections, norm,
+    ``out_proj``) with a :class:`BlockSparseAttention` inside. ``kwargs``: the
+    attention's ``seed``, ``dropout``, ``scale``, ``num_heads_pattern`` (per-head random
+    patterns) and the layer's ``bias``, ``layer_norm``, ``gamma_init``, ``device``,
+    ``dtype``.
+    """
+    attention_keys = {"seed", "dropout", "scale"}
+    attention_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in attention_keys}
+    per_head = kwargs.pop("num_heads_pattern", False)
+    layer_keys = {"bias", "layer_norm", "gamma_init", "device", "dtype"}
+    unknown = set(kwargs) - layer_keys
+    if unknown:
+        raise TypeError(
+            f"create_block_sparse_attention got unknown keyword(s) {sorted(unknown)}; it takes "
+            f"{sorted(attention_keys | layer_keys | {'num_heads_pattern'})}."
+        )
+    attention = BlockSparseAttention(
+        block_size, sparsity_ratio, pattern_type, segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates, num_heads=num_heads if per_head else None,
+        **attention_kwargs,
+    )  # fmt: skip
+    return MultiheadDilatedAttention(embed_dim, num_heads, attention=attention, **kwargs)
