@@ -1,0 +1,241 @@
+"""Block-sparse attention on one device against a dense softmax masked by the pattern."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import (
+    BlockSparseAttention,
+    MultiheadDilatedAttention,
+    RingBlockSparseAttention,
+    block_sparse_attention,
+    create_block_sparse_attention,
+    create_ring_attention,
+    make_block_sparse_pattern,
+)
+from dilated_attention_pytorch.dropout import dropout_keep, token_ids
+from dilated_attention_pytorch.sparse import PATTERN_TYPES, kv_block_lists, pattern_from_block_mask
+
+# float64 on both sides: only summation order differs, so 1e-10 is far above rounding.
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def masked_dense(q, k, v, token_mask, *, scale=None, keep=None, p=0.0):
+    """Softmax over the allowed keys, written from the definition; O(N^2)."""
+    B, N, H, D = q.shape
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (D**-0.5 if scale is None else scale)
+    mask = token_mask if token_mask.dim() == 3 else token_mask[None]
+    s = s.masked_fill(~mask[None], -math.inf)
+    probs = torch.softmax(s, dim=-1)
+    if keep is not None:
+        probs = probs * keep / (1.0 - p)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _inputs(B, N, H, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, N, H, D, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+
+@pytest.mark.parametrize("pattern_type", PATTERN_TYPES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(("N", "block_size"), [(256, 32), (203, 16), (40, 64)])
+def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size) -> None:
+    q, k, v, dout = _inputs(2, N, 3, 8, seed=N)
+    heads = 3 if pattern_type == "random" else None
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=block_size, sparsity_ratio=0.6, is_causal=is_causal,
+        num_heads=heads,
+    )  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, pattern)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = masked_dense(*ref_leaves, pattern.token_mask())
+    torch.testing.assert_close(out, ref, **TOL)
+    for g, rg in zip(
+        torch.autograd.grad(out, leaves, dout),
+        torch.autograd.grad(ref, ref_leaves, dout),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, rg, **TOL)
+
+
+def test_dropout_drops_the_hashed_entries_and_replays_them() -> None:
+    N, H = 96, 2
+    q, k, v, dout = _inputs(2, N, H, 8, seed=3)
+    pattern = make_block_sparse_pattern("local_window", N, block_size=16, window=1)
+    torch.manual_seed(9)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    ids = token_ids(2, N, 0, N, torch.device("cpu"))
+    keep = dropout_keep(0.3, seed, torch.arange(H), ids, ids)  # (B, H, N, N)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(9)
+    out = block_sparse_attention(*leaves, pattern, dropout_p=0.3)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = masked_dense(*ref_leaves, pattern.token_mask(), keep=keep.double(), p=0.3)
+    torch.testing.assert_close(out, ref, **TOL)
+    for g, rg in zip(
+        torch.autograd.grad(out, leaves, dout),
+        torch.autograd.grad(ref, ref_leaves, dout),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, rg, **TOL)
+
+
+@pytest.mark.parametrize("pattern_type", PATTERN_TYPES)
+def test_no_empty_row_and_sparsity_close_to_requested(pattern_type) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        N = int(torch.randint(16, 3000, (1,), generator=gen))
+        bs = int(torch.randint(4, 128, (1,), generator=gen))
+        ratio = float(torch.rand(1, generator=gen)) * 0.98
+        causal = bool(trial % 2)
+        pattern = make_block_sparse_pattern(
+            pattern_type, N, block_size=bs, sparsity_ratio=ratio, is_causal=causal, seed=trial
+        )
+        mask = pattern.block_mask
+        nb = math.ceil(N / bs)
+        assert mask.shape[-2:] == (nb, nb)
+        assert torch.diagonal(mask, dim1=-2, dim2=-1).all()  # every row keeps its diagonal
+        if causal:
+            assert not torch.triu(mask, diagonal=1).any()
+        # The achieved ratio is what the mask holds.
+        allowed = nb * (nb + 1) // 2 if causal else nb * nb
+        assert pattern.sparsity_ratio == pytest.approx(1 - mask.sum().item() / allowed)
+        assert pattern.requested_ratio == ratio
+    # Where the grid is fine enough, the knob search lands close to the request.
+    for ratio in (0.5, 0.9, 0.97):
+        pattern = make_block_sparse_pattern(
+            pattern_type, 65536, block_size=64, sparsity_ratio=ratio
+        )
+        assert abs(pattern.sparsity_ratio - ratio) < 0.05, pattern.knobs
+
+
+def test_dropped_blocks_are_never_read() -> None:
+    # NaN in every key/value block the pattern drops must not reach the output.
+    N, bs = 128, 16
+    q, k, v, _ = _inputs(1, N, 2, 8)
+    pattern = make_block_sparse_pattern("local_window", N, block_size=bs, window=0)
+    k[:, 16:32] = math.nan  # block 1: kept only by query block 1
+    v[:, 16:32] = math.nan
+    out = block_sparse_attention(q, k, v, pattern)
+    assert torch.isfinite(out[:, :16]).all() and torch.isfinite(out[:, 32:]).all()
+
+
+def test_kv_block_lists_layout() -> None:
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    num, idx = kv_block_lists(mask)
+    assert num.tolist() == [2, 1, 3]
+    assert idx.tolist() == [[0, 2, 0], [1, 0, 0], [0, 1, 2]]
+
+
+def test_pattern_mask_mod_and_custom_block_mask() -> None:
+    pattern = make_block_sparse_pattern(
+        "global_local", 100, block_size=10, window=1, is_causal=True
+    )
+    q_idx, kv_idx = torch.meshgrid(torch.arange(100), torch.arange(100), indexing="ij")
+    zero = torch.zeros((), dtype=torch.long)
+    assert torch.equal(pattern.mask_mod(zero, zero, q_idx, kv_idx), pattern.token_mask())
+    custom = torch.zeros(4, 4, dtype=torch.bool)
+    custom[3, 0] = True
+    wrapped = pattern_from_block_mask(custom, 60, 15)  # a bare mask: blocks of ceil(60 / 4)
+    assert torch.diagonal(wrapped.block_mask).all() and wrapped.block_mask[3, 0]
+    q, k, v, _ = _inputs(1, 60, 2, 8)
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, custom), masked_dense(q, k, v, wrapped.token_mask()), **TOL
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: make_block_sparse_pattern("stripes", 64), ValueError,
+         r"unknown pattern_type 'stripes'; choose one of \['local_window', 'dilated_sparse', 'global_local', 'random'\]"),
+        (lambda: make_block_sparse_pattern("random", 64, sparsity_ratio=1.0), ValueError,
+         r"sparsity_ratio must be in \[0, 1\)"),
+        (lambda: make_block_sparse_pattern("random", 64, sparsity_ratio=-0.1), ValueError,
+         r"sparsity_ratio must be in \[0, 1\)"),
+        (lambda: make_block_sparse_pattern("random", 64, block_size=0), ValueError,
+         r"block_size must be a positive int, got 0"),
+        (lambda: make_block_sparse_pattern("local_window", 64, window=2, sparsity_ratio=0.5),
+         ValueError, r"pass either sparsity_ratio or window="),
+        (lambda: make_block_sparse_pattern("local_window", 64, scale=2), ValueError,
+         r"pattern 'local_window' takes the knobs \['window'\], got \['scale'\]"),
+        (lambda: pattern_from_block_mask(torch.ones(3, 3, dtype=torch.bool), 64, 16), ValueError,
+         r"the block mask must have shape \(4, 4\) or \(H, 4, 4\) for 64 tokens in blocks of 16"),
+        (lambda: BlockSparseAttention(pattern_type="local_window", segment_lengths=[64],
+                                      dilation_rates=[1]), ValueError,
+         r"segment_lengths and dilation_rates shape the 'dilated_sparse' pattern only"),
+    ],
+)  # fmt: skip
+def test_errors(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_call_errors() -> None:
+    q = torch.randn(1, 64, 2, 8)
+    pattern = make_block_sparse_pattern("local_window", 64, block_size=16)
+    with pytest.raises(ValueError, match=r"built for 64 tokens but q has 32"):
+        block_sparse_attention(q[:, :32], q[:, :32], q[:, :32], pattern)
+    with pytest.raises(
+        ValueError, match=r"built with is_causal=False but the call has is_causal=True"
+    ):
+        block_sparse_attention(q, q, q, pattern, is_causal=True)
+    per_head = make_block_sparse_pattern("random", 64, block_size=16, num_heads=3)
+    with pytest.raises(ValueError, match=r"one block mask per head for 3 heads, but q has 2"):
+        block_sparse_attention(q, q, q, per_head)
+    with pytest.raises(ValueError, match=r"key_padding_mask is not supported by block-sparse"):
+        BlockSparseAttention()(q, q, q, key_padding_mask=torch.zeros(1, 64, dtype=torch.bool))
+
+
+def test_modules_factory_and_deprecated_name() -> None:
+    torch.manual_seed(0)
+    layer = create_block_sparse_attention(
+        embed_dim=64, num_heads=4, sparsity_ratio=0.5, pattern_type="dilated_sparse",
+        block_size=8,
+    )  # fmt: skip
+    assert isinstance(layer, MultiheadDilatedAttention)
+    assert isinstance(layer.attention, BlockSparseAttention)
+    x = torch.randn(2, 100, 64)
+    y, _ = layer(x, is_causal=True)
+    # The layer's attention is exactly block_sparse_attention on its projections.
+    q, k, v = (p(x).view(2, 100, 4, 16) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    att = block_sparse_attention(q, k, v, layer.attention.pattern(100, True))
+    want = layer.out_proj(layer.norm(att.reshape(2, 100, 64)))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # The specification's calls run as written.
+    create_block_sparse_attention(embed_dim=768, num_heads=12, sparsity_ratio=0.1,
+                                  pattern_type="dilated_sparse")  # fmt: skip
+    ring = RingBlockSparseAttention(
+        segment_lengths=[2048, 4096], dilation_rates=[1, 2], sparsity_ratio=0.9,
+        pattern_type="dilated_sparse",
+    )  # fmt: skip
+    pattern = ring.pattern(65536)
+    assert abs(pattern.sparsity_ratio - 0.9) < 0.03
+    assert [r for _, r in pattern.knobs["branches_in_blocks"]] == [1, 2]
+    assert isinstance(create_ring_attention("block_sparse", sparsity_ratio=0.5),
+                      RingBlockSparseAttention)  # fmt: skip
+    assert isinstance(create_ring_attention(sparsity_ratio=0.5), RingBlockSparseAttention)
+    with pytest.raises(ValueError, match=r"only apply to the 'block_sparse' implementation"):
+        create_ring_attention("standard", sparsity_ratio=0.5)
+    with pytest.warns(
+        DeprecationWarning, match="use dilated_attention_pytorch.ring.RingBlockSparseAttention"
+    ):
+        from dilated_attention_pytorch import BlockSparseRingDilatedAttention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = BlockSparseRingDilatedAttention(
+            [2048, 4096], [1, 2], sparsity_config={"sparsity_ratio": 0.9}
+        )
+    assert torch.equal(old.pattern(65536).block_mask, pattern.block_mask)
+    # A ring of one without torch.distributed is the single-device module.
+    q = torch.randn(1, 256, 2, 8, dtype=torch.float64)
+    small = RingBlockSparseAttention(sparsity_ratio=0.5, pattern_type="local_window", block_size=32)
+    torch.testing.assert_close(
+        small(q, q, q), block_sparse_attention(q, q, q, small.pattern(256)), **TOL
+    )

@@ -1,0 +1,166 @@
+"""RingBlockSparseAttention on gloo against single-device block-sparse attention, and the
+bytes it moves: exactly the kept key/value blocks a rank's queries need."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_utils import spawn
+
+from dilated_attention_pytorch import RingBlockSparseAttention, block_sparse_attention
+from dilated_attention_pytorch.sparse import PATTERN_TYPES
+
+pytestmark = pytest.mark.distributed
+
+TOL = {"atol": 1e-10, "rtol": 1e-10}  # float64, only summation order differs
+BS, L, B, H, D = 16, 64, 2, 3, 8  # 4 blocks per rank
+
+
+def _compare(rank: int, world: int, pattern_type: str, causal: bool, ring_size: int | None,
+             split: bool) -> dict[str, Any]:  # fmt: skip
+    k = world if ring_size is None else ring_size
+    ring_index, j = rank // k, rank % k
+    N = L * k
+    torch.manual_seed(100 + ring_index)  # every ring its own data, the same within a ring
+    q, kk, v, dout = (torch.randn(B, N, H, D, dtype=torch.float64) for _ in range(4))
+    module = RingBlockSparseAttention(
+        sparsity_ratio=0.7, pattern_type=pattern_type, block_size=BS, ring_size=ring_size,
+        num_heads=H if pattern_type == "random" else None, dropout=0.2,
+    )  # fmt: skip
+    pattern = module.pattern(N, causal)
+    leaves = [t.clone().requires_grad_() for t in (q, kk, v)]
+    torch.manual_seed(5)
+    want = block_sparse_attention(*leaves, pattern, dropout_p=0.2)
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    part = slice(j * L, (j + 1) * L)
+    if split:
+        mine = [t[:, part].clone().requires_grad_() for t in (q, kk, v)]
+        torch.manual_seed(5)
+        got = module(*mine, is_causal=causal, already_split=True)
+        grads = torch.autograd.grad(got, mine, dout[:, part])
+        want, want_grads = want[:, part], [g[:, part] for g in want_grads]
+    else:
+        mine = [t.clone().requires_grad_() for t in (q, kk, v)]
+        torch.manual_seed(5)
+        got = module(*mine, is_causal=causal)
+        grads = torch.autograd.grad(got, mine, dout)
+    return {"pairs": [(got.detach(), want.detach())] + list(zip(grads, want_grads, strict=True))}
+
+
+CASES = [(p, c, s) for p in PATTERN_TYPES for c in (False, True) for s in (False, True)]
+
+
+def _worker(rank: int, world: int, _: Any) -> dict[str, Any]:
+    res = {f"{p}-{c}-{s}": _compare(rank, world, p, c, None, s) for p, c, s in CASES}
+    if world == 4:  # two rings of 2 side by side
+        res["rings2"] = _compare(rank, world, "dilated_sparse", True, 2, True)
+    return res
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[int, list[dict[str, Any]]]:
+    return {w: spawn(_worker, w) for w in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_single_device(results, world: int) -> None:
+    for rank, res in enumerate(results[world]):
+        for name, r in res.items():
+            for i, (got, want) in enumerate(r["pairs"]):
+                torch.testing.assert_close(
+                    got, want, **TOL, msg=lambda m, n=name, i=i, r=rank: f"rank {r} {n} #{i}: {m}"
+                )
+
+
+def _bytes_worker(rank: int, world: int, _: Any) -> dict[str, Any]:
+    sent: list[tuple[int, int]] = []
+    original = dist.batch_isend_irecv
+
+    def p2p(ops):
+        for op in ops:
+            if op.op in (dist.isend, dist.send):
+                sent.append((op.peer, op.tensor.numel() * op.tensor.element_size()))
+        return original(ops)
+
+    dist.batch_isend_irecv = p2p
+    out: dict[str, Any] = {}
+    try:
+        for pattern_type in ("local_window", "random"):
+            module = RingBlockSparseAttention(
+                sparsity_ratio=0.8, pattern_type=pattern_type, block_size=BS
+            )
+            q, k, v = (torch.randn(B, L, H, D, requires_grad=True) for _ in range(3))
+            sent.clear()
+            y = module(q, k, v, already_split=True)
+            forward = list(sent)
+            sent.clear()
+            y.sum().backward()
+            mask = module.pattern(L * world).block_mask
+            out[pattern_type] = {"forward": forward, "backward": list(sent), "mask": mask}
+    finally:
+        dist.batch_isend_irecv = original
+    return out
+
+
+@pytest.fixture(scope="module")
+def byte_results() -> dict[int, list[dict[str, Any]]]:
+    return {w: spawn(_bytes_worker, w) for w in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("pattern_type", ["local_window", "random"])
+def test_bytes_are_the_kept_blocks(byte_results, world: int, pattern_type: str) -> None:
+    n = L // BS
+    per_block = 2 * B * BS * H * D * 4  # K and V (forward) or dK and dV (backward), fp32
+    for rank, res in enumerate(byte_results[world]):
+        r = res[pattern_type]
+        mask = r["mask"]
+        for peer in range(world):
+            if peer == rank:
+                continue
+            # Blocks of mine that the peer's queries keep: sent once, forward; their
+            # gradients come back in the backward, so the peer sends those to me.
+            mine_needed = mask[peer * n : (peer + 1) * n, rank * n : (rank + 1) * n].any(0).sum()
+            peer_needed = mask[rank * n : (rank + 1) * n, peer * n : (peer + 1) * n].any(0).sum()
+            fwd = sum(b for p, b in r["forward"] if p == peer)
+            bwd = sum(b for p, b in r["backward"] if p == peer)
+            assert fwd == int(mine_needed) * per_block, (rank, peer)
+            assert bwd == int(peer_needed) * per_block, (rank, peer)
+    if pattern_type == "local_window":
+        # A window talks to neighbours only: the bytes per rank do not grow with the ranks.
+        per_rank = [sum(b for _, b in res[pattern_type]["forward"]) for res in byte_results[world]]
+        assert max(per_rank) <= 2 * per_block * (n if world > 1 else 0)
+
+
+def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
+    errors: dict[str, str | None] = {}
+    calls = {
+        "shard-not-multiple-of-block": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=48
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        "ratio-differs": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16, sparsity_ratio=0.5 if rank else 0.6
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return errors
+
+
+def test_bad_input_raises_on_every_rank() -> None:
+    expected = {
+        "shard-not-multiple-of-block": r"invalid input on rank\(s\) \[0, 1\].*64 tokens, not a multiple of block_size=48",
+        "ratio-differs": r"the ranks of a ring disagree.*sparsity_ratio=0.6.*sparsity_ratio=0.5",
+    }  # fmt: skip
+    for rank, errors in enumerate(spawn(_bad_worker, 2)):
+        for name, pattern in expected.items():
+            assert errors[name] is not None, f"rank {rank} did not raise for {name}"
+            assert re.search(pattern, errors[name], flags=re.S), errors[name]
