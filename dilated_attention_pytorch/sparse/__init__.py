@@ -1,10 +1,11 @@
 """Block-sparse attention: named patterns, the attention over their kept blocks, modules."""
 
-from .functional import block_sparse_attention, kv_block_lists
+from .functional import block_sparse_attention
 from .modules import BlockSparseAttention, RingBlockSparseAttention, create_block_sparse_attention
 from .patterns import (
     PATTERN_TYPES,
     BlockSparsePattern,
+    kv_block_lists,
     make_block_sparse_pattern,
     pattern_from_block_mask,
 )

@@ -24,28 +24,16 @@ from torch.autograd.function import once_differentiable
 from ..backends.blocks import compute_dtype
 from ..dropout import dropout_keep
 from ..segments import token_major
-from ..validation import check_qkv, check_scalars
-from .patterns import BlockSparsePattern, pattern_from_block_mask
+from ..validation import check_choice, check_qkv, check_scalars
+from .flex import flex_block_sparse_attention, flex_unsupported
+from .patterns import BlockSparsePattern, kv_block_lists, pattern_from_block_mask
 
 __all__ = ["block_sparse_attention", "kv_block_lists", "pattern_from_block_mask"]
 
+SPARSE_BACKENDS = ("auto", "pytorch", "flex")
+
 # Upper bound on score elements materialised at once (2**24 fp32 = 64 MiB).
 _MAX_SCORE_ELEMENTS = 1 << 24
-
-
-def kv_block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """FlexAttention's layout of a ``(..., Qb, Kb)`` bool block mask.
-
-    Returns ``kv_num_blocks (..., Qb)`` (int64) and ``kv_indices (..., Qb, Kmax)``:
-    the kept key blocks of each query block in increasing order, padded with 0.
-    """
-    counts = block_mask.sum(-1)
-    kmax = max(1, int(counts.max())) if block_mask.numel() else 1
-    # Kept blocks first (stable sort of "dropped" flags), in increasing block order.
-    order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
-    indices = order[..., :kmax].clone()
-    indices[torch.arange(kmax) >= counts.unsqueeze(-1)] = 0
-    return counts, indices
 
 
 @dataclass(frozen=True)
@@ -86,7 +74,8 @@ def _chunk_tokens(
     ar = torch.arange(bs, device=device)
     q_tok = torch.arange(a, b, device=device)[:, None] * bs + ar  # (c, bs)
     q_ok = q_tok < Lq
-    sel = idx[a:b].to(device)  # (c, Kmax) indices into the held key blocks
+    width = max(1, int(num[a:b].max()))  # this chunk's longest list, not the pattern's
+    sel = idx[a:b, :width].to(device)  # (c, Kmax) indices into the held key blocks
     slot_ok = torch.arange(sel.shape[1], device=device)[None, :] < num[a:b, None].to(device)
     k_first = call.k_start.to(device)[sel]  # (c, Kmax)
     k_tok = (k_first[..., None] + ar).flatten(1)  # (c, Kmax*bs)
@@ -243,6 +232,7 @@ def block_sparse_attention(
     is_causal: bool | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    backend: str = "auto",
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention on ``(B, N, H, D)`` q, k, v over the kept blocks of ``pattern``.
@@ -261,6 +251,11 @@ def block_sparse_attention(
         scale: score scale, default ``D ** -0.5``.
         dropout_p: drop probability of the attention probabilities (an entry is dropped
             by a hash of its head, positions and a seed drawn from the default generator).
+        backend: ``"pytorch"`` (gathers the kept key blocks per chunk of query blocks and
+            runs matmuls; any device, dtype and option), ``"flex"`` (PyTorch's compiled
+            FlexAttention with the pattern as its ``BlockMask``; CUDA, no dropout, ``N`` a
+            multiple of a block size that is a multiple of 16) or ``"auto"``: flex where
+            it applies, else pytorch (``benchmarks/bench_block_sparse.py`` measures both).
         return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
 
     Returns:
@@ -278,6 +273,15 @@ def block_sparse_attention(
             f"the pattern has one block mask per head for {per_head.shape[0]} heads, but q has "
             f"{H}; build it with num_heads={H}."
         )
+    check_choice("backend", backend, SPARSE_BACKENDS)
+    why = flex_unsupported(q, pattern, dropout_p)
+    if backend == "flex" and why:
+        raise ValueError(f"backend='flex' cannot run this call: {'; '.join(why)}.")
+    if backend == "flex" or (backend == "auto" and not why):
+        out, lse = flex_block_sparse_attention(
+            q, k, v, pattern, D**-0.5 if scale is None else float(scale)
+        )
+        return (out, lse) if return_lse else out
     nb = pattern.num_blocks
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     call = SparseCall(

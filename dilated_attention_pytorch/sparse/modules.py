@@ -24,7 +24,7 @@ from ..validation import (
     check_ring_size,
     check_scale,
 )
-from .functional import block_sparse_attention
+from .functional import SPARSE_BACKENDS, block_sparse_attention
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
 from .ring import RingSparseSetup, ring_block_sparse_attention
 
@@ -49,6 +49,8 @@ class BlockSparseAttention(nn.Module):
         seed: the ``"random"`` pattern's seed.
         dropout: drop probability of the attention probabilities, training only.
         scale: score scale, default ``D ** -0.5``.
+        backend: ``"auto"``, ``"pytorch"`` or ``"flex"``, as in
+            :func:`~dilated_attention_pytorch.block_sparse_attention`.
 
     Shapes:
         q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``.
@@ -66,6 +68,7 @@ class BlockSparseAttention(nn.Module):
         seed: int = 0,
         dropout: float = 0.0,
         scale: float | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.block_size = check_positive_int("block_size", block_size)
@@ -88,6 +91,7 @@ class BlockSparseAttention(nn.Module):
         self.seed = seed
         self.dropout = check_dropout(dropout)
         self.scale = check_scale(scale)
+        self.backend = check_choice("backend", backend, SPARSE_BACKENDS)
         self.pattern(max(self.block_size, 1) * 4, False)  # validate the settings now
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 (a few (N, causal) per module)
@@ -116,7 +120,7 @@ class BlockSparseAttention(nn.Module):
         check_bool("is_causal", is_causal)
         return block_sparse_attention(
             q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -40,7 +40,13 @@ from torch import Tensor
 
 from ..validation import check_bool, check_positive_int, validate_branches
 
-__all__ = ["PATTERN_TYPES", "BlockSparsePattern", "make_block_sparse_pattern"]
+__all__ = [
+    "PATTERN_TYPES",
+    "BlockSparsePattern",
+    "kv_block_lists",
+    "make_block_sparse_pattern",
+    "pattern_from_block_mask",
+]
 
 PATTERN_TYPES = ("local_window", "dilated_sparse", "global_local", "random")
 
@@ -371,6 +377,21 @@ def make_block_sparse_pattern(
         requested_ratio=ratio,
         knobs=settings,
     )
+
+
+def kv_block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """FlexAttention's layout of a ``(..., Qb, Kb)`` bool block mask.
+
+    Returns ``kv_num_blocks (..., Qb)`` (int64) and ``kv_indices (..., Qb, Kmax)``:
+    the kept key blocks of each query block in increasing order, padded with 0.
+    """
+    counts = block_mask.sum(-1)
+    kmax = max(1, int(counts.max())) if block_mask.numel() else 1
+    # Kept blocks first (stable sort of "dropped" flags), in increasing block order.
+    order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
+    indices = order[..., :kmax].clone()
+    indices[torch.arange(kmax) >= counts.unsqueeze(-1)] = 0
+    return counts, indices
 
 
 def _bad_knob(name: str, value: object) -> int:

@@ -1,0 +1,144 @@
+"""Block-sparse attention on one GPU: our backends side by side with dense cuDNN SDPA.
+
+    python benchmarks/bench_block_sparse.py --out benchmarks/results
+    python benchmarks/bench_block_sparse.py --cpu          # smoke test, tiny sizes
+
+For every pattern, sparsity ratio, sequence length and head dim (bf16, B=1, H=16):
+forward and forward+backward time (median, CUDA events) and peak memory of
+
+- ``flex``: ``block_sparse_attention(..., backend="flex")`` (PyTorch's compiled
+  FlexAttention with the pattern as its ``BlockMask``; what ``auto`` runs on CUDA),
+- ``pytorch``: ``backend="pytorch"`` (kept blocks gathered, matmuls), only up to
+  ``--pytorch-max-tokens`` (it is the portable path, not the fast one),
+- ``dense``: ``F.scaled_dot_product_attention`` on the same tensors (cuDNN on Hopper),
+  the whole ``N x N`` attention, once per (N, D, causal).
+
+Columns: ms, TFLOP/s over the kept pairs (``4 * D`` per pair forward, 3.5x that
+forward+backward), speedup over dense. Prints a table, writes
+``block_sparse_<device>_<date>.json`` (device, date, versions, command) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from bench_ring import print_table
+from measure import GiB, measure, result_path, stamp, write_json
+
+from dilated_attention_pytorch import block_sparse_attention, make_block_sparse_pattern
+from dilated_attention_pytorch.sparse import PATTERN_TYPES
+
+
+def _step(fn, tensors, dout, backward: bool):
+    def run() -> None:
+        for t in tensors:
+            t.grad = None
+        out = fn(*tensors)
+        if backward:
+            out.backward(dout)
+
+    return run
+
+
+def _tflops(pairs: int, D: int, H: int, ms: float, backward: bool) -> float:
+    flop = 4 * D * pairs * H * (3.5 if backward else 1.0)
+    return flop / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cpu", action="store_true", help="smoke test on the CPU, tiny sizes")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.9, 0.97])
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERN_TYPES))
+    parser.add_argument("--causal", action="store_true", help="causal patterns and dense")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--pytorch-max-tokens", type=int, default=32768)
+    args = parser.parse_args()
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if not use_cuda and not args.cpu:
+        sys.exit("no GPU found: pass --cpu for the smoke test (tiny sizes)")
+    if args.cpu:
+        args.tokens, args.head_dims, args.ratios, args.block_size = [512], [16], [0.9], 32
+        args.pytorch_max_tokens = 512
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = torch.bfloat16 if use_cuda else torch.float32
+    methods = ["flex", "pytorch"] if use_cuda else ["pytorch"]
+    report: dict[str, Any] = {**stamp(device), "config": {**vars(args), "dtype": str(dtype)}}
+    path = result_path(args.out, "block_sparse", device)
+    rows: list[dict[str, Any]] = []
+    H, causal = args.heads, args.causal
+    for N in args.tokens:
+        for D in args.head_dims:
+            q, k, v, dout = (torch.randn(1, N, H, D, device=device, dtype=dtype) for _ in range(4))
+            leaves = [t.requires_grad_() for t in (q, k, v)]
+            dense_ms = {}
+            for backward in (False, True):
+
+                def dense(a, b, c):
+                    return F.scaled_dot_product_attention(
+                        a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), is_causal=causal
+                    ).transpose(1, 2)
+
+                m = measure(_step(dense, leaves, dout, backward), device)
+                pairs = N * (N + 1) // 2 if causal else N * N
+                dense_ms[backward] = m.ms
+                rows.append({
+                    "method": "dense", "pattern": "-", "seq_len": N, "head_dim": D,
+                    "backward": backward, "sparsity": 0.0, "ms": m.ms,
+                    "tflops": _tflops(pairs, D, H, m.ms, backward),
+                    "peak_gib": None if m.peak_bytes is None else m.peak_bytes / GiB,
+                    "speedup_vs_dense": 1.0,
+                })  # fmt: skip
+            for pattern_type in args.patterns:
+                for ratio in args.ratios:
+                    pattern = make_block_sparse_pattern(
+                        pattern_type, N, block_size=args.block_size, sparsity_ratio=ratio,
+                        is_causal=causal,
+                    )  # fmt: skip
+                    pairs = pattern.kept_pairs()
+                    for method in methods:
+                        if method == "pytorch" and N > args.pytorch_max_tokens:
+                            continue
+                        for backward in (False, True):
+
+                            def fn(a, b, c, pattern=pattern, method=method):
+                                return block_sparse_attention(a, b, c, pattern, backend=method)
+
+                            row = {
+                                "method": method, "pattern": pattern_type, "seq_len": N,
+                                "head_dim": D, "backward": backward,
+                                "sparsity": pattern.sparsity_ratio,
+                            }  # fmt: skip
+                            try:
+                                m = measure(_step(fn, leaves, dout, backward), device)
+                                row.update(
+                                    ms=m.ms,
+                                    tflops=_tflops(pairs, D, H, m.ms, backward),
+                                    peak_gib=None if m.peak_bytes is None else m.peak_bytes / GiB,
+                                    speedup_vs_dense=dense_ms[backward] / m.ms,
+                                )
+                            except Exception:  # noqa: BLE001 (recorded, the sweep goes on)
+                                row["error"] = traceback.format_exc(limit=2)[-300:]
+                            rows.append(row)
+                            report["rows"] = rows
+                            write_json(path, report)
+            del q, k, v, dout, leaves
+    cols = ["method", "pattern", "seq_len", "head_dim", "backward", "sparsity", "ms", "tflops",
+            "peak_gib", "speedup_vs_dense"]  # fmt: skip
+    print_table("block-sparse attention", rows, cols)
+    print(f"\nwrote {write_json(path, report)}")
+
+
+if __name__ == "__main__":
+    main()
