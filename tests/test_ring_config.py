@@ -56,8 +56,10 @@ def test_factory_kinds_and_auto(caplog: pytest.LogCaptureFixture) -> None:
         create_ring_attention("fast")
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['memory_pool'\]"):
         create_ring_attention("standard", memory_pool=True)
-    with pytest.raises(ValueError, match="RingBlockSparseAttention\\) is not available"):
-        create_ring_attention(sparsity_ratio=0.9)
+    with pytest.raises(
+        ValueError, match=r"\['enable_monitoring'\] are not features of the 'block_sparse'"
+    ):
+        create_ring_attention(sparsity_ratio=0.9, enable_monitoring=True)
     with pytest.raises(ValueError, match="features of the 'distributed' implementation"):
         create_ring_attention("standard", use_checkpointing=True)
     with pytest.raises(ValueError, match="world_size=2 and ring_size=4 disagree"):
