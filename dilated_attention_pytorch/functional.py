@@ -67,7 +67,10 @@ def dilated_attention(
             ``"head_split"`` (heads are split into ``len(branches)`` groups).
         scale: score scale, default ``D ** -0.5``.
         dropout_p: drop probability of the joint attention probabilities. Applied
-            whenever ``> 0``: pass ``0.0`` at evaluation.
+            whenever ``> 0``: pass ``0.0`` at evaluation. Whether an entry is dropped is
+            a hash of its batch, branch, head, query and key positions and a seed drawn
+            from the default generator, so the ring drops exactly the same entries;
+            ``p`` is applied in steps of ``2**-24`` (rounded to the nearest step).
         key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys (never attended).
             A query that ends up with no key outputs 0.
         backend: ``"auto"``, a registered backend name (see ``available_backends()``:

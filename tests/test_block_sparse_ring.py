@@ -145,6 +145,10 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
         "ratio-differs": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16, sparsity_ratio=0.5 if rank else 0.6
         )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        # The whole sequence, wrong on rank 0 only: rank 1 raises too instead of waiting.
+        "one-rank-length": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16
+        )(*(torch.randn(1, 63 if rank == 0 else 64, 2, 8) for _ in range(3))),
     }
     for name, call in calls.items():
         try:
@@ -159,6 +163,7 @@ def test_bad_input_raises_on_every_rank() -> None:
     expected = {
         "shard-not-multiple-of-block": r"invalid input on rank\(s\) \[0, 1\].*64 tokens, not a multiple of block_size=48",
         "ratio-differs": r"the ranks of a ring disagree.*sparsity_ratio=0.6.*sparsity_ratio=0.5",
+        "one-rank-length": r"invalid input on rank\(s\) \[0\] .*63 tokens.*does not cut into 2 equal shards",
     }  # fmt: skip
     for rank, errors in enumerate(spawn(_bad_worker, 2)):
         for name, pattern in expected.items():

@@ -210,6 +210,9 @@ def _dropout_and_mask(rank: int, world_size: int, ring_size: int | None) -> dict
     for name, call in {
         "length": lambda: ring(q[:, :31], kk[:, :31], v[:, :31]),
         "mask-shape": lambda: ring(q, kk, v, key_padding_mask=mask[:, :L]),
+        # Only the first rank of each ring is wrong: every rank still raises (no hang).
+        "one-rank-mask": lambda: ring(q, kk, v, key_padding_mask=mask[:, :L] if j == 0 else mask),
+        "one-rank-length": lambda: ring(*(t[:, : 31 if j == 0 else 32] for t in (q, kk, v))),
     }.items():
         try:
             call()
@@ -281,12 +284,18 @@ def test_dropout_and_key_padding_mask_over_the_ring(
         _assert_pairs(r["split_grads"], rank, "already_split grad")
         _assert_pairs(r["layer"], rank, "layer")
         assert r["reseeded_differs"]
-        assert re.search(r"31 tokens.*does not cut into \d equal shards", r["errors"]["length"])
-        assert re.search(
+        errors = r["errors"]
+        every = r"invalid input on rank\(s\) \[0, 1(, 2, 3)?\].*every rank raises"
+        first = r"invalid input on rank\(s\) \[0(, 2)?\] .*every rank raises"
+        length = r"31 tokens.*does not cut into \d equal shards"
+        shape = (
             r"key_padding_mask must have shape \(B, N\) = \(2, 32\), the whole sequence.*"
-            r"already_split=True",
-            r["errors"]["mask-shape"],
+            r"already_split=True"
         )
+        assert re.search(every + ".*" + length, errors["length"]), errors["length"]
+        assert re.search(every + ".*" + shape, errors["mask-shape"]), errors["mask-shape"]
+        assert re.search(first + ".*" + shape, errors["one-rank-mask"]), errors["one-rank-mask"]
+        assert re.search(first + ".*" + length, errors["one-rank-length"])
 
 
 def _worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:

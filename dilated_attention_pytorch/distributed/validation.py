@@ -112,6 +112,10 @@ def check_ring_size_divides(ring_size: object, world_size: int) -> int:
     return size
 
 
+class _Reported(Exception):
+    """A problem the caller found, carried through :func:`check_ring_call` as it is."""
+
+
 def check_ring_call_locally(
     q: object,
     k: object,
@@ -162,17 +166,22 @@ def check_ring_call(
     key_padding_mask: object = None,
     ring_size: object = None,
     timeout: float | None = None,
+    input_error: str | None = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
     Collective: every rank of ``group`` must call it. Raises the same ``ValueError``
     on every rank when any rank's input is bad or the ranks disagree. Costs one small
-    ``all_gather`` and a host synchronisation.
+    ``all_gather`` and a host synchronisation. ``input_error`` is a problem the caller
+    already found on this rank (e.g. in the whole sequence before sharding), reported
+    like a failed local check.
     """
     local_error: str | None = None
     plan: DilatedPlan | None = None
     meta = [0] * _META_LEN
     try:
+        if input_error is not None:
+            raise _Reported(input_error)
         plan = check_ring_call_locally(
             q, k, v,
             ring_size=ring_size,
@@ -200,6 +209,8 @@ def check_ring_call(
                 key_padding_mask is not None,
             ),
         ]  # fmt: skip
+    except _Reported as exc:
+        local_error = str(exc)
     except (TypeError, ValueError) as exc:
         local_error = f"{type(exc).__name__}: {exc}"
 

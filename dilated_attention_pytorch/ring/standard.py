@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
 from ..distributed.comm import RingStats
-from ..distributed.validation import check_ring_size_divides, distributed_not_ready, resolve_group
+from ..distributed.validation import (
+    check_ring_call,
+    check_ring_size_divides,
+    distributed_not_ready,
+    resolve_group,
+)
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
 
@@ -163,44 +168,52 @@ class StandardRingAttention(DilatedAttention):
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
-        if not already_split:
-            check_whole_length(query, len(members))
-            q, k, v = (
-                shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
-                for t in (query, key, value)
-            )
-            position = members.index(dist.get_rank(group))
-            mask = _mask_shard(key_padding_mask, query, position, len(members))
-        # Bad options are checked inside the collective validation, so that a bad mask or
-        # dropout on one rank makes every rank raise instead of hanging the others.
         dropout_p = self.dropout if self.training else 0.0
-        signature = (
-            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
-            *(getattr(t, "dtype", None) for t in (q, k, v)),
-            getattr(q, "device", None),
-            is_causal,
-            None if mask is None else (type(mask), getattr(mask, "dtype", None)),
-            dropout_p,
-            id(group),
-        )
-        validate = self.validate == "always" or signature not in self._validated
-        out = ring_dilated_attention(
-            q,
-            k,
-            v,
-            self.segment_lengths,
-            self.dilation_rates,
-            group=group,
+        settings = dict(
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
             ring_size=len(members),
             is_causal=is_causal,
             branch_mixing=self.branch_mixing,
             scale=self.scale,
             backend=self.backend,
             dropout_p=dropout_p,
-            key_padding_mask=mask,
-            validate=validate,
-            **options,
+            timeout=self.timeout,
         )
+        if not already_split:
+            error = whole_input_error(query, key_padding_mask, len(members))
+            if error is not None:
+                # Raised inside the collective check, so that every rank raises with it
+                # instead of waiting for this one.
+                check_ring_call(
+                    query, key, value, group=group, key_padding_mask=None, input_error=error,
+                    **settings,
+                )  # fmt: skip
+            q, k, v = (
+                shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
+                for t in (query, key, value)
+            )
+            position = members.index(dist.get_rank(group))
+            mask = _mask_shard(key_padding_mask, position, len(members))
+        # Bad options are checked inside the collective validation, so that a bad mask or
+        # dropout on one rank makes every rank raise instead of hanging the others.
+        signature = (
+            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
+            *(getattr(t, "dtype", None) for t in (q, k, v)),
+            getattr(q, "device", None),
+            is_causal,
+            None
+            if mask is None
+            else (type(mask), getattr(mask, "dtype", None), getattr(mask, "shape", None),
+                  getattr(mask, "device", None)),
+            dropout_p,
+            id(group),
+        )  # fmt: skip
+        validate = self.validate == "always" or signature not in self._validated
+        out = ring_dilated_attention(
+            q, k, v, group=group, key_padding_mask=mask, validate=validate, stats=self._stats,
+            **settings,
+        )  # fmt: skip
         self._validated.add(signature)
         return out if already_split else gather_replicated(out, group, members, **options)
 
@@ -216,36 +229,40 @@ class StandardRingAttention(DilatedAttention):
         return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
 
 
-def check_whole_length(query: object, size: int) -> None:
-    """The whole sequence must cut into ``size`` equal shards (the same input on every
-    rank of a ring, so every rank raises together)."""
-    if isinstance(query, Tensor) and query.dim() >= 2 and query.shape[1] % size != 0:
-        raise ValueError(
-            f"the whole sequence has {query.shape[1]} tokens (dim 1 of query "
+def whole_input_error(query: object, mask: object, size: int) -> str | None:
+    """What is wrong with a whole-sequence input for a ring of ``size`` ranks, or ``None``.
+
+    The whole sequence must cut into ``size`` equal shards, and a key padding mask must
+    cover it ``(B, N)``. Returned, not raised: the ring modules raise it inside their
+    collective check, so that every rank raises together even when only one rank's
+    input is wrong. Anything that is not a tensor is left to that check.
+    """
+    if not (isinstance(query, Tensor) and query.dim() >= 2):
+        return None
+    B, N = query.shape[0], query.shape[1]
+    if N % size != 0:
+        return (
+            f"ValueError: the whole sequence has {N} tokens (dim 1 of query "
             f"{tuple(query.shape)}), which does not cut into {size} equal shards for a ring "
             f"of {size} ranks; pad it to a multiple of {size}."
         )
-
-
-def _mask_shard(mask: object, query: object, position: int, size: int) -> object:
-    """Ring member ``position``'s shard of a whole-sequence ``(B, N)`` key padding mask.
-
-    A mask of another shape raises here (the same mask is passed on every rank, so
-    every rank raises); anything that is not a 2-D tensor is returned as is, for the
-    collective check to reject on every rank.
-    """
-    if not (isinstance(mask, Tensor) and isinstance(query, Tensor) and mask.dim() == 2):
-        return mask
-    B, N = query.shape[0], query.shape[1]
-    if tuple(mask.shape) != (B, N):
-        raise ValueError(
-            f"key_padding_mask must have shape (B, N) = ({B}, {N}), the whole sequence like "
-            f"query, got {tuple(mask.shape)}; pass this rank's shard only together with "
-            f"already_split=True."
+    if isinstance(mask, Tensor) and tuple(mask.shape) != (B, N):
+        return (
+            f"ValueError: key_padding_mask must have shape (B, N) = ({B}, {N}), the whole "
+            f"sequence like query, got {tuple(mask.shape)}; pass this rank's shard only "
+            f"together with already_split=True."
         )
-    if N % size != 0:
-        return mask  # the collective check reports the shard length
-    return mask.narrow(1, position * (N // size), N // size)
+    return None
+
+
+def _mask_shard(mask: object, position: int, size: int) -> object:
+    """Ring member ``position``'s shard of a whole-sequence ``(B, N)`` key padding mask
+    (already checked by :func:`whole_input_error`); anything that is not a tensor is
+    returned as is, for the collective check to reject on every rank."""
+    if not isinstance(mask, Tensor):
+        return mask
+    L = mask.shape[1] // size
+    return mask.narrow(1, position * L, L)
 
 
 RingDilatedAttention = StandardRingAttention

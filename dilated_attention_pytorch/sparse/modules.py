@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from ..distributed import gather_replicated, shard_replicated
 from ..distributed.comm import RingStats
+from ..distributed.validation import _Reported
 from ..modules import MultiheadDilatedAttention
-from ..ring.standard import check_whole_length, ring_members
+from ..ring.standard import ring_members, whole_input_error
 from ..validation import (
     check_bool,
     check_choice,
@@ -216,10 +217,13 @@ class RingBlockSparseAttention(BlockSparseAttention):
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v = query, key, value
+        error = None
         if not already_split:
-            check_whole_length(query, len(members))
-            q, k, v = (shard_replicated(t, group, members, **options) for t in (q, k, v))
-        self._check(q, k, v, is_causal, key_padding_mask, group, members)
+            # Raised inside the collective check, so that every rank raises together.
+            error = whole_input_error(query, None, len(members))
+            if error is None and all(isinstance(t, Tensor) for t in (q, k, v)):
+                q, k, v = (shard_replicated(t, group, members, **options) for t in (q, k, v))
+        self._check(q, k, v, is_causal, key_padding_mask, group, members, error)
         _, L, _, D = q.shape
         N = L * len(members)
         pattern = self.pattern(N, is_causal)
@@ -241,10 +245,12 @@ class RingBlockSparseAttention(BlockSparseAttention):
         out = ring_block_sparse_attention(q, k, v, setup)
         return out if already_split else gather_replicated(out, group, members, **options)
 
-    def _check(self, q, k, v, is_causal, mask, group, members) -> None:
-        """Local checks, shared with every rank of the group so that all raise together."""
-        error = None
+    def _check(self, q, k, v, is_causal, mask, group, members, error=None) -> None:
+        """Local checks, shared with every rank of the group so that all raise together;
+        ``error``: a problem the caller already found on this rank."""
         try:
+            if error is not None:
+                raise _Reported(error)
             _no_mask(mask)
             check_qkv(q, k, v)
             check_bool("is_causal", is_causal)
@@ -255,6 +261,8 @@ class RingBlockSparseAttention(BlockSparseAttention):
                     f"with N/{len(members)} a multiple of {self.block_size}."
                 )
             signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group))
+        except _Reported:
+            signature = None
         except (TypeError, ValueError) as exc:
             error, signature = f"{type(exc).__name__}: {exc}", None
         if self.validate == "once" and signature in self._validated:
