@@ -14,8 +14,11 @@ block numbers.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -30,7 +33,8 @@ from .patterns import BlockSparsePattern, kv_block_lists, pattern_from_block_mas
 
 __all__ = ["block_sparse_attention", "kv_block_lists", "pattern_from_block_mask"]
 
-SPARSE_BACKENDS = ("auto", "pytorch", "flex")
+SPARSE_BACKENDS = ("auto", "pytorch", "flex", "triton")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Upper bound on score elements materialised at once (2**24 fp32 = 64 MiB).
 _MAX_SCORE_ELEMENTS = 1 << 24
@@ -51,7 +55,90 @@ class SparseCall:
     is_causal: bool
     dropout_p: float = 0.0
     seed: int = 0
-    head: int | None = None  # per-head patterns run one head at a time
+    head: int | None = None  # per-head patterns run one head at a time (pytorch path)
+    # "pytorch" (gathered matmuls) or "triton" (kernels over the kept-block lists).
+    kernel: str = "pytorch"
+    per_head_mask: Tensor | None = field(default=None, repr=False)  # (H, Qb, Kb) if per head
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unsupported(q: Tensor, block_size: int, dropout_p: float) -> list[str]:
+    """Why the Triton kernels cannot run a call on ``q``; empty when they can."""
+    reasons = []
+    if not HAS_TRITON:
+        reasons.append("Triton is not installed (pip install 'dilated-attention-pytorch[triton]')")
+    if q.device.type != "cuda" and not (_interpreting() and q.device.type == "cpu"):
+        reasons.append(f"the Triton kernels run on CUDA, got {q.device.type}")
+    if dropout_p != 0.0:
+        reasons.append("the Triton kernels have no dropout")
+    if block_size < 16 or block_size & (block_size - 1):
+        reasons.append(f"the Triton kernels need a power-of-two block size >= 16, got {block_size}")
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        reasons.append(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"the Triton kernels run float16/bfloat16/float32, got {q.dtype}")
+    return reasons
+
+
+_LISTS: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tuple:
+    """``(kv lists, transposed lists)`` of a ``(..., Qb, Kb)`` block mask on ``device``
+    (cached per ``key``, e.g. a pattern: building them costs a sort of the mask)."""
+    if key is not None and (key, str(device)) in _LISTS:
+        _LISTS.move_to_end((key, str(device)))
+        return _LISTS[(key, str(device))][1]
+    mask = mask.to(device)
+    lists = (kv_block_lists(mask), kv_block_lists(mask.transpose(-1, -2)))
+    if key is not None:
+        _LISTS[(key, str(device))] = (mask, lists)  # the mask keeps id(key) unique
+        while len(_LISTS) > 32:
+            _LISTS.popitem(last=False)
+    return lists
+
+
+def _triton_ids(call: SparseCall, device: torch.device) -> tuple[Tensor, Tensor]:
+    k_first = call.k_start.to(device=device, dtype=torch.int32)
+    k_glob = (call.k_blocks * call.block_size).to(device=device, dtype=torch.int32)
+    return k_first, k_glob
+
+
+def _triton_settings(call: SparseCall) -> dict:
+    return dict(block_size=call.block_size, q_start=call.q_start, seq_len=call.seq_len,
+                scale=call.scale, is_causal=call.is_causal, interpreting=_interpreting())  # fmt: skip
+
+
+def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Out and LSE of the queries ``q`` against the held ``k``/``v`` (either kernel)."""
+    if call.kernel != "triton":
+        return run_heads(sparse_forward, call, call.per_head_mask, q, k, v)
+    from .triton_kernels import sparse_forward_triton
+
+    mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
+    lists, _ = _device_lists(mask, q.device, key=mask)
+    return sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
+                                 **_triton_settings(call))  # fmt: skip
+
+
+def block_backward(
+    call: SparseCall, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (compute dtype) of ``q`` and of the held ``k``/``v`` (either kernel)."""
+    if call.kernel != "triton":
+        return run_heads(sparse_backward, call, call.per_head_mask, dout, q, k, v, out, lse)
+    from .triton_kernels import sparse_backward_triton
+
+    mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
+    lists, t_lists = _device_lists(mask, q.device, key=mask)
+    return sparse_backward_triton(
+        dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
+        grad_dtype=compute_dtype(q.dtype), **_triton_settings(call),
+    )  # fmt: skip
 
 
 def _chunks(kv_num: Tensor, kmax: int, B: int, H: int, bs: int) -> list[tuple[int, int]]:
@@ -174,7 +261,7 @@ def run_heads(fn, call: SparseCall, per_head_mask: Tensor | None, *tensors: Tens
         return fn(*tensors, call)
     results = []
     for h in range(per_head_mask.shape[0]):
-        sub = SparseCall(**{**call.__dict__, "block_mask": per_head_mask[h], "head": h})
+        sub = replace(call, block_mask=per_head_mask[h], head=h, per_head_mask=None)
         view = [t[:, :, h : h + 1] for t in tensors]
         results.append(fn(*view, sub))
     return tuple(torch.cat(parts, dim=2) for parts in zip(*results, strict=True))
@@ -182,10 +269,10 @@ def run_heads(fn, call: SparseCall, per_head_mask: Tensor | None, *tensors: Tens
 
 class _BlockSparseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call: SparseCall, per_head: Tensor | None):
-        out, lse = run_heads(sparse_forward, call, per_head, q, k, v)
+    def forward(ctx, q, k, v, call: SparseCall):
+        out, lse = block_forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call, ctx.per_head = call, per_head
+        ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
@@ -194,8 +281,29 @@ class _BlockSparseFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = token_major(dout)
-        dq, dk, dv = run_heads(sparse_backward, ctx.call, ctx.per_head, dout, q, k, v, out, lse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv = block_backward(ctx.call, dout, q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def auto_sparse_backend(q: Tensor, why_flex: list[str], why_triton: list[str]) -> str:
+    """``backend="auto"``: FlexAttention where it runs, else the Triton kernels on CUDA,
+    else the pytorch path."""
+    if not why_flex:
+        return "flex"
+    if not why_triton and q.device.type == "cuda":
+        return "triton"
+    return "pytorch"
+
+
+def ring_kernel(q: Tensor, backend: str, block_size: int, dropout_p: float) -> str:
+    """The block kernel a ring call runs (``backend``: ``"auto"``, ``"pytorch"`` or
+    ``"triton"``): ``"auto"`` is the Triton kernels on CUDA where they run."""
+    why = triton_unsupported(q, block_size, dropout_p)
+    if backend == "triton" and why:
+        raise ValueError(f"backend='triton' cannot run this call: {'; '.join(why)}.")
+    if backend == "pytorch" or why or (q.device.type != "cuda" and backend != "triton"):
+        return "pytorch"
+    return "triton"
 
 
 def resolve_pattern(pattern: object, seq_len: int, is_causal: bool) -> BlockSparsePattern:
@@ -275,9 +383,14 @@ def block_sparse_attention(
         )
     check_choice("backend", backend, SPARSE_BACKENDS)
     why = flex_unsupported(q, pattern, dropout_p)
+    why_triton = triton_unsupported(q, pattern.block_size, dropout_p)
     if backend == "flex" and why:
         raise ValueError(f"backend='flex' cannot run this call: {'; '.join(why)}.")
-    if backend == "flex" or (backend == "auto" and not why):
+    if backend == "triton" and why_triton:
+        raise ValueError(f"backend='triton' cannot run this call: {'; '.join(why_triton)}.")
+    if backend == "auto":
+        backend = auto_sparse_backend(q, why, why_triton)
+    if backend == "flex":
         out, lse = flex_block_sparse_attention(
             q, k, v, pattern, D**-0.5 if scale is None else float(scale)
         )
@@ -296,8 +409,8 @@ def block_sparse_attention(
         is_causal=is_causal,
         dropout_p=float(dropout_p),
         seed=seed,
+        kernel="triton" if backend == "triton" else "pytorch",
+        per_head_mask=per_head,
     )
-    out, lse = _BlockSparseFunction.apply(
-        token_major(q), token_major(k), token_major(v), call, per_head
-    )
+    out, lse = _BlockSparseFunction.apply(token_major(q), token_major(k), token_major(v), call)
     return (out, lse.float()) if return_lse else out

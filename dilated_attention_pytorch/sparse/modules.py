@@ -25,7 +25,7 @@ from ..validation import (
     check_ring_size,
     check_scale,
 )
-from .functional import SPARSE_BACKENDS, block_sparse_attention
+from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
 from .ring import RingSparseSetup, ring_block_sparse_attention
 
@@ -50,7 +50,7 @@ class BlockSparseAttention(nn.Module):
         seed: the ``"random"`` pattern's seed.
         dropout: drop probability of the attention probabilities, training only.
         scale: score scale, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"pytorch"`` or ``"flex"``, as in
+        backend: ``"auto"``, ``"pytorch"``, ``"flex"`` or ``"triton"``, as in
             :func:`~dilated_attention_pytorch.block_sparse_attention`.
 
     Shapes:
@@ -156,6 +156,10 @@ class RingBlockSparseAttention(BlockSparseAttention):
             :class:`BlockSparseAttention`; ``None`` for the other patterns.
         sparsity_ratio, pattern_type, block_size, num_heads, seed, dropout, scale: as in
             :class:`BlockSparseAttention`.
+        backend: the block kernel: ``"auto"`` (the Triton kernels on CUDA where they
+            run, else ``"pytorch"``), ``"pytorch"`` or ``"triton"``. FlexAttention cannot
+            take the ring's received blocks; a ring of one runs
+            :class:`BlockSparseAttention` with this backend (``"auto"`` may pick flex).
         validate: ``"once"`` (default): the collective input check (one small
             ``all_gather_object``) runs the first time an input signature is seen;
             ``"always"``: on every call.
@@ -175,13 +179,15 @@ class RingBlockSparseAttention(BlockSparseAttention):
         seed: int = 0,
         dropout: float = 0.0,
         scale: float | None = None,
+        backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
     ) -> None:
+        check_choice("backend", backend, ("auto", "pytorch", "triton"))
         super().__init__(
             block_size, sparsity_ratio, pattern_type, segment_lengths=segment_lengths,
             dilation_rates=dilation_rates, num_heads=num_heads, seed=seed, dropout=dropout,
-            scale=scale,
+            scale=scale, backend=backend,
         )  # fmt: skip
         self.ring_size = check_ring_size(ring_size)
         self.process_group = process_group
@@ -241,6 +247,7 @@ class RingBlockSparseAttention(BlockSparseAttention):
             seed=int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0,
             stats=self._stats,
             timeout=self.timeout,
+            kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),
         )
         out = ring_block_sparse_attention(q, k, v, setup)
         return out if already_split else gather_replicated(out, group, members, **options)

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ..backends.blocks import compute_dtype
 from ..distributed.comm import RingComm, RingStats
 from ..segments import token_major
-from .functional import SparseCall, run_heads, sparse_backward, sparse_forward
+from .functional import SparseCall, block_backward, block_forward
 
 __all__ = ["ring_block_sparse_attention", "needed_blocks"]
 
@@ -60,6 +60,7 @@ class RingSparseSetup:
     seed: int = 0
     stats: RingStats | None = None
     timeout: float | None = None
+    kernel: str = "pytorch"  # the block kernel: "pytorch" or "triton" (functional.ring_kernel)
 
     @property
     def blocks_per_rank(self) -> int:
@@ -117,7 +118,7 @@ def _exchange(setup: RingSparseSetup, tensors: list[Tensor], tag: int, what: str
 
 
 def _held(setup: RingSparseSetup, k: Tensor, v: Tensor, received: dict[int, Tensor],
-          recv_sets: dict[int, Tensor]) -> tuple[Tensor, Tensor, SparseCall, Tensor | None]:  # fmt: skip
+          recv_sets: dict[int, Tensor]) -> tuple[Tensor, Tensor, SparseCall]:  # fmt: skip
     """Local plus received K/V, and the call that maps the held blocks to global ones."""
     n, bs = setup.blocks_per_rank, setup.block_size
     own = torch.arange(setup.position * n, (setup.position + 1) * n)
@@ -143,8 +144,10 @@ def _held(setup: RingSparseSetup, k: Tensor, v: Tensor, received: dict[int, Tens
         is_causal=setup.is_causal,
         dropout_p=setup.dropout_p,
         seed=setup.seed,
+        kernel=setup.kernel,
+        per_head_mask=per_head,
     )
-    return k_held, v_held, call, per_head
+    return k_held, v_held, call
 
 
 class _RingBlockSparse(torch.autograd.Function):
@@ -155,10 +158,10 @@ class _RingBlockSparse(torch.autograd.Function):
         recv = {p: setup.wanted_from(p) for p in peers}
         received = _exchange(setup, [k, v], _KV_TAG, "K/V blocks of block-sparse ring attention",
                              send, recv, k.dtype)  # fmt: skip
-        k_held, v_held, call, per_head = _held(setup, k, v, received, recv)
-        out, lse = run_heads(sparse_forward, call, per_head, q, k_held, v_held)
+        k_held, v_held, call = _held(setup, k, v, received, recv)
+        out, lse = block_forward(call, q, k_held, v_held)
         ctx.save_for_backward(q, k_held, v_held, out, lse)
-        ctx.setup, ctx.call, ctx.per_head, ctx.send, ctx.recv = setup, call, per_head, send, recv
+        ctx.setup, ctx.call, ctx.send, ctx.recv = setup, call, send, recv
         ctx.local_len = k.shape[1]
         return out.to(q.dtype)
 
@@ -167,8 +170,8 @@ class _RingBlockSparse(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k_held, v_held, out, lse = ctx.saved_tensors
         setup, L = ctx.setup, ctx.local_len
-        dq, dk_held, dv_held = run_heads(
-            sparse_backward, ctx.call, ctx.per_head, token_major(dout), q, k_held, v_held, out, lse
+        dq, dk_held, dv_held = block_backward(
+            ctx.call, token_major(dout), q, k_held, v_held, out, lse
         )
         dk, dv = dk_held[:, :L].clone(), dv_held[:, :L].clone()
         # Gradients of the received blocks go home; the owners add them to their own.

@@ -1,4 +1,4 @@
-"""FlexAttention block-sparse backend on CUDA against the pytorch backend in float32.
+"""Block-sparse FlexAttention and Triton backends on CUDA against the pytorch backend in float32.
 
 Rule (flash-attn's): the bf16 error against float32 is at most twice the error of
 PyTorch's own bf16 pipeline (SDPA with the pattern's token mask) plus 1e-4. Skipped
@@ -29,15 +29,26 @@ def _run(q, k, v, dout, pattern, backend):
 
 @pytest.mark.parametrize("pattern_type", PATTERN_TYPES)
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_flex_matches_pytorch_backend(pattern_type, is_causal) -> None:
-    N, H, D = 2048, 4, 64
-    q, k, v, dout = (torch.randn(2, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+@pytest.mark.parametrize(
+    ("backend", "N", "D", "block_size", "dtype"),
+    [
+        ("flex", 2048, 64, 128, torch.bfloat16),
+        ("triton", 2048, 64, 128, torch.bfloat16),
+        ("triton", 2000, 128, 64, torch.float16),  # last block shorter
+        ("triton", 1024, 32, 32, torch.bfloat16),
+    ],
+)
+def test_matches_pytorch_backend(pattern_type, is_causal, backend, N, D, block_size, dtype) -> None:
+    H = 4
+    heads = H if pattern_type == "random" else None
+    q, k, v, dout = (torch.randn(2, N, H, D, device="cuda", dtype=dtype) for _ in range(4))
     pattern = make_block_sparse_pattern(
-        pattern_type, N, block_size=128, sparsity_ratio=0.8, is_causal=is_causal
-    )
+        pattern_type, N, block_size=block_size, sparsity_ratio=0.8, is_causal=is_causal,
+        num_heads=heads,
+    )  # fmt: skip
     ref = _run(q.float(), k.float(), v.float(), dout.float(), pattern, "pytorch")
     low = _run(q, k, v, dout, pattern, "sdpa")
-    got = _run(q, k, v, dout, pattern, "flex")
+    got = _run(q, k, v, dout, pattern, backend)
     for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low, strict=True):
         err = (g.double() - r.double()).abs().max().item()
         low_err = (lo.double() - r.double()).abs().max().item()

@@ -1,0 +1,139 @@
+"""Block-sparse Triton kernels under the interpreter (``TRITON_INTERPRET=1``, CPU).
+
+Against a dense softmax masked by the pattern's token mask, written from the
+definition in float64. The kernels run in float32 with 16x16 tiles, so blocks of 32
+span several tiles and the shorter last block, the causal diagonal and per-head lists
+are all exercised. Tolerance as in ``test_triton_backend.py``: float32 roundoff with
+fp32 accumulation over <= 100 keys per row stays well under 2e-5.
+
+Skipped when Triton is not installed; in a plain ``pytest`` process the file re-runs
+itself in a subprocess with the variable set (it must be set before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dilated_attention_pytorch import (  # noqa: E402
+    BlockSparseAttention,
+    RingBlockSparseAttention,
+    block_sparse_attention,
+    make_block_sparse_pattern,
+)
+from dilated_attention_pytorch.sparse import PATTERN_TYPES  # noqa: E402
+
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess"
+)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="already interpreting")
+def test_interpreted_suite_in_subprocess() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
+    )
+    assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+def masked_dense(q, k, v, token_mask):
+    B, N, H, D = q.shape
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * D**-0.5
+    mask = token_mask if token_mask.dim() == 3 else token_mask[None]
+    probs = torch.softmax(s.masked_fill(~mask[None], -math.inf), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _check(out, leaves, ref, ref_leaves, dout) -> None:
+    torch.testing.assert_close(out.double(), ref, **TOL)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), rg, **TOL, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@interpreted
+@pytest.mark.parametrize("pattern_type", PATTERN_TYPES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(("N", "block_size", "D"), [(96, 32, 16), (70, 16, 32)])
+def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size, D) -> None:
+    H = 3
+    q, k, v, dout = (torch.randn(2, N, H, D, dtype=torch.float64) for _ in range(4))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=block_size, sparsity_ratio=0.5, is_causal=is_causal,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out, lse = block_sparse_attention(*leaves, pattern, backend="triton", return_lse=True)
+    _, ref_lse = block_sparse_attention(q, k, v, pattern, backend="pytorch", return_lse=True)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = masked_dense(*ref_leaves, pattern.token_mask())
+    _check(out, leaves, ref, ref_leaves, dout)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), **TOL)
+
+
+@interpreted
+def test_dropped_blocks_are_never_read() -> None:
+    N, bs = 64, 16
+    q, k, v = (torch.randn(1, N, 2, 16) for _ in range(3))
+    pattern = make_block_sparse_pattern("local_window", N, block_size=bs, window=0)
+    k[:, 16:32] = math.nan  # block 1: kept only by query block 1
+    v[:, 16:32] = math.inf
+    out = block_sparse_attention(q, k, v, pattern, backend="triton")
+    assert torch.isfinite(out[:, :16]).all() and torch.isfinite(out[:, 32:]).all()
+
+
+def _ring_worker(rank: int, world: int, _: object) -> list[float]:
+    # A spawned gloo process: TRITON_INTERPRET=1 is inherited, conftest's patch is not.
+    from conftest import patch_triton_interpreter
+
+    patch_triton_interpreter()
+    errors = []
+    for pattern_type, is_causal in [("dilated_sparse", True), ("random", False)]:
+        torch.manual_seed(0)  # the same whole tensors on every rank
+        q, k, v, dout = (torch.randn(2, 128, 2, 16) for _ in range(4))
+        kw = dict(pattern_type=pattern_type, block_size=16, sparsity_ratio=0.6,
+                  num_heads=2 if pattern_type == "random" else None)  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = BlockSparseAttention(**kw, backend="pytorch")(*leaves, is_causal=is_causal)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        ring = RingBlockSparseAttention(**kw, backend="triton")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ring(*leaves, is_causal=is_causal)
+        grads = torch.autograd.grad(out, leaves, dout)
+        errors.append(max((a - b).abs().max().item()
+                          for a, b in zip([out, *grads], [ref, *ref_grads], strict=True)))  # fmt: skip
+    return errors
+
+
+@interpreted
+def test_ring_runs_the_triton_kernels_on_held_blocks() -> None:
+    from distributed_utils import spawn
+
+    for rank_errors in spawn(_ring_worker, 2):
+        assert max(rank_errors) < 2e-5, rank_errors
+
+
+def test_triton_backend_says_why_it_cannot_run() -> None:
+    q = torch.randn(1, 64, 2, 16)
+    pattern = make_block_sparse_pattern("local_window", 64, block_size=16, window=1)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: .*no dropout"):
+        block_sparse_attention(q, q, q, pattern, backend="triton", dropout_p=0.1)
+    odd = make_block_sparse_pattern("local_window", 60, block_size=12, window=1)
+    q = torch.randn(1, 60, 2, 24)
+    with pytest.raises(ValueError, match=r"power-of-two block size >= 16, got 12.*head dim"):
+        block_sparse_attention(q, q, q, odd, backend="triton")
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        RingBlockSparseAttention(pattern_type="local_window", backend="flex")
