@@ -6,15 +6,18 @@
 For every pattern, sparsity ratio, sequence length and head dim (bf16, B=1, H=16):
 forward and forward+backward time (median, CUDA events) and peak memory of
 
-- ``flex``: ``block_sparse_attention(..., backend="flex")`` (PyTorch's compiled
-  FlexAttention with the pattern as its ``BlockMask``; what ``auto`` runs on CUDA),
+- ``triton``: ``block_sparse_attention(..., backend="triton")`` (our kernels walking
+  per-query-block lists of kept key blocks, and the transposed lists for dK/dV),
+- ``flex``: ``backend="flex"`` (PyTorch's compiled FlexAttention with the pattern as
+  its ``BlockMask``, the same kept blocks),
 - ``pytorch``: ``backend="pytorch"`` (kept blocks gathered, matmuls), only up to
   ``--pytorch-max-tokens`` (it is the portable path, not the fast one),
 - ``dense``: ``F.scaled_dot_product_attention`` on the same tensors (cuDNN on Hopper),
   the whole ``N x N`` attention, once per (N, D, causal).
 
 Columns: ms, TFLOP/s over the kept pairs (``4 * D`` per pair forward, 3.5x that
-forward+backward), speedup over dense. Prints a table, writes
+forward+backward), speedup over dense, and for ``triton`` its speedup over ``flex``
+on the same row. Prints a table, writes
 ``block_sparse_<device>_<date>.json`` (device, date, versions, command) into ``--out``.
 """
 
@@ -50,6 +53,19 @@ def _tflops(pairs: int, D: int, H: int, ms: float, backward: bool) -> float:
     return flop / (ms * 1e-3) / 1e12
 
 
+def _versus_flex(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Set ``triton_vs_flex`` (flex ms / triton ms) on whichever of the pair comes second."""
+    key = ("pattern", "seq_len", "head_dim", "backward", "sparsity")
+    for other in rows:
+        if all(other[c] == row[c] for c in key) and {other["method"], row["method"]} == {
+            "triton",
+            "flex",
+        }:
+            t, f = (row, other) if row["method"] == "triton" else (other, row)
+            if "ms" in t and "ms" in f:
+                t["triton_vs_flex"] = f["ms"] / t["ms"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,6 +80,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--pytorch-max-tokens", type=int, default=32768)
+    parser.add_argument("--methods", nargs="+", default=["triton", "flex", "pytorch"])
     args = parser.parse_args()
     use_cuda = torch.cuda.is_available() and not args.cpu
     if not use_cuda and not args.cpu:
@@ -73,9 +90,9 @@ def main() -> None:
         args.pytorch_max_tokens = 512
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.bfloat16 if use_cuda else torch.float32
-    methods = ["flex", "pytorch"] if use_cuda else ["pytorch"]
+    methods = args.methods if use_cuda else ["pytorch"]
     report: dict[str, Any] = {**stamp(device), "config": {**vars(args), "dtype": str(dtype)}}
-    path = result_path(args.out, "block_sparse", device)
+    path = result_path(args.out, "block_sparse", device, *(["causal"] if args.causal else []))
     rows: list[dict[str, Any]] = []
     H, causal = args.heads, args.causal
     for N in args.tokens:
@@ -130,12 +147,13 @@ def main() -> None:
                                 )
                             except Exception:  # noqa: BLE001 (recorded, the sweep goes on)
                                 row["error"] = traceback.format_exc(limit=2)[-300:]
+                            _versus_flex(rows, row)
                             rows.append(row)
                             report["rows"] = rows
                             write_json(path, report)
             del q, k, v, dout, leaves
     cols = ["method", "pattern", "seq_len", "head_dim", "backward", "sparsity", "ms", "tflops",
-            "peak_gib", "speedup_vs_dense"]  # fmt: skip
+            "peak_gib", "speedup_vs_dense", "triton_vs_flex"]  # fmt: skip
     print_table("block-sparse attention", rows, cols)
     print(f"\nwrote {write_json(path, report)}")
 

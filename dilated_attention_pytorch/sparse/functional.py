@@ -59,6 +59,10 @@ class SparseCall:
     # "pytorch" (gathered matmuls) or "triton" (kernels over the kept-block lists).
     kernel: str = "pytorch"
     per_head_mask: Tensor | None = field(default=None, repr=False)  # (H, Qb, Kb) if per head
+    # Gradients of the Triton path in the input dtype (one device: every gradient row is
+    # written once from fp32 registers); the ring adds received gradients, so it keeps
+    # the compute dtype (None).
+    grads_in_input_dtype: bool = False
 
 
 def _interpreting() -> bool:
@@ -137,7 +141,8 @@ def block_backward(
     lists, t_lists = _device_lists(mask, q.device, key=mask)
     return sparse_backward_triton(
         dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
-        grad_dtype=compute_dtype(q.dtype), **_triton_settings(call),
+        grad_dtype=q.dtype if call.grads_in_input_dtype else compute_dtype(q.dtype),
+        **_triton_settings(call),
     )  # fmt: skip
 
 
@@ -411,6 +416,7 @@ def block_sparse_attention(
         seed=seed,
         kernel="triton" if backend == "triton" else "pytorch",
         per_head_mask=per_head,
+        grads_in_input_dtype=True,
     )
     out, lse = _BlockSparseFunction.apply(token_major(q), token_major(k), token_major(v), call)
     return (out, lse.float()) if return_lse else out

@@ -117,6 +117,25 @@ def _sparse_fwd(
 
 
 @triton.jit
+def _delta_kernel(
+    DO, Out, Delta, n_tok, num_heads, s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    # delta[b, n, h] = sum_d dO * O, in fp32, ROWS tokens of one (batch, head) per program.
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < n_tok
+    r64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    do = tl.load(_rows(DO, b, h, r64, s_db, s_dn, s_dh, offs_d), mask=ok[:, None], other=0.0)
+    o = tl.load(_rows(Out, b, h, r64, s_ob, s_on, s_oh, offs_d), mask=ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + b * s_lb + h * s_lh + r64 * s_ln, delta, mask=ok)
+
+
+@triton.jit
 def _load_lse2(Lse, b, h, rows, s_lb, s_ln, s_lh, mask):
     # The LSE in log2 units; a row without keys (-inf) gives +inf, so its p is 0.
     lse = tl.load(Lse + b * s_lb + h * s_lh + rows * s_ln, mask=mask, other=float("inf"))
@@ -306,10 +325,12 @@ def sparse_backward_triton(
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    delta = (dout.float() * out.float()).sum(-1)  # (B, Lq, H), the strides of lse
-    if delta.stride() != lse.stride():
-        lse = lse.contiguous()
-        delta = delta.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)  # (B, Lq, H) fp32, the strides of lse
+    rows = 16 if interpreting else 64
+    _delta_kernel[(triton.cdiv(Lq, rows), B * H)](
+        dout, out, delta, Lq, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, ROWS=rows,
+    )  # fmt: skip
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
