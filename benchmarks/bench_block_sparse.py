@@ -2,6 +2,7 @@
 
     python benchmarks/bench_block_sparse.py --out benchmarks/results
     python benchmarks/bench_block_sparse.py --cpu          # smoke test, tiny sizes
+    python benchmarks/bench_block_sparse.py --tune         # tile sizes of the Triton kernels
 
 For every pattern, sparsity ratio, sequence length and head dim (bf16, B=1, H=16):
 forward and forward+backward time (median, CUDA events) and peak memory of
@@ -66,6 +67,56 @@ def _versus_flex(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
                 t["triton_vs_flex"] = f["ms"] / t["ms"]
 
 
+_CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
+            (128, 128, 8, 2), (64, 128, 4, 3)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3),
+             (64, 128, 8, 2), (128, 64, 8, 3)],
+    "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 8, 3),
+           (128, 64, 4, 3)],
+}  # fmt: skip
+
+
+def _tune(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Each kernel's candidate tiles in turn, the others at their best so far."""
+    from dilated_attention_pytorch.sparse.triton_kernels import TILE_CONFIGS
+
+    N, ratio, rows = args.tokens[0], args.ratios[0], []
+    report: dict[str, Any] = {**stamp(device), "config": {**vars(args), "dtype": str(dtype)}}
+    for D in args.head_dims:
+        q, k, v, dout = (torch.randn(1, N, args.heads, D, device=device, dtype=dtype)
+                         for _ in range(4))  # fmt: skip
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        pattern = make_block_sparse_pattern("local_window", N, block_size=args.block_size,
+                                            sparsity_ratio=ratio, is_causal=args.causal)  # fmt: skip
+
+        def fn(a, b, c, pattern=pattern):
+            return block_sparse_attention(a, b, c, pattern, backend="triton")
+
+        for kernel, candidates in _CANDIDATES.items():
+            best = None
+            for cand in candidates:
+                TILE_CONFIGS[kernel][D] = cand
+                row = {"head_dim": D, "kernel": kernel, "tiles": str(cand)}
+                try:
+                    m = measure(_step(fn, leaves, dout, kernel != "fwd"), device)
+                    row["ms"] = m.ms
+                    if best is None or m.ms < best[0]:
+                        best = (m.ms, cand)
+                except Exception:  # noqa: BLE001 (a candidate that does not compile)
+                    row["error"] = traceback.format_exc(limit=1)[-200:]
+                rows.append(row)
+            if best is not None:
+                TILE_CONFIGS[kernel][D] = best[1]
+                rows.append({"head_dim": D, "kernel": kernel, "tiles": f"best {best[1]}",
+                             "ms": best[0]})  # fmt: skip
+        del q, k, v, dout, leaves
+    report["rows"] = rows
+    print_table("Triton block-sparse kernels: tile candidates (fwd: forward ms; dkdv, dq: "
+                "forward+backward ms)", rows, ["head_dim", "kernel", "tiles", "ms"])  # fmt: skip
+    print(f"\nwrote {write_json(result_path(args.out, 'block_sparse_tune', device), report)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,6 +132,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--pytorch-max-tokens", type=int, default=32768)
     parser.add_argument("--methods", nargs="+", default=["triton", "flex", "pytorch"])
+    parser.add_argument("--tag", default=None, help="extra word in the JSON file's name")
+    parser.add_argument("--tune", action="store_true",
+                        help="time candidate tile sizes of each Triton kernel (local_window, "
+                             "the first --tokens and --ratios) and print the fastest")  # fmt: skip
     args = parser.parse_args()
     use_cuda = torch.cuda.is_available() and not args.cpu
     if not use_cuda and not args.cpu:
@@ -92,9 +147,12 @@ def main() -> None:
     dtype = torch.bfloat16 if use_cuda else torch.float32
     methods = args.methods if use_cuda else ["pytorch"]
     report: dict[str, Any] = {**stamp(device), "config": {**vars(args), "dtype": str(dtype)}}
-    path = result_path(args.out, "block_sparse", device, *(["causal"] if args.causal else []))
+    tags = [t for t in (args.tag, "causal" if args.causal else None) if t]
+    path = result_path(args.out, "block_sparse", device, *tags)
     rows: list[dict[str, Any]] = []
     H, causal = args.heads, args.causal
+    if args.tune:
+        return _tune(args, device, dtype)
     for N in args.tokens:
         for D in args.head_dims:
             q, k, v, dout = (torch.randn(1, N, H, D, device=device, dtype=dtype) for _ in range(4))

@@ -390,7 +390,7 @@ def kv_block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:
     # Kept blocks first (stable sort of "dropped" flags), in increasing block order.
     order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
     indices = order[..., :kmax].clone()
-    indices[torch.arange(kmax) >= counts.unsqueeze(-1)] = 0
+    indices[torch.arange(kmax, device=block_mask.device) >= counts.unsqueeze(-1)] = 0
     return counts, indices
 
 

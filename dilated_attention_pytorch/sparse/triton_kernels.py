@@ -80,32 +80,34 @@ def _sparse_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
-    for i in range(num):
-        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + i)
-        k0 = tl.load(KFirst + kb)
-        g0 = tl.load(KGlob + kb)
-        for j in range(0, BS, BLOCK_N):
-            kl = k0 + j + offs_n
-            kg = g0 + j + offs_n
-            kmask = (kl < len_k) & (kg < seq_len)
-            k = tl.load(_rows(K, b, h, kl.to(tl.int64), s_kb, s_kn, s_kh, offs_d),
-                        mask=kmask[:, None], other=0.0)  # fmt: skip
-            qk = _dot(q, tl.trans(k), IEEE) * qk_scale
-            # Only tiles at the end of the sequence or on the causal diagonal need a mask.
-            edge = (k0 + j + BLOCK_N > len_k) | (g0 + j + BLOCK_N > seq_len)
-            if CAUSAL:
-                edge = edge | (g0 + j + BLOCK_N - 1 > q_start + m0)
-            if edge:
-                qk = tl.where(_valid(qg, kg, kmask, CAUSAL), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(_rows(V, b, h, kl.to(tl.int64), s_vb, s_vn, s_vh, offs_d),
-                        mask=kmask[:, None], other=0.0)  # fmt: skip
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            m_i = m_new
+    # One flat loop over (kept block, key tile of the block): the software pipeliner
+    # overlaps the loads of the next tile with this one's matmuls.
+    for t in range(num * (BS // BLOCK_N)):
+        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + t // (BS // BLOCK_N))
+        j = (t % (BS // BLOCK_N)) * BLOCK_N
+        k0 = tl.load(KFirst + kb) + j
+        g0 = tl.load(KGlob + kb) + j
+        kl = k0 + offs_n
+        kg = g0 + offs_n
+        kmask = (kl < len_k) & (kg < seq_len)
+        k = tl.load(_rows(K, b, h, kl.to(tl.int64), s_kb, s_kn, s_kh, offs_d),
+                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        qk = _dot(q, tl.trans(k), IEEE) * qk_scale
+        # Only tiles at the end of the sequence or on the causal diagonal need a mask.
+        edge = (k0 + BLOCK_N > len_k) | (g0 + BLOCK_N > seq_len)
+        if CAUSAL:
+            edge = edge | (g0 + BLOCK_N - 1 > q_start + m0)
+        if edge:
+            qk = tl.where(_valid(qg, kg, kmask, CAUSAL), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(_rows(V, b, h, kl.to(tl.int64), s_vb, s_vn, s_vh, offs_d),
+                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -173,32 +175,31 @@ def _sparse_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     num = tl.load(QNum + h * s_numh + kb)
-    for i in range(num):
-        qb = tl.load(QIdx + h * s_idxh + kb * s_idxk + i)
-        for m in range(0, BS, BLOCK_M):
-            ql = qb * BS + m + offs_m
-            qmask = ql < len_q
-            qg = q_start + ql
-            qrows = ql.to(tl.int64)
-            q = tl.load(_rows(Q, b, h, qrows, s_qb, s_qn, s_qh, offs_d),
-                        mask=qmask[:, None], other=0.0)  # fmt: skip
-            do = tl.load(_rows(DO, b, h, qrows, s_db, s_dn, s_dh, offs_d),
-                         mask=qmask[:, None], other=0.0)  # fmt: skip
-            lse2 = _load_lse2(Lse, b, h, qrows, s_lb, s_ln, s_lh, qmask)
-            delta = tl.load(Delta + b * s_lb + h * s_lh + qrows * s_ln, mask=qmask, other=0.0)
-            st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M): S transposed
-            pt = tl.exp2(st - lse2[None, :])
-            edge = (
-                (g0 + BLOCK_N > seq_len) | (k0 + BLOCK_N > len_k) | (qb * BS + m + BLOCK_M > len_q)
-            )
-            if CAUSAL:
-                edge = edge | (g0 + BLOCK_N - 1 > q_start + qb * BS + m)
-            if edge:
-                pt = tl.where(tl.trans(_valid(qg, kg, kmask, CAUSAL)) & qmask[None, :], pt, 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+    for t in range(num * (BS // BLOCK_M)):
+        qb = tl.load(QIdx + h * s_idxh + kb * s_idxk + t // (BS // BLOCK_M))
+        q0 = qb * BS + (t % (BS // BLOCK_M)) * BLOCK_M
+        ql = q0 + offs_m
+        qmask = ql < len_q
+        qg = q_start + ql
+        qrows = ql.to(tl.int64)
+        q = tl.load(_rows(Q, b, h, qrows, s_qb, s_qn, s_qh, offs_d),
+                    mask=qmask[:, None], other=0.0)  # fmt: skip
+        do = tl.load(_rows(DO, b, h, qrows, s_db, s_dn, s_dh, offs_d),
+                     mask=qmask[:, None], other=0.0)  # fmt: skip
+        lse2 = _load_lse2(Lse, b, h, qrows, s_lb, s_ln, s_lh, qmask)
+        delta = tl.load(Delta + b * s_lb + h * s_lh + qrows * s_ln, mask=qmask, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M): S transposed
+        pt = tl.exp2(st - lse2[None, :])
+        # Rows past len_q have lse +inf, so p = 0 there; only keys need a mask.
+        edge = (g0 + BLOCK_N > seq_len) | (k0 + BLOCK_N > len_k)
+        if CAUSAL:
+            edge = edge | (g0 + BLOCK_N - 1 > q_start + q0)
+        if edge:
+            pt = tl.where(tl.trans(_valid(qg, kg, kmask, CAUSAL)), pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
     tl.store(_rows(DK, b, h, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
              mask=kmask[:, None])  # fmt: skip
     tl.store(_rows(DV, b, h, krows, s_gb, s_gn, s_gh, offs_d), dv.to(DV.dtype.element_ty),
@@ -234,28 +235,28 @@ def _sparse_dq(
     delta = tl.load(Delta + b * s_lb + h * s_lh + qrows * s_ln, mask=qmask, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
-    for i in range(num):
-        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + i)
-        k0 = tl.load(KFirst + kb)
-        g0 = tl.load(KGlob + kb)
-        for j in range(0, BS, BLOCK_N):
-            kl = k0 + j + offs_n
-            kg = g0 + j + offs_n
-            kmask = (kl < len_k) & (kg < seq_len)
-            krows = kl.to(tl.int64)
-            k = tl.load(_rows(K, b, h, krows, s_kb, s_kn, s_kh, offs_d),
-                        mask=kmask[:, None], other=0.0)  # fmt: skip
-            v = tl.load(_rows(V, b, h, krows, s_vb, s_vn, s_vh, offs_d),
-                        mask=kmask[:, None], other=0.0)  # fmt: skip
-            p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
-            edge = (k0 + j + BLOCK_N > len_k) | (g0 + j + BLOCK_N > seq_len)
-            if CAUSAL:
-                edge = edge | (g0 + j + BLOCK_N - 1 > q_start + m0)
-            if edge:
-                p = tl.where(_valid(qg, kg, kmask, CAUSAL), p, 0.0)
-            dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, IEEE)
+    for t in range(num * (BS // BLOCK_N)):
+        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + t // (BS // BLOCK_N))
+        j = (t % (BS // BLOCK_N)) * BLOCK_N
+        k0 = tl.load(KFirst + kb) + j
+        g0 = tl.load(KGlob + kb) + j
+        kl = k0 + offs_n
+        kg = g0 + offs_n
+        kmask = (kl < len_k) & (kg < seq_len)
+        krows = kl.to(tl.int64)
+        k = tl.load(_rows(K, b, h, krows, s_kb, s_kn, s_kh, offs_d),
+                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        v = tl.load(_rows(V, b, h, krows, s_vb, s_vn, s_vh, offs_d),
+                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
+        edge = (k0 + BLOCK_N > len_k) | (g0 + BLOCK_N > seq_len)
+        if CAUSAL:
+            edge = edge | (g0 + BLOCK_N - 1 > q_start + m0)
+        if edge:
+            p = tl.where(_valid(qg, kg, kmask, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(_rows(DQ, b, h, qrows, s_gb, s_gn, s_gh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
 
@@ -263,13 +264,27 @@ def _sparse_dq(
 # --------------------------------------------------------------------------- launches
 
 
-def _tiles(block_size: int, head_dim: int, interpreting: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a block size and head dim."""
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for
+# blocks of >= 128 tokens (smaller blocks clamp the tiles). Tuned on an H200 in bf16
+# (benchmarks/bench_block_sparse.py --tune at N = 128K, 2026-12-04; 16, 32 and 256 are
+# untuned); a benchmark may override entries.
+TILE_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2),
+            256: (64, 32, 4, 2)},
+    "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 3),
+             256: (32, 32, 4, 2)},
+    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+           256: (32, 32, 4, 2)},
+}  # fmt: skip
+
+
+def _tiles(kernel: str, block_size: int, head_dim: int, interpreting: bool) -> tuple:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kernel`` for this call."""
     if interpreting:
         t = min(16, block_size)
         return t, t, 1, 1
-    t = min(block_size, 128 if head_dim <= 64 else 64)
-    return t, min(block_size, 64), (8 if t >= 128 else 4), 3
+    bm, bn, warps, stages = TILE_CONFIGS[kernel][head_dim]
+    return min(bm, block_size), min(bn, block_size), warps, stages
 
 
 def _s3(x: Tensor) -> tuple[int, int, int]:
@@ -302,7 +317,7 @@ def sparse_forward_triton(
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, dtype=torch.float32, device=q.device)
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
-    bm, bn, warps, stages = _tiles(block_size, D, interpreting)
+    bm, bn, warps, stages = _tiles("fwd", block_size, D, interpreting)
     grid = (triton.cdiv(Lq, block_size) * (block_size // bm), B * H)
     _sparse_fwd[grid](
         q, k, v, out, lse, num, idx, k_first, k_glob,
@@ -334,22 +349,24 @@ def sparse_backward_triton(
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
-    bm, bn, warps, stages = _tiles(block_size, D, interpreting)
     ieee = q.dtype == torch.float32
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
     tnum, tidx, t_numh, t_idxh, t_idxk = _lists(*t_lists, q.device)
-    common = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
-                  IEEE=ieee, num_warps=warps, num_stages=stages)  # fmt: skip
+    common = dict(HEAD_DIM=D, BS=block_size, CAUSAL=is_causal, IEEE=ieee)
+    bm, bn, warps, stages = _tiles("dkdv", block_size, D, interpreting)
     n_kb = k_first.numel()
     _sparse_dkdv[(n_kb * (block_size // bn), B * H)](
         q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
-        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale, **common,
+        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
+    bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting)
     _sparse_dq[(triton.cdiv(Lq, block_size) * (block_size // bm), B * H)](
         q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dq),
-        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale, **common,
+        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     return dq, dk, dv
 
