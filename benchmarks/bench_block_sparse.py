@@ -17,8 +17,9 @@ forward and forward+backward time (median, CUDA events) and peak memory of
   the whole ``N x N`` attention, once per (N, D, causal).
 
 Columns: ms, TFLOP/s over the kept pairs (``4 * D`` per pair forward, 3.5x that
-forward+backward), speedup over dense, and for ``triton`` its speedup over ``flex``
-on the same row. Prints a table, writes
+forward+backward), peak memory (inputs included; each pattern's cached lists only)
+next to ``block_sparse_memory_estimate``, speedup over dense, and for ``triton`` its
+speedup over ``flex`` on the same row. Prints a table, writes
 ``block_sparse_<device>_<date>.json`` (device, date, versions, command) into ``--out``.
 """
 
@@ -35,7 +36,8 @@ from bench_ring import print_table
 from measure import GiB, measure, result_path, stamp, write_json
 
 from dilated_attention_pytorch import block_sparse_attention, make_block_sparse_pattern
-from dilated_attention_pytorch.sparse import PATTERN_TYPES
+from dilated_attention_pytorch.sparse import PATTERN_TYPES, block_sparse_memory_estimate
+from dilated_attention_pytorch.sparse.functional import clear_sparse_caches
 
 
 def _step(fn, tensors, dout, backward: bool):
@@ -196,6 +198,8 @@ def main() -> None:
                                 "sparsity": pattern.sparsity_ratio,
                             }  # fmt: skip
                             try:
+                                # Peaks of this pattern only, not of earlier patterns' lists.
+                                clear_sparse_caches()
                                 m = measure(_step(fn, leaves, dout, backward), device)
                                 row.update(
                                     ms=m.ms,
@@ -203,6 +207,12 @@ def main() -> None:
                                     peak_gib=None if m.peak_bytes is None else m.peak_bytes / GiB,
                                     speedup_vs_dense=dense_ms[backward] / m.ms,
                                 )
+                                if method in ("triton", "flex"):
+                                    est = block_sparse_memory_estimate(
+                                        pattern, 1, H, D, dtype=dtype, backend=method,
+                                        with_backward=backward,
+                                    )  # fmt: skip
+                                    row["estimate_gib"] = est["total_per_device_gb"]
                             except Exception:  # noqa: BLE001 (recorded, the sweep goes on)
                                 row["error"] = traceback.format_exc(limit=2)[-300:]
                             _versus_flex(rows, row)
@@ -211,7 +221,7 @@ def main() -> None:
                             write_json(path, report)
             del q, k, v, dout, leaves
     cols = ["method", "pattern", "seq_len", "head_dim", "backward", "sparsity", "ms", "tflops",
-            "peak_gib", "speedup_vs_dense", "triton_vs_flex"]  # fmt: skip
+            "peak_gib", "estimate_gib", "speedup_vs_dense", "triton_vs_flex"]  # fmt: skip
     print_table("block-sparse attention", rows, cols)
     print(f"\nwrote {write_json(path, report)}")
 

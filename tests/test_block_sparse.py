@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import warnings
 
 import pytest
@@ -18,7 +20,12 @@ from dilated_attention_pytorch import (
     make_block_sparse_pattern,
 )
 from dilated_attention_pytorch.dropout import dropout_keep, token_ids
-from dilated_attention_pytorch.sparse import PATTERN_TYPES, kv_block_lists, pattern_from_block_mask
+from dilated_attention_pytorch.sparse import (
+    PATTERN_TYPES,
+    block_sparse_memory_estimate,
+    kv_block_lists,
+    pattern_from_block_mask,
+)
 
 # float64 on both sides: only summation order differs, so 1e-10 is far above rounding.
 TOL = {"atol": 1e-10, "rtol": 1e-10}
@@ -239,3 +246,102 @@ def test_modules_factory_and_deprecated_name() -> None:
     torch.testing.assert_close(
         small(q, q, q), block_sparse_attention(q, q, q, small.pattern(256)), **TOL
     )
+
+
+# --------------------------------------------------------------------------- memory estimate
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _recorded_rows():
+    for path in sorted(RESULTS.glob("block_sparse_nvidia-h200_*2026120[4-9].json")):
+        data = json.loads(path.read_text())
+        causal = bool(data["config"].get("causal"))
+        # Training steps only: the forward rows hold the output gradient and the saved
+        # tensors too, which a no_grad forward (with_backward=False) does not.
+        rows = [r for r in data["rows"]
+                if r["method"] in ("triton", "flex") and "ms" in r and r["backward"]]  # fmt: skip
+        for i, row in enumerate(rows):
+            yield path.name, i, causal, row
+
+
+def test_memory_estimate_matches_recorded_h200_peaks() -> None:
+    # Peaks measured by bench_block_sparse.py on an H200 (inputs included). In the runs
+    # before the benchmark cleared the caches between patterns, later rows also held
+    # earlier patterns' cached index lists and FlexAttention block masks (up to 13%);
+    # the first row of each run held only its own.
+    checked, patterns = 0, {}
+    for name, i, causal, row in _recorded_rows():
+        ratio = min((0.5, 0.9, 0.97), key=lambda x: abs(x - row["sparsity"]))
+        key = (row["pattern"], row["seq_len"], ratio, causal)
+        if key not in patterns:
+            patterns[key] = make_block_sparse_pattern(
+                row["pattern"], row["seq_len"], block_size=128, sparsity_ratio=ratio,
+                is_causal=causal,
+            )  # fmt: skip
+        pattern = patterns[key]
+        est = block_sparse_memory_estimate(pattern, 1, 16, row["head_dim"], backend=row["method"])[
+            "total_per_device_gb"
+        ]
+        measured = row["peak_gib"]
+        fresh = i == 0 or row.get("estimate_gib") is not None  # caches cleared per row
+        assert est <= measured * 1.01, (name, row, est)
+        assert est >= measured * (0.98 if fresh else 0.85), (name, row, est)
+        checked += 1
+    assert checked >= 50
+
+
+def test_memory_estimate_counts_the_kept_blocks() -> None:
+    N, H, D = 4096, 4, 64
+    one = [
+        block_sparse_memory_estimate(make_block_sparse_pattern("random", N, block_size=64,
+                                                               sparsity_ratio=r), 1, H, D)
+        for r in (0.5, 0.97)
+    ]  # fmt: skip
+    # One device: the kernels hold nothing of size N x N, only the index lists grow.
+    assert one[0]["parts"]["index_lists"] > one[1]["parts"]["index_lists"]
+    assert one[0]["bytes_per_device"] - one[0]["parts"]["index_lists"] == (
+        one[1]["bytes_per_device"] - one[1]["parts"]["index_lists"]
+    )
+    # A ring: what a rank receives and returns is the kept blocks of the others.
+    ring = {
+        (t, r): block_sparse_memory_estimate(
+            make_block_sparse_pattern(t, N, block_size=64, sparsity_ratio=r), 1, H, D,
+            ring_size=4,
+        )
+        for t in ("local_window", "random")
+        for r in (0.5, 0.97)
+    }  # fmt: skip
+    assert ring["local_window", 0.97]["received_blocks"] <= 2
+    for t in ("local_window", "random"):
+        assert ring[t, 0.97]["bytes_per_device"] < ring[t, 0.5]["bytes_per_device"]
+        est = ring[t, 0.5]
+        per_block = 64 * H * D  # elements of one block of k (or v)
+        assert est["parts"]["received_blocks"] == 2 * est["received_blocks"] * per_block * 2
+    # A narrow window over 4 ranks: O(N/k) per rank. A random pattern at 0.5 keeps blocks
+    # of every rank, so a rank receives almost all of them (and their fp32 gradients).
+    narrow = make_block_sparse_pattern("local_window", N, block_size=64, sparsity_ratio=0.97)
+    two = block_sparse_memory_estimate(narrow, 1, H, D, ring_size=2)["bytes_per_device"]
+    assert ring["local_window", 0.97]["bytes_per_device"] < 0.6 * two
+    others = 3 * (N // 64 // 4)
+    assert ring["random", 0.5]["received_blocks"] >= 0.9 * others
+
+
+def test_memory_estimate_of_the_modules_and_errors() -> None:
+    module = BlockSparseAttention(64, 0.9, "local_window")
+    est = module.get_memory_estimate(4096, 2, 4, 32, dtype=torch.float32)
+    want = block_sparse_memory_estimate(module.pattern(4096), 2, 4, 32, dtype=torch.float32,
+                                        backend="flex")  # fmt: skip
+    assert est == want
+    ring = RingBlockSparseAttention(pattern_type="local_window", block_size=64, ring_size=4)
+    assert ring.get_memory_estimate(4096, 1, 4, 32)["ring_size"] == 4
+    layer = create_block_sparse_attention(64, 4, sparsity_ratio=0.5, pattern_type="local_window")
+    with pytest.raises(TypeError, match=r"counts the attention only.*layer.attention"):
+        layer.get_memory_estimate(4096)
+    pattern = module.pattern(4096)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        block_sparse_memory_estimate(pattern, backend="pytorch")
+    with pytest.raises(ValueError, match=r"ring of 3 ranks needs N/3 to be a multiple"):
+        block_sparse_memory_estimate(pattern, ring_size=3)
+    with pytest.raises(TypeError, match=r"pattern must be a BlockSparsePattern"):
+        block_sparse_memory_estimate(torch.ones(4, 4, dtype=torch.bool))

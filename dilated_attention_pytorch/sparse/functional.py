@@ -31,7 +31,12 @@ from ..validation import check_choice, check_qkv, check_scalars
 from .flex import flex_block_sparse_attention, flex_unsupported
 from .patterns import BlockSparsePattern, kv_block_lists, pattern_from_block_mask
 
-__all__ = ["block_sparse_attention", "kv_block_lists", "pattern_from_block_mask"]
+__all__ = [
+    "block_sparse_attention",
+    "clear_sparse_caches",
+    "kv_block_lists",
+    "pattern_from_block_mask",
+]
 
 SPARSE_BACKENDS = ("auto", "pytorch", "flex", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -104,6 +109,15 @@ def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tup
         while len(_LISTS) > 32:
             _LISTS.popitem(last=False)
     return lists
+
+
+def clear_sparse_caches() -> None:
+    """Drop the cached index lists and FlexAttention block masks of every pattern (they
+    are kept for the 32 most recent patterns per device, to free their memory)."""
+    from .flex import _MASKS
+
+    _LISTS.clear()
+    _MASKS.clear()
 
 
 def _triton_ids(call: SparseCall, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -279,12 +293,15 @@ class _BlockSparseFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient for the LSE
         return out.to(q.dtype), lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # the output was not used: no gradient reaches q, k, v
+            return None, None, None, None
         dout = token_major(dout)
         dq, dk, dv = block_backward(ctx.call, dout, q, k, v, out, lse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

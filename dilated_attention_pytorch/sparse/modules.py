@@ -26,6 +26,7 @@ from ..validation import (
     check_scale,
 )
 from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
+from .memory import block_sparse_memory_estimate
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
 from .ring import RingSparseSetup, ring_block_sparse_attention
 
@@ -122,6 +123,40 @@ class BlockSparseAttention(nn.Module):
         return block_sparse_attention(
             q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+        )  # fmt: skip
+
+    def memory_ring_size(self) -> int:
+        """Ranks per ring for :meth:`get_memory_estimate` (1: one device)."""
+        return 1
+
+    def get_memory_estimate(
+        self,
+        seq_len: int,
+        batch_size: int = 1,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        *,
+        is_causal: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Per-device bytes of one forward+backward on ``(B, N, H, D)`` inputs, counting
+        only the kept blocks of this module's pattern for ``seq_len`` (no tensor is
+        allocated). :func:`~dilated_attention_pytorch.sparse.block_sparse_memory_estimate`
+        for :meth:`pattern` and :meth:`memory_ring_size`; ``kwargs``: ``dtype``,
+        ``backend`` (default: ``"flex"`` on one device, as ``auto`` runs on CUDA where
+        FlexAttention applies; ``"triton"`` over a ring), ``with_backward``.
+        """
+        if "embed_dim" in kwargs:
+            raise TypeError(
+                "the block-sparse estimate counts the attention only, not a multi-head "
+                "layer's projections; call layer.attention.get_memory_estimate(seq_len, "
+                "batch_size, num_heads, head_dim) and add the layer's own tensors."
+            )
+        ring = self.memory_ring_size()
+        kwargs.setdefault("backend", "triton" if ring > 1 or self.backend == "triton" else "flex")
+        return block_sparse_memory_estimate(
+            self.pattern(check_positive_int("seq_len", seq_len), is_causal), batch_size,
+            num_heads, head_dim, ring_size=ring, **kwargs,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -297,6 +332,13 @@ class RingBlockSparseAttention(BlockSparseAttention):
                 f"on every rank: {details}."
             )
         self._validated.add(signature)
+
+    def memory_ring_size(self) -> int:
+        """``ring_size``, else the process group's size (1 without ``torch.distributed``)."""
+        if self.ring_size is not None:
+            return self.ring_size
+        ring = self.ring()
+        return 1 if ring is None else len(ring[1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ring_size={self.ring_size}"
