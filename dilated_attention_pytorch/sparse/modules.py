@@ -53,6 +53,10 @@ class BlockSparseAttention(nn.Module):
         scale: score scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"pytorch"``, ``"flex"`` or ``"triton"``, as in
             :func:`~dilated_attention_pytorch.block_sparse_attention`.
+        pattern_knobs: the generator's own setting instead of a ratio, with
+            ``sparsity_ratio=None``: e.g. ``{"window": 2}`` keeps 2 blocks on each side
+            whatever ``N`` (linear cost); see
+            :func:`~dilated_attention_pytorch.make_block_sparse_pattern`.
 
     Shapes:
         q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``.
@@ -71,6 +75,7 @@ class BlockSparseAttention(nn.Module):
         dropout: float = 0.0,
         scale: float | None = None,
         backend: str = "auto",
+        pattern_knobs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.block_size = check_positive_int("block_size", block_size)
@@ -89,6 +94,13 @@ class BlockSparseAttention(nn.Module):
                 "segment_lengths": tuple(segment_lengths or ()),
                 "dilation_rates": tuple(dilation_rates or ()),
             }
+        if pattern_knobs is not None:
+            if not isinstance(pattern_knobs, dict):
+                raise TypeError(
+                    f"pattern_knobs must be a dict such as {{'window': 2}}, got "
+                    f"{type(pattern_knobs).__name__}."
+                )
+            self.knobs.update(pattern_knobs)
         self.num_heads = None if num_heads is None else check_positive_int("num_heads", num_heads)
         self.seed = seed
         self.dropout = check_dropout(dropout)
@@ -99,7 +111,7 @@ class BlockSparseAttention(nn.Module):
     @functools.lru_cache(maxsize=16)  # noqa: B019 (a few (N, causal) per module)
     def pattern(self, seq_len: int, is_causal: bool = False) -> BlockSparsePattern:
         """The pattern this module uses for ``seq_len`` tokens."""
-        knobs = {k: list(v) for k, v in self.knobs.items()}
+        knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.knobs.items()}
         return make_block_sparse_pattern(
             self.pattern_type, seq_len, block_size=self.block_size,
             sparsity_ratio=self.sparsity_ratio, is_causal=is_causal,
@@ -162,7 +174,7 @@ class BlockSparseAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"block_size={self.block_size}, sparsity_ratio={self.sparsity_ratio}, "
-            f"pattern_type={self.pattern_type!r}"
+            f"pattern_type={self.pattern_type!r}" + (f", knobs={self.knobs}" if self.knobs else "")
         )
 
 
@@ -189,8 +201,8 @@ class RingBlockSparseAttention(BlockSparseAttention):
     Args:
         segment_lengths, dilation_rates: the ``dilated_sparse`` schedule (tokens), as in
             :class:`BlockSparseAttention`; ``None`` for the other patterns.
-        sparsity_ratio, pattern_type, block_size, num_heads, seed, dropout, scale: as in
-            :class:`BlockSparseAttention`.
+        sparsity_ratio, pattern_type, block_size, num_heads, seed, dropout, scale,
+            pattern_knobs: as in :class:`BlockSparseAttention`.
         backend: the block kernel: ``"auto"`` (the Triton kernels on CUDA where they
             run, else ``"pytorch"``), ``"pytorch"`` or ``"triton"``. FlexAttention cannot
             take the ring's received blocks; a ring of one runs
@@ -215,6 +227,7 @@ class RingBlockSparseAttention(BlockSparseAttention):
         dropout: float = 0.0,
         scale: float | None = None,
         backend: str = "auto",
+        pattern_knobs: dict[str, Any] | None = None,
         validate: str = "once",
         timeout: float | None = None,
     ) -> None:
@@ -222,7 +235,7 @@ class RingBlockSparseAttention(BlockSparseAttention):
         super().__init__(
             block_size, sparsity_ratio, pattern_type, segment_lengths=segment_lengths,
             dilation_rates=dilation_rates, num_heads=num_heads, seed=seed, dropout=dropout,
-            scale=scale, backend=backend,
+            scale=scale, backend=backend, pattern_knobs=pattern_knobs,
         )  # fmt: skip
         self.ring_size = check_ring_size(ring_size)
         self.process_group = process_group
