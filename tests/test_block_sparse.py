@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import warnings
 
@@ -345,3 +346,31 @@ def test_memory_estimate_of_the_modules_and_errors() -> None:
         block_sparse_memory_estimate(pattern, ring_size=3)
     with pytest.raises(TypeError, match=r"pattern must be a BlockSparsePattern"):
         block_sparse_memory_estimate(torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_pattern_knobs_instead_of_a_ratio() -> None:
+    module = BlockSparseAttention(64, None, "local_window", pattern_knobs={"window": 1})
+    for N in (1024, 4096):
+        pattern = module.pattern(N)
+        assert pattern.knobs["window"] == 1 and pattern.requested_ratio is None
+        assert int(pattern.block_mask.sum(-1).max()) == 3  # itself and one block each side
+    assert "knobs={'window': 1}" in repr(module)  # part of the ring's settings check
+    with pytest.raises(TypeError, match=r"pattern_knobs must be a dict"):
+        BlockSparseAttention(64, None, "local_window", pattern_knobs=[("window", 1)])
+
+
+def test_auto_backend_rule() -> None:
+    # Measured on an H200 (benchmarks/results/block_sparse_nvidia-h200_*_20261204.json):
+    # flex was faster than our kernels on every row, so auto takes flex where it runs,
+    # the Triton kernels where flex cannot (CUDA only), and the pytorch path elsewhere.
+    from dilated_attention_pytorch.sparse.functional import auto_sparse_backend, ring_kernel
+
+    cpu = torch.zeros(1, 64, 2, 16)
+    assert auto_sparse_backend(cpu, [], []) == "flex"
+    assert auto_sparse_backend(cpu, ["no"], []) == "pytorch"
+    assert auto_sparse_backend(cpu, ["no"], ["no"]) == "pytorch"
+    assert ring_kernel(cpu, "auto", 64, 0.0) == "pytorch"
+    assert ring_kernel(cpu, "pytorch", 64, 0.0) == "pytorch"
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(ValueError, match=r"backend='triton' cannot run this call"):
+            ring_kernel(cpu, "triton", 64, 0.0)
