@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -28,6 +30,23 @@ def patch_triton_interpreter() -> None:
 
     patched._dilated_patched = True  # type: ignore[attr-defined]
     interp._patch_lang_tensor = patched
+
+
+def run_file_interpreted(path: str) -> None:
+    """Run the test file ``path`` with ``TRITON_INTERPRET=1`` in a fresh process and fail
+    unless all of it passes.
+
+    ``triton.jit`` decides at import time whether to interpret, so kernels can only be
+    interpreted in a process that had the variable before importing Triton; other test
+    modules never see it, so their ``backend="auto"`` choices are unaffected.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
+    )
+    assert " passed" in res.stdout and " failed" not in res.stdout
 
 
 # Before any test module imports (and runs) a kernel.

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -39,13 +37,9 @@ interpreted = pytest.mark.skipif(
 
 @pytest.mark.skipif(INTERPRETING, reason="already interpreting")
 def test_interpreted_suite_in_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
-    )
-    assert " passed" in res.stdout and " failed" not in res.stdout
+    from conftest import run_file_interpreted
+
+    run_file_interpreted(__file__)
 
 
 def masked_dense(q, k, v, token_mask):

@@ -13,8 +13,8 @@ masking and the shorter last block use global positions.
 
 Three kernels, FlashAttention-2's split: the forward (online softmax, LSE saved), the
 dK/dV pass (a program per key tile, over the query blocks that keep it) and the dQ
-pass (a program per query tile, over its key blocks). ``delta = rowsum(dO * O)`` is
-computed with PyTorch.
+pass (a program per query tile, over its key blocks). ``delta = rowsum(dO * O)`` comes
+from the dilated backend's kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..backends.triton.launch import _compute_delta
 
 __all__ = ["sparse_backward_triton", "sparse_forward_triton", "triton_block_sizes_ok"]
 
@@ -34,6 +36,31 @@ LN2 = 0.6931471805599453
 def _rows(X, b, h, rows, s_b, s_n, s_h, offs_d):
     # Pointers of rows ``rows`` (int64) of batch b, head h: (len(rows), HEAD_DIM).
     return X + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :]
+
+
+@triton.jit
+def _query_tile(num_heads, BS: tl.constexpr, BLOCK_M: tl.constexpr):
+    # This program's batch, head, query block and first query row (grid: tiles, B * H).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    qb = tile // (BS // BLOCK_M)
+    m0 = qb * BS + (tile % (BS // BLOCK_M)) * BLOCK_M
+    return (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64), qb, m0
+
+
+@triton.jit
+def _key_tile(Idx, KFirst, KGlob, t, len_k, seq_len, offs_n, BS: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    # Step t of a query tile's loop: key tile t % (BS / BLOCK_N) of its kept block
+    # t // (BS / BLOCK_N). Returns the first local and global key, the local and global
+    # keys of the tile and which of them exist.
+    kb = tl.load(Idx + t // (BS // BLOCK_N))
+    j = (t % (BS // BLOCK_N)) * BLOCK_N
+    k0 = tl.load(KFirst + kb) + j
+    g0 = tl.load(KGlob + kb) + j
+    kl = k0 + offs_n
+    kg = g0 + offs_n
+    return k0, g0, kl, kg, (kl < len_k) & (kg < seq_len)
 
 
 @triton.jit
@@ -61,12 +88,7 @@ def _sparse_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    qb = tile // (BS // BLOCK_M)
-    m0 = qb * BS + (tile % (BS // BLOCK_M)) * BLOCK_M
+    b, h, qb, m0 = _query_tile(num_heads, BS, BLOCK_M)
     if m0 >= len_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -83,13 +105,8 @@ def _sparse_fwd(
     # One flat loop over (kept block, key tile of the block): the software pipeliner
     # overlaps the loads of the next tile with this one's matmuls.
     for t in range(num * (BS // BLOCK_N)):
-        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + t // (BS // BLOCK_N))
-        j = (t % (BS // BLOCK_N)) * BLOCK_N
-        k0 = tl.load(KFirst + kb) + j
-        g0 = tl.load(KGlob + kb) + j
-        kl = k0 + offs_n
-        kg = g0 + offs_n
-        kmask = (kl < len_k) & (kg < seq_len)
+        k0, g0, kl, kg, kmask = _key_tile(KvIdx + h * s_idxh + qb * s_idxq, KFirst, KGlob, t,
+                                          len_k, seq_len, offs_n, BS, BLOCK_N)  # fmt: skip
         k = tl.load(_rows(K, b, h, kl.to(tl.int64), s_kb, s_kn, s_kh, offs_d),
                     mask=kmask[:, None], other=0.0)  # fmt: skip
         qk = _dot(q, tl.trans(k), IEEE) * qk_scale
@@ -116,25 +133,6 @@ def _sparse_fwd(
     tl.store(_rows(Out, b, h, rows, s_ob, s_on, s_oh, offs_d), out.to(Out.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
     tl.store(Lse + b * s_lb + h * s_lh + rows * s_ln, lse, mask=qmask)
-
-
-@triton.jit
-def _delta_kernel(
-    DO, Out, Delta, n_tok, num_heads, s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
-    # delta[b, n, h] = sum_d dO * O, in fp32, ROWS tokens of one (batch, head) per program.
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    ok = rows < n_tok
-    r64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    do = tl.load(_rows(DO, b, h, r64, s_db, s_dn, s_dh, offs_d), mask=ok[:, None], other=0.0)
-    o = tl.load(_rows(Out, b, h, r64, s_ob, s_on, s_oh, offs_d), mask=ok[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(Delta + b * s_lb + h * s_lh + r64 * s_ln, delta, mask=ok)
 
 
 @triton.jit
@@ -215,12 +213,7 @@ def _sparse_dq(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    qb = tile // (BS // BLOCK_M)
-    m0 = qb * BS + (tile % (BS // BLOCK_M)) * BLOCK_M
+    b, h, qb, m0 = _query_tile(num_heads, BS, BLOCK_M)
     if m0 >= len_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -236,13 +229,8 @@ def _sparse_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
     for t in range(num * (BS // BLOCK_N)):
-        kb = tl.load(KvIdx + h * s_idxh + qb * s_idxq + t // (BS // BLOCK_N))
-        j = (t % (BS // BLOCK_N)) * BLOCK_N
-        k0 = tl.load(KFirst + kb) + j
-        g0 = tl.load(KGlob + kb) + j
-        kl = k0 + offs_n
-        kg = g0 + offs_n
-        kmask = (kl < len_k) & (kg < seq_len)
+        k0, g0, kl, kg, kmask = _key_tile(KvIdx + h * s_idxh + qb * s_idxq, KFirst, KGlob, t,
+                                          len_k, seq_len, offs_n, BS, BLOCK_N)  # fmt: skip
         krows = kl.to(tl.int64)
         k = tl.load(_rows(K, b, h, krows, s_kb, s_kn, s_kh, offs_d),
                     mask=kmask[:, None], other=0.0)  # fmt: skip
@@ -341,11 +329,7 @@ def sparse_backward_triton(
     Lk = k.shape[1]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)  # (B, Lq, H) fp32, the strides of lse
-    rows = 16 if interpreting else 64
-    _delta_kernel[(triton.cdiv(Lq, rows), B * H)](
-        dout, out, delta, Lq, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, ROWS=rows,
-    )  # fmt: skip
+    delta = _compute_delta(dout, out)  # (B, Lq, H) fp32, the strides of lse
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
