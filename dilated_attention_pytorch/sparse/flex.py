@@ -20,7 +20,7 @@ from .patterns import BlockSparsePattern, kv_block_lists
 __all__ = ["flex_block_mask", "flex_block_sparse_attention", "flex_unsupported"]
 
 _COMPILED = None
-_MASKS: OrderedDict[tuple[int, str], tuple[BlockSparsePattern, BlockMask]] = OrderedDict()
+BLOCK_MASK_CACHE: OrderedDict[tuple[int, str], tuple[BlockSparsePattern, BlockMask]] = OrderedDict()
 
 
 def flex_unsupported(q: Tensor, pattern: BlockSparsePattern, dropout_p: float) -> list[str]:
@@ -48,9 +48,9 @@ def _causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
 def flex_block_mask(pattern: BlockSparsePattern, device: torch.device) -> BlockMask:
     """The pattern as a FlexAttention ``BlockMask`` on ``device`` (cached per pattern)."""
     key = (id(pattern), str(device))
-    if key in _MASKS:
-        _MASKS.move_to_end(key)
-        return _MASKS[key][1]
+    if key in BLOCK_MASK_CACHE:
+        BLOCK_MASK_CACHE.move_to_end(key)
+        return BLOCK_MASK_CACHE[key][1]
     mask = pattern.block_mask
     mask = mask[None] if mask.dim() == 2 else mask  # (H or 1, Qb, Kb)
     if pattern.is_causal:
@@ -75,9 +75,9 @@ def flex_block_mask(pattern: BlockSparsePattern, device: torch.device) -> BlockM
         mask_mod=_causal if pattern.is_causal else None,
         seq_lengths=(pattern.seq_len, pattern.seq_len),
     )  # fmt: skip
-    _MASKS[key] = (pattern, block_mask)
-    while len(_MASKS) > 32:
-        _MASKS.popitem(last=False)
+    BLOCK_MASK_CACHE[key] = (pattern, block_mask)
+    while len(BLOCK_MASK_CACHE) > 32:
+        BLOCK_MASK_CACHE.popitem(last=False)
     return block_mask
 
 

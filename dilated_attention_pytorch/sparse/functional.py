@@ -28,6 +28,7 @@ from ..backends.blocks import compute_dtype
 from ..dropout import dropout_keep
 from ..segments import token_major
 from ..validation import check_choice, check_qkv, check_scalars
+from .flex import BLOCK_MASK_CACHE as flex_cache
 from .flex import flex_block_sparse_attention, flex_unsupported
 from .patterns import BlockSparsePattern, kv_block_lists, pattern_from_block_mask
 
@@ -40,6 +41,8 @@ __all__ = [
 
 SPARSE_BACKENDS = ("auto", "pytorch", "flex", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:  # the kernels need Triton; without it the "triton" backend says so
+    from . import triton_kernels
 
 # Upper bound on score elements materialised at once (2**24 fp32 = 64 MiB).
 _MAX_SCORE_ELEMENTS = 1 << 24
@@ -114,10 +117,8 @@ def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tup
 def clear_sparse_caches() -> None:
     """Drop the cached index lists and FlexAttention block masks of every pattern (they
     are kept for the 32 most recent patterns per device, to free their memory)."""
-    from .flex import _MASKS
-
     _LISTS.clear()
-    _MASKS.clear()
+    flex_cache.clear()
 
 
 def _triton_ids(call: SparseCall, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -135,11 +136,9 @@ def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Te
     """Out and LSE of the queries ``q`` against the held ``k``/``v`` (either kernel)."""
     if call.kernel != "triton":
         return run_heads(sparse_forward, call, call.per_head_mask, q, k, v)
-    from .triton_kernels import sparse_forward_triton
-
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, _ = _device_lists(mask, q.device, key=mask)
-    return sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
+    return triton_kernels.sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
                                  **_triton_settings(call))  # fmt: skip
 
 
@@ -149,11 +148,9 @@ def block_backward(
     """Gradients (compute dtype) of ``q`` and of the held ``k``/``v`` (either kernel)."""
     if call.kernel != "triton":
         return run_heads(sparse_backward, call, call.per_head_mask, dout, q, k, v, out, lse)
-    from .triton_kernels import sparse_backward_triton
-
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, t_lists = _device_lists(mask, q.device, key=mask)
-    return sparse_backward_triton(
+    return triton_kernels.sparse_backward_triton(
         dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
         grad_dtype=q.dtype if call.grads_in_input_dtype else compute_dtype(q.dtype),
         **_triton_settings(call),
