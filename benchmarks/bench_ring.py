@@ -456,6 +456,9 @@ def main() -> None:
         args.base, args.heads, args.head_dim, args.iters, args.warmup = 16, 4, 16, 2, 1
 
     use_cuda = torch.cuda.is_available() and not args.cpu
+    if not use_cuda and not args.cpu:
+        # GPU sizes on CPU processes would run for hours: refuse on every rank.
+        sys.exit("bench_ring.py: no GPU found; add --cpu for the gloo run with small sizes")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
@@ -472,12 +475,12 @@ def main() -> None:
         "memory": PeakMemory(device, count_live=count_live(device)).what + ", max over ranks",
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
         "notes": (
-            "4-GPU runs were not possible: only a 2-GPU machine was available."
-            if world_size < 4
-            else ""
+            f"{world_size} {'GPUs' if use_cuda else 'gloo processes on the CPU'}, ring sizes "
+            f"{ring_sizes(world_size)}"
+            + ("" if use_cuda else "; the *_per_gpu columns are per rank (CPU process)")
         ),
     }
-    path = result_path(args.out, "ring", device, f"{world_size}gpu")
+    path = result_path(args.out, "ring", device, f"{world_size}{'gpu' if use_cuda else 'rank'}")
     sections = {
         "correctness": correctness,
         "weak_scaling": weak_scaling,

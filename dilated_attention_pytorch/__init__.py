@@ -1,4 +1,36 @@
-"""LongNet dilated attention and ring (sequence-parallel) dilated attention for PyTorch."""
+"""LongNet dilated attention, ring (sequence-parallel) attention and block-sparse attention.
+
+Layout: every attention function and module here takes ``q``, ``k``, ``v`` of shape
+``(B, N, H, D)`` (batch, tokens, heads, head dim), *not* the ``(B, H, N, D)`` of
+``torch.nn.functional.scaled_dot_product_attention``; the multi-head layers take
+``(B, N, E)``.
+
+Quick start::
+
+    import torch
+    from dilated_attention_pytorch import MultiheadDilatedAttention, dilated_attention
+
+    q, k, v = (torch.randn(1, 8192, 8, 64) for _ in range(3))
+    out = dilated_attention(q, k, v, segment_lengths=[2048, 4096, 8192],
+                            dilation_rates=[1, 2, 4])          # (1, 8192, 8, 64)
+    layer = MultiheadDilatedAttention(512, 8, [2048, 4096, 8192], [1, 2, 4])
+    y, _ = layer(torch.randn(1, 8192, 512))                    # (1, 8192, 512)
+
+What is here:
+
+- ``dilated_attention`` / ``DilatedAttention`` / ``MultiheadDilatedAttention``: LongNet
+  dilated attention on one device (backends ``"pytorch"`` and ``"triton"``).
+- ``StandardRingAttention``, ``RingMultiheadDilatedAttention``, ``HilbertRingAttention``,
+  ``ring_dilated_attention``, ``create_ring_attention``: the same attention with the
+  sequence split over the ranks of a ``torch.distributed`` group.
+- ``block_sparse_attention``, ``BlockSparseAttention``, ``RingBlockSparseAttention``,
+  ``make_block_sparse_pattern``: attention over the kept blocks of a pattern.
+- ``get_memory_estimate`` and the modules' ``get_memory_estimate``: memory before running.
+- ``dense_dilated_attention``: the dense ``O(N^2)`` reference the tests compare against.
+
+The README (on the package index and in the repository) explains what is computed,
+the ring's contract, the backends and the measurements.
+"""
 
 import sys
 

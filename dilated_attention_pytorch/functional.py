@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from .backends import AttentionCall, Backend, ForwardContext, select_backend
 from .plan import make_plan
 from .segments import token_major
-from .validation import check_key_padding_mask, check_qkv, check_scalars
+from .validation import check_key_padding_mask, check_qkv, check_scalars, warn_if_transposed
 
 __all__ = ["dilated_attention"]
 
@@ -93,6 +93,7 @@ def dilated_attention(
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
+    warn_if_transposed(q, segment_lengths)
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,

@@ -107,7 +107,7 @@ def dense_dilated_attention(
     return_lse: bool = False,
     upcast: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Dilated attention by the count-mask formula.
+    """Dilated attention on ``(B, N, H, D)`` tensors by the count-mask formula.
 
     ``out = softmax_with_counts(S, M) @ V``: weights ``M * exp(S - rowmax)``
     normalised per row; a row with no key gives 0 (and LSE ``-inf``).

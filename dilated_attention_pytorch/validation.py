@@ -11,6 +11,7 @@ functional, modules, config, factory, ring) can use it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -264,6 +265,12 @@ def check_backend_name(backend: object, valid: Sequence[str]) -> str:
     """``"auto"`` or one of the registered backend names ``valid``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}.")
+    if backend == "triton" and backend not in valid:
+        raise ValueError(
+            "backend='triton' needs Triton, which is not installed: install it with "
+            "pip install 'dilated-attention-pytorch[triton]' (Triton runs on NVIDIA GPUs, and "
+            f"on the CPU only through TRITON_INTERPRET=1), or use one of {['auto', *valid]}."
+        )
     if backend != "auto" and backend not in valid:
         raise ValueError(f"unknown backend {backend!r}; valid backends are {['auto', *valid]}.")
     return backend
@@ -272,3 +279,23 @@ def check_backend_name(backend: object, valid: Sequence[str]) -> str:
 def check_ring_size(ring_size: object) -> int | None:
     """``None`` (the whole process group) or a positive int."""
     return check_optional_positive_int("ring_size", ring_size)
+
+
+def warn_if_transposed(q: Tensor, segment_lengths: Sequence[int]) -> None:
+    """Warn when ``q`` looks like ``(B, H, N, D)`` instead of ``(B, N, H, D)``.
+
+    The sign: fewer "tokens" (dim 1) than "heads" (dim 2) while every segment is longer
+    than the sequence. The call is valid (one short segment per branch), so this is a
+    warning, not an error.
+    """
+    N, H = q.shape[1], q.shape[2]
+    if N < H and all(w > N for w in segment_lengths):
+        warnings.warn(
+            f"q has shape {tuple(q.shape)}, read as (B, N, H, D): {N} tokens and {H} heads, "
+            f"and every segment length {list(segment_lengths)} exceeds the {N} tokens. If "
+            f"your tensors are (B, H, N, D), the layout of "
+            f"torch.nn.functional.scaled_dot_product_attention, pass q.transpose(1, 2) "
+            f"(and k, v likewise) and transpose the output back.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -84,3 +86,26 @@ def test_bad_options() -> None:
         dilated_attention(q, k, v, [4], [1], scale=-1.0)
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         dilated_attention(q, k, v, [4], [1], is_causal="yes")
+
+
+def test_triton_backend_without_triton_says_how_to_install() -> None:
+    from dilated_attention_pytorch.validation import check_backend_name
+
+    with pytest.raises(ValueError, match=r"pip install 'dilated-attention-pytorch\[triton\]'"):
+        check_backend_name("triton", ["pytorch"])
+
+
+def test_transposed_layout_warns() -> None:
+    # (B, H, N, D) = (1, 8, 1024, 16) passed where (B, N, H, D) is expected: 8 "tokens",
+    # 1024 "heads", every segment longer than the 8 tokens.
+    q = torch.randn(1, 8, 1024, 16)
+    with pytest.warns(UserWarning, match=r"\(B, H, N, D\).*pass q\.transpose\(1, 2\)"):
+        dilated_attention(q, q, q, [256, 512], [1, 2])
+    # The right layout, and short sequences with many heads but segments that fit: silent.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dilated_attention(
+            q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), [256, 512], [1, 2]
+        )
+        small = torch.randn(1, 4, 8, 16)
+        dilated_attention(small, small, small, [2, 4], [1, 2])

@@ -703,7 +703,7 @@ def ring_dilated_attention(
     timeout: float | None = None,
     stats: RingStats | None = None,
 ) -> Tensor:
-    """Dilated attention on a sequence sharded over the ranks of ``group``.
+    """Dilated attention on ``(B, N/k, H, D)`` shards of a sequence split over the ranks of ``group``.
 
     Rank ``j`` of the ``k`` ranks of ``group`` passes its shard: tokens
     ``[j*N/k, (j+1)*N/k)`` of the global ``(B, N, H, D)`` q, k, v. The result (and

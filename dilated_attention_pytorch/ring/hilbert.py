@@ -37,7 +37,7 @@ def _check_grid(grid_size: object) -> tuple[int, int] | None:
 
 
 class HilbertRingAttention(StandardRingAttention):
-    """:class:`StandardRingAttention` over tokens in Hilbert-curve order.
+    """:class:`StandardRingAttention` on ``(B, N, H, D)`` tensors, tokens in Hilbert-curve order.
 
     On ``(B, N, H, D)`` q, k, v whose ``N`` tokens are the row-major cells of a grid.
     Causal means causal in curve order.

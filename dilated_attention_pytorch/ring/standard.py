@@ -51,7 +51,7 @@ def ring_members(
 
 
 class StandardRingAttention(DilatedAttention):
-    """Dilated attention over a sequence shared by the ranks of a ring.
+    """Dilated attention on ``(B, N, H, D)`` tensors over a sequence shared by the ranks of a ring.
 
     On ``(B, N, H, D)`` q, k, v (batch, tokens, heads, head dim). Every rank of the
     process group calls it together. The group is one ring (``ring_size=None``) or is
@@ -270,7 +270,7 @@ RingDilatedAttention = StandardRingAttention
 
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """Multi-head dilated attention whose attention runs over a ring of ranks.
+    """Multi-head dilated attention on ``(B, N, E)`` inputs whose attention runs over a ring of ranks.
 
     A :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` whose inner
     attention is :class:`StandardRingAttention`. ``forward(query, key=None, value=None,

@@ -187,7 +187,7 @@ def _no_mask(key_padding_mask: object) -> None:
 
 
 class RingBlockSparseAttention(BlockSparseAttention):
-    """Block-sparse attention over a sequence sharded across the ranks of a ring.
+    """Block-sparse attention on ``(B, N, H, D)`` tensors over a sequence shared by the ranks of a ring.
 
     Computes exactly :class:`BlockSparseAttention`; rank ``j`` of a ring of ``k`` holds
     tokens ``[j*N/k, (j+1)*N/k)``, and a rank receives only the key/value blocks its

@@ -35,7 +35,7 @@ def _deepspeed_checkpointing() -> Any:
 
 
 class DistributedRingAttention(StandardRingAttention):
-    """:class:`StandardRingAttention` with monitoring, activation checkpointing and timeouts.
+    """:class:`StandardRingAttention` (``(B, N, H, D)``) with monitoring, checkpointing and timeouts.
 
     Computes exactly what :class:`StandardRingAttention` computes (same arguments,
     same ``forward(query, key, value, *, is_causal, key_padding_mask, already_split)``
