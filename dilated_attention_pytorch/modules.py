@@ -312,11 +312,25 @@ class MultiheadDilatedAttention(nn.Module):
                 "(N, N) attention weights; call with need_weights=False (the output is then "
                 "(out, None))."
             )
+        if "attn_mask" in attention_kwargs:
+            raise TypeError(
+                "attn_mask is not supported: dilated attention never builds an (N, N) mask. "
+                "Use key_padding_mask=(B, N) bool for padding, is_causal=True for a causal "
+                "mask, or a block-sparse pattern (BlockSparseAttention) for a structured one."
+            )
         key = query if key is None else key
         value = key if value is None else value
         query = check_embedding_input("query", query, self.embed_dim)
         key = check_embedding_input("key", key, self.embed_dim)
         value = check_embedding_input("value", value, self.embed_dim)
+        weight_dtype = self.q_proj.weight.dtype
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != weight_dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(
+                    f"{name} is {t.dtype} but the layer's parameters are {weight_dtype}; cast "
+                    f"the input ({name}.to({weight_dtype})) or the layer "
+                    f"(layer.to({t.dtype})), or run under torch.autocast."
+                )
         B, N, _ = query.shape
         H, D = self.num_heads, self.head_dim
         # q, k, v: (B, N, E) -> (B, N, H, D), views of the projections.

@@ -109,3 +109,16 @@ def test_transposed_layout_warns() -> None:
         )
         small = torch.randn(1, 4, 8, 16)
         dilated_attention(small, small, small, [2, 4], [1, 2])
+
+
+def test_multihead_layer_says_what_to_do() -> None:
+    from dilated_attention_pytorch import MultiheadDilatedAttention
+
+    layer = MultiheadDilatedAttention(32, 4, [8], [1], dtype=torch.bfloat16)
+    x = torch.randn(1, 16, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"query is torch.float64 but the layer's parameters are "
+                                        r"torch.bfloat16; cast the input"):  # fmt: skip
+        layer(x)
+    layer(x.to(torch.bfloat16))
+    with pytest.raises(TypeError, match=r"attn_mask is not supported.*key_padding_mask.*is_causal"):
+        layer(x.to(torch.bfloat16), attn_mask=torch.ones(16, 16, dtype=torch.bool))
