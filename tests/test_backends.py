@@ -185,6 +185,9 @@ def _not_runnable_here() -> list[str]:
 def test_backends_under_triton_interpreter() -> None:
     # triton.jit decides at import whether to interpret, so these backends can only run
     # on the CPU in a fresh process with TRITON_INTERPRET=1 set before the import.
+    from conftest import skip_if_interpreter_runs_separately
+
+    skip_if_interpreter_runs_separately()
     only = ",".join(_not_runnable_here())
     env = {**os.environ, "TRITON_INTERPRET": "1", "DILATED_ATTENTION_TEST_BACKENDS": only}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
