@@ -284,12 +284,13 @@ def check_ring_size(ring_size: object) -> int | None:
 def warn_if_transposed(q: Tensor, segment_lengths: Sequence[int]) -> None:
     """Warn when ``q`` looks like ``(B, H, N, D)`` instead of ``(B, N, H, D)``.
 
-    The sign: fewer "tokens" (dim 1) than "heads" (dim 2) while every segment is longer
-    than the sequence. The call is valid (one short segment per branch), so this is a
-    warning, not an error.
+    The sign: fewer "tokens" (dim 1) than "heads" (dim 2), every segment longer than
+    the sequence, and dim 2 as long as a segment (a real head count is not). The call
+    is valid (one short segment per branch), so this is a warning, not an error; a
+    single token (or none) never warns.
     """
     N, H = q.shape[1], q.shape[2]
-    if N < H and all(w > N for w in segment_lengths):
+    if 2 <= N < H and all(w > N for w in segment_lengths) and H >= min(segment_lengths):
         warnings.warn(
             f"q has shape {tuple(q.shape)}, read as (B, N, H, D): {N} tokens and {H} heads, "
             f"and every segment length {list(segment_lengths)} exceeds the {N} tokens. If "

@@ -109,6 +109,11 @@ def test_transposed_layout_warns() -> None:
         )
         small = torch.randn(1, 4, 8, 16)
         dilated_attention(small, small, small, [2, 4], [1, 2])
+        # Few tokens, many heads, long segments: a short sequence, not a transposed one.
+        short = torch.randn(1, 4, 16, 16)
+        dilated_attention(short, short, short, [2048, 4096], [1, 2])
+        one = torch.randn(1, 1, 8, 16)  # one token (a decoding step)
+        dilated_attention(one, one, one, [4], [1])
 
 
 def test_multihead_layer_says_what_to_do() -> None:
