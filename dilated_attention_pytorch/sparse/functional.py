@@ -381,8 +381,12 @@ def block_sparse_attention(
         backend: ``"pytorch"`` (gathers the kept key blocks per chunk of query blocks and
             runs matmuls; any device, dtype and option), ``"flex"`` (PyTorch's compiled
             FlexAttention with the pattern as its ``BlockMask``; CUDA, no dropout, ``N`` a
-            multiple of a block size that is a multiple of 16) or ``"auto"``: flex where
-            it applies, else pytorch (``benchmarks/bench_block_sparse.py`` measures both).
+            multiple of a block size that is a multiple of 16), ``"triton"`` (our kernels
+            over the kept-block lists; CUDA, or the CPU under ``TRITON_INTERPRET=1``;
+            power-of-two block sizes >= 16 and head dims 16..256, any ``N``, no dropout)
+            or ``"auto"``: flex where it applies, else triton on CUDA, else pytorch
+            (flex was faster than our kernels on every row of
+            ``benchmarks/bench_block_sparse.py`` on an H200).
         return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
 
     Returns:
