@@ -73,7 +73,7 @@ class DilatedAttentionConfig:
         object.__setattr__(self, "dilation_rates", rs)
         check_branch_mixing(self.branch_mixing)
         object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        check_scale(self.scale)
+        object.__setattr__(self, "scale", check_scale(self.scale))
         check_backend_name(self.backend, available_backends())
         if (self.embed_dim is None) != (self.num_heads is None):
             raise ValueError(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .autograd import first_order_only
 from .backends import AttentionCall, Backend, ForwardContext, select_backend
 from .plan import make_plan
 from .segments import token_major
@@ -17,21 +18,50 @@ __all__ = ["dilated_attention"]
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, backend: Backend, fctx: ForwardContext):
-        out, lse = backend.forward(q, k, v, fctx)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.backend = backend
-        ctx.fctx = fctx
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    """``(q, k, v) -> (out, lse_pair)``; the backend's backward, and a vmap rule that folds
+    the mapped dimension into the batch (every batch element is independent)."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dout: Tensor, _dlse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backend.backward(token_major(dout), q, k, v, out, lse, ctx.fctx)
+    def forward(q: Tensor, k: Tensor, v: Tensor, backend: Backend, fctx: ForwardContext):
+        # out (B, N, H, D); lse_pair (2, B, N, H): the LSE is lse_pair[0] + lse_pair[1].
+        return backend.forward(q, k, v, fctx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, backend, fctx = inputs
+        out, lse_pair = output
+        ctx.save_for_backward(q, k, v, out, lse_pair)
+        ctx.backend = backend
+        ctx.fctx = fctx
+        ctx.mark_non_differentiable(lse_pair)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_only("dilated_attention")
+    def backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
+        q, k, v, out, lse_pair = ctx.saved_tensors
+        if dout is None:  # only the (non-differentiable) LSE was used
+            return None, None, None, None, None
+        dq, dk, dv = ctx.backend.backward(token_major(dout), q, k, v, out, lse_pair, ctx.fctx)
         return dq, dk, dv, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, backend, fctx):
+        size = info.batch_size
+        qkv = []
+        for t, d in zip((q, k, v), in_dims[:3]):
+            t = t.unsqueeze(0).expand(size, *t.shape) if d is None else t.movedim(d, 0)
+            qkv.append(t.reshape(size * t.shape[1], *t.shape[2:]))
+        mask = fctx.key_padding_mask
+        if mask is not None:
+            mask = mask.repeat(size, 1)
+        fctx = dataclasses.replace(fctx, key_padding_mask=mask)
+        out, lse_pair = _DilatedAttentionFunction.apply(
+            *(token_major(t) for t in qkv), backend, fctx
+        )
+        out = out.reshape(size, -1, *out.shape[1:])
+        lse_pair = lse_pair.reshape(2, size, -1, *lse_pair.shape[2:])
+        return (out, lse_pair), (0, 1)
 
 
 def dilated_attention(
@@ -83,13 +113,24 @@ def dilated_attention(
         ``lse`` of shape ``(B, N, H)`` in float32, ``-inf`` where a query has no key.
         ``lse`` is not differentiable.
 
+    Raises:
+        RuntimeError: in the backward, when the gradient is requested with
+            ``create_graph=True`` (double backward is not supported).
+
     Notes:
         In ``"softmax"`` mode a head count smaller than the largest dilation rate
         is allowed; offsets ``>= H`` then go unused and positions covered by no
         branch output 0.
+
+        Branch results are merged with weights relative to the largest branch LSE (the
+        LSE is carried as a pair ``hi + lo``), so several branches are as accurate as one
+        at any logit scale. A query that attends a key whose value is not finite gets a
+        non-finite output; keys it does not attend (padding, the future under
+        ``is_causal``) never reach it. ``torch.func.vmap`` is supported: the mapped
+        dimension joins the batch.
     """
     check_qkv(q, k, v)
-    check_key_padding_mask(key_padding_mask, q)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, q)
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
@@ -114,9 +155,11 @@ def dilated_attention(
         key_padding_mask=key_padding_mask,
         seed=seed,
     )
-    out, lse = _DilatedAttentionFunction.apply(
+    out, lse_pair = _DilatedAttentionFunction.apply(
         token_major(q), token_major(k), token_major(v), chosen, fctx
     )
+    if not return_lse:
+        return out
     # The LSE is returned in float32 whatever the input dtype (the autograd function keeps
-    # its float64 copy for float64 inputs, so gradients stay exact).
-    return (out, lse.float()) if return_lse else out
+    # its float64 pair for float64 inputs, so gradients stay exact).
+    return out, ((lse_pair[0] + lse_pair[1]) * chosen.lse_unit).float()

@@ -24,9 +24,10 @@ import torch
 
 from .backends import AttentionCall, available_backends, get_backend
 from .backends.blocks import _MAX_SCORE_ELEMENTS, compute_dtype
-from .distributed.ring_dilated_attention import _held_origin, ring_layout
+from .distributed.ring_dilated_attention import _held_origin, merges_blocks, ring_layout
 from .distributed.validation import check_shard_length
 from .plan import DilatedPlan, make_plan, num_dilated_positions
+from .segments import heads_merge_branches
 from .validation import (
     SUPPORTED_DTYPES,
     check_bool,
@@ -252,23 +253,49 @@ def _tile_sizes(cfg: _Config, blk: _Block, b: int, lq: int) -> tuple:
 
 
 def _mirror_merge(tl: _Timeline, cfg: _Config, blk: _Block, out_itemsize: int) -> None:
-    """``segments.merge_lse_``: lse-sized temporaries, the block output cast to the
-    accumulator dtype (when it is not already) and its product with the weights."""
+    """``segments.merge_lse_`` into ``(out, hi, lo)``: lse-sized temporaries, the block
+    output cast to the accumulator dtype (when it is not already) and its weighted copy."""
     lse = blk.bb * blk.lq * blk.hs
     q = lse * cfg.D
     a = cfg.acc
-    new_lse = tl.new("temporaries", lse * a)  # logaddexp
+    new_hi = tl.new("temporaries", lse * a)  # maximum(hi, lse_block)
     isinf, zeros = tl.new("temporaries", lse), tl.new("temporaries", lse * a)
-    shift = tl.new("temporaries", lse * a)  # where(isinf(new_lse), zeros_like, new_lse)
+    shift = tl.new("temporaries", lse * a)  # where(isinf(new_hi), zeros_like, new_hi)
     tl.free(isinf, zeros)
-    weights = []
-    for _ in range(2):  # w_acc = exp(lse_acc - shift), w_block = exp(lse_block - shift)
-        diff = tl.new("temporaries", lse * a)
-        weights.append(tl.new("temporaries", lse * a))
-        tl.free(diff)
+    diff = tl.new("temporaries", lse * a)  # hi - shift, then + lo, then exp
+    tmp = tl.new("temporaries", lse * a)
+    tl.free(diff)
+    w_acc = tl.new("temporaries", lse * a)
+    tl.free(tmp)
+    diff = tl.new("temporaries", lse * a)  # lse_block - shift, then exp
+    w_block = tl.new("temporaries", lse * a)
+    tl.free(diff)
+    total = tl.new("temporaries", lse * a)  # w_acc + w_block, then where(total > 0, ...)
+    positive, ones = tl.new("temporaries", lse), tl.new("temporaries", lse * a)
+    safe = tl.new("temporaries", lse * a)
+    tl.free(total, positive, ones)
+    tl.free(tl.new("temporaries", lse * a))  # out_acc.mul_(w_acc / total)
+    ratio = tl.new("temporaries", lse * a)  # w_block / total
     cast = tl.new("temporaries", q * a) if out_itemsize != a else None  # out_block.to(acc)
-    prod = tl.new("temporaries", q * a)  # ... * w_block
-    tl.free(cast, prod, new_lse, shift, *weights)
+    prod = tl.new("temporaries", q * a)  # ... * ratio
+    tl.free(cast, prod, ratio)
+    tl.free(tl.new("temporaries", lse * a))  # lo.copy_(log(total))
+    tl.free(new_hi, shift, w_acc, w_block, safe)
+
+
+def _mirror_scaled_dout(tl: _Timeline, cfg: _Config, tokens: int) -> int:
+    """``segments.scale_dout_by_lse_lo``: ``dout * exp(-lo)``, a new tensor in the input
+    dtype that lives through the backward (returns its handle)."""
+    lse = cfg.lse_bytes(tokens)  # exp(-lo), in the LSE's dtype
+    factor = tl.new("temporaries", lse)
+    if cfg.itemsize == 2:  # float16 / bfloat16: the factor is cast, the product is direct
+        cast = tl.new("temporaries", cfg.lse_bytes(tokens, cfg.itemsize))
+        out = tl.new("temporaries", cfg.qkv_bytes(tokens))
+        tl.free(cast, factor)
+        return out
+    out = tl.new("temporaries", cfg.qkv_bytes(tokens))
+    tl.free(factor)
+    return out
 
 
 def _mirror_block_forward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
@@ -405,7 +432,7 @@ def _single_blocks(cfg: _Config, N: int) -> list[_Block]:
 def _mirror_pytorch_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``PyTorchBackend.forward``; returns the handles of ``(out, lse)``."""
     out_acc = tl.new("accumulators", cfg.acc_bytes(N))
-    lse_acc = tl.new("accumulators", cfg.lse_bytes(N))
+    lse_acc = tl.new("accumulators", 2 * cfg.lse_bytes(N))  # the (hi, lo) pair
     prev: tuple = ()
     for blk in _single_blocks(cfg, N):
         out_b, lse_b, out_itemsize = _mirror_block_forward(tl, cfg, blk)
@@ -427,13 +454,16 @@ def _mirror_pytorch_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
 
 def _mirror_pytorch_backward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``PyTorchBackend.backward``; returns the handles of ``(dq, dk, dv)``."""
+    scaled = _mirror_scaled_dout(tl, cfg, N) if heads_merge_branches(cfg.plan) else None
     accs = [tl.new("accumulators", cfg.acc_bytes(N)) for _ in range(3)]
     prev: tuple = ()
     for blk in _single_blocks(cfg, N):
         grads = _mirror_block_backward(tl, cfg, blk)
         tl.free(*prev)
         prev = grads
-    return _cast_grads(tl, cfg, N, accs, prev)
+    grads = _cast_grads(tl, cfg, N, accs, prev)
+    tl.free(scaled)
+    return grads
 
 
 def _cast_grads(tl: _Timeline, cfg: _Config, tokens: int, accs: list, residue: tuple) -> tuple:
@@ -452,7 +482,7 @@ def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``backends.triton.launch.dilated_forward``: out in the input dtype, lse fp32 and,
     when several branches cover a position, one fp32 accumulator per head chunk."""
     out = tl.new("output", cfg.qkv_bytes(N))
-    lse = tl.new("saved_tensors", cfg.lse_bytes(N, 4))
+    lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, 4))  # the (hi, lo) pair
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
     for lo, hi in chunks:
         # acc is deleted at the end of each chunk (`del acc`).
@@ -656,7 +686,7 @@ def _replay_ring_steps(
 def _mirror_ring_forward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> tuple:
     """``ring_dilated_forward``; returns the handles of ``(out, lse)``."""
     out_acc = tl.new("accumulators", cfg.acc_bytes(L))
-    lse_acc = tl.new("accumulators", cfg.lse_bytes(L))
+    lse_acc = tl.new("accumulators", 2 * cfg.lse_bytes(L))  # the (hi, lo) pair
     residue: list = []  # `out_blk, lse_blk` of the previous task
 
     def compute(blk: _Block) -> tuple:
@@ -681,6 +711,7 @@ def _mirror_ring_forward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> 
 
 def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> tuple:
     """``ring_dilated_backward``; returns the handles of ``(dq, dk, dv)``."""
+    scaled = _mirror_scaled_dout(tl, cfg, L) if merges_blocks(layout) else None
     accs = [tl.new("accumulators", cfg.acc_bytes(L)) for _ in range(3)]
     residue: list = []  # `dq_blk, dk_blk, dv_blk` of the previous task
 
@@ -696,7 +727,7 @@ def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) ->
     tl.free(*bound["sent"])
     grads = _cast_grads(tl, cfg, L, accs, tuple(residue))
     tl.free(*bound["visiting"], *bound["home"], *bound["travelling"])
-    tl.free(*bound["tasks"])
+    tl.free(*bound["tasks"], scaled)
     return grads
 
 

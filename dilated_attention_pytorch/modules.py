@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .backends import available_backends
 from .functional import dilated_attention
 from .memory import get_memory_estimate
+from .plan import DilatedPlan, make_plan
 from .validation import (
     check_backend_name,
     check_bool,
@@ -23,6 +24,7 @@ from .validation import (
     check_embedding_input,
     check_gamma_init,
     check_head_split,
+    check_input_dtype,
     check_scale,
     validate_branches,
 )
@@ -42,11 +44,15 @@ class DilatedAttention(nn.Module):
         branch_mixing: ``"softmax"`` (every head runs every branch, mixed by their
             softmax denominators) or ``"head_split"`` (heads split across branches).
         dropout: drop probability of the joint attention probabilities, training only.
-        scale: score scale, default ``D ** -0.5``.
+        scale: score scale, default ``D ** -0.5``; any finite nonzero real number of
+            either sign with ``|scale|`` in float32's normal range.
         backend: ``"auto"`` or a registered backend name.
 
     Shapes:
-        q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``.
+        q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``. Called as
+        ``attn(q, k, v, is_causal=False, key_padding_mask=None)``: the 4th positional
+        argument is ``is_causal``, the order of the keywords of
+        :func:`~dilated_attention_pytorch.dilated_attention`.
     """
 
     def __init__(
@@ -68,12 +74,17 @@ class DilatedAttention(nn.Module):
         self.scale = check_scale(scale)
         self.backend = check_backend_name(backend, available_backends())
 
+    def plan(self, num_heads: int) -> DilatedPlan:
+        """The branch plan for ``num_heads`` heads (which heads run which branch, with
+        which offset). Built once per configuration; a ``UserWarning`` then says which
+        positions no head attends, if any (their output would be 0)."""
+        return make_plan(self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing)
+
     def forward(
         self,
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
@@ -81,8 +92,10 @@ class DilatedAttention(nn.Module):
 
         Args:
             q, k, v: ``(B, N, H, D)``, one dtype and device.
-            is_causal: query ``p`` only sees keys ``p' <= p``.
-            key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys.
+            is_causal: query ``p`` only sees keys ``p' <= p`` (also the 4th positional
+                argument).
+            key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys; any layout
+                (a transposed or expanded mask is copied).
 
         Returns:
             ``(B, N, H, D)`` in ``q.dtype``.
@@ -163,7 +176,9 @@ class MultiheadDilatedAttention(nn.Module):
     Args:
         embed_dim: model width ``E``; must be divisible by ``num_heads``.
         num_heads: number of heads ``H``. In ``"softmax"`` mode ``H`` smaller than the
-            largest dilation rate is allowed, but offsets ``>= H`` then go unused.
+            largest dilation rate is allowed, but offsets ``>= H`` then go unused; when
+            that leaves positions attended by no head in any branch (their output is 0),
+            construction warns, naming them and the fix.
         segment_lengths, dilation_rates, branch_mixing, dropout, scale, backend: the
             keywords of the default inner :class:`DilatedAttention` (``scale`` defaults
             to ``(E // H) ** -0.5``). Leave them unset when passing ``attention=``.
@@ -175,7 +190,9 @@ class MultiheadDilatedAttention(nn.Module):
         device, dtype: of the parameters.
 
     Shapes:
-        query, key, value: ``(B, N, E)``; output ``((B, N, E), None)``.
+        query, key, value: ``(B, N, E)``; output ``((B, N, E), None)``. The positional
+        order is ``nn.MultiheadAttention``'s: ``layer(query, key, value,
+        key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)``.
     """
 
     def __init__(
@@ -238,6 +255,8 @@ class MultiheadDilatedAttention(nn.Module):
                     f"set them on the attention module instead."
                 )
         self.attention = attention
+        if isinstance(attention, DilatedAttention):
+            attention.plan(num_heads)  # warns now if some positions would get no head
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -284,27 +303,36 @@ class MultiheadDilatedAttention(nn.Module):
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
-        *,
         key_padding_mask: Tensor | None = None,
-        is_causal: bool = False,
         need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
         **attention_kwargs: Any,
     ) -> tuple[Tensor, None]:
         """Project, attend, normalise and project back.
+
+        The arguments come in ``nn.MultiheadAttention.forward``'s order, so
+        ``layer(x, x, x, key_padding_mask)`` works as it does there.
 
         Args:
             query: ``(B, N, E)``.
             key: ``(B, N, E)``; defaults to ``query`` (self-attention).
             value: ``(B, N, E)``; defaults to ``key``.
             key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys.
+            need_weights: must be ``False`` (the default here, unlike
+                ``nn.MultiheadAttention``): attention weights are never materialised.
+            attn_mask: must be ``None``; an ``(N, N)`` mask is never built (use
+                ``key_padding_mask`` or ``is_causal``).
+            average_attn_weights: accepted for ``nn.MultiheadAttention``'s signature; it
+                has no effect, as no weights are returned.
             is_causal: query ``p`` only sees keys ``p' <= p``.
-            need_weights: must be ``False``: attention weights are never materialised.
             **attention_kwargs: passed on to the inner attention module, e.g.
                 ``already_split=True`` for a ring attention.
 
         Returns:
             ``(out, None)`` with ``out`` of shape ``(B, N, E)``, like
-            ``nn.MultiheadAttention(batch_first=True)``.
+            ``nn.MultiheadAttention(batch_first=True)`` with ``need_weights=False``.
         """
         if need_weights:
             raise ValueError(
@@ -312,7 +340,8 @@ class MultiheadDilatedAttention(nn.Module):
                 "(N, N) attention weights; call with need_weights=False (the output is then "
                 "(out, None))."
             )
-        if "attn_mask" in attention_kwargs:
+        check_bool("average_attn_weights", average_attn_weights)
+        if attn_mask is not None:
             raise TypeError(
                 "attn_mask is not supported: dilated attention never builds an (N, N) mask. "
                 "Use key_padding_mask=(B, N) bool for padding, is_causal=True for a causal "
@@ -323,14 +352,8 @@ class MultiheadDilatedAttention(nn.Module):
         query = check_embedding_input("query", query, self.embed_dim)
         key = check_embedding_input("key", key, self.embed_dim)
         value = check_embedding_input("value", value, self.embed_dim)
-        weight_dtype = self.q_proj.weight.dtype
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dtype != weight_dtype and not torch.is_autocast_enabled(t.device.type):
-                raise TypeError(
-                    f"{name} is {t.dtype} but the layer's parameters are {weight_dtype}; cast "
-                    f"the input ({name}.to({weight_dtype})) or the layer "
-                    f"(layer.to({t.dtype})), or run under torch.autocast."
-                )
+            check_input_dtype(name, t, self.q_proj.weight.dtype)
         B, N, _ = query.shape
         H, D = self.num_heads, self.head_dim
         # q, k, v: (B, N, E) -> (B, N, H, D), views of the projections.

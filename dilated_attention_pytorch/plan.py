@@ -20,10 +20,21 @@ strided view of the head dimension instead of a gather.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .validation import check_branch_mixing, check_positive_int, validate_branches
+from .validation import (
+    check_branch_mixing,
+    check_positive_int,
+    validate_branches,
+    warn_uncovered_positions,
+)
+
+# Uncovered positions are searched among the first COVERAGE_SEARCH positions (the whole
+# pattern when it repeats within them, as it does unless the segment lengths are huge
+# and coprime).
+COVERAGE_SEARCH = 2**16
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,12 @@ class Branch:
     def heads(self) -> tuple[int, ...]:
         return tuple(sorted(h for g in self.head_groups for h in g.heads))
 
+    @property
+    def offsets_used(self) -> int:
+        """How many offsets some head uses: offsets ``0 .. offsets_used - 1``; positions
+        at the others (``offsets_used .. r - 1``) take no part in this branch."""
+        return len(self.head_groups)
+
 
 @dataclass(frozen=True)
 class DilatedPlan:
@@ -83,6 +100,59 @@ class DilatedPlan:
         return table
 
 
+@dataclass(frozen=True)
+class UncoveredPositions:
+    """Positions ``p`` that no head attends in any branch; their output is 0 for every head.
+
+    ``p`` is uncovered when, in every branch ``(w, r)``, its offset ``(p mod w) mod r``
+    is one that no head uses (see :attr:`Branch.offsets_used`).
+    """
+
+    examples: tuple[int, ...]  # the first uncovered positions (at most 8)
+    period: int  # the pattern of uncovered positions repeats every ``period`` tokens
+    per_period: int | None  # uncovered positions per period; None if not counted
+
+
+def uncovered_positions(plan: DilatedPlan) -> UncoveredPositions | None:
+    """The positions no head of ``plan`` attends, or ``None`` when every position has one.
+
+    The search covers the first :data:`COVERAGE_SEARCH` positions: the whole repeating
+    pattern unless its period (the lcm over branches of ``r``, or of ``w`` when ``r``
+    does not divide it) is longer.
+    """
+    rules = [(b.segment_length, b.dilation_rate, b.offsets_used) for b in plan.branches]
+    if any(used == r for _, r, used in rules):
+        return None  # a branch with a head for every offset covers every position
+    period = math.lcm(*(r if w % r == 0 else w for w, r, _ in rules))
+    examples: list[int] = []
+    count = 0
+    for p in range(COVERAGE_SEARCH):
+        if p >= period and (len(examples) == 8 or not examples):
+            break  # one whole period counted, and the examples found (or none exist)
+        if all((p % w) % r >= used for w, r, used in rules):
+            count += p < period
+            if len(examples) < 8:
+                examples.append(p)
+    if not examples:
+        return None
+    return UncoveredPositions(tuple(examples), period, count if period <= COVERAGE_SEARCH else None)
+
+
+def heads_for_full_coverage(plan: DilatedPlan) -> int:
+    """The fewest heads with which every offset of every branch of ``plan`` has a head.
+
+    ``"softmax"``: ``max(r)``. ``"head_split"``: group ``i`` must hold ``r_i`` heads;
+    groups get ``H // G`` heads and the first ``H % G`` one more, so the fewest is
+    ``G * (max(r) - 1) + j + 1`` with ``j`` the last branch of rate ``max(r)``.
+    """
+    rs = plan.dilation_rates
+    top = max(rs)
+    if plan.branch_mixing == "softmax":
+        return top
+    last = max(i for i, r in enumerate(rs) if r == top)
+    return len(rs) * (top - 1) + last + 1
+
+
 def num_dilated_positions(length: int, dilation_rate: int, offset: int) -> int:
     """Number of positions ``t`` in ``[0, length)`` with ``t mod r == offset``."""
     if length <= offset:
@@ -100,7 +170,10 @@ def make_plan(
 
     In ``"softmax"`` mode a head count smaller than the largest dilation rate is
     allowed: offsets ``>= num_heads`` then go unused, so some positions of that
-    branch are covered by no head.
+    branch are covered by no head (likewise in ``"head_split"`` mode for a group with
+    fewer heads than its branch's rate). When some positions are covered by no head in
+    *any* branch (their output is 0), a ``UserWarning`` names them and the fix, once per
+    configuration (the plan is built once per configuration).
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
@@ -126,7 +199,19 @@ def _make_plan_cached(
             groups = tuple(HeadGroup(o, start + o, stop, r) for o in range(min(r, size)))
             branches.append(Branch(w, r, groups))
             start = stop
-    return DilatedPlan(ws, rs, num_heads, mixing, tuple(branches))
+    plan = DilatedPlan(ws, rs, num_heads, mixing, tuple(branches))
+    uncovered = uncovered_positions(plan)
+    if uncovered is not None:
+        warn_uncovered_positions(
+            [(b.segment_length, b.dilation_rate, len(b.heads), b.offsets_used) for b in branches],
+            num_heads=num_heads,
+            branch_mixing=mixing,
+            examples=uncovered.examples,
+            period=uncovered.period,
+            per_period=uncovered.per_period,
+            heads_needed=heads_for_full_coverage(plan),
+        )
+    return plan
 
 
 def segment_lengths_of(seq_len: int, segment_length: int) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plan import num_dilated_positions
+from .plan import DilatedPlan, num_dilated_positions
 
 
 def has_token_major_layout(x: Tensor) -> bool:
@@ -87,23 +87,64 @@ def segment_views(
     return views
 
 
-def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_block: Tensor, lse_block: Tensor) -> None:
+def merge_lse_(
+    out_acc: Tensor, hi_acc: Tensor, lo_acc: Tensor, out_block: Tensor, lse_block: Tensor
+) -> None:
     """Merge a block's ``(out, lse)`` into accumulators in place (the rule that mixes branches).
 
-    ``lse = logaddexp(lse_acc, lse_block)``;
-    ``out = exp(lse_acc - lse) * out_acc + exp(lse_block - lse) * out_block``.
-    Numerically stable, and rows that are ``-inf`` in both stay ``(0, -inf)``.
+    The accumulated log-sum-exp is kept as a pair ``lse = hi + lo``: ``hi`` is the largest
+    block LSE merged so far and ``lo = log(sum_b exp(lse_b - hi))``, in
+    ``[0, log(#blocks)]``. Weights come from differences of LSEs against ``hi``, never
+    from a sum of two LSEs: a float32 LSE of magnitude 1e7 cannot hold ``log 2``, so with
+    a single LSE two branches that share their best key would be summed instead of
+    averaged. With the pair, the merge is as accurate as one block at every scale, and the
+    backward's probabilities ``exp((S - hi) - lo)`` (see :func:`scale_dout_by_lse_lo`) too.
+
+    ``new_hi = max(hi, lse_block)``; with ``a = exp((hi - new_hi) + lo)`` and
+    ``b = exp(lse_block - new_hi)``: ``out = (a * out + b * out_block) / (a + b)``,
+    ``lo = log(a + b)``. Rows that are empty in both stay ``(0, -inf, 0)``.
 
     Args:
         out_acc: ``(..., D)`` float accumulator (may be a strided view).
-        lse_acc: ``(...)`` accumulator of the same leading shape.
+        hi_acc, lo_acc: ``(...)`` accumulators of the same leading shape (start at
+            ``-inf`` and ``0``).
         out_block, lse_block: the block's result, any float dtype.
     """
-    lse_block = lse_block.to(lse_acc.dtype)
-    new_lse = torch.logaddexp(lse_acc, lse_block)
-    # exp(-inf - (-inf)) would be NaN: shift by 0 where the merged row is still empty.
-    shift = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_acc = torch.exp(lse_acc - shift).unsqueeze(-1)
-    w_block = torch.exp(lse_block - shift).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_block.to(out_acc.dtype) * w_block)
-    lse_acc.copy_(new_lse)
+    lse_block = lse_block.to(hi_acc.dtype)
+    new_hi = torch.maximum(hi_acc, lse_block)
+    # Rows still empty: shift by 0 so both weights are exp(-inf) = 0, not NaN.
+    shift = torch.where(torch.isinf(new_hi), torch.zeros_like(new_hi), new_hi)
+    w_acc = torch.exp((hi_acc - shift) + lo_acc)
+    w_block = torch.exp(lse_block - shift)
+    total = w_acc + w_block
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    out_acc.mul_((w_acc / total).unsqueeze(-1))
+    out_acc.add_(out_block.to(out_acc.dtype) * (w_block / total).unsqueeze(-1))
+    lo_acc.copy_(torch.log(total))
+    hi_acc.copy_(new_hi)
+
+
+def heads_merge_branches(plan: DilatedPlan) -> bool:
+    """True when some head runs several branches: its results are merged, so the low
+    part of its LSE pair can be non-zero (otherwise it is 0 everywhere)."""
+    count = [0] * plan.num_heads
+    for branch in plan.branches:
+        for g in branch.head_groups:
+            for h in g.heads:
+                count[h] += 1
+    return max(count, default=0) > 1
+
+
+def scale_dout_by_lse_lo(dout: Tensor, lse_lo: Tensor) -> Tensor:
+    """``dout * exp(-lo)`` per row: what lets a block backward run on ``hi`` alone.
+
+    A block backward rebuilds ``P = exp(S - lse)`` from the one LSE it is given. Given
+    ``hi`` and this ``dout``, every product it forms is the exact one: ``exp(S - hi)`` is
+    ``P * exp(lo)`` and each gradient term is linear in ``dout`` (``delta = rowsum(dout *
+    out)`` scales with it), so the ``exp(lo)`` cancels. ``dout``: ``(B, N, H, D)``;
+    ``lse_lo``: ``(B, N, H)``. Returns a new tensor in ``dout.dtype``.
+    """
+    factor = torch.exp(-lse_lo).unsqueeze(-1)
+    if dout.dtype in (torch.float16, torch.bfloat16):
+        return dout * factor.to(dout.dtype)  # no float32 copy of dout
+    return (dout.to(factor.dtype) * factor).to(dout.dtype)

@@ -11,6 +11,9 @@ functional, modules, config, factory, ring) can use it.
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -19,6 +22,20 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BRANCH_MIXINGS = ("softmax", "head_split")
+# Largest segment length (and so dilation rate): 2**40 tokens is far beyond any sequence
+# that fits in memory, and keeps every stride product (length x token stride) in int64.
+MAX_BRANCH_LENGTH = 2**40
+# |scale| must be a normal float32: the kernels multiply scores by it in float32 (float64
+# inputs excepted), where a larger scale is inf and a smaller one loses precision or is 0.
+SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
+def _describe(value: object) -> str:
+    """``value`` for an error message: type and a short repr (a tensor by shape and dtype)."""
+    if isinstance(value, Tensor):
+        return f"Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 # --------------------------------------------------------------------------- scalars
@@ -26,8 +43,19 @@ BRANCH_MIXINGS = ("softmax", "head_split")
 
 def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{name} must be a bool, got {_describe(value)}.")
     return value
+
+
+def check_is_causal(is_causal: object) -> bool:
+    """``is_causal``: a bool; a tensor there is a padding mask passed in its place."""
+    if isinstance(is_causal, Tensor):
+        raise TypeError(
+            f"is_causal must be a bool, got {_describe(is_causal)}; a (B, N) padding mask goes "
+            f"in key_padding_mask=... (attention modules over (B, N, H, D) tensors take "
+            f"is_causal as their 4th positional argument)."
+        )
+    return check_bool("is_causal", is_causal)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -62,19 +90,48 @@ def check_probability(name: str, value: object) -> float:
 
 
 def check_scale(scale: object) -> float | None:
-    """``None`` (meaning ``D ** -0.5``) or a positive finite float."""
+    """``None`` (meaning ``D ** -0.5``) or a finite nonzero real number; returns it as a float.
+
+    Either sign is allowed (``softmax(scale * q.k)`` is defined for any real scale; a
+    negative one favours dissimilar keys). Zero, ``inf`` and ``nan`` are rejected, and so
+    is a magnitude outside float32's normal range :data:`SCALE_RANGE` (about
+    ``1.2e-38 .. 3.4e38``): the kernels multiply scores by the scale in float32, where
+    such a scale is ``inf`` or ``0``. A large scale inside the range (``1e30``) is a valid,
+    nearly hard-max attention; scores whose scaled value overflows float32 are the
+    caller's to avoid, as with any float32 arithmetic.
+    """
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}.")
-    return check_positive_float("scale", scale)
+    if isinstance(scale, (bool, Tensor)) or not isinstance(scale, numbers.Real):
+        hint = "; pass a Python float (scale.item())" if isinstance(scale, Tensor) else ""
+        raise TypeError(
+            f"scale must be a real number (a float) or None for head_dim ** -0.5, got "
+            f"{_describe(scale)}{hint}."
+        )
+    try:
+        value = float(scale)
+    except OverflowError:  # an int too large for a float
+        value = math.inf if scale > 0 else -math.inf
+    if math.isnan(value) or value == 0.0:
+        raise ValueError(
+            f"scale must be a finite nonzero number, got {value}; pass None for the default "
+            f"head_dim ** -0.5."
+        )
+    low, high = SCALE_RANGE
+    if not low <= abs(value) <= high:
+        raise ValueError(
+            f"scale must be finite with {low:.3g} <= |scale| <= {high:.3g} (float32's normal "
+            f"range: scores are multiplied by it in float32), got {_describe(scale)}; pass "
+            f"None for the default head_dim ** -0.5."
+        )
+    return value
 
 
 def check_scalars(*, scale: object, dropout_p: object, is_causal: object) -> None:
     """The scalar options of an attention call."""
     check_scale(scale)
     check_probability("dropout_p", dropout_p)
-    check_bool("is_causal", is_causal)
+    check_is_causal(is_causal)
 
 
 def check_dropout(dropout: object) -> float:
@@ -120,6 +177,13 @@ def check_int_list(name: str, values: object) -> tuple[int, ...]:
                 f"{name}[{i}] must be a positive int, got {v}; every segment length and "
                 f"dilation rate must be >= 1."
             )
+        if v > MAX_BRANCH_LENGTH:
+            raise ValueError(
+                f"{name}[{i}] must be at most 2**40 = {MAX_BRANCH_LENGTH}, got {v}; every "
+                f"segment length and dilation rate must satisfy 1 <= value <= 2**40 (a "
+                f"segment longer than the sequence covers all of it, so the sequence "
+                f"length is long enough)."
+            )
         out.append(int(v))
     return tuple(out)
 
@@ -162,8 +226,23 @@ def check_branch_mixing(branch_mixing: object) -> str:
 # --------------------------------------------------------------------------- tensors
 
 
+def check_not_tracing() -> None:
+    """Refuse ``torch.jit.trace``, which would fail later with a misleading message.
+
+    Tracing turns every shape into a tensor, while the branch schedule is built in
+    Python from the head count and sequence length.
+    """
+    if torch.jit.is_tracing():
+        raise TypeError(
+            "torch.jit.trace cannot record dilated attention: its branch schedule is built "
+            "in Python from the tensor shapes, which tracing turns into tensors. Use "
+            "torch.compile(module) instead, or run the module eagerly."
+        )
+
+
 def check_qkv(q: object, k: object, v: object) -> None:
     """q, k, v must be ``(B, N, H, D)`` tensors of one shape, dtype and device."""
+    check_not_tracing()
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(
@@ -202,14 +281,20 @@ def check_qkv(q: object, k: object, v: object) -> None:
         )
 
 
-def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> None:
-    """A ``(B, N)`` bool mask on q's device; ``what`` names the expected shape in errors."""
+def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> Tensor | None:
+    """A ``(B, N)`` bool mask on q's device; ``what`` names the expected shape in errors.
+
+    Returns the mask in the token-major layout the kernels read (``mask`` itself when it
+    is contiguous, else a contiguous copy, e.g. of a transposed ``(N, B)`` tensor or an
+    expanded ``(1, N)`` one), or ``None``.
+    """
     if mask is None:
-        return
+        return None
     if not isinstance(mask, Tensor):
+        hint = "; for causal attention pass is_causal=True" if isinstance(mask, bool) else ""
         raise TypeError(
             f"key_padding_mask must be a bool tensor of shape {what} or None, got "
-            f"{type(mask).__name__}."
+            f"{type(mask).__name__}{hint}."
         )
     B, N = q.shape[0], q.shape[1]
     if mask.dtype != torch.bool:
@@ -224,10 +309,12 @@ def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> Non
         )
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {mask.device}.")
+    return mask.contiguous()
 
 
 def check_embedding_input(name: str, x: object, embed_dim: int) -> Tensor:
     """A multi-head layer's input: a ``(B, N, E)`` tensor with ``E == embed_dim``."""
+    check_not_tracing()
     if not isinstance(x, Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor of shape (B, N, E), got {type(x).__name__}."
@@ -239,6 +326,22 @@ def check_embedding_input(name: str, x: object, embed_dim: int) -> Tensor:
             f"{name}.transpose(0, 1)."
         )
     return x
+
+
+def check_input_dtype(name: str, x: Tensor, param_dtype: torch.dtype) -> None:
+    """A multi-head layer's input must be floating point and, outside ``torch.autocast``,
+    of the dtype of the layer's parameters."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (B, N, E), got dtype {x.dtype}; embed "
+            f"token ids first (e.g. with nn.Embedding), or cast with {name}.to({param_dtype})."
+        )
+    if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} is {x.dtype} but the layer's parameters are {param_dtype}; cast "
+            f"the input ({name}.to({param_dtype})) or the layer "
+            f"(layer.to({x.dtype})), or run under torch.autocast."
+        )
 
 
 # --------------------------------------------------------------------------- modules
@@ -279,6 +382,75 @@ def check_backend_name(backend: object, valid: Sequence[str]) -> str:
 def check_ring_size(ring_size: object) -> int | None:
     """``None`` (the whole process group) or a positive int."""
     return check_optional_positive_int("ring_size", ring_size)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` that makes a ``warnings.warn`` in the calling function point at the
+    first frame outside this package and torch: the user's call, whatever the path."""
+    skip = (
+        os.path.dirname(os.path.abspath(__file__)) + os.sep,
+        os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    )
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _offsets_text(first: int, stop: int) -> str:
+    """The offsets ``first .. stop - 1``, listed or elided: ``1, 2, 3`` or ``4, 5, ..., 15``."""
+    if stop - first <= 4:
+        return ", ".join(str(o) for o in range(first, stop))
+    return f"{first}, {first + 1}, ..., {stop - 1}"
+
+
+def warn_uncovered_positions(
+    branches: Sequence[tuple[int, int, int, int]],
+    *,
+    num_heads: int,
+    branch_mixing: str,
+    examples: Sequence[int],
+    period: int,
+    per_period: int | None,
+    heads_needed: int,
+) -> None:
+    """Warn that some positions are attended by no head in any branch (their output is 0).
+
+    Args:
+        branches: per branch ``(w, r, heads running it, offsets used)``; the used offsets
+            are ``0 .. used - 1`` (the plan's rule), the others no head attends.
+        examples: the first uncovered positions; ``per_period`` of every ``period``
+            positions are uncovered (``None``: the period is too long to count).
+        heads_needed: the fewest heads with which every offset of every branch has a head.
+    """
+    ws = [w for w, _, _, _ in branches]
+    rs = [r for _, r, _, _ in branches]
+    count = "" if per_period is None else f"{per_period} of every {period} positions, "
+    rules = []
+    for i, (w, r, heads, used) in enumerate(branches):
+        position = f"p mod {r}" if w % r == 0 else f"(p mod {w}) mod {r}"
+        rules.append(
+            f"branch {i} (w={w}, r={r}, run by {heads} head{'s' if heads != 1 else ''}): "
+            f"{position} in {{{_offsets_text(used, r)}}}"
+        )
+    per_head = (
+        "max(dilation_rates)"
+        if branch_mixing == "softmax"
+        else "every branch's group of heads then has one head per offset"
+    )
+    warnings.warn(
+        f"dilated attention with {num_heads} head{'s' if num_heads != 1 else ''}, "
+        f"segment_lengths={ws}, dilation_rates={rs} and branch_mixing={branch_mixing!r} "
+        f"leaves some positions attended by no head, so their output is 0 for every head "
+        f"({count}e.g. positions {', '.join(str(p) for p in examples)}). These are the "
+        f"positions p whose offset in every branch is one no head uses: "
+        + "; ".join(rules)
+        + f". To cover every position use at least {heads_needed} heads ({per_head}), or "
+        f"fewer or less dilated branches (a branch with dilation rate 1 covers every "
+        f"position).",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def warn_if_transposed(q: Tensor, segment_lengths: Sequence[int]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import torch
 
 from dilated_attention_pytorch import dense_dilated_attention, dilated_attention
 from dilated_attention_pytorch.backends import AttentionCall, available_backends, get_backend
+from dilated_attention_pytorch.oracle import dilated_count_mask
 from dilated_attention_pytorch.plan import make_plan
 
 # (B, N, H, segment_lengths, dilation_rates): ragged last segments, r > 1 with
@@ -165,6 +167,155 @@ def test_block_ops_match_dense_attention(name, causal) -> None:
     ref_grads = torch.autograd.grad(ref, leaves, dout.reshape(1, 72, 2, D).to(dtype))
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g.reshape(1, 72, 2, D).to(dtype), rg, atol=atol, rtol=rtol)
+
+
+def _float32_device(name: str) -> str | None:
+    """A device of this process on which ``name`` runs float32 (the scale tests need it)."""
+    caps = get_backend(name).capabilities
+    return next(
+        (d for d in caps.device_types if d in DEVICES and torch.float32 in caps.dtypes[d]), None
+    )
+
+
+def _scaled_error(got, ref, norm) -> float:
+    return ((got.double() - ref).abs().max() / norm).item()
+
+
+# Large logits (inputs scaled by ``logit_scale``). The reachable accuracy is set by
+# float32's rounding of the scores, not by the merge: a score of size |S| is rounded by up
+# to 2**-24 |S|, which moves a probability by that much relatively, so errors up to a few
+# 2**-23 max|S| are inherent (scale 1e2: max|S| ~ 4e4, 2e-2; PyTorch's SDPA on the dense
+# version of the inputs is checked against the same bound). From 1e3 on, every row's best
+# score leads the next by more than 30 (checked), the softmax is one-hot to exp(-30), and
+# the exact answer copies one value row (or averages the branches that share it): float32
+# must be exact to roundoff there. Errors are relative to the natural size of each tensor
+# (max|v| for out, |dout| |v| |k| * scale for dq, ...).
+LOGIT_SCALES = [1.0, 1e2, 1e3, 1e4]
+
+
+def _logit_tolerance(q, k, logit_scale, causal) -> float:
+    D = q.shape[-1]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
+    if logit_scale < 1e3:
+        return 2e-6 + 4 * 2**-23 * scores.abs().masked_fill(scores.isinf(), 0).max().item()
+    top2 = scores.topk(2, dim=-1).values[..., 1:]  # rows with one key have no runner-up
+    gaps = scores.topk(2, dim=-1).values[..., :1] - top2
+    assert (gaps[torch.isfinite(gaps)] > 30).all(), "inputs not in the one-hot regime"
+    return 2e-6
+
+
+def _logit_errors(fn, q, k, v, ref_fn, D) -> list[float]:
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = ref_fn(*refs)
+    ref_grads = torch.autograd.grad(ref, refs, dout.double())
+    g, vm = dout.abs().max(), v.abs().max()
+    norms = (vm, g * vm * k.abs().max() * D**-0.5, g * vm * q.abs().max() * D**-0.5, g)
+    return [
+        _scaled_error(a, b, n)
+        for a, b, n in zip((out, *grads), (ref, *ref_grads), norms, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
+def test_branches_merge_exactly_at_large_logits(name, causal, logit_scale) -> None:
+    # Three branches share their best key (LongNet's nesting): the merged result must be
+    # as accurate as one branch. Before the LSE pair, a float32 LSE of ~1e7 dropped the
+    # log 2 of the merge and the branches were summed (190% off at 1e4).
+    device = _float32_device(name)
+    D, N, H, ws, rs = 16, 256, 4, [16, 64, 256], [1, 2, 4]
+    plan = make_plan(ws, rs, H)
+    if device is None or get_backend(name).why_not(_call(name, device, torch.float32, D, plan)):
+        pytest.skip(f"{name} does not run float32 here")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and logit_scale >= 1e3:
+        # The interpreter runs tl.dot with numpy, whose float32 k @ q.T and q @ k.T round
+        # differently; at scores of 1e6 that ulp changes P. CUDA's MMA reduces both the
+        # same way: tests/gpu/test_numerics_gpu.py checks these scales there.
+        pytest.skip("Triton's CPU interpreter rounds transposed dots differently")
+    gen = torch.Generator().manual_seed(int(logit_scale) + causal)
+    q, k, v = (torch.randn(1, N, H, D, generator=gen).to(device) for _ in range(3))
+    q, k = q * logit_scale, k * logit_scale
+    tol = _logit_tolerance(q, k, logit_scale, causal)
+    for segs, rates in ((ws, rs), ([N], [1])):
+        errors = _logit_errors(
+            lambda a, b, c, s=segs, r=rates: dilated_attention(
+                a, b, c, s, r, is_causal=causal, backend=name
+            ),
+            q, k, v,
+            lambda a, b, c, s=segs, r=rates: dense_dilated_attention(a, b, c, s, r, is_causal=causal),
+            D,
+        )  # fmt: skip
+        assert max(errors) < tol, (segs, errors)
+    # The bound is what float32 attention reaches: PyTorch's SDPA on the dense problem.
+    sdpa = _logit_errors(
+        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal
+        ).transpose(1, 2),
+        q, k, v,
+        lambda a, b, c: dense_dilated_attention(a, b, c, [N], [1], is_causal=causal),
+        D,
+    )  # fmt: skip
+    assert max(sdpa) < tol, sdpa
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_non_finite_values_at_padding_keys_stay_out(name) -> None:
+    # NaN / inf in the keys and values of padding tokens must not reach any output row,
+    # and the gradients are those of the same call with those values zeroed.
+    device = _float32_device(name)
+    caps = get_backend(name).capabilities
+    B, N, H, D, ws, rs = 2, 64, 4, 16, [8, 32], [1, 2]
+    plan = make_plan(ws, rs, H)
+    call = _call(name, device, torch.float32, D, plan, key_padding_mask=True)
+    if device is None or not caps.key_padding_mask or get_backend(name).why_not(call):
+        pytest.skip(f"{name} does not run float32 key padding masks here")
+    q, k, v = (torch.randn(B, N, H, D, device=device) for _ in range(3))
+    pad = torch.rand(B, N, device=device) < 0.3
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[pad] = float("nan")
+    v_bad[pad] = float("nan")
+    v_bad[pad & (torch.arange(N, device=device) % 2 == 0)] = float("inf")
+    leaves = [t.requires_grad_() for t in (q.clone(), k_bad, v_bad)]
+    out = dilated_attention(*leaves, ws, rs, key_padding_mask=pad, backend=name)
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = dense_dilated_attention(*clean, ws, rs, key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref, clean, dout)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, rg, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_causal_non_finite_value_reaches_only_its_readers(name) -> None:
+    # v[:, t] = inf: exactly the rows that attend token t are non-finite.
+    device = _float32_device(name)
+    B, N, H, D, ws, rs = 1, 64, 4, 16, [8, 32], [1, 2]
+    plan = make_plan(ws, rs, H)
+    call = _call(name, device, torch.float32, D, plan, is_causal=True)
+    if device is None or get_backend(name).why_not(call):
+        pytest.skip(f"{name} does not run float32 causal calls here")
+    q, k, v = (torch.randn(B, N, H, D, device=device) for _ in range(3))
+    for t, value in ((15, float("inf")), (40, float("nan"))):
+        bad = v.clone()
+        bad[:, t] = value
+        out = dilated_attention(q, k, bad, ws, rs, is_causal=True, backend=name)
+        readers = dilated_count_mask(N, H, ws, rs, is_causal=True)[:, :, t] > 0  # (H, N)
+        non_finite = ~torch.isfinite(out).all(dim=-1)[0].T  # (H, N)
+        assert torch.equal(non_finite, readers.to(device)), (t, non_finite.sum(), readers.sum())
+        ref = dense_dilated_attention(q, k, v, ws, rs, is_causal=True)
+        others = ~readers.T.to(device)  # (N, H): rows that do not read token t
+        torch.testing.assert_close(out[0][others], ref[0][others], atol=2e-5, rtol=2e-5)
 
 
 def _not_runnable_here() -> list[str]:

@@ -70,7 +70,7 @@ def test_config_normalises_and_is_frozen() -> None:
             r"branch_mixing must be one of \['softmax', 'head_split'\]",
         ),
         (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1"),
-        (dict(scale=0.0), ValueError, r"scale must be a positive finite float, got 0.0"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite nonzero number, got 0.0"),
         (
             dict(backend="nope"),
             ValueError,

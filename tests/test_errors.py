@@ -82,8 +82,8 @@ def test_bad_options() -> None:
         dilated_attention(q, k, v, [4], [1], backend="cudnn")
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
         dilated_attention(q, k, v, [4], [1], dropout_p=1.5)
-    with pytest.raises(ValueError, match="scale must be a positive finite float, got -1"):
-        dilated_attention(q, k, v, [4], [1], scale=-1.0)
+    with pytest.raises(ValueError, match="scale must be a finite nonzero number, got 0.0"):
+        dilated_attention(q, k, v, [4], [1], scale=0.0)
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         dilated_attention(q, k, v, [4], [1], is_causal="yes")
 

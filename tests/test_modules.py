@@ -278,7 +278,7 @@ def test_magneto_init() -> None:
         (dict(gamma_init=0.0), ValueError, r"gamma_init must be a positive finite float, got 0.0"),
         (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
         (dict(dropout="0.1"), TypeError, r"dropout must be a float in \[0, 1\), got str"),
-        (dict(scale=-1.0), ValueError, r"scale must be a positive finite float"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite nonzero number"),
         (dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'; valid backends are"),
         (
             dict(branch_mixing="mean"),

@@ -246,6 +246,7 @@ BAD_CASES: dict[str, str] = {
     "key-padding-mask-on-one-rank": r"settings differ between ranks.*rank 0 has .*key_padding_mask=None.*rank 1 has .*key_padding_mask=given",
     "dropout-on-one-rank": r"settings differ between ranks.*rank 0 has .*dropout_p=0.2.*rank 1 has .*dropout_p=0.0",
     "dropout-with-triton": r"backend 'triton'|unknown backend 'triton'",
+    "timeout-bad-on-one-rank": r"invalid input on rank\(s\) \[1\].*timeout must be a positive finite float, got 0",
 }
 
 
@@ -296,6 +297,8 @@ def _bad_call(name: str, rank: int) -> None:
         )
     elif name == "dropout-on-one-rank":
         ring_dilated_attention(*qkv(), segs, rates, dropout_p=0.2 if rank == 0 else 0.0)
+    elif name == "timeout-bad-on-one-rank":
+        ring_dilated_attention(*qkv(), segs, rates, timeout=30.0 if rank == 0 else 0)
     else:
         raise AssertionError(name)
 

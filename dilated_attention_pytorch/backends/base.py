@@ -105,6 +105,9 @@ class Backend:
     name: str = "base"
     priority: int = 0
     capabilities: Capabilities = Capabilities(dtypes={})
+    # The unit of the LSE pair :meth:`forward` returns, in nats: the LSE is
+    # ``(pair[0] + pair[1]) * lse_unit`` (1 for natural logs, ln 2 for log2 units).
+    lse_unit: float = 1.0
 
     def why_not(self, call: AttentionCall) -> list[str]:
         """Reasons this backend cannot run ``call``; empty when it can.
@@ -154,7 +157,11 @@ class Backend:
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
     ) -> tuple[Tensor, Tensor]:
-        """q, k, v: ``(B, N, H, D)`` -> ``out (B, N, H, D)`` in q.dtype, ``lse (B, N, H)``."""
+        """q, k, v: ``(B, N, H, D)`` -> ``out (B, N, H, D)`` in q.dtype and the LSE as a pair
+        ``(2, B, N, H)``: ``lse = (pair[0] + pair[1]) * lse_unit``, ``pair[0]`` a block's own
+        LSE (or score maximum), ``pair[1]`` the log of the mixing sum relative to it (see
+        :func:`~dilated_attention_pytorch.segments.merge_lse_`); ``(-inf, 0)`` for rows
+        with no key."""
         raise NotImplementedError
 
     def backward(
@@ -167,7 +174,7 @@ class Backend:
         lse: Tensor,
         ctx: ForwardContext,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of q, k, v given the final ``out`` and ``lse`` of :meth:`forward`."""
+        """Gradients of q, k, v given the final ``out`` and LSE pair of :meth:`forward`."""
         raise NotImplementedError
 
 

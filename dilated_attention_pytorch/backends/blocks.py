@@ -65,6 +65,17 @@ def _masked_scores(
     return scores
 
 
+def _finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with its non-finite entries replaced by 0 (for products whose weight is 0)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _reads_non_finite(probs: Tensor, v: Tensor) -> Tensor:
+    """``(b, Hs, lq)`` bool: rows that give weight to a key whose value row is not finite."""
+    bad_key = ~torch.isfinite(v).all(dim=-1)  # (b, Hs, Lk)
+    return ((probs > 0) & bad_key[:, :, None, :]).any(dim=-1)
+
+
 def math_block_forward(
     q: Tensor,
     k: Tensor,
@@ -80,6 +91,8 @@ def math_block_forward(
     ``key_keep``: ``(Bb, Lk)`` bool, ``True`` where the key may be attended.
     ``dropout``: drops entries of the block's probabilities (the LSE is that of the
     undropped scores, so merged blocks give dropout of the joint probabilities).
+    With a mask (causal or ``key_keep``) a key a row does not attend never reaches it,
+    even when its value is not finite; a row that attends one outputs NaN.
     """
     Bb, Lq, Hs, D = q.shape
     Lk = k.shape[1]
@@ -97,7 +110,13 @@ def math_block_forward(
         probs = torch.exp(scores - finite.unsqueeze(-1))
         if dropout is not None:
             probs = probs * dropout.keep(a, b, q0, q1) / (1.0 - dropout.p)
-        out[a:b, q0:q1] = torch.matmul(probs, vc).transpose(1, 2)
+        if causal or keep is not None:
+            # 0 * inf would be NaN: non-finite values enter only the rows that read them.
+            out_c = torch.matmul(probs, _finite_or_zero(vc))
+            out_c = out_c.masked_fill(_reads_non_finite(probs, vc)[..., None], math.nan)
+        else:
+            out_c = torch.matmul(probs, vc)
+        out[a:b, q0:q1] = out_c.transpose(1, 2)
         lse[a:b, q0:q1] = lse_c.transpose(1, 2)
     return out, lse
 
@@ -145,6 +164,10 @@ def math_block_backward(
             dv_c = torch.matmul(probs.transpose(-1, -2), doc)
         delta = (doc * oc).sum(dim=-1, keepdim=True)  # rowsum(dO * O) of the *final* output
         dscores = probs * (dprobs - delta)
+        if causal or keep is not None:
+            # Pairs that do not count give 0 even where a key or value is not finite.
+            dscores = torch.where(probs == 0, torch.zeros_like(dscores), dscores)
+            kc = _finite_or_zero(kc)
         dq[a:b, q0:q1] = (torch.matmul(dscores, kc) * scale).transpose(1, 2)
         dk[a:b] += (torch.matmul(dscores.transpose(-1, -2), qc) * scale).transpose(1, 2)
         dv[a:b] += dv_c.transpose(1, 2)

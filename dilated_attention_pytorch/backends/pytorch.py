@@ -3,7 +3,8 @@
 For each branch and each head group (heads sharing one offset) it takes strided
 views of q/k/v (no gather copies), runs the block attention (PyTorch's cuDNN or
 flash attention op on CUDA in fp16/bf16, chunked matmuls otherwise) and merges the
-block's ``(out, lse)`` into fp32 accumulators with the LSE rule. Memory is ``O(N)``.
+block's ``(out, lse)`` into fp32 accumulators with the LSE rule (the LSE kept as a pair
+``hi + lo``, :func:`~dilated_attention_pytorch.segments.merge_lse_`). Memory is ``O(N)``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ..dropout import DropoutKeys, token_ids
 from ..plan import DilatedPlan, HeadGroup
-from ..segments import merge_lse_, segment_views
+from ..segments import heads_merge_branches, merge_lse_, scale_dout_by_lse_lo, segment_views
 from ..validation import check_choice
 from .base import (
     AttentionCall,
@@ -170,11 +171,14 @@ class PyTorchBackend(Backend):
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
     ) -> tuple[Tensor, Tensor]:
         # q, k, v: (B, N, H, D)
+        # -> out (B, N, H, D) in q.dtype, LSE pair (2, B, N, H): lse = pair[0] + pair[1]
         B, N, H, _ = q.shape
         acc_dtype = compute_dtype(q.dtype)
         out_acc = torch.zeros(B, N, H, v.shape[-1], dtype=acc_dtype, device=q.device)
-        lse_acc = torch.full((B, N, H), -math.inf, dtype=acc_dtype, device=q.device)
-        tensors = {"q": q, "k": k, "v": v, "out": out_acc, "lse": lse_acc}
+        lse_pair = torch.empty((2, B, N, H), dtype=acc_dtype, device=q.device)
+        lse_pair[0].fill_(-math.inf)
+        lse_pair[1].zero_()
+        tensors = {"q": q, "k": k, "v": v, "out": out_acc, "hi": lse_pair[0], "lo": lse_pair[1]}
         for block in iter_blocks(ctx.plan, tensors, _dropout_and_mask(ctx, q)):
             t = block.views
             out_blk, lse_blk = block_forward(
@@ -187,8 +191,8 @@ class PyTorchBackend(Backend):
                 dropout=_block_dropout(ctx, block, H),
                 kernel=self.kernel,
             )
-            merge_lse_(t["out"], t["lse"], out_blk, lse_blk)
-        return out_acc.to(q.dtype), lse_acc
+            merge_lse_(t["out"], t["hi"], t["lo"], out_blk, lse_blk)
+        return out_acc.to(q.dtype), lse_pair
 
     def backward(
         self,
@@ -200,7 +204,11 @@ class PyTorchBackend(Backend):
         lse: Tensor,
         ctx: ForwardContext,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # lse: the forward's LSE pair (2, B, N, H). The blocks get hi and dout * exp(-lo).
         acc_dtype = compute_dtype(q.dtype)
+        if heads_merge_branches(ctx.plan):
+            dout = scale_dout_by_lse_lo(dout, lse[1])
+        lse = lse[0]
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)

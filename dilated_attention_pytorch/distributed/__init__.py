@@ -1,5 +1,6 @@
 """Sequence parallelism over ``torch.distributed``: ring dilated attention. No ``nn.Module`` here."""
 
+from .comm import ring_communicator
 from .ring_dilated_attention import ring_dilated_attention
 from .sequence import (
     gather_replicated,
@@ -13,6 +14,7 @@ __all__ = [
     "gather_replicated",
     "gather_sequence",
     "ring_all_gather",
+    "ring_communicator",
     "ring_dilated_attention",
     "shard_replicated",
     "shard_sequence",

@@ -27,23 +27,24 @@ import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..autograd import first_order_only
 from ..backends import AttentionCall, Backend, BlockOps, available_backends, get_backend
 from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
 from ..dropout import DropoutKeys, token_ids
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
-from ..segments import merge_lse_, segment_views, token_major
+from ..segments import merge_lse_, scale_dout_by_lse_lo, segment_views, token_major
 from .comm import RingComm, RingStats
 from .validation import (
     check_ring_call,
     check_ring_call_locally,
+    check_timeout,
     resolve_group,
 )
 
@@ -61,8 +62,9 @@ __all__ = [
 logger = logging.getLogger("dilated_attention_pytorch")
 
 # Gradient accumulators travel with their own tag so that, on gloo, they can never
-# be matched with a K/V transfer between the same two ranks.
-_KV_TAG, _GRAD_TAG = 0, 1
+# be matched with a K/V transfer between the same two ranks; the backward's K/V too, so
+# that a peer that skipped a backward and runs the next forward is an error, not a mix.
+_KV_TAG, _GRAD_TAG, _BACKWARD_KV_TAG = 0, 1, 5
 
 
 # --------------------------------------------------------------------------- block ops
@@ -131,6 +133,17 @@ class RingBranch:
             batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups
         )
         return kv + (sum(batch * g.counts[origin] for g in self.head_groups) if masked else 0)
+
+
+def merges_blocks(branches: tuple[RingBranch, ...]) -> bool:
+    """Whether some head's result merges several blocks (branches, or ring steps), so that
+    the low part of its LSE pair can be non-zero (it is 0 everywhere otherwise)."""
+    blocks: dict[int, int] = {}
+    for b in branches:
+        for g in b.head_groups:
+            for h in g.heads.heads:
+                blocks[h] = blocks.get(h, 0) + b.size
+    return max(blocks.values(), default=0) > 1
 
 
 @functools.lru_cache(maxsize=256)
@@ -334,6 +347,7 @@ class RingSetup:
     ops: BlockOps
     stats: RingStats | None = None  # counts bytes, steps and time when given
     timeout: float | None = None  # bound on every wait, in seconds
+    phase: str = "forward"  # or "backward": names the loop in errors, picks the K/V tag
     dropout_p: float = 0.0  # drop probability of the joint attention probabilities
     seed: int = 0  # dropout seed of the call (forward and backward share it)
     seq_len: int = 0  # N: tokens of the ring's whole sequence (dropout token ids)
@@ -421,7 +435,9 @@ class KVRotation:
         """Queue and start the K/V transfers of ``step`` for every branch."""
         batch, head_dim = self.k.shape[0], self.k.shape[-1]
         setup = self.setup
-        comm = setup.comm(_KV_TAG, f"K/V of ring step {step}, branch(es) {setup.branches_at(step)}")
+        tag = _KV_TAG if setup.phase == "forward" else _BACKWARD_KV_TAG
+        where = f"{setup.phase} ring step {step}, branch(es) {setup.branches_at(step)}"
+        comm = setup.comm(tag, f"the K/V of {where}")
         self._incoming = {}
         for i, b in enumerate(self.setup.branches):
             for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
@@ -542,7 +558,8 @@ class GradRouter:
             self._comm.wait()
         setup = self.setup
         comm = setup.comm(
-            _GRAD_TAG, f"dK/dV after ring step {step}, branch(es) {setup.branches_at(step)}"
+            _GRAD_TAG,
+            f"the dK/dV after backward ring step {step}, branch(es) {setup.branches_at(step)}",
         )
         received: dict[tuple[int, int], Tensor] = {}
         for i, b in enumerate(self.setup.branches):
@@ -597,20 +614,25 @@ def ring_dilated_forward(
             travels with the keys.
 
     Returns:
-        ``out (B, L, H, D)`` in ``q.dtype`` and ``lse (B, L, H)`` in the compute dtype
-        (float32, float64 for float64 inputs), ``-inf`` where a query has no key.
+        ``out (B, L, H, D)`` in ``q.dtype`` and the LSE as a pair ``(2, B, L, H)`` in the
+        compute dtype (float32, float64 for float64 inputs): ``lse = pair[0] + pair[1]``
+        (see :func:`~dilated_attention_pytorch.segments.merge_lse_`), ``(-inf, 0)`` where
+        a query has no key.
     """
     B, L, H, _ = q.shape
     acc_dtype = compute_dtype(q.dtype)
     out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype, device=q.device)
-    lse = torch.full((B, L, H), -math.inf, dtype=acc_dtype, device=q.device)
+    lse = torch.empty((2, B, L, H), dtype=acc_dtype, device=q.device)
+    lse[0].fill_(-math.inf)
+    lse[1].zero_()
+    hi, lo = lse[0], lse[1]
     for _, tasks in ring_steps(setup, k, v, key_keep):
         for t in tasks:
             out_blk, lse_blk = setup.ops.forward(
                 t.view(q), t.k, t.v, scale=setup.scale, causal=t.causal,
                 key_keep=t.key_keep, dropout=t.dropout,
             )  # fmt: skip
-            merge_lse_(t.view(out), t.view(lse), out_blk, lse_blk)
+            merge_lse_(t.view(out), t.view(hi), t.view(lo), out_blk, lse_blk)
     return out.to(q.dtype), lse
 
 
@@ -631,13 +653,17 @@ def ring_dilated_backward(
 
     Args:
         dout, q, k, v, out: ``(B, L, H, D)`` local shards; ``out`` is the forward output.
-        lse: ``(B, L, H)`` final log-sum-exp of the forward.
+        lse: ``(2, B, L, H)`` the forward's final LSE pair; the blocks get its high part
+            and ``dout * exp(-lo)``, which gives the exact gradients.
         key_keep: the forward's key keep mask; dropout is replayed from ``setup``.
 
     Returns:
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
     """
     acc_dtype = compute_dtype(q.dtype)
+    if merges_blocks(setup.branches):
+        dout = scale_dout_by_lse_lo(dout, lse[1])
+    lse = lse[0]
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
     router = GradRouter(setup, k, acc_dtype)
     for step, tasks in ring_steps(setup, k, v, key_keep):
@@ -675,12 +701,11 @@ class RingDilatedAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("ring dilated attention")
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse, key_keep = ctx.saved_tensors
-        dq, dk, dv = ring_dilated_backward(
-            token_major(dout), q, k, v, out, lse, ctx.setup, key_keep
-        )
+        setup = replace(ctx.setup, phase="backward")
+        dq, dk, dv = ring_dilated_backward(token_major(dout), q, k, v, out, lse, setup, key_keep)
         return dq, dk, dv, None, None
 
 
@@ -739,9 +764,17 @@ def ring_dilated_attention(
             group size to cut the group into consecutive rings of ``k`` ranks (sequence
             parallel inside a ring, data parallel across rings). Ring ``i`` holds group
             ranks ``[i*k, (i+1)*k)`` and its own sequence; ``N = k * L``.
-        timeout: seconds any wait on a transfer or collective may take before a
-            ``RuntimeError`` naming the rank, the branch(es) and the ring step is raised
-            (a dead or stuck peer); ``None``: the process group's own timeout.
+        timeout: seconds (a positive float) that each wait on other ranks may take: every
+            batch of P2P transfers, the input check's collective and, at the group's first
+            ring call, the creation of the ring's own communicator. ``None`` (default): the
+            process group's own timeout (gloo's default is 30 minutes). A peer that died,
+            is stuck or skipped the call then gives a ``RuntimeError`` on the ranks waiting
+            for it, naming this rank, the rank that did not answer and what was waited for
+            (the forward or backward ring step and its branch(es), or the input check);
+            after such an error the ring refuses to run on ``group`` again (its ranks are
+            out of step). The ring's P2P and collectives run on a communicator of its own
+            over ``group``'s ranks (:func:`~dilated_attention_pytorch.distributed.ring_communicator`),
+            so collectives you run on ``group`` never mix with the ring's.
         stats: a :class:`RingStats` that counts this call's bytes, steps and time.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
@@ -755,6 +788,7 @@ def ring_dilated_attention(
     Raises:
         ValueError: on *every* rank when any rank's input is invalid, the ranks'
             shapes, dtypes or settings differ, or the shard length breaks the rules above.
+        RuntimeError: a wait on another rank failed or timed out (see ``timeout``).
 
     Notes:
         A key padding mask adds one element per dilated key and head group to each K/V
@@ -775,6 +809,7 @@ def ring_dilated_attention(
         plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
     else:
         plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
+    timeout = check_timeout(timeout)  # with validate, a bad one raised on every rank above
     size = dist.get_world_size(group) if ring_size is None else ring_size
     rank = dist.get_rank(group)
     _, L, _, D = q.shape

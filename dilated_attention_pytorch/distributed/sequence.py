@@ -89,18 +89,20 @@ def ring_all_gather(
     *,
     stats: RingStats | None = None,
     timeout: float | None = None,
+    context: str = "the shards gathered over the ring",
 ) -> Tensor:
     """Concatenate along ``dim`` the shards of the group ranks ``ring`` (this rank among them).
 
-    P2P only between the ring's members, so rings side by side in one group (data
-    parallel across rings) never exchange data. Every member must call it.
+    P2P only between the ring's members (on the ring's own communicator), so rings side
+    by side in one group (data parallel across rings) never exchange data. Every member
+    must call it. ``timeout``: seconds the transfers may take (``None``: the group's own
+    timeout) before a ``RuntimeError`` that names ``context`` and the rank that did not
+    answer.
     """
     x = x.contiguous()
     rank = dist.get_rank(group)
     parts = {rank: x}
-    comm = RingComm(
-        group, _GATHER_TAG, stats=stats, timeout=timeout, context="gather of a ring's shards"
-    )
+    comm = RingComm(group, _GATHER_TAG, stats=stats, timeout=timeout, context=context)
     for peer in ring:
         if peer != rank:
             comm.send(x, peer)
@@ -126,7 +128,8 @@ class _ShardReplicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        gathered = ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim, **ctx.opts)
+        what = "the gradient shards gathered over the ring (backward of already_split=False)"
+        gathered = ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim, context=what, **ctx.opts)
         return gathered, None, None, None, None
 
 
@@ -142,7 +145,8 @@ class _GatherReplicated(torch.autograd.Function):
     def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int, opts):
         ctx.group, ctx.ring, ctx.dim = group, ring, dim
         ctx.position, ctx.length = ring.index(dist.get_rank(group)), x.shape[dim]
-        return ring_all_gather(x, group, ring, dim, **opts)
+        what = "the output shards gathered over the ring (forward of already_split=False)"
+        return ring_all_gather(x, group, ring, dim, context=what, **opts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

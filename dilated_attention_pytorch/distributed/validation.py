@@ -6,6 +6,10 @@ forever in the ring's P2P. So every rank first exchanges a small int64 metadata
 vector (shapes, dtype and device codes, a fingerprint of the settings) with one
 ``all_gather``; K/V never move here. Every rank then runs the same checks on the
 same table and raises the same ``ValueError``, which names the ranks involved.
+
+The exchange runs on the ring's own communicator (:func:`.comm.ring_communicator`),
+never on the caller's group, and is bounded by the call's ``timeout``: a rank that
+does not arrive gives ``RuntimeError`` on the others, naming it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
-from ..validation import check_key_padding_mask, check_qkv, check_ring_size, check_scalars
-from .comm import wait_bounded
+from ..validation import (
+    check_key_padding_mask,
+    check_positive_float,
+    check_qkv,
+    check_ring_size,
+    check_scalars,
+)
+from .comm import collective_device, communicator, gather_objects
+from .comm import distributed_not_ready as distributed_not_ready  # re-exported
+from .comm import resolve_group as resolve_group  # re-exported
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
@@ -28,38 +40,6 @@ _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "another device"}
 # Layout of the metadata vector.
 _OK, _B, _L, _H, _D, _DTYPE, _DEVICE, _FINGERPRINT = range(8)
 _META_LEN = 8
-
-
-def distributed_not_ready() -> str | None:
-    """Why ring attention cannot run in this process yet, or ``None`` when it can."""
-    if not dist.is_available() or not dist.is_initialized():
-        return (
-            "ring attention needs torch.distributed: call torch.distributed.init_process_group "
-            "(e.g. launch with torchrun) first, or use dilated_attention on one device"
-        )
-    return None
-
-
-def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """``group`` or WORLD; raises a clear error when torch.distributed is not set up."""
-    reason = distributed_not_ready()
-    if reason is not None:
-        raise ValueError(reason + ".")
-    group = dist.group.WORLD if group is None else group
-    if dist.get_rank(group) < 0:
-        raise ValueError(
-            f"this process (global rank {dist.get_rank()}) is not a member of the process "
-            f"group passed as group=; call ring attention only on the group's ranks."
-        )
-    return group
-
-
-def collective_device(group: dist.ProcessGroup) -> torch.device:
-    """The device a small metadata tensor must live on for ``group``'s backend."""
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or "mpi" in backend or "cpu:" in backend or backend == "ucc":
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _fingerprint(*settings: object) -> int:
@@ -71,11 +51,12 @@ def _per_rank(table: list[list[int]], describe: Callable[[list[int]], str]) -> s
     return ", ".join(f"rank {j} has {describe(row)}" for j, row in enumerate(table))
 
 
-def _gather_texts(group: dist.ProcessGroup, text: str | None) -> list[str | None]:
+def _gather_texts(
+    group: dist.ProcessGroup, text: str | None, timeout: float | None
+) -> list[str | None]:
     # Only on error paths, which every rank reaches together (they share the table).
-    texts: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(texts, text, group=group)
-    return texts
+    what = "the exchange of error texts of the input check of ring attention"
+    return gather_objects(group, text, timeout, what)  # type: ignore[return-value]
 
 
 def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> None:
@@ -110,6 +91,11 @@ def check_ring_size_divides(ring_size: object, world_size: int) -> int:
             f"{world_size} (or None for one ring over the whole group)."
         )
     return size
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` of a ring call: seconds (a positive finite float) or ``None``."""
+    return None if timeout is None else check_positive_float("timeout", timeout)
 
 
 class _Reported(Exception):
@@ -165,20 +151,26 @@ def check_ring_call(
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
     ring_size: object = None,
-    timeout: float | None = None,
+    timeout: object = None,
     input_error: str | None = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
     Collective: every rank of ``group`` must call it. Raises the same ``ValueError``
     on every rank when any rank's input is bad or the ranks disagree. Costs one small
-    ``all_gather`` and a host synchronisation. ``input_error`` is a problem the caller
+    ``all_gather`` (on the ring's own communicator), an increment of a counter in the
+    group's store and a host synchronisation. ``input_error`` is a problem the caller
     already found on this rank (e.g. in the whole sequence before sharding), reported
-    like a failed local check.
+    like a failed local check. ``timeout``: seconds the exchange may take (``None``: the
+    group's own timeout) before ``RuntimeError`` naming the ranks that did not arrive.
     """
     local_error: str | None = None
     plan: DilatedPlan | None = None
     meta = [0] * _META_LEN
+    try:
+        timeout = check_timeout(timeout)
+    except (TypeError, ValueError) as exc:  # reported like any bad input; wait by default
+        input_error, timeout = input_error or f"{type(exc).__name__}: {exc}", None
     try:
         if input_error is not None:
             raise _Reported(input_error)
@@ -215,17 +207,15 @@ def check_ring_call(
         local_error = f"{type(exc).__name__}: {exc}"
 
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    device = collective_device(group)
-    mine = torch.tensor(meta, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world_size)]
-    work = dist.all_gather(gathered, mine, group=group, async_op=True)
-    wait_bounded(work, timeout, f"rank {rank}: the collective input check of ring attention")
+    mine = torch.tensor(meta, dtype=torch.int64, device=collective_device(group))
+    what = "the collective input check of ring attention (before ring step 0 of every branch)"
+    gathered = communicator(group, timeout).all_gather(mine, timeout, what)
     table = [row.tolist() for row in gathered]
 
     bad = [j for j, row in enumerate(table) if row[_OK] != 1]
     if bad:
         # Error path only: fetch the texts so every rank can say what went wrong where.
-        messages = _gather_texts(group, local_error)
+        messages = _gather_texts(group, local_error, timeout)
         details = "; ".join(f"rank {j}: {messages[j]}" for j in bad)
         raise ValueError(
             f"ring attention: invalid input on rank(s) {bad} of {world_size} (this is rank "
@@ -259,7 +249,7 @@ def check_ring_call(
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}"
         )
-        texts = _gather_texts(group, settings)
+        texts = _gather_texts(group, settings, timeout)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
             "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size and dropout_p, "

@@ -120,9 +120,9 @@ class HilbertRingAttention(StandardRingAttention):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        *,
         already_split: bool = False,
     ) -> Tensor:
         """As :meth:`StandardRingAttention.forward`, in Hilbert-curve order."""

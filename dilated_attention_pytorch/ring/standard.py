@@ -10,7 +10,9 @@ rank path). The maths lives in :mod:`dilated_attention_pytorch.distributed`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,12 @@ from ..distributed.validation import (
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
 
-__all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "StandardRingAttention"]
+__all__ = [
+    "ProcessGroupPickling",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "StandardRingAttention",
+]
 
 
 def ring_members(
@@ -50,7 +57,62 @@ def ring_members(
     return group, tuple(range(first, first + size))
 
 
-class StandardRingAttention(DilatedAttention):
+class ProcessGroupPickling(nn.Module):
+    """Copying and pickling for a module whose ``process_group`` attribute holds a group.
+
+    A ``ProcessGroup`` is a handle to this process's communicators and cannot be
+    pickled. ``copy.copy`` and ``copy.deepcopy`` therefore share the group with the copy
+    (both talk over the same communicator). Pickling (``pickle``, ``torch.save``) leaves the group out
+    and records its global ranks; after unpickling, the first call re-resolves it: to
+    the default group (WORLD) when the ranks are all of WORLD's, else it raises a
+    ``ValueError`` asking for ``module.process_group = <group over those ranks>``.
+    Without ``torch.distributed`` the unpickled module is a ring of one, as usual.
+    """
+
+    process_group: dist.ProcessGroup | None
+    _validated: set[tuple]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        group = state.get("process_group")
+        if group is not None:
+            state["process_group"] = None
+            state["_pickled_group_ranks"] = tuple(dist.get_process_group_ranks(group))
+        state["_validated"] = set()  # input signatures are checked again, with the new group
+        return state
+
+    def __copy__(self) -> ProcessGroupPickling:
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(nn.Module.__getstate__(self))  # shares everything, the group too
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessGroupPickling:
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group  # a communicator is shared, not copied
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        # The plain state (with the group), not the pickled one of __getstate__.
+        copied.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
+        return copied
+
+    def resolved_process_group(self) -> dist.ProcessGroup | None:
+        """``process_group`` (``None``: WORLD), re-resolved after unpickling (see the class)."""
+        ranks = self.__dict__.get("_pickled_group_ranks")
+        if ranks is None or self.process_group is not None or distributed_not_ready():
+            return self.process_group
+        if ranks != tuple(range(dist.get_world_size())):
+            raise ValueError(
+                f"this {type(self).__name__} was unpickled without its process group (a "
+                f"process group cannot be pickled), a group over global ranks {list(ranks)}; "
+                f"set module.process_group = <that group> (e.g. from "
+                f"torch.distributed.new_group({list(ranks)})) before calling it."
+            )
+        self._pickled_group_ranks = None  # the default group has exactly those ranks
+        return None
+
+
+class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
     """Dilated attention on ``(B, N, H, D)`` tensors over a sequence shared by the ranks of a ring.
 
     On ``(B, N, H, D)`` q, k, v (batch, tokens, heads, head dim). Every rank of the
@@ -78,21 +140,31 @@ class StandardRingAttention(DilatedAttention):
         ring_size: ranks per ring; ``None`` for the whole process group, else a divisor
             of its size.
         process_group: the group holding the sequence (default: WORLD), e.g. one
-            dimension of a DeviceMesh.
+            dimension of a DeviceMesh. ``copy.deepcopy`` shares it; pickling leaves it
+            out (see :class:`ProcessGroupPickling`).
         validate: when the collective input check runs (one small ``all_gather`` and a
             host sync, so that a bad input on any rank raises on every rank):
             ``"once"`` (default) the first time the module sees an input signature
             (shapes, dtypes, device, ``is_causal``, mask, dropout, group), with this
             rank's own checks on every call; ``"always"`` on every call, for inputs
             whose shapes may change on some ranks but not others.
-        timeout: seconds any wait on another rank may take (P2P transfers, the input
-            check) before a ``RuntimeError`` naming the rank, branch and ring step is
-            raised instead of hanging; ``None``: the process group's own timeout.
+        timeout: seconds (a positive float) that each wait on other ranks may take: every
+            batch of P2P transfers (K/V, gradients, the gathers of ``already_split=False``),
+            the input check and, at the group's first ring call, the creation of the ring's
+            own communicator. ``None`` (default): the process group's own timeout (gloo's
+            default is 30 minutes). A peer that died, is stuck or skipped a call (or a
+            backward) then gives a ``RuntimeError`` on the ranks waiting for it, naming the
+            rank that did not answer and the ring step and branch(es) waited for, instead
+            of a hang; the ring then refuses to run on that group again. The ring's
+            transfers and checks run on a communicator of its own over the group's ranks
+            (:func:`~dilated_attention_pytorch.distributed.ring_communicator`), so
+            collectives you run on the group never mix with them.
 
     Shapes:
         ``already_split=False``: q, k, v ``(B, N, H, D)``, the same on every rank of a
         ring; output ``(B, N, H, D)``. ``already_split=True``: this rank's shards
-        ``(B, N/k, H, D)`` in and out.
+        ``(B, N/k, H, D)`` in and out. Called as ``attn(q, k, v, is_causal=False,
+        key_padding_mask=None, *, already_split=False)``, like ``DilatedAttention``.
     """
 
     def __init__(
@@ -129,16 +201,16 @@ class StandardRingAttention(DilatedAttention):
     def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
         """``(process group, group ranks of this rank's ring)``, or ``None`` for a ring
         of one without ``torch.distributed``."""
-        return ring_members(self.process_group, self.ring_size)
+        return ring_members(self.resolved_process_group(), self.ring_size)
 
     def forward(
         self,
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        *,
         already_split: bool = False,
     ) -> Tensor:
         """Attend ``query`` to ``key``/``value`` over the ring.

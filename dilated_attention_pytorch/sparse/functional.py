@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype
 from ..dropout import dropout_keep
 from ..segments import token_major
@@ -294,7 +294,7 @@ class _BlockSparseFunction(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("block_sparse_attention")
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:  # the output was not used: no gradient reaches q, k, v

@@ -11,14 +11,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import gather_replicated, shard_replicated
-from ..distributed.comm import RingStats
+from ..distributed.comm import RingStats, gather_objects
 from ..distributed.validation import _Reported
 from ..modules import MultiheadDilatedAttention
-from ..ring.standard import ring_members, whole_input_error
+from ..ring.standard import ProcessGroupPickling, ring_members, whole_input_error
 from ..validation import (
     check_bool,
     check_choice,
     check_dropout,
+    check_is_causal,
     check_positive_float,
     check_positive_int,
     check_qkv,
@@ -124,14 +125,14 @@ class BlockSparseAttention(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """Attend ``q`` ``(B, N, H, D)`` to ``k``/``v`` over the kept blocks."""
+        """Attend ``q`` ``(B, N, H, D)`` to ``k``/``v`` over the kept blocks; the 4th
+        positional argument is ``is_causal``, as in ``DilatedAttention``."""
         _no_mask(key_padding_mask)
         check_qkv(q, k, v)
-        check_bool("is_causal", is_causal)
+        check_is_causal(is_causal)
         return block_sparse_attention(
             q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
@@ -186,15 +187,15 @@ def _no_mask(key_padding_mask: object) -> None:
         )
 
 
-class RingBlockSparseAttention(BlockSparseAttention):
+class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
     """Block-sparse attention on ``(B, N, H, D)`` tensors over a sequence shared by the ranks of a ring.
 
     Computes exactly :class:`BlockSparseAttention`; rank ``j`` of a ring of ``k`` holds
     tokens ``[j*N/k, (j+1)*N/k)``, and a rank receives only the key/value blocks its
     queries keep (each once, by P2P) and returns only their gradients; ranks whose
     queries keep none of each other's blocks exchange nothing. ``already_split``,
-    ``ring_size``, ``process_group`` and ``timeout`` are those of
-    :class:`~dilated_attention_pytorch.StandardRingAttention`; without
+    ``ring_size``, ``process_group`` (shared by ``copy.deepcopy``, left out of pickles)
+    and ``timeout`` are those of :class:`~dilated_attention_pytorch.StandardRingAttention`; without
     ``torch.distributed`` it is a ring of one. ``N/k`` must be a multiple of
     ``block_size``.
 
@@ -207,9 +208,15 @@ class RingBlockSparseAttention(BlockSparseAttention):
             run, else ``"pytorch"``), ``"pytorch"`` or ``"triton"``. FlexAttention cannot
             take the ring's received blocks; a ring of one runs
             :class:`BlockSparseAttention` with this backend (``"auto"`` may pick flex).
-        validate: ``"once"`` (default): the collective input check (one small
-            ``all_gather_object``) runs the first time an input signature is seen;
-            ``"always"``: on every call.
+        validate: ``"once"`` (default): the collective input check (two small
+            ``all_gather`` of the ranks' pickled checks) runs the first time an input
+            signature is seen; ``"always"``: on every call.
+        timeout: seconds (a positive float) that each wait on other ranks may take (the
+            input check, the exchange of K/V blocks and of their gradients, and at the
+            group's first ring call the creation of the ring's own communicator);
+            ``None`` (default): the process group's own timeout. A peer that died, is
+            stuck or skipped the call then gives a ``RuntimeError`` on the ranks waiting
+            for it that names the rank that did not answer and what was waited for.
     """
 
     def __init__(
@@ -248,16 +255,16 @@ class RingBlockSparseAttention(BlockSparseAttention):
 
     def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
         """``(process group, group ranks of this rank's ring)``, or ``None`` (ring of one)."""
-        return ring_members(self.process_group, self.ring_size)
+        return ring_members(self.resolved_process_group(), self.ring_size)
 
     def forward(
         self,
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        *,
         already_split: bool = False,
     ) -> Tensor:
         """As :meth:`BlockSparseAttention.forward`; ``already_split=True`` takes and
@@ -308,7 +315,7 @@ class RingBlockSparseAttention(BlockSparseAttention):
                 raise _Reported(error)
             _no_mask(mask)
             check_qkv(q, k, v)
-            check_bool("is_causal", is_causal)
+            check_is_causal(is_causal)
             if q.shape[1] % self.block_size != 0:
                 raise ValueError(
                     f"each rank's shard has {q.shape[1]} tokens, not a multiple of "
@@ -322,8 +329,10 @@ class RingBlockSparseAttention(BlockSparseAttention):
             error, signature = f"{type(exc).__name__}: {exc}", None
         if self.validate == "once" and signature in self._validated:
             return
-        rows: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(rows, (error, signature, self.extra_repr()), group=group)
+        what = "the collective input check of block-sparse ring attention (before its ring step)"
+        rows: list[Any] = gather_objects(  # type: ignore[assignment]
+            group, (error, signature, self.extra_repr()), self.timeout, what
+        )
         rank = dist.get_rank(group)
         bad = [(j, e) for j, (e, _, _) in enumerate(rows) if e is not None]
         if bad:

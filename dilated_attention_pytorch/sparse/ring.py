@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype
 from ..distributed.comm import RingComm, RingStats
 from ..segments import token_major
@@ -30,7 +30,7 @@ from .functional import SparseCall, block_backward, block_forward
 
 __all__ = ["ring_block_sparse_attention", "needed_blocks"]
 
-_KV_TAG, _GRAD_TAG = 3, 4  # distinct from the dilated ring's tags (0, 1) and gathers (2)
+_KV_TAG, _GRAD_TAG = 3, 4  # distinct from the dilated ring's tags (0, 1, 5) and gathers (2)
 
 
 def needed_blocks(
@@ -59,7 +59,7 @@ class RingSparseSetup:
     dropout_p: float = 0.0
     seed: int = 0
     stats: RingStats | None = None
-    timeout: float | None = None
+    timeout: float | None = None  # seconds each wait may take (None: the group's own timeout)
     kernel: str = "pytorch"  # the block kernel: "pytorch" or "triton" (functional.ring_kernel)
 
     @property
@@ -156,8 +156,8 @@ class _RingBlockSparse(torch.autograd.Function):
         peers = [p for p in range(len(setup.ring)) if p != setup.position]
         send = {p: setup.wanted_by(p) for p in peers}
         recv = {p: setup.wanted_from(p) for p in peers}
-        received = _exchange(setup, [k, v], _KV_TAG, "K/V blocks of block-sparse ring attention",
-                             send, recv, k.dtype)  # fmt: skip
+        what = "the K/V blocks of block-sparse ring attention (forward, its one ring step)"
+        received = _exchange(setup, [k, v], _KV_TAG, what, send, recv, k.dtype)
         k_held, v_held, call = _held(setup, k, v, received, recv)
         out, lse = block_forward(call, q, k_held, v_held)
         ctx.save_for_backward(q, k_held, v_held, out, lse)
@@ -166,7 +166,7 @@ class _RingBlockSparse(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("ring block-sparse attention")
     def backward(ctx, dout: Tensor):
         q, k_held, v_held, out, lse = ctx.saved_tensors
         setup, L = ctx.setup, ctx.local_len
@@ -181,7 +181,8 @@ class _RingBlockSparse(torch.autograd.Function):
             if size:
                 remote[peer] = (dk_held[:, start : start + size], dv_held[:, start : start + size])
                 start += size
-        comm = setup.comm(_GRAD_TAG, "dK/dV blocks of block-sparse ring attention")
+        what = "the dK/dV blocks of block-sparse ring attention (backward, its one ring step)"
+        comm = setup.comm(_GRAD_TAG, what)
         acc = compute_dtype(q.dtype)
         for peer, (gk, gv) in remote.items():
             comm.send(torch.stack([gk, gv]).to(acc).contiguous(), setup.ring[peer])

@@ -108,7 +108,7 @@ class TritonBackend(Backend):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext
     ) -> tuple[Tensor, Tensor]:
-        # q, k, v: (B, N, H, D) -> out (B, N, H, D) in q.dtype, lse (B, N, H) fp32
+        # q, k, v: (B, N, H, D) -> out (B, N, H, D) in q.dtype, LSE pair (2, B, N, H) fp32
         return dilated_forward(q, k, v, ctx.plan, **_options(ctx))
 
     def backward(

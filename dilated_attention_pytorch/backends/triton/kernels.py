@@ -7,8 +7,18 @@ gather/scatter copy of q, k, v, out or the gradients is ever made.
 
 A program of the forward, dK/dV and dQ kernels runs one tile of dilated positions of
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
-once per branch. Scores are kept in log2 units (``qk_scale = scale * LOG2E``, so the
-softmax uses ``exp2``); LSEs are read and written in natural-log units.
+once per branch.
+
+Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
+only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``), so nothing that is
+subtracted from a score has been rounded by a unit conversion. The log-sum-exp is kept
+as a pair ``lse = hi + lo`` (planes 0 and 1 of a ``(2, B, N, H)`` tensor): ``hi`` is a
+score maximum as computed (or the largest of the merged branches' maxima), ``lo`` the
+log of the normaliser relative to it, in ``[0, log(#keys)]``. A single float32 LSE of
+magnitude 1e7 cannot hold ``log 2``: with the pair, branches that share their best key
+are averaged and the backward's ``P = exp((S - hi) - lo)`` is as exact as the forward's
+(checked on an H200 at logit scales up to 1e4). The block operations of the ring
+exchange one LSE instead (``LSE_PAIR`` False).
 """
 
 from __future__ import annotations
@@ -95,11 +105,31 @@ def _store_rows(ptrs, x, mask):
 
 
 @triton.jit
-def _load_lse2(ptrs, mask):
-    # The final LSE in log2 units, for P = exp2(S - lse2). Rows with no key (and rows
-    # out of range) have lse = -inf: +inf makes their P 0 instead of NaN.
-    lse = tl.load(ptrs, mask=mask, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr):
+    # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
+    # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
+    # instead of NaN. Without LSE_PAIR the tensor holds one LSE (lo = 0).
+    hi = tl.load(ptrs, mask=mask, other=float("-inf"))
+    hi = tl.where(hi == float("-inf"), float("inf"), hi)
+    lo = tl.zeros_like(hi)
+    if LSE_PAIR:
+        lo = tl.load(ptrs + s_lp, mask=mask, other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def _finite_rows(x):
+    # (rows,) bool: whether every element of a (rows, D) block is finite (NaN < inf and
+    # inf < inf are both false).
+    ok = tl.abs(x.to(tl.float32)) < float("inf")
+    return tl.min(ok.to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _probs(s, hi, lo):
+    # exp((s - hi) - lo) for a (rows, keys) block of natural-unit scores; the row terms
+    # are subtracted before the conversion to log2 units, so they lose nothing to it.
+    return tl.exp2(((s - hi[:, None]) - lo[:, None]) * LOG2E)
 
 
 @triton.jit
@@ -117,22 +147,22 @@ def _key_tiles(m0, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: 
 
 
 @triton.jit
-def _mask_keys(
-    x, fill, offs, kmask, offs64, offs_m, m_base, row_m,
+def _valid_keys(
+    offs, kmask, offs64, offs_m, m_base, row_m,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
-    # x (BLOCK_M, BLOCK_N) with `fill` where a key does not count for a query. MASK
-    # applies the bound and causal masks (only the diagonal / last tiles need them: the
-    # bulk loop skips the `where`); HAS_KPM the key padding mask.
+    # Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count (broadcastable bool).
+    # MASK applies the bound and causal masks (only the diagonal / last tiles need them:
+    # the bulk loop skips them); HAS_KPM the key padding mask. Callers use it only when
+    # MASK or HAS_KPM.
+    valid = kmask[None, :]
     if MASK:
-        valid = kmask[None, :]
         if CAUSAL:
             valid = valid & (offs[None, :] <= offs_m[:, None])
-        x = tl.where(valid, x, fill)
     if HAS_KPM:
         pad = tl.load(m_base + offs64 * row_m, mask=kmask, other=1)
-        x = tl.where((pad == 0)[None, :], x, fill)
-    return x
+        valid = valid & (pad == 0)[None, :]
+    return valid
 
 
 # --------------------------------------------------------------------------- forward
@@ -140,30 +170,36 @@ def _mask_keys(
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+    acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, offs_n, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
-    # Online softmax over key tiles [start, stop).
+    # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
+    # value is not finite in a masked tile (there such values are zeroed so that the
+    # rows that do not attend them stay finite: 0 * inf would be NaN).
     for n in range(start, stop, BLOCK_N):
         offs = n + offs_n
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
         k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        qk = _mask_keys(
-            qk, float("-inf"), offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM
-        )
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), natural units
+        if MASK or HAS_KPM:
+            valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
+            qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base + offs64[:, None] * row_v, kmask)
+        if MASK or HAS_KPM:
+            finite = _finite_rows(v)
+            bad_i = tl.maximum(bad_i, tl.max((valid & ~finite[None, :]).to(tl.int32), 1))
+            v = tl.where(finite[:, None], v, 0.0).to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad_i
 
 
 @triton.jit
@@ -171,12 +207,13 @@ def _fwd_kernel(
     Q, K, V, Out, Acc, Lse, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_ob, s_on, s_oh, s_ab, s_an, s_ah, s_lb, s_ln, s_lh, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
-    # left when ACC_IN.
+    # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
+    # else one LSE.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, BLOCK_M
     )
@@ -197,39 +234,52 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+    acc, l_i, m_i, bad_i = _fwd_inner(
+        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
         0, full_hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
     )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+    acc, l_i, m_i, bad_i = _fwd_inner(
+        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
         full_hi, hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
     )  # fmt: skip
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    # A row that attends a non-finite value has no finite output.
+    out = tl.where((bad_i > 0)[:, None], float("nan"), out)
+    # This tile's LSE pair: the row maximum as computed, and log(l) relative to it.
+    lse_hi = tl.where(has_key, m_i, float("-inf"))
+    lse_lo = tl.log2(l_safe) * LN2
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     if ACC_IN:
-        # Merge with what earlier branches left (the LSE rule that mixes branches).
+        # Merge with what earlier branches left (the LSE rule that mixes branches), with
+        # weights relative to the larger hi: never from a sum of two large LSEs.
         acc_old = _load_rows(_rows_ptr(Acc, b, h, rows_q, s_ab, s_an, s_ah, offs_d), qmask)
         acc_old = acc_old.to(tl.float32)
-        lse_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))
-        # No branch wrote this row yet (lse -inf): the accumulator was never
+        hi_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))
+        lo_old = tl.load(lse_ptrs + s_lp, mask=qmask, other=0.0)
+        # No branch wrote this row yet (hi -inf): the accumulator was never
         # initialised there, so do not read it (saves a zero-fill pass).
-        acc_old = tl.where((lse_old == float("-inf"))[:, None], 0.0, acc_old)
-        mx = tl.maximum(lse_old, lse)
+        acc_old = tl.where((hi_old == float("-inf"))[:, None], 0.0, acc_old)
+        mx = tl.maximum(hi_old, lse_hi)
         shift = tl.where(mx == float("-inf"), 0.0, mx)
-        w_old = tl.exp(lse_old - shift)
-        w_new = tl.exp(lse - shift)
+        w_old = tl.exp2(((hi_old - shift) + lo_old) * LOG2E)
+        w_new = tl.exp2(((lse_hi - shift) + lse_lo) * LOG2E)
         tot = w_old + w_new
         tot_safe = tl.where(tot > 0.0, tot, 1.0)
         out = (w_old[:, None] * acc_old + w_new[:, None] * out) / tot_safe[:, None]
-        lse = tl.where(tot > 0.0, shift + tl.log(tot_safe), float("-inf"))
+        lse_hi = mx
+        lse_lo = tl.log2(tot_safe) * LN2
     _store_rows(_rows_ptr(Out, b, h, rows_q, s_ob, s_on, s_oh, offs_d), out, qmask)
-    tl.store(lse_ptrs, lse, mask=qmask)
+    if LSE_PAIR:
+        tl.store(lse_ptrs, lse_hi, mask=qmask)
+        tl.store(lse_ptrs + s_lp, lse_lo, mask=qmask)
+    else:
+        # One LSE (block operations of the ring).
+        tl.store(lse_ptrs, lse_hi + lse_lo, mask=qmask)
 
 
 # --------------------------------------------------------------------------- backward
@@ -257,9 +307,9 @@ def _delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl,
+    dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
     start, stop, len_q, offs_n, keep_k, qk_scale,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # dQ has its own kernel (recomputing S and dP): adding dS K into an fp32 dQ buffer
@@ -270,10 +320,10 @@ def _bwd_dkdv_inner(
         offs64 = offs.to(tl.int64)
         q = _load_rows(q_base + offs64[:, None] * row_q, qmask)
         do = _load_rows(do_base + offs64[:, None] * row_do, qmask)
-        lse2 = _load_lse2(lse_base + offs64 * row_l, qmask)
+        hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
         delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * qk_scale
-        p_t = tl.exp2(qk_t - lse2[None, :])
+        p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
         if HAS_KPM:
@@ -281,6 +331,9 @@ def _bwd_dkdv_inner(
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASK or HAS_KPM:
+            # Pairs that do not count give 0 even where a value is not finite (0 * inf).
+            ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
         dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
@@ -290,9 +343,9 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc.
@@ -323,13 +376,13 @@ def _bwd_dkdv_kernel(
         free = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, len_q)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
-            lo, free, len_q, offs_n, keep_k, qk_scale, BLOCK_M, True, HAS_KPM,
+            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
+            lo, free, len_q, offs_n, keep_k, qk_scale, BLOCK_M, True, HAS_KPM, LSE_PAIR,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en,
-        free, len_q, len_q, offs_n, keep_k, qk_scale, BLOCK_M, False, HAS_KPM,
+        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
+        free, len_q, len_q, offs_n, keep_k, qk_scale, BLOCK_M, False, HAS_KPM, LSE_PAIR,
     )  # fmt: skip
     dk = dk * scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
@@ -343,7 +396,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, m_base, row_k, row_v, row_m,
+    dq, q, do, hi, lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
@@ -353,11 +406,14 @@ def _bwd_dq_inner(
         offs64 = offs.to(tl.int64)
         k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
         v = _load_rows(v_base + offs64[:, None] * row_v, kmask)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(qk - lse2[:, None])
-        p = _mask_keys(p, 0.0, offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
+        p = _probs(tl.dot(q, tl.trans(k)) * qk_scale, hi, lo)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if MASK or HAS_KPM:
+            valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
+            # Pairs that do not count give 0 even where a key or value is not finite.
+            ds = tl.where(valid, ds, 0.0)
+            k = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
@@ -367,9 +423,9 @@ def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DQacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
@@ -381,7 +437,7 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
-    lse2 = _load_lse2(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), qmask)
+    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
     delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
     k_base = _ptr(K, b, h, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
     v_base = _ptr(V, b, h, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
@@ -389,11 +445,11 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
+        dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
         0, full_hi, len_k, offs_m, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
     )  # fmt: skip
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
+        dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
         full_hi, hi, len_k, offs_m, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
     )  # fmt: skip
     dq = dq * scale

@@ -6,7 +6,8 @@ Launch structure (one branch ``(w, r)`` per launch, grid
 - forward: each program owns one tile of dilated query positions of one
   ``(batch, head)``; it runs a flash-style online softmax over the key tiles of
   its segment, then merges its ``(O_i, LSE_i)`` into the accumulators with the
-  LSE rule that mixes branches. Within a launch every ``(position, head)``
+  LSE rule that mixes branches (the LSE kept as a pair ``hi + lo``, see
+  :mod:`.kernels`). Within a launch every ``(position, head)``
   belongs to one program and launches run in order, so the read-modify-write
   is race free.
 - backward: ``delta = rowsum(dO * O)`` once, then per branch a dK/dV kernel (a
@@ -35,7 +36,7 @@ import triton
 from torch import Tensor
 
 from ...plan import Branch, DilatedPlan
-from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
+from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
 
 __all__ = [
     "ACC_CHUNK_BYTES",
@@ -130,15 +131,16 @@ def _s3(x: Tensor) -> tuple[int, int, int]:
 
 def _launch_tiles(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
-    strided: tuple[Tensor, ...], kpm: Tensor | None, launch: _Launch, *, scales: tuple[float, ...],
-    per_key_tile: bool, causal: bool, acc_in: bool,
+    strided: tuple[Tensor, ...], kpm: Tensor | None, launch: _Launch, *, scales: tuple,
+    per_key_tile: bool, causal: bool, acc_in: bool, lse_pair: bool,
 ) -> None:  # fmt: skip
     """Launch the forward, dK/dV or dQ kernel for one branch.
 
     ``tensors``: the kernel's tensor arguments before ``Kpm``, q and k first;
     ``strided``: the tensors whose ``(B, N, H)`` strides it takes, in its order;
-    ``scales``: its arguments after ``tiles_per_seg``. A program runs a tile of dilated
-    queries, or of keys with ``per_key_tile`` (dK/dV).
+    ``scales``: its arguments after ``tiles_per_seg`` (the score scale and the stride
+    between the LSE's planes). A program runs a tile of dilated queries, or of keys with
+    ``per_key_tile`` (dK/dV). ``lse_pair``: the LSE is a ``(hi, lo)`` pair.
     """
     q, k = tensors[0], tensors[1]
     B, n_q, _, D = q.shape
@@ -153,7 +155,8 @@ def _launch_tiles(
         launch.seg_q, launch.seg_k, n_q, k.shape[1], launch.dil, launch.head0, launch.h_first,
         launch.num_heads, tiles, *scales,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        HAS_KPM=kpm is not None, ACC_IN=acc_in, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -161,11 +164,14 @@ def _launch_forward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, acc: Tensor, lse: Tensor, kpm: Tensor | None,
     launch: _Launch, *, scale: float, causal: bool, acc_in: bool,
 ) -> None:  # fmt: skip
-    # q: (B, Nq, Hc, D); k, v: (B, Nk, Hc, D); out, acc: (B, Nq, Hc, D); lse: (B, Nq, Hc)
-    tensors = (q, k, v, out, acc, lse)
+    # q: (B, Nq, Hc, D); k, v: (B, Nk, Hc, D); out, acc: (B, Nq, Hc, D); lse: (2, B, Nq, Hc)
+    # (hi, lo) planes, or one (B, Nq, Hc) LSE.
+    pair = lse.dim() == 4
+    tensors = (q, k, v, out, acc, lse[0] if pair else lse)
     _launch_tiles(
         _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
-        scales=(scale * LOG2E.value,), per_key_tile=False, causal=causal, acc_in=acc_in,
+        scales=(scale, lse.stride(0) if pair else 0), per_key_tile=False, causal=causal,
+        acc_in=acc_in, lse_pair=pair,
     )  # fmt: skip
 
 
@@ -186,7 +192,9 @@ def _launch_backward(
     *, scale: float, causal: bool, acc_in: bool, which: str,
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
-    inputs = (q, k, v, dout, lse, delta)
+    # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE.
+    pair = lse.dim() == 4
+    inputs = (q, k, v, dout, lse[0] if pair else lse, delta)
     if which == "dkdv":
         # DK and DV share their strides, and so do DKacc and DVacc.
         kernel, table = _bwd_dkdv_kernel, DKDV_CONFIGS
@@ -196,8 +204,9 @@ def _launch_backward(
         kernel, table = _bwd_dq_kernel, DQ_CONFIGS
         tensors = strided = (*inputs, grads[0], accs[0])
     _launch_tiles(
-        kernel, table, tensors, strided, kpm, launch, scales=(scale * LOG2E.value, scale),
-        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in,
+        kernel, table, tensors, strided, kpm, launch,
+        scales=(scale, scale, lse.stride(0) if pair else 0),
+        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
     )  # fmt: skip
 
 
@@ -295,24 +304,29 @@ def dilated_forward(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """All branches of ``plan``: q, k, v ``(B, N, H, D)`` -> out ``(B, N, H, D)`` in q.dtype, lse ``(B, N, H)`` fp32.
+    """All branches of ``plan``: q, k, v ``(B, N, H, D)`` -> out ``(B, N, H, D)`` in q.dtype
+    and the LSE as a ``(2, B, N, H)`` fp32 pair (``lse = pair[0] + pair[1]``, see
+    :mod:`.kernels`).
 
     ``key_padding_mask``: ``(B, N)`` bool, ``True`` = padding key. Positions no branch
-    covers get ``out = 0`` and ``lse = -inf``.
+    covers get ``out = 0`` and the pair ``(-inf, 0)``.
     """
     B, N, H, D = q.shape
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
     out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
-    # The LSE is read back by later branches (multi) or may stay uncovered: start at -inf.
-    lse = torch.empty((B, N, H), dtype=torch.float32, device=q.device)
+    # The LSE is read back by later branches (multi) or may stay uncovered: start at
+    # (-inf, 0).
+    lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
     if sched.multi or not sched.full:
-        lse.fill_(-math.inf)
+        lse[0].fill_(-math.inf)
+        lse[1].zero_()
     if N == 0:
         return out, lse
     for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
         hs = slice(c_lo, c_hi)
-        qc, kc, vc, oc, lc = q[:, :, hs], k[:, :, hs], v[:, :, hs], out[:, :, hs], lse[:, :, hs]
+        qc, kc, vc, oc = q[:, :, hs], k[:, :, hs], v[:, :, hs], out[:, :, hs]
+        lc = lse[:, :, :, hs]
         # The kernels never read an accumulator row whose LSE is still -inf, so it needs
         # no zero fill, except when it is copied out at the end (no covering branch).
         acc_alloc = torch.zeros if sched.final is None else torch.empty
@@ -347,7 +361,8 @@ def dilated_backward(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv)`` (each ``(B, N, H, D)`` in the input dtype) given the final out/lse."""
+    """Gradients ``(dq, dk, dv)`` (each ``(B, N, H, D)`` in the input dtype) given the final
+    out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`."""
     B, N, H, D = q.shape
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
@@ -361,8 +376,9 @@ def dilated_backward(
     f32 = dict(dtype=torch.float32, device=q.device)
     for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
         hs = slice(c_lo, c_hi)
-        views = [t[:, :, hs] for t in (dout, q, k, v, lse, delta, dq, dk, dv)]
-        doc, qc, kc, vc, lc, dlc, dqc, dkc, dvc = views
+        views = [t[:, :, hs] for t in (dout, q, k, v, delta, dq, dk, dv)]
+        doc, qc, kc, vc, dlc, dqc, dkc, dvc = views
+        lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.

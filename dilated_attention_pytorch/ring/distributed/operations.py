@@ -38,7 +38,7 @@ class DistributedRingAttention(StandardRingAttention):
     """:class:`StandardRingAttention` (``(B, N, H, D)``) with monitoring, checkpointing and timeouts.
 
     Computes exactly what :class:`StandardRingAttention` computes (same arguments,
-    same ``forward(query, key, value, *, is_causal, key_padding_mask, already_split)``
+    same ``forward(query, key, value, is_causal, key_padding_mask, *, already_split)``
     on ``(B, N, H, D)``), and adds:
 
     Args:
@@ -53,9 +53,9 @@ class DistributedRingAttention(StandardRingAttention):
             there, 1.30x the time; ``benchmarks/bench_memory.py``).
         use_deepspeed: checkpoint through ``deepspeed.checkpointing`` (needs DeepSpeed;
             an ``ImportError`` says how to install it otherwise). Implies checkpointing.
-        timeout: seconds any wait on another rank may take before a ``RuntimeError``
-            naming this rank, the branch and the ring step (``None``: the process group's
-            timeout).
+        timeout: seconds each wait on another rank may take before a ``RuntimeError``
+            naming the rank that did not answer, the branch and the ring step (``None``:
+            the process group's timeout); as in :class:`StandardRingAttention`.
         segment_lengths, dilation_rates, dropout, ring_size, process_group,
             branch_mixing, scale, backend, validate: as in :class:`StandardRingAttention`.
     """
@@ -103,9 +103,9 @@ class DistributedRingAttention(StandardRingAttention):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        *,
         already_split: bool = False,
     ) -> Tensor:
         """As :meth:`StandardRingAttention.forward`, checkpointed when asked for."""

@@ -141,19 +141,21 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
             device=device,
             dtype=dtype,
         )
+        inner.plan(num_heads)  # warns now if some positions would get no head
 
     def forward(
         self,
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
-        *,
-        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
         need_weights: bool = False,
         attn_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
     ) -> tuple[Tensor, None]:
-        """As ``MultiheadDilatedAttention.forward``; ``attn_mask`` must be ``None``.
+        """As ``MultiheadDilatedAttention.forward`` (``nn.MultiheadAttention``'s positional
+        order); ``attn_mask`` must be ``None``.
 
         Dilated attention has its own sparsity pattern, so an arbitrary ``(N, N)`` mask
         cannot be applied; use ``is_causal=True`` or ``key_padding_mask`` instead.
@@ -168,9 +170,10 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
             query,
             key,
             value,
+            key_padding_mask,
+            need_weights,
+            average_attn_weights=average_attn_weights,
             is_causal=is_causal,
-            need_weights=need_weights,
-            key_padding_mask=key_padding_mask,
         )
 
     def get_communication_stats(self) -> dict[str, Any]:
