@@ -24,7 +24,7 @@ import torch
 
 from .backends import AttentionCall, available_backends, get_backend
 from .backends.blocks import _MAX_SCORE_ELEMENTS, compute_dtype
-from .distributed.ring_dilated_attention import _held_origin, merges_blocks, ring_layout
+from .distributed.ring_dilated_attention import _held_origin, ring_layout, ring_merges_blocks
 from .distributed.validation import check_shard_length
 from .plan import DilatedPlan, make_plan, num_dilated_positions
 from .segments import heads_merge_branches
@@ -711,7 +711,7 @@ def _mirror_ring_forward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> 
 
 def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> tuple:
     """``ring_dilated_backward``; returns the handles of ``(dq, dk, dv)``."""
-    scaled = _mirror_scaled_dout(tl, cfg, L) if merges_blocks(layout) else None
+    scaled = _mirror_scaled_dout(tl, cfg, L) if ring_merges_blocks(layout) else None
     accs = [tl.new("accumulators", cfg.acc_bytes(L)) for _ in range(3)]
     residue: list = []  # `dq_blk, dk_blk, dv_blk` of the previous task
 

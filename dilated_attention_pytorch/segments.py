@@ -124,15 +124,20 @@ def merge_lse_(
     hi_acc.copy_(new_hi)
 
 
+def merges_blocks(blocks_of_heads) -> bool:
+    """Whether some head's result merges several blocks, so that the low part of its LSE
+    pair can be non-zero (it is 0 everywhere otherwise). ``blocks_of_heads``: pairs
+    ``(heads, blocks)``, each head of ``heads`` running ``blocks`` blocks."""
+    count: dict[int, int] = {}
+    for heads, blocks in blocks_of_heads:
+        for h in heads:
+            count[h] = count.get(h, 0) + blocks
+    return max(count.values(), default=0) > 1
+
+
 def heads_merge_branches(plan: DilatedPlan) -> bool:
-    """True when some head runs several branches: its results are merged, so the low
-    part of its LSE pair can be non-zero (otherwise it is 0 everywhere)."""
-    count = [0] * plan.num_heads
-    for branch in plan.branches:
-        for g in branch.head_groups:
-            for h in g.heads:
-                count[h] += 1
-    return max(count, default=0) > 1
+    """True when some head runs several branches of ``plan`` (:func:`merges_blocks`)."""
+    return merges_blocks((g.heads, 1) for b in plan.branches for g in b.head_groups)
 
 
 def scale_dout_by_lse_lo(dout: Tensor, lse_lo: Tensor) -> Tensor:

@@ -43,6 +43,25 @@ def _entry(
         results.put((rank, "error", traceback.format_exc()))
 
 
+def start_ranks(ctx, world: int, target_of: Callable[[int], tuple[Callable, tuple]]) -> list:
+    """Start one process per rank, ``target_of(rank) -> (target, args)``, with one
+    OpenMP thread each (the CI machine has two cores); returns the started processes."""
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        procs = []
+        for rank in range(world):
+            target, args = target_of(rank)
+            procs.append(ctx.Process(target=target, args=args))
+            procs[-1].start()
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    return procs
+
+
 def spawn(
     fn: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, timeout: float = 300
 ) -> list[Any]:
@@ -55,20 +74,9 @@ def spawn(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        procs = [
-            ctx.Process(target=_entry, args=(fn, rank, world_size, port, payload, results))
-            for rank in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    procs = start_ranks(
+        ctx, world_size, lambda rank: (_entry, (fn, rank, world_size, port, payload, results))
+    )
     collected: dict[int, tuple[str, Any]] = {}
     try:
         while len(collected) < world_size:

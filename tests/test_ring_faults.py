@@ -17,7 +17,6 @@ bound, so no stuck rank can hang the test run.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import queue
 import re
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import free_port
+from distributed_utils import free_port, start_ranks
 
 from dilated_attention_pytorch import (
     RingBlockSparseAttention,
@@ -78,20 +77,7 @@ def _spawn_hard(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        procs = [
-            ctx.Process(target=_entry, args=(fn, rank, world, port, results))
-            for rank in range(world)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    procs = start_ranks(ctx, world, lambda rank: (_entry, (fn, rank, world, port, results)))
     collected: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + limit
     try:

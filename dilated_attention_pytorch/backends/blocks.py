@@ -65,14 +65,17 @@ def _masked_scores(
     return scores
 
 
-def _finite_or_zero(x: Tensor) -> Tensor:
-    """``x`` with its non-finite entries replaced by 0 (for products whose weight is 0)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+def _finite_or_zero(x: Tensor, finite: Tensor | None = None) -> Tensor:
+    """``x`` with its non-finite entries replaced by 0 (for products whose weight is 0);
+    ``finite``: ``torch.isfinite(x)`` when the caller has it."""
+    finite = torch.isfinite(x) if finite is None else finite
+    return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _reads_non_finite(probs: Tensor, v: Tensor) -> Tensor:
-    """``(b, Hs, lq)`` bool: rows that give weight to a key whose value row is not finite."""
-    bad_key = ~torch.isfinite(v).all(dim=-1)  # (b, Hs, Lk)
+def _reads_non_finite(probs: Tensor, finite_v: Tensor) -> Tensor:
+    """``(b, Hs, lq)`` bool: rows that give weight to a key whose value row is not finite
+    (``finite_v = torch.isfinite(v)``, ``(b, Hs, Lk, D)``)."""
+    bad_key = ~finite_v.all(dim=-1)  # (b, Hs, Lk)
     return ((probs > 0) & bad_key[:, :, None, :]).any(dim=-1)
 
 
@@ -112,8 +115,9 @@ def math_block_forward(
             probs = probs * dropout.keep(a, b, q0, q1) / (1.0 - dropout.p)
         if causal or keep is not None:
             # 0 * inf would be NaN: non-finite values enter only the rows that read them.
-            out_c = torch.matmul(probs, _finite_or_zero(vc))
-            out_c = out_c.masked_fill(_reads_non_finite(probs, vc)[..., None], math.nan)
+            finite_v = torch.isfinite(vc)
+            out_c = torch.matmul(probs, _finite_or_zero(vc, finite_v))
+            out_c = out_c.masked_fill(_reads_non_finite(probs, finite_v)[..., None], math.nan)
         else:
             out_c = torch.matmul(probs, vc)
         out[a:b, q0:q1] = out_c.transpose(1, 2)

@@ -39,7 +39,13 @@ from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
 from ..dropout import DropoutKeys, token_ids
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
-from ..segments import merge_lse_, scale_dout_by_lse_lo, segment_views, token_major
+from ..segments import (
+    merge_lse_,
+    merges_blocks,
+    scale_dout_by_lse_lo,
+    segment_views,
+    token_major,
+)
 from .comm import RingComm, RingStats
 from .validation import (
     check_ring_call,
@@ -135,15 +141,9 @@ class RingBranch:
         return kv + (sum(batch * g.counts[origin] for g in self.head_groups) if masked else 0)
 
 
-def merges_blocks(branches: tuple[RingBranch, ...]) -> bool:
-    """Whether some head's result merges several blocks (branches, or ring steps), so that
-    the low part of its LSE pair can be non-zero (it is 0 everywhere otherwise)."""
-    blocks: dict[int, int] = {}
-    for b in branches:
-        for g in b.head_groups:
-            for h in g.heads.heads:
-                blocks[h] = blocks.get(h, 0) + b.size
-    return max(blocks.values(), default=0) > 1
+def ring_merges_blocks(branches: tuple[RingBranch, ...]) -> bool:
+    """Whether some head merges several blocks (branches, or ring steps of one branch)."""
+    return merges_blocks((g.heads.heads, b.size) for b in branches for g in b.head_groups)
 
 
 @functools.lru_cache(maxsize=256)
@@ -661,7 +661,7 @@ def ring_dilated_backward(
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
     """
     acc_dtype = compute_dtype(q.dtype)
-    if merges_blocks(setup.branches):
+    if ring_merges_blocks(setup.branches):
         dout = scale_dout_by_lse_lo(dout, lse[1])
     lse = lse[0]
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))

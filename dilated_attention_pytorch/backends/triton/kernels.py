@@ -171,7 +171,7 @@ def _valid_keys(
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-    start, stop, len_k, offs_m, offs_n, qk_scale,
+    start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
@@ -182,7 +182,7 @@ def _fwd_inner(
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
         k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), natural units
+        qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_M, BLOCK_N), natural units
         if MASK or HAS_KPM:
             valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
             qk = tl.where(valid, qk, float("-inf"))
@@ -207,7 +207,7 @@ def _fwd_kernel(
     Q, K, V, Out, Acc, Lse, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_ob, s_on, s_oh, s_ab, s_an, s_ah, s_lb, s_ln, s_lh, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -238,11 +238,11 @@ def _fwd_kernel(
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
+        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
     )  # fmt: skip
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
+        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
     )  # fmt: skip
 
     has_key = l_i > 0.0
@@ -308,7 +308,7 @@ def _delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
-    start, stop, len_q, offs_n, keep_k, qk_scale,
+    start, stop, len_q, offs_n, keep_k, sm_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
@@ -322,7 +322,7 @@ def _bwd_dkdv_inner(
         do = _load_rows(do_base + offs64[:, None] * row_do, qmask)
         hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
         delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q)) * qk_scale
+        qk_t = tl.dot(k, tl.trans(q)) * sm_scale
         p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -343,7 +343,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -377,14 +377,14 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
             dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
-            lo, free, len_q, offs_n, keep_k, qk_scale, BLOCK_M, True, HAS_KPM, LSE_PAIR,
+            lo, free, len_q, offs_n, keep_k, sm_scale, BLOCK_M, True, HAS_KPM, LSE_PAIR,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
-        free, len_q, len_q, offs_n, keep_k, qk_scale, BLOCK_M, False, HAS_KPM, LSE_PAIR,
+        free, len_q, len_q, offs_n, keep_k, sm_scale, BLOCK_M, False, HAS_KPM, LSE_PAIR,
     )  # fmt: skip
-    dk = dk * scale
+    dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
     if ACC_IN:
         dk += _load_rows(DKacc + acc_off, kmask)
@@ -397,7 +397,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, hi, lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
-    start, stop, len_k, offs_m, qk_scale,
+    start, stop, len_k, offs_m, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
 ):  # fmt: skip
     for n in range(start, stop, BLOCK_N):
@@ -406,7 +406,7 @@ def _bwd_dq_inner(
         offs64 = offs.to(tl.int64)
         k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
         v = _load_rows(v_base + offs64[:, None] * row_v, kmask)
-        p = _probs(tl.dot(q, tl.trans(k)) * qk_scale, hi, lo)
+        p = _probs(tl.dot(q, tl.trans(k)) * sm_scale, hi, lo)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if MASK or HAS_KPM:
@@ -423,7 +423,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DQacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, qk_scale, scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -446,13 +446,13 @@ def _bwd_dq_kernel(
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
-        0, full_hi, len_k, offs_m, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
+        0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
-        full_hi, hi, len_k, offs_m, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
+        full_hi, hi, len_k, offs_m, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
     )  # fmt: skip
-    dq = dq * scale
+    dq = dq * sm_scale
     if ACC_IN:
         dq += _load_rows(_rows_ptr(DQacc, b, h, rows_q, s_ab, s_an, s_ah, offs_d), qmask)
     _store_rows(_rows_ptr(DQ, b, h, rows_q, s_gb, s_gn, s_gh, offs_d), dq, qmask)

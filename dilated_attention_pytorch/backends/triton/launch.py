@@ -166,13 +166,19 @@ def _launch_forward(
 ) -> None:  # fmt: skip
     # q: (B, Nq, Hc, D); k, v: (B, Nk, Hc, D); out, acc: (B, Nq, Hc, D); lse: (2, B, Nq, Hc)
     # (hi, lo) planes, or one (B, Nq, Hc) LSE.
-    pair = lse.dim() == 4
-    tensors = (q, k, v, out, acc, lse[0] if pair else lse)
+    lse_hi, s_lp, pair = _lse_args(lse)
+    tensors = (q, k, v, out, acc, lse_hi)
     _launch_tiles(
         _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
-        scales=(scale, lse.stride(0) if pair else 0), per_key_tile=False, causal=causal,
-        acc_in=acc_in, lse_pair=pair,
+        scales=(scale, s_lp), per_key_tile=False, causal=causal, acc_in=acc_in, lse_pair=pair,
     )  # fmt: skip
+
+
+def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
+    """The kernels' view of an LSE: a ``(2, B, N, H)`` pair gives its ``hi`` plane, the
+    stride to the ``lo`` plane and ``LSE_PAIR``; a single ``(B, N, H)`` LSE itself."""
+    pair = lse.dim() == 4
+    return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
 def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
@@ -193,8 +199,8 @@ def _launch_backward(
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE.
-    pair = lse.dim() == 4
-    inputs = (q, k, v, dout, lse[0] if pair else lse, delta)
+    lse_hi, s_lp, pair = _lse_args(lse)
+    inputs = (q, k, v, dout, lse_hi, delta)
     if which == "dkdv":
         # DK and DV share their strides, and so do DKacc and DVacc.
         kernel, table = _bwd_dkdv_kernel, DKDV_CONFIGS
@@ -205,7 +211,7 @@ def _launch_backward(
         tensors = strided = (*inputs, grads[0], accs[0])
     _launch_tiles(
         kernel, table, tensors, strided, kpm, launch,
-        scales=(scale, scale, lse.stride(0) if pair else 0),
+        scales=(scale, s_lp),
         per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
     )  # fmt: skip
 
