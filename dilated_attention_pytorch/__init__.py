@@ -26,10 +26,17 @@ What is here:
 - ``block_sparse_attention``, ``BlockSparseAttention``, ``RingBlockSparseAttention``,
   ``make_block_sparse_pattern``: attention over the kept blocks of a pattern.
 - ``get_memory_estimate`` and the modules' ``get_memory_estimate``: memory before running.
+- ``dilated_attention_pytorch.models``: ``LongNetLM`` (a causal language model),
+  ``LongNet`` (the encoder) and ``parallelize_longnet`` (ring sequence parallelism,
+  DDP/FSDP2 and activation checkpointing applied from outside the model).
 - ``dense_dilated_attention``: the dense ``O(N^2)`` reference the tests compare against.
 
-The README (on the package index and in the repository) explains what is computed,
-the ring's contract, the backends and the measurements.
+``explain_backend(q, segment_lengths, dilation_rates)`` says which backend
+``backend="auto"`` runs for such a call and why faster ones cannot.
+
+The README (on the package index and in the repository) covers the API, the backends
+and the measurements; the repository's ``docs/computation.md`` defines exactly what is
+computed and ``docs/ring.md`` states the ring's contract.
 """
 
 import sys
@@ -44,7 +51,7 @@ from .factory import (
     create_multihead_dilated_attention,
     register_attention_kind,
 )
-from .functional import dilated_attention
+from .functional import dilated_attention, explain_backend
 from .hilbert import hilbert_permutation, inverse_permutation
 from .memory import get_memory_estimate
 from .modules import DilatedAttention, MultiheadDilatedAttention
@@ -120,6 +127,7 @@ __all__ = [
     "create_multihead_dilated_attention",
     "dense_dilated_attention",
     "dilated_attention",
+    "explain_backend",
     "make_plan",
     "register_attention_kind",
 ]

@@ -9,12 +9,19 @@ import torch
 from torch import Tensor
 
 from .autograd import first_order_only
-from .backends import AttentionCall, Backend, ForwardContext, select_backend
-from .plan import make_plan
+from .backends import (
+    AttentionCall,
+    Backend,
+    BackendChoice,
+    ForwardContext,
+    choose_backend,
+    select_backend,
+)
+from .plan import DilatedPlan, make_plan
 from .segments import token_major
 from .validation import check_key_padding_mask, check_qkv, check_scalars, warn_if_transposed
 
-__all__ = ["dilated_attention"]
+__all__ = ["dilated_attention", "explain_backend"]
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
@@ -62,6 +69,64 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         out = out.reshape(size, -1, *out.shape[1:])
         lse_pair = lse_pair.reshape(2, size, -1, *lse_pair.shape[2:])
         return (out, lse_pair), (0, 1)
+
+
+def _call(
+    q: Tensor,
+    plan: DilatedPlan,
+    is_causal: bool,
+    dropout_p: float,
+    key_padding_mask: bool,
+    requires_grad: bool,
+) -> AttentionCall:
+    return AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        is_causal=is_causal,
+        dropout=dropout_p > 0.0,
+        key_padding_mask=key_padding_mask,
+        plan=plan,
+        requires_grad=requires_grad,
+    )
+
+
+def explain_backend(
+    q: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    branch_mixing: str = "softmax",
+    dropout_p: float = 0.0,
+    key_padding_mask: bool = False,
+    requires_grad: bool = True,
+    backend: str | Backend = "auto",
+) -> BackendChoice:
+    """Which backend :func:`dilated_attention` would run for queries like ``q`` ``(B, N, H, D)``.
+
+    Only ``q``'s device, dtype, head count and head dim matter (a tensor of one token
+    will do). ``requires_grad``: whether a backward follows (training). The result's
+    ``name`` is the backend; ``str()`` of it also gives the reasons faster backends
+    cannot run the call, e.g. ``"pytorch (triton: needs a CUDA tensor, got cpu)"``.
+    ``dilated_attention`` itself logs this choice only at DEBUG level on the
+    ``dilated_attention_pytorch`` logger.
+
+    Example::
+
+        >>> q = torch.empty(1, 1, 8, 64)  # (B, N, H, D) on the CPU, float32
+        >>> explain_backend(q, [2048, 4096], [1, 2]).name
+        'pytorch'
+    """
+    check_scalars(scale=None, dropout_p=dropout_p, is_causal=is_causal)
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise TypeError(
+            f"q must be a (B, N, H, D) tensor, got {type(q).__name__}"
+            f"{' of shape ' + str(tuple(q.shape)) if isinstance(q, Tensor) else ''}."
+        )
+    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    call = _call(q, plan, is_causal, dropout_p, bool(key_padding_mask), bool(requires_grad))
+    return choose_backend(backend, call)
 
 
 def dilated_attention(
@@ -135,16 +200,8 @@ def dilated_attention(
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
     warn_if_transposed(q, segment_lengths)
-    call = AttentionCall(
-        device_type=q.device.type,
-        dtype=q.dtype,
-        head_dim=D,
-        is_causal=is_causal,
-        dropout=dropout_p > 0.0,
-        key_padding_mask=key_padding_mask is not None,
-        plan=plan,
-        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-    )
+    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)
     chosen = select_backend(backend, call)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     fctx = ForwardContext(

@@ -997,7 +997,7 @@ def get_memory_estimate(
       so it costs as much as q itself. fp16/bf16 are assumed on CUDA, where blocks
       run on cuDNN / flash (head dims that are multiples of 8 up to 256); fp32/fp64
       and other head dims take the math path, whose score tiles hold up to
-      ``blocks._MAX_SCORE_ELEMENTS`` (``2**24``) elements each, up to five at once in
+      ``2**24`` elements each on CUDA, up to five at once in
       the backward (plus fp32 copies of each tile's operands for fp16/bf16): a
       constant (``5 * 64 MiB`` in fp32) that dominates small inputs.
     - ``triton`` backend: out and lse written in place; fp32 accumulators only when

@@ -25,7 +25,12 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import dense_dilated_attention, dilated_attention
-from dilated_attention_pytorch.backends import AttentionCall, available_backends, get_backend
+from dilated_attention_pytorch.backends import (
+    AttentionCall,
+    available_backends,
+    get_backend,
+    select_backend,
+)
 from dilated_attention_pytorch.oracle import dilated_count_mask
 from dilated_attention_pytorch.plan import make_plan
 
@@ -347,3 +352,24 @@ def test_backends_under_triton_interpreter() -> None:
         f"{' '.join(cmd)} failed:\n{res.stdout[-8000:]}\n{res.stderr[-2000:]}"
     )
     assert " passed" in res.stdout and " failed" not in res.stdout
+
+
+def test_explain_backend_names_the_choice_and_the_reasons() -> None:
+    from dilated_attention_pytorch import explain_backend
+
+    q = torch.empty(1, 1, 4, 16)  # CPU float32 (triton only under its interpreter)
+    choice = explain_backend(q, [8, 16], [1, 2], is_causal=True)
+    call = AttentionCall("cpu", torch.float32, 16, True, False, False, make_plan([8, 16], [1, 2], 4),
+                         requires_grad=True)  # fmt: skip
+    assert choice.name == select_backend("auto", call).name
+    order = sorted(available_backends(), key=lambda n: -get_backend(n).auto_priority(call))
+    passed_over = order[: order.index(choice.name)]
+    assert [name for name, _ in choice.skipped] == passed_over  # every faster one, with reasons
+    for name, reasons in choice.skipped:
+        assert list(reasons) == get_backend(name).why_not(call) and reasons
+    assert str(choice).startswith(choice.name) and all(n in str(choice) for n in passed_over)
+    if "triton" in available_backends() and os.environ.get("TRITON_INTERPRET") != "1":
+        assert choice.name == "pytorch" and passed_over == ["triton"]
+    assert str(explain_backend(q, [8], [1], backend="pytorch")) == "pytorch"
+    with pytest.raises(TypeError, match=r"q must be a \(B, N, H, D\) tensor, got Tensor of shape"):
+        explain_backend(torch.empty(4, 16), [8], [1])

@@ -49,3 +49,44 @@ def test_demo_prints_rows_and_writes_json(tmp_path: Path) -> None:
         assert row["dilated_seconds"] > 0 and row["dense_seconds"] > 0
         assert row["dilated_error"] is None and row["dense_skipped"] is None
         assert {"dilated_peak_bytes", "dense_peak_bytes", "scores_bytes"} <= row.keys()
+    assert report["backend"] == "pytorch" and report["backend_choice"].startswith("pytorch")
+    assert f"backend: backend='auto' runs {report['backend_choice']}" in out
+    assert report["summary"] and report["summary"][0] in out
+
+
+def _row(n: int, dilated: float, dense: float | None, dil_mem: int = 2, den_mem: int = 1) -> dict:
+    return {
+        "N": n,
+        "dilated_seconds": dilated,
+        "dense_seconds": dense,
+        "dilated_peak_bytes": dil_mem,
+        "dense_peak_bytes": None if dense is None else den_mem,
+    }
+
+
+def _summarize():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from demo import summarize
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return summarize
+
+
+def test_summary_names_the_crossover_and_the_memory_ratio() -> None:
+    summarize = _summarize()
+    lines = summarize([_row(1024, 0.4, 0.1), _row(2048, 0.8, 0.4), _row(4096, 1.6, 3.2, 6, 3),
+                       _row(8192, 3.2, None)])  # fmt: skip
+    assert lines[0].startswith(
+        "time: dilated is faster than dense from N = 4096 on (2.0x at N = 4096"
+    )
+    assert "dense was not run from N = 8192 on" in lines[1]
+    assert lines[2].startswith("memory: dilated used 2.0-2.0x dense's peak")
+    assert lines[-1].startswith("choice:")
+
+
+def test_summary_extrapolates_a_crossover_it_did_not_reach() -> None:
+    # dilated 1e-4 s per token, dense 1e-8 s per token^2 at N = 2048: they cross at 10,000.
+    lines = _summarize()([_row(2048, 1e-4 * 2048, 1e-8 * 2048**2)])
+    assert "dense was faster at every N it ran" in lines[0]
+    assert "cross near N = 10,000." in lines[0]

@@ -190,7 +190,7 @@ def test_dropout_masks_do_not_depend_on_tiling(monkeypatch) -> None:
     q, k, v = _inputs(1, 64, 2, 8, torch.float64, requires_grad=False)
     torch.manual_seed(3)
     whole = dilated_attention(q, k, v, [64], [1], dropout_p=0.5)
-    monkeypatch.setattr(blocks, "_MAX_SCORE_ELEMENTS", 200)  # tiles of a few rows
+    monkeypatch.setattr(blocks, "max_score_elements", lambda device: 200)  # tiles of a few rows
     torch.manual_seed(3)
     tiled = dilated_attention(q, k, v, [64], [1], dropout_p=0.5)
     torch.testing.assert_close(tiled, whole, atol=1e-12, rtol=1e-12)
@@ -247,10 +247,10 @@ def test_math_path_tiles_long_segments_by_query_rows(monkeypatch, is_causal) -> 
     # keeps long, barely dilated segments O(N) in memory); results must not change.
     from dilated_attention_pytorch.backends import blocks
 
-    monkeypatch.setattr(blocks, "_MAX_SCORE_ELEMENTS", 40)
+    monkeypatch.setattr(blocks, "max_score_elements", lambda device: 40)
     q, k, v = _inputs(2, 61, 3, 8, torch.float64)
     mask = torch.rand(2, 61) < 0.2
     _compare(
         q, k, v, [61, 16], [2, 1], dtype=torch.float64, is_causal=is_causal, key_padding_mask=mask
     )
-    assert len(blocks._tiles(1, 31, 2, 31)) > 1  # the budget really forced row tiles
+    assert len(blocks._tiles(1, 31, 2, 31, 40)) > 1  # the budget really forced row tiles

@@ -201,24 +201,51 @@ def get_backend(name: str | Backend) -> Backend:
     return _REGISTRY[name]
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend ``backend="auto"`` runs for a call, and why the faster ones do not.
+
+    ``str(choice)`` reads e.g. ``"pytorch (triton: needs a CUDA tensor, got cpu)"``.
+    """
+
+    name: str
+    skipped: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (faster backend, its reasons)
+
+    def __str__(self) -> str:
+        if not self.skipped:
+            return self.name
+        why = "; ".join(f"{n}: {', '.join(r)}" for n, r in self.skipped)
+        return f"{self.name} ({why})"
+
+
+def choose_backend(name: str | Backend, call: AttentionCall) -> BackendChoice:
+    """The backend ``name`` resolves to for ``call``, with the reasons faster ones were passed
+    over (only for ``"auto"``). Raises like :func:`select_backend`."""
+    if name != "auto":
+        return BackendChoice(select_backend(name, call).name)
+    skipped: list[tuple[str, tuple[str, ...]]] = []
+    for backend in sorted(_REGISTRY.values(), key=lambda b: -b.auto_priority(call)):
+        why = backend.why_not(call)
+        if not why:
+            return BackendChoice(backend.name, tuple(skipped))
+        skipped.append((backend.name, tuple(why)))
+    details = "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped)
+    raise ValueError(f"no backend supports this call ({details}).")
+
+
 def select_backend(name: str | Backend, call: AttentionCall) -> Backend:
     """Pick the backend for ``call``.
 
     ``"auto"`` takes the backend with the highest :meth:`Backend.auto_priority` that
-    supports the call and logs the choice at DEBUG level. An explicitly named backend
-    (or a :class:`Backend` instance, e.g. ``PyTorchBackend(kernel="flash")``) that
-    cannot run raises one ``ValueError`` listing its reasons; there is no silent fallback.
+    supports the call and logs the choice at DEBUG level (:func:`choose_backend` also
+    says why faster backends were passed over). An explicitly named backend (or a
+    :class:`Backend` instance, e.g. ``PyTorchBackend(kernel="flash")``) that cannot run
+    raises one ``ValueError`` listing its reasons; there is no silent fallback.
     """
     if name == "auto":
-        reasons: dict[str, list[str]] = {}
-        for backend in sorted(_REGISTRY.values(), key=lambda b: -b.auto_priority(call)):
-            why = backend.why_not(call)
-            if not why:
-                logger.debug("backend='auto' chose %r for %s", backend.name, call)
-                return backend
-            reasons[backend.name] = why
-        details = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
-        raise ValueError(f"no backend supports this call ({details}).")
+        choice = choose_backend(name, call)
+        logger.debug("backend='auto' chose %r for %s; %s", choice.name, call, choice)
+        return _REGISTRY[choice.name]
     backend = get_backend(name)
     why = backend.why_not(call)
     if why:

@@ -24,9 +24,17 @@ from torch import Tensor
 
 from ..dropout import DropoutKeys
 
-# Upper bound on score-matrix elements materialised at once by the math path
-# (2**24 fp32 = 64 MiB per temporary).
+# Upper bound on score-matrix elements materialised at once by the math path. On CUDA
+# 2**24 (64 MiB per fp32 temporary) keeps the GPU busy; on the CPU 2**18 (1 MiB) is as
+# fast (the matmuls stay large enough for its cores) and keeps the five or so live
+# temporaries of a tile from dominating the layer's memory.
 _MAX_SCORE_ELEMENTS = 1 << 24
+_MAX_SCORE_ELEMENTS_CPU = 1 << 18
+
+
+def max_score_elements(device: torch.device) -> int:
+    """Score elements one math-path tile may hold on ``device``."""
+    return _MAX_SCORE_ELEMENTS if device.type == "cuda" else _MAX_SCORE_ELEMENTS_CPU
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,18 +42,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tiles(Bb: int, Lq: int, Hs: int, Lk: int) -> list[tuple[int, int, int, int]]:
-    """``(b0, b1, q0, q1)`` tiles whose score matrices hold at most ``_MAX_SCORE_ELEMENTS``.
+def _tiles(Bb: int, Lq: int, Hs: int, Lk: int, budget: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, q0, q1)`` tiles whose score matrices hold at most ``budget`` elements.
 
     Whole blocks are batched while they fit; a block whose ``Lq x Lk`` scores alone are
     too large (a long segment with little dilation) is cut into query rows, so memory
-    stays bounded by ``max(_MAX_SCORE_ELEMENTS, Hs * Lk)``, never ``Lq x Lk``.
+    stays bounded by ``max(budget, Hs * Lk)``, never ``Lq x Lk``.
     """
     row = Hs * max(Lk, 1)
-    if Lq * row <= _MAX_SCORE_ELEMENTS:
-        step = max(1, _MAX_SCORE_ELEMENTS // max(1, Lq * row))
+    if Lq * row <= budget:
+        step = max(1, budget // max(1, Lq * row))
         return [(a, min(Bb, a + step), 0, Lq) for a in range(0, Bb, step)]
-    rows = max(1, _MAX_SCORE_ELEMENTS // row)
+    rows = max(1, budget // row)
     return [(a, a + 1, q0, min(Lq, q0 + rows)) for a in range(Bb) for q0 in range(0, Lq, rows)]
 
 
@@ -102,7 +110,7 @@ def math_block_forward(
     cdt = compute_dtype(q.dtype)
     out = torch.empty(Bb, Lq, Hs, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(Bb, Lq, Hs, dtype=cdt, device=q.device)
-    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk):
+    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk, max_score_elements(q.device)):
         qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
@@ -148,7 +156,7 @@ def math_block_backward(
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
-    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk):
+    for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk, max_score_elements(q.device)):
         qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)

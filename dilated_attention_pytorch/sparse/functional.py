@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..autograd import first_order_only
-from ..backends.blocks import compute_dtype
+from ..backends.blocks import compute_dtype, max_score_elements
 from ..dropout import dropout_keep
 from ..segments import token_major
 from ..validation import check_choice, check_qkv, check_scalars
@@ -43,9 +43,6 @@ SPARSE_BACKENDS = ("auto", "pytorch", "flex", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:  # the kernels need Triton; without it the "triton" backend says so
     from . import triton_kernels
-
-# Upper bound on score elements materialised at once (2**24 fp32 = 64 MiB).
-_MAX_SCORE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -157,9 +154,12 @@ def block_backward(
     )  # fmt: skip
 
 
-def _chunks(kv_num: Tensor, kmax: int, B: int, H: int, bs: int) -> list[tuple[int, int]]:
+def _chunks(
+    kv_num: Tensor, kmax: int, B: int, H: int, bs: int, device: torch.device
+) -> list[tuple[int, int]]:
+    """Query-block ranges whose score tiles fit the math path's budget on ``device``."""
     per_block = max(1, B * H * bs * kmax * bs)
-    step = max(1, _MAX_SCORE_ELEMENTS // per_block)
+    step = max(1, max_score_elements(device) // per_block)
     nq = kv_num.shape[0]
     return [(a, min(nq, a + step)) for a in range(0, nq, step)]
 
@@ -214,7 +214,7 @@ def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[T
     lse = torch.full((B, Lq, H), -math.inf, dtype=cdt, device=q.device)
     num, idx = kv_block_lists(call.block_mask)
     bs = call.block_size
-    for a, b in _chunks(num, idx.shape[1], B, H, bs):
+    for a, b in _chunks(num, idx.shape[1], B, H, bs, q.device):
         q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
         qc = q[:, q_tok].to(cdt)  # (B, c, bs, H, D)
         kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)  # (B, c, K, H, D)
@@ -244,7 +244,7 @@ def sparse_backward(
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     num, idx = kv_block_lists(call.block_mask)
     bs = call.block_size
-    for a, b in _chunks(num, idx.shape[1], B, H, bs):
+    for a, b in _chunks(num, idx.shape[1], B, H, bs, q.device):
         q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
         qc, doc, oc = (t[:, q_tok].to(cdt) for t in (q, dout, out))  # (B, c, bs, H, D)
         kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)
