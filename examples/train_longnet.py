@@ -360,7 +360,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     progress = {"step": 0, "tokens": 0, "seconds": 0.0}
     resumed = False
     if ckpt.exists() and not args.no_resume:
-        state = torch.load(ckpt, map_location=layout.device, weights_only=False)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["config"] != model_config(args):
             raise SystemExit(
                 f"{ckpt} was written for another configuration ({state['config']}); pass "

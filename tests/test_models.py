@@ -199,11 +199,15 @@ def _parallel_worker(rank: int, world: int, _payload) -> list[str]:
     failures: list[str] = []
     ids = _ids(2, 129, seed=5)
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    for shape, ckpt in (((1, 2), False), ((1, 2), True), ((2, 1), False)):
+    cases = (((1, 2), False, "ddp"), ((1, 2), True, "ddp"), ((2, 1), False, "ddp"),
+             ((1, 2), True, "fsdp"))  # fmt: skip
+    for shape, ckpt, mode in cases:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "sp"))
         ref = _lm(segment_lengths=[32, 64, 128], dilation_rates=[1, 2, 4])
         model = copy.deepcopy(ref)
-        trained = parallelize_longnet(model, mesh, activation_checkpointing=ckpt)
+        trained = parallelize_longnet(
+            model, mesh, data_parallel=mode, activation_checkpointing=ckpt
+        )
         # Data parallel ranks take different sequences; sequence ranks share one.
         dp = mesh.get_local_rank("dp")
         mine = slice(dp, dp + 1) if shape[0] == 2 else slice(0, 2)
@@ -214,12 +218,13 @@ def _parallel_worker(rank: int, world: int, _payload) -> list[str]:
         dist.all_reduce(total)
         ref_loss = ref(inputs, targets)
         ref_loss.backward()
-        tag = f"mesh {shape} checkpointing={ckpt}"
+        tag = f"mesh {shape} {mode} checkpointing={ckpt}"
         if not torch.allclose(total / world, ref_loss.detach(), atol=1e-10, rtol=0):
             failures.append(f"{tag}: loss {float(total / world)} vs {float(ref_loss)}")
         for (name, a), b in zip(model.named_parameters(), ref.parameters()):
-            if not torch.allclose(a.grad, b.grad, atol=1e-10, rtol=1e-7):
-                failures.append(f"{tag}: grad {name} off by {(a.grad - b.grad).abs().max():.2e}")
+            grad = a.grad.full_tensor() if mode == "fsdp" else a.grad  # FSDP2: sharded DTensor
+            if not torch.allclose(grad, b.grad, atol=1e-10, rtol=1e-7):
+                failures.append(f"{tag}: grad {name} off by {(grad - b.grad).abs().max():.2e}")
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "sp"))
     for bad, match in (
         (lambda: parallelize_longnet(_lm("dense"), mesh), "attention='dense' has no ring form"),
