@@ -18,15 +18,15 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from measure import GiB, MiB, PeakMemory, peak_memory, result_path, stamp, time_ms, write_json
-from torch import Tensor, nn
+from torch import Tensor
 
 from dilated_attention_pytorch import (
     DilatedAttentionConfig,
     MultiheadDilatedAttention,
     explain_backend,
 )
+from dilated_attention_pytorch.models import DenseAttention
 
 
 @dataclass(frozen=True)
@@ -57,27 +57,6 @@ def _setup(device: torch.device, max_seq_len: int | None) -> DemoSetup:
         kept = tuple(n for n in setup.seq_lens if n <= max_seq_len) or (max_seq_len,)
         setup = dataclasses.replace(setup, seq_lens=kept)
     return setup
-
-
-class DenseSDPA(nn.Module):
-    """Dense attention as ``MultiheadDilatedAttention``'s inner module: one SDPA call."""
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        is_causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-    ) -> Tensor:
-        if key_padding_mask is not None:
-            raise ValueError("DenseSDPA (the demo's dense baseline) takes no key_padding_mask.")
-        # (B, N, H, D) -> (B, H, N, D) for SDPA and back.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal
-        )
-        return out.transpose(1, 2)
 
 
 def _forward_backward(layer: MultiheadDilatedAttention, x: Tensor) -> None:
@@ -146,8 +125,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     mem = [r for r in both if r["dilated_peak_bytes"] and r["dense_peak_bytes"]]
     if mem:
         ratios = [r["dilated_peak_bytes"] / r["dense_peak_bytes"] for r in mem]
+        spread = (
+            f"{min(ratios):.1f}x"
+            if f"{min(ratios):.1f}" == f"{max(ratios):.1f}"
+            else (f"{min(ratios):.1f}-{max(ratios):.1f}x")
+        )
         lines.append(
-            f"memory: dilated used {min(ratios):.1f}-{max(ratios):.1f}x dense's peak. Both grow "
+            f"memory: dilated used {spread} dense's peak. Both grow "
             f"as N: dense SDPA is a fused kernel that never stores the N x N scores (last "
             f"column: what attention that stores them would need)."
         )
@@ -174,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = MultiheadDilatedAttention(
         cfg.embed_dim,
         cfg.num_heads,
-        attention=DenseSDPA(),
+        attention=DenseAttention(),
         bias=cfg.bias,
         layer_norm=cfg.layer_norm,
         gamma_init=cfg.gamma_init,

@@ -81,7 +81,7 @@ def test_summary_names_the_crossover_and_the_memory_ratio() -> None:
         "time: dilated is faster than dense from N = 4096 on (2.0x at N = 4096"
     )
     assert "dense was not run from N = 8192 on" in lines[1]
-    assert lines[2].startswith("memory: dilated used 2.0-2.0x dense's peak")
+    assert lines[2].startswith("memory: dilated used 2.0x dense's peak")
     assert lines[-1].startswith("choice:")
 
 

@@ -212,6 +212,45 @@ class LongNetBlock(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
+def block_stack(
+    num_layers: int,
+    embed_dim: int,
+    num_heads: int,
+    attention: str,
+    segment_lengths: Sequence[int] | None,
+    dilation_rates: Sequence[int] | None,
+    *,
+    rotary: bool,
+    ffn_mult: int,
+    dropout: float,
+    branch_mixing: str,
+    backend: str,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.ModuleList:
+    """``num_layers`` :class:`LongNetBlock` s, each with its own inner attention (wrapped in
+    :class:`RotaryAttention` when ``rotary``)."""
+    _check_positive_int("num_layers", num_layers)
+
+    def inner() -> nn.Module:
+        module = make_attention(attention, segment_lengths, dilation_rates, dropout=dropout,
+                                branch_mixing=branch_mixing, backend=backend)  # fmt: skip
+        return RotaryAttention(module) if rotary else module
+
+    return nn.ModuleList(
+        LongNetBlock(
+            embed_dim,
+            num_heads,
+            inner(),
+            ffn_mult=ffn_mult,
+            dropout=dropout,
+            device=device,
+            dtype=dtype,
+        )  # fmt: skip
+        for _ in range(num_layers)
+    )
+
+
 class LongNetLM(nn.Module):
     """A decoder-only LongNet language model: token ids ``(B, N)`` -> logits ``(B, N, V)``.
 
@@ -286,26 +325,11 @@ class LongNetLM(nn.Module):
         self.rotary_base = float(rotary_base)
         self.attention_kind = check_choice("attention", attention, ATTENTION_KINDS)
         self.embed = nn.Embedding(vocab_size, embed_dim, **factory)
-        self.blocks = nn.ModuleList(
-            LongNetBlock(
-                embed_dim,
-                num_heads,
-                RotaryAttention(
-                    make_attention(
-                        attention,
-                        segment_lengths,
-                        dilation_rates,
-                        dropout=dropout,
-                        branch_mixing=branch_mixing,
-                        backend=backend,
-                    )  # fmt: skip
-                ),
-                ffn_mult=ffn_mult,
-                dropout=dropout,
-                **factory,
-            )
-            for _ in range(num_layers)
-        )
+        self.blocks = block_stack(
+            num_layers, embed_dim, num_heads, attention, segment_lengths, dilation_rates,
+            rotary=True, ffn_mult=ffn_mult, dropout=dropout, branch_mixing=branch_mixing,
+            backend=backend, **factory,
+        )  # fmt: skip
         self.norm = nn.LayerNorm(embed_dim, **factory)
         self.head = nn.Linear(embed_dim, vocab_size, bias=False, **factory)
         if check_bool("tie_embeddings", tie_embeddings):
@@ -470,24 +494,11 @@ class LongNet(nn.Module):
             self.register_buffer("hilbert_order", perm, persistent=False)
             self.register_buffer("hilbert_inverse", inverse_permutation(perm), persistent=False)
         self.hilbert_grid = None if hilbert_grid is None else tuple(hilbert_grid)
-        self.blocks = nn.ModuleList(
-            LongNetBlock(
-                embed_dim,
-                num_heads,
-                make_attention(
-                    attention,
-                    segment_lengths,
-                    dilation_rates,
-                    dropout=dropout,
-                    branch_mixing=branch_mixing,
-                    backend=backend,
-                ),  # fmt: skip
-                ffn_mult=ffn_mult,
-                dropout=dropout,
-                **factory,
-            )
-            for _ in range(num_layers)
-        )
+        self.blocks = block_stack(
+            num_layers, embed_dim, num_heads, attention, segment_lengths, dilation_rates,
+            rotary=False, ffn_mult=ffn_mult, dropout=dropout, branch_mixing=branch_mixing,
+            backend=backend, **factory,
+        )  # fmt: skip
         self.norm = nn.LayerNorm(embed_dim, **factory)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
