@@ -29,6 +29,8 @@ What is here:
 - ``dilated_attention_pytorch.models``: ``LongNetLM`` (a causal language model),
   ``LongNet`` (the encoder) and ``parallelize_longnet`` (ring sequence parallelism,
   DDP/FSDP2 and activation checkpointing applied from outside the model).
+- ``dilated_attention_pytorch.decoding``: ``DilatedKVCache`` and
+  ``cached_dilated_attention`` for token-by-token causal decoding.
 - ``dense_dilated_attention``: the dense ``O(N^2)`` reference the tests compare against.
 
 ``explain_backend(q, segment_lengths, dilation_rates)`` says which backend

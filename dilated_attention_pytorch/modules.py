@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import available_backends
+from .decoding import DilatedKVCache, cached_dilated_attention
 from .functional import dilated_attention
 from .memory import get_memory_estimate
 from .plan import DilatedPlan, make_plan
@@ -87,6 +88,8 @@ class DilatedAttention(nn.Module):
         v: Tensor,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        *,
+        cache: DilatedKVCache | None = None,
     ) -> Tensor:
         """Attend ``q`` to ``k``/``v``.
 
@@ -96,10 +99,20 @@ class DilatedAttention(nn.Module):
                 argument).
             key_padding_mask: ``(B, N)`` bool, ``True`` marks padding keys; any layout
                 (a transposed or expanded mask is copied).
+            cache: a :class:`~dilated_attention_pytorch.decoding.DilatedKVCache` from
+                :meth:`new_cache` for incremental decoding: ``q, k, v`` are then the
+                next tokens (the whole prompt first), ``is_causal`` must be ``True``.
 
         Returns:
             ``(B, N, H, D)`` in ``q.dtype``.
         """
+        if cache is not None:
+            if not is_causal or key_padding_mask is not None:
+                raise ValueError(
+                    "a decoding cache needs is_causal=True and no key_padding_mask (it keeps "
+                    "what later tokens of a causal sequence can see)."
+                )
+            return cached_dilated_attention(q, k, v, cache)
         return dilated_attention(
             q,
             k,
@@ -113,6 +126,13 @@ class DilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             backend=self.backend,
         )
+
+    def new_cache(self, num_heads: int) -> DilatedKVCache:
+        """An empty decoding cache for this attention with ``num_heads`` heads."""
+        return DilatedKVCache(
+            self.segment_lengths, self.dilation_rates, num_heads,
+            branch_mixing=self.branch_mixing, scale=self.scale, backend=self.backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

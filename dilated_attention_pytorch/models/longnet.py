@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..decoding import DilatedKVCache
 from ..hilbert import hilbert_permutation, inverse_permutation
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_dropout
@@ -348,6 +349,7 @@ class LongNetLM(nn.Module):
         targets: Tensor | None = None,
         *,
         positions: Tensor | None = None,
+        caches: Sequence[DilatedKVCache] | None = None,
     ) -> Tensor:
         """Logits ``(B, N, V)`` for ``input_ids`` ``(B, N)``, or the loss given ``targets``.
 
@@ -360,6 +362,9 @@ class LongNetLM(nn.Module):
             positions: ``(N,)`` int64 global positions of the tokens, default
                 ``arange(N)``. Under sequence parallelism, the positions of this rank's
                 shard (:func:`~dilated_attention_pytorch.models.shard_batch` gives them).
+            caches: one decoding cache per block (:meth:`new_caches`): ``input_ids`` are
+                then the tokens after the ones the caches have seen (the whole prompt
+                first), and ``positions`` default to where the caches stand.
 
         Returns:
             ``(B, N, V)`` logits in the parameters' dtype, or with ``targets`` the mean
@@ -374,8 +379,14 @@ class LongNetLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must hold int64 token ids, got {input_ids.dtype}.")
         n = input_ids.shape[1]
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(
+                f"caches must hold one cache per block ({len(self.blocks)}), got {len(caches)}; "
+                f"use model.new_caches()."
+            )
         if positions is None:
-            positions = torch.arange(n, device=input_ids.device)
+            start = 0 if caches is None else caches[0].position
+            positions = torch.arange(start, start + n, device=input_ids.device)
         if positions.shape != (n,):
             raise ValueError(
                 f"positions must be (N,) = ({n},), one per token of input_ids "
@@ -390,8 +401,9 @@ class LongNetLM(nn.Module):
         table_dtype = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
         rotary = rotary_tables(positions, self.head_dim, self.rotary_base, table_dtype)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, is_causal=True, rotary=rotary)
+        for i, block in enumerate(self.blocks):
+            extra = {} if caches is None else {"cache": caches[i]}
+            x = block(x, is_causal=True, rotary=rotary, **extra)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
@@ -410,6 +422,20 @@ class LongNetLM(nn.Module):
         of the first ``N - 1`` tokens predicts the next."""
         return self(input_ids[:, :-1], input_ids[:, 1:])
 
+    def new_caches(self) -> list[DilatedKVCache]:
+        """Empty decoding caches, one per block (dilated attention only)."""
+        caches = []
+        for block in self.blocks:
+            inner = getattr(block.attn.attention, "inner", None)
+            if type(inner) is not DilatedAttention:
+                raise ValueError(
+                    f"decoding caches need the single-device DilatedAttention; this model's "
+                    f"blocks use {type(inner).__name__} (a dense model, or one parallelized "
+                    f"for a ring)."
+                )
+            caches.append(inner.new_cache(self.num_heads))
+        return caches
+
     @torch.no_grad()
     def generate(
         self,
@@ -424,16 +450,23 @@ class LongNetLM(nn.Module):
 
         ``temperature=0`` picks the most likely token (greedy); otherwise tokens are
         drawn from the softmax of ``logits / temperature``, restricted to the ``top_k``
-        most likely when given. Each new token runs the whole prefix again (no cache),
-        which suits short samples.
+        most likely when given. With dilated attention the prompt runs once and each new
+        token then attends a :class:`~dilated_attention_pytorch.decoding.DilatedKVCache`
+        per block (``#branches * w / r`` cached positions per head, whatever the length);
+        a dense model runs the whole prefix again for each token.
         """
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
         if top_k is not None:
             _check_positive_int("top_k", top_k)
         tokens = input_ids
+        caches = self.new_caches() if self.attention_kind == "dilated" else None
+        step_input = tokens
         for _ in range(max_new_tokens):
-            logits = self(tokens)[:, -1].float()
+            if caches is None:
+                logits = self(tokens)[:, -1].float()
+            else:
+                logits = self(step_input, caches=caches)[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -443,7 +476,8 @@ class LongNetLM(nn.Module):
                     logits = logits.masked_fill(logits < kth, -math.inf)
                 probs = logits.softmax(dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat((tokens, nxt.to(tokens.dtype)), dim=1)
+            step_input = nxt.to(tokens.dtype)
+            tokens = torch.cat((tokens, step_input), dim=1)
         return tokens
 
 
