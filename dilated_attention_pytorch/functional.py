@@ -15,8 +15,10 @@ from .backends import (
     BackendChoice,
     ForwardContext,
     choose_backend,
+    get_backend,
     select_backend,
 )
+from .ops import dilated_attention_op
 from .plan import DilatedPlan, make_plan
 from .segments import token_major
 from .validation import check_key_padding_mask, check_qkv, check_scalars, warn_if_transposed
@@ -203,18 +205,24 @@ def dilated_attention(
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)
     chosen = select_backend(backend, call)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    # The dropout seed is drawn from the default generator, once per call, so that the
+    # backward (and a ring) drops the same entries.
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
     fctx = ForwardContext(
         plan=plan,
         scale=D**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
         dropout_p=float(dropout_p),
         key_padding_mask=key_padding_mask,
-        seed=seed,
     )
-    out, lse_pair = _DilatedAttentionFunction.apply(
-        token_major(q), token_major(k), token_major(v), chosen, fctx
-    )
+    if torch.compiler.is_compiling() and get_backend(chosen.name) is chosen:
+        # A registered backend under torch.compile: one opaque custom operator.
+        out, lse_pair = dilated_attention_op(q, k, v, fctx, chosen.name, seed)
+    else:
+        fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
+        out, lse_pair = _DilatedAttentionFunction.apply(
+            token_major(q), token_major(k), token_major(v), chosen, fctx
+        )
     if not return_lse:
         return out
     # The LSE is returned in float32 whatever the input dtype (the autograd function keeps

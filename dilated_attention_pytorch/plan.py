@@ -19,7 +19,6 @@ strided view of the head dimension instead of a gather.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,11 +176,22 @@ def make_plan(
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
-    return _make_plan_cached(ws, rs, check_positive_int("num_heads", num_heads), mixing)
+    key = (ws, rs, check_positive_int("num_heads", num_heads), mixing)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(*key)
+    return plan
 
 
-@functools.lru_cache(maxsize=256)
-def _make_plan_cached(
+# Plans built so far. A plain dict rather than functools.lru_cache: torch.compile traces
+# through a dict lookup, but warns about (and ignores) an lru_cache wrapper.
+_PLANS: dict[tuple, DilatedPlan] = {}
+_MAX_PLANS = 256
+
+
+def _build_plan(
     ws: tuple[int, ...], rs: tuple[int, ...], num_heads: int, mixing: str
 ) -> DilatedPlan:
     branches = []

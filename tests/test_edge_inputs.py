@@ -38,7 +38,7 @@ from dilated_attention_pytorch import (
     make_block_sparse_pattern,
     shard_sequence,
 )
-from dilated_attention_pytorch.plan import _make_plan_cached
+from dilated_attention_pytorch.plan import _PLANS
 from dilated_attention_pytorch.ring import RingAttentionConfig
 from dilated_attention_pytorch.validation import check_key_padding_mask
 
@@ -171,9 +171,9 @@ def test_modules_store_the_scale_as_a_float() -> None:
 @pytest.fixture
 def fresh_plans():
     """Plans (and their once-per-configuration warning) built anew in this test."""
-    _make_plan_cached.cache_clear()
+    _PLANS.clear()
     yield
-    _make_plan_cached.cache_clear()
+    _PLANS.clear()
 
 
 UNCOVERED_ONE_HEAD = (

@@ -244,7 +244,8 @@ def select_backend(name: str | Backend, call: AttentionCall) -> Backend:
     """
     if name == "auto":
         choice = choose_backend(name, call)
-        logger.debug("backend='auto' chose %r for %s; %s", choice.name, call, choice)
+        if not torch.compiler.is_compiling():  # logging would break a compiled graph
+            logger.debug("backend='auto' chose %r for %s; %s", choice.name, call, choice)
         return _REGISTRY[choice.name]
     backend = get_backend(name)
     why = backend.why_not(call)

@@ -1,0 +1,141 @@
+"""``torch.compile`` support: dilated attention as two custom operators.
+
+Under ``torch.compile`` the backends' Python (strided views, kernel launches, a dropout
+seed read on the host) cannot be traced. :func:`~dilated_attention_pytorch.dilated_attention`
+therefore calls, while compiling, the operator ``dilated_attention_pytorch::forward``
+(and, in the backward, ``dilated_attention_pytorch::backward``), registered with
+``torch.library``: opaque to the compiler, with fake implementations that give the
+output shapes, so a compiled model has no graph break around attention
+(``fullgraph=True`` works). In eager mode nothing changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import ForwardContext, get_backend
+from .backends.blocks import compute_dtype
+from .plan import make_plan
+from .segments import token_major
+
+__all__ = ["dilated_attention_op"]
+
+
+def _context(
+    q: Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    branch_mixing: str,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    seed: Tensor,
+) -> ForwardContext:
+    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    return ForwardContext(
+        plan=plan, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+        key_padding_mask=key_padding_mask, seed=int(seed.item()),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("dilated_attention_pytorch::forward", mutates_args=())
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    branch_mixing: str,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
+                    dropout_p, key_padding_mask, seed)  # fmt: skip
+    out, lse_pair = get_backend(backend).forward(
+        token_major(q), token_major(k), token_major(v), fctx
+    )
+    return out.clone() if out._base is not None else out, lse_pair
+
+
+@_forward.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, branch_mixing, scale, is_causal, dropout_p,
+      key_padding_mask, seed, backend):  # fmt: skip
+    B, N, H, _ = q.shape
+    lse_dtype = compute_dtype(q.dtype)
+    return q.new_empty(B, N, H, v.shape[-1]), q.new_empty(2, B, N, H, dtype=lse_dtype)
+
+
+@torch.library.custom_op("dilated_attention_pytorch::backward", mutates_args=())
+def _backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse_pair: Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    branch_mixing: str,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
+                    dropout_p, key_padding_mask, seed)  # fmt: skip
+    grads = get_backend(backend).backward(
+        token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx
+    )
+    return tuple(g.clone() if g._base is not None else g for g in grads)
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse_pair, segment_lengths, dilation_rates, branch_mixing, scale,
+      is_causal, dropout_p, key_padding_mask, seed, backend):  # fmt: skip
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_ARGS = ("segment_lengths", "dilation_rates", "branch_mixing", "scale", "is_causal",
+         "dropout_p", "key_padding_mask", "seed", "backend")  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *args = inputs
+    out, lse_pair = output
+    ctx.save_for_backward(q, k, v, out, lse_pair)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse_pair)
+
+
+def _backward_rule(ctx, dout: Tensor, _dlse: Tensor):
+    q, k, v, out, lse_pair = ctx.saved_tensors
+    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse_pair, *ctx.args)
+    return (dq, dk, dv, *(None for _ in _ARGS))
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def dilated_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fctx: ForwardContext,
+    backend: str,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse_pair)`` of the registered backend ``backend`` through the custom operator."""
+    plan = fctx.plan
+    return _forward(
+        q, k, v, list(plan.segment_lengths), list(plan.dilation_rates), plan.branch_mixing,
+        float(fctx.scale), fctx.is_causal, float(fctx.dropout_p), fctx.key_padding_mask, seed,
+        backend,
+    )  # fmt: skip

@@ -1,0 +1,87 @@
+"""``torch.compile(fullgraph=True)`` of the functional API, the modules and LongNetLM on the
+CPU: compiled == eager, forward and gradients (the attention runs as a custom operator)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+from dilated_attention_pytorch import DilatedAttention, MultiheadDilatedAttention, dilated_attention
+from dilated_attention_pytorch.models import LongNetLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(fn, *inputs):
+    out = fn(*inputs)
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    return (out, *torch.autograd.grad(loss, inputs))
+
+
+def _assert_same(compiled, eager, *inputs) -> None:
+    for a, b in zip(_grads(compiled, *inputs), _grads(eager, *inputs)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("mixing", "is_causal", "masked"), [("softmax", True, False),
+                                                            ("head_split", False, True)])  # fmt: skip
+def test_functional_compiles_without_graph_breaks(mixing, is_causal, masked) -> None:
+    q, k, v = (torch.randn(2, 48, 4, 8, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 48) < 0.2 if masked else None
+
+    def fn(q, k, v):
+        out, lse = dilated_attention(q, k, v, [16, 32], [1, 2], is_causal=is_causal,
+                                     branch_mixing=mixing, key_padding_mask=mask,
+                                     return_lse=True)  # fmt: skip
+        return out + lse[..., None]
+
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+
+
+def test_dropout_draws_its_seed_inside_the_graph() -> None:
+    # Compiled random ops draw from their own stream unless fallback_random is set; with
+    # it, the compiled call draws the eager call's seed and drops the same entries.
+    with inductor_config.patch(fallback_random=True):
+        _dropout_case()
+
+
+def _dropout_case() -> None:
+    q, k, v = (torch.randn(1, 32, 2, 8, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: dilated_attention(q, k, v, [16], [1], dropout_p=0.5)
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.manual_seed(5)
+    a = _grads(compiled, q, k, v)
+    torch.manual_seed(5)
+    b = _grads(fn, q, k, v)
+    for x, y in zip(a, b):  # the same seed from the same generator state: the same entries
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(6)
+    assert not torch.allclose(compiled(q, k, v), a[0])  # a new seed per call
+
+
+def test_modules_and_language_model_compile() -> None:
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(32, 4, [16, 32], [1, 2])
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    fn = lambda x: layer(x, is_causal=True)[0]
+    _assert_same(torch.compile(fn, fullgraph=True), fn, x)
+    attn = DilatedAttention([16, 32], [1, 2])
+    q, k, v = (torch.randn(1, 64, 4, 8, requires_grad=True) for _ in range(3))
+    _assert_same(torch.compile(attn, fullgraph=True), attn, q, k, v)
+    model = LongNetLM(256, 32, 4, 2, [16, 32, 64], [1, 2, 4])
+    ids = torch.randint(0, 256, (2, 65))
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c, loss_e = compiled(ids[:, :-1], ids[:, 1:]), model(ids[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=1e-6)
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
