@@ -46,7 +46,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 
-from dilated_attention_pytorch.models import LongNetLM, parallelize_longnet, shard_batch
+from dilated_attention_pytorch.models import (
+    LongNetLM,
+    mesh_mean_loss,
+    parallelize_longnet,
+    shard_batch,
+)
 
 try:
     from tqdm import tqdm
@@ -81,7 +86,10 @@ def load_corpus(root: str | None, suffix: str = ".py") -> Corpus:
     if not base.is_dir():
         raise SystemExit(f"--data {base}: not a folder.")
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    paths = sorted(p for p in base.rglob(f"*{suffix}") if p.is_file() and not skip & set(p.parts))
+    paths = sorted(
+        p for p in base.rglob(f"*{suffix}")
+        if p.is_file() and not skip & set(p.relative_to(base).parts)
+    )  # fmt: skip
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     for p in paths:
         rel = p.relative_to(base).as_posix().encode()
@@ -165,10 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None,
                    help="stop after this many seconds of training (checkpointed)")  # fmt: skip
     p.add_argument("--stop-at", type=int, default=None,
-                   help="stop at this step (checkpointed), as a killed run would")  # fmt: skip
+                   help="exit after this step without saving, as a killed run would")  # fmt: skip
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention and residual dropout")
     p.add_argument("--embed-dim", type=int)
     p.add_argument("--num-heads", type=int)
     p.add_argument("--num-layers", type=int)
@@ -197,11 +206,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
-    """What the checkpoint must match to be resumed."""
+    """The model a checkpoint holds."""
     return dict(vocab_size=256, embed_dim=args.embed_dim, num_heads=args.num_heads,
                 num_layers=args.num_layers, segment_lengths=list(args.segment_lengths),
                 dilation_rates=list(args.dilation_rates), attention=args.attention,
-                seq_len=args.seq_len, dtype=args.dtype)  # fmt: skip
+                seq_len=args.seq_len, dtype=args.dtype, dropout=args.dropout)  # fmt: skip
+
+
+def run_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model and the data stream."""
+    return dict(model=model_config(args), seed=args.seed, batch_size=args.batch_size,
+                data=str(args.data), suffix=args.suffix, sp=args.sp, processes=world)  # fmt: skip
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> LongNetLM:
@@ -210,7 +225,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> LongNetLM:
     return LongNetLM(
         cfg["vocab_size"], cfg["embed_dim"], cfg["num_heads"], cfg["num_layers"],
         None if dense else cfg["segment_lengths"], None if dense else cfg["dilation_rates"],
-        attention=cfg["attention"], device=device, dtype=getattr(torch, cfg["dtype"]),
+        attention=cfg["attention"], dropout=cfg["dropout"], device=device,
+        dtype=getattr(torch, cfg["dtype"]),
     )  # fmt: skip
 
 
@@ -234,26 +250,28 @@ def memory_gib(device: torch.device) -> float:
 # --------------------------------------------------------------------------- state
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's random states: CPU, its own GPU, Python."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(state["python"])
 
 
 def save_checkpoint(path: Path, model: LongNetLM, opt: torch.optim.Optimizer,
-                    progress: dict[str, Any], args: argparse.Namespace) -> None:  # fmt: skip
+                    progress: dict[str, Any], run: dict[str, Any],
+                    rng: list[dict[str, Any]]) -> None:  # fmt: skip
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "progress": progress, "rng": rng_state(), "config": model_config(args)}, tmp)  # fmt: skip
+                "progress": progress, "rng": rng, "run": run}, tmp)  # fmt: skip
     os.replace(tmp, path)  # a run killed while saving keeps the previous checkpoint
 
 
@@ -266,6 +284,13 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines of steps after ``step`` (a run killed after its last checkpoint
+    logged steps that the resumed run computes again)."""
+    kept = [r for r in read_log(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot(log: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -322,12 +347,32 @@ def setup(args: argparse.Namespace) -> Layout:
 
 
 def average(value: Tensor, layout: Layout) -> float:
-    """The mean of ``value`` over every rank (shards and replicas hold as many tokens)."""
+    """The mean of ``value`` over every rank."""
     value = value.detach().float().clone()
     if layout.world > 1:
         dist.all_reduce(value)
         value /= layout.world
     return float(value)
+
+
+def agreed_seconds(seconds: float, layout: Layout) -> float:
+    """The largest elapsed time over the ranks: every rank then takes the same
+    learning rate and the same decision to evaluate or stop."""
+    if layout.world == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=layout.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def all_rng_states(layout: Layout) -> list[dict[str, Any]]:
+    """Every rank's random states, in rank order (a collective under torchrun)."""
+    mine = rng_state(layout.device)
+    if layout.world == 1:
+        return [mine]
+    states: list[Any] = [None] * layout.world
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def evaluate(model, corpus: Corpus, args: argparse.Namespace, layout: Layout) -> float:
@@ -339,7 +384,9 @@ def evaluate(model, corpus: Corpus, args: argparse.Namespace, layout: Layout) ->
                                                   args.batch_size, args.seq_len):  # fmt: skip
             ids, tgt, pos = shard_batch(inputs.to(layout.device), targets.to(layout.device),
                                         layout.mesh)  # fmt: skip
-            total += average(model(ids, tgt, positions=pos), layout) * inputs.shape[0]
+            loss = mesh_mean_loss(model(ids, tgt, positions=pos, reduction="sum"), tgt,
+                                  layout.mesh)  # fmt: skip
+            total += average(loss, layout) * inputs.shape[0]
             count += inputs.shape[0]
     model.train()
     return total / count / math.log(2)
@@ -357,23 +404,34 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args, layout.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.95))  # fmt: skip
-    progress = {"step": 0, "tokens": 0, "seconds": 0.0}
+    progress = {"step": 0, "tokens": 0, "seconds": 0.0, "val_bpb": None}
+    run = run_config(args, layout.world)
     resumed = False
     if ckpt.exists() and not args.no_resume:
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"] != model_config(args):
+        if state["run"] != run:
             raise SystemExit(
-                f"{ckpt} was written for another configuration ({state['config']}); pass "
-                f"another --out, or --no-resume to start afresh in this one."
+                f"{ckpt} was written for another configuration ({state['run']}; this run: "
+                f"{run}); pass another --out, or --no-resume to start afresh in this one."
             )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         progress = state["progress"]
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][layout.rank], layout.device)
         resumed = True
+        if main:
+            truncate_log(log_path, progress["step"])
     elif main and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
+    if progress["step"] >= args.steps:
+        if main:
+            print(f"{ckpt}: already trained for {progress['step']} steps (--steps {args.steps}); "
+                  f"pass a larger --steps to train on, or another --out.")  # fmt: skip
+        if layout.world > 1:
+            dist.destroy_process_group()
+        summary_path = out / "summary.json"
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
     params = model.num_parameters()
     trained = parallelize_longnet(
         model, layout.mesh, data_parallel="ddp",
@@ -398,7 +456,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if main and tqdm is not None:
         bar = tqdm(total=args.steps, initial=progress["step"], unit="step", dynamic_ncols=True)
     started = time.perf_counter() - progress["seconds"]
-    last_eval = None
+    last_eval = progress["val_bpb"]
     while progress["step"] < args.steps:
         step = progress["step"]
         for group in opt.param_groups:
@@ -408,7 +466,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         ids, tgt, pos = shard_batch(inputs.to(layout.device), targets.to(layout.device),
                                     layout.mesh)  # fmt: skip
         t0 = time.perf_counter()
-        loss = trained(ids, tgt, positions=pos)
+        loss = mesh_mean_loss(trained(ids, tgt, positions=pos, reduction="sum"), tgt, layout.mesh)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -416,7 +474,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loss_value = average(loss, layout)  # also waits for the step to finish
         dt = time.perf_counter() - t0
         progress = {"step": step + 1, "tokens": progress["tokens"] + tokens_per_step,
-                    "seconds": time.perf_counter() - started}  # fmt: skip
+                    "seconds": agreed_seconds(time.perf_counter() - started, layout),
+                    "val_bpb": last_eval}  # fmt: skip
         record = {"step": step + 1, "loss": loss_value, "lr": lr,
                   "tokens": progress["tokens"], "tokens_per_s": tokens_per_step / dt,
                   "seconds": progress["seconds"], "memory_gib": memory_gib(layout.device)}  # fmt: skip
@@ -429,19 +488,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 print(f"step {step + 1}: loss {loss_value:.3f}, "
                       f"{record['tokens_per_s']:,.0f} tokens/s", flush=True)  # fmt: skip
+        if progress["step"] == args.stop_at:  # as if killed: no evaluation, no checkpoint
+            if layout.world > 1:
+                dist.destroy_process_group()
+            return {"stopped_at": progress["step"]}
         out_of_time = args.time_budget is not None and progress["seconds"] >= args.time_budget
-        out_of_time = out_of_time or progress["step"] == args.stop_at
         done = progress["step"] == args.steps or out_of_time
         if progress["step"] % args.eval_every == 0 or done:
-            last_eval = evaluate(trained, corpus, args, layout)
+            last_eval = progress["val_bpb"] = evaluate(trained, corpus, args, layout)
             if main:
                 append_log(log_path, {"step": progress["step"], "tokens": progress["tokens"],
                                       "val_bpb": last_eval})  # fmt: skip
                 (bar.write if bar is not None else print)(
                     f"step {progress['step']}: validation {last_eval:.3f} bits per byte"
                 )
-        if main and (progress["step"] % args.checkpoint_every == 0 or done):
-            save_checkpoint(ckpt, model, opt, progress, args)
+        if progress["step"] % args.checkpoint_every == 0 or done:
+            rng = all_rng_states(layout)  # every rank's, gathered to all (a collective)
+            if main:
+                save_checkpoint(ckpt, model, opt, progress, run, rng)
         if out_of_time:
             break
     if bar is not None:

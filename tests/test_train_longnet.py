@@ -59,21 +59,28 @@ def test_loss_falls_on_the_standard_library(tmp_path: pathlib.Path) -> None:
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path: pathlib.Path) -> None:
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    args = ("--steps", "4", "--eval-every", "2", "--checkpoint-every", "2")
-    _run(whole, *args, "--sample", "8")
-    _run(parts, *args, "--stop-at", "2")  # as if killed after the checkpoint at step 2
-    assert [r["step"] for r in _log(parts) if "loss" in r] == [1, 2]
-    summary = _run(parts, *args)  # the same command again: continues at step 3
+    # Dropout makes every step draw random numbers: resuming must restore them too.
+    args = ("--steps", "4", "--eval-every", "2", "--checkpoint-every", "2", "--dropout", "0.1")
+    done = _run(whole, *args, "--sample", "8")
+    # Killed after step 3: the checkpoint is step 2's and the log already has step 3.
+    assert _run(parts, *args, "--stop-at", "3") == {"stopped_at": 3}
+    assert [r["step"] for r in _log(parts) if "loss" in r] == [1, 2, 3]
+    summary = _run(parts, *args)  # the same command again: continues after step 2
     a, b = _log(whole), _log(parts)
-    assert [r["step"] for r in b if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in b if "loss" in r] == [1, 2, 3, 4]  # step 3 logged once
     for key in ("loss", "val_bpb"):
         assert [r[key] for r in a if key in r] == [r[key] for r in b if key in r], key
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 4 * 256
+    assert summary["val_bpb"] == done["val_bpb"]
     written = json.loads((parts / "summary.json").read_text())
     assert written["val_bpb"] == summary["val_bpb"] and written["config"]["seq_len"] == 256
-    # Another configuration in the same folder is refused instead of mixed in.
-    with pytest.raises(SystemExit, match="was written for another configuration"):
-        _run(parts, *args, "--embed-dim", "64")
+    # Running a finished run again trains nothing and keeps its summary.
+    assert _run(parts, *args) == written
+    assert json.loads((parts / "summary.json").read_text()) == written
+    # Another model or another data stream in the same folder is refused, not mixed in.
+    for other in (("--embed-dim", "64"), ("--seed", "1")):
+        with pytest.raises(SystemExit, match="was written for another configuration"):
+            _run(parts, *args, "--steps", "6", *other)
 
 
 def test_script_writes_its_picture(tmp_path: pathlib.Path) -> None:

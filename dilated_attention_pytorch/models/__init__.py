@@ -17,7 +17,14 @@ from .longnet import (
     apply_rotary,
     rotary_tables,
 )
-from .parallel import LocalShardRing, parallelize_longnet, sequence_group, shard_batch
+from .parallel import (
+    LocalShardRing,
+    mesh_group,
+    mesh_mean_loss,
+    parallelize_longnet,
+    sequence_group,
+    shard_batch,
+)
 
 __all__ = [
     "DenseAttention",
@@ -27,6 +34,8 @@ __all__ = [
     "LongNetLM",
     "RotaryAttention",
     "apply_rotary",
+    "mesh_group",
+    "mesh_mean_loss",
     "parallelize_longnet",
     "rotary_tables",
     "sequence_group",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..decoding import DilatedKVCache
 from ..hilbert import hilbert_permutation, inverse_permutation
 from ..modules import DilatedAttention, MultiheadDilatedAttention
-from ..validation import check_bool, check_choice, check_dropout
+from ..validation import check_bool, check_choice, check_dropout, check_key_padding_mask
 
 __all__ = [
     "DenseAttention",
@@ -67,6 +67,7 @@ class DenseAttention(nn.Module):
     ) -> Tensor:
         """``(B, N, H, D)`` q, k, v -> ``(B, N, H, D)``; ``key_padding_mask`` ``(B, N)``,
         ``True`` marks padding keys."""
+        key_padding_mask = check_key_padding_mask(key_padding_mask, q)
         mask = None
         if key_padding_mask is not None:
             mask = ~key_padding_mask[:, None, None, :]  # True = attend
@@ -325,6 +326,9 @@ class LongNetLM(nn.Module):
             raise ValueError(f"rotary_base must be a finite number > 1, got {rotary_base!r}.")
         self.rotary_base = float(rotary_base)
         self.attention_kind = check_choice("attention", attention, ATTENTION_KINDS)
+        # Set by parallelize_longnet under sequence parallelism: forward then needs the
+        # shard's global positions.
+        self.positions_required = False
         self.embed = nn.Embedding(vocab_size, embed_dim, **factory)
         self.blocks = block_stack(
             num_layers, embed_dim, num_heads, attention, segment_lengths, dilation_rates,
@@ -350,6 +354,7 @@ class LongNetLM(nn.Module):
         *,
         positions: Tensor | None = None,
         caches: Sequence[DilatedKVCache] | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Logits ``(B, N, V)`` for ``input_ids`` ``(B, N)``, or the loss given ``targets``.
 
@@ -365,11 +370,19 @@ class LongNetLM(nn.Module):
             caches: one decoding cache per block (:meth:`new_caches`): ``input_ids`` are
                 then the tokens after the ones the caches have seen (the whole prompt
                 first), and ``positions`` default to where the caches stand.
+            reduction: with ``targets``, ``"mean"`` (per target token) or ``"sum"`` of the
+                cross-entropy; under sequence parallelism
+                :func:`~dilated_attention_pytorch.models.mesh_mean_loss` turns each rank's
+                sum into the exact mean over every rank's targets.
 
         Returns:
-            ``(B, N, V)`` logits in the parameters' dtype, or with ``targets`` the mean
-            cross-entropy (nats per target token) as a float32 scalar (float64 for a
-            float64 model).
+            ``(B, N, V)`` logits in the parameters' dtype, or with ``targets`` the
+            cross-entropy in nats as a float32 scalar (float64 for a float64 model).
+
+        Raises:
+            ValueError: after :func:`parallelize_longnet` with sequence parallelism,
+                ``positions`` is required (each rank holds a shard; without its global
+                positions rotary would read every shard as the sequence's start).
         """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise TypeError(
@@ -385,8 +398,24 @@ class LongNetLM(nn.Module):
                 f"use model.new_caches()."
             )
         if positions is None:
+            if self.positions_required:
+                raise ValueError(
+                    "this model runs sequence-parallel: pass each rank's global token "
+                    "positions, e.g. ids, targets, positions = shard_batch(ids, targets, mesh) "
+                    "and model(ids, targets, positions=positions)."
+                )
             start = 0 if caches is None else caches[0].position
             positions = torch.arange(start, start + n, device=input_ids.device)
+        if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"positions must be an int64 tensor of token positions, got "
+                f"{positions.dtype if isinstance(positions, Tensor) else type(positions).__name__}."
+            )
+        if positions.device != input_ids.device:
+            raise ValueError(
+                f"positions are on {positions.device}, input_ids on {input_ids.device}; put "
+                f"them on the same device."
+            )
         if positions.shape != (n,):
             raise ValueError(
                 f"positions must be (N,) = ({n},), one per token of input_ids "
@@ -407,15 +436,22 @@ class LongNetLM(nn.Module):
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
+        if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"targets must be an int64 tensor of token ids (-100 to ignore), got "
+                f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}."
+            )
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets must have input_ids' shape {tuple(input_ids.shape)}, got "
                 f"{tuple(targets.shape)}."
             )
+        reduction = check_choice("reduction", reduction, ("mean", "sum"))
         loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return F.cross_entropy(
-            logits.to(loss_dtype).flatten(0, 1), targets.flatten(), ignore_index=-100
-        )
+            logits.to(loss_dtype).flatten(0, 1), targets.flatten().long(), ignore_index=-100,
+            reduction=reduction,
+        )  # fmt: skip
 
     def loss(self, input_ids: Tensor) -> Tensor:
         """Mean next-token cross-entropy of ``input_ids`` ``(B, N)`` (nats per token): each
@@ -453,12 +489,32 @@ class LongNetLM(nn.Module):
         most likely when given. With dilated attention the prompt runs once and each new
         token then attends a :class:`~dilated_attention_pytorch.decoding.DilatedKVCache`
         per block (``#branches * w / r`` cached positions per head, whatever the length);
-        a dense model runs the whole prefix again for each token.
+        a dense model runs the whole prefix again for each token. The model samples in
+        evaluation mode (no dropout) and returns to its previous mode.
         """
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
         if top_k is not None:
             _check_positive_int("top_k", top_k)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}.")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         tokens = input_ids
         caches = self.new_caches() if self.attention_kind == "dilated" else None
         step_input = tokens
@@ -493,7 +549,8 @@ class LongNet(nn.Module):
         embed_dim, num_heads, num_layers, segment_lengths, dilation_rates, ffn_mult,
         dropout, branch_mixing, backend, attention, device, dtype: as in
             :class:`LongNetLM`.
-        is_causal: causal attention in every block (default: bidirectional).
+        is_causal: causal attention in every block (default: bidirectional); with
+            ``hilbert_grid``, causal along the Hilbert curve.
         hilbert_grid: ``(rows, cols)`` of the patch grid, or ``None`` for token order.
     """
 
@@ -524,7 +581,7 @@ class LongNet(nn.Module):
         if hilbert_grid is not None:
             if not isinstance(hilbert_grid, (tuple, list)) or len(hilbert_grid) != 2:
                 raise TypeError(f"hilbert_grid must be (rows, cols), got {hilbert_grid!r}.")
-            perm = hilbert_permutation(*hilbert_grid)
+            perm = hilbert_permutation(*hilbert_grid, device=device)
             self.register_buffer("hilbert_order", perm, persistent=False)
             self.register_buffer("hilbert_inverse", inverse_permutation(perm), persistent=False)
         self.hilbert_grid = None if hilbert_grid is None else tuple(hilbert_grid)

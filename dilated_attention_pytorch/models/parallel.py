@@ -7,8 +7,10 @@ or :class:`~dilated_attention_pytorch.models.LongNet` and a ``DeviceMesh``:
   attention becomes its ring form over that dimension's process group, and each rank
   runs the model on its contiguous shard of the tokens (:func:`shard_batch`);
 - **data parallelism** on every rank of the mesh (DDP, or FSDP2's ``fully_shard``):
-  gradients are averaged over the data *and* sequence ranks, which is exactly the
-  gradient of the mean loss over all tokens when every rank holds as many target tokens;
+  gradients are averaged over the data *and* sequence ranks. With each rank's loss from
+  :func:`mesh_mean_loss` that is exactly the gradient of the mean loss over all target
+  tokens, however the ignored (``-100``) targets are spread (a plain per-rank mean is
+  exact only when every rank holds as many targets);
 - **activation checkpointing** per block, on request.
 
 The model object is changed in place (and, for DDP, wrapped); its parameters and
@@ -40,7 +42,14 @@ from ..ring import StandardRingAttention
 from ..validation import check_bool, check_choice
 from .longnet import DenseAttention, LongNet, LongNetLM, RotaryAttention
 
-__all__ = ["LocalShardRing", "parallelize_longnet", "shard_batch", "sequence_group"]
+__all__ = [
+    "LocalShardRing",
+    "mesh_group",
+    "mesh_mean_loss",
+    "parallelize_longnet",
+    "sequence_group",
+    "shard_batch",
+]
 
 DATA_PARALLEL = ("ddp", "fsdp", "none")
 
@@ -78,6 +87,42 @@ def sequence_group(mesh: DeviceMesh | None, sequence_dim: str = "sp") -> dist.Pr
     return mesh.get_group(sequence_dim)
 
 
+def mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """A process group over every rank of ``mesh`` (``None``: the default group, when the
+    mesh covers the world)."""
+    ranks = sorted(mesh.mesh.flatten().tolist())
+    if len(ranks) == dist.get_world_size():
+        return None
+    key = tuple(ranks)
+    if key not in _MESH_GROUPS:  # only the mesh's ranks take part in creating it
+        _MESH_GROUPS[key] = dist.new_group(ranks, use_local_synchronization=True)
+    return _MESH_GROUPS[key]
+
+
+_MESH_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def mesh_mean_loss(loss_sum: Tensor, targets: Tensor, mesh: DeviceMesh | None) -> Tensor:
+    """The loss to call ``backward`` on when every rank of ``mesh`` holds part of the batch.
+
+    ``loss_sum``: this rank's summed cross-entropy (``model(ids, targets, positions=...,
+    reduction="sum")``), ``targets`` its targets (``-100`` ignored). Returns ``loss_sum``
+    scaled by ``R / T`` (``R`` ranks of the mesh, ``T`` target tokens over all of them):
+    data parallelism averages the gradients over the ``R`` ranks, which then gives exactly
+    the gradient of the mean over all ``T`` targets, however they are spread. Its value
+    averaged over the ranks is that mean. Without a mesh: ``loss_sum / T``.
+    """
+    count = (targets != -100).sum().to(loss_sum.dtype)
+    ranks = 1
+    if mesh is not None:
+        group = mesh_group(mesh)
+        ranks = mesh.size()
+        dist.all_reduce(count, group=group)
+    if count.item() == 0:
+        raise ValueError("no target token on any rank (every target is -100).")
+    return loss_sum * ranks / count
+
+
 def shard_batch(
     input_ids: Tensor,
     targets: Tensor | None,
@@ -106,7 +151,7 @@ def shard_batch(
     return shard
 
 
-def _ring_form(attention: nn.Module, group: dist.ProcessGroup, timeout: float | None) -> nn.Module:
+def _check_ring_form(attention: nn.Module) -> None:
     if isinstance(attention, DenseAttention):
         raise ValueError(
             "a model built with attention='dense' has no ring form here; for dense attention "
@@ -118,6 +163,10 @@ def _ring_form(attention: nn.Module, group: dist.ProcessGroup, timeout: float | 
             f"cannot make a ring form of {type(attention).__name__}; parallelize_longnet "
             f"handles the DilatedAttention that the LongNet models build."
         )
+
+
+def _ring_form(attention: DilatedAttention, group: dist.ProcessGroup,
+               timeout: float | None) -> nn.Module:  # fmt: skip
     ring = StandardRingAttention(
         attention.segment_lengths,
         attention.dilation_rates,
@@ -182,9 +231,15 @@ def parallelize_longnet(
             f"mesh must be a torch.distributed.device_mesh.DeviceMesh (init_device_mesh(...)), "
             f"got {type(mesh).__name__}."
         )
+    if data_parallel == "fsdp" and fully_shard is None:
+        raise ValueError(
+            f"data_parallel='fsdp' needs FSDP2 (torch >= 2.6), this is torch "
+            f"{torch.__version__}; use data_parallel='ddp'."
+        )
     group = sequence_group(mesh, sequence_dim)
     sequence_parallel = group is not None and dist.get_world_size(group) > 1
     if sequence_parallel:
+        # Every check before the first change: a refused model is left as it was.
         if isinstance(model, LongNet) and model.hilbert_grid is not None:
             raise ValueError(
                 "a LongNet with hilbert_grid reorders the whole sequence, which a shard does "
@@ -192,35 +247,35 @@ def parallelize_longnet(
                 "(x[:, hilbert_permutation(rows, cols)]) and build the model without "
                 "hilbert_grid."
             )
-        for block in model.blocks:
-            holder = block.attn.attention
-            if isinstance(holder, RotaryAttention):
-                holder.inner = _ring_form(holder.inner, group, ring_timeout)
-            else:
-                block.attn.attention = _ring_form(holder, group, ring_timeout)
         if data_parallel == "none":
             raise ValueError(
                 "sequence parallelism needs the gradients averaged over the sequence ranks: "
                 "pass data_parallel='ddp' or 'fsdp'."
             )
+        holders = [block.attn.attention for block in model.blocks]
+        inners = [h.inner if isinstance(h, RotaryAttention) else h for h in holders]
+        for inner in inners:
+            _check_ring_form(inner)
+        for block, holder, inner in zip(model.blocks, holders, inners):
+            ring = _ring_form(inner, group, ring_timeout)
+            if isinstance(holder, RotaryAttention):
+                holder.inner = ring
+            else:
+                block.attn.attention = ring
+        if isinstance(model, LongNetLM):
+            model.positions_required = True
     if activation_checkpointing:
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     if mesh is None or data_parallel == "none":
         return model
     if data_parallel == "fsdp":
-        if fully_shard is None:
-            raise ValueError(
-                f"data_parallel='fsdp' needs FSDP2 (torch >= 2.6), this is torch "
-                f"{torch.__version__}; use data_parallel='ddp'."
-            )
         dp_mesh = _data_parallel_mesh(mesh)
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
         return model
-    ranks = sorted(mesh.mesh.flatten().tolist())
-    dp_group = None if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+    dp_group = mesh_group(mesh)
     device_ids = None
     if next(model.parameters()).device.type == "cuda":
         device_ids = [next(model.parameters()).device.index]
