@@ -98,14 +98,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     """The lines printed under the table: where dilated overtakes dense, and memory."""
     both = [r for r in rows if r["dilated_seconds"] is not None and r["dense_seconds"] is not None]
     lines = []
-    faster = [r["N"] for r in both if r["dilated_seconds"] < r["dense_seconds"]]
-    if faster:
-        first = faster[0]
+    faster = [r["dilated_seconds"] < r["dense_seconds"] for r in both]
+    # The crossover: the first N from which dilated is faster at every larger N measured.
+    tail = next((i for i in range(len(both)) if all(faster[i:])), None) if faster else None
+    if tail is not None:
+        first = both[tail]["N"]
         last = both[-1]
         lines.append(
             f"time: dilated is faster than dense from N = {first} on "
             f"({last['dense_seconds'] / last['dilated_seconds']:.1f}x at N = {last['N']}, "
             f"the largest N dense ran); its time grows as N, dense's as N^2."
+        )
+    elif any(faster):
+        at = ", ".join(str(r["N"]) for r, f in zip(both, faster) if f)
+        lines.append(
+            f"time: dilated was faster at N = {at}, but not at N = {both[-1]['N']}, the "
+            f"largest N dense ran."
         )
     elif both:
         # Extrapolate: dilated ~ a * N, dense ~ b * N^2, from the largest N both ran.

@@ -101,7 +101,7 @@ def explain_backend(
     is_causal: bool = False,
     branch_mixing: str = "softmax",
     dropout_p: float = 0.0,
-    key_padding_mask: bool = False,
+    key_padding_mask: Tensor | bool | None = None,
     requires_grad: bool = True,
     backend: str | Backend = "auto",
 ) -> BackendChoice:
@@ -110,7 +110,9 @@ def explain_backend(
     Only ``q``'s device, dtype, head count and head dim matter (a tensor of one token
     will do). ``requires_grad``: whether a backward follows (training). The result's
     ``name`` is the backend; ``str()`` of it also gives the reasons faster backends
-    cannot run the call, e.g. ``"pytorch (triton: needs a CUDA tensor, got cpu)"``.
+    cannot run the call, e.g. ``"pytorch (triton: triton runs on cuda devices, got 'cpu', ...)"``.
+    ``key_padding_mask``: the mask you would pass (or ``True``/``False`` for whether there
+    is one).
     ``dilated_attention`` itself logs this choice only at DEBUG level on the
     ``dilated_attention_pytorch`` logger.
 
@@ -127,7 +129,13 @@ def explain_backend(
             f"{' of shape ' + str(tuple(q.shape)) if isinstance(q, Tensor) else ''}."
         )
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
-    call = _call(q, plan, is_causal, dropout_p, bool(key_padding_mask), bool(requires_grad))
+    if not isinstance(key_padding_mask, (Tensor, bool)) and key_padding_mask is not None:
+        raise TypeError(
+            f"key_padding_mask must be the (B, N) bool mask, a bool or None, got "
+            f"{type(key_padding_mask).__name__}."
+        )
+    has_mask = key_padding_mask is not None and key_padding_mask is not False
+    call = _call(q, plan, is_causal, dropout_p, has_mask, bool(requires_grad))
     return choose_backend(backend, call)
 
 

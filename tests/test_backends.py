@@ -371,5 +371,13 @@ def test_explain_backend_names_the_choice_and_the_reasons() -> None:
     if "triton" in available_backends() and os.environ.get("TRITON_INTERPRET") != "1":
         assert choice.name == "pytorch" and passed_over == ["triton"]
     assert str(explain_backend(q, [8], [1], backend="pytorch")) == "pytorch"
+    mask = torch.zeros(1, 1, dtype=torch.bool)  # the mask itself, as dilated_attention takes
+    call_masked = AttentionCall("cpu", torch.float32, 16, False, False, True,
+                                make_plan([8], [1], 4), requires_grad=True)  # fmt: skip
+    assert explain_backend(q, [8], [1], key_padding_mask=mask).name == (
+        select_backend("auto", call_masked).name
+    )
+    with pytest.raises(TypeError, match="key_padding_mask must be the \\(B, N\\) bool mask"):
+        explain_backend(q, [8], [1], key_padding_mask="yes")
     with pytest.raises(TypeError, match=r"q must be a \(B, N, H, D\) tensor, got Tensor of shape"):
         explain_backend(torch.empty(4, 16), [8], [1])

@@ -90,3 +90,10 @@ def test_summary_extrapolates_a_crossover_it_did_not_reach() -> None:
     lines = _summarize()([_row(2048, 1e-4 * 2048, 1e-8 * 2048**2)])
     assert "dense was faster at every N it ran" in lines[0]
     assert "cross near N = 10,000." in lines[0]
+
+
+def test_summary_does_not_claim_a_crossover_that_reverses() -> None:
+    lines = _summarize()([_row(1024, 0.1, 0.2), _row(2048, 0.4, 0.3)])
+    assert lines[0] == (
+        "time: dilated was faster at N = 1024, but not at N = 2048, the largest N dense ran."
+    )

@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 
+from dilated_attention_pytorch import DilatedAttention
 from dilated_attention_pytorch.models import (
     DenseAttention,
     LongNet,
     LongNetLM,
     apply_rotary,
+    mesh_mean_loss,
     parallelize_longnet,
     rotary_tables,
     shard_batch,
@@ -87,17 +89,30 @@ def test_one_dense_segment_equals_dense_attention() -> None:
 
 
 def test_rotary_scores_depend_on_distance_only() -> None:
-    q, k = torch.randn(2, 1, 6, 1, 8, dtype=torch.float32).unbind(0)
-    q, k = q.expand(1, 6, 1, 8), k.expand(1, 6, 1, 8)
+    # One query vector and one key vector, the same at every position: the scores then
+    # differ only through the rotation, and equal q . R((n - m) theta) k.
+    d = 8
+    q = torch.randn(d, dtype=DT).expand(1, 6, 1, d)
+    k = torch.randn(d, dtype=DT).expand(1, 6, 1, d)
 
     def scores(offset: int) -> torch.Tensor:
-        cos, sin = rotary_tables(torch.arange(6) + offset, 8)
+        cos, sin = rotary_tables(torch.arange(6) + offset, d, dtype=DT)
         return torch.einsum("bqhd,bkhd->qk", apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
 
-    # Shifting every position by the same amount (even to 2**24) leaves the scores alone.
-    torch.testing.assert_close(scores(2**24), scores(0), atol=2e-5, rtol=2e-5)
-    assert not torch.allclose(scores(0)[0, 1], scores(0)[0, 2])  # ... but distance matters
-    cos, sin = rotary_tables(torch.arange(6), 8)
+    theta = 10000.0 ** (-torch.arange(d // 2, dtype=DT) / (d // 2))
+    q1, q2, k1, k2 = (
+        q[0, 0, 0, : d // 2],
+        q[0, 0, 0, d // 2 :],
+        k[0, 0, 0, : d // 2],
+        k[0, 0, 0, d // 2 :],
+    )
+    for m, n in [(0, 0), (0, 3), (5, 1), (2, 4)]:
+        angle = (n - m) * theta  # key at n, query at m
+        expected = ((q1 * k1 + q2 * k2) * angle.cos() - (q1 * k2 - q2 * k1) * angle.sin()).sum()
+        torch.testing.assert_close(scores(0)[m, n], expected, atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(scores(0)[0, 1], scores(0)[0, 2])  # distance matters
+    torch.testing.assert_close(scores(2**24), scores(0), atol=1e-6, rtol=1e-6)  # shift: no
+    cos, sin = rotary_tables(torch.arange(6), d, dtype=DT)
     torch.testing.assert_close(apply_rotary(q, cos, sin).norm(dim=-1), q.norm(dim=-1))
 
 
@@ -169,6 +184,19 @@ def test_model_errors_say_what_to_do() -> None:
         LongNetLM(256, 32, 4, 1, [8], [1], attention="sparse")
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         model.generate(_ids(n=4), 1, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate(_ids(n=4), -1)
+    with pytest.raises(TypeError, match="targets must be an int64 tensor"):
+        model(_ids(), _ids().float())
+    with pytest.raises(TypeError, match="positions must be an int64 tensor"):
+        model(_ids(), positions=torch.arange(64.0))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        model(_ids(), _ids(), reduction="none")
+    dropout_model = _lm(dropout=0.5)
+    assert dropout_model.training
+    first = dropout_model.generate(_ids(n=8), 4, temperature=0)
+    assert torch.equal(first, dropout_model.generate(_ids(n=8), 4, temperature=0))  # no dropout
+    assert dropout_model.training  # back in training mode
 
 
 def test_parallelize_without_a_mesh_checkpoints_blocks_and_keeps_results() -> None:
@@ -225,10 +253,39 @@ def _parallel_worker(rank: int, world: int, _payload) -> list[str]:
             grad = a.grad.full_tensor() if mode == "fsdp" else a.grad  # FSDP2: sharded DTensor
             if not torch.allclose(grad, b.grad, atol=1e-10, rtol=1e-7):
                 failures.append(f"{tag}: grad {name} off by {(grad - b.grad).abs().max():.2e}")
+    # Ignored targets spread unevenly (all of rank 1's shard): mesh_mean_loss keeps the
+    # loss and the gradients those of one process.
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "sp"))
+    ref = _lm(segment_lengths=[32, 64, 128], dilation_rates=[1, 2, 4])
+    model = copy.deepcopy(ref)
+    trained = parallelize_longnet(model, mesh)
+    uneven = targets.clone()
+    uneven[:, 100:] = -100
+    uneven[0, :10] = -100
+    x, t, pos = shard_batch(inputs, uneven, mesh)
+    loss = mesh_mean_loss(trained(x, t, positions=pos, reduction="sum"), t, mesh)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    ref_loss = ref(inputs, uneven)
+    ref_loss.backward()
+    if not torch.allclose(total / world, ref_loss.detach(), atol=1e-10, rtol=0):
+        failures.append(f"uneven targets: loss {float(total / world)} vs {ref_loss.item()}")
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        if not torch.allclose(a.grad, b.grad, atol=1e-10, rtol=1e-7):
+            failures.append(
+                f"uneven targets: grad {name} off by {(a.grad - b.grad).abs().max():.2e}"
+            )
+    try:
+        trained(x, t)  # positions forgotten: rotary would read every shard as the start
+        failures.append("no error without positions under sequence parallelism")
+    except ValueError as e:
+        if "pass each rank's global token positions" not in str(e):
+            failures.append(f"wrong error without positions: {e}")
+    untouched = _lm()
     for bad, match in (
         (lambda: parallelize_longnet(_lm("dense"), mesh), "attention='dense' has no ring form"),
-        (lambda: parallelize_longnet(_lm(), mesh, data_parallel="none"), "averaged over the"),
+        (lambda: parallelize_longnet(untouched, mesh, data_parallel="none"), "averaged over"),
         (
             lambda: parallelize_longnet(LongNet(32, 4, 1, [16], [1], hilbert_grid=(4, 4)), mesh),
             "put the patches in Hilbert order before sharding",
@@ -240,6 +297,8 @@ def _parallel_worker(rank: int, world: int, _payload) -> list[str]:
         except (ValueError, TypeError) as e:
             if match not in str(e):
                 failures.append(f"wrong error {e!r} for {match!r}")
+    if type(untouched.blocks[0].attn.attention.inner) is not DilatedAttention:
+        failures.append("a refused parallelize_longnet changed the model")
     return failures
 
 

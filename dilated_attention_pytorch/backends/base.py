@@ -205,7 +205,7 @@ def get_backend(name: str | Backend) -> Backend:
 class BackendChoice:
     """Which backend ``backend="auto"`` runs for a call, and why the faster ones do not.
 
-    ``str(choice)`` reads e.g. ``"pytorch (triton: needs a CUDA tensor, got cpu)"``.
+    ``str(choice)`` reads e.g. ``"pytorch (triton: triton runs on cuda devices, got 'cpu', ...)"``.
     """
 
     name: str

@@ -41,12 +41,15 @@ def test_bf16_lm_trains_on_cuda(backend: str) -> None:
     model = LongNetLM(256, 256, 4, 2, [1024, 2048, 8192], [1, 2, 4], backend=backend,
                       device="cuda", dtype=torch.bfloat16)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.randint(0, 16, (1, 8193), device="cuda")  # 16 symbols: easy to learn
+    # A random block of 512 bytes repeated 16 times: after the first copy every byte is
+    # predictable only by attending 512 positions back (a unigram model stays at ~5.5).
+    block = torch.randint(0, 256, (512,), device="cuda")
+    ids = block.repeat(17)[None, :8193]
     losses = []
-    for _ in range(20):
+    for _ in range(60):
         loss = model.loss(ids)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] < 2.0 < losses[0], losses  # far below the unigram entropy
