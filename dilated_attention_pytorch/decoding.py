@@ -29,7 +29,7 @@ from torch import Tensor
 from .backends.blocks import compute_dtype
 from .functional import dilated_attention
 from .plan import DilatedPlan, make_plan
-from .validation import check_qkv
+from .validation import check_qkv, check_scale
 
 __all__ = ["DilatedKVCache", "cached_dilated_attention"]
 
@@ -44,8 +44,10 @@ class DilatedKVCache:
         backend: the backend of the prompt's (prefill) call.
 
     ``position`` is the number of tokens seen so far; ``nbytes()`` the cache's size.
-    Buffers are allocated at the first call, for its batch size, head dim, dtype and
-    device.
+    Buffers are allocated at the first call (the prompt), for its batch size, head dim,
+    dtype and device; later calls must match them. Each branch keeps only the heads that
+    run it (all of them with ``"softmax"`` mixing, one group with ``"head_split"``).
+    The cache is for inference: token steps run without autograd.
     """
 
     def __init__(
@@ -61,14 +63,18 @@ class DilatedKVCache:
         self.plan: DilatedPlan = make_plan(
             segment_lengths, dilation_rates, num_heads, branch_mixing
         )
-        self.scale = scale
+        self.scale = check_scale(scale)
         self.backend = backend
         self.position = 0
-        self.keys: list[Tensor] = []  # per branch (B, ceil(w/r), H, D)
+        self.keys: list[Tensor] = []  # per branch (B, ceil(w/r), heads of the branch, D)
         self.values: list[Tensor] = []
-        offsets = self.plan.offsets()
-        # Per branch: each head's offset, -1 for heads that do not run the branch.
-        self._offsets = [torch.tensor([-1 if o is None else o for o in row]) for row in offsets]
+        # Per branch: the heads that run it and their offsets.
+        self._heads = [torch.tensor(b.heads, dtype=torch.long) for b in self.plan.branches]
+        table = self.plan.offsets()
+        self._offsets = [
+            torch.tensor([table[i][h] for h in b.heads], dtype=torch.long)
+            for i, b in enumerate(self.plan.branches)
+        ]
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values."""
@@ -79,67 +85,97 @@ class DilatedKVCache:
         self.position = 0
         self.keys, self.values = [], []
 
-    def _allocate(self, k: Tensor, v: Tensor) -> None:
-        B, _, H, D = k.shape
-        if H != self.plan.num_heads:
+    def check(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Raise unless ``q, k, v`` ``(B, T, H, D)`` fit this cache's buffers."""
+        H = self.plan.num_heads
+        if q.shape[2] != H or k.shape[2] != H:
             raise ValueError(
-                f"the cache was built for {self.plan.num_heads} heads, got k of shape "
-                f"{tuple(k.shape)} (B, N, H, D); build one cache per layer and head count."
+                f"the cache was built for {H} heads, got q of shape {tuple(q.shape)} "
+                f"(B, N, H, D); build one cache per layer and head count."
             )
+        if not self.keys:
+            return
+        ref_k, ref_v = self.keys[0], self.values[0]
+        wanted = (ref_k.shape[0], ref_k.shape[-1], ref_v.shape[-1], ref_k.dtype, ref_k.device)
+        got = (k.shape[0], k.shape[-1], v.shape[-1], k.dtype, k.device)
+        if got != wanted:
+            raise ValueError(
+                f"the cache holds batch {wanted[0]}, head dims {wanted[1]}/{wanted[2]}, "
+                f"{wanted[3]} on {wanted[4]}, got k {tuple(k.shape)} / v {tuple(v.shape)}, "
+                f"{k.dtype} on {k.device}; call cache.reset() before a new prompt."
+            )
+
+    def _allocate(self, k: Tensor, v: Tensor) -> None:
+        B, _, _, D = k.shape
         self.keys, self.values = [], []
-        for branch in self.plan.branches:
+        for i, branch in enumerate(self.plan.branches):
             slots = math.ceil(branch.segment_length / branch.dilation_rate)
-            self.keys.append(k.new_zeros(B, slots, H, D))
-            self.values.append(v.new_zeros(B, slots, H, v.shape[-1]))
+            heads = len(self._heads[i])
+            self.keys.append(k.new_zeros(B, slots, heads, D))
+            self.values.append(v.new_zeros(B, slots, heads, v.shape[-1]))
+        self._heads = [h.to(k.device) for h in self._heads]
         self._offsets = [o.to(k.device) for o in self._offsets]
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Keep what the tokens after ``k``/``v`` ``(B, N, H, D)`` (a whole prompt) can see."""
         self._allocate(k, v)
         n = k.shape[1]
-        heads = torch.arange(k.shape[2], device=k.device)
         for i, branch in enumerate(self.plan.branches):
             w, r = branch.segment_length, branch.dilation_rate
             start = (n // w) * w  # the segment of the next token, position n
             slots = self.keys[i].shape[1]
-            pos = (
-                start
-                + self._offsets[i][None, :]
-                + r * torch.arange(slots, device=k.device)[:, None]
-            )
-            keep = (pos < n) & (self._offsets[i][None, :] >= 0)  # (slots, H)
-            idx = pos.clamp(max=max(n - 1, 0))
-            self.keys[i] = torch.where(keep[None, :, :, None], k[:, idx, heads], self.keys[i])
-            self.values[i] = torch.where(keep[None, :, :, None], v[:, idx, heads], self.values[i])
+            offsets, heads = self._offsets[i], self._heads[i]
+            pos = start + offsets[None, :] + r * torch.arange(slots, device=k.device)[:, None]
+            keep = (pos < n)[None, :, :, None]  # (1, slots, heads, 1)
+            if n == 0:
+                continue
+            idx = pos.clamp(max=n - 1)
+            self.keys[i] = torch.where(keep, k[:, idx, heads], self.keys[i])
+            self.values[i] = torch.where(keep, v[:, idx, heads], self.values[i])
         self.position = n
 
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Append one token's ``k``/``v`` ``(B, H, D)`` and attend its ``q`` -> ``(B, H, D)``."""
         p = self.position
         cdt = compute_dtype(q.dtype)
-        D = q.shape[-1]
+        B, H, D = q.shape
         scale = D**-0.5 if self.scale is None else self.scale
-        outs, lses = [], []
+        # Per branch, each head's best score m and log-sum l of exp(score - m): merged
+        # relative to the largest m, so large logits lose nothing (the LSE-pair rule).
+        maxes = torch.full((len(self.plan.branches), B, H), -math.inf, dtype=cdt, device=q.device)
+        logs = torch.zeros_like(maxes)
+        outs = torch.zeros(len(self.plan.branches), B, H, v.shape[-1], dtype=cdt, device=q.device)
         for i, branch in enumerate(self.plan.branches):
             w, r = branch.segment_length, branch.dilation_rate
             s = p % w
             slot = s // r
-            active = self._offsets[i] == s % r  # (H,): heads whose offset this token has
-            self.keys[i][:, slot] = torch.where(active[None, :, None], k, self.keys[i][:, slot])
-            self.values[i][:, slot] = torch.where(active[None, :, None], v, self.values[i][:, slot])
-            keys = self.keys[i][:, : slot + 1].to(cdt)  # (B, L, H, D)
-            vals = self.values[i][:, : slot + 1].to(cdt)
-            scores = torch.einsum("bhd,blhd->bhl", q.to(cdt), keys) * scale
-            lse = torch.logsumexp(scores, dim=-1)  # (B, H)
-            out = torch.einsum("bhl,blhd->bhd", torch.exp(scores - lse[..., None]), vals)
-            lses.append(torch.where(active[None, :], lse, torch.full_like(lse, -math.inf)))
-            outs.append(out)
+            heads = self._heads[i]
+            active = self._offsets[i] == s % r  # heads of this branch whose offset p has
+            if not bool(active.any()):
+                continue
+            a_heads = heads[active]
+            slots = active.nonzero().squeeze(1)
+            self.keys[i][:, slot, slots] = k[:, a_heads]
+            self.values[i][:, slot, slots] = v[:, a_heads]
+            keys = self.keys[i][:, : slot + 1, slots].to(cdt)  # (B, L, h, D)
+            vals = self.values[i][:, : slot + 1, slots].to(cdt)
+            scores = torch.einsum("bhd,blhd->bhl", q[:, a_heads].to(cdt), keys) * scale
+            m = scores.amax(dim=-1)  # (B, h)
+            probs = torch.exp(scores - m[..., None])
+            maxes[i][:, a_heads] = m
+            logs[i][:, a_heads] = torch.log(probs.sum(dim=-1))
+            outs[i][:, a_heads] = (
+                torch.einsum("bhl,blhd->bhd", probs, vals) / probs.sum(-1)[..., None]
+            )
         self.position = p + 1
-        lse = torch.stack(lses)  # (branches, B, H)
-        total = torch.logsumexp(lse, dim=0)
-        # Heads that no branch lets attend at this position output 0, as in the full call.
-        weights = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total))
-        out = (weights[..., None] * torch.stack(outs)).sum(dim=0)
+        top = maxes.amax(dim=0)  # (B, H); -inf where no branch covers the head here
+        covered = torch.isfinite(top)
+        rel = maxes - torch.where(covered, top, 0.0) + logs  # log weight, up to a constant
+        weights = torch.softmax(torch.where(covered, rel, 0.0), dim=0)
+        # Branches a head does not run at p, and heads no branch covers, contribute
+        # nothing (not 0 * value: a non-finite value must not reach them).
+        used = torch.isfinite(maxes)
+        out = torch.where(used[..., None], weights[..., None] * outs, 0.0).sum(dim=0)
         return out.to(q.dtype)
 
 
@@ -150,8 +186,9 @@ def cached_dilated_attention(q: Tensor, k: Tensor, v: Tensor, cache: DilatedKVCa
         q, k, v: ``(B, T, H, D)`` for the ``T`` tokens at positions
             ``cache.position .. cache.position + T - 1``.
         cache: the layer's cache; on its first call (``cache.position == 0``) ``q, k, v``
-            are the whole prompt and run as one causal call, later calls step through
-            their tokens one at a time.
+            are the whole prompt and run as one causal call (differentiable), later calls
+            step through their tokens one at a time (inference only: under autograd
+            they raise).
 
     Returns:
         ``(B, T, H, D)``: what causal ``dilated_attention`` over the whole sequence gives
@@ -160,6 +197,7 @@ def cached_dilated_attention(q: Tensor, k: Tensor, v: Tensor, cache: DilatedKVCa
     check_qkv(q, k, v)
     if not isinstance(cache, DilatedKVCache):
         raise TypeError(f"cache must be a DilatedKVCache, got {type(cache).__name__}.")
+    cache.check(q, k, v)
     plan = cache.plan
     if cache.position == 0:
         out = dilated_attention(
@@ -169,12 +207,13 @@ def cached_dilated_attention(q: Tensor, k: Tensor, v: Tensor, cache: DilatedKVCa
         with torch.no_grad():
             cache.fill(k.detach(), v.detach())
         return out
-    if k.shape[0] != cache.keys[0].shape[0] or k.shape[-1] != cache.keys[0].shape[-1]:
-        raise ValueError(
-            f"the cache holds batch {cache.keys[0].shape[0]} and head dim "
-            f"{cache.keys[0].shape[-1]}, got k of shape {tuple(k.shape)}; call cache.reset() "
-            f"before a new prompt."
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "decoding steps with a DilatedKVCache do not record gradients; run them under "
+            "torch.no_grad() (or torch.inference_mode()), or train without a cache."
         )
+    if q.shape[1] == 0:
+        return q.new_empty(q.shape[0], 0, q.shape[2], v.shape[-1])
     with torch.no_grad():
         steps = [cache.step(q[:, t], k[:, t], v[:, t]) for t in range(q.shape[1])]
     return torch.stack(steps, dim=1)

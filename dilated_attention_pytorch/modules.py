@@ -107,11 +107,7 @@ class DilatedAttention(nn.Module):
             ``(B, N, H, D)`` in ``q.dtype``.
         """
         if cache is not None:
-            if not is_causal or key_padding_mask is not None:
-                raise ValueError(
-                    "a decoding cache needs is_causal=True and no key_padding_mask (it keeps "
-                    "what later tokens of a causal sequence can see)."
-                )
+            self._check_cache(cache, is_causal, key_padding_mask)
             return cached_dilated_attention(q, k, v, cache)
         return dilated_attention(
             q,
@@ -126,6 +122,31 @@ class DilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             backend=self.backend,
         )
+
+    def _check_cache(self, cache: object, is_causal: bool, key_padding_mask: object) -> None:
+        if not isinstance(cache, DilatedKVCache):
+            raise TypeError(f"cache must be a DilatedKVCache, got {type(cache).__name__}.")
+        if not is_causal or key_padding_mask is not None:
+            raise ValueError(
+                "a decoding cache needs is_causal=True and no key_padding_mask (it keeps "
+                "what later tokens of a causal sequence can see)."
+            )
+        if self.training and self.dropout > 0.0:
+            raise ValueError(
+                f"decoding with a cache does not apply dropout (this module has "
+                f"dropout={self.dropout} and is in training mode); call .eval() first."
+            )
+        plan = cache.plan
+        mine = (self.segment_lengths, self.dilation_rates, self.branch_mixing, self.scale)
+        theirs = (plan.segment_lengths, plan.dilation_rates, plan.branch_mixing, cache.scale)
+        if tuple(map(tuple, mine[:2])) + mine[2:] != tuple(map(tuple, theirs[:2])) + theirs[2:]:
+            raise ValueError(
+                f"the cache was made for segment_lengths={list(plan.segment_lengths)}, "
+                f"dilation_rates={list(plan.dilation_rates)}, "
+                f"branch_mixing={plan.branch_mixing!r}, scale={cache.scale}, not this module's "
+                f"settings {list(self.segment_lengths)}, {list(self.dilation_rates)}, "
+                f"{self.branch_mixing!r}, scale={self.scale}; use this module's new_cache()."
+            )
 
     def new_cache(self, num_heads: int) -> DilatedKVCache:
         """An empty decoding cache for this attention with ``num_heads`` heads."""

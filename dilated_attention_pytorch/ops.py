@@ -60,7 +60,9 @@ def _forward(
     out, lse_pair = get_backend(backend).forward(
         token_major(q), token_major(k), token_major(v), fctx
     )
-    return out.clone() if out._base is not None else out, lse_pair
+    # Fresh, contiguous outputs, as the fake below promises (a custom op may not return
+    # a view, and the compiler relies on the strides).
+    return out.contiguous().clone() if out._base is not None else out.contiguous(), lse_pair
 
 
 @_forward.register_fake
@@ -94,13 +96,13 @@ def _backward(
     grads = get_backend(backend).backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx
     )
-    return tuple(g.clone() if g._base is not None else g for g in grads)
+    return tuple(g.contiguous().clone() if g._base is not None else g.contiguous() for g in grads)
 
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse_pair, segment_lengths, dilation_rates, branch_mixing, scale,
       is_causal, dropout_p, key_padding_mask, seed, backend):  # fmt: skip
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 _ARGS = ("segment_lengths", "dilation_rates", "branch_mixing", "scale", "is_causal",

@@ -1,6 +1,6 @@
 """The plan: which heads run which branch, with which token offset.
 
-Pure Python, no torch. FLOP counts of a plan live here too, so that benchmarks and
+Pure Python (torch only to ask whether ``torch.compile`` is tracing). FLOP counts of a plan live here too, so that benchmarks and
 memory estimates count the same work. Every backend and the ring consume a :class:`DilatedPlan`;
 nobody re-derives head offsets.
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from .validation import (
     check_branch_mixing,
@@ -177,6 +179,10 @@ def make_plan(
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
     key = (ws, rs, check_positive_int("num_heads", num_heads), mixing)
+    if torch.compiler.is_compiling():
+        # Traced: built afresh (a lookup in _PLANS would become a guard on the dict, and
+        # the first cache miss would cost a second compilation).
+        return _build_plan(*key)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:

@@ -423,6 +423,8 @@ def warn_uncovered_positions(
             positions are uncovered (``None``: the period is too long to count).
         heads_needed: the fewest heads with which every offset of every branch has a head.
     """
+    if torch.compiler.is_compiling():
+        return  # a warning would break the compiled graph; eager calls still warn
     ws = [w for w, _, _, _ in branches]
     rs = [r for _, r, _, _ in branches]
     count = "" if per_period is None else f"{per_period} of every {period} positions, "
@@ -461,6 +463,8 @@ def warn_if_transposed(q: Tensor, segment_lengths: Sequence[int]) -> None:
     is valid (one short segment per branch), so this is a warning, not an error; a
     single token (or none) never warns.
     """
+    if torch.compiler.is_compiling():
+        return  # a warning would break the compiled graph; eager calls still warn
     N, H = q.shape[1], q.shape[2]
     if 2 <= N < H and all(w > N for w in segment_lengths) and H >= min(segment_lengths):
         warnings.warn(

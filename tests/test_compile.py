@@ -9,6 +9,7 @@ import torch._inductor.config as inductor_config
 
 from dilated_attention_pytorch import DilatedAttention, MultiheadDilatedAttention, dilated_attention
 from dilated_attention_pytorch.models import LongNetLM
+from dilated_attention_pytorch.ops import _backward, _forward
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,19 @@ def test_modules_and_language_model_compile() -> None:
     grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_custom_ops_pass_opcheck_with_transposed_inputs() -> None:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        # (B, H, N, D) tensors passed as .transpose(1, 2): strided, not contiguous.
+        q, k, v = (torch.randn(2, 4, 24, 8, dtype=dtype).transpose(1, 2) for _ in range(3))
+        args = ([8, 16], [1, 2], "softmax", 0.3, True, 0.0, None, torch.zeros(1, dtype=torch.long), "pytorch")  # fmt: skip
+        torch.library.opcheck(_forward, (q, k, v, *args))
+        out, lse = _forward(q, k, v, *args)
+        torch.library.opcheck(_backward, (torch.randn_like(out), q, k, v, out, lse, *args))
+
+
+def test_transposed_inputs_compile_forward_and_backward() -> None:
+    q, k, v = (torch.randn(2, 4, 24, 8).transpose(1, 2).requires_grad_() for _ in range(3))
+    fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True)
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from dilated_attention_pytorch import DilatedAttention, dense_dilated_attention, dilated_attention
+from dilated_attention_pytorch import (
+    DilatedAttention,
+    StandardRingAttention,
+    dense_dilated_attention,
+    dilated_attention,
+)
 from dilated_attention_pytorch.decoding import DilatedKVCache, cached_dilated_attention
 from dilated_attention_pytorch.models import LongNetLM
 
@@ -41,7 +46,48 @@ def test_token_by_token_equals_the_whole_causal_call(ws, rs, mixing, prompt) -> 
         got = _decode(q, k, v, cache, prompt, chunk)
         torch.testing.assert_close(got, oracle, atol=1e-12, rtol=0)
         assert cache.position == N
-    assert got[:, prompt:].abs().sum() > 0
+
+
+def test_values_a_row_does_not_read_stay_out_of_it() -> None:
+    # Head 1 has offset 1 of r = 2: it attends nothing at even positions (output 0), and
+    # an inf in a value it reads later must not reach those rows.
+    q, k, v = (torch.randn(1, 8, 2, 4, dtype=DT) for _ in range(3))
+    v[0, 1, 1] = math.inf
+    whole = dilated_attention(q, k, v, [4], [2], is_causal=True)
+    got = _decode(q, k, v, DilatedKVCache([4], [2], 2), 1, 1)
+    finite = torch.isfinite(whole)
+    assert torch.equal(torch.isfinite(got), finite)  # the same rows read the inf
+    torch.testing.assert_close(got[finite], whole[finite], atol=1e-12, rtol=0)
+    assert got[0, 2, 1].eq(0).all() and got[0, 4, 1].eq(0).all()
+
+
+def test_branches_merge_exactly_at_large_logits() -> None:
+    # Branches sharing their best key: a single float32 LSE per branch would round the
+    # merge; the cache merges relative to the best score, like the whole call.
+    q, k, v = (torch.randn(1, 40, 2, 8) for _ in range(3))
+    for scale in (1e3, 1e6):
+        whole = dilated_attention(q.double(), k.double(), v.double(), [8, 16], [1, 2],
+                                  is_causal=True, scale=scale)  # fmt: skip
+        cache = DilatedKVCache([8, 16], [1, 2], 2, scale=scale)
+        got = _decode(q, k, v, cache, 5, 1)
+        torch.testing.assert_close(got.double(), whole, atol=2e-6, rtol=0)
+
+
+def test_head_split_cache_keeps_only_each_branchs_heads() -> None:
+    cache = DilatedKVCache([8, 16], [1, 2], 4, branch_mixing="head_split")
+    q, k, v = (torch.randn(1, 20, 4, 8) for _ in range(3))
+    _decode(q, k, v, cache, 10, 2)
+    assert [t.shape[2] for t in cache.keys] == [2, 2]  # heads 0-1 run w = 8, 2-3 run w = 16
+    assert cache.nbytes() == 2 * (8 + 8) * 2 * 8 * 4
+
+
+def test_empty_prompt_and_empty_steps() -> None:
+    q, k, v = (torch.randn(1, 12, 2, 4, dtype=DT) for _ in range(3))
+    cache = DilatedKVCache([4, 8], [1, 2], 2)
+    assert cached_dilated_attention(q[:, :0], k[:, :0], v[:, :0], cache).shape == (1, 0, 2, 4)
+    got = _decode(q, k, v, cache, 0, 5)
+    torch.testing.assert_close(got, dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True))
+    assert cached_dilated_attention(q[:, :0], k[:, :0], v[:, :0], cache).shape == (1, 0, 2, 4)
 
 
 def test_cache_size_does_not_grow_with_the_sequence() -> None:
@@ -70,6 +116,17 @@ def test_module_cache_argument_and_errors() -> None:
     with pytest.raises(ValueError, match="call cache.reset"):
         cached_dilated_attention(q[:1, :1].expand(2, 1, 4, 8), q[:1, :1].expand(2, 1, 4, 8),
                                  q[:1, :1].expand(2, 1, 4, 8), cache)  # fmt: skip
+    with pytest.raises(ValueError, match="call cache.reset"):
+        cached_dilated_attention(*(t[:, :1].float() for t in (q, k, v)), cache)  # dtype
+    with pytest.raises(ValueError, match="built for 4 heads"):
+        cached_dilated_attention(*(t[:, :1, :1] for t in (q, k, v)), cache)
+    with pytest.raises(ValueError, match="this module's settings"):
+        DilatedAttention([4, 8], [1, 2])(q, k, v, is_causal=True, cache=attn.new_cache(4))
+    with pytest.raises(ValueError, match="this module's settings"):
+        DilatedAttention([8, 16], [1, 2], scale=0.1)(q, k, v, True, cache=attn.new_cache(4))
+    dropping = DilatedAttention([8, 16], [1, 2], dropout=0.5)
+    with pytest.raises(ValueError, match="dropout"):
+        dropping(q, k, v, is_causal=True, cache=dropping.new_cache(4))
     with pytest.raises(TypeError, match="cache must be a DilatedKVCache"):
         cached_dilated_attention(q, k, v, {})
     cache.reset()
@@ -82,9 +139,14 @@ def test_language_model_decodes_with_its_caches() -> None:
     ids = torch.randint(0, 256, (2, 90))
     whole = model(ids)
     caches = model.new_caches()
-    steps = [model(ids[:, :37], caches=caches)]
-    steps += [model(ids[:, t : t + 1], caches=caches) for t in range(37, 90)]
+    with torch.no_grad():
+        steps = [model(ids[:, :37], caches=caches)]
+        steps += [model(ids[:, t : t + 1], caches=caches) for t in range(37, 90)]
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match=r"run them under torch.no_grad\(\)"):
+        model(ids[:, 90:], caches=caches)  # parameters need grad: steps would lose it
+    with torch.no_grad(), pytest.raises(ValueError, match="positions must start at 90"):
+        model(ids[:, :1], caches=caches, positions=torch.tensor([3]))
     # generate() with caches picks the tokens the uncached forward picks.
     tokens = ids[:, :20]
     for _ in range(12):
@@ -94,3 +156,8 @@ def test_language_model_decodes_with_its_caches() -> None:
         LongNetLM(256, 32, 4, 1, attention="dense").new_caches()
     with pytest.raises(ValueError, match="one cache per block"):
         model(ids[:, :4], caches=caches[:1])
+
+
+def test_ring_modules_have_no_decoding_cache() -> None:
+    with pytest.raises(TypeError, match="has no decoding cache"):
+        StandardRingAttention([8, 16], [1, 2]).new_cache(4)

@@ -416,6 +416,12 @@ class LongNetLM(nn.Module):
                 f"positions are on {positions.device}, input_ids on {input_ids.device}; put "
                 f"them on the same device."
             )
+        if caches is not None and n and positions.shape == (n,):
+            if int(positions[0]) != caches[0].position:
+                raise ValueError(
+                    f"with caches, positions must start at {caches[0].position} (the tokens "
+                    f"the caches have seen), got {int(positions[0])}; leave positions out."
+                )
         if positions.shape != (n,):
             raise ValueError(
                 f"positions must be (N,) = ({n},), one per token of input_ids "

@@ -198,6 +198,15 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         if dist.is_available() and dist.is_initialized():
             self.ring()  # fail early when the group is already known
 
+    def new_cache(self, num_heads: int):
+        """Decoding caches are single-device: use a ``DilatedAttention`` with the same
+        branches for generation."""
+        raise TypeError(
+            f"{type(self).__name__} has no decoding cache (a ring splits the sequence over "
+            f"ranks); decode with DilatedAttention({list(self.segment_lengths)}, "
+            f"{list(self.dilation_rates)}) on one device."
+        )
+
     def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
         """``(process group, group ranks of this rank's ring)``, or ``None`` for a ring
         of one without ``torch.distributed``."""
