@@ -15,10 +15,9 @@ from .backends import (
     BackendChoice,
     ForwardContext,
     choose_backend,
-    get_backend,
     select_backend,
 )
-from .ops import dilated_attention_op
+from .ops import backend_key, dilated_attention_op
 from .plan import DilatedPlan, make_plan
 from .segments import token_major
 from .validation import check_key_padding_mask, check_qkv, check_scalars, warn_if_transposed
@@ -223,9 +222,10 @@ def dilated_attention(
         dropout_p=float(dropout_p),
         key_padding_mask=key_padding_mask,
     )
-    if torch.compiler.is_compiling() and get_backend(chosen.name) is chosen:
-        # A registered backend under torch.compile: one opaque custom operator.
-        out, lse_pair = dilated_attention_op(q, k, v, fctx, chosen.name, seed)
+    if torch.compiler.is_compiling():
+        # Under torch.compile: one opaque custom operator (backend_key names the backend:
+        # a registered name, or e.g. "pytorch:math" for PyTorchBackend(kernel="math")).
+        out, lse_pair = dilated_attention_op(q, k, v, fctx, backend_key(chosen), seed)
     else:
         fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
         out, lse_pair = _DilatedAttentionFunction.apply(

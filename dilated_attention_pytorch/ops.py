@@ -11,15 +11,43 @@ output shapes, so a compiled model has no graph break around attention
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .backends import ForwardContext, get_backend
+from .backends import Backend, ForwardContext, PyTorchBackend, available_backends, get_backend
 from .backends.blocks import compute_dtype
 from .plan import make_plan
 from .segments import token_major
 
-__all__ = ["dilated_attention_op"]
+__all__ = ["backend_key", "dilated_attention_op"]
+
+
+def backend_key(backend: Backend) -> str:
+    """The string that names ``backend`` to the operators: its ``op_key`` (e.g.
+    ``"pytorch:math"`` for ``PyTorchBackend(kernel="math")``), else its registered name."""
+    key = getattr(backend, "op_key", None)
+    if key is not None:
+        return key
+    registered = get_backend(backend.name) if backend.name in available_backends() else None
+    if registered is not backend:
+        raise ValueError(
+            f"torch.compile needs a registered backend: {backend!r} is not the backend "
+            f"registered as {backend.name!r}; call register_backend(...) with it or pass its "
+            f"name."
+        )
+    return backend.name
+
+
+@functools.cache
+def _resolve(key: str) -> Backend:
+    name, _, kernel = key.partition(":")
+    if kernel:
+        if name != "pytorch":
+            raise ValueError(f"unknown backend key {key!r}.")
+        return PyTorchBackend(kernel=kernel)
+    return get_backend(name)
 
 
 def _context(
@@ -57,9 +85,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
                     dropout_p, key_padding_mask, seed)  # fmt: skip
-    out, lse_pair = get_backend(backend).forward(
-        token_major(q), token_major(k), token_major(v), fctx
-    )
+    out, lse_pair = _resolve(backend).forward(token_major(q), token_major(k), token_major(v), fctx)
     # Fresh, contiguous outputs, as the fake below promises (a custom op may not return
     # a view, and the compiler relies on the strides).
     return out.contiguous().clone() if out._base is not None else out.contiguous(), lse_pair
@@ -93,7 +119,7 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
                     dropout_p, key_padding_mask, seed)  # fmt: skip
-    grads = get_backend(backend).backward(
+    grads = _resolve(backend).backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx
     )
     return tuple(g.contiguous().clone() if g._base is not None else g.contiguous() for g in grads)
@@ -134,7 +160,8 @@ def dilated_attention_op(
     backend: str,
     seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, lse_pair)`` of the registered backend ``backend`` through the custom operator."""
+    """``(out, lse_pair)`` of the backend named ``backend`` (:func:`backend_key`) through the
+    custom operator."""
     plan = fctx.plan
     return _forward(
         q, k, v, list(plan.segment_lengths), list(plan.dilation_rates), plan.branch_mixing,

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-from dilated_attention_pytorch import DilatedAttention, MultiheadDilatedAttention, dilated_attention
+from dilated_attention_pytorch import (
+    DilatedAttention,
+    MultiheadDilatedAttention,
+    PyTorchBackend,
+    dilated_attention,
+)
 from dilated_attention_pytorch.models import LongNetLM
 from dilated_attention_pytorch.ops import _backward, _forward
 
@@ -101,4 +106,11 @@ def test_custom_ops_pass_opcheck_with_transposed_inputs() -> None:
 def test_transposed_inputs_compile_forward_and_backward() -> None:
     q, k, v = (torch.randn(2, 4, 24, 8).transpose(1, 2).requires_grad_() for _ in range(3))
     fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True)
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+
+
+def test_a_backend_instance_compiles_too() -> None:
+    q, k, v = (torch.randn(1, 32, 2, 8, requires_grad=True) for _ in range(3))
+    math_kernel = PyTorchBackend(kernel="math")
+    fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], backend=math_kernel)
     _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)

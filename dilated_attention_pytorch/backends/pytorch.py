@@ -137,6 +137,8 @@ class PyTorchBackend(Backend):
 
     def __init__(self, kernel: str = "auto") -> None:
         self.kernel = check_choice("kernel", kernel, KERNELS)
+        # How torch.compile's custom operator names this backend (see ops.py).
+        self.op_key = self.name if kernel == "auto" else f"{self.name}:{kernel}"
         fused = kernel in ("cudnn", "flash")
         self.capabilities = Capabilities(
             dtypes={"cuda": _LOW_PRECISION} if fused else {"cpu": _ALL_DTYPES, "cuda": _ALL_DTYPES},
