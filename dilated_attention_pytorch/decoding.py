@@ -68,13 +68,17 @@ class DilatedKVCache:
         self.position = 0
         self.keys: list[Tensor] = []  # per branch (B, ceil(w/r), heads of the branch, D)
         self.values: list[Tensor] = []
-        # Per branch: the heads that run it and their offsets.
+        # Per branch: the heads that run it (the buffers' head dimension) and their offsets.
         self._heads = [torch.tensor(b.heads, dtype=torch.long) for b in self.plan.branches]
         table = self.plan.offsets()
         self._offsets = [
             torch.tensor([table[i][h] for h in b.heads], dtype=torch.long)
             for i, b in enumerate(self.plan.branches)
         ]
+        # Per branch and offset o: (the buffer's head slots, the heads) of the head group
+        # with offset o, as index tensors on the buffers' device (set by _allocate), so a
+        # step selects a token's heads without asking the device which they are.
+        self._groups: list[dict[int, tuple[Tensor, Tensor]]] = []
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values."""
@@ -113,8 +117,14 @@ class DilatedKVCache:
             heads = len(self._heads[i])
             self.keys.append(k.new_zeros(B, slots, heads, D))
             self.values.append(v.new_zeros(B, slots, heads, v.shape[-1]))
-        self._heads = [h.to(k.device) for h in self._heads]
-        self._offsets = [o.to(k.device) for o in self._offsets]
+        self._groups = []
+        for branch in self.plan.branches:
+            local = {h: j for j, h in enumerate(branch.heads)}
+            groups = {}
+            for g in branch.head_groups:
+                slots = torch.tensor([local[h] for h in g.heads], device=k.device)
+                groups[g.offset] = (slots, torch.tensor(list(g.heads), device=k.device))
+            self._groups.append(groups)
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Keep what the tokens after ``k``/``v`` ``(B, N, H, D)`` (a whole prompt) can see."""
@@ -124,11 +134,11 @@ class DilatedKVCache:
             w, r = branch.segment_length, branch.dilation_rate
             start = (n // w) * w  # the segment of the next token, position n
             slots = self.keys[i].shape[1]
-            offsets, heads = self._offsets[i], self._heads[i]
-            pos = start + offsets[None, :] + r * torch.arange(slots, device=k.device)[:, None]
-            keep = (pos < n)[None, :, :, None]  # (1, slots, heads, 1)
             if n == 0:
                 continue
+            offsets, heads = self._offsets[i].to(k.device), self._heads[i].to(k.device)
+            pos = start + offsets[None, :] + r * torch.arange(slots, device=k.device)[:, None]
+            keep = (pos < n)[None, :, :, None]  # (1, slots, heads, 1)
             idx = pos.clamp(max=n - 1)
             self.keys[i] = torch.where(keep, k[:, idx, heads], self.keys[i])
             self.values[i] = torch.where(keep, v[:, idx, heads], self.values[i])
@@ -149,12 +159,10 @@ class DilatedKVCache:
             w, r = branch.segment_length, branch.dilation_rate
             s = p % w
             slot = s // r
-            heads = self._heads[i]
-            active = self._offsets[i] == s % r  # heads of this branch whose offset p has
-            if not bool(active.any()):
+            group = self._groups[i].get(s % r)  # the heads whose offset p has
+            if group is None:
                 continue
-            a_heads = heads[active]
-            slots = active.nonzero().squeeze(1)
+            slots, a_heads = group
             self.keys[i][:, slot, slots] = k[:, a_heads]
             self.values[i][:, slot, slots] = v[:, a_heads]
             keys = self.keys[i][:, : slot + 1, slots].to(cdt)  # (B, L, h, D)
@@ -162,11 +170,10 @@ class DilatedKVCache:
             scores = torch.einsum("bhd,blhd->bhl", q[:, a_heads].to(cdt), keys) * scale
             m = scores.amax(dim=-1)  # (B, h)
             probs = torch.exp(scores - m[..., None])
+            total = probs.sum(dim=-1)
             maxes[i][:, a_heads] = m
-            logs[i][:, a_heads] = torch.log(probs.sum(dim=-1))
-            outs[i][:, a_heads] = (
-                torch.einsum("bhl,blhd->bhd", probs, vals) / probs.sum(-1)[..., None]
-            )
+            logs[i][:, a_heads] = torch.log(total)
+            outs[i][:, a_heads] = torch.einsum("bhl,blhd->bhd", probs, vals) / total[..., None]
         self.position = p + 1
         top = maxes.amax(dim=0)  # (B, H); -inf where no branch covers the head here
         covered = torch.isfinite(top)

@@ -68,6 +68,12 @@ def _context(
     )  # fmt: skip
 
 
+def _fresh(t: Tensor) -> Tensor:
+    """``t`` as a contiguous tensor that is not a view: what the fake implementations
+    promise (a custom op may not return a view, and the compiler relies on strides)."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
+
+
 @torch.library.custom_op("dilated_attention_pytorch::forward", mutates_args=())
 def _forward(
     q: Tensor,
@@ -86,9 +92,7 @@ def _forward(
     fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
                     dropout_p, key_padding_mask, seed)  # fmt: skip
     out, lse_pair = _resolve(backend).forward(token_major(q), token_major(k), token_major(v), fctx)
-    # Fresh, contiguous outputs, as the fake below promises (a custom op may not return
-    # a view, and the compiler relies on the strides).
-    return out.contiguous().clone() if out._base is not None else out.contiguous(), lse_pair
+    return _fresh(out), lse_pair
 
 
 @_forward.register_fake
@@ -122,7 +126,7 @@ def _backward(
     grads = _resolve(backend).backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx
     )
-    return tuple(g.contiguous().clone() if g._base is not None else g.contiguous() for g in grads)
+    return tuple(_fresh(g) for g in grads)
 
 
 @_backward.register_fake

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from ..decoding import DilatedKVCache
 from ..hilbert import hilbert_permutation, inverse_permutation
 from ..modules import DilatedAttention, MultiheadDilatedAttention
-from ..validation import check_bool, check_choice, check_dropout, check_key_padding_mask
+from ..validation import (
+    check_bool,
+    check_choice,
+    check_dropout,
+    check_key_padding_mask,
+    check_optional_positive_int,
+    check_positive_int,
+)
 
 __all__ = [
     "DenseAttention",
@@ -33,14 +40,6 @@ __all__ = [
 ]
 
 ATTENTION_KINDS = ("dilated", "dense")
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}.")
-    return value
 
 
 class DenseAttention(nn.Module):
@@ -187,7 +186,7 @@ class LongNetBlock(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        hidden = _check_positive_int("ffn_mult", ffn_mult) * embed_dim
+        hidden = check_positive_int("ffn_mult", ffn_mult) * embed_dim
         self.norm1 = nn.LayerNorm(embed_dim, **factory)
         self.attn = MultiheadDilatedAttention(embed_dim, num_heads, attention=attention, **factory)
         self.norm2 = nn.LayerNorm(embed_dim, **factory)
@@ -232,7 +231,7 @@ def block_stack(
 ) -> nn.ModuleList:
     """``num_layers`` :class:`LongNetBlock` s, each with its own inner attention (wrapped in
     :class:`RotaryAttention` when ``rotary``)."""
-    _check_positive_int("num_layers", num_layers)
+    check_positive_int("num_layers", num_layers)
 
     def inner() -> nn.Module:
         module = make_attention(attention, segment_lengths, dilation_rates, dropout=dropout,
@@ -307,10 +306,9 @@ class LongNetLM(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.vocab_size = _check_positive_int("vocab_size", vocab_size)
-        self.embed_dim = _check_positive_int("embed_dim", embed_dim)
-        self.num_heads = _check_positive_int("num_heads", num_heads)
-        _check_positive_int("num_layers", num_layers)
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.embed_dim = check_positive_int("embed_dim", embed_dim)
+        self.num_heads = check_positive_int("num_heads", num_heads)
         head_dim = embed_dim // num_heads
         if embed_dim % num_heads or head_dim % 2:
             raise ValueError(
@@ -319,9 +317,7 @@ class LongNetLM(nn.Module):
                 f"embed_dim / 2."
             )
         self.head_dim = head_dim
-        self.max_seq_len = None if max_seq_len is None else _check_positive_int(
-            "max_seq_len", max_seq_len
-        )  # fmt: skip
+        self.max_seq_len = check_optional_positive_int("max_seq_len", max_seq_len)
         if not math.isfinite(rotary_base) or rotary_base <= 1.0:
             raise ValueError(f"rotary_base must be a finite number > 1, got {rotary_base!r}.")
         self.rotary_base = float(rotary_base)
@@ -501,7 +497,7 @@ class LongNetLM(nn.Module):
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
         if top_k is not None:
-            _check_positive_int("top_k", top_k)
+            check_positive_int("top_k", top_k)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}.")
         if max_new_tokens < 0:
@@ -580,8 +576,7 @@ class LongNet(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.embed_dim = _check_positive_int("embed_dim", embed_dim)
-        _check_positive_int("num_layers", num_layers)
+        self.embed_dim = check_positive_int("embed_dim", embed_dim)
         self.is_causal = check_bool("is_causal", is_causal)
         self.attention_kind = check_choice("attention", attention, ATTENTION_KINDS)
         if hilbert_grid is not None:
