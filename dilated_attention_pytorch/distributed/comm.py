@@ -22,13 +22,23 @@ answer and what was waited for (branch and ring step for K/V and gradients). Cou
 in the group's store record which ranks reached each collective, so that its timeout
 can name the ranks that did not. A failed wait leaves the ranks out of step (and a gloo
 communicator closed), so the ring refuses to run on that group again.
+
+**A failed communicator at exit.** The transfers and collectives a failed wait gave up on
+stay referenced, so no buffer that gloo may still write into (or that its worker thread
+still reads) is freed under it, and at interpreter exit (``atexit``, before Python tears
+down its objects) the private groups of failed rings are destroyed in an orderly way.
+Left to the end of the process instead, they would be destroyed among C++ static
+destructors while their connections were in an error state, which can abort the process
+after the ring's error was already reported.
 """
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import pickle
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -194,6 +204,8 @@ class RingCommunicator:
         self.global_rank = dist.get_global_rank(user, self.rank)
         self.default_timeout = group_timeout(user)
         self.failure: str | None = None
+        # Work a failed wait gave up on: kept alive with its buffers (see the module doc).
+        self.abandoned: list[dist.Work] = []
         self._timeout: float | None = None  # the private group's current default
         try:
             self.store: dist.Store | None = user.get_group_store()
@@ -282,9 +294,13 @@ class RingCommunicator:
             return "Every rank reached it, so one failed inside it; see the underlying error"
         return f"{ranks_name(self.user, absent).capitalize()} did not reach it: {NO_ANSWER}"
 
-    def fail(self, message: str) -> RuntimeError:
-        """Remember that the ring's communication failed; returns the error to raise."""
+    def fail(self, message: str, abandoned: Sequence[dist.Work] = ()) -> RuntimeError:
+        """Remember that the ring's communication failed (and the ``abandoned`` work it
+        gave up on); returns the error to raise."""
+        if self.failure is None:
+            _FAILED.append(self)
         self.failure = message
+        self.abandoned.extend(abandoned)
         return RuntimeError(message)
 
     def check_usable(self) -> None:
@@ -302,6 +318,7 @@ class RingCommunicator:
         seconds = self.use(timeout)
         count = self.arrive("collective")
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        work = None
         try:
             work = dist.all_gather(parts, tensor, group=self.group, async_op=True)
             # The collective's own timeout (use() above) ends it first, freeing the backend's
@@ -312,7 +329,8 @@ class RingCommunicator:
             raise self.fail(
                 f"ring attention: {self.me()}: {what} did not finish within "
                 f"{self.describe(timeout)}. {self.who('collective', count)}. "
-                f"Underlying error: {exc}"
+                f"Underlying error: {exc}",
+                [] if work is None else [work],
             ) from exc
         return parts
 
@@ -320,6 +338,29 @@ class RingCommunicator:
 # One per caller's group, created at its first ring call; the private groups map to
 # their own communicator too, so passing one where a group is expected is harmless.
 _COMMUNICATORS: dict[dist.ProcessGroup, RingCommunicator] = {}
+# The communicators whose communication failed, in order.
+_FAILED: list[RingCommunicator] = []
+
+
+@atexit.register
+def _destroy_failed_groups() -> None:
+    """Destroy the private groups of failed rings at interpreter exit (see the module doc).
+
+    Registered after torch's own exit handlers, so it runs before them. Destroying a gloo
+    group waits for its worker threads, which a collective's own timeout frees.
+    """
+    while _FAILED:
+        comm = _FAILED.pop()
+        group, comm.group = comm.group, None
+        if group is None or group is comm.user or not dist.is_initialized():
+            continue
+        _COMMUNICATORS.pop(group, None)
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # already destroyed by the program, or torch is shutting down
+            pass
+        del group
+        comm.abandoned.clear()  # the buffers outlived the group's connections
 
 
 def communicator(group: dist.ProcessGroup, timeout: float | None = None) -> RingCommunicator:
@@ -458,7 +499,7 @@ class RingComm:
             try:
                 self._works = dist.batch_isend_irecv(self._ops)
             except Exception as exc:  # e.g. a peer gave up on this rank and closed its side
-                raise self._failed(self._peers, exc) from exc
+                raise self._failed(self._peers, exc, []) from exc
 
     def wait(self) -> None:
         """Wait for the committed ops (all within ``timeout``); the received tensors are
@@ -476,12 +517,14 @@ class RingComm:
             try:
                 _wait(work, deadline - time.monotonic())
             except Exception as exc:
-                raise self._failed(peers, exc) from exc
+                raise self._failed(peers, exc, self._works) from exc
         if token is not None:
             self.stats.comm_wait.stop(token)  # type: ignore[union-attr]
         self._works, self._ops, self._peers = [], [], []
 
-    def _failed(self, peers: list[tuple[bool, int]], exc: Exception) -> RuntimeError:
+    def _failed(
+        self, peers: list[tuple[bool, int]], exc: Exception, works: list[dist.Work]
+    ) -> RuntimeError:
         user, what = self.comm.user, self.context or "a P2P transfer"
         ranks = sorted({p for _, p in peers})
         if len(peers) == 1:
@@ -494,5 +537,6 @@ class RingComm:
         return self.comm.fail(
             f"ring attention: {self.comm.me()}: {action} {ranks_name(user, ranks)} failed or "
             f"did not finish within {self.comm.describe(self.timeout)}. {answer}: {NO_ANSWER}. "
-            f"Underlying error: {exc}"
+            f"Underlying error: {exc}",
+            works,
         )
