@@ -155,6 +155,11 @@ def dilated_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention on ``(B, N, H, D)`` tensors (batch, tokens, heads, head dim).
 
+    k and v may have fewer heads, ``(B, N, H_kv, D)`` with ``H_kv`` dividing ``H``
+    (grouped-query and multi-query attention): query head ``h`` reads K/V head
+    ``h // (H / H_kv)``, and its offsets stay ``h mod r``. No backend copies K/V to ``H``
+    heads.
+
     Each branch ``(w, r)`` cuts the sequence into segments of ``w`` tokens (the last
     one shorter when ``N % w != 0``); in a segment, head ``h`` keeps every ``r``-th
     token starting at offset ``h mod r`` and attends among those. The branches are
@@ -162,8 +167,9 @@ def dilated_attention(
     union (with multiplicity) of every branch's keys.
 
     Args:
-        q, k, v: ``(B, N, H, D)`` (batch, tokens, heads, head dim), one dtype
-            (float16, bfloat16, float32, float64) and device.
+        q: ``(B, N, H, D)`` (batch, tokens, heads, head dim); k, v: ``(B, N, H_kv, D)``
+            with ``H_kv`` dividing ``H`` (``H_kv = H`` for multi-head attention); one
+            dtype (float16, bfloat16, float32, float64) and device.
         segment_lengths: segment length ``w`` of each branch.
         dilation_rates: dilation rate ``r`` of each branch, ``1 <= r <= w``.
         is_causal: query ``p`` only sees keys ``p' <= p``.
@@ -183,7 +189,8 @@ def dilated_attention(
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:
-        ``out`` of shape ``(B, N, H, D)`` in ``q.dtype``, or ``(out, lse)`` with
+        ``out`` of shape ``(B, N, H, D)`` in ``q.dtype`` (the gradients of k and v have
+        their shape), or ``(out, lse)`` with
         ``lse`` of shape ``(B, N, H)`` in float32, ``-inf`` where a query has no key.
         ``lse`` is not differentiable.
 
@@ -207,7 +214,7 @@ def dilated_attention(
     key_padding_mask = check_key_padding_mask(key_padding_mask, q)
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     B, N, H, D = q.shape
-    plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
+    plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing, k.shape[2])
     warn_if_transposed(q, segment_lengths)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)

@@ -52,6 +52,7 @@ def _resolve(key: str) -> Backend:
 
 def _context(
     q: Tensor,
+    num_kv_heads: int,
     segment_lengths: list[int],
     dilation_rates: list[int],
     branch_mixing: str,
@@ -61,7 +62,7 @@ def _context(
     key_padding_mask: Tensor | None,
     seed: Tensor,
 ) -> ForwardContext:
-    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, num_kv_heads)
     return ForwardContext(
         plan=plan, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, seed=int(seed.item()),
@@ -89,7 +90,7 @@ def _forward(
     seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
+    fctx = _context(q, k.shape[2], segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
                     dropout_p, key_padding_mask, seed)  # fmt: skip
     out, lse_pair = _resolve(backend).forward(token_major(q), token_major(k), token_major(v), fctx)
     return _fresh(out), lse_pair
@@ -121,7 +122,7 @@ def _backward(
     seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fctx = _context(q, segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
+    fctx = _context(q, k.shape[2], segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
                     dropout_p, key_padding_mask, seed)  # fmt: skip
     grads = _resolve(backend).backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx

@@ -113,7 +113,8 @@ def dense_dilated_attention(
     normalised per row; a row with no key gives 0 (and LSE ``-inf``).
 
     Args:
-        q, k, v: ``(B, N, H, D)``.
+        q, k, v: ``(B, N, H, D)``; k and v may have ``H_kv`` heads dividing ``H``
+            (grouped-query attention: query head ``h`` reads K/V head ``h // (H / H_kv)``).
         key_padding_mask: optional ``(B, N)`` bool, ``True`` marks padding keys.
         dropout_p, dropout_seed: drop the entries of the joint probabilities that
             :func:`~dilated_attention_pytorch.dropout.dropout_keep` drops for this seed
@@ -129,6 +130,7 @@ def dense_dilated_attention(
     scale = D**-0.5 if scale is None else scale
     compute_dtype = torch.float64 if upcast else q.dtype
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    kc, vc = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (kc, vc))
     counts = dilated_count_mask(
         N,
         H,

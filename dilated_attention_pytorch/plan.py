@@ -15,6 +15,15 @@ strided view of the head dimension instead of a gather.
 - ``"head_split"`` mixing: heads are cut into ``G = len(branches)`` contiguous
   groups, the first ``H % G`` one head larger; group ``i`` runs branch ``i`` only
   and its ``j``-th head uses offset ``j mod r_i``.
+
+Grouped-query attention (``num_kv_heads = H_kv < H``): query head ``h`` reads K/V head
+``h // (H / H_kv)``. A head group's K/V heads are then split further so that each
+:class:`HeadGroup` reads its K/V heads as a strided view too: its query heads come in runs
+of ``kv_share`` consecutive heads (of the group) per K/V head, and its K/V heads are the
+progression ``range(kv_start, kv_stop, kv_step)``. With ``r % (H / H_kv) == 0`` every
+query head of a group has a K/V head of its own (``kv_share = 1``); with
+``(H / H_kv) % r == 0`` runs of ``(H / H_kv) / r`` query heads share one. Several head
+groups may then share one offset.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 
 from .validation import (
     check_branch_mixing,
+    check_num_kv_heads,
     check_positive_int,
     validate_branches,
     warn_uncovered_positions,
@@ -40,12 +50,39 @@ COVERAGE_SEARCH = 2**16
 
 @dataclass(frozen=True)
 class HeadGroup:
-    """Heads ``range(head_start, head_stop, head_step)`` of one branch, all with token offset ``offset``."""
+    """Heads ``range(head_start, head_stop, head_step)`` of one branch, all with token offset ``offset``.
+
+    They read K/V heads ``range(kv_start, kv_stop, kv_step)``: query head ``i`` of the
+    group reads K/V head ``i // kv_share`` of it (the same heads, ``kv_share = 1``,
+    without grouped-query attention).
+    """
 
     offset: int
     head_start: int
     head_stop: int
     head_step: int
+    kv_start: int = -1  # -1: the query heads themselves (set by __post_init__)
+    kv_stop: int = -1
+    kv_step: int = 1
+    kv_share: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kv_start < 0:
+            object.__setattr__(self, "kv_start", self.head_start)
+            object.__setattr__(self, "kv_stop", self.head_stop)
+            object.__setattr__(self, "kv_step", self.head_step)
+
+    @property
+    def kv_heads(self) -> range:
+        return range(self.kv_start, self.kv_stop, self.kv_step)
+
+    @property
+    def kv_slice(self) -> slice:
+        return slice(self.kv_start, self.kv_stop, self.kv_step)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
 
     @property
     def heads(self) -> range:
@@ -76,7 +113,7 @@ class Branch:
     def offsets_used(self) -> int:
         """How many offsets some head uses: offsets ``0 .. offsets_used - 1``; positions
         at the others (``offsets_used .. r - 1``) take no part in this branch."""
-        return len(self.head_groups)
+        return len({g.offset for g in self.head_groups})
 
 
 @dataclass(frozen=True)
@@ -88,6 +125,16 @@ class DilatedPlan:
     num_heads: int
     branch_mixing: str
     branches: tuple[Branch, ...]
+    num_kv_heads: int = 0  # K/V heads (0: num_heads, set by __post_init__)
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads == 0:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per K/V head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
 
     def offsets(self) -> list[list[int | None]]:
         """``offsets()[i][h]``: the offset head ``h`` uses in branch ``i``, ``None`` if it does not run it."""
@@ -166,8 +213,10 @@ def make_plan(
     dilation_rates: Sequence[int],
     num_heads: int,
     branch_mixing: str = "softmax",
+    num_kv_heads: int | None = None,
 ) -> DilatedPlan:
-    """Build (and cache) the plan for ``num_heads`` heads.
+    """Build (and cache) the plan for ``num_heads`` query heads and ``num_kv_heads`` K/V
+    heads (default ``num_heads``; it must divide ``num_heads``).
 
     In ``"softmax"`` mode a head count smaller than the largest dilation rate is
     allowed: offsets ``>= num_heads`` then go unused, so some positions of that
@@ -178,7 +227,8 @@ def make_plan(
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
-    key = (ws, rs, check_positive_int("num_heads", num_heads), mixing)
+    num_heads = check_positive_int("num_heads", num_heads)
+    key = (ws, rs, num_heads, mixing, check_num_kv_heads(num_kv_heads, num_heads))
     if torch.compiler.is_compiling():
         # Traced: built afresh (a lookup in _PLANS would become a guard on the dict, and
         # the first cache miss would cost a second compilation).
@@ -197,8 +247,42 @@ _PLANS: dict[tuple, DilatedPlan] = {}
 _MAX_PLANS = 256
 
 
+def _kv_parts(group: HeadGroup, group_size: int) -> tuple[HeadGroup, ...]:
+    """``group`` cut into head groups that each read their K/V heads as one strided view,
+    when query head ``h`` reads K/V head ``h // group_size``."""
+    if group_size == 1:
+        return (group,)
+    heads = group.heads
+    runs: list[list[int]] = []  # [K/V head, index in heads of its first query head, count]
+    for i, h in enumerate(heads):
+        if runs and runs[-1][0] == h // group_size:
+            runs[-1][2] += 1
+        else:
+            runs.append([h // group_size, i, 1])
+    parts: list[list[list[int]]] = [[runs[0]]]
+    for run in runs[1:]:
+        part = parts[-1]
+        same_share = run[2] == part[0][2]
+        same_step = len(part) == 1 or run[0] - part[-1][0] == part[1][0] - part[0][0]
+        if same_share and same_step:
+            part.append(run)
+        else:
+            parts.append([run])
+    out = []
+    for part in parts:
+        share = part[0][2]
+        q = heads[part[0][1] : part[0][1] + share * len(part)]
+        kv_step = part[1][0] - part[0][0] if len(part) > 1 else 1
+        kv = range(part[0][0], part[-1][0] + 1, kv_step)
+        # Bounds one past the last head, as the groups of _build_plan end at most there.
+        out.append(
+            HeadGroup(group.offset, q[0], q[-1] + 1, q.step, kv[0], kv[-1] + 1, kv.step, share)
+        )
+    return tuple(out)
+
+
 def _build_plan(
-    ws: tuple[int, ...], rs: tuple[int, ...], num_heads: int, mixing: str
+    ws: tuple[int, ...], rs: tuple[int, ...], num_heads: int, mixing: str, num_kv_heads: int
 ) -> DilatedPlan:
     branches = []
     if mixing == "softmax":
@@ -215,7 +299,16 @@ def _build_plan(
             groups = tuple(HeadGroup(o, start + o, stop, r) for o in range(min(r, size)))
             branches.append(Branch(w, r, groups))
             start = stop
-    plan = DilatedPlan(ws, rs, num_heads, mixing, tuple(branches))
+    group_size = num_heads // num_kv_heads
+    branches = [
+        Branch(
+            b.segment_length,
+            b.dilation_rate,
+            sum((_kv_parts(g, group_size) for g in b.head_groups), ()),
+        )
+        for b in branches
+    ]
+    plan = DilatedPlan(ws, rs, num_heads, mixing, tuple(branches), num_kv_heads)
     uncovered = uncovered_positions(plan)
     if uncovered is not None:
         warn_uncovered_positions(

@@ -71,6 +71,22 @@ def check_optional_positive_int(name: str, value: object) -> int | None:
     return None if value is None else check_positive_int(name, value)
 
 
+def check_num_kv_heads(num_kv_heads: object, num_heads: int) -> int:
+    """The K/V head count of grouped-query attention: a positive divisor of ``num_heads``
+    (``None``: ``num_heads``)."""
+    if num_kv_heads is None:
+        return num_heads
+    value = check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % value != 0:
+        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise ValueError(
+            f"num_kv_heads must divide num_heads ({num_heads}) for grouped-query attention "
+            f"(query head h reads K/V head h // (num_heads / num_kv_heads)), got {value}; "
+            f"use one of {divisors}."
+        )
+    return value
+
+
 def check_positive_float(name: str, value: object) -> float:
     """A positive finite ``float`` (ints accepted, ``bool`` rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -241,7 +257,8 @@ def check_not_tracing() -> None:
 
 
 def check_qkv(q: object, k: object, v: object) -> None:
-    """q, k, v must be ``(B, N, H, D)`` tensors of one shape, dtype and device."""
+    """q ``(B, N, H, D)``, k and v ``(B, N, H_kv, D)`` with ``H_kv`` dividing ``H``
+    (grouped-query attention when ``H_kv < H``), one dtype and device."""
     check_not_tracing()
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -254,12 +271,25 @@ def check_qkv(q: object, k: object, v: object) -> None:
             f"q must have 4 dims (B, N, H, D) (batch, tokens, heads, head_dim), got shape "
             f"{tuple(q.shape)}; if your tensor is (B, H, N, D), pass q.transpose(1, 2)."
         )
+    B, N, H, D = q.shape
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, N, D):
             raise ValueError(
-                f"{name} must have the same shape as q {tuple(q.shape)} (B, N, H, D), got "
-                f"{tuple(t.shape)}; cross-attention with other lengths is not supported."
+                f"{name} must have shape (B, N, H_kv, D) = ({B}, {N}, H_kv, {D}) like q "
+                f"{tuple(q.shape)}, got {tuple(t.shape)}; cross-attention with other lengths "
+                f"is not supported."
             )
+        if t.shape[2] == 0 or H % t.shape[2] != 0:
+            raise ValueError(
+                f"{name} has {t.shape[2]} heads, which must divide q's {H} heads (grouped-query "
+                f"attention: query head h reads K/V head h // (H / H_kv)); got {name} of shape "
+                f"{tuple(t.shape)} and q of shape {tuple(q.shape)}."
+            )
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have one shape (B, N, H_kv, D), got k {tuple(k.shape)} and v "
+            f"{tuple(v.shape)}."
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(

@@ -9,8 +9,13 @@ These are the per-block primitives of the ``pytorch`` backend and of the ring:
   and return the LSE; cuDNN is preferred on Hopper and newer, where it is faster.
   :func:`block_kernel` is the one routing rule between them.
 
-All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hs, D)``,
-out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``causal`` means query ``t`` sees
+All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hk, D)``,
+out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``Hk`` divides ``Hs``: query head ``i``
+reads K/V head ``i // (Hs / Hk)`` (grouped-query attention; ``Hk = Hs`` without it).
+The math path folds the query heads that share a K/V head into its rows, so K/V are
+read once per K/V head and never copied; the fused ops need equal head counts, so
+there a block's K/V heads are repeated (one block at a time) and the gradients of the
+copies summed. ``causal`` means query ``t`` sees
 keys ``t' <= t`` of the block (blocks aligned at position 0). The backward takes
 the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradient.
 """
@@ -57,15 +62,38 @@ def _tiles(Bb: int, Lq: int, Hs: int, Lk: int, budget: int) -> list[tuple[int, i
     return [(a, a + 1, q0, min(Lq, q0 + rows)) for a in range(Bb) for q0 in range(0, Lq, rows)]
 
 
+def _fold(x: Tensor, share: int) -> Tensor:
+    """``(b, Hs, lq, ...)`` -> ``(b, Hs / share, share * lq, ...)``: the ``share`` query heads
+    of one K/V head as extra rows (a view when ``x`` is contiguous, else a copy)."""
+    if share == 1:
+        return x
+    b, hs, lq = x.shape[:3]
+    return x.reshape(b, hs // share, share * lq, *x.shape[3:])
+
+
+def _unfold(x: Tensor, share: int) -> Tensor:
+    """The inverse of :func:`_fold`: ``(b, Hk, share * lq, ...)`` -> ``(b, Hk * share, lq, ...)``."""
+    if share == 1:
+        return x
+    b, hk, rows = x.shape[:3]
+    return x.reshape(b, hk * share, rows // share, *x.shape[3:])
+
+
 def _masked_scores(
-    q: Tensor, k: Tensor, scale: float, causal: bool, key_keep: Tensor | None, q_start: int
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    causal: bool,
+    key_keep: Tensor | None,
+    q_start: int,
+    share: int = 1,
 ) -> Tensor:
-    # q: (b, Hs, lq, D) = query rows [q_start, q_start + lq) of the block, k: (b, Hs, Lk, D)
-    # -> scores (b, Hs, lq, Lk)
+    # q: (b, Hk, share * lq, D): query rows [q_start, q_start + lq) of the block for each of
+    # the share heads of a K/V head; k: (b, Hk, Lk, D) -> scores (b, Hk, share * lq, Lk)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
-        lq, Lk = scores.shape[-2], scores.shape[-1]
-        rows = torch.arange(q_start, q_start + lq, device=q.device)
+        lq, Lk = scores.shape[-2] // share, scores.shape[-1]
+        rows = torch.arange(q_start, q_start + lq, device=q.device).repeat(share)
         future = torch.arange(Lk, device=q.device)[None, :] > rows[:, None]
         scores.masked_fill_(future, -math.inf)
     if key_keep is not None:
@@ -106,21 +134,21 @@ def math_block_forward(
     even when its value is not finite; a row that attends one outputs NaN.
     """
     Bb, Lq, Hs, D = q.shape
-    Lk = k.shape[1]
+    Lk, share = k.shape[1], Hs // k.shape[2]
     cdt = compute_dtype(q.dtype)
     out = torch.empty(Bb, Lq, Hs, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(Bb, Lq, Hs, dtype=cdt, device=q.device)
     for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk, max_score_elements(q.device)):
-        qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
+        qc = _fold(q[a:b, q0:q1].transpose(1, 2).to(cdt), share)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
         keep = None if key_keep is None else key_keep[a:b]
-        scores = _masked_scores(qc, kc, scale, causal, keep, q0)
-        lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hs, lq); -inf for empty rows
+        scores = _masked_scores(qc, kc, scale, causal, keep, q0, share)
+        lse_c = torch.logsumexp(scores, dim=-1)  # (b, Hk, share * lq); -inf for empty rows
         finite = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         probs = torch.exp(scores - finite.unsqueeze(-1))
         if dropout is not None:
-            probs = probs * dropout.keep(a, b, q0, q1) / (1.0 - dropout.p)
+            probs = probs * _fold(dropout.keep(a, b, q0, q1), share) / (1.0 - dropout.p)
         if causal or keep is not None:
             # 0 * inf would be NaN: non-finite values enter only the rows that read them.
             finite_v = torch.isfinite(vc)
@@ -128,8 +156,8 @@ def math_block_forward(
             out_c = out_c.masked_fill(_reads_non_finite(probs, finite_v)[..., None], math.nan)
         else:
             out_c = torch.matmul(probs, vc)
-        out[a:b, q0:q1] = out_c.transpose(1, 2)
-        lse[a:b, q0:q1] = lse_c.transpose(1, 2)
+        out[a:b, q0:q1] = _unfold(out_c, share).transpose(1, 2)
+        lse[a:b, q0:q1] = _unfold(lse_c, share).transpose(1, 2)
     return out, lse
 
 
@@ -151,25 +179,27 @@ def math_block_backward(
     ``dropout`` must be the forward's: the same entries are dropped again.
     """
     Bb, Lq, Hs, D = q.shape
-    Lk = k.shape[1]
+    Lk, share = k.shape[1], Hs // k.shape[2]
     cdt = compute_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     for a, b, q0, q1 in _tiles(Bb, Lq, Hs, Lk, max_score_elements(q.device)):
-        qc = q[a:b, q0:q1].transpose(1, 2).to(cdt)
+        qc = _fold(q[a:b, q0:q1].transpose(1, 2).to(cdt), share)
         kc = k[a:b].transpose(1, 2).to(cdt)
         vc = v[a:b].transpose(1, 2).to(cdt)
-        doc = dout[a:b, q0:q1].transpose(1, 2).to(cdt)
-        oc = out[a:b, q0:q1].transpose(1, 2).to(cdt)
-        lse_c = lse[a:b, q0:q1].transpose(1, 2).to(cdt)
+        doc = _fold(dout[a:b, q0:q1].transpose(1, 2).to(cdt), share)
+        oc = _fold(out[a:b, q0:q1].transpose(1, 2).to(cdt), share)
+        lse_c = _fold(lse[a:b, q0:q1].transpose(1, 2).to(cdt), share)
         # A row nobody attends has lse -inf: use +inf so its probabilities are 0, not inf.
         lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         keep = None if key_keep is None else key_keep[a:b]
-        probs = torch.exp(_masked_scores(qc, kc, scale, causal, keep, q0) - lse_c.unsqueeze(-1))
+        probs = torch.exp(
+            _masked_scores(qc, kc, scale, causal, keep, q0, share) - lse_c.unsqueeze(-1)
+        )
         dprobs = torch.matmul(doc, vc.transpose(-1, -2))
         if dropout is not None:
-            keep_mask = dropout.keep(a, b, q0, q1).to(cdt) / (1.0 - dropout.p)
+            keep_mask = _fold(dropout.keep(a, b, q0, q1), share).to(cdt) / (1.0 - dropout.p)
             dv_c = torch.matmul((probs * keep_mask).transpose(-1, -2), doc)
             dprobs = dprobs * keep_mask
         else:
@@ -180,7 +210,7 @@ def math_block_backward(
             # Pairs that do not count give 0 even where a key or value is not finite.
             dscores = torch.where(probs == 0, torch.zeros_like(dscores), dscores)
             kc = _finite_or_zero(kc)
-        dq[a:b, q0:q1] = (torch.matmul(dscores, kc) * scale).transpose(1, 2)
+        dq[a:b, q0:q1] = _unfold(torch.matmul(dscores, kc) * scale, share).transpose(1, 2)
         dk[a:b] += (torch.matmul(dscores.transpose(-1, -2), qc) * scale).transpose(1, 2)
         dv[a:b] += dv_c.transpose(1, 2)
     return dq, dk, dv
@@ -318,6 +348,21 @@ def cudnn_block_backward(
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _repeat_kv(x: Tensor, num_heads: int) -> Tensor:
+    """K or V ``(Bb, Lk, Hk, D)`` with each head repeated for its ``num_heads / Hk`` query
+    heads (the fused ops need equal head counts); ``x`` itself when ``Hk == num_heads``."""
+    share = num_heads // x.shape[2]
+    return x if share == 1 else x.repeat_interleave(share, dim=2)
+
+
+def _sum_kv(grad: Tensor, kv_heads: int) -> Tensor:
+    """The gradient of repeated K/V heads ``(Bb, Lk, H, D)`` summed back to ``kv_heads``."""
+    Bb, Lk, H, D = grad.shape
+    if H == kv_heads:
+        return grad
+    return grad.reshape(Bb, Lk, kv_heads, H // kv_heads, D).sum(3)
+
+
 KERNELS = ("auto", "cudnn", "flash", "math")
 
 
@@ -356,6 +401,8 @@ def block_forward(
 ) -> tuple[Tensor, Tensor]:
     """The block on the kernel :func:`block_kernel` picks (cuDNN, flash or matmuls)."""
     kernel = block_kernel(q, k, key_keep, dropout, kernel)
+    if kernel != "math":
+        k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
     if kernel == "cudnn":
         return cudnn_block_forward(q, k, v, scale=scale, causal=causal)
     if kernel == "flash":
@@ -381,10 +428,12 @@ def block_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward matching :func:`block_forward`'s choice of path."""
     kernel = block_kernel(q, k, key_keep, dropout, kernel)
-    if kernel == "cudnn":
-        return cudnn_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
-    if kernel == "flash":
-        return flash_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+    if kernel != "math":
+        kv_heads = k.shape[2]
+        k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
+        fused = cudnn_block_backward if kernel == "cudnn" else flash_block_backward
+        dq, dk, dv = fused(dout, q, k, v, out, lse, scale=scale, causal=causal)
+        return dq, _sum_kv(dk, kv_heads), _sum_kv(dv, kv_heads)
     return math_block_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep,
         dropout=dropout,

@@ -1,7 +1,8 @@
 """The ``pytorch`` backend: PyTorch ops only, any device, every feature.
 
-For each branch and each head group (heads sharing one offset) it takes strided
-views of q/k/v (no gather copies), runs the block attention (PyTorch's cuDNN or
+For each branch and each head group (heads sharing one offset, and with grouped-query
+attention reading one strided set of K/V heads) it takes strided views of q/k/v (no
+gather copies), runs the block attention (PyTorch's cuDNN or
 flash attention op on CUDA in fp16/bf16, chunked matmuls otherwise) and merges the
 block's ``(out, lse)`` into fp32 accumulators with the LSE rule (the LSE kept as a pair
 ``hi + lo``, :func:`~dilated_attention_pytorch.segments.merge_lse_`). Memory is ``O(N)``.
@@ -62,19 +63,26 @@ class Block:
     token_views: dict[str, Tensor | None]  # per (B, N) tensor: (Bb, n)
 
 
+_KV_NAMES = frozenset({"k", "v", "dk", "dv"})
+
+
 def iter_blocks(
     plan: DilatedPlan, tensors: dict[str, Tensor], token_only: dict[str, Tensor | None]
 ) -> Iterator[Block]:
     """Every (branch, head group, segment slab) of ``plan`` as strided views.
 
-    ``tensors`` are ``(B, N, H, ...)`` tensors sliced by heads; ``token_only`` are
-    ``(B, N)`` tensors (key masks, token ids) that only get the token selection.
+    ``tensors`` are ``(B, N, H, ...)`` tensors sliced by the group's query heads, except
+    ``k``, ``v``, ``dk`` and ``dv`` (``(B, N, H_kv, ...)``), sliced by its K/V heads;
+    ``token_only`` are ``(B, N)`` tensors (key masks, token ids) that only get the token
+    selection.
     """
     for branch_index, branch in enumerate(plan.branches):
         w, r = branch.segment_length, branch.dilation_rate
         for group in branch.head_groups:
             per_tensor = {
-                name: segment_views(t, w, r, group.offset, group.head_slice)
+                name: segment_views(
+                    t, w, r, group.offset, group.kv_slice if name in _KV_NAMES else group.head_slice
+                )
                 for name, t in tensors.items()
             }
             per_token = {

@@ -207,7 +207,8 @@ def _fwd_kernel(
     Q, K, V, Out, Acc, Lse, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_ob, s_on, s_oh, s_ab, s_an, s_ah, s_lb, s_ln, s_lh, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
+    sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -224,8 +225,9 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
 
     q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
-    k_base = _ptr(K, b, h, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
-    v_base = _ptr(V, b, h, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
+    hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
+    k_base = _ptr(K, b, hk, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
+    v_base = _ptr(V, b, hk, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
     m_base = Kpm + b * s_mb + tok_k * s_mn
     row_k = dil * s_kn
     row_v = dil * s_vn
@@ -343,7 +345,8 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
+    sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -356,8 +359,11 @@ def _bwd_dkdv_kernel(
         return
     offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_rows(_rows_ptr(K, b, h, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
-    v = _load_rows(_rows_ptr(V, b, h, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
+    # K/V of the query head's K/V head; DK/DV (and their accumulators) are per query head,
+    # summed over the heads of a K/V head by the launcher (grouped-query attention).
+    hk = h // kv_group
+    k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
+    v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
     keep_k = kmask
     if HAS_KPM:
         keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
@@ -423,7 +429,8 @@ def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DQacc, Kpm,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, sm_scale, s_lp,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
+    sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
@@ -439,8 +446,9 @@ def _bwd_dq_kernel(
     do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
     lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
     delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
-    k_base = _ptr(K, b, h, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
-    v_base = _ptr(V, b, h, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
+    hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
+    k_base = _ptr(K, b, hk, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
+    v_base = _ptr(V, b, hk, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
     m_base = Kpm + b * s_mb + tok_k * s_mn
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)

@@ -114,7 +114,8 @@ class _Launch:
     ``seg_q``/``seg_k``: segment length in query/key tokens (the same ``w`` for
     dilated attention; the block lengths for block ops). ``head0``: head index of the
     branch's first head (offset rule ``o = (h - head0) % dil``, may be negative);
-    ``h_first``/``num_heads``: the heads this launch runs.
+    ``h_first``/``num_heads``: the heads this launch runs. ``kv_group``: query heads per
+    K/V head (grouped-query attention): query head ``h`` reads K/V head ``h // kv_group``.
     """
 
     seg_q: int
@@ -123,6 +124,7 @@ class _Launch:
     head0: int
     h_first: int
     num_heads: int
+    kv_group: int = 1
 
 
 def _s3(x: Tensor) -> tuple[int, int, int]:
@@ -153,7 +155,7 @@ def _launch_tiles(
     kernel[grid](
         *tensors, kpm_t, *[s for t in strided for s in _s3(t)], s_mb, s_mn,
         launch.seg_q, launch.seg_k, n_q, k.shape[1], launch.dil, launch.head0, launch.h_first,
-        launch.num_heads, tiles, *scales,
+        launch.num_heads, launch.kv_group, tiles, *scales,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -275,15 +277,23 @@ def _schedule(plan: DilatedPlan) -> _Schedule:
     return _Schedule(tuple(items), multi, final, full)
 
 
-def _head_chunks(plan_multi: bool, B: int, N: int, H: int, D: int) -> list[tuple[int, int]]:
-    if not plan_multi:
+def _head_chunks(
+    accumulate: bool, B: int, N: int, H: int, D: int, kv_group: int = 1
+) -> list[tuple[int, int]]:
+    """Chunks of heads whose fp32 accumulators (when ``accumulate``) stay under
+    :data:`ACC_CHUNK_BYTES`; their bounds are multiples of ``kv_group``, so that a chunk's
+    query heads read a chunk of K/V heads."""
+    if not accumulate:
         return [(0, H)]
     per_head = B * N * D * 4
     size = max(1, min(H, ACC_CHUNK_BYTES // max(1, per_head)))
+    size = max(kv_group, size // kv_group * kv_group)
     return [(c, min(H, c + size)) for c in range(0, H, size)]
 
 
-def _launches_for_chunk(sched: _Schedule, c_lo: int, c_hi: int) -> list[tuple[int, _Launch]]:
+def _launches_for_chunk(
+    sched: _Schedule, c_lo: int, c_hi: int, kv_group: int = 1
+) -> list[tuple[int, _Launch]]:
     """Branch index and launch (chunk-relative heads) for every branch touching the chunk."""
     out = []
     for i, (branch, start, stop) in enumerate(sched.branches):
@@ -291,7 +301,7 @@ def _launches_for_chunk(sched: _Schedule, c_lo: int, c_hi: int) -> list[tuple[in
         if hi <= lo:
             continue
         w, r = branch.segment_length, branch.dilation_rate
-        out.append((i, _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo)))
+        out.append((i, _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group)))
     return out
 
 
@@ -310,9 +320,9 @@ def dilated_forward(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """All branches of ``plan``: q, k, v ``(B, N, H, D)`` -> out ``(B, N, H, D)`` in q.dtype
-    and the LSE as a ``(2, B, N, H)`` fp32 pair (``lse = pair[0] + pair[1]``, see
-    :mod:`.kernels`).
+    """All branches of ``plan``: q ``(B, N, H, D)``, k, v ``(B, N, H_kv, D)`` -> out
+    ``(B, N, H, D)`` in q.dtype and the LSE as a ``(2, B, N, H)`` fp32 pair
+    (``lse = pair[0] + pair[1]``, see :mod:`.kernels`).
 
     ``key_padding_mask``: ``(B, N)`` bool, ``True`` = padding key. Positions no branch
     covers get ``out = 0`` and the pair ``(-inf, 0)``.
@@ -329,9 +339,10 @@ def dilated_forward(
         lse[1].zero_()
     if N == 0:
         return out, lse
-    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
-        hs = slice(c_lo, c_hi)
-        qc, kc, vc, oc = q[:, :, hs], k[:, :, hs], v[:, :, hs], out[:, :, hs]
+    g = H // k.shape[2]
+    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D, g):
+        hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
+        qc, kc, vc, oc = q[:, :, hs], k[:, :, ks], v[:, :, ks], out[:, :, hs]
         lc = lse[:, :, :, hs]
         # The kernels never read an accumulator row whose LSE is still -inf, so it needs
         # no zero fill, except when it is copied out at the end (no covering branch).
@@ -341,7 +352,7 @@ def dilated_forward(
             if sched.multi
             else oc
         )
-        launches = _launches_for_chunk(sched, c_lo, c_hi)
+        launches = _launches_for_chunk(sched, c_lo, c_hi, g)
         for j, (i, launch) in enumerate(launches):
             target = oc if (not sched.multi or i == sched.final) else acc
             _launch_forward(
@@ -367,11 +378,17 @@ def dilated_backward(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv)`` (each ``(B, N, H, D)`` in the input dtype) given the final
-    out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`."""
+    """Gradients ``(dq, dk, dv)`` (in the input dtype, shaped like q, k, v) given the final
+    out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`.
+
+    With grouped-query attention (k, v with ``H_kv < H`` heads) the dK/dV kernels write
+    one fp32 gradient per query head (the heads of a K/V head read different dilated
+    positions, or the same ones, so they cannot share the target), summed per K/V head.
+    """
     B, N, H, D = q.shape
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
+    g = H // k.shape[2]
     alloc = torch.empty if sched.full else torch.zeros
     dq = alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = alloc(k.shape, dtype=k.dtype, device=k.device)
@@ -380,30 +397,36 @@ def dilated_backward(
         return dq, dk, dv
     delta = _compute_delta(dout, out)
     f32 = dict(dtype=torch.float32, device=q.device)
-    for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D):
-        hs = slice(c_lo, c_hi)
-        views = [t[:, :, hs] for t in (dout, q, k, v, delta, dq, dk, dv)]
-        doc, qc, kc, vc, dlc, dqc, dkc, dvc = views
+    for c_lo, c_hi in _head_chunks(sched.multi or g > 1, B, N, H, D, g):
+        hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
+        doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
+        kc, vc, dkc, dvc = (t[:, :, ks] for t in (k, v, dk, dv))
         lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
-        launches = _launches_for_chunk(sched, c_lo, c_hi)
+        launches = _launches_for_chunk(sched, c_lo, c_hi, g)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.
         for which in ("dkdv", "dq"):
-            if sched.multi and which == "dkdv":
+            # Through fp32 accumulators: several branches, or per-query-head dK/dV.
+            per_query_head = g > 1 and which == "dkdv"
+            through = sched.multi or per_query_head
+            if through and which == "dkdv":
                 dk_acc, dv_acc = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
                 accs = (dk_acc, dk_acc, dv_acc)  # the dQ slot is unused here
-            elif sched.multi:
+            elif through:
                 dq_acc = torch.zeros(shape, **f32)
                 accs = (dq_acc, dq_acc, dq_acc)
             else:
                 accs = (dqc, dkc, dvc)
             for j, (i, launch) in enumerate(launches):
-                final = not sched.multi or i == sched.final
+                final = not through or (i == sched.final and not per_query_head)
                 _launch_backward(
                     doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs,
-                    launch, scale=scale, causal=causal, acc_in=sched.multi and j > 0, which=which,
+                    launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
                 )  # fmt: skip
-            if sched.multi and sched.final is None:
+            if per_query_head:
+                dkc.copy_(_sum_query_heads(accs[1], g))
+                dvc.copy_(_sum_query_heads(accs[2], g))
+            elif through and sched.final is None:
                 if which == "dkdv":
                     dkc.copy_(accs[1])
                     dvc.copy_(accs[2])
@@ -411,6 +434,12 @@ def dilated_backward(
                     dqc.copy_(accs[0])
             del accs
     return dq, dk, dv
+
+
+def _sum_query_heads(grad: Tensor, kv_group: int) -> Tensor:
+    """``(B, N, H, D)`` per-query-head K/V gradients summed to ``(B, N, H / kv_group, D)``."""
+    B, N, H, D = grad.shape
+    return grad.view(B, N, H // kv_group, kv_group, D).sum(3)
 
 
 # --------------------------------------------------------------------------- block ops
@@ -438,8 +467,8 @@ def triton_block_forward(
 ) -> tuple[Tensor, Tensor]:
     """One block of queries against one block of keys (same signature as ``blocks.py``).
 
-    q: ``(Bb, Lq, Hs, D)``, k/v: ``(Bb, Lk, Hs, D)``, any token-major strides (unit
-    stride on D), fp16/bf16 on CUDA (fp32 would run its dots in tf32), head dim in
+    q: ``(Bb, Lq, Hs, D)``, k/v: ``(Bb, Lk, Hk, D)`` with ``Hk`` dividing ``Hs`` (query
+    head ``i`` reads K/V head ``i // (Hs / Hk)``), any token-major strides (unit stride on D), fp16/bf16 on CUDA (fp32 would run its dots in tf32), head dim in
     {16, 32, 64, 128}. ``causal``: query ``t`` sees keys ``t' <= t`` (blocks aligned at 0).
     ``key_keep``: ``(Bb, Lk)`` bool, ``True`` where a key may be attended. ``dropout``
     must be ``None`` (not implemented here).
@@ -453,7 +482,7 @@ def triton_block_forward(
     lse = torch.empty(Bb, Lq, Hs, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    launch = _Launch(Lq, max(Lk, 1), 1, 0, 0, Hs)
+    launch = _Launch(Lq, max(Lk, 1), 1, 0, 0, Hs, Hs // k.shape[2])
     _launch_forward(q, k, v, out, out, lse, kpm, launch, scale=scale, causal=causal, acc_in=False)
     return out, lse
 
@@ -488,11 +517,22 @@ def triton_block_backward(
     if Lq == 0 or Lk == 0:
         return dq, dk, dv
     delta = _compute_delta(dout, out)
-    launch = _Launch(Lq, Lk, 1, 0, 0, Hs)
-    grads = (dq, dk, dv)
+    g = Hs // k.shape[2]
+    launch = _Launch(Lq, Lk, 1, 0, 0, Hs, g)
+    # With grouped-query attention, dK/dV per query head in fp32, then summed.
+    per_head = (Bb, Lk, Hs, D)
+    dk_t, dv_t = (
+        (dk, dv)
+        if g == 1
+        else (torch.empty(per_head, dtype=torch.float32, device=q.device) for _ in range(2))
+    )
+    grads = (dq, dk_t, dv_t)
     for which in ("dkdv", "dq"):
         _launch_backward(
             dout, q, k, v, lse, delta, kpm, grads, grads, launch,
             scale=scale, causal=causal, acc_in=False, which=which,
         )  # fmt: skip
+    if g > 1:
+        dk.copy_(_sum_query_heads(dk_t, g))
+        dv.copy_(_sum_query_heads(dv_t, g))
     return dq, dk, dv
