@@ -5,7 +5,8 @@ A query at position ``p`` sees, in branch ``(w, r)``, only keys of its own segme
 the *current* segment only, one slot per kept position: slot ``j`` of head ``h`` holds
 segment position ``j * r + o_h``. That is ``ceil(w / r)`` slots per head and branch,
 independent of how long the sequence grows (LongNet's ``w / r`` is constant, so a cache
-holds ``#branches * w / r`` positions per head).
+holds ``#branches * w / r`` positions per head). With grouped-query attention the heads
+are K/V heads, once per offset that their query heads use.
 
 Usage (one attention layer; :class:`~dilated_attention_pytorch.models.LongNetLM`'s
 ``generate`` does this for every layer)::
@@ -40,6 +41,7 @@ class DilatedKVCache:
     Args:
         segment_lengths, dilation_rates, num_heads, branch_mixing: the attention's
             schedule (as in :func:`~dilated_attention_pytorch.dilated_attention`).
+        num_kv_heads: K/V heads of grouped-query attention (default ``num_heads``).
         scale: score scale, default ``D ** -0.5``.
         backend: the backend of the prompt's (prefill) call.
 
@@ -59,26 +61,29 @@ class DilatedKVCache:
         branch_mixing: str = "softmax",
         scale: float | None = None,
         backend: str = "auto",
+        num_kv_heads: int | None = None,
     ) -> None:
         self.plan: DilatedPlan = make_plan(
-            segment_lengths, dilation_rates, num_heads, branch_mixing
+            segment_lengths, dilation_rates, num_heads, branch_mixing, num_kv_heads
         )
         self.scale = check_scale(scale)
         self.backend = backend
         self.position = 0
-        self.keys: list[Tensor] = []  # per branch (B, ceil(w/r), heads of the branch, D)
+        self.keys: list[Tensor] = []  # per branch (B, ceil(w/r), columns, D)
         self.values: list[Tensor] = []
-        # Per branch: the heads that run it (the buffers' head dimension) and their offsets.
-        self._heads = [torch.tensor(b.heads, dtype=torch.long) for b in self.plan.branches]
-        table = self.plan.offsets()
-        self._offsets = [
-            torch.tensor([table[i][h] for h in b.heads], dtype=torch.long)
-            for i, b in enumerate(self.plan.branches)
-        ]
-        # Per branch and offset o: (the buffer's head slots, the heads) of the head group
-        # with offset o, as index tensors on the buffers' device (set by _allocate), so a
-        # step selects a token's heads without asking the device which they are.
-        self._groups: list[dict[int, tuple[Tensor, Tensor]]] = []
+        # Per branch, the buffers' columns: one per head group and K/V head it reads (the
+        # heads that run the branch, without grouped-query attention), with its K/V head
+        # and offset.
+        self._kv_heads: list[list[int]] = []
+        self._offsets: list[list[int]] = []
+        for b in self.plan.branches:
+            self._kv_heads.append([h for g in b.head_groups for h in g.kv_heads])
+            self._offsets.append([g.offset for g in b.head_groups for _ in g.kv_heads])
+        # Per branch and offset o: (the columns, their K/V heads, the query heads, the
+        # column each query head reads) of the head groups with offset o, as index
+        # tensors on the buffers' device (set by _allocate), so a step selects a token's
+        # heads without asking the device which they are.
+        self._groups: list[dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]] = []
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values."""
@@ -91,11 +96,12 @@ class DilatedKVCache:
 
     def check(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Raise unless ``q, k, v`` ``(B, T, H, D)`` fit this cache's buffers."""
-        H = self.plan.num_heads
-        if q.shape[2] != H or k.shape[2] != H:
+        H, H_kv = self.plan.num_heads, self.plan.num_kv_heads
+        if q.shape[2] != H or k.shape[2] != H_kv:
             raise ValueError(
-                f"the cache was built for {H} heads, got q of shape {tuple(q.shape)} "
-                f"(B, N, H, D); build one cache per layer and head count."
+                f"the cache was built for {H} query and {H_kv} K/V heads, got q of shape "
+                f"{tuple(q.shape)} and k of shape {tuple(k.shape)} (B, N, H, D); build one "
+                f"cache per layer and head count."
             )
         if not self.keys:
             return
@@ -114,17 +120,26 @@ class DilatedKVCache:
         self.keys, self.values = [], []
         for i, branch in enumerate(self.plan.branches):
             slots = math.ceil(branch.segment_length / branch.dilation_rate)
-            heads = len(self._heads[i])
-            self.keys.append(k.new_zeros(B, slots, heads, D))
-            self.values.append(v.new_zeros(B, slots, heads, v.shape[-1]))
+            columns = len(self._kv_heads[i])
+            self.keys.append(k.new_zeros(B, slots, columns, D))
+            self.values.append(v.new_zeros(B, slots, columns, v.shape[-1]))
         self._groups = []
         for branch in self.plan.branches:
-            local = {h: j for j, h in enumerate(branch.heads)}
-            groups = {}
+            by_offset: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+            column = 0
             for g in branch.head_groups:
-                slots = torch.tensor([local[h] for h in g.heads], device=k.device)
-                groups[g.offset] = (slots, torch.tensor(list(g.heads), device=k.device))
-            self._groups.append(groups)
+                cols, kv, heads, reads = by_offset.setdefault(g.offset, ([], [], [], []))
+                cols += range(column, column + g.num_kv_heads)
+                kv += g.kv_heads
+                heads += g.heads
+                reads += [column + i // g.kv_share for i in range(g.num_heads)]
+                column += g.num_kv_heads
+            self._groups.append(
+                {
+                    o: tuple(torch.tensor(x, dtype=torch.long, device=k.device) for x in lists)
+                    for o, lists in by_offset.items()
+                }
+            )
 
     def fill(self, k: Tensor, v: Tensor) -> None:
         """Keep what the tokens after ``k``/``v`` ``(B, N, H, D)`` (a whole prompt) can see."""
@@ -136,16 +151,18 @@ class DilatedKVCache:
             slots = self.keys[i].shape[1]
             if n == 0:
                 continue
-            offsets, heads = self._offsets[i].to(k.device), self._heads[i].to(k.device)
+            offsets = torch.tensor(self._offsets[i], dtype=torch.long, device=k.device)
+            heads = torch.tensor(self._kv_heads[i], dtype=torch.long, device=k.device)
             pos = start + offsets[None, :] + r * torch.arange(slots, device=k.device)[:, None]
-            keep = (pos < n)[None, :, :, None]  # (1, slots, heads, 1)
+            keep = (pos < n)[None, :, :, None]  # (1, slots, columns, 1)
             idx = pos.clamp(max=n - 1)
             self.keys[i] = torch.where(keep, k[:, idx, heads], self.keys[i])
             self.values[i] = torch.where(keep, v[:, idx, heads], self.values[i])
         self.position = n
 
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Append one token's ``k``/``v`` ``(B, H, D)`` and attend its ``q`` -> ``(B, H, D)``."""
+        """Append one token's ``k``/``v`` ``(B, H_kv, D)`` and attend its ``q`` ``(B, H, D)``
+        -> ``(B, H, D)``."""
         p = self.position
         cdt = compute_dtype(q.dtype)
         B, H, D = q.shape
@@ -162,11 +179,11 @@ class DilatedKVCache:
             group = self._groups[i].get(s % r)  # the heads whose offset p has
             if group is None:
                 continue
-            slots, a_heads = group
-            self.keys[i][:, slot, slots] = k[:, a_heads]
-            self.values[i][:, slot, slots] = v[:, a_heads]
-            keys = self.keys[i][:, : slot + 1, slots].to(cdt)  # (B, L, h, D)
-            vals = self.values[i][:, : slot + 1, slots].to(cdt)
+            cols, kv_heads, a_heads, reads = group
+            self.keys[i][:, slot, cols] = k[:, kv_heads]
+            self.values[i][:, slot, cols] = v[:, kv_heads]
+            keys = self.keys[i][:, : slot + 1, reads].to(cdt)  # (B, L, h, D) per query head
+            vals = self.values[i][:, : slot + 1, reads].to(cdt)
             scores = torch.einsum("bhd,blhd->bhl", q[:, a_heads].to(cdt), keys) * scale
             m = scores.amax(dim=-1)  # (B, h)
             probs = torch.exp(scores - m[..., None])
@@ -190,7 +207,7 @@ def cached_dilated_attention(q: Tensor, k: Tensor, v: Tensor, cache: DilatedKVCa
     """Causal dilated attention of the next tokens, with a :class:`DilatedKVCache`.
 
     Args:
-        q, k, v: ``(B, T, H, D)`` for the ``T`` tokens at positions
+        q, k, v: ``(B, T, H, D)`` (k, v: ``(B, T, H_kv, D)``) for the ``T`` tokens at positions
             ``cache.position .. cache.position + T - 1``.
         cache: the layer's cache; on its first call (``cache.position == 0``) ``q, k, v``
             are the whole prompt and run as one causal call (differentiable), later calls

@@ -26,6 +26,7 @@ from .validation import (
     check_gamma_init,
     check_head_split,
     check_input_dtype,
+    check_num_kv_heads,
     check_scale,
     validate_branches,
 )
@@ -50,7 +51,8 @@ class DilatedAttention(nn.Module):
         backend: ``"auto"`` or a registered backend name.
 
     Shapes:
-        q, k, v: ``(B, N, H, D)``; output ``(B, N, H, D)``. Called as
+        q: ``(B, N, H, D)``; k, v: ``(B, N, H_kv, D)`` with ``H_kv`` dividing ``H``
+        (``H_kv = H`` without grouped-query attention); output ``(B, N, H, D)``. Called as
         ``attn(q, k, v, is_causal=False, key_padding_mask=None)``: the 4th positional
         argument is ``is_causal``, the order of the keywords of
         :func:`~dilated_attention_pytorch.dilated_attention`.
@@ -75,11 +77,14 @@ class DilatedAttention(nn.Module):
         self.scale = check_scale(scale)
         self.backend = check_backend_name(backend, available_backends())
 
-    def plan(self, num_heads: int) -> DilatedPlan:
+    def plan(self, num_heads: int, num_kv_heads: int | None = None) -> DilatedPlan:
         """The branch plan for ``num_heads`` heads (which heads run which branch, with
-        which offset). Built once per configuration; a ``UserWarning`` then says which
-        positions no head attends, if any (their output would be 0)."""
-        return make_plan(self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing)
+        which offset, reading which of ``num_kv_heads`` K/V heads). Built once per
+        configuration; a ``UserWarning`` then says which positions no head attends, if
+        any (their output would be 0)."""
+        return make_plan(
+            self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing, num_kv_heads
+        )
 
     def forward(
         self,
@@ -148,11 +153,13 @@ class DilatedAttention(nn.Module):
                 f"{self.branch_mixing!r}, scale={self.scale}; use this module's new_cache()."
             )
 
-    def new_cache(self, num_heads: int) -> DilatedKVCache:
-        """An empty decoding cache for this attention with ``num_heads`` heads."""
+    def new_cache(self, num_heads: int, num_kv_heads: int | None = None) -> DilatedKVCache:
+        """An empty decoding cache for this attention with ``num_heads`` query heads and
+        ``num_kv_heads`` K/V heads (default ``num_heads``)."""
         return DilatedKVCache(
             self.segment_lengths, self.dilation_rates, num_heads,
             branch_mixing=self.branch_mixing, scale=self.scale, backend=self.backend,
+            num_kv_heads=num_kv_heads,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -200,8 +207,9 @@ class MultiheadDilatedAttention(nn.Module):
     """Multi-head attention layer over ``(B, N, E)`` inputs, batch-first.
 
     ``out = out_proj(norm(attention(q_proj(query), k_proj(key), v_proj(value))))``
-    where the projections give ``num_heads`` heads of size ``embed_dim // num_heads``,
-    ``attention`` maps ``(B, N, H, D)`` q/k/v to ``(B, N, H, D)`` (by default a
+    where the projections give ``num_heads`` query heads (and ``num_kv_heads`` key and
+    value heads) of size ``embed_dim // num_heads``, ``attention`` maps ``(B, N, H, D)``
+    q and ``(B, N, H_kv, D)`` k/v to ``(B, N, H, D)`` (by default a
     :class:`DilatedAttention` built from ``segment_lengths`` and ``dilation_rates``)
     and ``norm`` is the LongNet/MAGNETO sub-LayerNorm (identity when ``layer_norm=False``).
 
@@ -220,6 +228,11 @@ class MultiheadDilatedAttention(nn.Module):
             largest dilation rate is allowed, but offsets ``>= H`` then go unused; when
             that leaves positions attended by no head in any branch (their output is 0),
             construction warns, naming them and the fix.
+        num_kv_heads: key/value heads ``H_kv`` for grouped-query (``1 < H_kv < H``) or
+            multi-query (``H_kv = 1``) attention; must divide ``num_heads``. Query head
+            ``h`` reads K/V head ``h // (H / H_kv)``; ``k_proj`` and ``v_proj`` then map
+            ``E`` to ``H_kv * D`` features, and no K/V head is ever copied. ``None``
+            (default): ``num_heads``.
         segment_lengths, dilation_rates, branch_mixing, dropout, scale, backend: the
             keywords of the default inner :class:`DilatedAttention` (``scale`` defaults
             to ``(E // H) ** -0.5``). Leave them unset when passing ``attention=``.
@@ -243,6 +256,7 @@ class MultiheadDilatedAttention(nn.Module):
         segment_lengths: Sequence[int] | None = None,
         dilation_rates: Sequence[int] | None = None,
         *,
+        num_kv_heads: int | None = None,
         attention: nn.Module | None = None,
         dropout: float = 0.0,
         bias: bool = True,
@@ -258,6 +272,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.head_dim = check_head_split(embed_dim, num_heads)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.num_kv_heads = check_num_kv_heads(num_kv_heads, num_heads)
         self.gamma_init = check_gamma_init(gamma_init)
         check_bool("bias", bias)
         check_bool("layer_norm", layer_norm)
@@ -297,11 +312,12 @@ class MultiheadDilatedAttention(nn.Module):
                 )
         self.attention = attention
         if isinstance(attention, DilatedAttention):
-            attention.plan(num_heads)  # warns now if some positions would get no head
+            attention.plan(num_heads, self.num_kv_heads)  # warns now if a position gets no head
         factory = {"device": device, "dtype": dtype}
+        kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.norm: nn.Module = nn.LayerNorm(embed_dim, **factory) if layer_norm else nn.Identity()
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
@@ -396,11 +412,11 @@ class MultiheadDilatedAttention(nn.Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             check_input_dtype(name, t, self.q_proj.weight.dtype)
         B, N, _ = query.shape
-        H, D = self.num_heads, self.head_dim
-        # q, k, v: (B, N, E) -> (B, N, H, D), views of the projections.
+        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        # q: (B, N, E) -> (B, N, H, D); k, v: (B, N, E) -> (B, N, H_kv, D); views.
         q = self.q_proj(query).view(B, N, H, D)
-        k = self.k_proj(key).view(key.shape[0], key.shape[1], H, D)
-        v = self.v_proj(value).view(value.shape[0], value.shape[1], H, D)
+        k = self.k_proj(key).view(key.shape[0], key.shape[1], H_kv, D)
+        v = self.v_proj(value).view(value.shape[0], value.shape[1], H_kv, D)
         out = self._attend(
             q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **attention_kwargs
         )
@@ -429,10 +445,11 @@ class MultiheadDilatedAttention(nn.Module):
                 f"the inner attention {type(self.attention).__name__} has no "
                 f"get_memory_estimate; use a DilatedAttention or ring attention module."
             )
-        if not self.layer_norm or self.q_proj.bias is None:
+        if not self.layer_norm or self.q_proj.bias is None or self.num_kv_heads != self.num_heads:
             raise ValueError(
-                "get_memory_estimate counts the default layer (bias=True, layer_norm=True); "
-                "this one was built with bias=False or layer_norm=False."
+                "get_memory_estimate counts the default layer (bias=True, layer_norm=True, "
+                "num_kv_heads=num_heads); this one was built with bias=False, "
+                "layer_norm=False or fewer K/V heads."
             )
         for name in ("num_heads", "head_dim", "embed_dim"):
             if name in kwargs:
@@ -443,6 +460,8 @@ class MultiheadDilatedAttention(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        kv = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, gamma_init={self.gamma_init}"
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, "
+            f"gamma_init={self.gamma_init}"
         )

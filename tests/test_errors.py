@@ -42,9 +42,18 @@ def test_bad_tensors() -> None:
     ):
         dilated_attention(q[0], k[0], v[0], [4], [1])
     with pytest.raises(
-        ValueError, match=r"k must have the same shape as q \(1, 8, 2, 4\).*got \(1, 7, 2, 4\)"
+        ValueError,
+        match=r"k must have shape \(B, N, H_kv, D\) = \(1, 8, H_kv, 4\) like q \(1, 8, 2, 4\), "
+        r"got \(1, 7, 2, 4\)",
     ):
         dilated_attention(q, k[:, :7], v, [4], [1])
+    q3 = torch.randn(1, 8, 3, 4)
+    with pytest.raises(ValueError, match=r"k has 2 heads, which must divide q's 3 heads"):
+        dilated_attention(q3, k, v, [4], [1])
+    with pytest.raises(
+        ValueError, match=r"k and v must have one shape.*k \(1, 8, 2, 4\) and v \(1, 8, 1, 4\)"
+    ):
+        dilated_attention(q, k, v[:, :, :1], [4], [1])
     with pytest.raises(
         ValueError, match="q, k and v must share one dtype, got q torch.float32 and v torch.float64"
     ):

@@ -329,5 +329,5 @@ def test_multihead_input_shape_errors(shape, match) -> None:
 
 def test_multihead_key_length_mismatch_is_reported() -> None:
     m = MultiheadDilatedAttention(16, 4, [8], [1])
-    with pytest.raises(ValueError, match=r"k must have the same shape as q"):
+    with pytest.raises(ValueError, match=r"k must have shape \(B, N, H_kv, D\).*cross-attention"):
         m(torch.randn(1, 8, 16), torch.randn(1, 9, 16))

@@ -54,6 +54,7 @@ class Case:
     mesh: bool = False  # world 4: a 2 x 2 DeviceMesh, one ring of 2 per data-parallel index
     dropout: float = 0.0  # the same seed on both sides: the same entries are dropped
     mask: bool = False  # a random key padding mask (whole on one process, sharded on the ring)
+    kv_heads: int | None = None  # grouped-query attention: k, v with this many heads
     kind: str = field(default="compare")
 
 
@@ -110,6 +111,16 @@ def _cases(world_size: int) -> list[Case]:
             Case(f"dense-dropout-mask-{tag}-float32", N, (N,), (1,), causal, dtype=torch.float32,
                  dropout=0.1, mask=True)
         )  # fmt: skip
+        # Grouped-query attention: K/V heads shared by 4 (and all 6) query heads, with the
+        # other features on.
+        cases.append(
+            Case(f"gqa-longnet-dropout-mask-{tag}", N, *longnet, causal, heads=8, kv_heads=2,
+                 dropout=0.2, mask=True)
+        )  # fmt: skip
+        cases.append(
+            Case(f"mqa-uneven-headsplit-{tag}", N, (4, 2 * L, N), (2, 3, 5), causal, "head_split",
+                 heads=6, kv_heads=1)
+        )  # fmt: skip
         if world_size == 4:
             cases.append(
                 Case(f"mesh-2x2-dropout-mask-{tag}", 2 * L, (4, 2 * L), (1, 3), causal,
@@ -139,7 +150,10 @@ def _compare(case: Case, rank: int, world_size: int) -> dict[str, Any]:
         data_index = mesh.get_local_rank("dp")  # each ring works on its own data
     gen = torch.Generator().manual_seed(_seed(case.name, data_index))
     shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    q, k, v, dout = (torch.randn(shape, generator=gen, dtype=case.dtype) for _ in range(4))
+    kv_shape = (*shape[:2], case.kv_heads or case.heads, case.head_dim)
+    q, k, v, dout = (
+        torch.randn(s, generator=gen, dtype=case.dtype) for s in (shape, kv_shape, kv_shape, shape)
+    )
     # About a quarter of the keys are padding, and batch 0 pads its whole second half.
     mask = torch.rand(case.batch, case.seq_len, generator=gen) < 0.25
     mask[0, case.seq_len // 2 :] = True
@@ -230,10 +244,11 @@ def test_dense_ring_is_plain_attention() -> None:
 # same ValueError instead of some ranks hanging in the ring.
 
 BAD_CASES: dict[str, str] = {
-    "shard-length-differs": r"local shards differ between ranks.*rank 0 has shape \(1, 16, 4, 8\), rank 1 has shape \(1, 8, 4, 8\)",
-    "head-count-differs": r"local shards differ between ranks.*rank 1 has shape \(1, 16, 2, 8\)",
+    "shard-length-differs": r"local shards differ between ranks.*rank 0 has q shape \(1, 16, 4, 8\) with 4 K/V heads, rank 1 has q shape \(1, 8, 4, 8\)",
+    "head-count-differs": r"local shards differ between ranks.*rank 1 has q shape \(1, 16, 2, 8\)",
+    "kv-head-count-differs": r"local shards differ between ranks.*rank 0 has q shape \(1, 16, 4, 8\) with 4 K/V heads, rank 1 has q shape \(1, 16, 4, 8\) with 2 K/V heads",
     "dtype-differs": r"dtype differs between ranks.*rank 0 has torch.float64, rank 1 has torch.float32",
-    "k-shape-bad-on-one-rank": r"invalid input on rank\(s\) \[1\].*rank 1: ValueError: k must have the same shape as q",
+    "k-shape-bad-on-one-rank": r"invalid input on rank\(s\) \[1\].*rank 1: ValueError: k must have shape \(B, N, H_kv, D\)",
     "settings-differ": r"settings differ between ranks.*rank 0 has .*is_causal=False.*rank 1 has .*is_causal=True",
     "segment-does-not-tile-shard": r"branch 0 \(segment length 12, dilation 1\) does not tile the local shard.*L = N/k = 32/2 = 16",
     "segment-not-multiple-of-shard": r"branch 1 \(segment length 24, dilation 2\) spans several ranks but is not a multiple of the local shard length.*L = N/k = 32/2 = 16",
@@ -261,6 +276,10 @@ def _bad_call(name: str, rank: int) -> None:
         ring_dilated_attention(*qkv(L=16 if rank == 0 else 8), segs, rates)
     elif name == "head-count-differs":
         ring_dilated_attention(*qkv(H=4 if rank == 0 else 2), segs, rates)
+    elif name == "kv-head-count-differs":
+        q, k, v = qkv()
+        heads = slice(None) if rank == 0 else slice(0, 2)
+        ring_dilated_attention(q, k[:, :, heads], v[:, :, heads], segs, rates)
     elif name == "dtype-differs":
         ring_dilated_attention(
             *qkv(dtype=torch.float64 if rank == 0 else torch.float32), segs, rates
@@ -354,6 +373,7 @@ class CommCase:
     head_dim: int = 8
     local_len: int = 16
     mask: bool = False  # a key padding mask travels with the keys
+    kv_heads: int | None = None  # grouped-query attention: only these K/V heads travel
 
 
 COMM_CASES = [
@@ -369,6 +389,9 @@ COMM_CASES = [
     # The key mask adds one element per dilated key and head group to K/V transfers only.
     CommCase("uneven-masked", (8, 32, 64), (2, 3, 5), False, torch.float32, heads=5, mask=True),
     CommCase("causal-masked", (8, 64), (1, 4), True, torch.float64, mask=True),
+    # Grouped-query attention: per offset, only the K/V heads its query heads read travel.
+    CommCase("gqa-uneven", (8, 32, 64), (2, 3, 5), False, torch.float32, heads=8, kv_heads=2),
+    CommCase("mqa-causal", (8, 64), (1, 4), True, torch.float64, heads=8, kv_heads=1),
 ]
 
 
@@ -407,7 +430,11 @@ def _comm_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]
         for name in names:
             c = cases[name]
             shape = (c.batch, c.local_len, c.heads, c.head_dim)
-            q, k, v = (torch.randn(shape, dtype=c.dtype, requires_grad=True) for _ in range(3))
+            kv_shape = (c.batch, c.local_len, c.kv_heads or c.heads, c.head_dim)
+            q, k, v = (
+                torch.randn(s, dtype=c.dtype, requires_grad=True)
+                for s in (shape, kv_shape, kv_shape)
+            )
             kwargs = {"is_causal": c.is_causal, "branch_mixing": c.branch_mixing}
             if c.mask:
                 kwargs["key_padding_mask"] = torch.rand(c.batch, c.local_len) < 0.3
@@ -424,14 +451,16 @@ def _comm_worker(rank: int, world_size: int, names: list[str]) -> dict[str, Any]
     return records
 
 
-def _head_offsets(c: CommCase, branch: int) -> list[int]:
-    """Offsets of the heads running ``branch``, straight from the definition."""
+def _head_offsets(c: CommCase, branch: int) -> list[tuple[int, int]]:
+    """``(offset, K/V head)`` of the heads running ``branch``, straight from the definition."""
     r = c.dilation_rates[branch]
+    group = c.heads // (c.kv_heads or c.heads)  # query heads per K/V head
     if c.branch_mixing == "softmax":
-        return [h % r for h in range(c.heads)]
+        return [(h % r, h // group) for h in range(c.heads)]
     G = len(c.segment_lengths)
     sizes = [c.heads // G + (1 if i < c.heads % G else 0) for i in range(G)]
-    return [j % r for j in range(sizes[branch])]
+    start = sum(sizes[:branch])
+    return [(j % r, (start + j) // group) for j in range(sizes[branch])]
 
 
 def _expected_send_bytes(c: CommCase, rank: int, world_size: int) -> tuple[int, int]:
@@ -456,10 +485,13 @@ def _expected_send_bytes(c: CommCase, rank: int, world_size: int) -> tuple[int, 
         size, pos = min(g, world_size - first), rank - first
 
         def block(origin: int, w: int = w, r: int = r, i: int = i, mask: bool = False) -> int:
-            # K and V elements of ring member ``origin``'s dilated positions, all heads.
+            # K and V elements of ring member ``origin``'s dilated positions: per offset,
+            # once per K/V head its query heads read.
             positions = range(origin * L, (origin + 1) * L)  # inside the segment
-            count = sum(1 for o in _head_offsets(c, i) for p in positions if (p % w) % r == o)
-            keys = sum(1 for o in set(_head_offsets(c, i)) for p in positions if (p % w) % r == o)
+            pairs = set(_head_offsets(c, i))
+            count = sum(1 for o, _ in pairs for p in positions if (p % w) % r == o)
+            offsets = {o for o, _ in pairs}
+            keys = sum(1 for o in offsets for p in positions if (p % w) % r == o)
             return 2 * c.batch * count * c.head_dim + (c.batch * keys if mask else 0)
 
         if c.is_causal:
@@ -494,10 +526,10 @@ def test_communication_bytes(comm_results: list[dict[str, Any]], case: CommCase)
                     g = w // L
                     peers |= set(range((rank // g) * g, min((rank // g + 1) * g, world_size)))
             assert {p for p, _ in res[case.name][phase]["send"]} <= peers - {rank}
-            # No collective moves K/V: only the forward's metadata all_gather (8 int64 per rank).
+            # No collective moves K/V: only the forward's metadata all_gather (9 int64 per rank).
             for name, tensors in res[case.name][phase]["collective"]:
                 assert name == "all_gather" and phase == "forward"
-                assert all(dtype == torch.int64 and numel == 8 for dtype, numel in tensors)
+                assert all(dtype == torch.int64 and numel == 9 for dtype, numel in tensors)
     if case.name == "global-even":
         # The design's bound verbatim: (g - 1) * L / r tokens of K and V per head, every rank.
         g, L, r = 4, case.local_len, 8

@@ -136,7 +136,7 @@ class RingBranch:
         """Elements of the packed K+V buffer of ring member ``origin`` (and, when
         ``masked``, of its dilated key keep mask, one element per key and head group)."""
         kv = 2 * sum(
-            batch * g.counts[origin] * g.heads.num_heads * head_dim for g in self.head_groups
+            batch * g.counts[origin] * g.heads.num_kv_heads * head_dim for g in self.head_groups
         )
         return kv + (sum(batch * g.counts[origin] for g in self.head_groups) if masked else 0)
 
@@ -186,16 +186,16 @@ def ring_layout(
     return tuple(branches)
 
 
-def _view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor | None:
-    """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty.
+def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) -> Tensor | None:
+    """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty;
+    with ``kv``, ``x`` is a K/V tensor (B, L, H_kv, ...) and the group's K/V heads are taken.
 
     A local branch (``L % w == 0``) gives one view ``(B*L/w, n, Hs, ...)`` of all its
     segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
     """
     offset = group.offsets[branch.position]
-    views = segment_views(
-        x, branch.piece_length, branch.dilation_rate, offset, group.heads.head_slice
-    )
+    heads = group.heads.kv_slice if kv else group.heads.head_slice
+    views = segment_views(x, branch.piece_length, branch.dilation_rate, offset, heads)
     return views[0] if views else None
 
 
@@ -212,7 +212,7 @@ Piece = tuple[Tensor, Tensor, Tensor | None]
 def _unpack(
     buf: Tensor, branch: RingBranch, origin: int, batch: int, head_dim: int, masked: bool = False
 ) -> list[Piece | None]:
-    """Per head group, views ``(B, n, Hs, D)`` of K and V (and ``(B, n)`` of the key mask
+    """Per head group, views ``(B, n, Hk, D)`` of K and V (and ``(B, n)`` of the key mask
     when ``masked``) into a packed buffer; None for an empty group.
 
     Layout: K then V of every group in order, then (``masked``) every group's mask.
@@ -220,7 +220,7 @@ def _unpack(
     pieces: list[Piece | None] = []
     start = 0
     for g in branch.head_groups:
-        shape = (batch, g.counts[origin], g.heads.num_heads, head_dim)
+        shape = (batch, g.counts[origin], g.heads.num_kv_heads, head_dim)
         numel = math.prod(shape)
         if numel == 0:
             pieces.append(None)
@@ -245,7 +245,7 @@ def _own_pieces(
     """Per head group, this rank's dilated K/V (and key keep mask) as strided views."""
     pieces: list[Piece | None] = []
     for g in branch.head_groups:
-        k_view, v_view = _view(k, branch, g), _view(v, branch, g)
+        k_view, v_view = _view(k, branch, g, kv=True), _view(v, branch, g, kv=True)
         if k_view is None or v_view is None:
             pieces.append(None)
         else:
@@ -381,7 +381,7 @@ class BlockTask:
     group: PieceGroup
     origin: int
     causal: bool  # the block is on the diagonal of a causal call
-    k: Tensor  # (Bb, Lk, Hs, D)
+    k: Tensor  # (Bb, Lk, Hk, D): the group's K/V heads
     v: Tensor
     key_keep: Tensor | None = None  # (Bb, Lk) bool, True where a key may be attended
     dropout: DropoutKeys | None = None  # the entries of the block that dropout drops
@@ -390,9 +390,10 @@ class BlockTask:
     def own(self) -> bool:
         return self.origin == self.branch.position
 
-    def view(self, x: Tensor) -> Tensor:
-        """This rank's dilated view of a local ``(B, L, H, ...)`` tensor for the block."""
-        view = _view(x, self.branch, self.group)
+    def view(self, x: Tensor, kv: bool = False) -> Tensor:
+        """This rank's dilated view of a local ``(B, L, H, ...)`` tensor for the block (of
+        a ``(B, L, H_kv, ...)`` K/V tensor with ``kv``)."""
+        view = _view(x, self.branch, self.group, kv)
         assert view is not None  # tasks exist only where this rank has positions
         return view
 
@@ -596,8 +597,8 @@ class GradRouter:
                 unpacked = _unpack(buf, b, b.position, self.batch, self.head_dim)
                 for g, grad in zip(b.head_groups, unpacked, strict=True):
                     if grad is not None:
-                        _view(dk, b, g).add_(grad[0])
-                        _view(dv, b, g).add_(grad[1])
+                        _view(dk, b, g, kv=True).add_(grad[0])
+                        _view(dv, b, g, kv=True).add_(grad[1])
 
 
 # --------------------------------------------------------------------------- ring loops
@@ -675,8 +676,8 @@ def ring_dilated_backward(
             )  # fmt: skip
             t.view(dq).add_(dq_blk)
             if t.own:
-                t.view(dk).add_(dk_blk)
-                t.view(dv).add_(dv_blk)
+                t.view(dk, kv=True).add_(dk_blk)
+                t.view(dv, kv=True).add_(dv_blk)
             else:
                 groups = visiting.setdefault(t.branch_index, [None] * len(t.branch.head_groups))
                 groups[t.group_index] = (dk_blk, dv_blk, None)
@@ -741,7 +742,9 @@ def ring_dilated_attention(
     ``L`` (the ``w/L`` ranks of a segment form a ring; only dilated K/V move).
 
     Args:
-        q, k, v: ``(B, N/k, H, D)`` local shards, one dtype and device on every rank.
+        q, k, v: ``(B, N/k, H, D)`` local shards, one dtype and device on every rank;
+            k and v may have ``H_kv`` heads dividing ``H`` (grouped-query attention, as
+            in ``dilated_attention``): only those ``H_kv`` heads travel the ring.
         segment_lengths: segment length ``w`` of each branch (global token counts).
         dilation_rates: dilation rate ``r`` of each branch, ``1 <= r <= w``.
         group: the process group holding the sequence (default: WORLD); any group,
@@ -792,7 +795,7 @@ def ring_dilated_attention(
 
     Notes:
         A key padding mask adds one element per dilated key and head group to each K/V
-        transfer (``1 / (2 * H_group * D)`` of its size).
+        transfer (``1 / (2 * H_group * D)`` of its size, ``H_group`` the group's K/V heads).
     """
     group = resolve_group(group)
     settings = dict(

@@ -38,8 +38,8 @@ _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
 _DEVICE_CODES = {"cpu": 1, "cuda": 2}
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "another device"}
 # Layout of the metadata vector.
-_OK, _B, _L, _H, _D, _DTYPE, _DEVICE, _FINGERPRINT = range(8)
-_META_LEN = 8
+_OK, _B, _L, _H, _D, _HKV, _DTYPE, _DEVICE, _FINGERPRINT = range(9)
+_META_LEN = 9
 
 
 def _fingerprint(*settings: object) -> int:
@@ -131,7 +131,8 @@ def check_ring_call_locally(
             f"the local shard is empty (q has shape {tuple(q.shape)}); every rank must hold "
             f"N/k >= 1 tokens."
         )
-    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
+    assert isinstance(k, Tensor)
+    plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
     check_shard_length(plan, q.shape[1], check_ring_size_divides(ring_size, world_size))
     return plan
 
@@ -186,10 +187,11 @@ def check_ring_call(
             dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
         )  # fmt: skip
-        assert isinstance(q, Tensor)
+        assert isinstance(q, Tensor) and isinstance(k, Tensor)
         meta = [
             1,
             *q.shape,
+            k.shape[2],
             _DTYPE_CODES[q.dtype],
             _DEVICE_CODES.get(q.device.type, 3),
             _fingerprint(
@@ -222,12 +224,16 @@ def check_ring_call(
             f"{rank}; every rank raises this error): {details}"
         )
 
-    shapes = {tuple(row[_B : _D + 1]) for row in table}
+    shapes = {tuple(row[_B : _HKV + 1]) for row in table}
     if len(shapes) > 1:
         raise ValueError(
-            "ring attention: the local shards differ between ranks; every rank must pass q, k, "
-            "v of one shape (B, N/k, H, D) (same batch, shard length, head count and head dim): "
-            + _per_rank(table, lambda row: f"shape {tuple(row[_B : _D + 1])}")
+            "ring attention: the local shards differ between ranks; every rank must pass q of "
+            "one shape (B, N/k, H, D) and k, v of one shape (B, N/k, H_kv, D) (same batch, "
+            "shard length, head counts and head dim): "
+            + _per_rank(
+                table,
+                lambda row: f"q shape {tuple(row[_B : _D + 1])} with {row[_HKV]} K/V heads",
+            )
             + "."
         )
     if len({row[_DTYPE] for row in table}) > 1:
