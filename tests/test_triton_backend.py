@@ -54,8 +54,10 @@ def kernels():
     return launch
 
 
-def _compare(B, N, H, ws, rs, *, D=16, mask_p=0.0, **kwargs) -> None:
-    q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+def _compare(B, N, H, ws, rs, *, D=16, mask_p=0.0, kv_heads=None, **kwargs) -> None:
+    H_kv = kv_heads or H
+    q = torch.randn(B, N, H, D, requires_grad=True)
+    k, v = (torch.randn(B, N, H_kv, D, requires_grad=True) for _ in range(2))
     mask = None
     if mask_p > 0:
         mask = torch.rand(B, N) < mask_p
@@ -109,19 +111,44 @@ def test_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+def test_grouped_query_attention(branch_mixing, is_causal) -> None:
+    # 6 query heads on 2 K/V heads: runs of query heads share a K/V head (r = 1), heads
+    # of one K/V head have different offsets (r = 3), and the dK/dV of a K/V head sum
+    # its query heads' contributions.
+    _compare(
+        1, 53, 6, [8, 30], [1, 3], kv_heads=2, mask_p=0.2, is_causal=is_causal,
+        branch_mixing=branch_mixing,
+    )  # fmt: skip
+
+
+@interpreted
+def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
+    # One K/V head for 4 query heads; accumulators limited to 2 heads: two chunks read
+    # the same K/V head.
+    monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 40 * 16 * 4 * 2)
+    _compare(2, 40, 4, [8, 20], [1, 2], kv_heads=1, is_causal=True)
+
+
+@interpreted
 def test_head_dim_32() -> None:
     _compare(1, 45, 2, [12, 45], [1, 2], D=32)
 
 
 @interpreted
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("Lq,Lk,causal", [(37, 37, True), (20, 45, False), (45, 20, True)])
-def test_block_ops(kernels, Lq, Lk, causal, masked) -> None:
+@pytest.mark.parametrize(
+    "Lq,Lk,causal,kv_heads",
+    [(37, 37, True, 3), (20, 45, False, 3), (45, 20, True, 3), (30, 30, True, 1)],
+)
+def test_block_ops(kernels, Lq, Lk, causal, masked, kv_heads) -> None:
     # Strided token-major blocks (a head slice of a larger tensor), as the ring passes them;
-    # a strided key keep mask, as the ring's dilated views of a mask are.
+    # a strided key keep mask, as the ring's dilated views of a mask are. kv_heads=1:
+    # grouped-query blocks (3 query heads on one K/V head).
     scale = 0.3
     q = torch.randn(3, Lq, 6, 16)[:, :, 1:4]
-    k, v = torch.randn(3, Lk, 3, 16), torch.randn(3, Lk, 3, 16)
+    k, v = torch.randn(3, Lk, kv_heads, 16), torch.randn(3, Lk, kv_heads, 16)
     keep = (torch.rand(3, 2 * Lk) > 0.3)[:, ::2] if masked else None
     if masked:
         keep[0] = False  # a batch row that sees no key at all
@@ -192,10 +219,11 @@ def _ring_triton_worker(rank: int, world_size: int, cases: list) -> list[dict]:
     patch_triton_interpreter()
 
     results = []
-    for ws, rs, is_causal, mixing, masked in cases:
+    for ws, rs, is_causal, mixing, masked, kv_heads in cases:
         torch.manual_seed(0)  # the same full tensors on every rank
         B, N, H, D = 2, 48, 3, 16
-        q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+        q = torch.randn(B, N, H, D, requires_grad=True)
+        k, v = (torch.randn(B, N, kv_heads or H, D, requires_grad=True) for _ in range(2))
         mask = torch.rand(B, N) < 0.3 if masked else None
         kw = dict(is_causal=is_causal, branch_mixing=mixing)
         ref = dilated_attention(q, k, v, ws, rs, backend="pytorch", key_padding_mask=mask, **kw)
@@ -213,7 +241,9 @@ def _ring_triton_worker(rank: int, world_size: int, cases: list) -> list[dict]:
         errs += [
             (g - rg[:, part]).abs().max().item() for g, rg in zip(grads, ref_grads, strict=True)
         ]
-        results.append({"case": (ws, rs, is_causal, mixing, masked), "max_err": max(errs)})
+        results.append(
+            {"case": (ws, rs, is_causal, mixing, masked, kv_heads), "max_err": max(errs)}
+        )
     return results
 
 
@@ -224,9 +254,10 @@ def test_ring_with_triton_block_ops() -> None:
     # Shard L = 24: w = 8 is local, w = 24 fills a shard, w = 48 spans both ranks with
     # L % r != 0, so the ranks' dilated pieces have different lengths (Lq != Lk blocks).
     cases = [
-        ([8, 24, 48], [1, 3, 5], False, "softmax", False),
-        ([8, 24, 48], [1, 3, 5], True, "softmax", True),
-        ([8, 48], [2, 5], True, "head_split", True),
+        ([8, 24, 48], [1, 3, 5], False, "softmax", False, None),
+        ([8, 24, 48], [1, 3, 5], True, "softmax", True, None),
+        ([8, 48], [2, 5], True, "head_split", True, None),
+        ([8, 48], [1, 5], True, "softmax", False, 1),  # multi-query: one K/V head travels
     ]
     for rank_results in spawn(_ring_triton_worker, 2, cases):
         for r in rank_results:
