@@ -103,6 +103,23 @@ def test_custom_ops_pass_opcheck_with_transposed_inputs() -> None:
         torch.library.opcheck(_backward, (torch.randn_like(out), q, k, v, out, lse, *args))
 
 
+def test_custom_ops_pass_opcheck_with_fewer_kv_heads() -> None:
+    # Grouped-query attention: the fakes give dk, dv the K/V heads' shape.
+    q = torch.randn(1, 24, 6, 8)
+    k, v = torch.randn(1, 24, 2, 8), torch.randn(1, 24, 2, 8)
+    args = ([8, 16], [1, 3], "softmax", 0.3, True, 0.0, None, torch.zeros(1, dtype=torch.long), "pytorch")  # fmt: skip
+    torch.library.opcheck(_forward, (q, k, v, *args))
+    out, lse = _forward(q, k, v, *args)
+    torch.library.opcheck(_backward, (torch.randn_like(out), q, k, v, out, lse, *args))
+
+
+def test_grouped_query_attention_compiles_without_graph_breaks() -> None:
+    q = torch.randn(1, 32, 8, 8, requires_grad=True)
+    k, v = (torch.randn(1, 32, 2, 8, requires_grad=True) for _ in range(2))
+    fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True)
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+
+
 def test_transposed_inputs_compile_forward_and_backward() -> None:
     q, k, v = (torch.randn(2, 4, 24, 8).transpose(1, 2).requires_grad_() for _ in range(3))
     fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True)

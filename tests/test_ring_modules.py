@@ -117,11 +117,16 @@ def _validate_once(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def _replicated(rank: int, world_size: int, ring_size: int | None) -> dict[str, Any]:
-    """Whole sequence in and out (already_split=False), rings of ``ring_size`` side by side."""
+    """Whole sequence in and out (already_split=False), rings of ``ring_size`` side by side;
+    rings of 2 with grouped-query attention (2 K/V heads for 4 query heads)."""
     k = world_size if ring_size is None else ring_size
+    kv_heads = 2 if ring_size == 2 else 4
     ring_index = rank // k
     torch.manual_seed(100 + ring_index)  # every ring its own data, the same within a ring
-    q, kk, v = (torch.randn(2, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 32, 4, 8, dtype=torch.float64, requires_grad=True)
+    kk, v = (
+        torch.randn(2, 32, kv_heads, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)
+    )
     dout = torch.randn(2, 32, 4, 8, dtype=torch.float64)
     want = DilatedAttention(SEGMENTS, DILATIONS)(q, kk, v, is_causal=True)
     want_grads = torch.autograd.grad(want, (q, kk, v), dout)
@@ -136,9 +141,11 @@ def _replicated(rank: int, world_size: int, ring_size: int | None) -> dict[str, 
     split_grads = torch.autograd.grad(split, local, dout[:, j * L : (j + 1) * L])
     # Multi-head layer, whole sequence: the single-device layer exactly, parameters included.
     torch.manual_seed(7)
-    full_layer = MultiheadDilatedAttention(32, 4, SEGMENTS, DILATIONS, dtype=torch.float64)
+    full_layer = MultiheadDilatedAttention(
+        32, 4, SEGMENTS, DILATIONS, num_kv_heads=kv_heads, dtype=torch.float64
+    )
     ring_layer = RingMultiheadDilatedAttention(
-        32, 4, SEGMENTS, DILATIONS, ring_size=ring_size, dtype=torch.float64
+        32, 4, SEGMENTS, DILATIONS, ring_size=ring_size, num_kv_heads=kv_heads, dtype=torch.float64
     )
     ring_layer.load_state_dict(full_layer.state_dict())
     x = torch.randn(2, 32, 32, dtype=torch.float64, requires_grad=True)

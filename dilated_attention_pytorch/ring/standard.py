@@ -368,8 +368,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
       dimension would).
 
     Args:
-        embed_dim, num_heads, segment_lengths, dilation_rates, bias, layer_norm,
-            gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
+        embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, bias,
+            layer_norm, gamma_init, device, dtype: as in ``MultiheadDilatedAttention``
+            (with ``num_kv_heads < num_heads`` only the K/V heads travel the ring).
         ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout:
             the keywords of the inner :class:`StandardRingAttention`.
     """
@@ -381,6 +382,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         *,
+        num_kv_heads: int | None = None,
         ring_size: int | None = None,
         process_group: dist.ProcessGroup | None = None,
         branch_mixing: str = "softmax",
@@ -410,6 +412,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         super().__init__(
             embed_dim,
             num_heads,
+            num_kv_heads=num_kv_heads,
             attention=attention,
             bias=bias,
             layer_norm=layer_norm,
