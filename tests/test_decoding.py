@@ -161,3 +161,22 @@ def test_language_model_decodes_with_its_caches() -> None:
 def test_ring_modules_have_no_decoding_cache() -> None:
     with pytest.raises(TypeError, match="has no decoding cache"):
         StandardRingAttention([8, 16], [1, 2]).new_cache(4)
+
+
+def test_grouped_query_language_model_decodes_with_its_caches() -> None:
+    # 4 query heads on 2 K/V heads: smaller projections and caches, the same logits step
+    # by step as the whole causal forward.
+    torch.manual_seed(1)
+    model = LongNetLM(256, 32, 4, 2, [16, 32], [1, 4], num_kv_heads=2, dtype=DT)
+    assert model.blocks[0].attn.k_proj.weight.shape == (16, 32)
+    ids = torch.randint(0, 256, (1, 50))
+    whole = model(ids)
+    caches = model.new_caches()
+    with torch.no_grad():
+        steps = [model(ids[:, :21], caches=caches)]
+        steps += [model(ids[:, t : t + 1], caches=caches) for t in range(21, 50)]
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-12, rtol=0)
+    mha_cache = LongNetLM(256, 32, 4, 2, [16, 32], [1, 4], dtype=DT).new_caches()[0]
+    with torch.no_grad():
+        mha_cache.fill(torch.zeros(1, 21, 4, 8, dtype=DT), torch.zeros(1, 21, 4, 8, dtype=DT))
+    assert caches[0].nbytes() < mha_cache.nbytes()

@@ -88,6 +88,16 @@ def test_one_dense_segment_equals_dense_attention() -> None:
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8, msg=name)
 
 
+def test_one_dense_segment_equals_dense_attention_with_kv_heads() -> None:
+    # The same with grouped-query attention: dense SDPA with enable_gqa on one side.
+    kw = dict(num_kv_heads=2, segment_lengths=[64], dilation_rates=[1])
+    dilated = _lm(**kw)
+    dense = _lm("dense", num_kv_heads=2)
+    dense.load_state_dict(dilated.state_dict())
+    ids = _ids()
+    torch.testing.assert_close(dilated(ids), dense(ids), atol=1e-10, rtol=1e-10)
+
+
 def test_rotary_scores_depend_on_distance_only() -> None:
     # One query vector and one key vector, the same at every position: the scores then
     # differ only through the rotation, and equal q . R((n - m) theta) k.

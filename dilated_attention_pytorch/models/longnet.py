@@ -25,6 +25,7 @@ from ..validation import (
     check_choice,
     check_dropout,
     check_key_padding_mask,
+    check_num_kv_heads,
     check_optional_positive_int,
     check_positive_int,
 )
@@ -82,6 +83,7 @@ class DenseAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
+            enable_gqa=k.shape[2] != q.shape[2],  # k, v with fewer heads (grouped-query)
         )
         return out.transpose(1, 2)
 
@@ -179,6 +181,7 @@ class LongNetBlock(nn.Module):
         num_heads: int,
         attention: nn.Module,
         *,
+        num_kv_heads: int | None = None,
         ffn_mult: int = 4,
         dropout: float = 0.0,
         device: torch.device | str | None = None,
@@ -188,7 +191,9 @@ class LongNetBlock(nn.Module):
         factory = {"device": device, "dtype": dtype}
         hidden = check_positive_int("ffn_mult", ffn_mult) * embed_dim
         self.norm1 = nn.LayerNorm(embed_dim, **factory)
-        self.attn = MultiheadDilatedAttention(embed_dim, num_heads, attention=attention, **factory)
+        self.attn = MultiheadDilatedAttention(
+            embed_dim, num_heads, attention=attention, num_kv_heads=num_kv_heads, **factory
+        )
         self.norm2 = nn.LayerNorm(embed_dim, **factory)
         self.ffn = nn.Sequential(
             nn.Linear(embed_dim, hidden, **factory),
@@ -228,6 +233,7 @@ def block_stack(
     backend: str,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
+    num_kv_heads: int | None = None,
 ) -> nn.ModuleList:
     """``num_layers`` :class:`LongNetBlock` s, each with its own inner attention (wrapped in
     :class:`RotaryAttention` when ``rotary``)."""
@@ -243,6 +249,7 @@ def block_stack(
             embed_dim,
             num_heads,
             inner(),
+            num_kv_heads=num_kv_heads,
             ffn_mult=ffn_mult,
             dropout=dropout,
             device=device,
@@ -269,6 +276,9 @@ class LongNetLM(nn.Module):
         embed_dim: model width ``E``; ``E / num_heads`` must be an even head dim.
         num_heads: attention heads per block.
         num_layers: number of blocks.
+        num_kv_heads: key/value heads per block for grouped-query attention (dividing
+            ``num_heads``; ``None``: ``num_heads``). Smaller ``k_proj``/``v_proj`` and
+            decoding caches; query head ``h`` reads K/V head ``h // (H / H_kv)``.
         segment_lengths, dilation_rates: the LongNet branches of every block (see
             :func:`~dilated_attention_pytorch.dilated_attention`). Unused with
             ``attention="dense"``.
@@ -301,6 +311,7 @@ class LongNetLM(nn.Module):
         branch_mixing: str = "softmax",
         backend: str = "auto",
         attention: str = "dilated",
+        num_kv_heads: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -309,6 +320,7 @@ class LongNetLM(nn.Module):
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.embed_dim = check_positive_int("embed_dim", embed_dim)
         self.num_heads = check_positive_int("num_heads", num_heads)
+        self.num_kv_heads = check_num_kv_heads(num_kv_heads, num_heads)
         head_dim = embed_dim // num_heads
         if embed_dim % num_heads or head_dim % 2:
             raise ValueError(
@@ -329,7 +341,7 @@ class LongNetLM(nn.Module):
         self.blocks = block_stack(
             num_layers, embed_dim, num_heads, attention, segment_lengths, dilation_rates,
             rotary=True, ffn_mult=ffn_mult, dropout=dropout, branch_mixing=branch_mixing,
-            backend=backend, **factory,
+            backend=backend, num_kv_heads=self.num_kv_heads, **factory,
         )  # fmt: skip
         self.norm = nn.LayerNorm(embed_dim, **factory)
         self.head = nn.Linear(embed_dim, vocab_size, bias=False, **factory)
@@ -471,7 +483,7 @@ class LongNetLM(nn.Module):
                     f"blocks use {type(inner).__name__} (a dense model, or one parallelized "
                     f"for a ring)."
                 )
-            caches.append(inner.new_cache(self.num_heads))
+            caches.append(inner.new_cache(self.num_heads, self.num_kv_heads))
         return caches
 
     @torch.no_grad()
