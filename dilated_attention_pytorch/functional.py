@@ -20,7 +20,13 @@ from .backends import (
 from .ops import backend_key, dilated_attention_op
 from .plan import DilatedPlan, make_plan
 from .segments import token_major
-from .validation import check_key_padding_mask, check_qkv, check_scalars, warn_if_transposed
+from .validation import (
+    check_cu_seqlens,
+    check_key_padding_mask,
+    check_qkv,
+    check_scalars,
+    warn_if_transposed,
+)
 
 __all__ = ["dilated_attention", "explain_backend"]
 
@@ -152,6 +158,8 @@ def dilated_attention(
     key_padding_mask: Tensor | None = None,
     backend: str | Backend = "auto",
     return_lse: bool = False,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention on ``(B, N, H, D)`` tensors (batch, tokens, heads, head dim).
 
@@ -187,6 +195,15 @@ def dilated_attention(
             ``"triton"``, ``"pytorch"``) or a :class:`~dilated_attention_pytorch.backends.Backend`
             instance such as ``PyTorchBackend(kernel="flash")``.
         return_lse: also return the log-sum-exp of the scaled scores.
+        cu_seqlens: packed documents, flash-attn's convention: a 1-D int32/int64 tensor
+            ``[0, n_0, n_0 + n_1, ..., total]`` of document offsets into q, k, v of shape
+            ``(1, total, H, D)``. Each document is then its own sequence: its segments
+            start at its first token (the last one shorter when ``w`` does not divide
+            its length) and nothing attends across documents. Read on the host (one
+            device sync); the documents run one after another. Not with
+            ``key_padding_mask``.
+        max_seqlen: with ``cu_seqlens``, optionally the longest document's length (an
+            upper bound, checked; flash-attn's argument, accepted for drop-in use).
 
     Returns:
         ``out`` of shape ``(B, N, H, D)`` in ``q.dtype`` (the gradients of k and v have
@@ -213,9 +230,49 @@ def dilated_attention(
     check_qkv(q, k, v)
     key_padding_mask = check_key_padding_mask(key_padding_mask, q)
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
+    options = dict(
+        is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, dropout_p=dropout_p,
+        backend=backend, return_lse=return_lse,
+    )  # fmt: skip
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
+    if cu_seqlens is not None:
+        lengths = check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask)
+        make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
+        warn_if_transposed(q, segment_lengths)
+        # One call per document on views of q, k, v (split: one backward node for all).
+        parts = [
+            _attend(*qkv, segment_lengths, dilation_rates, key_padding_mask=None, **options)
+            for qkv in zip(*(t.split(lengths, dim=1) for t in (q, k, v)), strict=True)
+        ]
+        if not return_lse:
+            return torch.cat(parts, dim=1)
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
+    make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
+    warn_if_transposed(q, segment_lengths)
+    return _attend(
+        q, k, v, segment_lengths, dilation_rates, key_padding_mask=key_padding_mask, **options
+    )
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool,
+    branch_mixing: str,
+    scale: float | None,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    backend: str | Backend,
+    return_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`dilated_attention` on checked inputs of one sequence per batch row."""
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing, k.shape[2])
-    warn_if_transposed(q, segment_lengths)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)
     chosen = select_backend(backend, call)

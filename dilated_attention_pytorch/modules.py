@@ -95,6 +95,8 @@ class DilatedAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         *,
         cache: DilatedKVCache | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> Tensor:
         """Attend ``q`` to ``k``/``v``.
 
@@ -107,11 +109,20 @@ class DilatedAttention(nn.Module):
             cache: a :class:`~dilated_attention_pytorch.decoding.DilatedKVCache` from
                 :meth:`new_cache` for incremental decoding: ``q, k, v`` are then the
                 next tokens (the whole prompt first), ``is_causal`` must be ``True``.
+            cu_seqlens, max_seqlen: packed documents in a ``(1, total, H, D)`` batch, as in
+                :func:`~dilated_attention_pytorch.dilated_attention` (each document is its
+                own sequence). ``MultiheadDilatedAttention`` passes them on:
+                ``layer(x, cu_seqlens=cu_seqlens)``.
 
         Returns:
             ``(B, N, H, D)`` in ``q.dtype``.
         """
         if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError(
+                    "a decoding cache holds one sequence per batch row; decode packed "
+                    "documents as a padded batch (B, N) instead of cu_seqlens."
+                )
             self._check_cache(cache, is_causal, key_padding_mask)
             return cached_dilated_attention(q, k, v, cache)
         return dilated_attention(
@@ -126,6 +137,8 @@ class DilatedAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             key_padding_mask=key_padding_mask,
             backend=self.backend,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
         )
 
     def _check_cache(self, cache: object, is_causal: bool, key_padding_mask: object) -> None:

@@ -44,16 +44,22 @@ def dilated_branch_masks(
     is_causal: bool = False,
     branch_mixing: str = "softmax",
     device: torch.device | str | None = None,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Per branch, ``M_i[h, p, p']``: whether branch ``i`` of head ``h`` contains the pair.
 
+    ``cu_seqlens``: packed documents ``[0, n_0, n_0 + n_1, ..., seq_len]``: positions
+    count from each document's first token and pairs never cross documents.
     Returns one bool tensor of shape ``(H, N, N)`` per branch.
     """
-    pos = torch.arange(seq_len, device=device)
+    index = torch.arange(seq_len, device=device)
+    bounds = torch.tensor([0, seq_len] if cu_seqlens is None else list(cu_seqlens), device=device)
+    doc = torch.searchsorted(bounds, index, right=True) - 1  # the document of each token
+    pos = index - bounds[doc]  # position inside its document
     masks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
         seg = pos // w
-        same_segment = seg[:, None] == seg[None, :]
+        same_segment = (seg[:, None] == seg[None, :]) & (doc[:, None] == doc[None, :])
         if is_causal:
             same_segment = same_segment & (pos[None, :] <= pos[:, None])
         mask = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.bool, device=device)
@@ -76,6 +82,7 @@ def dilated_count_mask(
     is_causal: bool = False,
     branch_mixing: str = "softmax",
     device: torch.device | str | None = None,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> Tensor:
     """``M[h, p, p']``: how many branches of head ``h`` contain the pair (query p, key p').
 
@@ -83,7 +90,7 @@ def dilated_count_mask(
     """
     masks = dilated_branch_masks(
         seq_len, num_heads, segment_lengths, dilation_rates,
-        is_causal=is_causal, branch_mixing=branch_mixing, device=device,
+        is_causal=is_causal, branch_mixing=branch_mixing, device=device, cu_seqlens=cu_seqlens,
     )  # fmt: skip
     counts = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
     for mask in masks:
@@ -106,6 +113,7 @@ def dense_dilated_attention(
     dropout_seed: int = 0,
     return_lse: bool = False,
     upcast: bool = True,
+    cu_seqlens: Sequence[int] | Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention on ``(B, N, H, D)`` tensors by the count-mask formula.
 
@@ -121,6 +129,9 @@ def dense_dilated_attention(
             (branch ``i``'s copy of a pair is its own entry), scaling the rest by
             ``1 / (1 - p)``; the LSE is that of the undropped scores.
         upcast: compute in float64 (the default) and cast the result back.
+        cu_seqlens: packed documents in a ``(1, N, H, D)`` batch, offsets
+            ``[0, n_0, n_0 + n_1, ..., N]``: every document is its own sequence (positions
+            count from its first token, no pair crosses documents). Not with dropout.
 
     Returns:
         ``out`` of shape ``(B, N, H, D)`` in ``q.dtype``; with ``return_lse`` also
@@ -131,6 +142,10 @@ def dense_dilated_attention(
     compute_dtype = torch.float64 if upcast else q.dtype
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (kc, vc))
+    if cu_seqlens is not None:
+        cu_seqlens = [int(b) for b in cu_seqlens]
+        if dropout_p > 0.0:
+            raise ValueError("the oracle does not combine cu_seqlens with dropout.")
     counts = dilated_count_mask(
         N,
         H,
@@ -139,6 +154,7 @@ def dense_dilated_attention(
         is_causal=is_causal,
         branch_mixing=branch_mixing,
         device=q.device,
+        cu_seqlens=cu_seqlens,
     ).to(compute_dtype)
     counts = counts.unsqueeze(0).expand(B, H, N, N)
     if key_padding_mask is not None:

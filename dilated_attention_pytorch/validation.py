@@ -342,6 +342,63 @@ def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> Ten
     return mask.contiguous()
 
 
+def check_cu_seqlens(
+    cu_seqlens: object, max_seqlen: object, q: Tensor, key_padding_mask: object
+) -> list[int]:
+    """The document lengths of a packed batch, from flash-attn's ``cu_seqlens`` convention.
+
+    ``cu_seqlens``: 1-D int32/int64 tensor ``[0, n_0, n_0 + n_1, ..., total]`` (read on
+    the host), ``q`` ``(1, total, H, D)``; ``max_seqlen``: ``None`` or an int at least the
+    longest document.
+    """
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask and cu_seqlens cannot be combined: with packed documents "
+            "there is no padding to mask (each document is attended on its own); drop the "
+            "padding tokens from the packed batch, or pass a padded (B, N) batch with a "
+            "key_padding_mask instead of cu_seqlens."
+        )
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(
+            f"cu_seqlens must be a 1-D int32 or int64 tensor of document offsets "
+            f"[0, n_0, n_0 + n_1, ..., total], got {type(cu_seqlens).__name__}."
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 or int64 tensor of document offsets, got shape "
+            f"{tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}."
+        )
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens, q, k, v hold the packed documents as one batch row (1, total, "
+            f"H, D), got q of shape {tuple(q.shape)}; pack the batch with e.g. "
+            f"q.reshape(1, -1, H, D) and offsets of every sequence."
+        )
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    total = q.shape[1]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the packed length {total} (q's dim 1), "
+            f"with one more entry than documents, got {bounds[:4]}{'...' if len(bounds) > 4 else ''}"
+            f"{' ending at ' + str(bounds[-1]) if bounds else ''}."
+        )
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths) < 0:
+        i = min(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(
+            f"cu_seqlens must not decrease, got {bounds[i]} then {bounds[i + 1]} (entries "
+            f"{i} and {i + 1})."
+        )
+    if max_seqlen is not None:
+        longest = max(lengths)
+        if check_positive_int("max_seqlen", max_seqlen) < longest:
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is shorter than the longest document in cu_seqlens "
+                f"({longest} tokens); pass max_seqlen >= {longest} or leave it None."
+            )
+    return lengths
+
+
 def check_embedding_input(name: str, x: object, embed_dim: int) -> Tensor:
     """A multi-head layer's input: a ``(B, N, E)`` tensor with ``E == embed_dim``."""
     check_not_tracing()
