@@ -218,7 +218,7 @@ def cached_dilated_attention(q: Tensor, k: Tensor, v: Tensor, cache: DilatedKVCa
         ``(B, T, H, D)``: what causal ``dilated_attention`` over the whole sequence gives
         at these positions.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped_query=True)
     if not isinstance(cache, DilatedKVCache):
         raise TypeError(f"cache must be a DilatedKVCache, got {type(cache).__name__}.")
     cache.check(q, k, v)

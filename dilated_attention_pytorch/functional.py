@@ -227,7 +227,7 @@ def dilated_attention(
         ``is_causal``) never reach it. ``torch.func.vmap`` is supported: the mapped
         dimension joins the batch.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped_query=True)
     key_padding_mask = check_key_padding_mask(key_padding_mask, q)
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     options = dict(

@@ -256,9 +256,10 @@ def check_not_tracing() -> None:
         )
 
 
-def check_qkv(q: object, k: object, v: object) -> None:
-    """q ``(B, N, H, D)``, k and v ``(B, N, H_kv, D)`` with ``H_kv`` dividing ``H``
-    (grouped-query attention when ``H_kv < H``), one dtype and device."""
+def check_qkv(q: object, k: object, v: object, *, grouped_query: bool = False) -> None:
+    """q ``(B, N, H, D)``; k and v of q's shape, or with ``grouped_query`` ``(B, N, H_kv, D)``
+    with ``H_kv`` dividing ``H`` (grouped-query attention when ``H_kv < H``); one dtype
+    and device."""
     check_not_tracing()
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -278,6 +279,12 @@ def check_qkv(q: object, k: object, v: object) -> None:
                 f"{name} must have shape (B, N, H_kv, D) = ({B}, {N}, H_kv, {D}) like q "
                 f"{tuple(q.shape)}, got {tuple(t.shape)}; cross-attention with other lengths "
                 f"is not supported."
+            )
+        if not grouped_query and t.shape[2] != H:
+            raise ValueError(
+                f"{name} must have the same shape as q {tuple(q.shape)} (B, N, H, D), got "
+                f"{tuple(t.shape)}; this attention has no grouped-query form: repeat the K/V "
+                f"heads first ({name}.repeat_interleave(H // H_kv, dim=2))."
             )
         if t.shape[2] == 0 or H % t.shape[2] != 0:
             raise ValueError(

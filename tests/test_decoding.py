@@ -111,14 +111,14 @@ def test_module_cache_argument_and_errors() -> None:
     torch.testing.assert_close(out, attn(q, k, v, is_causal=True), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="needs is_causal=True"):
         attn(q, k, v, cache=attn.new_cache(4))
-    with pytest.raises(ValueError, match="built for 4 heads"):
+    with pytest.raises(ValueError, match="built for 4 query and 4 K/V heads"):
         cached_dilated_attention(*(t[:, :, :2] for t in (q, k, v)), attn.new_cache(4))
     with pytest.raises(ValueError, match="call cache.reset"):
         cached_dilated_attention(q[:1, :1].expand(2, 1, 4, 8), q[:1, :1].expand(2, 1, 4, 8),
                                  q[:1, :1].expand(2, 1, 4, 8), cache)  # fmt: skip
     with pytest.raises(ValueError, match="call cache.reset"):
         cached_dilated_attention(*(t[:, :1].float() for t in (q, k, v)), cache)  # dtype
-    with pytest.raises(ValueError, match="built for 4 heads"):
+    with pytest.raises(ValueError, match="built for 4 query and 4 K/V heads"):
         cached_dilated_attention(*(t[:, :1, :1] for t in (q, k, v)), cache)
     with pytest.raises(ValueError, match="this module's settings"):
         DilatedAttention([4, 8], [1, 2])(q, k, v, is_causal=True, cache=attn.new_cache(4))

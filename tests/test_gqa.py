@@ -185,3 +185,53 @@ def test_decoding_cache_with_kv_heads() -> None:
     assert [t.shape[2] for t in cache.keys] == [2, 6]
     with pytest.raises(ValueError, match="built for 6 query and 2 K/V heads"):
         cached_dilated_attention(q[:, :1], q[:, :1], q[:, :1], cache)
+
+
+def test_fused_ops_run_once_per_query_head_of_a_run_without_kv_copies() -> None:
+    # The cuDNN/flash ops need as many K/V heads as query heads: blocks.py calls them on
+    # strided views of the query heads, all K/V heads in place. The CPU stands in the math
+    # block (which asserts equal head counts here) for the fused op.
+    from dilated_attention_pytorch.backends import blocks
+
+    def fused_forward(q, k, v, *, scale, causal):
+        assert q.shape[2] == k.shape[2]
+        return blocks.math_block_forward(q, k, v, scale=scale, causal=causal)
+
+    def fused_backward(dout, q, k, v, out, lse, *, scale, causal):
+        assert q.shape[2] == k.shape[2]
+        return blocks.math_block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal)
+
+    torch.manual_seed(4)
+    q = torch.randn(3, 9, 6, 8, dtype=torch.float64)
+    k, v = (
+        torch.randn(3, 11, 2, 8, dtype=torch.float64),
+        torch.randn(3, 11, 2, 8, dtype=torch.float64),
+    )
+    kw = dict(scale=0.3, causal=True)
+    out, lse = blocks.fused_grouped_forward(fused_forward, q, k, v, **kw)
+    ref_out, ref_lse = blocks.math_block_forward(q, k, v, **kw)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    dout = torch.randn_like(out)
+    grads = blocks.fused_grouped_backward(fused_backward, dout, q, k, v, out, lse, **kw)
+    ref_grads = blocks.math_block_backward(dout, q, k, v, ref_out, ref_lse, **kw)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL)
+
+
+def test_block_sparse_attention_refuses_fewer_kv_heads() -> None:
+    from dilated_attention_pytorch import (
+        BlockSparseAttention,
+        block_sparse_attention,
+        make_block_sparse_pattern,
+    )
+
+    q, k, v = (t.detach() for t in _qkv(1, 32, 4, 2))
+    pattern = make_block_sparse_pattern("local_window", 32, block_size=16)
+    with pytest.raises(ValueError, match="no grouped-query form: repeat the K/V heads"):
+        block_sparse_attention(q, k, v, pattern)
+    layer = MultiheadDilatedAttention(
+        32, 4, num_kv_heads=2, attention=BlockSparseAttention(block_size=16, sparsity_ratio=0.5)
+    )
+    with pytest.raises(ValueError, match="no grouped-query form"):
+        layer(torch.randn(1, 32, 32))

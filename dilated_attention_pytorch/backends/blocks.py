@@ -13,9 +13,10 @@ All tensors are token-major: q ``(Bb, Lq, Hs, D)``, k/v ``(Bb, Lk, Hk, D)``,
 out ``(Bb, Lq, Hs, D)``, lse ``(Bb, Lq, Hs)``. ``Hk`` divides ``Hs``: query head ``i``
 reads K/V head ``i // (Hs / Hk)`` (grouped-query attention; ``Hk = Hs`` without it).
 The math path folds the query heads that share a K/V head into its rows, so K/V are
-read once per K/V head and never copied; the fused ops need equal head counts, so
-there a block's K/V heads are repeated (one block at a time) and the gradients of the
-copies summed. ``causal`` means query ``t`` sees
+read once per K/V head and never copied; the fused ops need equal head counts, so they
+run once per position in a run of ``Hs / Hk`` query heads: query heads ``j, j + s,
+j + 2s, ...`` (``s = Hs / Hk``, a strided view) read K/V heads ``0, 1, 2, ...``, all of
+them, in place; the K/V gradients of the ``s`` calls are summed in float32. ``causal`` means query ``t`` sees
 keys ``t' <= t`` of the block (blocks aligned at position 0). The backward takes
 the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradient.
 """
@@ -23,6 +24,7 @@ the *final* mixed ``out`` and ``lse`` so it yields the exact joint-softmax gradi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -348,19 +350,48 @@ def cudnn_block_backward(
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _repeat_kv(x: Tensor, num_heads: int) -> Tensor:
-    """K or V ``(Bb, Lk, Hk, D)`` with each head repeated for its ``num_heads / Hk`` query
-    heads (the fused ops need equal head counts); ``x`` itself when ``Hk == num_heads``."""
-    share = num_heads // x.shape[2]
-    return x if share == 1 else x.repeat_interleave(share, dim=2)
+def fused_grouped_forward(
+    fused: Callable[..., tuple[Tensor, Tensor]], q: Tensor, k: Tensor, v: Tensor, *,
+    scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``fused(q, k, v, scale=, causal=)`` (an op that needs as many K/V heads as query
+    heads) on a grouped-query block: once per position ``j`` in a run of ``s = Hs / Hk``
+    query heads, on the strided view of query heads ``j, j + s, ...``, which read K/V heads
+    ``0, 1, ...``. No K/V copy."""
+    share = q.shape[2] // k.shape[2]
+    if share == 1:
+        return fused(q, k, v, scale=scale, causal=causal)
+    parts = [fused(q[:, :, j::share], k, v, scale=scale, causal=causal) for j in range(share)]
+    out = parts[0][0].new_empty(*q.shape[:3], v.shape[-1])
+    lse = parts[0][1].new_empty(q.shape[:3])
+    for j, (out_j, lse_j) in enumerate(parts):
+        out[:, :, j::share] = out_j
+        lse[:, :, j::share] = lse_j
+    return out, lse
 
 
-def _sum_kv(grad: Tensor, kv_heads: int) -> Tensor:
-    """The gradient of repeated K/V heads ``(Bb, Lk, H, D)`` summed back to ``kv_heads``."""
-    Bb, Lk, H, D = grad.shape
-    if H == kv_heads:
-        return grad
-    return grad.reshape(Bb, Lk, kv_heads, H // kv_heads, D).sum(3)
+def fused_grouped_backward(
+    fused: Callable[..., tuple[Tensor, Tensor, Tensor]], dout: Tensor, q: Tensor, k: Tensor,
+    v: Tensor, out: Tensor, lse: Tensor, *, scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward of :func:`fused_grouped_forward`: dQ per strided view of query heads,
+    dK/dV summed over the ``Hs / Hk`` calls in the compute dtype (float32, float64 for
+    float64 inputs), which they are returned in."""
+    share = q.shape[2] // k.shape[2]
+    if share == 1:
+        return fused(dout, q, k, v, out, lse, scale=scale, causal=causal)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute_dtype(k.dtype), device=q.device)
+    dv = torch.zeros(v.shape, dtype=compute_dtype(v.dtype), device=q.device)
+    for j in range(share):
+        heads = (slice(None), slice(None), slice(j, None, share))
+        dq_j, dk_j, dv_j = fused(
+            dout[heads], q[heads], k, v, out[heads], lse[heads], scale=scale, causal=causal
+        )
+        dq[heads] = dq_j
+        dk += dk_j
+        dv += dv_j
+    return dq, dk, dv
 
 
 KERNELS = ("auto", "cudnn", "flash", "math")
@@ -402,11 +433,8 @@ def block_forward(
     """The block on the kernel :func:`block_kernel` picks (cuDNN, flash or matmuls)."""
     kernel = block_kernel(q, k, key_keep, dropout, kernel)
     if kernel != "math":
-        k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
-    if kernel == "cudnn":
-        return cudnn_block_forward(q, k, v, scale=scale, causal=causal)
-    if kernel == "flash":
-        return flash_block_forward(q, k, v, scale=scale, causal=causal)
+        fused = cudnn_block_forward if kernel == "cudnn" else flash_block_forward
+        return fused_grouped_forward(fused, q, k, v, scale=scale, causal=causal)
     return math_block_forward(
         q, k, v, scale=scale, causal=causal, key_keep=key_keep, dropout=dropout
     )
@@ -429,11 +457,8 @@ def block_backward(
     """Backward matching :func:`block_forward`'s choice of path."""
     kernel = block_kernel(q, k, key_keep, dropout, kernel)
     if kernel != "math":
-        kv_heads = k.shape[2]
-        k, v = _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2])
         fused = cudnn_block_backward if kernel == "cudnn" else flash_block_backward
-        dq, dk, dv = fused(dout, q, k, v, out, lse, scale=scale, causal=causal)
-        return dq, _sum_kv(dk, kv_heads), _sum_kv(dv, kv_heads)
+        return fused_grouped_backward(fused, dout, q, k, v, out, lse, scale=scale, causal=causal)
     return math_block_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, key_keep=key_keep,
         dropout=dropout,

@@ -25,8 +25,9 @@ communicator closed), so the ring refuses to run on that group again.
 
 **A failed communicator at exit.** The transfers and collectives a failed wait gave up on
 stay referenced, so no buffer that gloo may still write into (or that its worker thread
-still reads) is freed under it, and at interpreter exit (``atexit``, before Python tears
-down its objects) the private groups of failed rings are destroyed in an orderly way.
+still reads) is freed under it (they are kept until the process exits: a failed ring is
+not run on its group again), and at interpreter exit (``atexit``, before Python tears
+down its objects) the gloo private groups of failed rings are destroyed in order.
 Left to the end of the process instead, they would be destroyed among C++ static
 destructors while their connections were in an error state, which can abort the process
 after the ring's error was already reported.
@@ -351,14 +352,19 @@ def _destroy_failed_groups() -> None:
     """
     while _FAILED:
         comm = _FAILED.pop()
-        group, comm.group = comm.group, None
-        if group is None or group is comm.user or not dist.is_initialized():
+        group = comm.group
+        if group is None or group is comm.user:
             continue
-        _COMMUNICATORS.pop(group, None)
         try:
+            if not dist.is_initialized() or str(dist.get_backend(group)).lower() != "gloo":
+                # NCCL's shutdown waits for kernels that a dead peer may never finish;
+                # its watchdog ends those, so the group is left to it.
+                continue
+            comm.group = None
+            _COMMUNICATORS.pop(group, None)
             dist.destroy_process_group(group)
         except Exception:  # already destroyed by the program, or torch is shutting down
-            pass
+            continue
         del group
         comm.abandoned.clear()  # the buffers outlived the group's connections
 

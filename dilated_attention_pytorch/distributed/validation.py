@@ -122,7 +122,7 @@ def check_ring_call_locally(
     Raises ``ValueError``/``TypeError`` on this rank only. :func:`check_ring_call`
     runs them inside its collective so that every rank raises together.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped_query=True)
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)
     assert isinstance(q, Tensor)
     check_key_padding_mask(key_padding_mask, q, what="this rank's shard (B, N/k)")
