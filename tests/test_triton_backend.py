@@ -132,6 +132,23 @@ def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
+def test_packed_documents() -> None:
+    # cu_seqlens: each document its own sequence, on the kernels (with K/V heads shared).
+    cu = torch.tensor([0, 19, 20, 53], dtype=torch.int32)  # documents of 19, 1 and 33 tokens
+    q = torch.randn(1, 53, 4, 16, requires_grad=True)
+    k, v = (torch.randn(1, 53, 2, 16, requires_grad=True) for _ in range(2))
+    kw = dict(is_causal=True, cu_seqlens=cu)
+    out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="triton", **kw)
+    ref = dense_dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
+    torch.testing.assert_close(out, ref, **TOL)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL)
+
+
+@interpreted
 def test_head_dim_32() -> None:
     _compare(1, 45, 2, [12, 45], [1, 2], D=32)
 
