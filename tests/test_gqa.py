@@ -235,3 +235,32 @@ def test_block_sparse_attention_refuses_fewer_kv_heads() -> None:
     )
     with pytest.raises(ValueError, match="no grouped-query form"):
         layer(torch.randn(1, 32, 32))
+
+
+def _repeat_kv_projections(gqa: torch.nn.Module, mha: torch.nn.Module, group: int, D: int) -> None:
+    """Load ``gqa``'s weights into ``mha`` with each K/V head's projection rows repeated for
+    its ``group`` query heads: the two layers then compute the same function."""
+    state = dict(gqa.state_dict())
+    for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+        t = state[name]
+        state[name] = t.view(-1, D, *t.shape[1:]).repeat_interleave(group, 0).flatten(0, 1)
+    mha.load_state_dict(state)
+
+
+def test_enterprise_and_hilbert_layers_take_num_kv_heads() -> None:
+    from dilated_attention_pytorch import EnterpriseDistributedDilatedAttention
+    from dilated_attention_pytorch.ring import HilbertRingMultiheadAttention
+
+    torch.manual_seed(5)
+    x = torch.randn(1, 64, 32, dtype=torch.float64)
+    kw = dict(dtype=torch.float64)
+    layers = [
+        (EnterpriseDistributedDilatedAttention, dict(use_checkpointing=True)),
+        (HilbertRingMultiheadAttention, dict(grid_size=(8, 8))),
+    ]
+    for cls, extra in layers:
+        gqa = cls(32, 4, [16, 32], [1, 2], num_kv_heads=2, **extra, **kw)
+        mha = cls(32, 4, [16, 32], [1, 2], **extra, **kw)
+        assert gqa.k_proj.weight.shape == (16, 32)
+        _repeat_kv_projections(gqa, mha, group=2, D=8)
+        torch.testing.assert_close(gqa(x)[0], mha(x)[0], **TOL, msg=cls.__name__)

@@ -151,8 +151,8 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
     run in that order and only the attention sees the curve order.
 
     Args:
-        embed_dim, num_heads, segment_lengths, dilation_rates, bias, layer_norm,
-            gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
+        embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, bias,
+            layer_norm, gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
         grid_size, hilbert_level, ring_size, process_group, branch_mixing, dropout,
             scale, backend, validate, timeout: of the inner :class:`HilbertRingAttention`.
     """
@@ -164,6 +164,7 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         *,
+        num_kv_heads: int | None = None,
         grid_size: tuple[int, int] | None = None,
         hilbert_level: int | None = None,
         ring_size: int | None = None,
@@ -197,6 +198,7 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
         super().__init__(
             embed_dim,
             num_heads,
+            num_kv_heads=num_kv_heads,
             attention=attention,
             bias=bias,
             layer_norm=layer_norm,

@@ -83,9 +83,9 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
     :class:`~dilated_attention_pytorch.ring.RingMultiheadDilatedAttention` for that).
 
     Args:
-        embed_dim, num_heads, segment_lengths, dilation_rates, dropout, bias,
-            branch_mixing, layer_norm, gamma_init, scale, backend, device, dtype: as in
-            ``MultiheadDilatedAttention``.
+        embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, dropout,
+            bias, branch_mixing, layer_norm, gamma_init, scale, backend, device, dtype: as
+            in ``MultiheadDilatedAttention``.
         ring_size: ignored but for a ``UserWarning`` (see above).
         use_checkpointing: recompute the attention in the backward instead of keeping
             its activations.
@@ -99,6 +99,7 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         *,
+        num_kv_heads: int | None = None,
         ring_size: int | None = None,
         dropout: float = 0.0,
         use_checkpointing: bool = False,
@@ -132,6 +133,7 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
         super().__init__(
             embed_dim,
             num_heads,
+            num_kv_heads=num_kv_heads,
             attention=OperatedAttention(
                 inner, use_checkpointing=use_checkpointing, enable_monitoring=enable_monitoring
             ),
@@ -141,7 +143,7 @@ class EnterpriseDistributedDilatedAttention(MultiheadDilatedAttention):
             device=device,
             dtype=dtype,
         )
-        inner.plan(num_heads)  # warns now if some positions would get no head
+        inner.plan(num_heads, num_kv_heads)  # warns now if a position would get no head
 
     def forward(
         self,
