@@ -34,8 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..backends import available_backends
 from ..functional import dilated_attention
 from ..validation import check_backend_name, check_branch_mixing, validate_branches
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "dilated_attention_pytorch.integrations.transformers needs Hugging Face "
+        "transformers (>= 5.0); install it with `pip install dilated-attention-pytorch[hf]`."
+    ) from exc
 
 __all__ = ["register"]
 
@@ -61,17 +71,9 @@ def register(
             :func:`~dilated_attention_pytorch.dilated_attention`.
         name: the ``attn_implementation`` name.
 
-    Raises:
-        ImportError: ``transformers`` is not installed (with the install command).
+    Importing this module without ``transformers`` installed raises ``ImportError`` with
+    the install command.
     """
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "dilated_attention_pytorch.integrations.transformers needs Hugging Face "
-            "transformers (>= 5.0); install it with `pip install dilated-attention-pytorch[hf]`."
-        ) from exc
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}.")
     ws, rs = validate_branches(segment_lengths, dilation_rates)
@@ -79,19 +81,13 @@ def register(
         segment_lengths=list(ws),
         dilation_rates=list(rs),
         branch_mixing=check_branch_mixing(branch_mixing),
-        backend=check_backend_name(backend, _backends()),
+        backend=check_backend_name(backend, available_backends()),
     )
     AttentionInterface.register(name, partial(dilated_attention_forward, **settings))
     # The mask the layers get: the 2-D padding mask (True = token), or None without
     # padding, as for flash attention; causality and documents are handled here.
     AttentionMaskInterface.register(name, flash_attention_mask)
     return name
-
-
-def _backends() -> list[str]:
-    from ..backends import available_backends
-
-    return available_backends()
 
 
 def _unsupported(kwargs: dict[str, Any]) -> None:
