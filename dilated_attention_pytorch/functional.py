@@ -200,8 +200,9 @@ def dilated_attention(
             ``(1, total, H, D)``. Each document is then its own sequence: its segments
             start at its first token (the last one shorter when ``w`` does not divide
             its length) and nothing attends across documents. Read on the host (one
-            device sync); the documents run one after another. Not with
-            ``key_padding_mask``.
+            device sync). The ``triton`` backend runs all documents in the same
+            launches (a table of every document's segments); the ``pytorch`` backend
+            runs them one after another. Not with ``key_padding_mask``.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (an
             upper bound, checked; flash-attn's argument, accepted for drop-in use).
 
@@ -240,14 +241,10 @@ def dilated_attention(
         lengths = check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask)
         make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
         warn_if_transposed(q, segment_lengths)
-        # One call per document on views of q, k, v (split: one backward node for all).
-        parts = [
-            _attend(*qkv, segment_lengths, dilation_rates, key_padding_mask=None, **options)
-            for qkv in zip(*(t.split(lengths, dim=1) for t in (q, k, v)), strict=True)
-        ]
-        if not return_lse:
-            return torch.cat(parts, dim=1)
-        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
+        return _attend(
+            q, k, v, segment_lengths, dilation_rates, key_padding_mask=None,
+            documents=tuple(lengths), **options,
+        )  # fmt: skip
     make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
     warn_if_transposed(q, segment_lengths)
     return _attend(
@@ -269,13 +266,28 @@ def _attend(
     key_padding_mask: Tensor | None,
     backend: str | Backend,
     return_lse: bool,
+    documents: tuple[int, ...] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`dilated_attention` on checked inputs of one sequence per batch row."""
+    """:func:`dilated_attention` on checked inputs: one sequence per batch row, or the packed
+    ``documents`` (their lengths) of one row."""
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing, k.shape[2])
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)
     chosen = select_backend(backend, call)
+    if documents is not None and (not chosen.capabilities.packed or torch.compiler.is_compiling()):
+        # One call per document on views of q, k, v (split: one backward node for all).
+        options = dict(
+            is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, dropout_p=dropout_p,
+            key_padding_mask=None, backend=backend, return_lse=return_lse,
+        )  # fmt: skip
+        parts = [
+            _attend(*qkv, segment_lengths, dilation_rates, **options)
+            for qkv in zip(*(t.split(documents, dim=1) for t in (q, k, v)), strict=True)
+        ]
+        if not return_lse:
+            return torch.cat(parts, dim=1)
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
     # The dropout seed is drawn from the default generator, once per call, so that the
     # backward (and a ring) drops the same entries.
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
@@ -285,6 +297,7 @@ def _attend(
         is_causal=is_causal,
         dropout_p=float(dropout_p),
         key_padding_mask=key_padding_mask,
+        documents=documents,
     )
     if torch.compiler.is_compiling():
         # Under torch.compile: one opaque custom operator (backend_key names the backend:

@@ -132,8 +132,17 @@ def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
-def test_packed_documents() -> None:
-    # cu_seqlens: each document its own sequence, on the kernels (with K/V heads shared).
+def test_packed_documents(kernels, monkeypatch) -> None:
+    # cu_seqlens: each document its own sequence, with K/V heads shared, all documents in
+    # the same launches (one per branch and kernel, reading a segment table).
+    launches = []
+    launch_tiles = kernels._launch_tiles
+
+    def recording(*args, **kwargs):
+        launches.append(args[5].segments is not None)
+        return launch_tiles(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", recording)
     cu = torch.tensor([0, 19, 20, 53], dtype=torch.int32)  # documents of 19, 1 and 33 tokens
     q = torch.randn(1, 53, 4, 16, requires_grad=True)
     k, v = (torch.randn(1, 53, 2, 16, requires_grad=True) for _ in range(2))
@@ -146,6 +155,7 @@ def test_packed_documents() -> None:
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, **TOL)
+    assert launches == [True] * 6  # 2 branches: forward, dK/dV, dQ
 
 
 @interpreted

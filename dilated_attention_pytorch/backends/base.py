@@ -49,6 +49,8 @@ class ForwardContext:
     dropout_p: float = 0.0
     key_padding_mask: Tensor | None = None  # (B, N) bool, True = padding
     seed: int = 0  # dropout seed, drawn once per forward so backward regenerates the same mask
+    # Packed documents (B == 1): their lengths, for a backend with capabilities.packed.
+    documents: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Capabilities:
         head_dims: the head dims it runs, ``None`` for any.
         causal, key_padding_mask, dropout: whether it implements these options.
         block_ops: whether it exposes :class:`BlockOps` for the ring.
+        packed: whether its forward and backward take packed documents
+            (``ForwardContext.documents``) in one call; for other backends
+            ``dilated_attention`` runs one call per document.
         tolerances: per dtype, ``(atol, rtol)`` of its output and gradients against
             the float64 dense oracle on the tests' small random inputs.
     """
@@ -87,6 +92,7 @@ class Capabilities:
     key_padding_mask: bool = True
     dropout: bool = True
     block_ops: bool = False
+    packed: bool = False
     tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=dict)
 
     @property

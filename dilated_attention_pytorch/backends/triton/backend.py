@@ -60,6 +60,7 @@ class TritonBackend(Backend):
         key_padding_mask=True,
         dropout=False,
         block_ops=True,
+        packed=True,
         tolerances=_TOLERANCES,
     )
 
@@ -132,4 +133,5 @@ def _options(ctx: ForwardContext) -> dict:
         causal=ctx.is_causal,
         # The kernels view the bool mask as uint8, which needs a dense last dim.
         key_padding_mask=None if mask is None else mask.contiguous(),
+        documents=ctx.documents,
     )

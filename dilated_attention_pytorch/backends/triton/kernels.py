@@ -42,14 +42,16 @@ def _dilated_len(seg_len, o, dil):
 
 @triton.jit
 def _tile(
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg,
-    BLOCK: tl.constexpr,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
+    BLOCK: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     # The tile this program runs. Grid axis 0: (segment, tile of BLOCK dilated positions
     # of it), axis 1: (batch, head of the launch). Returns the tile's first dilated
     # position, b (int64) and h, the segment's numbers of dilated queries and keys, and
     # the token indices (int64) of its first dilated query and key. The caller returns
-    # early when the tile starts past its segment's length.
+    # early when the tile starts past its segment's length. VARLEN (packed documents):
+    # segment `seg` starts at token SegStart[seg] and holds SegLen[seg] tokens, for
+    # queries and keys alike (segments restart at every document).
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = pid // tiles_per_seg
@@ -57,10 +59,18 @@ def _tile(
     b = (pid_bh // num_heads).to(tl.int64)
     h = h_first + pid_bh % num_heads
     o = (h - head0) % dil  # the plan's offset rule, passed as ints
-    len_q = _dilated_len(tl.minimum(seg_q, n_q - seg * seg_q), o, dil)
-    len_k = _dilated_len(tl.minimum(seg_k, n_k - seg * seg_k), o, dil)
-    tok_q = (seg * seg_q + o).to(tl.int64)
-    tok_k = (seg * seg_k + o).to(tl.int64)
+    if VARLEN:
+        first = tl.load(SegStart + seg)  # int64
+        length = tl.load(SegLen + seg)
+        len_q = _dilated_len(length, o, dil)
+        len_k = len_q
+        tok_q = first + o
+        tok_k = tok_q
+    else:
+        len_q = _dilated_len(tl.minimum(seg_q, n_q - seg * seg_q), o, dil)
+        len_k = _dilated_len(tl.minimum(seg_k, n_k - seg * seg_k), o, dil)
+        tok_q = (seg * seg_q + o).to(tl.int64)
+        tok_k = (seg * seg_k + o).to(tl.int64)
     return start, b, h, len_q, len_k, tok_q, tok_k
 
 
@@ -204,19 +214,32 @@ def _fwd_inner(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Acc, Lse, Kpm,
+    Q, K, V, Out, Acc, Lse, Kpm, SegStart, SegLen,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_ob, s_on, s_oh, s_ab, s_an, s_ah, s_lb, s_ln, s_lh, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
     # else one LSE.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, BLOCK_M
+        seg_q,
+        seg_k,
+        n_q,
+        n_k,
+        dil,
+        head0,
+        h_first,
+        num_heads,
+        tiles_per_seg,
+        SegStart,
+        SegLen,
+        BLOCK_M,
+        VARLEN,
     )
     if m0 >= len_q:
         return
@@ -342,18 +365,31 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm,
+    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm, SegStart, SegLen,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc.
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, BLOCK_N
+        seg_q,
+        seg_k,
+        n_q,
+        n_k,
+        dil,
+        head0,
+        h_first,
+        num_heads,
+        tiles_per_seg,
+        SegStart,
+        SegLen,
+        BLOCK_N,
+        VARLEN,
     )
     if n0 >= len_k:
         return
@@ -426,17 +462,30 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DQacc, Kpm,
+    Q, K, V, DO, Lse, Delta, DQ, DQacc, Kpm, SegStart, SegLen,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, BLOCK_M
+        seg_q,
+        seg_k,
+        n_q,
+        n_k,
+        dil,
+        head0,
+        h_first,
+        num_heads,
+        tiles_per_seg,
+        SegStart,
+        SegLen,
+        BLOCK_M,
+        VARLEN,
     )
     if m0 >= len_q:
         return

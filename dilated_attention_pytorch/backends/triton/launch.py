@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,8 @@ class _Launch:
     h_first: int
     num_heads: int
     kv_group: int = 1
+    # Packed documents: (first token int64, length int32) of every segment, on the device.
+    segments: tuple[Tensor, Tensor] | None = None
 
 
 def _s3(x: Tensor) -> tuple[int, int, int]:
@@ -149,15 +152,21 @@ def _launch_tiles(
     cfg = _config(table, D)
     seg_len, block = (launch.seg_k, cfg.block_n) if per_key_tile else (launch.seg_q, cfg.block_m)
     tiles = triton.cdiv(triton.cdiv(seg_len, launch.dil), block)
-    grid = (triton.cdiv(n_q, launch.seg_q) * tiles, B * launch.num_heads)
-    # Without a mask the kernel never reads Kpm (HAS_KPM is False): pass any tensor.
+    num_segments = (
+        triton.cdiv(n_q, launch.seg_q) if launch.segments is None else launch.segments[0].numel()
+    )
+    grid = (num_segments * tiles, B * launch.num_heads)
+    # Without a mask the kernel never reads Kpm (HAS_KPM is False), nor the segment
+    # tables without VARLEN: pass any tensor.
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
+    seg_start, seg_len_t = (q, q) if launch.segments is None else launch.segments
     kernel[grid](
-        *tensors, kpm_t, *[s for t in strided for s in _s3(t)], s_mb, s_mn,
+        *tensors, kpm_t, seg_start, seg_len_t, *[s for t in strided for s in _s3(t)], s_mb, s_mn,
         launch.seg_q, launch.seg_k, n_q, k.shape[1], launch.dil, launch.head0, launch.h_first,
         launch.num_heads, launch.kv_group, tiles, *scales,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair, num_warps=cfg.num_warps,
+        HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair,
+        VARLEN=launch.segments is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -292,17 +301,45 @@ def _head_chunks(
 
 
 def _launches_for_chunk(
-    sched: _Schedule, c_lo: int, c_hi: int, kv_group: int = 1
+    sched: _Schedule,
+    c_lo: int,
+    c_hi: int,
+    kv_group: int = 1,
+    documents: Sequence[int] | None = None,
+    device: torch.device | None = None,
 ) -> list[tuple[int, _Launch]]:
-    """Branch index and launch (chunk-relative heads) for every branch touching the chunk."""
+    """Branch index and launch (chunk-relative heads) for every branch touching the chunk;
+    with ``documents`` (packed document lengths) each launch carries its segment table."""
     out = []
     for i, (branch, start, stop) in enumerate(sched.branches):
         lo, hi = max(start, c_lo), min(stop, c_hi)
         if hi <= lo:
             continue
         w, r = branch.segment_length, branch.dilation_rate
-        out.append((i, _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group)))
+        segments = None if documents is None else _segment_table(documents, w, device)
+        launch = _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group, segments)
+        out.append((i, launch))
     return out
+
+
+def _segment_table(
+    documents: Sequence[int], segment_length: int, device: torch.device | None
+) -> tuple[Tensor, Tensor]:
+    """First token (int64) and length (int32) of every segment of packed documents of
+    these lengths: each document is cut into segments of ``segment_length`` tokens from its
+    own first token, the last one shorter."""
+    starts: list[int] = []
+    lengths: list[int] = []
+    first = 0
+    for n in documents:
+        for s in range(0, n, segment_length):
+            starts.append(first + s)
+            lengths.append(min(segment_length, n - s))
+        first += n
+    return (
+        torch.tensor(starts, dtype=torch.int64, device=device),
+        torch.tensor(lengths, dtype=torch.int32, device=device),
+    )
 
 
 def _kpm_u8(key_padding_mask: Tensor | None) -> Tensor | None:
@@ -319,11 +356,14 @@ def dilated_forward(
     scale: float,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    documents: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """All branches of ``plan``: q ``(B, N, H, D)``, k, v ``(B, N, H_kv, D)`` -> out
     ``(B, N, H, D)`` in q.dtype and the LSE as a ``(2, B, N, H)`` fp32 pair
     (``lse = pair[0] + pair[1]``, see :mod:`.kernels`).
 
+    ``documents``: lengths of packed documents (``B == 1``, summing to ``N``): each is its
+    own sequence, in the same launches (the kernels read a segment table).
     ``key_padding_mask``: ``(B, N)`` bool, ``True`` = padding key. Positions no branch
     covers get ``out = 0`` and the pair ``(-inf, 0)``.
     """
@@ -352,7 +392,7 @@ def dilated_forward(
             if sched.multi
             else oc
         )
-        launches = _launches_for_chunk(sched, c_lo, c_hi, g)
+        launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
         for j, (i, launch) in enumerate(launches):
             target = oc if (not sched.multi or i == sched.final) else acc
             _launch_forward(
@@ -377,6 +417,7 @@ def dilated_backward(
     scale: float,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    documents: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` (in the input dtype, shaped like q, k, v) given the final
     out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`.
@@ -403,7 +444,7 @@ def dilated_backward(
         kc, vc, dkc, dvc = (t[:, :, ks] for t in (k, v, dk, dv))
         lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
-        launches = _launches_for_chunk(sched, c_lo, c_hi, g)
+        launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.
         for which in ("dkdv", "dq"):
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
