@@ -202,7 +202,8 @@ def dilated_attention(
             its length) and nothing attends across documents. Read on the host (one
             device sync). The ``triton`` backend runs all documents in the same
             launches (a table of every document's segments); the ``pytorch`` backend
-            runs them one after another. Not with ``key_padding_mask``.
+            runs them one after another (as every backend does under ``torch.compile``,
+            where reading the offsets breaks the graph). Not with ``key_padding_mask``.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (an
             upper bound, checked; flash-attn's argument, accepted for drop-in use).
 

@@ -398,7 +398,18 @@ def check_cu_seqlens(
         )
     if max_seqlen is not None:
         longest = max(lengths)
-        if check_positive_int("max_seqlen", max_seqlen) < longest:
+        if (
+            isinstance(max_seqlen, Tensor)
+            and max_seqlen.numel() == 1
+            and not max_seqlen.is_floating_point()
+        ):
+            max_seqlen = int(max_seqlen.item())  # flash-attn callers pass a 0-dim tensor too
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(
+                f"max_seqlen must be an int (or a one-element integer tensor), got "
+                f"{type(max_seqlen).__name__} {max_seqlen!r}."
+            )
+        if max_seqlen < longest:
             raise ValueError(
                 f"max_seqlen={max_seqlen} is shorter than the longest document in cu_seqlens "
                 f"({longest} tokens); pass max_seqlen >= {longest} or leave it None."

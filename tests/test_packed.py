@@ -110,6 +110,11 @@ def test_bad_cu_seqlens_say_what_to_do() -> None:
         call(cu_seqlens=torch.tensor([0, 6, 4, 8]))
     with pytest.raises(ValueError, match="max_seqlen=3 is shorter than the longest document"):
         call(cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match="max_seqlen=-1 is shorter than the longest document"):
+        call(cu_seqlens=cu, max_seqlen=-1)
+    with pytest.raises(TypeError, match="max_seqlen must be an int .*got float 4.0"):
+        call(cu_seqlens=cu, max_seqlen=4.0)
+    call(cu_seqlens=cu, max_seqlen=torch.tensor(4))  # flash-attn callers pass a tensor
     with pytest.raises(ValueError, match="max_seqlen is the longest document of cu_seqlens"):
         call(max_seqlen=4)
     q2, k2, v2 = (torch.randn(2, 8, 4, 8) for _ in range(3))

@@ -80,6 +80,25 @@ def test_generation_with_a_kv_cache_equals_sdpa(models) -> None:
     assert torch.equal(cached, tokens)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_left_padded_generation_equals_sdpa(models, cache, batch) -> None:
+    # generate() fills left padding's positions with 1, so a padded row must not look like
+    # packed documents; a static cache holds empty slots past the tokens seen so far.
+    torch.manual_seed(batch)
+    ids = torch.randint(1, 128, (batch, 12))
+    mask = torch.ones(batch, 12, dtype=torch.long)
+    mask[-1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, cache_implementation=cache)  # fmt: skip
+    with torch.no_grad():
+        want = models["sdpa"].generate(ids, **kw)
+        got = models["dense"].generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_loss_is_finite_and_gradients_flow(models) -> None:
     model = models["dilated"]
     model.train()
@@ -115,6 +134,9 @@ def test_packed_documents_equal_the_documents_alone(models, flash_kwargs) -> Non
 
 def test_what_it_cannot_do_raises(models) -> None:
     ids = torch.randint(0, 128, (1, 16))
+    packed_rows = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    with torch.no_grad(), pytest.raises(ValueError, match="packed documents must form one row"):
+        models["dilated"](torch.randint(0, 128, (2, 6)), position_ids=packed_rows)
     with torch.no_grad(), pytest.raises(ValueError, match="output_attentions=False"):
         models["dilated"](ids, output_attentions=True)
     cfg = transformers.MistralConfig(

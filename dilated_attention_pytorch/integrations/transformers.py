@@ -109,9 +109,14 @@ def _unsupported(kwargs: dict[str, Any]) -> None:
 
 
 def _documents(
-    batch: int, length: int, kwargs: dict[str, Any], device: torch.device
+    batch: int, length: int, kwargs: dict[str, Any], padded: bool, device: torch.device
 ) -> Tensor | None:
-    """``cu_seqlens`` of a packed batch, or ``None`` when the row is one sequence."""
+    """``cu_seqlens`` of a packed batch, or ``None`` when each row is one sequence.
+
+    From ``cu_seq_lens_q``/``_k`` when given, else from ``position_ids`` restarting at 0
+    inside a row, but only without a padding mask (``generate`` fills the positions of
+    left padding with 1, so a padded row would look packed).
+    """
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None:
         if cu_k is not None and not torch.equal(cu_q.cpu(), cu_k.cpu()):
@@ -121,14 +126,35 @@ def _documents(
             )
         return cu_q
     position_ids = kwargs.get("position_ids")
-    if batch != 1 or position_ids is None or position_ids.shape[-1] != length:
+    if padded or position_ids is None or position_ids.shape[-1] != length:
         return None
-    pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos[1:] == 0).flatten() + 1  # a position restarting at 0
-    if starts.numel() == 0:
+    restarts = position_ids[:, 1:] == 0  # a position restarting at 0 inside a row
+    if not bool(restarts.any()):
         return None
+    if batch != 1:
+        raise ValueError(
+            f"position_ids restart at 0 inside rows of a batch of {batch}: packed documents "
+            f"must form one row (1, total), as DataCollatorWithFlattening makes them; "
+            f"flatten the batch or pass a 2-D attention_mask for padded rows."
+        )
+    starts = torch.nonzero(restarts[0]).flatten() + 1
     bounds = [0, *starts.tolist(), length]
     return torch.tensor(bounds, dtype=torch.int64, device=device)
+
+
+def _filled_length(
+    n_q: int, n_k: int, attention_mask: Tensor | None, position_ids: Tensor | None
+) -> int:
+    """How many of the ``n_k`` cached keys hold tokens: all of them, except in a static
+    cache, whose slots past the tokens seen so far are empty (the 2-D mask, or the last
+    query's position, tells how many were seen)."""
+    if n_k <= n_q:
+        return n_k
+    if attention_mask is not None:
+        return min(n_k, attention_mask.shape[-1])
+    if position_ids is not None:
+        return min(n_k, int(position_ids[:, -1].max()) + 1)
+    return n_k
 
 
 def dilated_attention_forward(
@@ -159,14 +185,18 @@ def dilated_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, heads, D) views
     B, n_q, H, D = q.shape
-    n_k = k.shape[1]
+    n_k = _filled_length(n_q, k.shape[1], attention_mask, kwargs.get("position_ids"))
+    if n_k < k.shape[1]:  # a static cache: only the first n_k slots hold tokens
+        k, v = k[:, :n_k], v[:, :n_k]
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -n_k:]
     padding = None if attention_mask is None else ~attention_mask.to(torch.bool)
     options = dict(
         is_causal=bool(causal), branch_mixing=branch_mixing, scale=scaling,
         dropout_p=float(dropout), backend=backend,
     )  # fmt: skip
     if n_q == n_k:
-        cu_seqlens = _documents(B, n_q, kwargs, q.device)
+        cu_seqlens = _documents(B, n_q, kwargs, padding is not None, q.device)
         if cu_seqlens is not None and padding is not None:
             padding = None if not padding.any() else padding
         out = dilated_attention(

@@ -27,6 +27,7 @@ branch) every kernel writes its final output directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -126,8 +127,10 @@ class _Launch:
     h_first: int
     num_heads: int
     kv_group: int = 1
-    # Packed documents: (first token int64, length int32) of every segment, on the device.
+    # Packed documents: (first token int64, length int32) of every segment, on the device,
+    # and the longest segment's length.
     segments: tuple[Tensor, Tensor] | None = None
+    longest: int = 0
 
 
 def _s3(x: Tensor) -> tuple[int, int, int]:
@@ -151,7 +154,11 @@ def _launch_tiles(
     B, n_q, _, D = q.shape
     cfg = _config(table, D)
     seg_len, block = (launch.seg_k, cfg.block_n) if per_key_tile else (launch.seg_q, cfg.block_m)
-    tiles = triton.cdiv(triton.cdiv(seg_len, launch.dil), block)
+    # Tiles per segment: for its longest segment only (a segment longer than the sequence,
+    # or than every packed document, would only add programs that return at once).
+    seg_len = min(seg_len, launch.longest if launch.segments is not None else
+                  (k.shape[1] if per_key_tile else n_q))  # fmt: skip
+    tiles = triton.cdiv(triton.cdiv(max(seg_len, 1), launch.dil), block)
     num_segments = (
         triton.cdiv(n_q, launch.seg_q) if launch.segments is None else launch.segments[0].numel()
     )
@@ -316,18 +323,23 @@ def _launches_for_chunk(
         if hi <= lo:
             continue
         w, r = branch.segment_length, branch.dilation_rate
-        segments = None if documents is None else _segment_table(documents, w, device)
-        launch = _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group, segments)
+        segments, longest = None, 0
+        if documents is not None:
+            segments = _segment_table(tuple(documents), w, device)
+            longest = min(w, max(documents, default=0))
+        launch = _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group, segments, longest)
         out.append((i, launch))
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _segment_table(
-    documents: Sequence[int], segment_length: int, device: torch.device | None
+    documents: tuple[int, ...], segment_length: int, device: torch.device | None
 ) -> tuple[Tensor, Tensor]:
     """First token (int64) and length (int32) of every segment of packed documents of
     these lengths: each document is cut into segments of ``segment_length`` tokens from its
-    own first token, the last one shorter."""
+    own first token, the last one shorter. Cached: a forward and its backward, and every
+    head chunk, read the same table."""
     starts: list[int] = []
     lengths: list[int] = []
     first = 0
