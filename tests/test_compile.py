@@ -8,13 +8,18 @@ import torch
 import torch._inductor.config as inductor_config
 
 from dilated_attention_pytorch import (
+    BlockSparseAttention,
     DilatedAttention,
     MultiheadDilatedAttention,
     PyTorchBackend,
+    create_block_sparse_attention,
     dilated_attention,
 )
 from dilated_attention_pytorch.models import LongNetLM
 from dilated_attention_pytorch.ops import _backward, _forward
+from dilated_attention_pytorch.sparse.ops import _backward as bs_backward
+from dilated_attention_pytorch.sparse.ops import _forward as bs_forward
+from dilated_attention_pytorch.sparse.ops import pattern_spec
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +136,27 @@ def test_a_backend_instance_compiles_too() -> None:
     math_kernel = PyTorchBackend(kernel="math")
     fn = lambda q, k, v: dilated_attention(q, k, v, [8, 16], [1, 2], backend=math_kernel)
     _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+
+
+def test_block_sparse_modules_compile_without_graph_breaks() -> None:
+    # The pattern is built inside the operator (its knob search reads tensor values).
+    attn = BlockSparseAttention(block_size=16, sparsity_ratio=0.5, pattern_type="random",
+                                num_heads=4)  # fmt: skip
+    q, k, v = (torch.randn(1, 64, 4, 16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: attn(q, k, v, is_causal=True)
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+    layer = create_block_sparse_attention(embed_dim=64, num_heads=4, sparsity_ratio=0.5,
+                                          pattern_type="dilated_sparse", block_size=16)  # fmt: skip
+    x = torch.randn(2, 64, 64, requires_grad=True)
+    fn = lambda x: layer(x, is_causal=True)[0]
+    _assert_same(torch.compile(fn, fullgraph=True), fn, x)
+
+
+def test_block_sparse_ops_pass_opcheck() -> None:
+    spec = pattern_spec("local_window", block_size=16, sparsity_ratio=0.5)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (torch.randn(2, 4, 48, 16, dtype=dtype).transpose(1, 2) for _ in range(3))
+        args = (spec, True, 0.3, 0.0, torch.zeros(1, dtype=torch.long), "pytorch")
+        torch.library.opcheck(bs_forward, (q, k, v, *args))
+        out, lse = bs_forward(q, k, v, *args)
+        torch.library.opcheck(bs_backward, (torch.randn_like(out), q, k, v, out, lse, *args))

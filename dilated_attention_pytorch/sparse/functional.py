@@ -418,23 +418,39 @@ def block_sparse_attention(
             q, k, v, pattern, D**-0.5 if scale is None else float(scale)
         )
         return (out, lse) if return_lse else out
-    nb = pattern.num_blocks
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    call = SparseCall(
+    kernel = "triton" if backend == "triton" else "pytorch"
+    call = single_device_call(pattern, N, D, is_causal, scale, dropout_p, seed, kernel)
+    out, lse = _BlockSparseFunction.apply(token_major(q), token_major(k), token_major(v), call)
+    return (out, lse.float()) if return_lse else out
+
+
+def single_device_call(
+    pattern: BlockSparsePattern,
+    seq_len: int,
+    head_dim: int,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    seed: int,
+    kernel: str,
+) -> SparseCall:
+    """The :class:`SparseCall` of ``pattern`` on one device (every block held locally)."""
+    nb = pattern.num_blocks
+    per_head = pattern.block_mask if pattern.per_head else None
+    return SparseCall(
         block_mask=pattern.block_mask if per_head is None else pattern.block_mask[0],
         block_size=pattern.block_size,
         q_start=0,
         k_blocks=torch.arange(nb),
         k_start=torch.arange(nb) * pattern.block_size,
-        k_len=N,
-        seq_len=N,
-        scale=D**-0.5 if scale is None else float(scale),
+        k_len=seq_len,
+        seq_len=seq_len,
+        scale=head_dim**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
         dropout_p=float(dropout_p),
         seed=seed,
-        kernel="triton" if backend == "triton" else "pytorch",
+        kernel=kernel,
         per_head_mask=per_head,
         grads_in_input_dtype=True,
     )
-    out, lse = _BlockSparseFunction.apply(token_major(q), token_major(k), token_major(v), call)
-    return (out, lse.float()) if return_lse else out

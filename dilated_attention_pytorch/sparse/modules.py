@@ -28,6 +28,7 @@ from ..validation import (
 )
 from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
 from .memory import block_sparse_memory_estimate
+from .ops import block_sparse_op, pattern_spec
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
 from .ring import RingSparseSetup, ring_block_sparse_attention
 
@@ -108,17 +109,24 @@ class BlockSparseAttention(nn.Module):
         self.scale = check_scale(scale)
         self.backend = check_choice("backend", backend, SPARSE_BACKENDS)
         self.pattern(max(self.block_size, 1) * 4, False)  # validate the settings now
+        # The pattern's settings as the torch.compile operator takes them (sparse/ops.py).
+        self.op_spec = pattern_spec(self.pattern_type, **self._pattern_settings())
+
+    def _pattern_settings(self) -> dict[str, object]:
+        """``make_block_sparse_pattern``'s arguments other than the length and causality."""
+        knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.knobs.items()}
+        return dict(
+            block_size=self.block_size, sparsity_ratio=self.sparsity_ratio,
+            num_heads=self.num_heads if self.pattern_type == "random" else None,
+            seed=self.seed, **knobs,
+        )  # fmt: skip
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 (a few (N, causal) per module)
     def pattern(self, seq_len: int, is_causal: bool = False) -> BlockSparsePattern:
         """The pattern this module uses for ``seq_len`` tokens."""
-        knobs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.knobs.items()}
         return make_block_sparse_pattern(
-            self.pattern_type, seq_len, block_size=self.block_size,
-            sparsity_ratio=self.sparsity_ratio, is_causal=is_causal,
-            num_heads=self.num_heads if self.pattern_type == "random" else None,
-            seed=self.seed, **knobs,
-        )  # fmt: skip
+            self.pattern_type, seq_len, is_causal=is_causal, **self._pattern_settings()
+        )
 
     def forward(
         self,
@@ -133,9 +141,19 @@ class BlockSparseAttention(nn.Module):
         _no_mask(key_padding_mask)
         check_qkv(q, k, v)
         check_is_causal(is_causal)
+        dropout_p = self.dropout if self.training else 0.0
+        if torch.compiler.is_compiling():
+            # One opaque operator that builds the pattern itself (see sparse/ops.py): the
+            # triton kernels on CUDA where they run, else the pytorch path (FlexAttention
+            # is not used under torch.compile).
+            backend = "auto" if self.backend == "flex" else self.backend
+            return block_sparse_op(
+                q, k, v, self.op_spec, is_causal=is_causal, scale=self.scale,
+                dropout_p=dropout_p, kernel=ring_kernel(q, backend, self.block_size, dropout_p),
+            )  # fmt: skip
         return block_sparse_attention(
             q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+            dropout_p=dropout_p, backend=self.backend,
         )  # fmt: skip
 
     def memory_ring_size(self) -> int:
