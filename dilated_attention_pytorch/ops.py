@@ -12,6 +12,7 @@ output shapes, so a compiled model has no graph break around attention
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,25 +137,27 @@ def _(dout, q, k, v, out, lse_pair, segment_lengths, dilation_rates, branch_mixi
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
-_ARGS = ("segment_lengths", "dilation_rates", "branch_mixing", "scale", "is_causal",
-         "dropout_p", "key_padding_mask", "seed", "backend")  # fmt: skip
+def register_attention_autograd(forward: Any, backward: Any) -> None:
+    """The autograd rule of an attention operator pair: ``forward(q, k, v, *settings) ->
+    (out, lse)`` (the LSE not differentiable) and ``backward(dout, q, k, v, out, lse,
+    *settings) -> (dq, dk, dv)``."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, *settings = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(lse)
+
+    def backward_rule(ctx, dout: Tensor, _dlse: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, *ctx.settings)
+        return (dq, dk, dv, *(None for _ in ctx.settings))
+
+    forward.register_autograd(backward_rule, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, *args = inputs
-    out, lse_pair = output
-    ctx.save_for_backward(q, k, v, out, lse_pair)
-    ctx.args = args
-    ctx.mark_non_differentiable(lse_pair)
-
-
-def _backward_rule(ctx, dout: Tensor, _dlse: Tensor):
-    q, k, v, out, lse_pair = ctx.saved_tensors
-    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse_pair, *ctx.args)
-    return (dq, dk, dv, *(None for _ in _ARGS))
-
-
-_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+register_attention_autograd(_forward, _backward)
 
 
 def dilated_attention_op(

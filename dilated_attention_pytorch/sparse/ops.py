@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends.blocks import compute_dtype
+from ..ops import register_attention_autograd
 from ..segments import token_major
 from .functional import block_backward, block_forward, single_device_call
 from .patterns import BlockSparsePattern, make_block_sparse_pattern
@@ -98,24 +99,7 @@ def _(dout, q, k, v, out, lse, spec, is_causal, scale, dropout_p, seed, kernel):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_ARGS = ("spec", "is_causal", "scale", "dropout_p", "seed", "kernel")
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, *args = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = args
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward_rule(ctx, dout: Tensor, _dlse: Tensor):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return (dq, dk, dv, *(None for _ in _ARGS))
-
-
-_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+register_attention_autograd(_forward, _backward)
 
 
 def block_sparse_op(

@@ -227,20 +227,9 @@ def _fwd_kernel(
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
     # else one LSE.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q,
-        seg_k,
-        n_q,
-        n_k,
-        dil,
-        head0,
-        h_first,
-        num_heads,
-        tiles_per_seg,
-        SegStart,
-        SegLen,
-        BLOCK_M,
-        VARLEN,
-    )
+        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
+        BLOCK_M, VARLEN,
+    )  # fmt: skip
     if m0 >= len_q:
         return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
@@ -377,20 +366,9 @@ def _bwd_dkdv_kernel(
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc.
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q,
-        seg_k,
-        n_q,
-        n_k,
-        dil,
-        head0,
-        h_first,
-        num_heads,
-        tiles_per_seg,
-        SegStart,
-        SegLen,
-        BLOCK_N,
-        VARLEN,
-    )
+        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
+        BLOCK_N, VARLEN,
+    )  # fmt: skip
     if n0 >= len_k:
         return
     offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
@@ -473,20 +451,9 @@ def _bwd_dq_kernel(
 ):  # fmt: skip
     # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q,
-        seg_k,
-        n_q,
-        n_k,
-        dil,
-        head0,
-        h_first,
-        num_heads,
-        tiles_per_seg,
-        SegStart,
-        SegLen,
-        BLOCK_M,
-        VARLEN,
-    )
+        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
+        BLOCK_M, VARLEN,
+    )  # fmt: skip
     if m0 >= len_q:
         return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
