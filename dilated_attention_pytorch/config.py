@@ -20,6 +20,7 @@ from .validation import (
     check_dropout,
     check_gamma_init,
     check_head_split,
+    check_num_kv_heads,
     check_positive_int,
     check_scale,
     validate_branches,
@@ -41,7 +42,8 @@ PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 class DilatedAttentionConfig:
     """Hyper-parameters of :class:`~dilated_attention_pytorch.DilatedAttention` and,
     when ``embed_dim`` and ``num_heads`` are set, of
-    :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`.
+    :class:`~dilated_attention_pytorch.MultiheadDilatedAttention` (``num_kv_heads``: its
+    K/V heads for grouped-query attention, default ``num_heads``).
 
     Keyword-only and frozen; validated on construction (``ValueError``/``TypeError``
     with what was expected and what arrived). Lists are stored as tuples.
@@ -63,6 +65,7 @@ class DilatedAttentionConfig:
     # Multi-head fields: both of embed_dim/num_heads, or neither.
     embed_dim: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = None  # grouped-query attention (needs num_heads)
     bias: bool = True
     layer_norm: bool = True
     gamma_init: float = 1.0
@@ -82,6 +85,13 @@ class DilatedAttentionConfig:
             )
         if self.embed_dim is not None:
             check_head_split(self.embed_dim, self.num_heads)
+        if self.num_kv_heads is not None:
+            if self.num_heads is None:
+                raise ValueError(
+                    f"num_kv_heads={self.num_kv_heads!r} is the K/V head count of a multi-head "
+                    f"layer; set embed_dim and num_heads too."
+                )
+            check_num_kv_heads(self.num_kv_heads, self.num_heads)
         check_bool("bias", self.bias)
         check_bool("layer_norm", self.layer_norm)
         object.__setattr__(self, "gamma_init", check_gamma_init(self.gamma_init))
@@ -146,4 +156,6 @@ class DilatedAttentionConfig:
             "bias": self.bias,
             "layer_norm": self.layer_norm,
             "gamma_init": self.gamma_init,
+            # Only when set: layers built from these keywords need not take it otherwise.
+            **({} if self.num_kv_heads is None else {"num_kv_heads": self.num_kv_heads}),
         }

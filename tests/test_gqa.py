@@ -264,3 +264,18 @@ def test_enterprise_and_hilbert_layers_take_num_kv_heads() -> None:
         assert gqa.k_proj.weight.shape == (16, 32)
         _repeat_kv_projections(gqa, mha, group=2, D=8)
         torch.testing.assert_close(gqa(x)[0], mha(x)[0], **TOL, msg=cls.__name__)
+
+
+def test_config_and_factory_take_num_kv_heads() -> None:
+    from dilated_attention_pytorch import DilatedAttentionConfig, create_multihead_dilated_attention
+
+    cfg = DilatedAttentionConfig(
+        segment_lengths=[16, 32], dilation_rates=[1, 2], embed_dim=64, num_heads=8, num_kv_heads=2
+    )
+    for kind in ("multihead_dilated", "multihead_enterprise_distributed"):
+        layer = create_multihead_dilated_attention(kind, config=cfg)
+        assert layer.num_kv_heads == 2 and layer.k_proj.weight.shape == (16, 64), kind
+    with pytest.raises(ValueError, match="set embed_dim and num_heads too"):
+        DilatedAttentionConfig(segment_lengths=[16], dilation_rates=[1], num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"num_kv_heads must divide num_heads \(8\)"):
+        cfg.replace(num_kv_heads=3)
