@@ -541,3 +541,50 @@ def test_communication_bytes(comm_results: list[dict[str, Any]], case: CommCase)
         )
     if case.name == "local-only":
         assert all(not res[case.name]["forward"]["send"] for res in comm_results)
+
+
+# --------------------------------------------------------------------------- packed documents
+
+
+def _packed_worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
+    torch.manual_seed(0)  # the same whole tensors on every rank
+    N, L = 32, 16
+    cu = torch.tensor([0, 5, 16, 20, 31, 32])  # every shard boundary is a document boundary
+    q = torch.randn(1, N, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, N, 2, 8, dtype=torch.float64) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = dilated_attention(*full, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    part = slice(rank * L, (rank + 1) * L)
+    shards = [t[:, part].clone().requires_grad_() for t in (q, k, v)]
+    p2p_calls = []
+    original = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: p2p_calls.append(len(ops)) or original(ops)
+    try:
+        out = ring_dilated_attention(*shards, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
+        out.backward(dout[:, part])
+    finally:
+        dist.batch_isend_irecv = original
+    errors = {}
+    for name, kwargs in {
+        "crossing": dict(cu_seqlens=torch.tensor([0, 10, 32])),
+        "dropout": dict(cu_seqlens=cu, dropout_p=0.1),
+    }.items():
+        try:
+            ring_dilated_attention(*(t.detach() for t in shards), [8, 16], [1, 2], **kwargs)
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    pairs = [(out.detach(), ref.detach()[:, part])]
+    pairs += [(s.grad, f.grad[:, part]) for s, f in zip(shards, full, strict=True)]
+    return {"pairs": pairs, "p2p": p2p_calls, "errors": errors}
+
+
+def test_packed_documents_inside_shards_need_no_transfer() -> None:
+    for rank, res in enumerate(spawn(_packed_worker, 2)):
+        for got, want in res["pairs"]:
+            torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+        assert res["p2p"] == [], f"rank {rank} sent {res['p2p']}"
+        assert re.search(r"crosses the shard boundary at token 16", res["errors"]["crossing"])
+        assert re.search(r"does not take dropout yet", res["errors"]["dropout"])

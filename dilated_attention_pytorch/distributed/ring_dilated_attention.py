@@ -38,6 +38,7 @@ from ..backends import AttentionCall, Backend, BlockOps, available_backends, get
 from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
 from ..dropout import DropoutKeys, token_ids
+from ..functional import dilated_attention
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import (
     merge_lse_,
@@ -52,6 +53,7 @@ from .validation import (
     check_ring_call_locally,
     check_timeout,
     resolve_group,
+    ring_documents,
 )
 
 __all__ = [
@@ -728,6 +730,7 @@ def ring_dilated_attention(
     ring_size: int | None = None,
     timeout: float | None = None,
     stats: RingStats | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """Dilated attention on ``(B, N/k, H, D)`` shards of a sequence split over the ranks of ``group``.
 
@@ -779,6 +782,12 @@ def ring_dilated_attention(
             over ``group``'s ranks (:func:`~dilated_attention_pytorch.distributed.ring_communicator`),
             so collectives you run on ``group`` never mix with the ring's.
         stats: a :class:`RingStats` that counts this call's bytes, steps and time.
+        cu_seqlens: packed documents (``B = 1``), as in ``dilated_attention``: the offsets
+            of the documents in the ring's whole sequence of ``N`` tokens, the same on
+            every rank. Every document must lie inside one rank's shard (each shard
+            boundary a document boundary): each rank then attends its own documents and
+            nothing travels. Documents spanning ranks raise ``ValueError`` (not supported
+            yet), as do dropout and a key padding mask with ``cu_seqlens``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -807,6 +816,7 @@ def ring_dilated_attention(
         scale=scale,
         dropout_p=dropout_p,
         key_padding_mask=key_padding_mask,
+        cu_seqlens=cu_seqlens,
     )
     if validate:
         plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
@@ -816,6 +826,16 @@ def ring_dilated_attention(
     size = dist.get_world_size(group) if ring_size is None else ring_size
     rank = dist.get_rank(group)
     _, L, _, D = q.shape
+    if cu_seqlens is not None:
+        # Every document inside this rank's shard (checked above): a local packed call.
+        bounds = ring_documents(cu_seqlens, q, None, dropout_p, size)
+        first = (rank % size) * L
+        local = [b - first for b in bounds if first <= b <= first + L]
+        return dilated_attention(
+            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
+            branch_mixing=branch_mixing, scale=scale, backend=backend,
+            cu_seqlens=torch.tensor(local, dtype=torch.int64),
+        )  # fmt: skip
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
 from ..validation import (
+    check_cu_seqlens,
     check_key_padding_mask,
     check_positive_float,
     check_qkv,
@@ -79,6 +80,35 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
             )
 
 
+def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, dropout_p: object,
+                   ring_size: int) -> tuple[int, ...]:  # fmt: skip
+    """The document offsets of a packed ring call (``cu_seqlens`` over the ring's whole
+    sequence of ``ring_size * L`` tokens), checked: every shard boundary must be a document
+    boundary, so that each document lies inside one rank's shard."""
+    L = q.shape[1]
+    # Only its shape is read: the ring's whole packed row.
+    whole = torch.empty(1, ring_size * L, *q.shape[2:], device="meta") if q.shape[0] == 1 else q
+    check_cu_seqlens(cu_seqlens, None, whole, key_padding_mask)
+    assert isinstance(cu_seqlens, Tensor)
+    bounds = tuple(int(b) for b in cu_seqlens.tolist())
+    if float(dropout_p) > 0.0:  # type: ignore[arg-type]
+        raise ValueError(
+            "ring attention with cu_seqlens does not take dropout yet (each rank would draw "
+            "other seeds than one device); pass dropout_p=0.0."
+        )
+    inside = set(bounds)
+    crossing = [j * L for j in range(1, ring_size) if j * L not in inside]
+    if crossing:
+        raise ValueError(
+            f"ring attention with cu_seqlens needs every document inside one rank's shard of "
+            f"L = {L} tokens, but a document crosses the shard boundary at token {crossing[0]} "
+            f"(cu_seqlens {list(bounds[:6])}{'...' if len(bounds) > 6 else ''}); documents "
+            f"spanning ranks are not supported yet: pack each rank's documents into its own "
+            f"shard (pad with a separate short document), or run without cu_seqlens."
+        )
+    return bounds
+
+
 def check_ring_size_divides(ring_size: object, world_size: int) -> int:
     """``ring_size`` (``None`` = the whole group) must divide the group's size; returns it."""
     size = check_ring_size(ring_size)
@@ -116,6 +146,7 @@ def check_ring_call_locally(
     scale: object,
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
+    cu_seqlens: object = None,
 ) -> DilatedPlan:
     """The checks of a ring call that need no other rank; returns the plan.
 
@@ -133,7 +164,11 @@ def check_ring_call_locally(
         )
     assert isinstance(k, Tensor)
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
-    check_shard_length(plan, q.shape[1], check_ring_size_divides(ring_size, world_size))
+    size = check_ring_size_divides(ring_size, world_size)
+    if cu_seqlens is not None:  # documents inside shards: no shard rule applies
+        ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size)
+    else:
+        check_shard_length(plan, q.shape[1], size)
     return plan
 
 
@@ -154,6 +189,7 @@ def check_ring_call(
     ring_size: object = None,
     timeout: object = None,
     input_error: str | None = None,
+    cu_seqlens: object = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -186,6 +222,7 @@ def check_ring_call(
             scale=scale,
             dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
         )  # fmt: skip
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
         meta = [
@@ -201,6 +238,7 @@ def check_ring_call(
                 ring_size,
                 float(dropout_p),  # type: ignore[arg-type]
                 key_padding_mask is not None,
+                None if cu_seqlens is None else tuple(cu_seqlens.tolist()),  # type: ignore[attr-defined]
             ),
         ]  # fmt: skip
     except _Reported as exc:
@@ -253,7 +291,8 @@ def check_ring_call(
             f"segment_lengths={list(segment_lengths)}, dilation_rates={list(dilation_rates)}, "
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
-            f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}"
+            f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
+            f"cu_seqlens={None if cu_seqlens is None else cu_seqlens.tolist()}"  # type: ignore[attr-defined]
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
