@@ -192,3 +192,18 @@ def test_triton_backend_says_why_it_cannot_run() -> None:
         block_sparse_attention(q, q, q, odd, backend="triton")
     with pytest.raises(ValueError, match=r"backend must be one of"):
         RingBlockSparseAttention(pattern_type="local_window", backend="flex")
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_operators_on_the_triton_kernels(dtype) -> None:
+    # The operators' fakes must give the real dtypes on the Triton path too (its kernels
+    # return q.dtype; the operator returns the compute dtype, as on the pytorch path).
+    from dilated_attention_pytorch.sparse.ops import _backward, _forward, pattern_spec
+
+    spec = pattern_spec("local_window", block_size=16, sparsity_ratio=0.5)
+    q, k, v = (torch.randn(1, 64, 2, 16).to(dtype) for _ in range(3))
+    args = (spec, True, 0.3, 0.0, torch.zeros(1, dtype=torch.long), "triton")
+    torch.library.opcheck(_forward, (q, k, v, *args))
+    out, lse = _forward(q, k, v, *args)
+    torch.library.opcheck(_backward, (torch.randn_like(out), q, k, v, out, lse, *args))

@@ -152,6 +152,17 @@ def test_block_sparse_modules_compile_without_graph_breaks() -> None:
     _assert_same(torch.compile(fn, fullgraph=True), fn, x)
 
 
+def test_compiled_block_sparse_module_checks_per_head_patterns() -> None:
+    attn = BlockSparseAttention(block_size=16, sparsity_ratio=0.5, pattern_type="random",
+                                num_heads=2)  # fmt: skip
+    q = torch.randn(1, 64, 4, 16)
+    # fullgraph=True reports the module's ValueError through dynamo's own exception.
+    with pytest.raises(Exception, match="one block mask per head for 2 heads, but q has 4"):
+        torch.compile(attn, fullgraph=True, backend="eager")(q, q, q)
+    with pytest.raises(ValueError, match="one block mask per head for 2 heads, but q has 4"):
+        torch.compile(attn, backend="eager")(q, q, q)
+
+
 def test_block_sparse_ops_pass_opcheck() -> None:
     spec = pattern_spec("local_window", block_size=16, sparsity_ratio=0.5)
     for dtype in (torch.float32, torch.float64):

@@ -526,10 +526,10 @@ def test_communication_bytes(comm_results: list[dict[str, Any]], case: CommCase)
                     g = w // L
                     peers |= set(range((rank // g) * g, min((rank // g + 1) * g, world_size)))
             assert {p for p, _ in res[case.name][phase]["send"]} <= peers - {rank}
-            # No collective moves K/V: only the forward's metadata all_gather (9 int64 per rank).
+            # No collective moves K/V: only the forward's metadata all_gather (10 int64 per rank).
             for name, tensors in res[case.name][phase]["collective"]:
                 assert name == "all_gather" and phase == "forward"
-                assert all(dtype == torch.int64 and numel == 9 for dtype, numel in tensors)
+                assert all(dtype == torch.int64 and numel == 10 for dtype, numel in tensors)
     if case.name == "global-even":
         # The design's bound verbatim: (g - 1) * L / r tokens of K and V per head, every rank.
         g, L, r = 4, case.local_len, 8
@@ -566,17 +566,25 @@ def _packed_worker(rank: int, world_size: int, _: Any) -> dict[str, Any]:
         out.backward(dout[:, part])
     finally:
         dist.batch_isend_irecv = original
+    # Rings of one rank each hold their own sequence: their documents may differ.
+    own = torch.tensor([0, 5, 16] if rank == 0 else [0, 11, 16])
+    local = [t.detach() for t in shards]
+    per_ring = ring_dilated_attention(*local, [8, 16], [1, 2], ring_size=1, cu_seqlens=own)
+    pairs_own = [(per_ring, dilated_attention(*local, [8, 16], [1, 2], cu_seqlens=own))]
     errors = {}
     for name, kwargs in {
         "crossing": dict(cu_seqlens=torch.tensor([0, 10, 32])),
         "dropout": dict(cu_seqlens=cu, dropout_p=0.1),
+        "ring-documents-differ": dict(
+            cu_seqlens=torch.tensor([0, 16, 32] if rank else [0, 16, 20, 32])
+        ),
     }.items():
         try:
             ring_dilated_attention(*(t.detach() for t in shards), [8, 16], [1, 2], **kwargs)
             errors[name] = None
         except ValueError as exc:
             errors[name] = str(exc)
-    pairs = [(out.detach(), ref.detach()[:, part])]
+    pairs = [(out.detach(), ref.detach()[:, part]), *pairs_own]
     pairs += [(s.grad, f.grad[:, part]) for s, f in zip(shards, full, strict=True)]
     return {"pairs": pairs, "p2p": p2p_calls, "errors": errors}
 
@@ -588,3 +596,7 @@ def test_packed_documents_inside_shards_need_no_transfer() -> None:
         assert res["p2p"] == [], f"rank {rank} sent {res['p2p']}"
         assert re.search(r"crosses the shard boundary at token 16", res["errors"]["crossing"])
         assert re.search(r"does not take dropout yet", res["errors"]["dropout"])
+        assert re.search(
+            r"documents \(cu_seqlens\) differ between the ranks of ring 0.*rank 0 has \[0, 16, 20, 32\]",
+            res["errors"]["ring-documents-differ"],
+        )

@@ -39,8 +39,8 @@ _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
 _DEVICE_CODES = {"cpu": 1, "cuda": 2}
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "another device"}
 # Layout of the metadata vector.
-_OK, _B, _L, _H, _D, _HKV, _DTYPE, _DEVICE, _FINGERPRINT = range(9)
-_META_LEN = 9
+_OK, _B, _L, _H, _D, _HKV, _DTYPE, _DEVICE, _FINGERPRINT, _DOCUMENTS = range(10)
+_META_LEN = 10
 
 
 def _fingerprint(*settings: object) -> int:
@@ -238,8 +238,10 @@ def check_ring_call(
                 ring_size,
                 float(dropout_p),  # type: ignore[arg-type]
                 key_padding_mask is not None,
-                None if cu_seqlens is None else tuple(cu_seqlens.tolist()),  # type: ignore[attr-defined]
+                cu_seqlens is not None,
             ),
+            # The documents: each ring holds its own sequence, so compared within a ring.
+            0 if cu_seqlens is None else _fingerprint(tuple(cu_seqlens.tolist())),  # type: ignore[attr-defined]
         ]  # fmt: skip
     except _Reported as exc:
         local_error = str(exc)
@@ -292,14 +294,28 @@ def check_ring_call(
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
-            f"cu_seqlens={None if cu_seqlens is None else cu_seqlens.tolist()}"  # type: ignore[attr-defined]
+            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}"
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
             "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size and dropout_p, "
-            "and a key_padding_mask on every rank or on none: "
+            "and a key_padding_mask and cu_seqlens on every rank or on none: "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
+            + "."
+        )
+    size = world_size if ring_size is None else int(ring_size)  # type: ignore[call-overload]
+    rings = [table[i : i + size] for i in range(0, world_size, size)]
+    differ = [i for i, rows in enumerate(rings) if len({row[_DOCUMENTS] for row in rows}) > 1]
+    if differ:
+        i = differ[0]
+        mine_text = None if cu_seqlens is None else str(cu_seqlens.tolist())  # type: ignore[attr-defined]
+        texts = _gather_texts(group, mine_text, timeout)
+        raise ValueError(
+            f"ring attention: the packed documents (cu_seqlens) differ between the ranks of "
+            f"ring {i}; every rank of a ring must pass the offsets of that ring's whole "
+            f"sequence: "
+            + "; ".join(f"rank {j} has {texts[j]}" for j in range(i * size, (i + 1) * size))
             + "."
         )
     assert plan is not None

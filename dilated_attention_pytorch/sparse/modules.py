@@ -143,6 +143,11 @@ class BlockSparseAttention(nn.Module):
         check_is_causal(is_causal)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling():
+            if self.pattern_type == "random" and self.num_heads not in (None, q.shape[2]):
+                raise ValueError(  # the eager call's check of a per-head pattern
+                    f"the pattern has one block mask per head for {self.num_heads} heads, but "
+                    f"q has {q.shape[2]}; build it with num_heads={q.shape[2]}."
+                )
             # One opaque operator that builds the pattern itself (see sparse/ops.py): the
             # triton kernels on CUDA where they run, else the pytorch path (FlexAttention
             # is not used under torch.compile).

@@ -62,7 +62,9 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     call = _call(q, spec, is_causal, scale, dropout_p, seed, kernel)
     out, lse = block_forward(call, token_major(q), token_major(k), token_major(v))
-    return out.contiguous(), lse.contiguous()  # compute dtype, like the eager path's
+    # The compute dtype, as the fake says (the triton kernels return q.dtype: exact upcast).
+    cdt = compute_dtype(q.dtype)
+    return out.to(cdt).contiguous(), lse.to(cdt).contiguous()
 
 
 @_forward.register_fake
@@ -88,6 +90,8 @@ def _backward(
     kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     call = _call(q, spec, is_causal, scale, dropout_p, seed, kernel)
+    if kernel == "triton":  # its kernels take out and dout in q.dtype (exact downcasts)
+        out, dout = out.to(q.dtype), dout.to(q.dtype)
     grads = block_backward(
         call, token_major(dout), token_major(q), token_major(k), token_major(v), out, lse
     )
