@@ -4,7 +4,7 @@
     python benchmarks/bench_gqa_packed.py --cpu --out /tmp/bench       # small, float32
 
 Forward + backward of causal ``dilated_attention`` (median of many runs, peak memory of
-one call, inputs and gradients included):
+one call, the method's own inputs and gradients included):
 
 - **GQA**: ``H`` query heads on ``H_kv`` K/V heads, against the same call after repeating
   K/V to ``H`` heads (``repeat_interleave``, as models without GQA support do; the repeat
@@ -12,7 +12,9 @@ one call, inputs and gradients included):
 - **Packed documents**: documents of a seeded log-uniform length distribution packed into
   one row with ``cu_seqlens``, against the same documents as a padded batch with a key
   padding mask; on CUDA also dense causal attention over the documents through PyTorch's
-  jagged nested tensors (its varlen path).
+  jagged nested tensors (its varlen path). For reference, the same tokens as one sequence
+  (documents then attend across boundaries: not an alternative, but what packing should
+  cost).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -97,40 +100,71 @@ def packed_rows(args: argparse.Namespace, device, dtype, ws, rs) -> list[dict[st
     total, B, longest = sum(lengths), len(lengths), max(lengths)
     H, D = args.heads, args.head_dim
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
-    q, k, v = (_leaf(1, total, H, D, device=device, dtype=dtype) for _ in range(3))
-    padded = [_leaf(B, longest, H, D, device=device, dtype=dtype) for _ in range(3)]
     pad_mask = (
         torch.arange(longest, device=device)[None, :]
         >= torch.tensor(lengths, device=device)[:, None]
     )
-    runs: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]] = {
-        "dilated, packed (cu_seqlens)": (
-            lambda: dilated_attention(q, k, v, ws, rs, is_causal=True, cu_seqlens=cu),
-            [q, k, v],
-        ),
-        "dilated, padded batch + mask": (
-            lambda: dilated_attention(*padded, ws, rs, is_causal=True, key_padding_mask=pad_mask),
-            padded,
-        ),
-    }
-    if device.type == "cuda":
-        nested = [
+
+    def packed() -> list[torch.Tensor]:
+        return [_leaf(1, total, H, D, device=device, dtype=dtype) for _ in range(3)]
+
+    def padded() -> list[torch.Tensor]:
+        return [_leaf(B, longest, H, D, device=device, dtype=dtype) for _ in range(3)]
+
+    def nested() -> list[torch.Tensor]:  # (B, H, j, D) jagged
+        return [
             torch.nested.nested_tensor_from_jagged(t[0].detach(), offsets=cu)
             .transpose(1, 2)
             .requires_grad_()
-            for t in (q, k, v)
-        ]  # (B, H, j, D) jagged
+            for t in packed()
+        ]
+
+    # name -> (inputs, attention of those inputs). Each method's inputs are made just
+    # before it runs and freed after, so that its peak memory counts its own alone.
+    runs: dict[str, tuple[Callable[[], list[torch.Tensor]], Callable[..., torch.Tensor]]] = {
+        "dilated, packed (cu_seqlens)": (
+            packed,
+            lambda q, k, v: dilated_attention(q, k, v, ws, rs, is_causal=True, cu_seqlens=cu),
+        ),
+        "dilated, padded batch + mask": (
+            padded,
+            lambda q, k, v: dilated_attention(
+                q, k, v, ws, rs, is_causal=True, key_padding_mask=pad_mask
+            ),
+        ),
+        # Not an alternative (documents would attend across boundaries): the cost of the
+        # same tokens as one sequence, what packing should match.
+        "dilated, one sequence (reference)": (
+            packed,
+            lambda q, k, v: dilated_attention(q, k, v, ws, rs, is_causal=True),
+        ),
+    }
+    if device.type == "cuda":
+        # What backend="auto" avoids on a GPU: the pytorch backend, one call per document.
+        runs["dilated, packed, pytorch backend"] = (
+            packed,
+            lambda q, k, v: dilated_attention(
+                q, k, v, ws, rs, is_causal=True, cu_seqlens=cu, backend="pytorch"
+            ),
+        )
         runs["dense SDPA, nested varlen"] = (
-            lambda: F.scaled_dot_product_attention(*nested, is_causal=True).values(),
             nested,
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True).values(),
         )
     rows = []
-    for name, (fn, inputs) in runs.items():
+    for name, (make, attend) in runs.items():
+        inputs = make()
+        step = _grad_step(partial(attend, *inputs), inputs)
+        del inputs  # held by step alone
         try:
-            m = measure(_grad_step(fn, inputs), device)
+            m = measure(step, device)
         except (RuntimeError, NotImplementedError) as exc:  # e.g. no nested kernel here
             print(f"{name}: skipped ({str(exc).splitlines()[0][:120]})")
             continue
+        finally:
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append({"case": "packed", "method": name, "tokens": total, "documents": B,
                      "longest": longest, "padded_tokens": B * longest, "ms": m.ms,
                      "peak_bytes": m.peak_bytes, "reps": m.reps})  # fmt: skip

@@ -85,6 +85,7 @@ def _call(
     dropout_p: float,
     key_padding_mask: bool,
     requires_grad: bool,
+    packed: bool = False,
 ) -> AttentionCall:
     return AttentionCall(
         device_type=q.device.type,
@@ -95,6 +96,7 @@ def _call(
         key_padding_mask=key_padding_mask,
         plan=plan,
         requires_grad=requires_grad,
+        packed=packed,
     )
 
 
@@ -274,7 +276,10 @@ def _attend(
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing, k.shape[2])
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    call = _call(q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad)
+    call = _call(
+        q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad,
+        packed=documents is not None,
+    )  # fmt: skip
     chosen = select_backend(backend, call)
     if documents is not None and (not chosen.capabilities.packed or torch.compiler.is_compiling()):
         # One call per document on views of q, k, v (split: one backward node for all).

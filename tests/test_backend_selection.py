@@ -13,7 +13,12 @@ from dilated_attention_pytorch.plan import make_plan
 
 
 def _call(
-    *, mixing: str = "softmax", requires_grad: bool, mask: bool = False, device: str = "cuda"
+    *,
+    mixing: str = "softmax",
+    requires_grad: bool,
+    mask: bool = False,
+    device: str = "cuda",
+    packed: bool = False,
 ):
     return AttentionCall(
         device_type=device,
@@ -24,6 +29,7 @@ def _call(
         key_padding_mask=mask,
         plan=make_plan([2048, 4096], [1, 2], 16, mixing),
         requires_grad=requires_grad,
+        packed=packed,
     )
 
 
@@ -58,5 +64,7 @@ def test_training_softmax_calls_go_to_pytorch_when_cudnn_is_faster(monkeypatch) 
     assert select_backend("auto", _call(requires_grad=False)).name == "triton"
     assert select_backend("auto", _call(requires_grad=True, mixing="head_split")).name == "triton"
     assert select_backend("auto", _call(requires_grad=True, mask=True)).name == "triton"
+    # Packed documents: one triton launch per branch beats one pytorch call per document.
+    assert select_backend("auto", _call(requires_grad=True, packed=True)).name == "triton"
     monkeypatch.setattr(triton_backend, "cudnn_usable", lambda *a: False)
     assert select_backend("auto", _call(requires_grad=True)).name == "triton"

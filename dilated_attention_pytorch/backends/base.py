@@ -37,6 +37,7 @@ class AttentionCall:
     key_padding_mask: bool
     plan: DilatedPlan
     requires_grad: bool = False  # a backward will follow (grad mode on, an input needs grad)
+    packed: bool = False  # packed documents (cu_seqlens) in one row
 
 
 @dataclass
