@@ -22,6 +22,7 @@ from .plan import DilatedPlan, make_plan
 from .segments import token_major
 from .validation import (
     check_cu_seqlens,
+    check_cu_seqlens_form,
     check_key_padding_mask,
     check_qkv,
     check_scalars,
@@ -202,10 +203,10 @@ def dilated_attention(
             ``(1, total, H, D)``. Each document is then its own sequence: its segments
             start at its first token (the last one shorter when ``w`` does not divide
             its length) and nothing attends across documents. Read on the host (one
-            device sync). The ``triton`` backend runs all documents in the same
+            device sync; under ``torch.compile`` inside the attention operator, so the
+            graph does not break). The ``triton`` backend runs all documents in the same
             launches (a table of every document's segments); the ``pytorch`` backend
-            runs them one after another (as every backend does under ``torch.compile``,
-            where reading the offsets breaks the graph). Not with ``key_padding_mask``.
+            runs them one after another. Not with ``key_padding_mask``.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (an
             upper bound, checked; flash-attn's argument, accepted for drop-in use).
 
@@ -240,6 +241,14 @@ def dilated_attention(
     )  # fmt: skip
     if cu_seqlens is None and max_seqlen is not None:
         raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
+    if cu_seqlens is not None and torch.compiler.is_compiling():
+        # The offsets are read inside the attention operator, where the graph cannot see.
+        check_cu_seqlens_form(cu_seqlens, q, key_padding_mask)
+        make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
+        return _attend(
+            q, k, v, segment_lengths, dilation_rates, key_padding_mask=None,
+            packed=(cu_seqlens, _max_seqlen_tensor(max_seqlen)), **options,
+        )  # fmt: skip
     if cu_seqlens is not None:
         lengths = check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask)
         make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
@@ -253,6 +262,24 @@ def dilated_attention(
     return _attend(
         q, k, v, segment_lengths, dilation_rates, key_padding_mask=key_padding_mask, **options
     )
+
+
+def _max_seqlen_tensor(max_seqlen: object) -> Tensor | None:
+    """``max_seqlen`` for the compiled operator: ``None`` or a one-element integer tensor
+    (its value is checked inside the operator, with the offsets)."""
+    if max_seqlen is None or isinstance(max_seqlen, Tensor):
+        if max_seqlen is not None and (max_seqlen.numel() != 1 or max_seqlen.is_floating_point()):
+            raise TypeError(
+                f"max_seqlen must be an int (or a one-element integer tensor), got a tensor "
+                f"of shape {tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}."
+            )
+        return max_seqlen
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(
+            f"max_seqlen must be an int (or a one-element integer tensor), got "
+            f"{type(max_seqlen).__name__} {max_seqlen!r}."
+        )
+    return torch.tensor(max_seqlen, dtype=torch.int64)
 
 
 def _attend(
@@ -270,18 +297,20 @@ def _attend(
     backend: str | Backend,
     return_lse: bool,
     documents: tuple[int, ...] | None = None,
+    packed: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`dilated_attention` on checked inputs: one sequence per batch row, or the packed
-    ``documents`` (their lengths) of one row."""
+    ``documents`` (their lengths) of one row; while compiling, ``packed`` holds the
+    documents' ``(cu_seqlens, max_seqlen)`` tensors instead (read inside the operator)."""
     B, N, H, D = q.shape
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing, k.shape[2])
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = _call(
         q, plan, is_causal, dropout_p, key_padding_mask is not None, requires_grad,
-        packed=documents is not None,
+        packed=documents is not None or packed is not None,
     )  # fmt: skip
     chosen = select_backend(backend, call)
-    if documents is not None and (not chosen.capabilities.packed or torch.compiler.is_compiling()):
+    if documents is not None and not chosen.capabilities.packed:
         # One call per document on views of q, k, v (split: one backward node for all).
         options = dict(
             is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, dropout_p=dropout_p,
@@ -308,7 +337,9 @@ def _attend(
     if torch.compiler.is_compiling():
         # Under torch.compile: one opaque custom operator (backend_key names the backend:
         # a registered name, or e.g. "pytorch:math" for PyTorchBackend(kernel="math")).
-        out, lse_pair = dilated_attention_op(q, k, v, fctx, backend_key(chosen), seed)
+        out, lse_pair = dilated_attention_op(
+            q, k, v, fctx, backend_key(chosen), seed, *(packed or (None, None))
+        )
     else:
         fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
         out, lse_pair = _DilatedAttentionFunction.apply(

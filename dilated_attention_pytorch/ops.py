@@ -11,6 +11,7 @@ output shapes, so a compiled model has no graph break around attention
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -21,6 +22,7 @@ from .backends import Backend, ForwardContext, PyTorchBackend, available_backend
 from .backends.blocks import compute_dtype
 from .plan import make_plan
 from .segments import token_major
+from .validation import check_cu_seqlens
 
 __all__ = ["backend_key", "dilated_attention_op"]
 
@@ -62,12 +64,64 @@ def _context(
     dropout_p: float,
     key_padding_mask: Tensor | None,
     seed: Tensor,
+    cu_seqlens: Tensor | None,
+    max_seqlen: Tensor | None,
 ) -> ForwardContext:
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, num_kv_heads)
+    documents = None
+    if cu_seqlens is not None:  # read (and checked) here, outside the compiled graph
+        documents = tuple(check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask))
     return ForwardContext(
         plan=plan, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-        key_padding_mask=key_padding_mask, seed=int(seed.item()),
+        key_padding_mask=key_padding_mask, seed=int(seed.item()), documents=documents,
     )  # fmt: skip
+
+
+def _documents(fctx: ForwardContext, backend: Backend) -> list[tuple[int, int, ForwardContext]]:
+    """``(start, stop, context)`` of each non-empty document that ``backend`` must run on
+    its own (it cannot take packed documents in one call); empty when it can, or when
+    there are no documents. Each document's dropout seed is derived from the call's."""
+    if fctx.documents is None or backend.capabilities.packed:
+        return []
+    parts, start = [], 0
+    for i, n in enumerate(fctx.documents):
+        seed = (fctx.seed + i * 0x9E3779B97F4A7C15) % 2**62 if fctx.dropout_p > 0.0 else 0
+        if n > 0:
+            parts.append((start, start + n, dataclasses.replace(fctx, documents=None, seed=seed)))
+        start += n
+    return parts
+
+
+def _run_forward(
+    backend: Backend, q: Tensor, k: Tensor, v: Tensor, fctx: ForwardContext
+) -> tuple[Tensor, Tensor]:
+    parts = _documents(fctx, backend)
+    if not parts:
+        return backend.forward(q, k, v, fctx)
+    outs = [backend.forward(q[:, a:b], k[:, a:b], v[:, a:b], c) for a, b, c in parts]
+    return torch.cat([o for o, _ in outs], 1), torch.cat([lse for _, lse in outs], 2)
+
+
+def _run_backward(
+    backend: Backend,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse_pair: Tensor,
+    fctx: ForwardContext,
+) -> tuple[Tensor, ...]:
+    parts = _documents(fctx, backend)
+    if not parts:
+        return tuple(backend.backward(dout, q, k, v, out, lse_pair, fctx))
+    grads = [
+        backend.backward(
+            dout[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], out[:, a:b], lse_pair[:, :, a:b], c
+        )
+        for a, b, c in parts
+    ]
+    return tuple(torch.cat(g, 1) for g in zip(*grads, strict=True))
 
 
 def _fresh(t: Tensor) -> Tensor:
@@ -90,16 +144,20 @@ def _forward(
     key_padding_mask: Tensor | None,
     seed: Tensor,
     backend: str,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fctx = _context(q, k.shape[2], segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
-                    dropout_p, key_padding_mask, seed)  # fmt: skip
-    out, lse_pair = _resolve(backend).forward(token_major(q), token_major(k), token_major(v), fctx)
+                    dropout_p, key_padding_mask, seed, cu_seqlens, max_seqlen)  # fmt: skip
+    out, lse_pair = _run_forward(
+        _resolve(backend), token_major(q), token_major(k), token_major(v), fctx
+    )
     return _fresh(out), lse_pair
 
 
 @_forward.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, branch_mixing, scale, is_causal, dropout_p,
-      key_padding_mask, seed, backend):  # fmt: skip
+      key_padding_mask, seed, backend, cu_seqlens=None, max_seqlen=None):  # fmt: skip
     B, N, H, _ = q.shape
     lse_dtype = compute_dtype(q.dtype)
     return q.new_empty(B, N, H, v.shape[-1]), q.new_empty(2, B, N, H, dtype=lse_dtype)
@@ -122,18 +180,22 @@ def _backward(
     key_padding_mask: Tensor | None,
     seed: Tensor,
     backend: str,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fctx = _context(q, k.shape[2], segment_lengths, dilation_rates, branch_mixing, scale, is_causal,
-                    dropout_p, key_padding_mask, seed)  # fmt: skip
-    grads = _resolve(backend).backward(
-        token_major(dout), token_major(q), token_major(k), token_major(v), out, lse_pair, fctx
-    )
+                    dropout_p, key_padding_mask, seed, cu_seqlens, max_seqlen)  # fmt: skip
+    grads = _run_backward(
+        _resolve(backend), token_major(dout), token_major(q), token_major(k), token_major(v), out,
+        lse_pair, fctx,
+    )  # fmt: skip
     return tuple(_fresh(g) for g in grads)
 
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse_pair, segment_lengths, dilation_rates, branch_mixing, scale,
-      is_causal, dropout_p, key_padding_mask, seed, backend):  # fmt: skip
+      is_causal, dropout_p, key_padding_mask, seed, backend, cu_seqlens=None,
+      max_seqlen=None):  # fmt: skip
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
@@ -167,12 +229,15 @@ def dilated_attention_op(
     fctx: ForwardContext,
     backend: str,
     seed: Tensor,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse_pair)`` of the backend named ``backend`` (:func:`backend_key`) through the
-    custom operator."""
+    custom operator; packed documents as the ``cu_seqlens`` tensor (and optional one-element
+    ``max_seqlen``), read inside the operator."""
     plan = fctx.plan
     return _forward(
         q, k, v, list(plan.segment_lengths), list(plan.dilation_rates), plan.branch_mixing,
         float(fctx.scale), fctx.is_causal, float(fctx.dropout_p), fctx.key_padding_mask, seed,
-        backend,
+        backend, cu_seqlens, max_seqlen,
     )  # fmt: skip

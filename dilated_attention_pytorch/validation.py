@@ -349,15 +349,9 @@ def check_key_padding_mask(mask: object, q: Tensor, what: str = "(B, N)") -> Ten
     return mask.contiguous()
 
 
-def check_cu_seqlens(
-    cu_seqlens: object, max_seqlen: object, q: Tensor, key_padding_mask: object
-) -> list[int]:
-    """The document lengths of a packed batch, from flash-attn's ``cu_seqlens`` convention.
-
-    ``cu_seqlens``: 1-D int32/int64 tensor ``[0, n_0, n_0 + n_1, ..., total]`` (read on
-    the host), ``q`` ``(1, total, H, D)``; ``max_seqlen``: ``None`` or an int at least the
-    longest document.
-    """
+def check_cu_seqlens_form(cu_seqlens: object, q: Tensor, key_padding_mask: object) -> None:
+    """What can be checked of ``cu_seqlens`` without reading its values (under
+    ``torch.compile`` the values are read inside the attention operator)."""
     if key_padding_mask is not None:
         raise ValueError(
             "key_padding_mask and cu_seqlens cannot be combined: with packed documents "
@@ -381,6 +375,18 @@ def check_cu_seqlens(
             f"H, D), got q of shape {tuple(q.shape)}; pack the batch with e.g. "
             f"q.reshape(1, -1, H, D) and offsets of every sequence."
         )
+
+
+def check_cu_seqlens(
+    cu_seqlens: object, max_seqlen: object, q: Tensor, key_padding_mask: object
+) -> list[int]:
+    """The document lengths of a packed batch, from flash-attn's ``cu_seqlens`` convention.
+
+    ``cu_seqlens``: 1-D int32/int64 tensor ``[0, n_0, n_0 + n_1, ..., total]`` (read on
+    the host), ``q`` ``(1, total, H, D)``; ``max_seqlen``: ``None`` or an int at least the
+    longest document.
+    """
+    check_cu_seqlens_form(cu_seqlens, q, key_padding_mask)
     bounds = [int(b) for b in cu_seqlens.tolist()]
     total = q.shape[1]
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:

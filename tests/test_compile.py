@@ -163,6 +163,16 @@ def test_compiled_block_sparse_module_checks_per_head_patterns() -> None:
         torch.compile(attn, backend="eager")(q, q, q)
 
 
+def test_custom_ops_pass_opcheck_with_packed_documents() -> None:
+    q, k, v = (torch.randn(1, 40, 4, 8, dtype=torch.float64) for _ in range(3))
+    cu, longest = torch.tensor([0, 13, 13, 40], dtype=torch.int32), torch.tensor(27)
+    args = ([8, 16], [1, 2], "softmax", 0.3, True, 0.0, None, torch.zeros(1, dtype=torch.long),
+            "pytorch", cu, longest)  # fmt: skip
+    torch.library.opcheck(_forward, (q, k, v, *args))
+    out, lse = _forward(q, k, v, *args)
+    torch.library.opcheck(_backward, (torch.randn_like(out), q, k, v, out, lse, *args))
+
+
 def test_block_sparse_ops_pass_opcheck() -> None:
     spec = pattern_spec("local_window", block_size=16, sparsity_ratio=0.5)
     for dtype in (torch.float32, torch.float64):
@@ -171,3 +181,54 @@ def test_block_sparse_ops_pass_opcheck() -> None:
         torch.library.opcheck(bs_forward, (q, k, v, *args))
         out, lse = bs_forward(q, k, v, *args)
         torch.library.opcheck(bs_backward, (torch.randn_like(out), q, k, v, out, lse, *args))
+
+
+def test_packed_documents_compile_without_graph_breaks() -> None:
+    # The offsets go into the operator as a tensor and are read there; the pytorch backend
+    # runs the documents one by one inside it (triton, in one launch per branch: on the GPU).
+    backend = "pytorch"
+    torch.manual_seed(0)
+    lengths = [20, 0, 37, 7]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 64, 4, 16, requires_grad=True)
+    k, v = (torch.randn(1, 64, 2, 16, requires_grad=True) for _ in range(2))  # GQA too
+
+    def fn(q, k, v):
+        out, lse = dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu,
+                                     max_seqlen=37, return_lse=True, backend=backend)  # fmt: skip
+        return out + lse[..., None]
+
+    _assert_same(torch.compile(fn, fullgraph=True), fn, q, k, v)
+    # Checked inside the operator: bad offsets raise the eager call's errors.
+    bad = torch.tensor([0, 40, 30, 64], dtype=torch.int32)
+    compiled = torch.compile(
+        lambda q: dilated_attention(q, q, q, [8], [1], cu_seqlens=bad, backend=backend),
+        fullgraph=True,
+    )
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        compiled(q.detach())
+    short = torch.compile(
+        lambda q: dilated_attention(q, q, q, [8], [1], cu_seqlens=cu, max_seqlen=36),
+        fullgraph=True,
+    )
+    with pytest.raises(ValueError, match="max_seqlen=36 is shorter"):
+        short(q.detach())
+
+
+def test_compiled_layer_with_packed_documents_and_dropout() -> None:
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(32, 4, [16, 32], [1, 2], dropout=0.0)
+    cu = torch.tensor([0, 24, 64], dtype=torch.int64)
+    x = torch.randn(1, 64, 32, requires_grad=True)
+    fn = lambda x: layer(x, is_causal=True, cu_seqlens=cu)[0]
+    _assert_same(torch.compile(fn, fullgraph=True), fn, x)
+    # With dropout, each document draws its own entries inside the operator (not the same
+    # pattern repeated): two equal documents give different outputs.
+    same = torch.cat([x[:, :32]] * 2, 1).detach()
+    q = same.view(1, 64, 4, 8)
+    cu2 = torch.tensor([0, 32, 64])
+    out = torch.compile(
+        lambda q: dilated_attention(q, q, q, [16], [1], dropout_p=0.5, cu_seqlens=cu2),
+        fullgraph=True,
+    )(q)
+    assert not torch.allclose(out[:, :32], out[:, 32:])
