@@ -23,6 +23,7 @@ is the ``autograd.Function``, :func:`ring_dilated_attention` the public function
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging
 import math
@@ -805,8 +806,20 @@ def ring_dilated_attention(
     Notes:
         A key padding mask adds one element per dilated key and head group to each K/V
         transfer (``1 / (2 * H_group * D)`` of its size, ``H_group`` the group's K/V heads).
+
+        Under ``torch.compile`` the call runs as the custom operators
+        ``dilated_attention_pytorch::ring_forward`` / ``::ring_backward`` (the collective
+        check, the P2P loop and the host reads inside them), so ``fullgraph=True`` works;
+        ``stats`` and ``cu_seqlens`` then raise ``ValueError``.
     """
     group = resolve_group(group)
+    if torch.compiler.is_compiling():
+        return _compiled_ring_call(
+            q, k, v, segment_lengths, dilation_rates, group=group, is_causal=is_causal,
+            branch_mixing=branch_mixing, scale=scale, backend=backend, dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask, validate=validate, ring_size=ring_size,
+            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
     settings = dict(
         ring_size=ring_size,
         segment_lengths=segment_lengths,
@@ -825,7 +838,7 @@ def ring_dilated_attention(
     timeout = check_timeout(timeout)  # with validate, a bad one raised on every rank above
     size = dist.get_world_size(group) if ring_size is None else ring_size
     rank = dist.get_rank(group)
-    _, L, _, D = q.shape
+    L = q.shape[1]
     if cu_seqlens is not None:
         # Every document inside this rank's shard (checked above): a local packed call.
         bounds = ring_documents(cu_seqlens, q, None, dropout_p, size)
@@ -836,6 +849,39 @@ def ring_dilated_attention(
             branch_mixing=branch_mixing, scale=scale, backend=backend,
             cu_seqlens=torch.tensor(local, dtype=torch.int64),
         )  # fmt: skip
+    # Drawn like dilated_attention's, so equally seeded generators give its masks.
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    setup = _ring_setup(
+        q, plan, group, size, is_causal=is_causal, scale=scale, backend=backend,
+        dropout_p=dropout_p, key_padding_mask=key_padding_mask, timeout=timeout, stats=stats,
+        seed=seed,
+    )  # fmt: skip
+    if stats is not None:
+        stats.calls += 1
+    keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
+    return RingDilatedAttentionFunction.apply(
+        token_major(q), token_major(k), token_major(v), keep, setup
+    )
+
+
+def _ring_setup(
+    q: Tensor,
+    plan: DilatedPlan,
+    group: dist.ProcessGroup,
+    size: int,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    backend: str | Backend,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    timeout: float | None,
+    stats: RingStats | None,
+    seed: int,
+) -> RingSetup:
+    """The :class:`RingSetup` of a checked call on this rank's shard ``q``."""
+    rank = dist.get_rank(group)
+    _, L, _, D = q.shape
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -845,9 +891,7 @@ def ring_dilated_attention(
         key_padding_mask=key_padding_mask is not None,
         plan=plan,
     )
-    # Drawn like dilated_attention's, so equally seeded generators give its masks.
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    setup = RingSetup(
+    return RingSetup(
         branches=ring_layout(plan, L, size, rank % size, base=rank - rank % size),
         scale=D**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
@@ -860,9 +904,141 @@ def ring_dilated_attention(
         seq_len=size * L,
         num_heads=q.shape[2],
     )
+
+
+# --------------------------------------------------------------------------- torch.compile
+#
+# While torch.compile traces, the ring runs as two custom operators (as dilated_attention
+# does, see ops.py): the collective input check, the P2P loop and the host reads all
+# happen inside them, out of the graph's sight. The call's settings travel as a string
+# of Python literals, the process group by its name.
+
+
+def _compiled_ring_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    group: dist.ProcessGroup,
+    is_causal: bool,
+    branch_mixing: str,
+    scale: float | None,
+    backend: str | Backend,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    validate: bool,
+    ring_size: int | None,
+    timeout: float | None,
+    stats: RingStats | None,
+    cu_seqlens: Tensor | None,
+) -> Tensor:
+    from ..ops import backend_key
+
     if stats is not None:
-        stats.calls += 1
+        raise ValueError(
+            "ring_dilated_attention(stats=...) cannot count bytes under torch.compile (the "
+            "ring runs inside a custom operator); pass stats=None when compiling, or count "
+            "in an eager call."
+        )
+    if cu_seqlens is not None:
+        raise ValueError(
+            "ring_dilated_attention(cu_seqlens=...) does not compile yet; call it eagerly "
+            "(e.g. under torch.compiler.disable) or compile without cu_seqlens."
+        )
+    if not isinstance(backend, str | Backend):
+        raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
+    key = backend if isinstance(backend, str) else backend_key(backend)
+    settings = dict(
+        segment_lengths=tuple(int(w) for w in segment_lengths),
+        dilation_rates=tuple(int(r) for r in dilation_rates),
+        is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
+        dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
+        group=group.group_name,
+    )  # fmt: skip
+    # "name=repr;...": built with what the compiler can trace (json cannot be).
+    spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed)
+    return out
+
+
+def _op_setup(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    phase: str,
+) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
+    from ..ops import _resolve
+
+    s = {
+        name: ast.literal_eval(value)
+        for name, value in (item.split("=", 1) for item in spec.split(";"))
+    }
+    group = dist.distributed_c10d._resolve_process_group(s["group"])
+    backend = s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
+    settings = dict(
+        ring_size=s["ring_size"], segment_lengths=s["segment_lengths"],
+        dilation_rates=s["dilation_rates"], branch_mixing=s["branch_mixing"],
+        is_causal=s["is_causal"], scale=s["scale"], dropout_p=s["dropout_p"],
+        key_padding_mask=key_padding_mask,
+    )  # fmt: skip
+    if s["validate"] and phase == "forward":
+        plan = check_ring_call(
+            q, k, v, group=group, backend=backend, timeout=s["timeout"], **settings
+        )
+    else:
+        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
+    size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
+    setup = _ring_setup(
+        q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
+        dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
+        timeout=check_timeout(s["timeout"]), stats=None, seed=int(seed.item()),
+    )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
-    return RingDilatedAttentionFunction.apply(
-        token_major(q), token_major(k), token_major(v), keep, setup
+    return replace(setup, phase=phase), keep
+
+
+def _fresh(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
+def _ring_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor
+) -> tuple[Tensor, Tensor]:
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "forward")
+    out, lse = ring_dilated_forward(token_major(q), token_major(k), token_major(v), setup, keep)
+    return _fresh(out), lse
+
+
+@_ring_forward_op.register_fake
+def _(q, k, v, key_padding_mask, spec, seed):
+    B, L, H, _ = q.shape
+    lse = q.new_empty(2, B, L, H, dtype=compute_dtype(q.dtype))
+    return q.new_empty(B, L, H, v.shape[-1]), lse
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_backward", mutates_args=())
+def _ring_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "backward")
+    grads = ring_dilated_backward(
+        token_major(dout), token_major(q), token_major(k), token_major(v), out, lse, setup, keep
     )
+    return tuple(_fresh(g) for g in grads)
+
+
+@_ring_backward_op.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _register_ring_autograd() -> None:
+    from ..ops import register_attention_autograd
+
+    register_attention_autograd(_ring_forward_op, _ring_backward_op)
+
+
+_register_ring_autograd()
