@@ -314,7 +314,7 @@ def _attend(
         # One call per document on views of q, k, v (split: one backward node for all).
         options = dict(
             is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, dropout_p=dropout_p,
-            key_padding_mask=None, backend=backend, return_lse=return_lse,
+            key_padding_mask=None, backend=chosen, return_lse=return_lse,
         )  # fmt: skip
         parts = [
             _attend(*qkv, segment_lengths, dilation_rates, **options)

@@ -267,6 +267,11 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
     layer_fn = lambda x: layer(x, is_causal=True, already_split=True)[0]
     compiled += _grads(torch.compile(layer_fn, fullgraph=True, backend="aot_eager"), x)
     eager += _grads(layer_fn, x)
+    # A group of its own: the operator finds it again by name.
+    sub = dist.new_group([0, 1])
+    sub_fn = lambda q, k, v: ring_dilated_attention(q, k, v, [8, 32], [1, 2], group=sub)
+    compiled += _grads(torch.compile(sub_fn, fullgraph=True, backend="aot_eager"), *shards)
+    eager += _grads(sub_fn, *shards)
     errors = {}
     bad = torch.compile(
         lambda q: ring_dilated_attention(q, q, q, [8, 32], [1, 2], is_causal=rank == 0),

@@ -40,6 +40,7 @@ from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
 from ..dropout import DropoutKeys, token_ids
 from ..functional import dilated_attention
+from ..ops import _fresh, _resolve, backend_key, register_attention_autograd
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import (
     merge_lse_,
@@ -934,13 +935,11 @@ def _compiled_ring_call(
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
 ) -> Tensor:
-    from ..ops import backend_key
-
     if stats is not None:
         raise ValueError(
             "ring_dilated_attention(stats=...) cannot count bytes under torch.compile (the "
-            "ring runs inside a custom operator); pass stats=None when compiling, or count "
-            "in an eager call."
+            "ring runs inside a custom operator); pass stats=None when compiling (for "
+            "DistributedRingAttention: enable_monitoring=False), or count in an eager call."
         )
     if cu_seqlens is not None:
         raise ValueError(
@@ -951,8 +950,8 @@ def _compiled_ring_call(
         raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
     key = backend if isinstance(backend, str) else backend_key(backend)
     settings = dict(
-        segment_lengths=tuple(int(w) for w in segment_lengths),
-        dilation_rates=tuple(int(r) for r in dilation_rates),
+        segment_lengths=tuple(segment_lengths),  # checked inside, with eager's messages
+        dilation_rates=tuple(dilation_rates),
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
         dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
         group=group.group_name,
@@ -968,12 +967,16 @@ def _op_setup(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
     phase: str,
 ) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
-    from ..ops import _resolve
-
-    s = {
-        name: ast.literal_eval(value)
-        for name, value in (item.split("=", 1) for item in spec.split(";"))
-    }
+    s = {}
+    for name, value in (item.split("=", 1) for item in spec.split(";")):
+        try:
+            s[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise TypeError(
+                f"ring_dilated_attention under torch.compile takes plain Python values for "
+                f"its settings (int, float, bool, str, None and tuples of them), got "
+                f"{name}={value}; convert it (e.g. int(...), float(...)) before the call."
+            ) from None
     group = dist.distributed_c10d._resolve_process_group(s["group"])
     backend = s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
     settings = dict(
@@ -996,10 +999,6 @@ def _op_setup(
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
     return replace(setup, phase=phase), keep
-
-
-def _fresh(t: Tensor) -> Tensor:
-    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
 
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
@@ -1035,10 +1034,4 @@ def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _register_ring_autograd() -> None:
-    from ..ops import register_attention_autograd
-
-    register_attention_autograd(_ring_forward_op, _ring_backward_op)
-
-
-_register_ring_autograd()
+register_attention_autograd(_ring_forward_op, _ring_backward_op)
