@@ -27,15 +27,16 @@ communicator closed), so the ring refuses to run on that group again.
 stay referenced, so no buffer that gloo may still write into (or that its worker thread
 still reads) is freed under it (they are kept until the process exits: a failed ring is
 not run on its group again), and at interpreter exit (``atexit``, before Python tears
-down its objects) the gloo private groups of failed rings are destroyed in order.
-Left to the end of the process instead, they would be destroyed among C++ static
-destructors while their connections were in an error state, which can abort the process
-after the ring's error was already reported.
+down its objects) the gloo private groups of rings are destroyed, failed ones first, and
+every reference to them is dropped. Left to the end of the process instead, they would
+be destroyed among C++ static destructors (with their connections in an error state,
+for a failed ring), which can abort the process after its work was done.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import inspect
 import pickle
 import time
@@ -344,14 +345,20 @@ _FAILED: list[RingCommunicator] = []
 
 
 @atexit.register
-def _destroy_failed_groups() -> None:
-    """Destroy the private groups of failed rings at interpreter exit (see the module doc).
+def _release_ring_groups() -> None:
+    """Destroy the rings' private gloo groups at interpreter exit, failed ones first, and
+    drop every reference to them (see the module doc).
 
     Registered after torch's own exit handlers, so it runs before them. Destroying a gloo
-    group waits for its worker threads, which a collective's own timeout frees.
+    group waits for its worker threads, which a collective's own timeout frees. Groups
+    the program already destroyed (``destroy_process_group()``) are only let go of here,
+    so that their C++ objects are freed while Python is still whole, not among static
+    destructors at the very end of the process.
     """
-    while _FAILED:
-        comm = _FAILED.pop()
+    failed = list(reversed(_FAILED))
+    _FAILED.clear()
+    healthy = [c for c in dict.fromkeys(_COMMUNICATORS.values()) if c not in failed]
+    for comm in failed + healthy:
         group = comm.group
         if group is None or group is comm.user:
             continue
@@ -360,13 +367,14 @@ def _destroy_failed_groups() -> None:
                 # NCCL's shutdown waits for kernels that a dead peer may never finish;
                 # its watchdog ends those, so the group is left to it.
                 continue
-            comm.group = None
-            _COMMUNICATORS.pop(group, None)
             dist.destroy_process_group(group)
         except Exception:  # already destroyed by the program, or torch is shutting down
-            continue
-        del group
+            pass
+        comm.group = None
         comm.abandoned.clear()  # the buffers outlived the group's connections
+        del group
+    _COMMUNICATORS.clear()
+    gc.collect()
 
 
 def communicator(group: dist.ProcessGroup, timeout: float | None = None) -> RingCommunicator:
