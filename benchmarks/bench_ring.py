@@ -20,6 +20,11 @@ by side, as a data-parallel dimension would):
    and a host sync) on every call (``validate="always"``) vs once per input signature
    (``validate="once"``, the default), forward+backward over the whole world, and the
    check alone.
+6. ``error_vs_ring_size``: the error of out/dq/dk/dv against a higher-precision
+   single-device reference for ring sizes 1, 2, 4, .. (bf16 vs float32 on GPUs, float32
+   vs float64 on gloo): it must not grow with the ring size. On the CPU, e.g.
+   ``torchrun --nproc_per_node=16 benchmarks/bench_ring.py --cpu --sections
+   error_vs_ring_size`` simulates rings of up to 16 ranks.
 
 FLOPs: the attention pairs the plan actually computes (per branch, head group and
 segment) times ``4 * D`` for the forward; forward+backward counts ``3.5x`` that
@@ -405,6 +410,73 @@ def validation_cost(args: argparse.Namespace, device: torch.device) -> list[dict
     return rows
 
 
+def error_vs_ring_size(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Error of the ring against a higher-precision single-device reference, per ring size.
+
+    One sequence of ``N = args.error_tokens`` tokens (the same inputs on every rank), the
+    LongNet schedule up to ``w = N``; rings of ``k = 1, 2, 4, ..`` ranks (side by side in
+    the world) each compute it, so a larger ring merges more blocks per query. On GPUs the
+    ring runs in bf16 against float32; on the CPU in float32 against float64; the inputs
+    are representable in the low precision, so the error is that of the arithmetic.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    N = args.error_tokens
+    low, high = (torch.bfloat16, torch.float32) if device.type == "cuda" else (
+        torch.float32, torch.float64)  # fmt: skip
+    segments, rates = longnet_schedule(N, args.base)
+    shape = (args.batch, N, args.heads, args.head_dim)
+    rows = []
+    for causal in (False, True):
+        gen = torch.Generator(device=device).manual_seed(4321 + causal)
+        # Inputs exactly representable in the low precision: the error is the arithmetic's.
+        full = [
+            torch.randn(shape, generator=gen, device=device, dtype=high).to(low).to(high)
+            for _ in range(4)
+        ]
+
+        def grads(
+            fn: Callable[..., Tensor], inputs: list[Tensor], grad_out: Tensor
+        ) -> list[Tensor]:
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            out.backward(grad_out)
+            return [out.detach().to(high), *(t.grad.to(high) for t in leaves)]
+
+        ref = grads(
+            lambda a, b, c, cz=causal: dilated_attention(a, b, c, segments, rates, is_causal=cz),
+            full[:3], full[3],
+        )  # fmt: skip
+        base: dict[str, float] = {}
+        for k in ring_sizes(world_size):
+            group, _ = partition_groups(world_size, k)
+            L, position = N // k, rank % k
+            local = slice(position * L, (position + 1) * L)
+            shards = [t[:, local].to(low) for t in full]
+            ring = grads(
+                lambda a, b, c, g=group, cz=causal: ring_dilated_attention(
+                    a, b, c, segments, rates, group=g, is_causal=cz
+                ),
+                shards[:3], shards[3].contiguous(),
+            )  # fmt: skip
+            for name, got, want in zip(("out", "dq", "dk", "dv"), ring, ref, strict=True):
+                diff = (got - want[:, local]).abs()
+                worst = max_over(diff.max().item(), device)
+                total = torch.tensor([diff.sum().item()], dtype=torch.float64, device=device)
+                dist.all_reduce(total)
+                mean = total.item() / (diff.numel() * world_size)
+                base.setdefault(name, mean)
+                rows.append({
+                    "ring_size": k, "causal": causal, "tensor": name, "seq_len": N,
+                    "segment_lengths": segments, "dilation_rates": rates,
+                    "dtype": str(low).removeprefix("torch."),
+                    "reference_dtype": str(high).removeprefix("torch."),
+                    "max_abs_err": worst, "mean_abs_err": mean,
+                    "mean_err_vs_ring_1": mean / base[name] if base[name] > 0 else None,
+                    "max_abs_reference": want.abs().max().item(),
+                })  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -426,6 +498,7 @@ TABLE_COLUMNS = {
     "memory_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "fwd_bwd_ms", "peak_mib_per_gpu", "memory_reduction_vs_1gpu"],
     "dense_vs_context_parallel": ["method", "seq_len", "causal", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
     "validation_cost": ["seq_len", "tokens_per_gpu", "world_size", "fwd_bwd_ms_always", "fwd_bwd_ms_once", "saved_ms_per_call", "check_alone_ms"],
+    "error_vs_ring_size": ["ring_size", "causal", "tensor", "dtype", "max_abs_err", "mean_abs_err", "mean_err_vs_ring_1"],
 }  # fmt: skip
 
 
@@ -439,6 +512,9 @@ def main() -> None:
     parser.add_argument("--check-tokens", type=int, default=262144, help="global N of the check")
     parser.add_argument("--dense-tokens", type=int, nargs="+", default=[131072, 262144])
     parser.add_argument("--validate-tokens", type=int, nargs="+", default=[16384, 262144])
+    parser.add_argument(
+        "--error-tokens", type=int, default=262144, help="global N of the error table"
+    )
     parser.add_argument("--base", type=int, default=2048, help="LongNet w/r of every branch")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
@@ -452,7 +528,7 @@ def main() -> None:
     args.dtype = torch.bfloat16
     if args.cpu:
         args.tokens_per_gpu, args.check_tokens, args.dense_tokens = [256], 512, [256]
-        args.validate_tokens = [256]
+        args.validate_tokens, args.error_tokens = [256], 1024
         args.base, args.heads, args.head_dim, args.iters, args.warmup = 16, 4, 16, 2, 1
 
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -487,6 +563,7 @@ def main() -> None:
         "memory_scaling": memory_scaling,
         "dense_vs_context_parallel": dense_vs_context_parallel,
         "validation_cost": validation_cost,
+        "error_vs_ring_size": error_vs_ring_size,
     }
     for section in args.sections:
         start = time.perf_counter()

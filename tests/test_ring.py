@@ -10,9 +10,12 @@ dq, dk, dv.
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -600,3 +603,23 @@ def test_packed_documents_inside_shards_need_no_transfer() -> None:
             r"documents \(cu_seqlens\) differ between the ranks of ring 0.*rank 0 has \[0, 16, 20, 32\]",
             res["errors"]["ring-documents-differ"],
         )
+
+
+def _error_worker(rank: int, world_size: int, _: Any) -> list[dict[str, Any]]:
+    # The benchmark's own section (benchmarks/bench_ring.py), at a small size.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_ring
+
+    args = argparse.Namespace(error_tokens=256, base=16, batch=1, heads=4, head_dim=16)
+    return bench_ring.error_vs_ring_size(args, torch.device("cpu"))
+
+
+def test_error_does_not_grow_with_the_ring_size() -> None:
+    # float32 rings of 1, 2 and 4 ranks against a float64 single-process reference on
+    # inputs exact in float32: the merge order and precision must keep the error flat
+    # (ring-flash-attention's users report it growing there).
+    rows = spawn(_error_worker, 4)[0]
+    assert sorted({r["ring_size"] for r in rows}) == [1, 2, 4]
+    for r in rows:
+        assert r["max_abs_err"] < 1e-5, r  # float32 arithmetic on O(1) values
+        assert r["mean_err_vs_ring_1"] <= 1.05, r
