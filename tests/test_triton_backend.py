@@ -159,6 +159,37 @@ def test_packed_documents(kernels, monkeypatch) -> None:
 
 
 @interpreted
+def test_packed_documents_compiled(kernels, monkeypatch) -> None:
+    # Under torch.compile(fullgraph=True) the offsets enter the operator as a tensor and
+    # triton still runs all documents in one launch per branch and kernel.
+    launches = []
+    launch_tiles = kernels._launch_tiles
+
+    def recording(*args, **kwargs):
+        launches.append(args[5].segments is not None)
+        return launch_tiles(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", recording)
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 19, 20, 53], dtype=torch.int32)
+    q = torch.randn(1, 53, 4, 16, requires_grad=True)
+    k, v = (torch.randn(1, 53, 2, 16, requires_grad=True) for _ in range(2))
+    fn = lambda q, k, v: dilated_attention(  # noqa: E731
+        q, k, v, [8, 16], [1, 2], backend="triton", is_causal=True, cu_seqlens=cu
+    )
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    ref = dense_dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
+    torch.testing.assert_close(out, ref, **TOL)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL)
+    assert launches == [True] * 6  # 2 branches: forward, dK/dV, dQ
+    torch._dynamo.reset()
+
+
+@interpreted
 def test_head_dim_32() -> None:
     _compare(1, 45, 2, [12, 45], [1, 2], D=32)
 
