@@ -267,6 +267,11 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
     layer_fn = lambda x: layer(x, is_causal=True, already_split=True)[0]
     compiled += _grads(torch.compile(layer_fn, fullgraph=True, backend="aot_eager"), x)
     eager += _grads(layer_fn, x)
+    # ... and on the whole sequence (already_split=False: shard, ring, gather, as operators).
+    whole = torch.randn(1, N, 32, dtype=torch.float64, requires_grad=True)
+    whole_fn = lambda x: layer(x, is_causal=True)[0]
+    compiled += _grads(torch.compile(whole_fn, fullgraph=True, backend="aot_eager"), whole)
+    eager += _grads(whole_fn, whole)
     # A group of its own: the operator finds it again by name.
     sub = dist.new_group([0, 1])
     sub_fn = lambda q, k, v: ring_dilated_attention(q, k, v, [8, 32], [1, 2], group=sub)
@@ -286,8 +291,9 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
 
 @pytest.mark.distributed
 def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
-    # ring_dilated_attention and the ring layer on shards; compiled == eager (both run the
-    # same ring loop, which test_ring.py compares with single-process attention).
+    # ring_dilated_attention and the ring layer on shards and on the whole sequence;
+    # compiled == eager (both run the same ring loop, which test_ring.py compares with
+    # single-process attention).
     for rank, res in enumerate(spawn(_ring_compile_worker, 2)):
         for got, want in res["pairs"]:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

@@ -128,8 +128,8 @@ class _ShardReplicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        what = "the gradient shards gathered over the ring (backward of already_split=False)"
-        gathered = ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim, context=what, **ctx.opts)
+        gathered = ring_all_gather(grad, ctx.group, ctx.ring, ctx.dim, context=_SHARD_GRAD,
+                                   **ctx.opts)  # fmt: skip
         return gathered, None, None, None, None
 
 
@@ -145,13 +145,87 @@ class _GatherReplicated(torch.autograd.Function):
     def forward(ctx, x: Tensor, group: dist.ProcessGroup, ring: tuple[int, ...], dim: int, opts):
         ctx.group, ctx.ring, ctx.dim = group, ring, dim
         ctx.position, ctx.length = ring.index(dist.get_rank(group)), x.shape[dim]
-        what = "the output shards gathered over the ring (forward of already_split=False)"
-        return ring_all_gather(x, group, ring, dim, context=what, **opts)
+        return ring_all_gather(x, group, ring, dim, context=_GATHER_OUT, **opts)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         shard = grad.narrow(ctx.dim, ctx.position * ctx.length, ctx.length)
         return shard.contiguous(), None, None, None, None
+
+
+# Under torch.compile the two functions above run as custom operators (dynamo does not
+# trace P2P): the ring's members and group travel as plain values, the group by its name.
+_SHARD_GRAD = "the gradient shards gathered over the ring (backward of already_split=False)"
+_GATHER_OUT = "the output shards gathered over the ring (forward of already_split=False)"
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_all_gather", mutates_args=())
+def _all_gather_op(
+    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, context: str
+) -> Tensor:
+    pg = dist.distributed_c10d._resolve_process_group(group)
+    return ring_all_gather(x, pg, tuple(ring), dim, context=context, timeout=timeout)
+
+
+@_all_gather_op.register_fake
+def _(x, group, ring, dim, timeout, context):
+    shape = list(x.shape)
+    shape[dim] *= len(ring)
+    return x.new_empty(shape)
+
+
+def _own_slice(x: Tensor, group: str, ring: list[int], dim: int, parts: int) -> Tensor:
+    position = ring.index(dist.get_rank(dist.distributed_c10d._resolve_process_group(group)))
+    length = x.shape[dim] // parts
+    return x.narrow(dim, position * length, length)
+
+
+def _gather_backward(ctx, grad: Tensor):
+    return _own_slice(grad, ctx.group, ctx.ring, ctx.dim, len(ctx.ring)).contiguous(), *[None] * 5
+
+
+def _keep_settings(ctx, inputs, output) -> None:
+    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout, _ = inputs
+
+
+_all_gather_op.register_autograd(_gather_backward, setup_context=_keep_settings)
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_shard", mutates_args=())
+def _shard_op(x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None) -> Tensor:
+    return _own_slice(x, group, ring, dim, len(ring)).clone()
+
+
+@_shard_op.register_fake
+def _(x, group, ring, dim, timeout):
+    shape = list(x.shape)
+    shape[dim] //= len(ring)
+    return x.new_empty(shape)
+
+
+def _shard_backward(ctx, grad: Tensor):
+    gathered = _all_gather_op(grad.contiguous(), ctx.group, ctx.ring, ctx.dim, ctx.timeout,
+                              _SHARD_GRAD)  # fmt: skip
+    return gathered, None, None, None, None
+
+
+def _keep_shard_settings(ctx, inputs, output) -> None:
+    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout = inputs
+
+
+_shard_op.register_autograd(_shard_backward, setup_context=_keep_shard_settings)
+
+
+def _compiling(stats: RingStats | None, what: str) -> bool:
+    if not torch.compiler.is_compiling():
+        return False
+    if stats is not None:
+        raise ValueError(
+            f"{what}(stats=...) cannot count bytes under torch.compile (it runs as a custom "
+            f"operator); pass stats=None when compiling (for DistributedRingAttention: "
+            f"enable_monitoring=False), or count in an eager call."
+        )
+    return True
 
 
 def shard_replicated(
@@ -169,6 +243,8 @@ def shard_replicated(
     (the members' shard gradients, gathered). ``x.shape[dim]`` must be a multiple of
     ``len(ring)``.
     """
+    if _compiling(stats, "shard_replicated"):
+        return _shard_op(x, group.group_name, list(ring), dim, timeout)
     opts = {"stats": stats, "timeout": timeout}
     return _ShardReplicated.apply(x, group, tuple(ring), dim, opts)
 
@@ -188,5 +264,8 @@ def gather_replicated(
     back-propagates the same gradient of the whole tensor (the same loss on the same
     output), and keeps its own slice of it.
     """
+    if _compiling(stats, "gather_replicated"):
+        return _all_gather_op(x.contiguous(), group.group_name, list(ring), dim, timeout,
+                              _GATHER_OUT)  # fmt: skip
     opts = {"stats": stats, "timeout": timeout}
     return _GatherReplicated.apply(x, group, tuple(ring), dim, opts)
