@@ -12,6 +12,9 @@ from distributed_utils import spawn
 from dilated_attention_pytorch import (
     BlockSparseAttention,
     DilatedAttention,
+    DistributedRingAttention,
+    EnterpriseDistributedDilatedAttention,
+    HilbertRingMultiheadAttention,
     MultiheadDilatedAttention,
     PyTorchBackend,
     RingMultiheadDilatedAttention,
@@ -272,6 +275,24 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
     whole_fn = lambda x: layer(x, is_causal=True)[0]
     compiled += _grads(torch.compile(whole_fn, fullgraph=True, backend="aot_eager"), whole)
     eager += _grads(whole_fn, whole)
+    # The other ring modules, on whole sequences.
+    others = {
+        "hilbert": HilbertRingMultiheadAttention(
+            32, 4, [8, 32], [1, 2], grid_size=(4, 8), dtype=torch.float64
+        ),  # fmt: skip
+        "enterprise": EnterpriseDistributedDilatedAttention(
+            32, 4, [8, 32], [1, 2], dtype=torch.float64
+        ),  # fmt: skip
+    }
+    for module in others.values():
+        module_fn = lambda x, m=module: m(x, is_causal=True)[0]
+        compiled += _grads(torch.compile(module_fn, fullgraph=True, backend="aot_eager"), whole)
+        eager += _grads(module_fn, whole)
+    qkv = torch.randn(1, N, 4, 8, dtype=torch.float64, requires_grad=True)
+    unmonitored = DistributedRingAttention([8, 32], [1, 2], enable_monitoring=False)
+    dist_fn = lambda t: unmonitored(t, t, t, is_causal=True)
+    compiled += _grads(torch.compile(dist_fn, fullgraph=True, backend="aot_eager"), qkv)
+    eager += _grads(dist_fn, qkv)
     # A group of its own: the operator finds it again by name.
     sub = dist.new_group([0, 1])
     sub_fn = lambda q, k, v: ring_dilated_attention(q, k, v, [8, 32], [1, 2], group=sub)
@@ -286,6 +307,11 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         bad(shards[0].detach())
     except ValueError as exc:  # the collective check runs inside the operator
         errors["mismatch"] = str(exc)
+    monitored = DistributedRingAttention([8, 32], [1, 2])  # counts bytes: not while compiling
+    try:
+        torch.compile(lambda t: monitored(t, t, t), fullgraph=True, backend="aot_eager")(qkv)
+    except Exception as exc:  # fullgraph reports it through dynamo's own exception
+        errors["monitoring"] = str(exc)
     return {"pairs": list(zip(compiled, eager, strict=True)), "p2p": len(p2p), "errors": errors}
 
 
@@ -299,3 +325,4 @@ def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         assert res["p2p"] > 0, f"rank {rank}: the compiled ring sent nothing"
         assert "is_causal" in res["errors"]["mismatch"], res["errors"]
+        assert "enable_monitoring=False" in res["errors"]["monitoring"], res["errors"]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..hilbert import hilbert_permutation, inverse_permutation
+from ..hilbert import hilbert_permutation
 from ..modules import MultiheadDilatedAttention
 from ..validation import check_optional_positive_int
 from .standard import StandardRingAttention
@@ -135,7 +135,9 @@ class HilbertRingAttention(StandardRingAttention):
         q, k, v = (t[:, perm] if isinstance(t, Tensor) else t for t in (query, key, value))
         mask = None if key_padding_mask is None else key_padding_mask[:, perm]
         out = super().forward(q, k, v, is_causal=is_causal, key_padding_mask=mask)
-        return out[:, inverse_permutation(perm)]
+        # perm is a permutation by construction: its inverse needs no checks (which would
+        # read it on the host and break a compiled graph).
+        return out[:, torch.argsort(perm)]
 
     def extra_repr(self) -> str:
         return (
