@@ -307,12 +307,29 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         bad(shards[0].detach())
     except ValueError as exc:  # the collective check runs inside the operator
         errors["mismatch"] = str(exc)
-    monitored = DistributedRingAttention([8, 32], [1, 2])  # counts bytes: not while compiling
-    try:
-        torch.compile(lambda t: monitored(t, t, t), fullgraph=True, backend="aot_eager")(qkv)
-    except Exception as exc:  # fullgraph reports it through dynamo's own exception
-        errors["monitoring"] = str(exc)
-    return {"pairs": list(zip(compiled, eager, strict=True)), "p2p": len(p2p), "errors": errors}
+    # Monitoring counts inside the operators: the same bytes, steps and calls as eager,
+    # also after a reset (which makes a new counter).
+    monitored = DistributedRingAttention([8, 32], [1, 2])
+    counted = {}
+    forward = lambda t: monitored(t, t, t, is_causal=True)  # noqa: E731
+    for mode, fn in (("eager", forward),
+                     ("compiled", torch.compile(forward, fullgraph=True, backend="aot_eager")),
+                     ("after_reset", None)):  # fmt: skip
+        if mode == "after_reset":
+            monitored.reset_communication_stats()
+            fn = counted.pop("fn")
+        fn(qkv).sum().backward()
+        stats = monitored.get_communication_stats()
+        counted[mode] = [stats[k] for k in ("bytes_sent", "bytes_received", "ring_steps", "calls")]
+        counted["fn"] = fn
+        monitored.reset_communication_stats()
+    counted.pop("fn")
+    return {
+        "pairs": list(zip(compiled, eager, strict=True)),
+        "p2p": len(p2p),
+        "errors": errors,
+        "counted": counted,
+    }
 
 
 @pytest.mark.distributed
@@ -325,4 +342,6 @@ def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         assert res["p2p"] > 0, f"rank {rank}: the compiled ring sent nothing"
         assert "is_causal" in res["errors"]["mismatch"], res["errors"]
-        assert "enable_monitoring=False" in res["errors"]["monitoring"], res["errors"]
+        counted = res["counted"]
+        assert counted["eager"][0] > 0 and counted["eager"][3] == 1, counted
+        assert counted["compiled"] == counted["eager"] == counted["after_reset"], counted

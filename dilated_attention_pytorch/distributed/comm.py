@@ -38,8 +38,10 @@ from __future__ import annotations
 import atexit
 import gc
 import inspect
+import itertools
 import pickle
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -102,6 +104,13 @@ class RingStats:
     calls: int = 0
     comm_wait: Stopwatch = field(default_factory=Stopwatch)
     compute: Stopwatch = field(default_factory=Stopwatch)
+    # Names this object to the custom operators that run the ring under torch.compile
+    # (they take plain values): see stats_by_key.
+    key: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.key = next(_STATS_KEYS)
+        _STATS[self.key] = self
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -112,6 +121,15 @@ class RingStats:
             "comm_wait_seconds": self.comm_wait.seconds(),
             "compute_seconds": self.compute.seconds(),
         }
+
+
+_STATS: weakref.WeakValueDictionary[int, RingStats] = weakref.WeakValueDictionary()
+_STATS_KEYS = itertools.count(1)
+
+
+def stats_by_key(key: int) -> RingStats | None:
+    """The live :class:`RingStats` whose ``key`` is ``key`` (``0``: none)."""
+    return _STATS.get(key) if key else None
 
 
 # --------------------------------------------------------------------------- groups

@@ -49,7 +49,7 @@ from ..segments import (
     segment_views,
     token_major,
 )
-from .comm import RingComm, RingStats
+from .comm import RingComm, RingStats, stats_by_key
 from .validation import (
     check_ring_call,
     check_ring_call_locally,
@@ -810,8 +810,8 @@ def ring_dilated_attention(
 
         Under ``torch.compile`` the call runs as the custom operators
         ``dilated_attention_pytorch::ring_forward`` / ``::ring_backward`` (the collective
-        check, the P2P loop and the host reads inside them), so ``fullgraph=True`` works;
-        ``stats`` and ``cu_seqlens`` then raise ``ValueError``.
+        check, the P2P loop and the host reads inside them; ``stats`` still counts), so
+        ``fullgraph=True`` works; ``cu_seqlens`` then raises ``ValueError``.
     """
     group = resolve_group(group)
     if torch.compiler.is_compiling():
@@ -935,12 +935,6 @@ def _compiled_ring_call(
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
 ) -> Tensor:
-    if stats is not None:
-        raise ValueError(
-            "ring_dilated_attention(stats=...) cannot count bytes under torch.compile (the "
-            "ring runs inside a custom operator); pass stats=None when compiling (for "
-            "DistributedRingAttention: enable_monitoring=False), or count in an eager call."
-        )
     if cu_seqlens is not None:
         raise ValueError(
             "ring_dilated_attention(cu_seqlens=...) does not compile yet; call it eagerly "
@@ -954,7 +948,7 @@ def _compiled_ring_call(
         dilation_rates=tuple(dilation_rates),
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
         dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
-        group=group.group_name,
+        group=group.group_name, stats=0 if stats is None else stats.key,
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
@@ -995,7 +989,8 @@ def _op_setup(
     setup = _ring_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
         dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
-        timeout=check_timeout(s["timeout"]), stats=None, seed=int(seed.item()),
+        timeout=check_timeout(s["timeout"]), stats=stats_by_key(s["stats"]),
+        seed=int(seed.item()),
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
     return replace(setup, phase=phase), keep
@@ -1006,6 +1001,8 @@ def _ring_forward_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor
 ) -> tuple[Tensor, Tensor]:
     setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "forward")
+    if setup.stats is not None:
+        setup.stats.calls += 1
     out, lse = ring_dilated_forward(token_major(q), token_major(k), token_major(v), setup, keep)
     return _fresh(out), lse
 

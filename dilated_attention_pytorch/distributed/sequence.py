@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import RingComm, RingStats
+from .comm import RingComm, RingStats, stats_by_key
 from .validation import resolve_group
 
 # Tag of the P2P all-gather within a ring (the ring's K/V and gradients use 0 and 1).
@@ -161,14 +161,17 @@ _GATHER_OUT = "the output shards gathered over the ring (forward of already_spli
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_all_gather", mutates_args=())
 def _all_gather_op(
-    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, context: str
-) -> Tensor:
+    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, context: str,
+    stats: int,
+) -> Tensor:  # fmt: skip
     pg = dist.distributed_c10d._resolve_process_group(group)
-    return ring_all_gather(x, pg, tuple(ring), dim, context=context, timeout=timeout)
+    return ring_all_gather(
+        x, pg, tuple(ring), dim, context=context, timeout=timeout, stats=stats_by_key(stats)
+    )
 
 
 @_all_gather_op.register_fake
-def _(x, group, ring, dim, timeout, context):
+def _(x, group, ring, dim, timeout, context, stats):
     shape = list(x.shape)
     shape[dim] *= len(ring)
     return x.new_empty(shape)
@@ -181,23 +184,25 @@ def _own_slice(x: Tensor, group: str, ring: list[int], dim: int, parts: int) -> 
 
 
 def _gather_backward(ctx, grad: Tensor):
-    return _own_slice(grad, ctx.group, ctx.ring, ctx.dim, len(ctx.ring)).contiguous(), *[None] * 5
+    return _own_slice(grad, ctx.group, ctx.ring, ctx.dim, len(ctx.ring)).contiguous(), *[None] * 6
 
 
 def _keep_settings(ctx, inputs, output) -> None:
-    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout, _ = inputs
+    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout, _, ctx.stats = inputs
 
 
 _all_gather_op.register_autograd(_gather_backward, setup_context=_keep_settings)
 
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_shard", mutates_args=())
-def _shard_op(x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None) -> Tensor:
+def _shard_op(
+    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, stats: int
+) -> Tensor:
     return _own_slice(x, group, ring, dim, len(ring)).clone()
 
 
 @_shard_op.register_fake
-def _(x, group, ring, dim, timeout):
+def _(x, group, ring, dim, timeout, stats):
     shape = list(x.shape)
     shape[dim] //= len(ring)
     return x.new_empty(shape)
@@ -205,27 +210,15 @@ def _(x, group, ring, dim, timeout):
 
 def _shard_backward(ctx, grad: Tensor):
     gathered = _all_gather_op(grad.contiguous(), ctx.group, ctx.ring, ctx.dim, ctx.timeout,
-                              _SHARD_GRAD)  # fmt: skip
-    return gathered, None, None, None, None
+                              _SHARD_GRAD, ctx.stats)  # fmt: skip
+    return gathered, None, None, None, None, None
 
 
 def _keep_shard_settings(ctx, inputs, output) -> None:
-    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout = inputs
+    _, ctx.group, ctx.ring, ctx.dim, ctx.timeout, ctx.stats = inputs
 
 
 _shard_op.register_autograd(_shard_backward, setup_context=_keep_shard_settings)
-
-
-def _compiling(stats: RingStats | None, what: str) -> bool:
-    if not torch.compiler.is_compiling():
-        return False
-    if stats is not None:
-        raise ValueError(
-            f"{what}(stats=...) cannot count bytes under torch.compile (it runs as a custom "
-            f"operator); pass stats=None when compiling (for DistributedRingAttention: "
-            f"enable_monitoring=False), or count in an eager call."
-        )
-    return True
 
 
 def shard_replicated(
@@ -243,8 +236,9 @@ def shard_replicated(
     (the members' shard gradients, gathered). ``x.shape[dim]`` must be a multiple of
     ``len(ring)``.
     """
-    if _compiling(stats, "shard_replicated"):
-        return _shard_op(x, group.group_name, list(ring), dim, timeout)
+    if torch.compiler.is_compiling():
+        key = 0 if stats is None else stats.key
+        return _shard_op(x, group.group_name, list(ring), dim, timeout, key)
     opts = {"stats": stats, "timeout": timeout}
     return _ShardReplicated.apply(x, group, tuple(ring), dim, opts)
 
@@ -264,8 +258,9 @@ def gather_replicated(
     back-propagates the same gradient of the whole tensor (the same loss on the same
     output), and keeps its own slice of it.
     """
-    if _compiling(stats, "gather_replicated"):
+    if torch.compiler.is_compiling():
+        key = 0 if stats is None else stats.key
         return _all_gather_op(x.contiguous(), group.group_name, list(ring), dim, timeout,
-                              _GATHER_OUT)  # fmt: skip
+                              _GATHER_OUT, key)  # fmt: skip
     opts = {"stats": stats, "timeout": timeout}
     return _GatherReplicated.apply(x, group, tuple(ring), dim, opts)
