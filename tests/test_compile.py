@@ -293,6 +293,13 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
     dist_fn = lambda t: unmonitored(t, t, t, is_causal=True)
     compiled += _grads(torch.compile(dist_fn, fullgraph=True, backend="aot_eager"), qkv)
     eager += _grads(dist_fn, qkv)
+    # Packed documents inside shards: checked and cut inside an operator, no transfer.
+    cu = torch.tensor([0, 5, 16, 20, 31, 32])
+    packed_fn = lambda q, k, v: ring_dilated_attention(  # noqa: E731
+        q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu
+    )
+    compiled += _grads(torch.compile(packed_fn, fullgraph=True, backend="aot_eager"), *shards)
+    eager += _grads(packed_fn, *shards)
     # A group of its own: the operator finds it again by name.
     sub = dist.new_group([0, 1])
     sub_fn = lambda q, k, v: ring_dilated_attention(q, k, v, [8, 32], [1, 2], group=sub)
@@ -309,6 +316,14 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         errors["mismatch"] = str(exc)
     # Monitoring counts inside the operators: the same bytes, steps and calls as eager,
     # also after a reset (which makes a new counter).
+    crossing = torch.compile(
+        lambda q: ring_dilated_attention(q, q, q, [8], [1], cu_seqlens=torch.tensor([0, 10, 32])),
+        fullgraph=True, backend="aot_eager",
+    )  # fmt: skip
+    try:
+        crossing(shards[0].detach())
+    except ValueError as exc:
+        errors["crossing"] = str(exc)
     monitored = DistributedRingAttention([8, 32], [1, 2])
     counted = {}
     forward = lambda t: monitored(t, t, t, is_causal=True)  # noqa: E731
@@ -342,6 +357,7 @@ def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         assert res["p2p"] > 0, f"rank {rank}: the compiled ring sent nothing"
         assert "is_causal" in res["errors"]["mismatch"], res["errors"]
+        assert "crosses the shard boundary at token 16" in res["errors"]["crossing"]
         counted = res["counted"]
         assert counted["eager"][0] > 0 and counted["eager"][3] == 1, counted
         assert counted["compiled"] == counted["eager"] == counted["after_reset"], counted

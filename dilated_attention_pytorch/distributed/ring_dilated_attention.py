@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -810,8 +811,9 @@ def ring_dilated_attention(
 
         Under ``torch.compile`` the call runs as the custom operators
         ``dilated_attention_pytorch::ring_forward`` / ``::ring_backward`` (the collective
-        check, the P2P loop and the host reads inside them; ``stats`` still counts), so
-        ``fullgraph=True`` works; ``cu_seqlens`` then raises ``ValueError``.
+        check, the P2P loop and the host reads inside them; ``stats`` still counts; with
+        ``cu_seqlens``, ``::ring_documents`` checks and gives this shard's offsets), so
+        ``fullgraph=True`` works.
     """
     group = resolve_group(group)
     if torch.compiler.is_compiling():
@@ -935,11 +937,6 @@ def _compiled_ring_call(
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
 ) -> Tensor:
-    if cu_seqlens is not None:
-        raise ValueError(
-            "ring_dilated_attention(cu_seqlens=...) does not compile yet; call it eagerly "
-            "(e.g. under torch.compiler.disable) or compile without cu_seqlens."
-        )
     if not isinstance(backend, str | Backend):
         raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
     key = backend if isinstance(backend, str) else backend_key(backend)
@@ -952,15 +949,20 @@ def _compiled_ring_call(
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
+    if cu_seqlens is not None:
+        # The collective check and this shard's document offsets come from an operator;
+        # the local packed call then reads those offsets inside its own operator.
+        local = _ring_documents_op(q, k, v, key_padding_mask, cu_seqlens, spec)
+        return dilated_attention(
+            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
+            branch_mixing=branch_mixing, scale=scale, backend=backend, cu_seqlens=local,
+        )  # fmt: skip
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
     out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed)
     return out
 
 
-def _op_setup(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    phase: str,
-) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
+def _parse_spec(spec: str) -> dict[str, Any]:
     s = {}
     for name, value in (item.split("=", 1) for item in spec.split(";")):
         try:
@@ -971,14 +973,58 @@ def _op_setup(
                 f"its settings (int, float, bool, str, None and tuples of them), got "
                 f"{name}={value}; convert it (e.g. int(...), float(...)) before the call."
             ) from None
-    group = dist.distributed_c10d._resolve_process_group(s["group"])
-    backend = s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
-    settings = dict(
+    return s
+
+
+def _spec_settings(s: dict[str, Any], key_padding_mask: Tensor | None) -> dict[str, Any]:
+    return dict(
         ring_size=s["ring_size"], segment_lengths=s["segment_lengths"],
         dilation_rates=s["dilation_rates"], branch_mixing=s["branch_mixing"],
         is_causal=s["is_causal"], scale=s["scale"], dropout_p=s["dropout_p"],
         key_padding_mask=key_padding_mask,
     )  # fmt: skip
+
+
+def _spec_backend(s: dict[str, Any]) -> str | Backend:
+    return s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_documents", mutates_args=())
+def _ring_documents_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, cu_seqlens: Tensor,
+    spec: str,
+) -> Tensor:  # fmt: skip
+    """The collective check of a packed ring call, then this shard's document offsets
+    (int64, on the CPU), as eager ``ring_dilated_attention`` computes them."""
+    s = _parse_spec(spec)
+    group = dist.distributed_c10d._resolve_process_group(s["group"])
+    settings = _spec_settings(s, key_padding_mask)
+    if s["validate"]:
+        check_ring_call(q, k, v, group=group, backend=_spec_backend(s), timeout=s["timeout"],
+                        cu_seqlens=cu_seqlens, **settings)  # fmt: skip
+    else:
+        check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
+                                cu_seqlens=cu_seqlens, **settings)  # fmt: skip
+    size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
+    bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
+    L, first = q.shape[1], (dist.get_rank(group) % size) * q.shape[1]
+    return torch.tensor([b - first for b in bounds if first <= b <= first + L], dtype=torch.int64)
+
+
+@_ring_documents_op.register_fake
+def _(q, k, v, key_padding_mask, cu_seqlens, spec):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return torch.empty(n, dtype=torch.int64, device="cpu")
+
+
+def _op_setup(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    phase: str,
+) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
+    s = _parse_spec(spec)
+    group = dist.distributed_c10d._resolve_process_group(s["group"])
+    backend = _spec_backend(s)
+    settings = _spec_settings(s, key_padding_mask)
     if s["validate"] and phase == "forward":
         plan = check_ring_call(
             q, k, v, group=group, backend=backend, timeout=s["timeout"], **settings
