@@ -143,3 +143,20 @@ def test_a_dead_peer_is_an_error_not_a_hang(when: str) -> None:
     if when == "backward":
         assert "ring step" in message and "branch(es) 0 (w=32, r=2)" in message, message
     assert seconds < 60, seconds
+
+
+def test_ring_stats_copies_count_on_their_own_and_reset_keeps_the_key() -> None:
+    import copy
+    import pickle
+
+    from dilated_attention_pytorch.distributed.comm import RingStats, stats_by_key
+
+    stats = RingStats(bytes_sent=5, calls=2)
+    key = stats.key
+    assert stats_by_key(key) is stats and stats_by_key(0) is None
+    for clone in (copy.copy(stats), copy.deepcopy(stats), pickle.loads(pickle.dumps(stats))):
+        assert clone.key != key and stats_by_key(clone.key) is clone
+        assert (clone.bytes_sent, clone.calls) == (5, 2)
+    stats.reset()  # in place: compiled graphs keep counting into the same object
+    assert stats.key == key and stats_by_key(key) is stats
+    assert stats.as_dict()["bytes_sent"] == 0 and stats.calls == 0

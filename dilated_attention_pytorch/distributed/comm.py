@@ -109,8 +109,22 @@ class RingStats:
     key: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
+        self._register()
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.copy, copy.deepcopy and unpickling: a counter of its own, with its own key.
+        self.__dict__.update(state)
+        self._register()
+
+    def _register(self) -> None:
         self.key = next(_STATS_KEYS)
         _STATS[self.key] = self
+
+    def reset(self) -> None:
+        """Zero every counter in place (the key stays, so compiled graphs that count into
+        this object need no recompilation)."""
+        self.bytes_sent = self.bytes_received = self.ring_steps = self.calls = 0
+        self.comm_wait, self.compute = Stopwatch(), Stopwatch()
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -360,6 +374,8 @@ class RingCommunicator:
 _COMMUNICATORS: dict[dist.ProcessGroup, RingCommunicator] = {}
 # The communicators whose communication failed, in order.
 _FAILED: list[RingCommunicator] = []
+# Communicators the exit handler leaves alone (not gloo), kept referenced to the end.
+_KEPT: list[RingCommunicator] = []
 
 
 @atexit.register
@@ -383,7 +399,9 @@ def _release_ring_groups() -> None:
         try:
             if not dist.is_initialized() or str(dist.get_backend(group)).lower() != "gloo":
                 # NCCL's shutdown waits for kernels that a dead peer may never finish;
-                # its watchdog ends those, so the group is left to it.
+                # its watchdog ends those, so the group (and what a failed ring gave up
+                # on) stays referenced, untouched.
+                _KEPT.append(comm)
                 continue
             dist.destroy_process_group(group)
         except Exception:  # already destroyed by the program, or torch is shutting down

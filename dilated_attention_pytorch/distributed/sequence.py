@@ -198,7 +198,7 @@ _all_gather_op.register_autograd(_gather_backward, setup_context=_keep_settings)
 def _shard_op(
     x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, stats: int
 ) -> Tensor:
-    return _own_slice(x, group, ring, dim, len(ring)).clone()
+    return _own_slice(x, group, ring, dim, len(ring)).clone(memory_format=torch.contiguous_format)
 
 
 @_shard_op.register_fake

@@ -151,7 +151,7 @@ class DistributedRingAttention(StandardRingAttention):
     def reset_communication_stats(self) -> None:
         """Start counting again from zero (and reset CUDA's peak memory counter)."""
         if self._stats is not None:
-            self._stats = RingStats()
+            self._stats.reset()  # in place: a compiled module keeps counting into it
         if self._peak_device is not None and self._peak_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._peak_device)
 
