@@ -41,6 +41,7 @@ versions, command, results) into ``--out``; the file is rewritten after each sec
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -121,6 +122,19 @@ def fwd_bwd_step(
     return step
 
 
+def output_and_grads(
+    fn: Callable[..., Tensor],
+    inputs: list[Tensor],
+    grad_out: Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> list[Tensor]:
+    """``[out, *grads of inputs]`` of ``fn`` on fresh leaves, in ``dtype``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out.detach().to(dtype), *(t.grad.to(dtype) for t in leaves)]
+
+
 def partition_groups(world_size: int, k: int) -> tuple[dist.ProcessGroup, list[list[int]]]:
     """Split the world into ``world_size / k`` groups of ``k`` consecutive ranks; return mine."""
     rank = dist.get_rank()
@@ -149,13 +163,7 @@ def correctness(args: argparse.Namespace, device: torch.device) -> list[dict[str
         q, k, v, dout = (torch.randn(shape, generator=gen, device=device) for _ in range(4))
         kw = {"is_causal": causal}
 
-        def grads(
-            fn: Callable[..., Tensor], inputs: list[Tensor], grad_out: Tensor
-        ) -> list[Tensor]:
-            leaves = [t.detach().clone().requires_grad_() for t in inputs]
-            out = fn(*leaves)
-            out.backward(grad_out)
-            return [out.detach().float(), *(t.grad.float() for t in leaves)]
+        grads = output_and_grads
 
         ref = grads(
             lambda a, b, c, kw=kw: dilated_attention(a, b, c, segments, rates, **kw),
@@ -434,13 +442,7 @@ def error_vs_ring_size(args: argparse.Namespace, device: torch.device) -> list[d
             for _ in range(4)
         ]
 
-        def grads(
-            fn: Callable[..., Tensor], inputs: list[Tensor], grad_out: Tensor
-        ) -> list[Tensor]:
-            leaves = [t.detach().clone().requires_grad_() for t in inputs]
-            out = fn(*leaves)
-            out.backward(grad_out)
-            return [out.detach().to(high), *(t.grad.to(high) for t in leaves)]
+        grads = functools.partial(output_and_grads, dtype=high)
 
         ref = grads(
             lambda a, b, c, cz=causal: dilated_attention(a, b, c, segments, rates, is_causal=cz),

@@ -132,9 +132,12 @@ def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
-def test_packed_documents(kernels, monkeypatch) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_packed_documents(kernels, monkeypatch, compiled) -> None:
     # cu_seqlens: each document its own sequence, with K/V heads shared, all documents in
-    # the same launches (one per branch and kernel, reading a segment table).
+    # the same launches (one per branch and kernel, reading a segment table); under
+    # torch.compile(fullgraph=True) the offsets enter the operator as a tensor and the
+    # launches are the same.
     launches = []
     launch_tiles = kernels._launch_tiles
 
@@ -146,38 +149,13 @@ def test_packed_documents(kernels, monkeypatch) -> None:
     cu = torch.tensor([0, 19, 20, 53], dtype=torch.int32)  # documents of 19, 1 and 33 tokens
     q = torch.randn(1, 53, 4, 16, requires_grad=True)
     k, v = (torch.randn(1, 53, 2, 16, requires_grad=True) for _ in range(2))
-    kw = dict(is_causal=True, cu_seqlens=cu)
-    out = dilated_attention(q, k, v, [8, 16], [1, 2], backend="triton", **kw)
-    ref = dense_dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
-    torch.testing.assert_close(out, ref, **TOL)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-    for g, rg in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, rg, **TOL)
-    assert launches == [True] * 6  # 2 branches: forward, dK/dV, dQ
-
-
-@interpreted
-def test_packed_documents_compiled(kernels, monkeypatch) -> None:
-    # Under torch.compile(fullgraph=True) the offsets enter the operator as a tensor and
-    # triton still runs all documents in one launch per branch and kernel.
-    launches = []
-    launch_tiles = kernels._launch_tiles
-
-    def recording(*args, **kwargs):
-        launches.append(args[5].segments is not None)
-        return launch_tiles(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "_launch_tiles", recording)
-    torch._dynamo.reset()
-    cu = torch.tensor([0, 19, 20, 53], dtype=torch.int32)
-    q = torch.randn(1, 53, 4, 16, requires_grad=True)
-    k, v = (torch.randn(1, 53, 2, 16, requires_grad=True) for _ in range(2))
     fn = lambda q, k, v: dilated_attention(  # noqa: E731
         q, k, v, [8, 16], [1, 2], backend="triton", is_causal=True, cu_seqlens=cu
     )
-    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v)
     ref = dense_dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu)
     torch.testing.assert_close(out, ref, **TOL)
     dout = torch.randn_like(out)
