@@ -68,6 +68,9 @@ class SparseCall:
     # written once from fp32 registers); the ring adds received gradients, so it keeps
     # the compute dtype (None).
     grads_in_input_dtype: bool = False
+    # The held key blocks are the sequence's blocks in order and q_start is 0 (one
+    # device): the Triton kernels then compute block positions instead of reading them.
+    held_in_order: bool = False
 
 
 def _interpreting() -> bool:
@@ -111,14 +114,44 @@ def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tup
     return lists
 
 
+_SCHEDULES: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _device_schedules(mask: Tensor, heads: int, device: torch.device) -> tuple:
+    """Program orders of the Triton kernels for a ``(..., Qb, Kb)`` block mask (cached per
+    mask, like its lists): blocks with long lists first (``triton_kernels.schedules``)."""
+    key = (mask, heads, str(device))
+    if key in _SCHEDULES:
+        _SCHEDULES.move_to_end(key)
+        return _SCHEDULES[key]
+    counts = mask.sum(-1), mask.sum(-2)  # kept key blocks per query block, and transposed
+    scheds = triton_kernels.schedules((counts[0], None), (counts[1], None), heads, device)
+    _SCHEDULES[key] = scheds
+    while len(_SCHEDULES) > 32:
+        _SCHEDULES.popitem(last=False)
+    return scheds
+
+
 def clear_sparse_caches() -> None:
     """Drop the cached index lists and FlexAttention block masks of every pattern (they
     are kept for the 32 most recent patterns per device, to free their memory)."""
     _LISTS.clear()
+    _SCHEDULES.clear()
     flex_cache.clear()
 
 
+_HELD_IN_ORDER: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
 def _triton_ids(call: SparseCall, device: torch.device) -> tuple[Tensor, Tensor]:
+    if call.held_in_order:
+        # One device: the same tables for every call of a length (a copy from pageable
+        # host memory would wait for the GPU's queued work before each launch).
+        key = (call.k_start.numel(), call.block_size, str(device))
+        if key not in _HELD_IN_ORDER:
+            ids = torch.arange(call.k_start.numel()) * call.block_size
+            _HELD_IN_ORDER[key] = (ids.to(device=device, dtype=torch.int32),) * 2
+        return _HELD_IN_ORDER[key]
     k_first = call.k_start.to(device=device, dtype=torch.int32)
     k_glob = (call.k_blocks * call.block_size).to(device=device, dtype=torch.int32)
     return k_first, k_glob
@@ -126,7 +159,8 @@ def _triton_ids(call: SparseCall, device: torch.device) -> tuple[Tensor, Tensor]
 
 def _triton_settings(call: SparseCall) -> dict:
     return dict(block_size=call.block_size, q_start=call.q_start, seq_len=call.seq_len,
-                scale=call.scale, is_causal=call.is_causal, interpreting=_interpreting())  # fmt: skip
+                scale=call.scale, is_causal=call.is_causal, interpreting=_interpreting(),
+                direct=call.held_in_order)  # fmt: skip
 
 
 def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,8 +169,9 @@ def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Te
         return run_heads(sparse_forward, call, call.per_head_mask, q, k, v)
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, _ = _device_lists(mask, q.device, key=mask)
+    sched, _ = _device_schedules(mask, q.shape[2], q.device)
     return triton_kernels.sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
-                                 **_triton_settings(call))  # fmt: skip
+                                 sched=sched, **_triton_settings(call))  # fmt: skip
 
 
 def block_backward(
@@ -149,6 +184,7 @@ def block_backward(
     lists, t_lists = _device_lists(mask, q.device, key=mask)
     return triton_kernels.sparse_backward_triton(
         dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
+        scheds=_device_schedules(mask, q.shape[2], q.device),
         grad_dtype=q.dtype if call.grads_in_input_dtype else compute_dtype(q.dtype),
         **_triton_settings(call),
     )  # fmt: skip
@@ -385,7 +421,7 @@ def block_sparse_attention(
             over the kept-block lists; CUDA, or the CPU under ``TRITON_INTERPRET=1``;
             power-of-two block sizes >= 16 and head dims 16..256, any ``N``, no dropout)
             or ``"auto"``: flex where it applies, else triton on CUDA, else pytorch
-            (flex was faster than our kernels on every row of
+            (flex was as fast as our kernels or faster on most forward+backward rows of
             ``benchmarks/bench_block_sparse.py`` on an H200).
         return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
 
@@ -453,4 +489,5 @@ def single_device_call(
         kernel=kernel,
         per_head_mask=per_head,
         grads_in_input_dtype=True,
+        held_in_order=True,
     )

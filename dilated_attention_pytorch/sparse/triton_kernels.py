@@ -15,6 +15,12 @@ Three kernels, FlashAttention-2's split: the forward (online softmax, LSE saved)
 dK/dV pass (a program per key tile, over the query blocks that keep it) and the dQ
 pass (a program per query tile, over its key blocks). ``delta = rowsum(dO * O)`` comes
 from the dilated backend's kernel.
+
+On one device (``direct``) a key block's rows are computed from its number, so each
+loop step reads one index, which the software pipeliner loads ahead with the tiles;
+whole key tiles off the causal diagonal (``EVEN_K``) and whole query tiles
+(``EVEN_Q``) are loaded without masks. A program order (:func:`schedules`) starts the
+blocks with much longer lists than the rest first, so they do not run alone at the end.
 """
 
 from __future__ import annotations
@@ -39,28 +45,49 @@ def _rows(X, b, h, rows, s_b, s_n, s_h, offs_d):
 
 
 @triton.jit
-def _query_tile(num_heads, BS: tl.constexpr, BLOCK_M: tl.constexpr):
-    # This program's batch, head, query block and first query row (grid: tiles, B * H).
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    qb = tile // (BS // BLOCK_M)
-    m0 = qb * BS + (tile % (BS // BLOCK_M)) * BLOCK_M
-    return (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64), qb, m0
+def _tile_ptrs(X, b, h, r0, s_b, s_n, s_h, offs_r, offs_d):
+    # Pointers of rows r0 + offs_r of batch b, head h: a 64-bit scalar base plus 32-bit
+    # offsets that stay the same from one tile to the next.
+    return (X + (b * s_b + h * s_h + r0.to(tl.int64) * s_n)) + (offs_r[:, None] * s_n
+                                                                + offs_d[None, :])  # fmt: skip
 
 
 @triton.jit
-def _key_tile(Idx, KFirst, KGlob, t, len_k, seq_len, offs_n, BS: tl.constexpr,
-              BLOCK_N: tl.constexpr):  # fmt: skip
+def _load(ptrs, rmask, EVEN: tl.constexpr):
+    # A tile whose rows all exist (EVEN) needs no mask.
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _program(Sched, NB, TPB: tl.constexpr, SCHED: tl.constexpr):
+    # This program's batch, head, block and tile of the block. Grid: (H * NB * TPB, B),
+    # a block's TPB tiles side by side; ``Sched`` (when SCHED) maps the program's slot
+    # to ``h * NB + block`` so that blocks with long lists start first.
+    pid = tl.program_id(0)
+    slot = pid // TPB
+    if SCHED:
+        slot = tl.load(Sched + slot)
+    return tl.program_id(1).to(tl.int64), (slot // NB).to(tl.int64), slot % NB, pid % TPB
+
+
+@triton.jit
+def _key_tile(Idx, KFirst, KGlob, t, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+              DIRECT: tl.constexpr):  # fmt: skip
     # Step t of a query tile's loop: key tile t % (BS / BLOCK_N) of its kept block
-    # t // (BS / BLOCK_N). Returns the first local and global key, the local and global
-    # keys of the tile and which of them exist.
+    # t // (BS / BLOCK_N). Returns its first local and first global key. DIRECT: the
+    # held blocks are the sequence's blocks in order (one device), no table to read.
     kb = tl.load(Idx + t // (BS // BLOCK_N))
     j = (t % (BS // BLOCK_N)) * BLOCK_N
-    k0 = tl.load(KFirst + kb) + j
-    g0 = tl.load(KGlob + kb) + j
-    kl = k0 + offs_n
-    kg = g0 + offs_n
-    return k0, g0, kl, kg, (kl < len_k) & (kg < seq_len)
+    if DIRECT:
+        k0 = kb * BS + j
+        g0 = k0
+    else:
+        k0 = tl.load(KFirst + kb) + j
+        g0 = tl.load(KGlob + kb) + j
+    return k0, g0
 
 
 @triton.jit
@@ -81,123 +108,144 @@ def _valid(qg, kg, kmask, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _edge(k0, g0, last_q, len_k, seq_len, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+          EVEN_K: tl.constexpr):  # fmt: skip
+    # Whether the key tile starting at local k0 / global g0 needs a mask for queries up
+    # to global last_q: at the end of the keys or, when causal, past the first query.
+    # Only the causal test remains when every key tile is whole (EVEN_K).
+    if EVEN_K:
+        edge = g0 < 0  # False
+    else:
+        edge = (k0 + BLOCK_N > len_k) | (g0 + BLOCK_N > seq_len)
+    if CAUSAL:
+        edge = edge | (g0 + BLOCK_N - 1 > last_q)
+    return edge
+
+
+@triton.jit
 def _sparse_fwd(
-    Q, K, V, Out, Lse, KvNum, KvIdx, KFirst, KGlob,
+    Q, K, V, Out, Lse, KvNum, KvIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, num_heads, qk_scale,
+    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
-    b, h, qb, m0 = _query_tile(num_heads, BS, BLOCK_M)
+    b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
+    m0 = qb * BS + sub * BLOCK_M
     if m0 >= len_q:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    qmask = offs_m < len_q
-    qg = q_start + offs_m
+    offs_m = tl.arange(0, BLOCK_M)
+    qmask = m0 + offs_m < len_q
+    qg = q_start + m0 + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(_rows(Q, b, h, offs_m.to(tl.int64), s_qb, s_qn, s_qh, offs_d),
-                mask=qmask[:, None], other=0.0)  # fmt: skip
+    q = _load(_tile_ptrs(Q, b, h, m0, s_qb, s_qn, s_qh, offs_m, offs_d), qmask, EVEN_Q)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
+    idx = KvIdx + h * s_idxh + qb * s_idxq
     # One flat loop over (kept block, key tile of the block): the software pipeliner
     # overlaps the loads of the next tile with this one's matmuls.
     for t in range(num * (BS // BLOCK_N)):
-        k0, g0, kl, kg, kmask = _key_tile(KvIdx + h * s_idxh + qb * s_idxq, KFirst, KGlob, t,
-                                          len_k, seq_len, offs_n, BS, BLOCK_N)  # fmt: skip
-        k = tl.load(_rows(K, b, h, kl.to(tl.int64), s_kb, s_kn, s_kh, offs_d),
-                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        k0, g0 = _key_tile(idx, KFirst, KGlob, t, BS, BLOCK_N, DIRECT)
+        kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
+        k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
         qk = _dot(q, tl.trans(k), IEEE) * qk_scale
         # Only tiles at the end of the sequence or on the causal diagonal need a mask.
-        edge = (k0 + BLOCK_N > len_k) | (g0 + BLOCK_N > seq_len)
-        if CAUSAL:
-            edge = edge | (g0 + BLOCK_N - 1 > q_start + m0)
-        if edge:
-            qk = tl.where(_valid(qg, kg, kmask, CAUSAL), qk, float("-inf"))
+        if CAUSAL or not EVEN_K:
+            if _edge(k0, g0, q_start + m0, len_k, seq_len, BLOCK_N, CAUSAL, EVEN_K):
+                qk = tl.where(_valid(qg, g0 + offs_n, kmask, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_rows(V, b, h, kl.to(tl.int64), s_vb, s_vn, s_vh, offs_d),
-                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    rows = offs_m.to(tl.int64)
+    rows = (m0 + offs_m).to(tl.int64)
     tl.store(_rows(Out, b, h, rows, s_ob, s_on, s_oh, offs_d), out.to(Out.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
     tl.store(Lse + b * s_lb + h * s_lh + rows * s_ln, lse, mask=qmask)
 
 
 @triton.jit
-def _load_lse2(Lse, b, h, rows, s_lb, s_ln, s_lh, mask):
+def _load_lse2(Lse, b, h, r0, offs, s_lb, s_ln, s_lh, mask, EVEN: tl.constexpr):
     # The LSE in log2 units; a row without keys (-inf) gives +inf, so its p is 0.
-    lse = tl.load(Lse + b * s_lb + h * s_lh + rows * s_ln, mask=mask, other=float("inf"))
+    ptrs = Lse + (b * s_lb + h * s_lh + r0.to(tl.int64) * s_ln) + offs * s_ln
+    if EVEN:
+        lse = tl.load(ptrs)
+    else:
+        lse = tl.load(ptrs, mask=mask, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
+def _load_row_vec(X, b, h, r0, offs, s_b, s_n, s_h, mask, EVEN: tl.constexpr):
+    ptrs = X + (b * s_b + h * s_h + r0.to(tl.int64) * s_n) + offs * s_n
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _sparse_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob,
+    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
-    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, num_heads, qk_scale, scale,
+    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile (BLOCK_N rows of held block kb): over the query blocks
     # that keep kb. Lse and Delta share their strides (s_l*); DK and DV too (s_g*).
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    kb = tile // (BS // BLOCK_N)
-    j0 = (tile % (BS // BLOCK_N)) * BLOCK_N
-    k0 = tl.load(KFirst + kb) + j0
-    g0 = tl.load(KGlob + kb) + j0
+    b, h, kb, sub = _program(Sched, n_kb, BS // BLOCK_N, SCHED)
+    j0 = sub * BLOCK_N
+    if DIRECT:
+        k0 = kb * BS + j0
+        g0 = k0
+    else:
+        k0 = tl.load(KFirst + kb) + j0
+        g0 = tl.load(KGlob + kb) + j0
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    kl = k0 + offs_n
+    kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
     kg = g0 + offs_n
-    kmask = (kl < len_k) & (kg < seq_len)
-    krows = kl.to(tl.int64)
-    k = tl.load(_rows(K, b, h, krows, s_kb, s_kn, s_kh, offs_d), mask=kmask[:, None], other=0.0)
-    v = tl.load(_rows(V, b, h, krows, s_vb, s_vn, s_vh, offs_d), mask=kmask[:, None], other=0.0)
+    k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+    v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     num = tl.load(QNum + h * s_numh + kb)
+    idx = QIdx + h * s_idxh + kb * s_idxk
     for t in range(num * (BS // BLOCK_M)):
-        qb = tl.load(QIdx + h * s_idxh + kb * s_idxk + t // (BS // BLOCK_M))
+        qb = tl.load(idx + t // (BS // BLOCK_M))
         q0 = qb * BS + (t % (BS // BLOCK_M)) * BLOCK_M
-        ql = q0 + offs_m
-        qmask = ql < len_q
-        qg = q_start + ql
-        qrows = ql.to(tl.int64)
-        q = tl.load(_rows(Q, b, h, qrows, s_qb, s_qn, s_qh, offs_d),
-                    mask=qmask[:, None], other=0.0)  # fmt: skip
-        do = tl.load(_rows(DO, b, h, qrows, s_db, s_dn, s_dh, offs_d),
-                     mask=qmask[:, None], other=0.0)  # fmt: skip
-        lse2 = _load_lse2(Lse, b, h, qrows, s_lb, s_ln, s_lh, qmask)
-        delta = tl.load(Delta + b * s_lb + h * s_lh + qrows * s_ln, mask=qmask, other=0.0)
+        qmask = q0 + offs_m < len_q
+        q = _load(_tile_ptrs(Q, b, h, q0, s_qb, s_qn, s_qh, offs_m, offs_d), qmask, EVEN_Q)
+        do = _load(_tile_ptrs(DO, b, h, q0, s_db, s_dn, s_dh, offs_m, offs_d), qmask, EVEN_Q)
+        lse2 = _load_lse2(Lse, b, h, q0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
+        delta = _load_row_vec(Delta, b, h, q0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M): S transposed
         pt = tl.exp2(st - lse2[None, :])
         # Rows past len_q have lse +inf, so p = 0 there; only keys need a mask.
-        edge = (g0 + BLOCK_N > seq_len) | (k0 + BLOCK_N > len_k)
-        if CAUSAL:
-            edge = edge | (g0 + BLOCK_N - 1 > q_start + q0)
-        if edge:
-            pt = tl.where(tl.trans(_valid(qg, kg, kmask, CAUSAL)), pt, 0.0)
+        if CAUSAL or not EVEN_K:
+            if _edge(k0, g0, q_start + q0, len_k, seq_len, BLOCK_N, CAUSAL, EVEN_K):
+                qg = q_start + q0 + offs_m
+                pt = tl.where(tl.trans(_valid(qg, kg, kmask, CAUSAL)), pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
+    krows = (k0 + offs_n).to(tl.int64)
     tl.store(_rows(DK, b, h, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
              mask=kmask[:, None])  # fmt: skip
     tl.store(_rows(DV, b, h, krows, s_gb, s_gn, s_gh, offs_d), dv.to(DV.dtype.element_ty),
@@ -206,46 +254,44 @@ def _sparse_dkdv(
 
 @triton.jit
 def _sparse_dq(
-    Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, KFirst, KGlob,
+    Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
-    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, num_heads, qk_scale, scale,
+    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
-    b, h, qb, m0 = _query_tile(num_heads, BS, BLOCK_M)
+    b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
+    m0 = qb * BS + sub * BLOCK_M
     if m0 >= len_q:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    qmask = offs_m < len_q
-    qg = q_start + offs_m
-    qrows = offs_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    qmask = m0 + offs_m < len_q
+    qg = q_start + m0 + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(_rows(Q, b, h, qrows, s_qb, s_qn, s_qh, offs_d), mask=qmask[:, None], other=0.0)
-    do = tl.load(_rows(DO, b, h, qrows, s_db, s_dn, s_dh, offs_d), mask=qmask[:, None], other=0.0)
-    lse2 = _load_lse2(Lse, b, h, qrows, s_lb, s_ln, s_lh, qmask)
-    delta = tl.load(Delta + b * s_lb + h * s_lh + qrows * s_ln, mask=qmask, other=0.0)
+    q = _load(_tile_ptrs(Q, b, h, m0, s_qb, s_qn, s_qh, offs_m, offs_d), qmask, EVEN_Q)
+    do = _load(_tile_ptrs(DO, b, h, m0, s_db, s_dn, s_dh, offs_m, offs_d), qmask, EVEN_Q)
+    lse2 = _load_lse2(Lse, b, h, m0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
+    delta = _load_row_vec(Delta, b, h, m0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
+    idx = KvIdx + h * s_idxh + qb * s_idxq
     for t in range(num * (BS // BLOCK_N)):
-        k0, g0, kl, kg, kmask = _key_tile(KvIdx + h * s_idxh + qb * s_idxq, KFirst, KGlob, t,
-                                          len_k, seq_len, offs_n, BS, BLOCK_N)  # fmt: skip
-        krows = kl.to(tl.int64)
-        k = tl.load(_rows(K, b, h, krows, s_kb, s_kn, s_kh, offs_d),
-                    mask=kmask[:, None], other=0.0)  # fmt: skip
-        v = tl.load(_rows(V, b, h, krows, s_vb, s_vn, s_vh, offs_d),
-                    mask=kmask[:, None], other=0.0)  # fmt: skip
+        k0, g0 = _key_tile(idx, KFirst, KGlob, t, BS, BLOCK_N, DIRECT)
+        kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
+        k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+        v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
-        edge = (k0 + BLOCK_N > len_k) | (g0 + BLOCK_N > seq_len)
-        if CAUSAL:
-            edge = edge | (g0 + BLOCK_N - 1 > q_start + m0)
-        if edge:
-            p = tl.where(_valid(qg, kg, kmask, CAUSAL), p, 0.0)
+        if CAUSAL or not EVEN_K:
+            if _edge(k0, g0, q_start + m0, len_k, seq_len, BLOCK_N, CAUSAL, EVEN_K):
+                p = tl.where(_valid(qg, g0 + offs_n, kmask, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
-    tl.store(_rows(DQ, b, h, qrows, s_gb, s_gn, s_gh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+    rows = (m0 + offs_m).to(tl.int64)
+    tl.store(_rows(DQ, b, h, rows, s_gb, s_gn, s_gh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
 
 
@@ -254,24 +300,29 @@ def _sparse_dq(
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for
 # blocks of >= 128 tokens (smaller blocks clamp the tiles). Tuned on an H200 in bf16
-# (benchmarks/bench_block_sparse.py --tune at N = 128K, 2026-12-04; 16, 32 and 256 are
-# untuned); a benchmark may override entries.
+# (benchmarks/profile_block_sparse_kernels.py --sweep at N = 128K, local_window at 0.9,
+# 2026-12-04, each kernel's own CUDA time; 16, 32 and 256 are untuned); a benchmark may
+# override entries. Float32 inputs take at most 64 x 64 tiles and 2 stages (shared memory).
 TILE_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2),
-            256: (64, 32, 4, 2)},
-    "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 3),
+    "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3),
+            128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
+    "dkdv": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3),
              256: (32, 32, 4, 2)},
-    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
            256: (32, 32, 4, 2)},
 }  # fmt: skip
 
 
-def _tiles(kernel: str, block_size: int, head_dim: int, interpreting: bool) -> tuple:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kernel`` for this call."""
+def _tiles(kernel: str, block_size: int, head_dim: int, interpreting: bool,
+           wide: bool = False) -> tuple:  # fmt: skip
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kernel`` for this call
+    (``wide``: 4-byte inputs)."""
     if interpreting:
         t = min(16, block_size)
         return t, t, 1, 1
     bm, bn, warps, stages = TILE_CONFIGS[kernel][head_dim]
+    if wide:
+        bm, bn, stages = min(bm, 64), min(bn, 64), min(stages, 2)
     return min(bm, block_size), min(bn, block_size), warps, stages
 
 
@@ -291,30 +342,75 @@ def _lists(num: Tensor, idx: Tensor, device: torch.device) -> tuple[Tensor, Tens
     return num, idx, s_numh, s_idxh, idx.stride(1)
 
 
+def _schedule(num: Tensor, heads: int) -> Tensor | None:
+    """Program order over ``h * NB + block`` that starts the blocks with long lists first.
+
+    A block whose list is more than twice the mean (a global block of ``global_local``,
+    say) would otherwise start late and run alone at the end. Those blocks come first,
+    longest first; the others keep their order (neighbouring blocks share keys in the
+    cache). ``None`` when no block is that long (the plain order).
+    """
+    counts = num.to(torch.float32)
+    counts = counts.expand(heads, -1) if counts.dim() == 1 else counts
+    flat = counts.reshape(-1)
+    heavy = flat > 2.0 * flat.mean()
+    if not bool(heavy.any()):
+        return None
+    key = torch.where(heavy, flat, torch.zeros_like(flat))
+    return torch.sort(key, descending=True, stable=True).indices.to(torch.int32)
+
+
+def schedules(lists: tuple[Tensor, Tensor], t_lists: tuple[Tensor, Tensor], heads: int,
+              device: torch.device) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """Program orders of the query-block kernels and of the dK/dV kernel (see
+    :func:`_schedule`), on ``device``; compute them once per pattern and pass them on."""
+    out = []
+    for num in (lists[0], t_lists[0]):  # only the counts are read
+        order = _schedule(num.cpu(), heads)
+        out.append(None if order is None else order.to(device))
+    return out[0], out[1]
+
+
+def _sched_args(sched: Tensor | None, like: Tensor) -> tuple[Tensor, bool]:
+    return (like, False) if sched is None else (sched, True)
+
+
 def sparse_forward_triton(
     q: Tensor, k: Tensor, v: Tensor, lists: tuple[Tensor, Tensor], k_first: Tensor,
     k_glob: Tensor, *, block_size: int, q_start: int, seq_len: int, scale: float,
-    is_causal: bool, interpreting: bool = False,
+    is_causal: bool, interpreting: bool = False, direct: bool = False,
+    sched: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """q ``(B, Lq, H, D)``; held k, v ``(B, Lk, H, D)`` -> out (q.dtype), lse ``(B, Lq, H)`` fp32.
 
     ``lists``: ``(kv_num (Qb,) or (H, Qb), kv_idx (..., Qb, Kmax))`` into held blocks;
     ``k_first``/``k_glob``: int32 first local row / first global token of each held block.
+    ``direct``: the held blocks are the sequence's blocks in order and ``q_start`` is 0
+    (one device). ``sched``: program order from :func:`schedules` (None: plain order).
     """
     B, Lq, H, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, Lq, H, dtype=torch.float32, device=q.device)
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
-    bm, bn, warps, stages = _tiles("fwd", block_size, D, interpreting)
-    grid = (triton.cdiv(Lq, block_size) * (block_size // bm), B * H)
-    _sparse_fwd[grid](
-        q, k, v, out, lse, num, idx, k_first, k_glob,
+    bm, bn, warps, stages = _tiles("fwd", block_size, D, interpreting, q.element_size() == 4)
+    n_qb = triton.cdiv(Lq, block_size)
+    order, use_sched = _sched_args(sched, num)
+    _sparse_fwd[(H * n_qb * (block_size // bm), B)](
+        q, k, v, out, lse, num, idx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(lse),
-        s_numh, s_idxh, s_idxq, Lq, k.shape[1], seq_len, q_start, H, scale * LOG2E,
+        s_numh, s_idxh, s_idxq, Lq, k.shape[1], seq_len, q_start, n_qb, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
-        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        IEEE=q.dtype == torch.float32, SCHED=use_sched,
+        **_even(Lq, k.shape[1], seq_len, block_size, direct),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
+
+
+def _even(len_q: int, len_k: int, seq_len: int, block_size: int, direct: bool) -> dict:
+    # EVEN_Q: every query tile is whole; EVEN_K: every key tile is whole (one device).
+    even_k = direct and len_k == seq_len and seq_len % block_size == 0
+    return dict(EVEN_Q=len_q % block_size == 0, EVEN_K=even_k, DIRECT=direct)
 
 
 def sparse_backward_triton(
@@ -322,9 +418,11 @@ def sparse_backward_triton(
     lists: tuple[Tensor, Tensor], t_lists: tuple[Tensor, Tensor], k_first: Tensor,
     k_glob: Tensor, *, block_size: int, q_start: int, seq_len: int, scale: float,
     is_causal: bool, grad_dtype: torch.dtype, interpreting: bool = False,
+    direct: bool = False, scheds: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (``grad_dtype``) of q and of the held k, v; ``t_lists`` are the
-    transposed lists (for each held key block, the query blocks that keep it)."""
+    transposed lists (for each held key block, the query blocks that keep it);
+    ``scheds``: the program orders of the dQ and dK/dV kernels (:func:`schedules`)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
@@ -336,21 +434,25 @@ def sparse_backward_triton(
     ieee = q.dtype == torch.float32
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
     tnum, tidx, t_numh, t_idxh, t_idxk = _lists(*t_lists, q.device)
-    common = dict(HEAD_DIM=D, BS=block_size, CAUSAL=is_causal, IEEE=ieee)
-    bm, bn, warps, stages = _tiles("dkdv", block_size, D, interpreting)
+    common = dict(HEAD_DIM=D, BS=block_size, CAUSAL=is_causal, IEEE=ieee,
+                  **_even(Lq, Lk, seq_len, block_size, direct))  # fmt: skip
+    bm, bn, warps, stages = _tiles("dkdv", block_size, D, interpreting, ieee)
     n_kb = k_first.numel()
-    _sparse_dkdv[(n_kb * (block_size // bn), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob,
+    order, use_sched = _sched_args(scheds[1], tnum)
+    _sparse_dkdv[(H * n_kb * (block_size // bn), B)](
+        q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
-        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
-    bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting)
-    _sparse_dq[(triton.cdiv(Lq, block_size) * (block_size // bm), B * H)](
-        q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob,
+    bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting, ieee)
+    n_qb = triton.cdiv(Lq, block_size)
+    order, use_sched = _sched_args(scheds[0], num)
+    _sparse_dq[(H * n_qb * (block_size // bm), B)](
+        q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dq),
-        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, H, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     return dq, dk, dv
 
