@@ -34,6 +34,17 @@ def _list_bytes(mask: torch.Tensor) -> int:
     return mask.numel() + lists * (8 + 4)
 
 
+def _flex_list_bytes(mask: torch.Tensor) -> int:
+    """Bytes of the cached FlexAttention ``BlockMask`` of a ``(..., Qb, Kb)`` block mask:
+    int32 index tables padded to ``Kb`` (``flex.flex_block_mask``) for the full and the
+    partial blocks and their transposes, with their counts. At N = 512K and blocks of
+    128 that is 0.25 GiB (measured on an H200:
+    benchmarks/results/block_sparse_nvidia-h200_pipelined_long_20261204.json)."""
+    heads = mask.shape[0] if mask.dim() == 3 else 1
+    qb, kb = mask.shape[-2], mask.shape[-1]
+    return heads * 4 * (2 * qb * kb + 2 * kb * qb + 2 * qb + 2 * kb)
+
+
 def _ring_blocks(mask: torch.Tensor, k: int, position: int) -> tuple[int, int]:
     """Key blocks rank ``position`` of ``k`` receives and sends (any head's rows)."""
     rows = mask.any(0) if mask.dim() == 3 else mask
@@ -69,7 +80,8 @@ def block_sparse_memory_estimate(
       ``8 * B * N * H`` and the lists, whatever the sparsity: the dropped blocks cost
       nothing, and nothing is ``N x N``.
     - ``backend="flex"``: FlexAttention's own buffers, modelled as one more input-sized
-      buffer (measured on an H200).
+      buffer (measured on an H200), and its cached ``BlockMask``, whose index tables
+      are padded to ``N / block_size`` entries per block row (quadratic in ``N``).
     - a ring of ``k`` ranks (Triton kernels, each rank passes its shard of ``L = N/k``
       tokens): the rank saves its key/value blocks plus the ``R`` blocks it received,
       and in the backward holds float32 gradients of all of them, the float32
@@ -132,7 +144,7 @@ def block_sparse_memory_estimate(
     if k == 1:
         parts["inputs"] = (3 + with_backward) * N * per_token * s
         parts["output"] = N * per_token * s
-        parts["index_lists"] = _list_bytes(mask)
+        parts["index_lists"] = _flex_list_bytes(mask) if backend == "flex" else _list_bytes(mask)
         parts["saved"] = rows if with_backward else 0
         if with_backward:
             parts["gradients"] = 3 * N * per_token * s + rows  # dq, dk, dv and delta
