@@ -293,13 +293,15 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
     dist_fn = lambda t: unmonitored(t, t, t, is_causal=True)
     compiled += _grads(torch.compile(dist_fn, fullgraph=True, backend="aot_eager"), qkv)
     eager += _grads(dist_fn, qkv)
-    # Packed documents inside shards: checked and cut inside an operator, no transfer.
-    cu = torch.tensor([0, 5, 16, 20, 31, 32])
-    packed_fn = lambda q, k, v: ring_dilated_attention(  # noqa: E731
-        q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu
-    )
-    compiled += _grads(torch.compile(packed_fn, fullgraph=True, backend="aot_eager"), *shards)
-    eager += _grads(packed_fn, *shards)
+    # Packed documents: inside shards (eager cuts them and calls dilated_attention, the
+    # operator runs them as units that send nothing) and spanning both ranks (a ring over
+    # the documents' segments).
+    for cu in (torch.tensor([0, 5, 16, 20, 31, 32]), torch.tensor([0, 3, 21, 21, 32])):
+        packed_fn = lambda q, k, v, cu=cu: ring_dilated_attention(  # noqa: E731
+            q, k, v, [8, 16], [1, 2], is_causal=True, cu_seqlens=cu
+        )
+        compiled += _grads(torch.compile(packed_fn, fullgraph=True, backend="aot_eager"), *shards)
+        eager += _grads(packed_fn, *shards)
     # A group of its own: the operator finds it again by name.
     sub = dist.new_group([0, 1])
     sub_fn = lambda q, k, v: ring_dilated_attention(q, k, v, [8, 32], [1, 2], group=sub)
@@ -316,14 +318,15 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         errors["mismatch"] = str(exc)
     # Monitoring counts inside the operators: the same bytes, steps and calls as eager,
     # also after a reset (which makes a new counter).
-    crossing = torch.compile(
-        lambda q: ring_dilated_attention(q, q, q, [8], [1], cu_seqlens=torch.tensor([0, 10, 32])),
+    dropped = torch.compile(
+        lambda q: ring_dilated_attention(q, q, q, [8], [1], cu_seqlens=torch.tensor([0, 10, 32]),
+                                         dropout_p=0.1),
         fullgraph=True, backend="aot_eager",
     )  # fmt: skip
     try:
-        crossing(shards[0].detach())
+        dropped(shards[0].detach())
     except ValueError as exc:
-        errors["crossing"] = str(exc)
+        errors["packed-dropout"] = str(exc)
     monitored = DistributedRingAttention([8, 32], [1, 2])
     counted = {}
     forward = lambda t: monitored(t, t, t, is_causal=True)  # noqa: E731
@@ -360,7 +363,7 @@ def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
         assert res["p2p"] > 0, f"rank {rank}: the compiled ring sent nothing"
         assert "is_causal" in res["errors"]["mismatch"], res["errors"]
-        assert "crosses the shard boundary at token 16" in res["errors"]["crossing"]
+        assert "does not take dropout yet" in res["errors"]["packed-dropout"]
         counted = res["counted"]
         assert counted["eager"][0] > 0 and counted["eager"][3] == 1, counted
         assert counted["compiled"] == counted["eager"] == counted["after_reset"], counted

@@ -132,6 +132,9 @@ class RingBranch:
     position: int  # this rank's index in ``ring``
     head_groups: tuple[PieceGroup, ...]
     piece_starts: tuple[int, ...]  # first token (in the ring's sequence) of each member's piece
+    # Packed documents: the tokens [a, b) of the shard this unit covers (its piece, or a
+    # run of whole local segments of length piece_length); None: the whole shard.
+    span: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
@@ -191,6 +194,83 @@ def ring_layout(
     return tuple(branches)
 
 
+@functools.lru_cache(maxsize=256)
+def document_ring_layout(
+    plan: DilatedPlan,
+    bounds: tuple[int, ...],
+    local_len: int,
+    world_size: int,
+    rank: int,
+    base: int = 0,
+) -> tuple[RingBranch, ...]:
+    """The units of a packed-documents ring call on this rank (:func:`ring_layout`'s
+    counterpart when every document is its own sequence).
+
+    ``bounds``: the document offsets in the ring's whole sequence of
+    ``world_size * local_len`` tokens. Segments restart at each document's first token,
+    so they no longer line up with the shards; per branch and per document on this
+    shard, the units are:
+
+    - a segment of the document that extends beyond this shard: a ring over exactly
+      the ranks holding a part of it (pieces of unequal length, dilated positions counted
+      from the segment's first token);
+    - the run of whole segments inside the shard: one local unit, segments batched;
+    - a shorter last segment inside the shard: one local unit.
+
+    Units are ordered by (branch, first token), the same on every rank, so that the
+    transfers between two ranks are posted in the same order on both sides.
+    """
+    L = local_len
+    lo, hi = rank * L, (rank + 1) * L
+    units = []
+    for branch in plan.branches:
+        w, r = branch.segment_length, branch.dilation_rate
+
+        def local(start: int, length: int, count: int, w: int = w, r: int = r, branch=branch):
+            groups = tuple(
+                PieceGroup(hg, (hg.offset,), (num_dilated_positions(length, r, hg.offset),))
+                for hg in branch.head_groups
+            )
+            span = (start - lo, start - lo + length * count)
+            return RingBranch(w, r, length, (base + rank,), 0, groups, (start,), span)
+
+        def across(first: int, last: int, w: int = w, r: int = r, branch=branch):
+            members = range(first // L, (last - 1) // L + 1)  # the ranks holding [first, last)
+            starts = [max(first, c * L) for c in members]
+            lengths = [min(last, (c + 1) * L) - s for c, s in zip(members, starts, strict=True)]
+            groups = tuple(
+                PieceGroup(
+                    hg,
+                    offsets=tuple((hg.offset - (s - first)) % r for s in starts),
+                    counts=tuple(
+                        num_dilated_positions(n, r, (hg.offset - (s - first)) % r)
+                        for s, n in zip(starts, lengths, strict=True)
+                    ),
+                )
+                for hg in branch.head_groups
+            )
+            position = rank - members[0]
+            span = (starts[position] - lo, starts[position] - lo + lengths[position])
+            ring = tuple(base + c for c in members)
+            return RingBranch(w, r, lengths[position], ring, position, groups, tuple(starts), span)
+
+        for d0, d1 in zip(bounds, bounds[1:]):
+            if d1 <= lo or d0 >= hi or d0 == d1:
+                continue  # not on this shard, or empty
+            # Segments m of the document with a token on this shard: [m_first, m_last].
+            m_first, m_last = (max(d0, lo) - d0) // w, (min(d1, hi) - 1 - d0) // w
+            for m in sorted({m_first, m_last}):
+                first, last = d0 + m * w, min(d0 + (m + 1) * w, d1)
+                if first < lo or last > hi:
+                    units.append((first, across(first, last)))
+                else:
+                    units.append((first, local(first, last - first, 1)))
+                if m == m_first and m_last - m_first > 1:  # whole segments in between
+                    start = d0 + (m + 1) * w
+                    units.append((start, local(start, w, m_last - m_first - 1)))
+    return tuple(unit for _, unit in units)  # per branch, in token order already
+
+
 def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) -> Tensor | None:
     """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty;
     with ``kv``, ``x`` is a K/V tensor (B, L, H_kv, ...) and the group's K/V heads are taken.
@@ -200,14 +280,19 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) ->
     """
     offset = group.offsets[branch.position]
     heads = group.heads.kv_slice if kv else group.heads.head_slice
-    views = segment_views(x, branch.piece_length, branch.dilation_rate, offset, heads)
+    views = segment_views(_span(x, branch), branch.piece_length, branch.dilation_rate, offset, heads)
     return views[0] if views else None
 
 
 def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor:
     """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids)."""
     offset = group.offsets[branch.position]
-    return segment_views(x, branch.piece_length, branch.dilation_rate, offset)[0]
+    return segment_views(_span(x, branch), branch.piece_length, branch.dilation_rate, offset)[0]
+
+
+def _span(x: Tensor, branch: RingBranch) -> Tensor:
+    """The tokens of the shard ``x`` (B, L, ...) that ``branch`` covers."""
+    return x if branch.span is None else x[:, branch.span[0] : branch.span[1]]
 
 
 # Per head group: (k, v) or (dk, dv), and the dilated key keep mask when one travels.
@@ -842,22 +927,24 @@ def ring_dilated_attention(
     size = dist.get_world_size(group) if ring_size is None else ring_size
     rank = dist.get_rank(group)
     L = q.shape[1]
+    bounds = None
     if cu_seqlens is not None:
-        # Every document inside this rank's shard (checked above): a local packed call.
         bounds = ring_documents(cu_seqlens, q, None, dropout_p, size)
-        first = (rank % size) * L
-        local = [b - first for b in bounds if first <= b <= first + L]
-        return dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-            branch_mixing=branch_mixing, scale=scale, backend=backend,
-            cu_seqlens=torch.tensor(local, dtype=torch.int64),
-        )  # fmt: skip
+        if all(j * L in bounds for j in range(1, size)):
+            # Every document inside one shard: a local packed call, nothing travels.
+            first = (rank % size) * L
+            local = [b - first for b in bounds if first <= b <= first + L]
+            return dilated_attention(
+                q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
+                branch_mixing=branch_mixing, scale=scale, backend=backend,
+                cu_seqlens=torch.tensor(local, dtype=torch.int64),
+            )  # fmt: skip
     # Drawn like dilated_attention's, so equally seeded generators give its masks.
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     setup = _ring_setup(
         q, plan, group, size, is_causal=is_causal, scale=scale, backend=backend,
         dropout_p=dropout_p, key_padding_mask=key_padding_mask, timeout=timeout, stats=stats,
-        seed=seed,
+        seed=seed, bounds=bounds,
     )  # fmt: skip
     if stats is not None:
         stats.calls += 1
@@ -881,10 +968,17 @@ def _ring_setup(
     timeout: float | None,
     stats: RingStats | None,
     seed: int,
+    bounds: tuple[int, ...] | None = None,
 ) -> RingSetup:
-    """The :class:`RingSetup` of a checked call on this rank's shard ``q``."""
+    """The :class:`RingSetup` of a checked call on this rank's shard ``q``; ``bounds``:
+    the checked document offsets of a packed call."""
     rank = dist.get_rank(group)
     _, L, _, D = q.shape
+    base, position = rank - rank % size, rank % size
+    if bounds is None:
+        branches = ring_layout(plan, L, size, position, base=base)
+    else:
+        branches = document_ring_layout(plan, bounds, L, size, position, base=base)
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -895,7 +989,7 @@ def _ring_setup(
         plan=plan,
     )
     return RingSetup(
-        branches=ring_layout(plan, L, size, rank % size, base=rank - rank % size),
+        branches=branches,
         scale=D**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
         group=group,
@@ -949,16 +1043,8 @@ def _compiled_ring_call(
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
-    if cu_seqlens is not None:
-        # The collective check and this shard's document offsets come from an operator;
-        # the local packed call then reads those offsets inside its own operator.
-        local = _ring_documents_op(q, k, v, key_padding_mask, cu_seqlens, spec)
-        return dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-            branch_mixing=branch_mixing, scale=scale, backend=backend, cu_seqlens=local,
-        )  # fmt: skip
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed)
+    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed, cu_seqlens)
     return out
 
 
@@ -989,37 +1075,9 @@ def _spec_backend(s: dict[str, Any]) -> str | Backend:
     return s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
 
 
-@torch.library.custom_op("dilated_attention_pytorch::ring_documents", mutates_args=())
-def _ring_documents_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, cu_seqlens: Tensor,
-    spec: str,
-) -> Tensor:  # fmt: skip
-    """The collective check of a packed ring call, then this shard's document offsets
-    (int64, on the CPU), as eager ``ring_dilated_attention`` computes them."""
-    s = _parse_spec(spec)
-    group = dist.distributed_c10d._resolve_process_group(s["group"])
-    settings = _spec_settings(s, key_padding_mask)
-    if s["validate"]:
-        check_ring_call(q, k, v, group=group, backend=_spec_backend(s), timeout=s["timeout"],
-                        cu_seqlens=cu_seqlens, **settings)  # fmt: skip
-    else:
-        check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
-                                cu_seqlens=cu_seqlens, **settings)  # fmt: skip
-    size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
-    bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
-    L, first = q.shape[1], (dist.get_rank(group) % size) * q.shape[1]
-    return torch.tensor([b - first for b in bounds if first <= b <= first + L], dtype=torch.int64)
-
-
-@_ring_documents_op.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens, spec):
-    n = torch.library.get_ctx().new_dynamic_size()
-    return torch.empty(n, dtype=torch.int64, device="cpu")
-
-
 def _op_setup(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    phase: str,
+    cu_seqlens: Tensor | None, phase: str,
 ) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
     s = _parse_spec(spec)
     group = dist.distributed_c10d._resolve_process_group(s["group"])
@@ -1027,16 +1085,21 @@ def _op_setup(
     settings = _spec_settings(s, key_padding_mask)
     if s["validate"] and phase == "forward":
         plan = check_ring_call(
-            q, k, v, group=group, backend=backend, timeout=s["timeout"], **settings
-        )
+            q, k, v, group=group, backend=backend, timeout=s["timeout"], cu_seqlens=cu_seqlens,
+            **settings,
+        )  # fmt: skip
     else:
-        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
+        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
+                                       cu_seqlens=cu_seqlens, **settings)  # fmt: skip
     size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
+    bounds = None
+    if cu_seqlens is not None:  # documents inside shards too: their units need no transfer
+        bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
     setup = _ring_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
         dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
         timeout=check_timeout(s["timeout"]), stats=stats_by_key(s["stats"]),
-        seed=int(seed.item()),
+        seed=int(seed.item()), bounds=bounds,
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
     return replace(setup, phase=phase), keep
@@ -1044,9 +1107,10 @@ def _op_setup(
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
 def _ring_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor
-) -> tuple[Tensor, Tensor]:
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "forward")
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "forward")
     if setup.stats is not None:
         setup.stats.calls += 1
     out, lse = ring_dilated_forward(token_major(q), token_major(k), token_major(v), setup, keep)
@@ -1054,7 +1118,7 @@ def _ring_forward_op(
 
 
 @_ring_forward_op.register_fake
-def _(q, k, v, key_padding_mask, spec, seed):
+def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens):
     B, L, H, _ = q.shape
     lse = q.new_empty(2, B, L, H, dtype=compute_dtype(q.dtype))
     return q.new_empty(B, L, H, v.shape[-1]), lse
@@ -1063,9 +1127,9 @@ def _(q, k, v, key_padding_mask, spec, seed):
 @torch.library.custom_op("dilated_attention_pytorch::ring_backward", mutates_args=())
 def _ring_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    key_padding_mask: Tensor | None, spec: str, seed: Tensor, cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "backward")
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "backward")
     grads = ring_dilated_backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse, setup, keep
     )
@@ -1073,7 +1137,7 @@ def _ring_backward_op(
 
 
 @_ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed):
+def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed, cu_seqlens):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -83,30 +83,18 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
 def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, dropout_p: object,
                    ring_size: int) -> tuple[int, ...]:  # fmt: skip
     """The document offsets of a packed ring call (``cu_seqlens`` over the ring's whole
-    sequence of ``ring_size * L`` tokens), checked: every shard boundary must be a document
-    boundary, so that each document lies inside one rank's shard."""
+    sequence of ``ring_size * L`` tokens), checked."""
     L = q.shape[1]
     # Only its shape is read: the ring's whole packed row.
     whole = torch.empty(1, ring_size * L, *q.shape[2:], device="meta") if q.shape[0] == 1 else q
     check_cu_seqlens(cu_seqlens, None, whole, key_padding_mask)
     assert isinstance(cu_seqlens, Tensor)
-    bounds = tuple(int(b) for b in cu_seqlens.tolist())
     if float(dropout_p) > 0.0:  # type: ignore[arg-type]
         raise ValueError(
             "ring attention with cu_seqlens does not take dropout yet (each rank would draw "
             "other seeds than one device); pass dropout_p=0.0."
         )
-    inside = set(bounds)
-    crossing = [j * L for j in range(1, ring_size) if j * L not in inside]
-    if crossing:
-        raise ValueError(
-            f"ring attention with cu_seqlens needs every document inside one rank's shard of "
-            f"L = {L} tokens, but a document crosses the shard boundary at token {crossing[0]} "
-            f"(cu_seqlens {list(bounds[:6])}{'...' if len(bounds) > 6 else ''}); documents "
-            f"spanning ranks are not supported yet: pack each rank's documents into its own "
-            f"shard (pad with a separate short document), or run without cu_seqlens."
-        )
-    return bounds
+    return tuple(int(b) for b in cu_seqlens.tolist())
 
 
 def check_ring_size_divides(ring_size: object, world_size: int) -> int:
@@ -165,7 +153,7 @@ def check_ring_call_locally(
     assert isinstance(k, Tensor)
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
     size = check_ring_size_divides(ring_size, world_size)
-    if cu_seqlens is not None:  # documents inside shards: no shard rule applies
+    if cu_seqlens is not None:  # segments restart at each document: no shard rule applies
         ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size)
     else:
         check_shard_length(plan, q.shape[1], size)
