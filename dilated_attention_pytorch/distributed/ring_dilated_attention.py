@@ -12,6 +12,10 @@ Rank ``j`` of a process group of ``k`` ranks holds tokens
   computed. With ``is_causal`` a block only travels to the later ranks of its
   segment, the ones that attend to it.
 
+With packed documents (``cu_seqlens``) segments restart at each document's first
+token: a segment held by several ranks rings over exactly those ranks (pieces of
+unequal length, :func:`document_ring_layout`); the rest is local.
+
 The backward sends K/V around the ring again; the gradient of a block's K/V is
 accumulated (in fp32, fp64 for fp64 inputs) in a buffer that travels behind the
 block through the ranks that attended to it and finally returns to its owner.
@@ -63,6 +67,7 @@ __all__ = [
     "BlockOps",
     "RingBranch",
     "RingDilatedAttentionFunction",
+    "document_ring_layout",
     "ring_dilated_attention",
     "ring_dilated_backward",
     "ring_dilated_forward",
@@ -280,7 +285,9 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) ->
     """
     offset = group.offsets[branch.position]
     heads = group.heads.kv_slice if kv else group.heads.head_slice
-    views = segment_views(_span(x, branch), branch.piece_length, branch.dilation_rate, offset, heads)
+    views = segment_views(
+        _span(x, branch), branch.piece_length, branch.dilation_rate, offset, heads
+    )
     return views[0] if views else None
 
 
@@ -872,10 +879,13 @@ def ring_dilated_attention(
         stats: a :class:`RingStats` that counts this call's bytes, steps and time.
         cu_seqlens: packed documents (``B = 1``), as in ``dilated_attention``: the offsets
             of the documents in the ring's whole sequence of ``N`` tokens, the same on
-            every rank. Every document must lie inside one rank's shard (each shard
-            boundary a document boundary): each rank then attends its own documents and
-            nothing travels. Documents spanning ranks raise ``ValueError`` (not supported
-            yet), as do dropout and a key padding mask with ``cu_seqlens``.
+            every rank (rings cut by ``ring_size`` may each have their own). Each document
+            is its own sequence: segments restart at its first token, so no shard rule
+            applies (any ``L``). A segment inside one shard needs nothing from other
+            ranks (when every shard boundary is a document boundary, the call is one
+            local packed ``dilated_attention`` and nothing travels); a segment held by
+            several ranks rings over exactly those ranks, only its dilated K/V moving.
+            Dropout and a key padding mask with ``cu_seqlens`` raise ``ValueError``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -896,9 +906,8 @@ def ring_dilated_attention(
 
         Under ``torch.compile`` the call runs as the custom operators
         ``dilated_attention_pytorch::ring_forward`` / ``::ring_backward`` (the collective
-        check, the P2P loop and the host reads inside them; ``stats`` still counts; with
-        ``cu_seqlens``, ``::ring_documents`` checks and gives this shard's offsets), so
-        ``fullgraph=True`` works.
+        check, the P2P loop and the host reads inside them; ``stats`` still counts;
+        ``cu_seqlens`` enters them as a tensor, read inside), so ``fullgraph=True`` works.
     """
     group = resolve_group(group)
     if torch.compiler.is_compiling():
