@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from distributed_utils import spawn
 
-from dilated_attention_pytorch import ring_dilated_attention
+from dilated_attention_pytorch import MultiheadDilatedAttention, ring_dilated_attention
+from dilated_attention_pytorch.ring import RingMultiheadDilatedAttention
 from dilated_attention_pytorch.oracle import dense_dilated_attention
 
 pytestmark = pytest.mark.distributed
@@ -216,3 +217,36 @@ def test_spanning_documents_match_the_oracle_and_send_only_their_segments(
         for name in ("neighbours", "neighbours-causal"):
             record = per_rank[0][name]
             assert not record["forward"] and not record["backward"], name
+
+
+def _layer_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    torch.manual_seed(seed)  # the same weights and inputs on every rank
+    N, L, cu = 32, 16, torch.tensor([0, 3, 21, 32])
+    kwargs = dict(num_kv_heads=2, dtype=torch.float64)
+    ring = RingMultiheadDilatedAttention(32, 4, [8, 16], [1, 2], **kwargs)
+    single = MultiheadDilatedAttention(32, 4, [8, 16], [1, 2], **kwargs)
+    single.load_state_dict(ring.state_dict())
+    x = torch.randn(1, N, 32, dtype=torch.float64)
+    part = slice(rank * L, (rank + 1) * L)
+    pairs = []
+    for already_split in (False, True):
+        mine = (x[:, part] if already_split else x).clone().requires_grad_()
+        whole = x.clone().requires_grad_()
+        out = ring(mine, is_causal=True, cu_seqlens=cu, already_split=already_split)[0]
+        ref = single(whole, is_causal=True, cu_seqlens=cu)[0]
+        ref_part = ref[:, part] if already_split else ref
+        dout = torch.randn_like(ref)
+        out.backward(dout[:, part] if already_split else dout)
+        ref.backward(dout)
+        grad_ref = whole.grad[:, part] if already_split else whole.grad
+        pairs += [(out.detach(), ref_part.detach()), (mine.grad, grad_ref)]
+    return pairs
+
+
+def test_ring_layer_takes_packed_documents() -> None:
+    # RingMultiheadDilatedAttention(x, cu_seqlens=...) passes the documents to its ring,
+    # on the whole sequence and on shards; equal to the single-device layer.
+    seed = int(torch.randint(0, 2**31, ()).item())
+    for pairs in spawn(_layer_worker, 2, seed):
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, **TOL)

@@ -221,6 +221,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         key_padding_mask: Tensor | None = None,
         *,
         already_split: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Attend ``query`` to ``key``/``value`` over the ring.
 
@@ -233,6 +234,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                 ``already_split=True`` this rank's shard ``(B, N/k)``. It travels around
                 the ring with the keys.
             already_split: whether the inputs are already this rank's shards.
+            cu_seqlens: packed documents (``B = 1``): the offsets of the documents in the
+                ring's whole sequence, the same on every rank of the ring (with either
+                ``already_split``); see :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`.
+                Calls with ``cu_seqlens`` always run the collective check, since the
+                documents usually change from batch to batch.
 
         Returns:
             ``(B, N, H, D)`` (``already_split=False``: the whole output, equal on every
@@ -244,8 +250,9 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         if ring is None or len(ring[1]) == 1:
             # A ring of one: nothing to exchange, the single-device computation.
             return super().forward(
-                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
-            )
+                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
@@ -260,6 +267,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             backend=self.backend,
             dropout_p=dropout_p,
             timeout=self.timeout,
+            cu_seqlens=cu_seqlens,
         )
         if not already_split:
             error = whole_input_error(query, key_padding_mask, len(members))
@@ -290,12 +298,15 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             dropout_p,
             id(group),
         )  # fmt: skip
-        validate = self.validate == "always" or signature not in self._validated
+        validate = (
+            self.validate == "always" or cu_seqlens is not None or signature not in self._validated
+        )
         out = ring_dilated_attention(
             q, k, v, group=group, key_padding_mask=mask, validate=validate, stats=self._stats,
             **settings,
         )  # fmt: skip
-        self._validated.add(signature)
+        if cu_seqlens is None:
+            self._validated.add(signature)
         return out if already_split else gather_replicated(out, group, members, **options)
 
     def memory_ring_size(self) -> int:

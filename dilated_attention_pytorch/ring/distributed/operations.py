@@ -107,14 +107,16 @@ class DistributedRingAttention(StandardRingAttention):
         key_padding_mask: Tensor | None = None,
         *,
         already_split: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """As :meth:`StandardRingAttention.forward`, checkpointed when asked for."""
         if isinstance(query, Tensor):
             self._peak_device = query.device
         run = super().forward
         kwargs = dict(
-            is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=already_split
-        )
+            is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=already_split,
+            cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if not self.use_checkpointing or not torch.is_grad_enabled():
             return run(query, key, value, **kwargs)
         if self._checkpoint is not None:
