@@ -19,8 +19,8 @@ import torch.distributed as dist
 from distributed_utils import spawn
 
 from dilated_attention_pytorch import MultiheadDilatedAttention, ring_dilated_attention
-from dilated_attention_pytorch.ring import RingMultiheadDilatedAttention
 from dilated_attention_pytorch.oracle import dense_dilated_attention
+from dilated_attention_pytorch.ring import RingMultiheadDilatedAttention
 
 pytestmark = pytest.mark.distributed
 
