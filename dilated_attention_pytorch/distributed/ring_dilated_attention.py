@@ -124,6 +124,9 @@ class PieceGroup:
     heads: HeadGroup
     offsets: tuple[int, ...]
     counts: tuple[int, ...]
+    # (offset, count) of this rank's dilated queries when they are not its K/V piece
+    # (the unit's ``query_span``); None: the queries are the K/V piece's positions.
+    query: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,16 @@ class RingBranch:
     position: int  # this rank's index in ``ring``
     head_groups: tuple[PieceGroup, ...]
     piece_starts: tuple[int, ...]  # first token (in the ring's sequence) of each member's piece
-    # Packed documents: the tokens [a, b) of the shard this unit covers (its piece, or a
-    # run of whole local segments of length piece_length); None: the whole shard.
+    # Packed documents and zigzag: the tokens [a, b) of the shard this unit's K/V cover
+    # (its piece, or a run of whole local segments of length piece_length); None: the
+    # whole shard.
     span: tuple[int, int] | None = None
+    # Zigzag: the tokens [a, b) of the shard whose queries attend to the unit's K/V when
+    # they are not the K/V piece itself (one piece; see PieceGroup.query).
+    query_span: tuple[int, int] | None = None
+    # Whether the unit's blocks are causal: None: as the call (pieces in token order);
+    # False: every query of the unit comes after every key (or the call is not causal).
+    causal: bool | None = None
 
     @property
     def size(self) -> int:
@@ -276,6 +286,114 @@ def document_ring_layout(
     return tuple(unit for _, unit in units)  # per branch, in token order already
 
 
+@functools.lru_cache(maxsize=256)
+def zigzag_ring_layout(
+    plan: DilatedPlan,
+    local_len: int,
+    world_size: int,
+    rank: int,
+    base: int = 0,
+    is_causal: bool = True,
+) -> tuple[RingBranch, ...]:
+    """The units of a ring call in the zigzag layout (:func:`ring_layout`'s counterpart).
+
+    The ring's sequence is cut into ``2k`` chunks of ``C = L/2`` tokens (``k`` ranks);
+    rank ``i`` holds chunk ``i`` (the first half of its shard) and chunk ``2k-1-i``
+    (the second half). Causal work is then balanced: every rank holds an early and a
+    late chunk. A branch with ``w <= C`` is local. A longer segment is a run of whole
+    chunks: those before the middle of the sequence (chunks ``< k``, one per rank, in
+    rank order) and those after it (in reverse rank order). Per segment and per rank:
+
+    - the early chunks form a ring in token order (causal when the call is), and so do
+      the late chunks;
+    - when the segment has both, the late chunks' queries attend the early chunks'
+      keys in full (every such key comes first): a ring over the union of their ranks
+      (without causality the early queries attend the late keys too).
+
+    Units are ordered by (branch, segment, kind), the same on every rank.
+    """
+    L, k = local_len, world_size
+    C = L // 2
+    N = k * L
+
+    def holder(chunk: int) -> tuple[int, int]:
+        """(rank, first token in that rank's shard) of a chunk."""
+        return (chunk, 0) if chunk < k else (2 * k - 1 - chunk, C)
+
+    units = []
+    for index, branch in enumerate(plan.branches):
+        w, r = branch.segment_length, branch.dilation_rate
+        if w <= C:  # segments inside chunks, and the chunks tile the shard: all local
+            units.append(ring_layout(plan, L, 1, 0, base + rank)[index])
+            continue
+        mine = (rank, 2 * k - 1 - rank)
+        for S in range(0, N, w):
+            E = min(S + w, N)
+            chunks = range(S // C, -(-E // C))
+            if not any(c in chunks for c in mine):
+                continue
+            early = [c for c in chunks if c < k]
+            late = [c for c in chunks if c >= k]
+
+            def unit(kv_chunks, query_chunks, causal, S=S, E=E, w=w, r=r, branch=branch):
+                """A ring over the holders of ``kv_chunks`` and ``query_chunks`` (sorted by
+                token order when they are the same chunks, else by rank)."""
+                kv_of = {holder(c)[0]: c for c in kv_chunks}
+                q_of = {holder(c)[0]: c for c in query_chunks}
+                if kv_chunks == query_chunks:
+                    ring = [holder(c)[0] for c in kv_chunks]
+                else:
+                    ring = sorted(set(kv_of) | set(q_of))
+                if rank not in ring:
+                    return None
+
+                def piece(chunk: int | None) -> tuple[int, int, int]:
+                    """(first token in the segment, length, first token in the shard)."""
+                    if chunk is None:
+                        return 0, 0, 0
+                    first, last = max(S, chunk * C), min(E, (chunk + 1) * C)
+                    return first - S, last - first, holder(chunk)[1] + first - chunk * C
+
+                kv = [piece(kv_of.get(m)) for m in ring]
+                position = ring.index(rank)
+                _, n, a = kv[position]
+                query_span, qp = None, None
+                if kv_chunks != query_chunks:
+                    qp = piece(q_of.get(rank))
+                    query_span = (qp[2], qp[2] + qp[1])
+                groups = tuple(
+                    PieceGroup(
+                        hg,
+                        offsets=tuple((hg.offset - t) % r for t, _, _ in kv),
+                        counts=tuple(
+                            num_dilated_positions(n_m, r, (hg.offset - t) % r) for t, n_m, _ in kv
+                        ),
+                        query=None
+                        if qp is None
+                        else ((hg.offset - qp[0]) % r,
+                              num_dilated_positions(qp[1], r, (hg.offset - qp[0]) % r)),
+                    )  # fmt: skip
+                    for hg in branch.head_groups
+                )
+                starts = tuple(S + t for t, _, _ in kv)
+                return RingBranch(
+                    w, r, max(n, 1), tuple(base + m for m in ring), position, groups, starts,
+                    span=(a, a + n), query_span=query_span, causal=causal,
+                )  # fmt: skip
+
+            kinds = [(early, early, None), (late, late, None)]
+            if early and late:
+                kinds.append((early, late, False))  # late queries, early keys
+                if not is_causal:
+                    kinds.append((late, early, False))  # early queries, late keys
+            for kv_chunks, query_chunks, causal in kinds:
+                if kv_chunks:
+                    u = unit(kv_chunks, query_chunks, causal)
+                    if u is not None:
+                        units.append(u)
+    return tuple(units)
+
+
 def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) -> Tensor | None:
     """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty;
     with ``kv``, ``x`` is a K/V tensor (B, L, H_kv, ...) and the group's K/V heads are taken.
@@ -283,23 +401,39 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) ->
     A local branch (``L % w == 0``) gives one view ``(B*L/w, n, Hs, ...)`` of all its
     segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
     """
-    offset = group.offsets[branch.position]
     heads = group.heads.kv_slice if kv else group.heads.head_slice
-    views = segment_views(
-        _span(x, branch), branch.piece_length, branch.dilation_rate, offset, heads
-    )
+    views = _views(x, branch, group, kv, heads)
     return views[0] if views else None
 
 
-def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor:
-    """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids)."""
-    offset = group.offsets[branch.position]
-    return segment_views(_span(x, branch), branch.piece_length, branch.dilation_rate, offset)[0]
+def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = True) -> Tensor:
+    """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids): of the unit's
+    keys, or with ``kv=False`` of its queries."""
+    return _views(x, branch, group, kv)[0]
 
 
-def _span(x: Tensor, branch: RingBranch) -> Tensor:
-    """The tokens of the shard ``x`` (B, L, ...) that ``branch`` covers."""
-    return x if branch.span is None else x[:, branch.span[0] : branch.span[1]]
+def _views(
+    x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool, heads: slice | None = None
+) -> list[Tensor]:
+    r = branch.dilation_rate
+    if not kv and branch.query_span is not None:
+        assert group.query is not None
+        (a, b), (offset, count) = branch.query_span, group.query
+        return segment_views(x[:, a:b], b - a, r, offset, heads) if count else []
+    if group.counts[branch.position] == 0:  # also a member without a K/V piece
+        return []
+    x = x if branch.span is None else x[:, branch.span[0] : branch.span[1]]
+    return segment_views(x, branch.piece_length, r, group.offsets[branch.position], heads)
+
+
+def _query_count(branch: RingBranch, group: PieceGroup) -> int:
+    """Dilated query positions of this rank in one piece of the unit (0: nothing to do)."""
+    return group.counts[branch.position] if group.query is None else group.query[1]
+
+
+def _causal(setup: RingSetup, branch: RingBranch) -> bool:
+    """Whether ``branch``'s blocks are causal (then they travel only to later members)."""
+    return setup.is_causal if branch.causal is None else branch.causal
 
 
 # Per head group: (k, v) or (dk, dv), and the dilated key keep mask when one travels.
@@ -538,7 +672,7 @@ class KVRotation:
         comm = setup.comm(tag, f"the K/V of {where}")
         self._incoming = {}
         for i, b in enumerate(self.setup.branches):
-            for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
+            for origin, src, dst in _kv_messages(b.size, _causal(setup, b), step):
                 numel = b.packed_numel(origin, batch, head_dim, self.masked)
                 if numel == 0:  # nobody has positions for this piece: both sides skip it
                     continue
@@ -561,7 +695,7 @@ class KVRotation:
         tasks = []
         batch, head_dim = self.k.shape[0], self.k.shape[-1]
         for i, b in enumerate(self.setup.branches):
-            origin = _held_origin(b, self.setup.is_causal, step)
+            origin = _held_origin(b, _causal(self.setup, b), step)
             if origin is None:
                 continue
             if origin == b.position:
@@ -570,9 +704,9 @@ class KVRotation:
                 pieces = _unpack(self.held[i], b, origin, batch, head_dim, self.masked)
             else:  # an empty piece, never sent
                 pieces = [None] * len(b.head_groups)
-            causal = self.setup.is_causal and origin == b.position
+            causal = _causal(self.setup, b) and origin == b.position
             for j, (g, piece) in enumerate(zip(b.head_groups, pieces, strict=True)):
-                if piece is None or g.counts[b.position] == 0:
+                if piece is None or _query_count(b, g) == 0:
                     continue
                 keep = piece[2]
                 if keep is not None and keep.dtype != torch.bool:
@@ -599,7 +733,7 @@ class KVRotation:
         """Dropout keys of a block: global ids of its queries and keys, its heads' streams."""
         if self.ids is None:
             return None
-        q_ids = _token_view(self.ids, branch, group)
+        q_ids = _token_view(self.ids, branch, group, kv=False)
         if origin == branch.position:
             k_ids = q_ids
         else:  # the keys of member ``origin``'s piece: b*N + start + offset + r*t
@@ -663,7 +797,7 @@ class GradRouter:
         for i, b in enumerate(self.setup.branches):
             if step == 0 or step >= b.size:
                 continue
-            for origin, src, dst in _grad_messages(b.size, self.setup.is_causal, step):
+            for origin, src, dst in _grad_messages(b.size, _causal(setup, b), step):
                 numel = b.packed_numel(origin, self.batch, self.head_dim)
                 if numel == 0:
                     continue
@@ -826,6 +960,7 @@ def ring_dilated_attention(
     timeout: float | None = None,
     stats: RingStats | None = None,
     cu_seqlens: Tensor | None = None,
+    layout: str = "contiguous",
 ) -> Tensor:
     """Dilated attention on ``(B, N/k, H, D)`` shards of a sequence split over the ranks of ``group``.
 
@@ -915,7 +1050,7 @@ def ring_dilated_attention(
             q, k, v, segment_lengths, dilation_rates, group=group, is_causal=is_causal,
             branch_mixing=branch_mixing, scale=scale, backend=backend, dropout_p=dropout_p,
             key_padding_mask=key_padding_mask, validate=validate, ring_size=ring_size,
-            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens,
+            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens, layout=layout,
         )  # fmt: skip
     settings = dict(
         ring_size=ring_size,
@@ -927,6 +1062,7 @@ def ring_dilated_attention(
         dropout_p=dropout_p,
         key_padding_mask=key_padding_mask,
         cu_seqlens=cu_seqlens,
+        layout=layout,
     )
     if validate:
         plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
@@ -953,7 +1089,7 @@ def ring_dilated_attention(
     setup = _ring_setup(
         q, plan, group, size, is_causal=is_causal, scale=scale, backend=backend,
         dropout_p=dropout_p, key_padding_mask=key_padding_mask, timeout=timeout, stats=stats,
-        seed=seed, bounds=bounds,
+        seed=seed, bounds=bounds, layout=layout,
     )  # fmt: skip
     if stats is not None:
         stats.calls += 1
@@ -978,16 +1114,19 @@ def _ring_setup(
     stats: RingStats | None,
     seed: int,
     bounds: tuple[int, ...] | None = None,
+    layout: str = "contiguous",
 ) -> RingSetup:
     """The :class:`RingSetup` of a checked call on this rank's shard ``q``; ``bounds``:
     the checked document offsets of a packed call."""
     rank = dist.get_rank(group)
     _, L, _, D = q.shape
     base, position = rank - rank % size, rank % size
-    if bounds is None:
-        branches = ring_layout(plan, L, size, position, base=base)
-    else:
+    if bounds is not None:
         branches = document_ring_layout(plan, bounds, L, size, position, base=base)
+    elif layout == "zigzag":
+        branches = zigzag_ring_layout(plan, L, size, position, base=base, is_causal=is_causal)
+    else:
+        branches = ring_layout(plan, L, size, position, base=base)
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -1039,6 +1178,7 @@ def _compiled_ring_call(
     timeout: float | None,
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
+    layout: str,
 ) -> Tensor:
     if not isinstance(backend, str | Backend):
         raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
@@ -1048,7 +1188,7 @@ def _compiled_ring_call(
         dilation_rates=tuple(dilation_rates),
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
         dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
-        group=group.group_name, stats=0 if stats is None else stats.key,
+        group=group.group_name, stats=0 if stats is None else stats.key, layout=layout,
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
@@ -1076,7 +1216,7 @@ def _spec_settings(s: dict[str, Any], key_padding_mask: Tensor | None) -> dict[s
         ring_size=s["ring_size"], segment_lengths=s["segment_lengths"],
         dilation_rates=s["dilation_rates"], branch_mixing=s["branch_mixing"],
         is_causal=s["is_causal"], scale=s["scale"], dropout_p=s["dropout_p"],
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, layout=s["layout"],
     )  # fmt: skip
 
 
@@ -1108,7 +1248,7 @@ def _op_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
         dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
         timeout=check_timeout(s["timeout"]), stats=stats_by_key(s["stats"]),
-        seed=int(seed.item()), bounds=bounds,
+        seed=int(seed.item()), bounds=bounds, layout=s["layout"],
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
     return replace(setup, phase=phase), keep

@@ -25,6 +25,7 @@ from ..plan import DilatedPlan, make_plan
 from ..validation import (
     check_cu_seqlens,
     check_key_padding_mask,
+    check_choice,
     check_positive_float,
     check_qkv,
     check_ring_size,
@@ -97,6 +98,39 @@ def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, drop
     return tuple(int(b) for b in cu_seqlens.tolist())
 
 
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_zigzag(plan: DilatedPlan, local_len: int, dropout_p: float, packed: bool) -> None:
+    """The zigzag layout's rules (on top of the shard rules): each shard is two halves of
+    ``C = L/2`` tokens, so ``L`` is even and a segment length ``w <= C`` divides ``C``."""
+    if packed:
+        raise ValueError(
+            "layout='zigzag' does not take cu_seqlens: packed documents are laid out "
+            "contiguously (their segments follow the documents); pass layout='contiguous'."
+        )
+    if dropout_p > 0.0:
+        raise ValueError(
+            "layout='zigzag' does not take dropout yet; pass dropout_p=0.0 or "
+            "layout='contiguous'."
+        )
+    if local_len % 2:
+        raise ValueError(
+            f"layout='zigzag' holds two halves of the sequence on every rank, so the shard "
+            f"length L = N/k must be even, got L = {local_len}; pad the sequence or use "
+            f"layout='contiguous'."
+        )
+    half = local_len // 2
+    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates, strict=True)):
+        if w <= half and half % w:
+            raise ValueError(
+                f"branch {i} (segment length {w}, dilation {r}) does not tile half a shard: "
+                f"with layout='zigzag' each rank holds two chunks of L/2 = {half} tokens, and "
+                f"a segment length w <= L/2 must divide L/2; choose N so that {w} divides "
+                f"N/(2k), or use layout='contiguous'."
+            )
+
+
 def check_ring_size_divides(ring_size: object, world_size: int) -> int:
     """``ring_size`` (``None`` = the whole group) must divide the group's size; returns it."""
     size = check_ring_size(ring_size)
@@ -135,6 +169,7 @@ def check_ring_call_locally(
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
     cu_seqlens: object = None,
+    layout: object = "contiguous",
 ) -> DilatedPlan:
     """The checks of a ring call that need no other rank; returns the plan.
 
@@ -153,6 +188,9 @@ def check_ring_call_locally(
     assert isinstance(k, Tensor)
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
     size = check_ring_size_divides(ring_size, world_size)
+    layout = check_choice("layout", layout, LAYOUTS)
+    if layout == "zigzag":
+        check_zigzag(plan, q.shape[1], float(dropout_p), cu_seqlens is not None)  # type: ignore[arg-type]
     if cu_seqlens is not None:  # segments restart at each document: no shard rule applies
         ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size)
     else:
@@ -178,6 +216,7 @@ def check_ring_call(
     timeout: object = None,
     input_error: str | None = None,
     cu_seqlens: object = None,
+    layout: object = "contiguous",
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -211,6 +250,7 @@ def check_ring_call(
             dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens,
+            layout=layout,
         )  # fmt: skip
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
         meta = [
@@ -227,6 +267,7 @@ def check_ring_call(
                 float(dropout_p),  # type: ignore[arg-type]
                 key_padding_mask is not None,
                 cu_seqlens is not None,
+                layout,
             ),
             # The documents: each ring holds its own sequence, so compared within a ring.
             0 if cu_seqlens is None else _fingerprint(tuple(cu_seqlens.tolist())),  # type: ignore[attr-defined]
@@ -282,13 +323,13 @@ def check_ring_call(
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
-            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}"
+            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}, layout={layout!r}"
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
-            "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size and dropout_p, "
-            "and a key_padding_mask and cu_seqlens on every rank or on none: "
+            "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size, dropout_p and "
+            "layout, and a key_padding_mask and cu_seqlens on every rank or on none: "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
             + "."
         )
