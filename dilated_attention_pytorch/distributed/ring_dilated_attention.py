@@ -370,8 +370,10 @@ def zigzag_ring_layout(
                         ),
                         query=None
                         if qp is None
-                        else ((hg.offset - qp[0]) % r,
-                              num_dilated_positions(qp[1], r, (hg.offset - qp[0]) % r)),
+                        else (
+                            (hg.offset - qp[0]) % r,
+                            num_dilated_positions(qp[1], r, (hg.offset - qp[0]) % r),
+                        ),
                     )  # fmt: skip
                     for hg in branch.head_groups
                 )

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
 from ..validation import (
+    check_choice,
     check_cu_seqlens,
     check_key_padding_mask,
-    check_choice,
     check_positive_float,
     check_qkv,
     check_ring_size,
@@ -111,8 +111,7 @@ def check_zigzag(plan: DilatedPlan, local_len: int, dropout_p: float, packed: bo
         )
     if dropout_p > 0.0:
         raise ValueError(
-            "layout='zigzag' does not take dropout yet; pass dropout_p=0.0 or "
-            "layout='contiguous'."
+            "layout='zigzag' does not take dropout yet; pass dropout_p=0.0 or layout='contiguous'."
         )
     if local_len % 2:
         raise ValueError(

@@ -18,9 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
+from ..distributed import (
+    gather_replicated,
+    ring_dilated_attention,
+    shard_replicated,
+    zigzag_order,
+)
 from ..distributed.comm import RingStats
 from ..distributed.validation import (
+    LAYOUTS,
     check_ring_call,
     check_ring_size_divides,
     distributed_not_ready,
@@ -159,6 +165,17 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             transfers and checks run on a communicator of its own over the group's ranks
             (:func:`~dilated_attention_pytorch.distributed.ring_communicator`), so
             collectives you run on the group never mix with them.
+        layout: which tokens each rank holds. ``"contiguous"``: rank ``j`` holds
+            ``[j*L, (j+1)*L)``. ``"zigzag"``: rank ``j`` of ``k`` holds chunks ``j`` and
+            ``2k-1-j`` of ``2k`` equal chunks, which balances causal work over the ranks
+            (with contiguous shards the last rank of a segment does most of it).
+            ``"auto"`` (default): zigzag for causal calls on the whole sequence
+            (``already_split=False``: the module shards and gathers, so the layout is
+            invisible) when the zigzag rules hold (``L`` even, every ``w <= L/2`` dividing
+            ``L/2``, no dropout), contiguous otherwise. With ``already_split=True`` the
+            shards must be in the module's layout: ``"auto"`` then means contiguous, so
+            pass ``layout="zigzag"`` and shard with
+            ``shard_sequence(x, layout="zigzag")`` to balance causal work there.
 
     Shapes:
         ``already_split=False``: q, k, v ``(B, N, H, D)``, the same on every rank of a
@@ -180,6 +197,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -189,6 +207,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             scale=scale,
             backend=backend,
         )
+        self.layout = check_choice("layout", layout, ("auto", *LAYOUTS))
         self.process_group = process_group
         self.ring_size = check_ring_size(ring_size)
         self.validate = check_choice("validate", validate, ("once", "always"))
@@ -257,6 +276,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
+        layout = self.resolve_layout(query, len(members), is_causal, already_split, dropout_p,
+                                     cu_seqlens is not None)  # fmt: skip
         settings = dict(
             segment_lengths=self.segment_lengths,
             dilation_rates=self.dilation_rates,
@@ -268,6 +289,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             dropout_p=dropout_p,
             timeout=self.timeout,
             cu_seqlens=cu_seqlens,
+            layout=layout,
         )
         if not already_split:
             error = whole_input_error(query, key_padding_mask, len(members))
@@ -278,6 +300,12 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                     query, key, value, group=group, key_padding_mask=None, input_error=error,
                     **settings,
                 )  # fmt: skip
+            order = None
+            if layout == "zigzag":  # the whole sequence in zigzag order, then contiguous shards
+                order = zigzag_order(query.shape[1], len(members), query.device)
+                query, key, value = (t.index_select(1, order) for t in (query, key, value))
+                if isinstance(key_padding_mask, Tensor):
+                    key_padding_mask = key_padding_mask.index_select(1, order)
             q, k, v = (
                 shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
@@ -296,6 +324,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             else (type(mask), getattr(mask, "dtype", None), getattr(mask, "shape", None),
                   getattr(mask, "device", None)),
             dropout_p,
+            layout,
             id(group),
         )  # fmt: skip
         validate = (
@@ -307,7 +336,26 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         )  # fmt: skip
         if cu_seqlens is None:
             self._validated.add(signature)
-        return out if already_split else gather_replicated(out, group, members, **options)
+        if already_split:
+            return out
+        out = gather_replicated(out, group, members, **options)
+        # order is a permutation by construction: argsort inverts it without host reads.
+        return out if order is None else out.index_select(1, torch.argsort(order))
+
+    def resolve_layout(
+        self, query: object, size: int, is_causal: bool, already_split: bool, dropout_p: float,
+        packed: bool,
+    ) -> str:  # fmt: skip
+        """The layout of a call: ``self.layout``, with ``"auto"`` resolved (see the class)."""
+        if self.layout != "auto":
+            return self.layout
+        if not is_causal or already_split or packed or dropout_p > 0.0:
+            return "contiguous"
+        if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % (2 * size):
+            return "contiguous"
+        half = query.shape[1] // (2 * size)
+        fits = all(w > half or half % w == 0 for w in self.segment_lengths)
+        return "zigzag" if fits else "contiguous"
 
     def memory_ring_size(self) -> int:
         """Ranks per ring for :meth:`get_memory_estimate`: ``ring_size``, else the process
@@ -318,7 +366,10 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         return 1 if ring is None else len(ring[1])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
+        return (
+            f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}, "
+            f"layout={self.layout!r}"
+        )
 
 
 def whole_input_error(query: object, mask: object, size: int) -> str | None:
@@ -382,8 +433,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, bias,
             layer_norm, gamma_init, device, dtype: as in ``MultiheadDilatedAttention``
             (with ``num_kv_heads < num_heads`` only the K/V heads travel the ring).
-        ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout:
-            the keywords of the inner :class:`StandardRingAttention`.
+        ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout,
+            layout: the keywords of the inner :class:`StandardRingAttention`.
     """
 
     def __init__(
@@ -402,6 +453,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
         bias: bool = True,
         layer_norm: bool = True,
         gamma_init: float = 1.0,
@@ -419,6 +471,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             backend=backend,
             validate=validate,
             timeout=timeout,
+            layout=layout,
         )
         super().__init__(
             embed_dim,
