@@ -318,6 +318,12 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         errors["mismatch"] = str(exc)
     # Monitoring counts inside the operators: the same bytes, steps and calls as eager,
     # also after a reset (which makes a new counter).
+    # The zigzag layout (compiled == eager on the same shards).
+    zigzag_fn = lambda q, k, v: ring_dilated_attention(  # noqa: E731
+        q, k, v, [4, 32], [1, 2], is_causal=True, layout="zigzag"
+    )
+    compiled += _grads(torch.compile(zigzag_fn, fullgraph=True, backend="aot_eager"), *shards)
+    eager += _grads(zigzag_fn, *shards)
     dropped = torch.compile(
         lambda q: ring_dilated_attention(q, q, q, [8], [1], cu_seqlens=torch.tensor([0, 10, 32]),
                                          dropout_p=0.1),
