@@ -12,6 +12,9 @@ Rank ``j`` of a process group of ``k`` ranks holds tokens
   computed. With ``is_causal`` a block only travels to the later ranks of its
   segment, the ones that attend to it.
 
+With ``layout="zigzag"`` rank ``j`` holds chunks ``j`` and ``2k-1-j`` of ``2k``, which
+balances causal work (:func:`zigzag_ring_layout`).
+
 With packed documents (``cu_seqlens``) segments restart at each document's first
 token: a segment held by several ranks rings over exactly those ranks (pieces of
 unequal length, :func:`document_ring_layout`); the rest is local.
@@ -73,6 +76,7 @@ __all__ = [
     "ring_dilated_forward",
     "ring_layout",
     "select_block_ops",
+    "zigzag_ring_layout",
 ]
 
 logger = logging.getLogger("dilated_attention_pytorch")
@@ -1023,6 +1027,12 @@ def ring_dilated_attention(
             local packed ``dilated_attention`` and nothing travels); a segment held by
             several ranks rings over exactly those ranks, only its dilated K/V moving.
             Dropout and a key padding mask with ``cu_seqlens`` raise ``ValueError``.
+        layout: which tokens each rank holds. ``"contiguous"`` (default): rank ``j``
+            holds ``[j*L, (j+1)*L)``. ``"zigzag"``: rank ``j`` of ``k`` holds chunks ``j``
+            and ``2k-1-j`` of ``2k`` chunks of ``L/2`` tokens (cut them with
+            ``shard_sequence(x, layout="zigzag")``), so that a causal call gives every rank
+            the same work; ``L`` must be even and every ``w <= L/2`` must divide ``L/2``;
+            not with dropout or ``cu_seqlens``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
