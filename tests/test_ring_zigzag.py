@@ -253,11 +253,17 @@ def _module_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Te
         (zigzag(shard_sequence(x, layout="zigzag"), is_causal=True, already_split=True)[0],
          shard_sequence(ref, layout="zigzag")),
     ]  # fmt: skip
-    return [(a.detach(), b.detach()) for a, b in pairs]
+    try:  # 30 tokens do not cut into 2k = 4 chunks: raised on every rank
+        zigzag(torch.randn(1, 30, 32, dtype=torch.float64), is_causal=True)
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return [(a.detach(), b.detach()) for a, b in pairs], error
 
 
 def test_ring_layer_runs_causal_calls_in_zigzag_order() -> None:
     seed = int(torch.randint(0, 2**31, ()).item())
-    for pairs in spawn(_module_worker, 2, seed):
+    for pairs, error in spawn(_module_worker, 2, seed):
         for got, want in pairs:
             torch.testing.assert_close(got, want, **TOL)
+        assert re.search(r"whole sequence of 30 tokens into 2k = 4 equal chunks", error), error

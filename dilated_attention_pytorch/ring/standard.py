@@ -292,7 +292,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             layout=layout,
         )
         if not already_split:
-            error = whole_input_error(query, key_padding_mask, len(members))
+            error = whole_input_error(query, key_padding_mask, len(members), layout)
             if error is not None:
                 # Raised inside the collective check, so that every rank raises with it
                 # instead of waiting for this one.
@@ -301,7 +301,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                     **settings,
                 )  # fmt: skip
             order = None
-            if layout == "zigzag":  # the whole sequence in zigzag order, then contiguous shards
+            tensors = all(isinstance(t, Tensor) for t in (query, key, value))
+            if layout == "zigzag" and tensors:  # zigzag order, then contiguous shards
                 order = zigzag_order(query.shape[1], len(members), query.device)
                 query, key, value = (t.index_select(1, order) for t in (query, key, value))
                 if isinstance(key_padding_mask, Tensor):
@@ -310,6 +311,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                 shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
             )
+            if order is not None:  # copies of the shards, so the reordered wholes can go
+                q, k, v = (t.clone() for t in (q, k, v))
             position = members.index(dist.get_rank(group))
             mask = _mask_shard(key_padding_mask, position, len(members))
         # Bad options are checked inside the collective validation, so that a bad mask or
@@ -372,7 +375,9 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         )
 
 
-def whole_input_error(query: object, mask: object, size: int) -> str | None:
+def whole_input_error(
+    query: object, mask: object, size: int, layout: str = "contiguous"
+) -> str | None:
     """What is wrong with a whole-sequence input for a ring of ``size`` ranks, or ``None``.
 
     The whole sequence must cut into ``size`` equal shards, and a key padding mask must
@@ -388,6 +393,12 @@ def whole_input_error(query: object, mask: object, size: int) -> str | None:
             f"ValueError: the whole sequence has {N} tokens (dim 1 of query "
             f"{tuple(query.shape)}), which does not cut into {size} equal shards for a ring "
             f"of {size} ranks; pad it to a multiple of {size}."
+        )
+    if layout == "zigzag" and N % (2 * size) != 0:
+        return (
+            f"ValueError: layout='zigzag' cuts the whole sequence of {N} tokens into 2k = "
+            f"{2 * size} equal chunks for a ring of {size} ranks; pad it to a multiple of "
+            f"{2 * size} or use layout='contiguous'."
         )
     if isinstance(mask, Tensor) and tuple(mask.shape) != (B, N):
         return (
