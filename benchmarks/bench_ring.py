@@ -204,9 +204,15 @@ def correctness(args: argparse.Namespace, device: torch.device) -> list[dict[str
 
 
 def ring_point(
-    args: argparse.Namespace, device: torch.device, seq_len: int, k: int, causal: bool
+    args: argparse.Namespace,
+    device: torch.device,
+    seq_len: int,
+    k: int,
+    causal: bool,
+    layout: str = "contiguous",
 ) -> dict[str, Any]:
-    """Forward+backward of ring dilated attention over groups of ``k`` ranks."""
+    """Forward+backward of ring dilated attention over groups of ``k`` ranks (shards in
+    ``layout``; the inputs are random, so which tokens a shard holds does not matter)."""
     world_size = dist.get_world_size()
     group, parts = partition_groups(world_size, k)
     L = seq_len // k
@@ -218,7 +224,9 @@ def ring_point(
     dout = torch.randn(shape, device=device, dtype=args.dtype)
 
     def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        return ring_dilated_attention(a, b, c, segments, rates, group=group, is_causal=causal)
+        return ring_dilated_attention(
+            a, b, c, segments, rates, group=group, is_causal=causal, layout=layout
+        )
 
     m = timed(fwd_bwd_step(fn, [q, kk, v], dout), device, args)
     ms = max_over(m.ms, device)
@@ -234,6 +242,7 @@ def ring_point(
         "seq_len": seq_len,
         "tokens_per_gpu": L,
         "causal": causal,
+        "layout": layout,
         "segment_lengths": segments,
         "dilation_rates": rates,
         "fwd_bwd_ms": ms,
@@ -254,10 +263,11 @@ def ring_sizes(world_size: int) -> list[int]:
 def weak_scaling(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for tokens in args.tokens_per_gpu:
-        for causal in (False, True):
+        # Causal calls in both layouts: zigzag balances their work over the ranks.
+        for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
             base_ms = None
             for k in ring_sizes(dist.get_world_size()):
-                row = ring_point(args, device, tokens * k, k, causal)
+                row = ring_point(args, device, tokens * k, k, causal, layout)
                 base_ms = row["fwd_bwd_ms"] if base_ms is None else base_ms
                 row["time_vs_1gpu"] = row["fwd_bwd_ms"] / base_ms
                 rows.append(row)
@@ -283,7 +293,8 @@ def dense_vs_context_parallel(
     """Dense ring vs ``context_parallel`` (allgather / alltoall) vs SDPA flash on one GPU.
 
     Causal runs let ``context_parallel`` use its head-tail load balancing (tokens are
-    reordered); the ring keeps contiguous shards, so its causal work is unbalanced.
+    reordered); the ring runs causal calls in both of its layouts (contiguous shards,
+    unbalanced, and zigzag, balanced).
     """
     world_size = dist.get_world_size()
     if device.type != "cuda":
@@ -333,12 +344,17 @@ def dense_vs_context_parallel(
             )
             dout = torch.randn(shape, device=device, dtype=args.dtype)
 
-            def ring_fn(a: Tensor, b: Tensor, c: Tensor, n: int = N, cz: bool = causal) -> Tensor:
-                return ring_dilated_attention(a, b, c, [n], [1], is_causal=cz)
+            for layout in ("contiguous", "zigzag") if causal else ("contiguous",):
 
-            step = fwd_bwd_step(ring_fn, [q, k, v], dout)
-            record("dense ring (this library)", N, causal, world_size, timed(step, device, args))
-            del q, k, v, dout, step
+                def ring_fn(a: Tensor, b: Tensor, c: Tensor, n: int = N, cz: bool = causal,
+                            lay: str = layout) -> Tensor:  # fmt: skip
+                    return ring_dilated_attention(a, b, c, [n], [1], is_causal=cz, layout=lay)
+
+                step = fwd_bwd_step(ring_fn, [q, k, v], dout)
+                method = f"dense ring (this library, {layout})"
+                record(method, N, causal, world_size, timed(step, device, args))
+                del step
+            del q, k, v, dout
 
             for rotate in ("allgather", "alltoall"):
                 method = f"torch context_parallel ({rotate})"
@@ -496,7 +512,7 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
 
 TABLE_COLUMNS = {
     "correctness": ["causal", "tensor", "seq_len", "max_err_ring_bf16", "max_err_single_gpu_bf16", "ok"],
-    "weak_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "causal", "fwd_bwd_ms", "time_vs_1gpu", "peak_mib_per_gpu", "tflops_per_gpu"],
+    "weak_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "causal", "layout", "fwd_bwd_ms", "time_vs_1gpu", "peak_mib_per_gpu", "tflops_per_gpu"],
     "memory_scaling": ["ring_size", "seq_len", "tokens_per_gpu", "fwd_bwd_ms", "peak_mib_per_gpu", "memory_reduction_vs_1gpu"],
     "dense_vs_context_parallel": ["method", "seq_len", "causal", "world_size", "fwd_bwd_ms", "peak_mib_per_gpu", "tflops_per_gpu", "error"],
     "validation_cost": ["seq_len", "tokens_per_gpu", "world_size", "fwd_bwd_ms_always", "fwd_bwd_ms_once", "saved_ms_per_call", "check_alone_ms"],

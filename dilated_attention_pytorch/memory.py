@@ -1012,7 +1012,10 @@ def get_memory_estimate(
       keeps q, k, v, the output, its gradient and the input gradients whole on every
       rank: ``O(N)`` per rank.
 
-    Not modelled: the causal variant (it sends fewer blocks: this is an upper bound),
+    Not modelled: the causal variant (it sends fewer blocks: this is an upper bound
+    for contiguous shards), the zigzag layout (the ring modules' causal calls on the
+    whole sequence: three half-size K/V buffers per branch with ``w > L`` instead of one,
+    and one reordered copy of q, k, v or the output at a time),
     key padding masks and dropout (the math path's masks), cuDNN's internal workspace,
     the CUDA caching allocator's rounding and fragmentation, NCCL's own buffers, and
     fp16/bf16 on the CPU with head dims that flash would take (estimated as on CUDA;

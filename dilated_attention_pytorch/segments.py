@@ -37,7 +37,8 @@ def segment_views(
     """Views of ``x`` restricted to the dilated positions of every segment.
 
     Args:
-        x: ``(B, N, *rest)`` with :func:`has_token_major_layout`; ``rest`` is e.g.
+        x: ``(B, N, *rest)`` with :func:`has_token_major_layout` (any batch stride when
+            ``N <= w``: e.g. a slice of the tokens of a batch); ``rest`` is e.g.
             ``(H, D)`` for q/k/v, ``(H,)`` for an LSE, ``()`` for a key mask.
         heads: if given, a slice of dim 2 (the head dim) taken first.
 
@@ -58,7 +59,11 @@ def segment_views(
     views = []
     num_full = N // w
     full_len = num_dilated_positions(w, r, o)
-    if num_full and full_len:
+    if num_full == 1 and full_len:  # one segment per batch element: any batch stride
+        views.append(
+            x.as_strided((B, full_len, *rest_shape), (s0, r * s1, *rest_strides), base + o * s1)
+        )
+    elif num_full and full_len:
         if B > 1 and s0 != N * s1:
             raise ValueError(
                 "segment_views needs a token-major layout (batch stride == N * token stride), "

@@ -8,6 +8,7 @@ from .sequence import (
     ring_all_gather,
     shard_replicated,
     shard_sequence,
+    zigzag_order,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "ring_dilated_attention",
     "shard_replicated",
     "shard_sequence",
+    "zigzag_order",
 ]

@@ -12,6 +12,13 @@ Rank ``j`` of a process group of ``k`` ranks holds tokens
   computed. With ``is_causal`` a block only travels to the later ranks of its
   segment, the ones that attend to it.
 
+With ``layout="zigzag"`` rank ``j`` holds chunks ``j`` and ``2k-1-j`` of ``2k``, which
+balances causal work (:func:`zigzag_ring_layout`).
+
+With packed documents (``cu_seqlens``) segments restart at each document's first
+token: a segment held by several ranks rings over exactly those ranks (pieces of
+unequal length, :func:`document_ring_layout`); the rest is local.
+
 The backward sends K/V around the ring again; the gradient of a block's K/V is
 accumulated (in fp32, fp64 for fp64 inputs) in a buffer that travels behind the
 block through the ranks that attended to it and finally returns to its owner.
@@ -63,11 +70,13 @@ __all__ = [
     "BlockOps",
     "RingBranch",
     "RingDilatedAttentionFunction",
+    "document_ring_layout",
     "ring_dilated_attention",
     "ring_dilated_backward",
     "ring_dilated_forward",
     "ring_layout",
     "select_block_ops",
+    "zigzag_ring_layout",
 ]
 
 logger = logging.getLogger("dilated_attention_pytorch")
@@ -119,6 +128,9 @@ class PieceGroup:
     heads: HeadGroup
     offsets: tuple[int, ...]
     counts: tuple[int, ...]
+    # (offset, count) of this rank's dilated queries when they are not its K/V piece
+    # (the unit's ``query_span``); None: the queries are the K/V piece's positions.
+    query: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,16 @@ class RingBranch:
     position: int  # this rank's index in ``ring``
     head_groups: tuple[PieceGroup, ...]
     piece_starts: tuple[int, ...]  # first token (in the ring's sequence) of each member's piece
+    # Packed documents and zigzag: the tokens [a, b) of the shard this unit's K/V cover
+    # (its piece, or a run of whole local segments of length piece_length); None: the
+    # whole shard.
+    span: tuple[int, int] | None = None
+    # Zigzag: the tokens [a, b) of the shard whose queries attend to the unit's K/V when
+    # they are not the K/V piece itself (one piece; see PieceGroup.query).
+    query_span: tuple[int, int] | None = None
+    # Whether the unit's blocks are causal: None: as the call (pieces in token order);
+    # False: every query of the unit comes after every key (or the call is not causal).
+    causal: bool | None = None
 
     @property
     def size(self) -> int:
@@ -191,6 +213,193 @@ def ring_layout(
     return tuple(branches)
 
 
+@functools.lru_cache(maxsize=256)
+def document_ring_layout(
+    plan: DilatedPlan,
+    bounds: tuple[int, ...],
+    local_len: int,
+    world_size: int,
+    rank: int,
+    base: int = 0,
+) -> tuple[RingBranch, ...]:
+    """The units of a packed-documents ring call on this rank (:func:`ring_layout`'s
+    counterpart when every document is its own sequence).
+
+    ``bounds``: the document offsets in the ring's whole sequence of
+    ``world_size * local_len`` tokens. Segments restart at each document's first token,
+    so they no longer line up with the shards; per branch and per document on this
+    shard, the units are:
+
+    - a segment of the document that extends beyond this shard: a ring over exactly
+      the ranks holding a part of it (pieces of unequal length, dilated positions counted
+      from the segment's first token);
+    - the run of whole segments inside the shard: one local unit, segments batched;
+    - a shorter last segment inside the shard: one local unit.
+
+    Units are ordered by (branch, first token), the same on every rank, so that the
+    transfers between two ranks are posted in the same order on both sides.
+    """
+    L = local_len
+    lo, hi = rank * L, (rank + 1) * L
+    units = []
+    for branch in plan.branches:
+        w, r = branch.segment_length, branch.dilation_rate
+
+        def local(start: int, length: int, count: int, w: int = w, r: int = r, branch=branch):
+            groups = tuple(
+                PieceGroup(hg, (hg.offset,), (num_dilated_positions(length, r, hg.offset),))
+                for hg in branch.head_groups
+            )
+            span = (start - lo, start - lo + length * count)
+            return RingBranch(w, r, length, (base + rank,), 0, groups, (start,), span)
+
+        def across(first: int, last: int, w: int = w, r: int = r, branch=branch):
+            members = range(first // L, (last - 1) // L + 1)  # the ranks holding [first, last)
+            starts = [max(first, c * L) for c in members]
+            lengths = [min(last, (c + 1) * L) - s for c, s in zip(members, starts, strict=True)]
+            groups = tuple(
+                PieceGroup(
+                    hg,
+                    offsets=tuple((hg.offset - (s - first)) % r for s in starts),
+                    counts=tuple(
+                        num_dilated_positions(n, r, (hg.offset - (s - first)) % r)
+                        for s, n in zip(starts, lengths, strict=True)
+                    ),
+                )
+                for hg in branch.head_groups
+            )
+            position = rank - members[0]
+            span = (starts[position] - lo, starts[position] - lo + lengths[position])
+            ring = tuple(base + c for c in members)
+            return RingBranch(w, r, lengths[position], ring, position, groups, tuple(starts), span)
+
+        for d0, d1 in zip(bounds, bounds[1:]):
+            if d1 <= lo or d0 >= hi or d0 == d1:
+                continue  # not on this shard, or empty
+            # Segments m of the document with a token on this shard: [m_first, m_last].
+            m_first, m_last = (max(d0, lo) - d0) // w, (min(d1, hi) - 1 - d0) // w
+            for m in sorted({m_first, m_last}):
+                first, last = d0 + m * w, min(d0 + (m + 1) * w, d1)
+                if first < lo or last > hi:
+                    units.append((first, across(first, last)))
+                else:
+                    units.append((first, local(first, last - first, 1)))
+                if m == m_first and m_last - m_first > 1:  # whole segments in between
+                    start = d0 + (m + 1) * w
+                    units.append((start, local(start, w, m_last - m_first - 1)))
+    return tuple(unit for _, unit in units)  # per branch, in token order already
+
+
+@functools.lru_cache(maxsize=256)
+def zigzag_ring_layout(
+    plan: DilatedPlan,
+    local_len: int,
+    world_size: int,
+    rank: int,
+    base: int = 0,
+    is_causal: bool = True,
+) -> tuple[RingBranch, ...]:
+    """The units of a ring call in the zigzag layout (:func:`ring_layout`'s counterpart).
+
+    The ring's sequence is cut into ``2k`` chunks of ``C = L/2`` tokens (``k`` ranks);
+    rank ``i`` holds chunk ``i`` (the first half of its shard) and chunk ``2k-1-i``
+    (the second half). Causal work is then balanced: every rank holds an early and a
+    late chunk. A branch with ``w <= C`` is local. A longer segment is a run of whole
+    chunks: those before the middle of the sequence (chunks ``< k``, one per rank, in
+    rank order) and those after it (in reverse rank order). Per segment and per rank:
+
+    - the early chunks form a ring in token order (causal when the call is), and so do
+      the late chunks;
+    - when the segment has both, the late chunks' queries attend the early chunks'
+      keys in full (every such key comes first): a ring over the union of their ranks
+      (without causality the early queries attend the late keys too).
+
+    Units are ordered by (branch, segment, kind), the same on every rank.
+    """
+    L, k = local_len, world_size
+    C = L // 2
+    N = k * L
+
+    def holder(chunk: int) -> tuple[int, int]:
+        """(rank, first token in that rank's shard) of a chunk."""
+        return (chunk, 0) if chunk < k else (2 * k - 1 - chunk, C)
+
+    units = []
+    for index, branch in enumerate(plan.branches):
+        w, r = branch.segment_length, branch.dilation_rate
+        if w <= C:  # segments inside chunks, and the chunks tile the shard: all local
+            units.append(ring_layout(plan, L, 1, 0, base + rank)[index])
+            continue
+        mine = (rank, 2 * k - 1 - rank)
+        for S in range(0, N, w):
+            E = min(S + w, N)
+            chunks = range(S // C, -(-E // C))
+            if not any(c in chunks for c in mine):
+                continue
+            early = [c for c in chunks if c < k]
+            late = [c for c in chunks if c >= k]
+
+            def unit(kv_chunks, query_chunks, causal, S=S, E=E, w=w, r=r, branch=branch):
+                """A ring over the holders of ``kv_chunks`` and ``query_chunks`` (sorted by
+                token order when they are the same chunks, else by rank)."""
+                kv_of = {holder(c)[0]: c for c in kv_chunks}
+                q_of = {holder(c)[0]: c for c in query_chunks}
+                if kv_chunks == query_chunks:
+                    ring = [holder(c)[0] for c in kv_chunks]
+                else:
+                    ring = sorted(set(kv_of) | set(q_of))
+                if rank not in ring:
+                    return None
+
+                def piece(chunk: int | None) -> tuple[int, int, int]:
+                    """(first token in the segment, length, first token in the shard)."""
+                    if chunk is None:
+                        return 0, 0, 0
+                    first, last = max(S, chunk * C), min(E, (chunk + 1) * C)
+                    return first - S, last - first, holder(chunk)[1] + first - chunk * C
+
+                kv = [piece(kv_of.get(m)) for m in ring]
+                position = ring.index(rank)
+                _, n, a = kv[position]
+                query_span, qp = None, None
+                if kv_chunks != query_chunks:
+                    qp = piece(q_of.get(rank))
+                    query_span = (qp[2], qp[2] + qp[1])
+                groups = tuple(
+                    PieceGroup(
+                        hg,
+                        offsets=tuple((hg.offset - t) % r for t, _, _ in kv),
+                        counts=tuple(
+                            num_dilated_positions(n_m, r, (hg.offset - t) % r) for t, n_m, _ in kv
+                        ),
+                        query=None
+                        if qp is None
+                        else (
+                            (hg.offset - qp[0]) % r,
+                            num_dilated_positions(qp[1], r, (hg.offset - qp[0]) % r),
+                        ),
+                    )  # fmt: skip
+                    for hg in branch.head_groups
+                )
+                starts = tuple(S + t for t, _, _ in kv)
+                return RingBranch(
+                    w, r, max(n, 1), tuple(base + m for m in ring), position, groups, starts,
+                    span=(a, a + n), query_span=query_span, causal=causal,
+                )  # fmt: skip
+
+            kinds = [(early, early, None), (late, late, None)]
+            if early and late:
+                kinds.append((early, late, False))  # late queries, early keys
+                if not is_causal:
+                    kinds.append((late, early, False))  # early queries, late keys
+            for kv_chunks, query_chunks, causal in kinds:
+                if kv_chunks:
+                    u = unit(kv_chunks, query_chunks, causal)
+                    if u is not None:
+                        units.append(u)
+    return tuple(units)
+
+
 def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) -> Tensor | None:
     """This rank's dilated view of ``x`` (B, L, H, ...) for one head group, None if empty;
     with ``kv``, ``x`` is a K/V tensor (B, L, H_kv, ...) and the group's K/V heads are taken.
@@ -198,16 +407,39 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) ->
     A local branch (``L % w == 0``) gives one view ``(B*L/w, n, Hs, ...)`` of all its
     segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
     """
-    offset = group.offsets[branch.position]
     heads = group.heads.kv_slice if kv else group.heads.head_slice
-    views = segment_views(x, branch.piece_length, branch.dilation_rate, offset, heads)
+    views = _views(x, branch, group, kv, heads)
     return views[0] if views else None
 
 
-def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup) -> Tensor:
-    """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids)."""
-    offset = group.offsets[branch.position]
-    return segment_views(x, branch.piece_length, branch.dilation_rate, offset)[0]
+def _token_view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = True) -> Tensor:
+    """:func:`_view` of a ``(B, L)`` token tensor (a key mask, token ids): of the unit's
+    keys, or with ``kv=False`` of its queries."""
+    return _views(x, branch, group, kv)[0]
+
+
+def _views(
+    x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool, heads: slice | None = None
+) -> list[Tensor]:
+    r = branch.dilation_rate
+    if not kv and branch.query_span is not None:
+        assert group.query is not None
+        (a, b), (offset, count) = branch.query_span, group.query
+        return segment_views(x[:, a:b], b - a, r, offset, heads) if count else []
+    if group.counts[branch.position] == 0:  # also a member without a K/V piece
+        return []
+    x = x if branch.span is None else x[:, branch.span[0] : branch.span[1]]
+    return segment_views(x, branch.piece_length, r, group.offsets[branch.position], heads)
+
+
+def _query_count(branch: RingBranch, group: PieceGroup) -> int:
+    """Dilated query positions of this rank in one piece of the unit (0: nothing to do)."""
+    return group.counts[branch.position] if group.query is None else group.query[1]
+
+
+def _causal(setup: RingSetup, branch: RingBranch) -> bool:
+    """Whether ``branch``'s blocks are causal (then they travel only to later members)."""
+    return setup.is_causal if branch.causal is None else branch.causal
 
 
 # Per head group: (k, v) or (dk, dv), and the dilated key keep mask when one travels.
@@ -446,7 +678,7 @@ class KVRotation:
         comm = setup.comm(tag, f"the K/V of {where}")
         self._incoming = {}
         for i, b in enumerate(self.setup.branches):
-            for origin, src, dst in _kv_messages(b.size, self.setup.is_causal, step):
+            for origin, src, dst in _kv_messages(b.size, _causal(setup, b), step):
                 numel = b.packed_numel(origin, batch, head_dim, self.masked)
                 if numel == 0:  # nobody has positions for this piece: both sides skip it
                     continue
@@ -469,7 +701,7 @@ class KVRotation:
         tasks = []
         batch, head_dim = self.k.shape[0], self.k.shape[-1]
         for i, b in enumerate(self.setup.branches):
-            origin = _held_origin(b, self.setup.is_causal, step)
+            origin = _held_origin(b, _causal(self.setup, b), step)
             if origin is None:
                 continue
             if origin == b.position:
@@ -478,9 +710,9 @@ class KVRotation:
                 pieces = _unpack(self.held[i], b, origin, batch, head_dim, self.masked)
             else:  # an empty piece, never sent
                 pieces = [None] * len(b.head_groups)
-            causal = self.setup.is_causal and origin == b.position
+            causal = _causal(self.setup, b) and origin == b.position
             for j, (g, piece) in enumerate(zip(b.head_groups, pieces, strict=True)):
-                if piece is None or g.counts[b.position] == 0:
+                if piece is None or _query_count(b, g) == 0:
                     continue
                 keep = piece[2]
                 if keep is not None and keep.dtype != torch.bool:
@@ -507,7 +739,7 @@ class KVRotation:
         """Dropout keys of a block: global ids of its queries and keys, its heads' streams."""
         if self.ids is None:
             return None
-        q_ids = _token_view(self.ids, branch, group)
+        q_ids = _token_view(self.ids, branch, group, kv=False)
         if origin == branch.position:
             k_ids = q_ids
         else:  # the keys of member ``origin``'s piece: b*N + start + offset + r*t
@@ -571,7 +803,7 @@ class GradRouter:
         for i, b in enumerate(self.setup.branches):
             if step == 0 or step >= b.size:
                 continue
-            for origin, src, dst in _grad_messages(b.size, self.setup.is_causal, step):
+            for origin, src, dst in _grad_messages(b.size, _causal(setup, b), step):
                 numel = b.packed_numel(origin, self.batch, self.head_dim)
                 if numel == 0:
                     continue
@@ -734,6 +966,7 @@ def ring_dilated_attention(
     timeout: float | None = None,
     stats: RingStats | None = None,
     cu_seqlens: Tensor | None = None,
+    layout: str = "contiguous",
 ) -> Tensor:
     """Dilated attention on ``(B, N/k, H, D)`` shards of a sequence split over the ranks of ``group``.
 
@@ -787,10 +1020,19 @@ def ring_dilated_attention(
         stats: a :class:`RingStats` that counts this call's bytes, steps and time.
         cu_seqlens: packed documents (``B = 1``), as in ``dilated_attention``: the offsets
             of the documents in the ring's whole sequence of ``N`` tokens, the same on
-            every rank. Every document must lie inside one rank's shard (each shard
-            boundary a document boundary): each rank then attends its own documents and
-            nothing travels. Documents spanning ranks raise ``ValueError`` (not supported
-            yet), as do dropout and a key padding mask with ``cu_seqlens``.
+            every rank (rings cut by ``ring_size`` may each have their own). Each document
+            is its own sequence: segments restart at its first token, so no shard rule
+            applies (any ``L``). A segment inside one shard needs nothing from other
+            ranks (when every shard boundary is a document boundary, the call is one
+            local packed ``dilated_attention`` and nothing travels); a segment held by
+            several ranks rings over exactly those ranks, only its dilated K/V moving.
+            Dropout and a key padding mask with ``cu_seqlens`` raise ``ValueError``.
+        layout: which tokens each rank holds. ``"contiguous"`` (default): rank ``j``
+            holds ``[j*L, (j+1)*L)``. ``"zigzag"``: rank ``j`` of ``k`` holds chunks ``j``
+            and ``2k-1-j`` of ``2k`` chunks of ``L/2`` tokens (cut them with
+            ``shard_sequence(x, layout="zigzag")``), so that a causal call gives every rank
+            the same work; ``L`` must be even and every ``w <= L/2`` must divide ``L/2``;
+            not with dropout or ``cu_seqlens``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -811,9 +1053,8 @@ def ring_dilated_attention(
 
         Under ``torch.compile`` the call runs as the custom operators
         ``dilated_attention_pytorch::ring_forward`` / ``::ring_backward`` (the collective
-        check, the P2P loop and the host reads inside them; ``stats`` still counts; with
-        ``cu_seqlens``, ``::ring_documents`` checks and gives this shard's offsets), so
-        ``fullgraph=True`` works.
+        check, the P2P loop and the host reads inside them; ``stats`` still counts;
+        ``cu_seqlens`` enters them as a tensor, read inside), so ``fullgraph=True`` works.
     """
     group = resolve_group(group)
     if torch.compiler.is_compiling():
@@ -821,7 +1062,7 @@ def ring_dilated_attention(
             q, k, v, segment_lengths, dilation_rates, group=group, is_causal=is_causal,
             branch_mixing=branch_mixing, scale=scale, backend=backend, dropout_p=dropout_p,
             key_padding_mask=key_padding_mask, validate=validate, ring_size=ring_size,
-            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens,
+            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens, layout=layout,
         )  # fmt: skip
     settings = dict(
         ring_size=ring_size,
@@ -833,6 +1074,7 @@ def ring_dilated_attention(
         dropout_p=dropout_p,
         key_padding_mask=key_padding_mask,
         cu_seqlens=cu_seqlens,
+        layout=layout,
     )
     if validate:
         plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
@@ -842,22 +1084,24 @@ def ring_dilated_attention(
     size = dist.get_world_size(group) if ring_size is None else ring_size
     rank = dist.get_rank(group)
     L = q.shape[1]
+    bounds = None
     if cu_seqlens is not None:
-        # Every document inside this rank's shard (checked above): a local packed call.
         bounds = ring_documents(cu_seqlens, q, None, dropout_p, size)
-        first = (rank % size) * L
-        local = [b - first for b in bounds if first <= b <= first + L]
-        return dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-            branch_mixing=branch_mixing, scale=scale, backend=backend,
-            cu_seqlens=torch.tensor(local, dtype=torch.int64),
-        )  # fmt: skip
+        if all(j * L in bounds for j in range(1, size)):
+            # Every document inside one shard: a local packed call, nothing travels.
+            first = (rank % size) * L
+            local = [b - first for b in bounds if first <= b <= first + L]
+            return dilated_attention(
+                q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
+                branch_mixing=branch_mixing, scale=scale, backend=backend,
+                cu_seqlens=torch.tensor(local, dtype=torch.int64),
+            )  # fmt: skip
     # Drawn like dilated_attention's, so equally seeded generators give its masks.
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     setup = _ring_setup(
         q, plan, group, size, is_causal=is_causal, scale=scale, backend=backend,
         dropout_p=dropout_p, key_padding_mask=key_padding_mask, timeout=timeout, stats=stats,
-        seed=seed,
+        seed=seed, bounds=bounds, layout=layout,
     )  # fmt: skip
     if stats is not None:
         stats.calls += 1
@@ -881,10 +1125,20 @@ def _ring_setup(
     timeout: float | None,
     stats: RingStats | None,
     seed: int,
+    bounds: tuple[int, ...] | None = None,
+    layout: str = "contiguous",
 ) -> RingSetup:
-    """The :class:`RingSetup` of a checked call on this rank's shard ``q``."""
+    """The :class:`RingSetup` of a checked call on this rank's shard ``q``; ``bounds``:
+    the checked document offsets of a packed call."""
     rank = dist.get_rank(group)
     _, L, _, D = q.shape
+    base, position = rank - rank % size, rank % size
+    if bounds is not None:
+        branches = document_ring_layout(plan, bounds, L, size, position, base=base)
+    elif layout == "zigzag":
+        branches = zigzag_ring_layout(plan, L, size, position, base=base, is_causal=is_causal)
+    else:
+        branches = ring_layout(plan, L, size, position, base=base)
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -895,7 +1149,7 @@ def _ring_setup(
         plan=plan,
     )
     return RingSetup(
-        branches=ring_layout(plan, L, size, rank % size, base=rank - rank % size),
+        branches=branches,
         scale=D**-0.5 if scale is None else float(scale),
         is_causal=is_causal,
         group=group,
@@ -936,6 +1190,7 @@ def _compiled_ring_call(
     timeout: float | None,
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
+    layout: str,
 ) -> Tensor:
     if not isinstance(backend, str | Backend):
         raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
@@ -945,20 +1200,12 @@ def _compiled_ring_call(
         dilation_rates=tuple(dilation_rates),
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
         dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
-        group=group.group_name, stats=0 if stats is None else stats.key,
+        group=group.group_name, stats=0 if stats is None else stats.key, layout=layout,
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
-    if cu_seqlens is not None:
-        # The collective check and this shard's document offsets come from an operator;
-        # the local packed call then reads those offsets inside its own operator.
-        local = _ring_documents_op(q, k, v, key_padding_mask, cu_seqlens, spec)
-        return dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-            branch_mixing=branch_mixing, scale=scale, backend=backend, cu_seqlens=local,
-        )  # fmt: skip
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed)
+    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed, cu_seqlens)
     return out
 
 
@@ -981,7 +1228,7 @@ def _spec_settings(s: dict[str, Any], key_padding_mask: Tensor | None) -> dict[s
         ring_size=s["ring_size"], segment_lengths=s["segment_lengths"],
         dilation_rates=s["dilation_rates"], branch_mixing=s["branch_mixing"],
         is_causal=s["is_causal"], scale=s["scale"], dropout_p=s["dropout_p"],
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, layout=s["layout"],
     )  # fmt: skip
 
 
@@ -989,37 +1236,9 @@ def _spec_backend(s: dict[str, Any]) -> str | Backend:
     return s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
 
 
-@torch.library.custom_op("dilated_attention_pytorch::ring_documents", mutates_args=())
-def _ring_documents_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, cu_seqlens: Tensor,
-    spec: str,
-) -> Tensor:  # fmt: skip
-    """The collective check of a packed ring call, then this shard's document offsets
-    (int64, on the CPU), as eager ``ring_dilated_attention`` computes them."""
-    s = _parse_spec(spec)
-    group = dist.distributed_c10d._resolve_process_group(s["group"])
-    settings = _spec_settings(s, key_padding_mask)
-    if s["validate"]:
-        check_ring_call(q, k, v, group=group, backend=_spec_backend(s), timeout=s["timeout"],
-                        cu_seqlens=cu_seqlens, **settings)  # fmt: skip
-    else:
-        check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
-                                cu_seqlens=cu_seqlens, **settings)  # fmt: skip
-    size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
-    bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
-    L, first = q.shape[1], (dist.get_rank(group) % size) * q.shape[1]
-    return torch.tensor([b - first for b in bounds if first <= b <= first + L], dtype=torch.int64)
-
-
-@_ring_documents_op.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens, spec):
-    n = torch.library.get_ctx().new_dynamic_size()
-    return torch.empty(n, dtype=torch.int64, device="cpu")
-
-
 def _op_setup(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    phase: str,
+    cu_seqlens: Tensor | None, phase: str,
 ) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
     s = _parse_spec(spec)
     group = dist.distributed_c10d._resolve_process_group(s["group"])
@@ -1027,16 +1246,21 @@ def _op_setup(
     settings = _spec_settings(s, key_padding_mask)
     if s["validate"] and phase == "forward":
         plan = check_ring_call(
-            q, k, v, group=group, backend=backend, timeout=s["timeout"], **settings
-        )
+            q, k, v, group=group, backend=backend, timeout=s["timeout"], cu_seqlens=cu_seqlens,
+            **settings,
+        )  # fmt: skip
     else:
-        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group), **settings)
+        plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
+                                       cu_seqlens=cu_seqlens, **settings)  # fmt: skip
     size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
+    bounds = None
+    if cu_seqlens is not None:  # documents inside shards too: their units need no transfer
+        bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
     setup = _ring_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
         dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
         timeout=check_timeout(s["timeout"]), stats=stats_by_key(s["stats"]),
-        seed=int(seed.item()),
+        seed=int(seed.item()), bounds=bounds, layout=s["layout"],
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
     return replace(setup, phase=phase), keep
@@ -1044,9 +1268,10 @@ def _op_setup(
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
 def _ring_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor
-) -> tuple[Tensor, Tensor]:
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "forward")
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "forward")
     if setup.stats is not None:
         setup.stats.calls += 1
     out, lse = ring_dilated_forward(token_major(q), token_major(k), token_major(v), setup, keep)
@@ -1054,7 +1279,7 @@ def _ring_forward_op(
 
 
 @_ring_forward_op.register_fake
-def _(q, k, v, key_padding_mask, spec, seed):
+def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens):
     B, L, H, _ = q.shape
     lse = q.new_empty(2, B, L, H, dtype=compute_dtype(q.dtype))
     return q.new_empty(B, L, H, v.shape[-1]), lse
@@ -1063,9 +1288,9 @@ def _(q, k, v, key_padding_mask, spec, seed):
 @torch.library.custom_op("dilated_attention_pytorch::ring_backward", mutates_args=())
 def _ring_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    key_padding_mask: Tensor | None, spec: str, seed: Tensor, cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, "backward")
+    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "backward")
     grads = ring_dilated_backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse, setup, keep
     )
@@ -1073,7 +1298,7 @@ def _ring_backward_op(
 
 
 @_ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed):
+def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed, cu_seqlens):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

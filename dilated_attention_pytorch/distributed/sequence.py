@@ -8,28 +8,59 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..validation import check_choice
 from .comm import RingComm, RingStats, stats_by_key
-from .validation import resolve_group
+from .validation import LAYOUTS, resolve_group
 
 # Tag of the P2P all-gather within a ring (the ring's K/V and gradients use 0 and 1).
 _GATHER_TAG = 2
 
 
-def shard_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
-    """This rank's contiguous shard of ``x`` along ``dim``.
+def zigzag_order(seq_len: int, num_ranks: int, device: torch.device | str | None = None) -> Tensor:
+    """The positions of a sequence in the zigzag layout, shard after shard.
 
-    Rank ``j`` of the ``k`` ranks of ``group`` gets positions ``[j*N/k, (j+1)*N/k)``,
-    the layout :func:`ring_dilated_attention` expects. Differentiable (a slice).
+    The sequence is cut into ``2k`` chunks of ``N/(2k)`` positions; rank ``i`` of ``k``
+    holds chunk ``i`` and then chunk ``2k-1-i``, so that under a causal mask every rank
+    holds as much work as any other. ``x.index_select(dim, zigzag_order(N, k))`` cut into
+    ``k`` contiguous shards gives every rank its zigzag shard; ``seq_len`` must be a
+    multiple of ``2k``.
+
+    Returns:
+        int64 ``(N,)``: entry ``j`` is the position stored at place ``j``.
+    """
+    if seq_len % (2 * num_ranks):
+        raise ValueError(
+            f"the zigzag layout cuts the sequence into 2k = {2 * num_ranks} equal chunks, so "
+            f"its length must be a multiple of {2 * num_ranks}, got {seq_len}; pad the "
+            f"sequence or use layout='contiguous'."
+        )
+    chunk = seq_len // (2 * num_ranks)
+    chunks = torch.arange(seq_len, device=device).view(2 * num_ranks, chunk)
+    order = [c for i in range(num_ranks) for c in (i, 2 * num_ranks - 1 - i)]
+    return chunks[order].reshape(-1)
+
+
+def shard_sequence(
+    x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1, layout: str = "contiguous"
+) -> Tensor:
+    """This rank's shard of ``x`` along ``dim``.
+
+    ``layout="contiguous"``: rank ``j`` of the ``k`` ranks of ``group`` gets positions
+    ``[j*N/k, (j+1)*N/k)``. ``layout="zigzag"``: rank ``j`` gets chunks ``j`` and
+    ``2k-1-j`` of ``2k`` equal chunks (:func:`zigzag_order`), which balances causal work;
+    pass the same ``layout`` to :func:`ring_dilated_attention`. Differentiable.
 
     Args:
         x: the full tensor, e.g. ``(B, N, E)`` or ``(B, N, H, D)``, the same on every rank.
         group: process group (default: WORLD).
         dim: the sequence dimension.
+        layout: ``"contiguous"`` or ``"zigzag"``.
 
     Returns:
-        ``x`` narrowed to ``N/k`` positions along ``dim``, made contiguous.
+        ``N/k`` positions of ``x`` along ``dim``, contiguous in memory.
     """
     group = resolve_group(group)
+    layout = check_choice("layout", layout, LAYOUTS)
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     length = x.shape[dim]
     if length % world_size != 0:
@@ -39,6 +70,9 @@ def shard_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int =
             f"group size; pad or trim it to a multiple of {world_size}."
         )
     shard = length // world_size
+    if layout == "zigzag":
+        order = zigzag_order(length, world_size, x.device)
+        return x.index_select(dim, order[rank * shard : (rank + 1) * shard])
     return x.narrow(dim, rank * shard, shard).contiguous()
 
 
@@ -62,8 +96,11 @@ class _GatherSequence(torch.autograd.Function):
         return grad.narrow(ctx.dim, rank * shard, shard), None, None
 
 
-def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
-    """Concatenate every rank's shard along ``dim`` (the inverse of :func:`shard_sequence`).
+def gather_sequence(
+    x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1, layout: str = "contiguous"
+) -> Tensor:
+    """Put every rank's shard back in sequence order along ``dim`` (the inverse of
+    :func:`shard_sequence` with the same ``layout``).
 
     The full sequence then lives on every rank: O(N) memory, meant for checks and for
     outputs that are needed whole, never inside the ring. Collective; every rank's
@@ -73,12 +110,18 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int 
         x: this rank's shard, e.g. ``(B, N/k, E)``.
         group: process group (default: WORLD).
         dim: the sequence dimension.
+        layout: the layout of the shards, ``"contiguous"`` or ``"zigzag"``.
 
     Returns:
         The full tensor, ``N`` positions along ``dim``, on every rank.
     """
     group = resolve_group(group)
-    return _GatherSequence.apply(x, group, dim)
+    layout = check_choice("layout", layout, LAYOUTS)
+    whole = _GatherSequence.apply(x, group, dim)
+    if layout == "zigzag":
+        order = zigzag_order(whole.shape[dim], dist.get_world_size(group), whole.device)
+        return whole.index_select(dim, torch.argsort(order))
+    return whole
 
 
 def ring_all_gather(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..plan import DilatedPlan, make_plan
 from ..validation import (
+    check_choice,
     check_cu_seqlens,
     check_key_padding_mask,
     check_positive_float,
@@ -83,30 +84,50 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
 def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, dropout_p: object,
                    ring_size: int) -> tuple[int, ...]:  # fmt: skip
     """The document offsets of a packed ring call (``cu_seqlens`` over the ring's whole
-    sequence of ``ring_size * L`` tokens), checked: every shard boundary must be a document
-    boundary, so that each document lies inside one rank's shard."""
+    sequence of ``ring_size * L`` tokens), checked."""
     L = q.shape[1]
     # Only its shape is read: the ring's whole packed row.
     whole = torch.empty(1, ring_size * L, *q.shape[2:], device="meta") if q.shape[0] == 1 else q
     check_cu_seqlens(cu_seqlens, None, whole, key_padding_mask)
     assert isinstance(cu_seqlens, Tensor)
-    bounds = tuple(int(b) for b in cu_seqlens.tolist())
     if float(dropout_p) > 0.0:  # type: ignore[arg-type]
         raise ValueError(
             "ring attention with cu_seqlens does not take dropout yet (each rank would draw "
             "other seeds than one device); pass dropout_p=0.0."
         )
-    inside = set(bounds)
-    crossing = [j * L for j in range(1, ring_size) if j * L not in inside]
-    if crossing:
+    return tuple(int(b) for b in cu_seqlens.tolist())
+
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_zigzag(plan: DilatedPlan, local_len: int, dropout_p: float, packed: bool) -> None:
+    """The zigzag layout's rules (on top of the shard rules): each shard is two halves of
+    ``C = L/2`` tokens, so ``L`` is even and a segment length ``w <= C`` divides ``C``."""
+    if packed:
         raise ValueError(
-            f"ring attention with cu_seqlens needs every document inside one rank's shard of "
-            f"L = {L} tokens, but a document crosses the shard boundary at token {crossing[0]} "
-            f"(cu_seqlens {list(bounds[:6])}{'...' if len(bounds) > 6 else ''}); documents "
-            f"spanning ranks are not supported yet: pack each rank's documents into its own "
-            f"shard (pad with a separate short document), or run without cu_seqlens."
+            "layout='zigzag' does not take cu_seqlens: packed documents are laid out "
+            "contiguously (their segments follow the documents); pass layout='contiguous'."
         )
-    return bounds
+    if dropout_p > 0.0:
+        raise ValueError(
+            "layout='zigzag' does not take dropout yet; pass dropout_p=0.0 or layout='contiguous'."
+        )
+    if local_len % 2:
+        raise ValueError(
+            f"layout='zigzag' holds two halves of the sequence on every rank, so the shard "
+            f"length L = N/k must be even, got L = {local_len}; pad the sequence or use "
+            f"layout='contiguous'."
+        )
+    half = local_len // 2
+    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates, strict=True)):
+        if w <= half and half % w:
+            raise ValueError(
+                f"branch {i} (segment length {w}, dilation {r}) does not tile half a shard: "
+                f"with layout='zigzag' each rank holds two chunks of L/2 = {half} tokens, and "
+                f"a segment length w <= L/2 must divide L/2; choose N so that {w} divides "
+                f"N/(2k), or use layout='contiguous'."
+            )
 
 
 def check_ring_size_divides(ring_size: object, world_size: int) -> int:
@@ -147,6 +168,7 @@ def check_ring_call_locally(
     dropout_p: object = 0.0,
     key_padding_mask: object = None,
     cu_seqlens: object = None,
+    layout: object = "contiguous",
 ) -> DilatedPlan:
     """The checks of a ring call that need no other rank; returns the plan.
 
@@ -165,7 +187,10 @@ def check_ring_call_locally(
     assert isinstance(k, Tensor)
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
     size = check_ring_size_divides(ring_size, world_size)
-    if cu_seqlens is not None:  # documents inside shards: no shard rule applies
+    layout = check_choice("layout", layout, LAYOUTS)
+    if layout == "zigzag":
+        check_zigzag(plan, q.shape[1], float(dropout_p), cu_seqlens is not None)  # type: ignore[arg-type]
+    if cu_seqlens is not None:  # segments restart at each document: no shard rule applies
         ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size)
     else:
         check_shard_length(plan, q.shape[1], size)
@@ -190,6 +215,7 @@ def check_ring_call(
     timeout: object = None,
     input_error: str | None = None,
     cu_seqlens: object = None,
+    layout: object = "contiguous",
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -223,6 +249,7 @@ def check_ring_call(
             dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens,
+            layout=layout,
         )  # fmt: skip
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
         meta = [
@@ -239,6 +266,7 @@ def check_ring_call(
                 float(dropout_p),  # type: ignore[arg-type]
                 key_padding_mask is not None,
                 cu_seqlens is not None,
+                layout,
             ),
             # The documents: each ring holds its own sequence, so compared within a ring.
             0 if cu_seqlens is None else _fingerprint(tuple(cu_seqlens.tolist())),  # type: ignore[attr-defined]
@@ -294,13 +322,13 @@ def check_ring_call(
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
-            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}"
+            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}, layout={layout!r}"
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
-            "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size and dropout_p, "
-            "and a key_padding_mask and cu_seqlens on every rank or on none: "
+            "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size, dropout_p and "
+            "layout, and a key_padding_mask and cu_seqlens on every rank or on none: "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
             + "."
         )

@@ -72,6 +72,7 @@ class HilbertRingAttention(StandardRingAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -84,6 +85,7 @@ class HilbertRingAttention(StandardRingAttention):
             backend=backend,
             validate=validate,
             timeout=timeout,
+            layout=layout,
         )
         self.grid_size = _check_grid(grid_size)
         self.hilbert_level = check_optional_positive_int("hilbert_level", hilbert_level)
@@ -156,7 +158,7 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
         embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, bias,
             layer_norm, gamma_init, device, dtype: as in ``MultiheadDilatedAttention``.
         grid_size, hilbert_level, ring_size, process_group, branch_mixing, dropout,
-            scale, backend, validate, timeout: of the inner :class:`HilbertRingAttention`.
+            scale, backend, validate, timeout, layout: of the inner :class:`HilbertRingAttention`.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
         bias: bool = True,
         layer_norm: bool = True,
         gamma_init: float = 1.0,
@@ -196,6 +199,7 @@ class HilbertRingMultiheadAttention(MultiheadDilatedAttention):
             backend=backend,
             validate=validate,
             timeout=timeout,
+            layout=layout,
         )
         super().__init__(
             embed_dim,

@@ -18,9 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import gather_replicated, ring_dilated_attention, shard_replicated
+from ..distributed import (
+    gather_replicated,
+    ring_dilated_attention,
+    shard_replicated,
+    zigzag_order,
+)
 from ..distributed.comm import RingStats
 from ..distributed.validation import (
+    LAYOUTS,
     check_ring_call,
     check_ring_size_divides,
     distributed_not_ready,
@@ -159,6 +165,17 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             transfers and checks run on a communicator of its own over the group's ranks
             (:func:`~dilated_attention_pytorch.distributed.ring_communicator`), so
             collectives you run on the group never mix with them.
+        layout: which tokens each rank holds. ``"contiguous"``: rank ``j`` holds
+            ``[j*L, (j+1)*L)``. ``"zigzag"``: rank ``j`` of ``k`` holds chunks ``j`` and
+            ``2k-1-j`` of ``2k`` equal chunks, which balances causal work over the ranks
+            (with contiguous shards the last rank of a segment does most of it).
+            ``"auto"`` (default): zigzag for causal calls on the whole sequence
+            (``already_split=False``: the module shards and gathers, so the layout is
+            invisible) when the zigzag rules hold (``L`` even, every ``w <= L/2`` dividing
+            ``L/2``, no dropout), contiguous otherwise. With ``already_split=True`` the
+            shards must be in the module's layout: ``"auto"`` then means contiguous, so
+            pass ``layout="zigzag"`` and shard with
+            ``shard_sequence(x, layout="zigzag")`` to balance causal work there.
 
     Shapes:
         ``already_split=False``: q, k, v ``(B, N, H, D)``, the same on every rank of a
@@ -180,6 +197,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -189,6 +207,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             scale=scale,
             backend=backend,
         )
+        self.layout = check_choice("layout", layout, ("auto", *LAYOUTS))
         self.process_group = process_group
         self.ring_size = check_ring_size(ring_size)
         self.validate = check_choice("validate", validate, ("once", "always"))
@@ -221,6 +240,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         key_padding_mask: Tensor | None = None,
         *,
         already_split: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Attend ``query`` to ``key``/``value`` over the ring.
 
@@ -233,6 +253,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                 ``already_split=True`` this rank's shard ``(B, N/k)``. It travels around
                 the ring with the keys.
             already_split: whether the inputs are already this rank's shards.
+            cu_seqlens: packed documents (``B = 1``): the offsets of the documents in the
+                ring's whole sequence, the same on every rank of the ring (with either
+                ``already_split``); see :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`.
+                Calls with ``cu_seqlens`` always run the collective check, since the
+                documents usually change from batch to batch.
 
         Returns:
             ``(B, N, H, D)`` (``already_split=False``: the whole output, equal on every
@@ -244,12 +269,15 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         if ring is None or len(ring[1]) == 1:
             # A ring of one: nothing to exchange, the single-device computation.
             return super().forward(
-                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
-            )
+                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
+        layout = self.resolve_layout(query, len(members), is_causal, already_split, dropout_p,
+                                     cu_seqlens is not None)  # fmt: skip
         settings = dict(
             segment_lengths=self.segment_lengths,
             dilation_rates=self.dilation_rates,
@@ -260,9 +288,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             backend=self.backend,
             dropout_p=dropout_p,
             timeout=self.timeout,
+            cu_seqlens=cu_seqlens,
+            layout=layout,
         )
         if not already_split:
-            error = whole_input_error(query, key_padding_mask, len(members))
+            error = whole_input_error(query, key_padding_mask, len(members), layout)
             if error is not None:
                 # Raised inside the collective check, so that every rank raises with it
                 # instead of waiting for this one.
@@ -270,10 +300,19 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                     query, key, value, group=group, key_padding_mask=None, input_error=error,
                     **settings,
                 )  # fmt: skip
+            order = None
+            tensors = all(isinstance(t, Tensor) for t in (query, key, value))
+            if layout == "zigzag" and tensors:  # zigzag order, then contiguous shards
+                order = zigzag_order(query.shape[1], len(members), query.device)
+                query, key, value = (t.index_select(1, order) for t in (query, key, value))
+                if isinstance(key_padding_mask, Tensor):
+                    key_padding_mask = key_padding_mask.index_select(1, order)
             q, k, v = (
                 shard_replicated(t, group, members, **options) if isinstance(t, Tensor) else t
                 for t in (query, key, value)
             )
+            if order is not None:  # copies of the shards, so the reordered wholes can go
+                q, k, v = (t.clone() for t in (q, k, v))
             position = members.index(dist.get_rank(group))
             mask = _mask_shard(key_padding_mask, position, len(members))
         # Bad options are checked inside the collective validation, so that a bad mask or
@@ -288,15 +327,38 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             else (type(mask), getattr(mask, "dtype", None), getattr(mask, "shape", None),
                   getattr(mask, "device", None)),
             dropout_p,
+            layout,
             id(group),
         )  # fmt: skip
-        validate = self.validate == "always" or signature not in self._validated
+        validate = (
+            self.validate == "always" or cu_seqlens is not None or signature not in self._validated
+        )
         out = ring_dilated_attention(
             q, k, v, group=group, key_padding_mask=mask, validate=validate, stats=self._stats,
             **settings,
         )  # fmt: skip
-        self._validated.add(signature)
-        return out if already_split else gather_replicated(out, group, members, **options)
+        if cu_seqlens is None:
+            self._validated.add(signature)
+        if already_split:
+            return out
+        out = gather_replicated(out, group, members, **options)
+        # order is a permutation by construction: argsort inverts it without host reads.
+        return out if order is None else out.index_select(1, torch.argsort(order))
+
+    def resolve_layout(
+        self, query: object, size: int, is_causal: bool, already_split: bool, dropout_p: float,
+        packed: bool,
+    ) -> str:  # fmt: skip
+        """The layout of a call: ``self.layout``, with ``"auto"`` resolved (see the class)."""
+        if self.layout != "auto":
+            return self.layout
+        if not is_causal or already_split or packed or dropout_p > 0.0:
+            return "contiguous"
+        if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % (2 * size):
+            return "contiguous"
+        half = query.shape[1] // (2 * size)
+        fits = all(w > half or half % w == 0 for w in self.segment_lengths)
+        return "zigzag" if fits else "contiguous"
 
     def memory_ring_size(self) -> int:
         """Ranks per ring for :meth:`get_memory_estimate`: ``ring_size``, else the process
@@ -307,10 +369,15 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         return 1 if ring is None else len(ring[1])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}"
+        return (
+            f"{super().extra_repr()}, ring_size={self.ring_size}, validate={self.validate!r}, "
+            f"layout={self.layout!r}"
+        )
 
 
-def whole_input_error(query: object, mask: object, size: int) -> str | None:
+def whole_input_error(
+    query: object, mask: object, size: int, layout: str = "contiguous"
+) -> str | None:
     """What is wrong with a whole-sequence input for a ring of ``size`` ranks, or ``None``.
 
     The whole sequence must cut into ``size`` equal shards, and a key padding mask must
@@ -326,6 +393,12 @@ def whole_input_error(query: object, mask: object, size: int) -> str | None:
             f"ValueError: the whole sequence has {N} tokens (dim 1 of query "
             f"{tuple(query.shape)}), which does not cut into {size} equal shards for a ring "
             f"of {size} ranks; pad it to a multiple of {size}."
+        )
+    if layout == "zigzag" and N % (2 * size) != 0:
+        return (
+            f"ValueError: layout='zigzag' cuts the whole sequence of {N} tokens into 2k = "
+            f"{2 * size} equal chunks for a ring of {size} ranks; pad it to a multiple of "
+            f"{2 * size} or use layout='contiguous'."
         )
     if isinstance(mask, Tensor) and tuple(mask.shape) != (B, N):
         return (
@@ -371,8 +444,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads, bias,
             layer_norm, gamma_init, device, dtype: as in ``MultiheadDilatedAttention``
             (with ``num_kv_heads < num_heads`` only the K/V heads travel the ring).
-        ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout:
-            the keywords of the inner :class:`StandardRingAttention`.
+        ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout,
+            layout: the keywords of the inner :class:`StandardRingAttention`.
     """
 
     def __init__(
@@ -391,6 +464,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         backend: str = "auto",
         validate: str = "once",
         timeout: float | None = None,
+        layout: str = "auto",
         bias: bool = True,
         layer_norm: bool = True,
         gamma_init: float = 1.0,
@@ -408,6 +482,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             backend=backend,
             validate=validate,
             timeout=timeout,
+            layout=layout,
         )
         super().__init__(
             embed_dim,

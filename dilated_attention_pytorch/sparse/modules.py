@@ -11,8 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import gather_replicated, shard_replicated
-from ..distributed.comm import RingStats, gather_objects
-from ..distributed.validation import _Reported
+from ..distributed.comm import RingStats
 from ..modules import MultiheadDilatedAttention
 from ..ring.standard import ProcessGroupPickling, ring_members, whole_input_error
 from ..validation import (
@@ -30,7 +29,13 @@ from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
 from .memory import block_sparse_memory_estimate
 from .ops import block_sparse_op, pattern_spec
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
-from .ring import RingSparseSetup, ring_block_sparse_attention
+from .ring import (
+    RingSparseSetup,
+    check_ring_sparse_call,
+    ring_block_sparse_attention,
+    ring_block_sparse_op,
+    ring_sparse_spec,
+)
 
 __all__ = ["BlockSparseAttention", "RingBlockSparseAttention", "create_block_sparse_attention"]
 
@@ -210,6 +215,15 @@ def _no_mask(key_padding_mask: object) -> None:
         )
 
 
+def _mask_error(key_padding_mask: object) -> str | None:
+    """:func:`_no_mask`'s complaint as text (for the collective check), or None."""
+    try:
+        _no_mask(key_padding_mask)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return None
+
+
 class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
     """Block-sparse attention on ``(B, N, H, D)`` tensors over a sequence shared by the ranks of a ring.
 
@@ -307,11 +321,24 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
             error = whole_input_error(query, None, len(members))
             if error is None and all(isinstance(t, Tensor) for t in (q, k, v)):
                 q, k, v = (shard_replicated(t, group, members, **options) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        if torch.compiler.is_compiling():
+            # One opaque operator pair (sparse/ring.py) checks on every rank, builds the
+            # pattern, exchanges the kept blocks and runs the kernels.
+            spec = ring_sparse_spec(
+                self.op_spec, group=group, members=members, block_size=self.block_size,
+                is_causal=is_causal, scale=self.scale, dropout_p=dropout_p,
+                kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),
+                timeout=self.timeout, stats=self._stats, validate=self.validate,
+                config=self.extra_repr(), error=error or _mask_error(key_padding_mask),
+                owner=id(self),
+            )  # fmt: skip
+            out = ring_block_sparse_op(q, k, v, spec, dropout_p)
+            return out if already_split else gather_replicated(out, group, members, **options)
         self._check(q, k, v, is_causal, key_padding_mask, group, members, error)
         _, L, _, D = q.shape
         N = L * len(members)
         pattern = self.pattern(N, is_causal)
-        dropout_p = self.dropout if self.training else 0.0
         setup = RingSparseSetup(
             group=group,
             ring=members,
@@ -333,50 +360,12 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
     def _check(self, q, k, v, is_causal, mask, group, members, error=None) -> None:
         """Local checks, shared with every rank of the group so that all raise together;
         ``error``: a problem the caller already found on this rank."""
-        try:
-            if error is not None:
-                raise _Reported(error)
-            _no_mask(mask)
-            check_qkv(q, k, v)
-            check_is_causal(is_causal)
-            if q.shape[1] % self.block_size != 0:
-                raise ValueError(
-                    f"each rank's shard has {q.shape[1]} tokens, not a multiple of "
-                    f"block_size={self.block_size}; blocks must not straddle ranks: choose N "
-                    f"with N/{len(members)} a multiple of {self.block_size}."
-                )
-            signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group))
-        except _Reported:
-            signature = None
-        except (TypeError, ValueError) as exc:
-            error, signature = f"{type(exc).__name__}: {exc}", None
-        if self.validate == "once" and signature in self._validated:
-            return
-        what = "the collective input check of block-sparse ring attention (before its ring step)"
-        rows: list[Any] = gather_objects(  # type: ignore[assignment]
-            group, (error, signature, self.extra_repr()), self.timeout, what
-        )
-        rank = dist.get_rank(group)
-        bad = [(j, e) for j, (e, _, _) in enumerate(rows) if e is not None]
-        if bad:
-            details = "; ".join(f"rank {j}: {e}" for j, e in bad)
-            raise ValueError(
-                f"block-sparse ring attention: invalid input on rank(s) {[j for j, _ in bad]} "
-                f"(this is rank {rank}; every rank raises this error): {details}"
-            )
-        ring_rows = [rows[m] for m in members]
-        # The group's id is this process's own; compare the rest.
-        if len({(None if sig is None else sig[:4], cfg) for _, sig, cfg in ring_rows}) > 1:
-            details = "; ".join(
-                f"rank {m} has shape/dtype/device/causal {sig[:4]} and {cfg}"
-                for m, (_, sig, cfg) in zip(members, ring_rows, strict=True)
-            )
-            raise ValueError(
-                f"block-sparse ring attention: the ranks of a ring disagree (this is rank "
-                f"{rank}); pass shards of one shape, dtype and device and the same settings "
-                f"on every rank: {details}."
-            )
-        self._validated.add(signature)
+        check_ring_sparse_call(
+            q, k, v, is_causal, group, members, block_size=self.block_size,
+            timeout=self.timeout, config=self.extra_repr(),
+            validated=self._validated if self.validate == "once" else None,
+            error=error or _mask_error(mask),
+        )  # fmt: skip
 
     def memory_ring_size(self) -> int:
         """``ring_size``, else the process group's size (1 without ``torch.distributed``)."""

@@ -16,7 +16,10 @@ back to their owners (compute dtype), which add them to their own.
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,13 +27,25 @@ from torch import Tensor
 
 from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype
-from ..distributed.comm import RingComm, RingStats
+from ..distributed.comm import RingComm, RingStats, gather_objects, stats_by_key
+from ..distributed.validation import _Reported
+from ..ops import _fresh, register_attention_autograd
 from ..segments import token_major
+from ..validation import check_is_causal, check_qkv
 from .functional import SparseCall, block_backward, block_forward
+from .ops import _pattern
 
-__all__ = ["ring_block_sparse_attention", "needed_blocks"]
+__all__ = [
+    "check_ring_sparse_call",
+    "needed_blocks",
+    "ring_block_sparse_attention",
+    "ring_block_sparse_op",
+    "ring_sparse_spec",
+]
 
-_KV_TAG, _GRAD_TAG = 3, 4  # distinct from the dilated ring's tags (0, 1, 5) and gathers (2)
+# Distinct from the dilated ring's tags (0, 1, 5) and gathers (2). The K/V sent again by
+# a compiled backward have their own, so that they never pair with a forward's.
+_KV_TAG, _GRAD_TAG, _BACKWARD_KV_TAG = 3, 4, 6
 
 
 def needed_blocks(
@@ -150,56 +165,85 @@ def _held(setup: RingSparseSetup, k: Tensor, v: Tensor, received: dict[int, Tens
     return k_held, v_held, call
 
 
+@dataclass
+class _Held:
+    """The K/V a rank attends to in a call: its own and the received blocks."""
+
+    k: Tensor
+    v: Tensor
+    call: SparseCall
+    send: dict[int, Tensor]  # peer -> this rank's blocks it sent there
+    recv: dict[int, Tensor]  # peer -> the blocks received from there
+
+
+def _gather_held(setup: RingSparseSetup, k: Tensor, v: Tensor, phase: str) -> _Held:
+    """Send every peer the K/V blocks it keeps and receive those this rank keeps."""
+    peers = [p for p in range(len(setup.ring)) if p != setup.position]
+    send = {p: setup.wanted_by(p) for p in peers}
+    recv = {p: setup.wanted_from(p) for p in peers}
+    what = f"the K/V blocks of block-sparse ring attention ({phase}, its one ring step)"
+    tag = _KV_TAG if phase == "forward" else _BACKWARD_KV_TAG
+    received = _exchange(setup, [k, v], tag, what, send, recv, k.dtype)
+    k_held, v_held, call = _held(setup, k, v, received, recv)
+    return _Held(k_held, v_held, call, send, recv)
+
+
+def _ring_backward(
+    setup: RingSparseSetup, held: _Held, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor,
+    local_len: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """dq, dk, dv of this rank's shards (compute dtype): the held blocks' gradients, the
+    received blocks' sent home and the peers' gradients of this rank's blocks added."""
+    L = local_len
+    dq, dk_held, dv_held = block_backward(held.call, dout, q, held.k, held.v, out, lse)
+    dk, dv = dk_held[:, :L].clone(), dv_held[:, :L].clone()
+    # Gradients of the received blocks go home; the owners add them to their own.
+    remote, start = {}, L
+    for peer in sorted(held.recv):
+        size = held.recv[peer].numel() * setup.block_size
+        if size:
+            remote[peer] = (dk_held[:, start : start + size], dv_held[:, start : start + size])
+            start += size
+    what = "the dK/dV blocks of block-sparse ring attention (backward, its one ring step)"
+    comm = setup.comm(_GRAD_TAG, what)
+    acc = compute_dtype(q.dtype)
+    for peer, (gk, gv) in remote.items():
+        comm.send(torch.stack([gk, gv]).to(acc).contiguous(), setup.ring[peer])
+    incoming = {}
+    B, _, H, D = q.shape
+    for peer, blocks in held.send.items():
+        if blocks.numel():
+            buf = torch.empty(2, B, blocks.numel() * setup.block_size, H, D, dtype=acc,
+                              device=q.device)  # fmt: skip
+            incoming[peer] = comm.recv(buf, setup.ring[peer])
+    comm.commit()
+    comm.wait()
+    n = setup.blocks_per_rank
+    for peer, buf in incoming.items():
+        tok = _block_tokens(held.send[peer], setup.position * n, setup.block_size, q.device)
+        dk.index_add_(1, tok, buf[0])
+        dv.index_add_(1, tok, buf[1])
+    return dq, dk, dv
+
+
 class _RingBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, setup: RingSparseSetup):
-        peers = [p for p in range(len(setup.ring)) if p != setup.position]
-        send = {p: setup.wanted_by(p) for p in peers}
-        recv = {p: setup.wanted_from(p) for p in peers}
-        what = "the K/V blocks of block-sparse ring attention (forward, its one ring step)"
-        received = _exchange(setup, [k, v], _KV_TAG, what, send, recv, k.dtype)
-        k_held, v_held, call = _held(setup, k, v, received, recv)
-        out, lse = block_forward(call, q, k_held, v_held)
-        ctx.save_for_backward(q, k_held, v_held, out, lse)
-        ctx.setup, ctx.call, ctx.send, ctx.recv = setup, call, send, recv
-        ctx.local_len = k.shape[1]
+        held = _gather_held(setup, k, v, "forward")
+        out, lse = block_forward(held.call, q, held.k, held.v)
+        ctx.save_for_backward(q, held.k, held.v, out, lse)
+        # The tensors through save_for_backward only (saved-tensor hooks see them).
+        ctx.setup, ctx.local_len = setup, k.shape[1]
+        ctx.call, ctx.send, ctx.recv = held.call, held.send, held.recv
         return out.to(q.dtype)
 
     @staticmethod
     @first_order_only("ring block-sparse attention")
     def backward(ctx, dout: Tensor):
         q, k_held, v_held, out, lse = ctx.saved_tensors
-        setup, L = ctx.setup, ctx.local_len
-        dq, dk_held, dv_held = block_backward(
-            ctx.call, token_major(dout), q, k_held, v_held, out, lse
-        )
-        dk, dv = dk_held[:, :L].clone(), dv_held[:, :L].clone()
-        # Gradients of the received blocks go home; the owners add them to their own.
-        remote, start = {}, L
-        for peer in sorted(ctx.recv):
-            size = ctx.recv[peer].numel() * setup.block_size
-            if size:
-                remote[peer] = (dk_held[:, start : start + size], dv_held[:, start : start + size])
-                start += size
-        what = "the dK/dV blocks of block-sparse ring attention (backward, its one ring step)"
-        comm = setup.comm(_GRAD_TAG, what)
-        acc = compute_dtype(q.dtype)
-        for peer, (gk, gv) in remote.items():
-            comm.send(torch.stack([gk, gv]).to(acc).contiguous(), setup.ring[peer])
-        incoming = {}
-        B, _, H, D = q.shape
-        for peer, blocks in ctx.send.items():
-            if blocks.numel():
-                buf = torch.empty(2, B, blocks.numel() * setup.block_size, H, D, dtype=acc,
-                                  device=q.device)  # fmt: skip
-                incoming[peer] = comm.recv(buf, setup.ring[peer])
-        comm.commit()
-        comm.wait()
-        n = setup.blocks_per_rank
-        for peer, buf in incoming.items():
-            tok = _block_tokens(ctx.send[peer], setup.position * n, setup.block_size, q.device)
-            dk.index_add_(1, tok, buf[0])
-            dv.index_add_(1, tok, buf[1])
+        held = _Held(k_held, v_held, ctx.call, ctx.send, ctx.recv)
+        dq, dk, dv = _ring_backward(ctx.setup, held, token_major(dout), q, out, lse,
+                                    ctx.local_len)  # fmt: skip
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
 
 
@@ -211,3 +255,170 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, setup: RingSpar
     if setup.stats is not None:
         setup.stats.calls += 1
     return _RingBlockSparse.apply(token_major(q), token_major(k), token_major(v), setup)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_ring_sparse_call(
+    q: object, k: object, v: object, is_causal: object, group: dist.ProcessGroup,
+    members: Sequence[int], *, block_size: int, timeout: float | None, config: str,
+    validated: set | None, error: str | None = None,
+) -> None:  # fmt: skip
+    """This rank's checks of a ring call, shared with every rank of ``group`` so that all
+    raise together. ``error``: a problem the caller already found on this rank;
+    ``config``: the settings the ranks of a ring must share; ``validated``: signatures
+    that passed before (skipped, and this one added), ``None`` to check every call."""
+    try:
+        if error is not None:
+            raise _Reported(error)
+        check_qkv(q, k, v)
+        check_is_causal(is_causal)
+        assert isinstance(q, Tensor)
+        if q.shape[1] % block_size != 0:
+            raise ValueError(
+                f"each rank's shard has {q.shape[1]} tokens, not a multiple of "
+                f"block_size={block_size}; blocks must not straddle ranks: choose N "
+                f"with N/{len(members)} a multiple of {block_size}."
+            )
+        signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group))
+    except _Reported:
+        signature = None
+    except (TypeError, ValueError) as exc:
+        error, signature = f"{type(exc).__name__}: {exc}", None
+    if validated is not None and signature in validated:
+        return
+    what = "the collective input check of block-sparse ring attention (before its ring step)"
+    rows: list[Any] = gather_objects(  # type: ignore[assignment]
+        group, (error, signature, config), timeout, what
+    )
+    rank = dist.get_rank(group)
+    bad = [(j, e) for j, (e, _, _) in enumerate(rows) if e is not None]
+    if bad:
+        details = "; ".join(f"rank {j}: {e}" for j, e in bad)
+        raise ValueError(
+            f"block-sparse ring attention: invalid input on rank(s) {[j for j, _ in bad]} "
+            f"(this is rank {rank}; every rank raises this error): {details}"
+        )
+    ring_rows = [rows[m] for m in members]
+    # The group's id is this process's own; compare the rest.
+    if len({(None if sig is None else sig[:4], cfg) for _, sig, cfg in ring_rows}) > 1:
+        details = "; ".join(
+            f"rank {m} has shape/dtype/device/causal {sig[:4]} and {cfg}"
+            for m, (_, sig, cfg) in zip(members, ring_rows, strict=True)
+        )
+        raise ValueError(
+            f"block-sparse ring attention: the ranks of a ring disagree (this is rank "
+            f"{rank}); pass shards of one shape, dtype and device and the same settings "
+            f"on every rank: {details}."
+        )
+    if validated is not None:
+        validated.add(signature)
+
+
+# --------------------------------------------------------------------------- torch.compile
+#
+# While torch.compile traces a ring module, the call runs as two custom operators (as the
+# dilated ring does): the collective check, the pattern's construction, the exchanges and
+# the kernels happen inside them. The settings travel as JSON, the group by its name. The
+# backward operator receives the K/V blocks again rather than keeping them.
+
+# Per call spec (which names the module: ``owner``), the signatures that passed the
+# collective check (validate="once"), as each module keeps its own in eager mode.
+_VALIDATED: dict[str, set] = {}
+
+
+def ring_sparse_spec(
+    pattern: str, *, group: dist.ProcessGroup, members: Sequence[int], block_size: int,
+    is_causal: bool, scale: float | None, dropout_p: float, kernel: str,
+    timeout: float | None, stats: RingStats | None, validate: str, config: str,
+    error: str | None, owner: int,
+) -> str:  # fmt: skip
+    """The operators' description of a ring call (``pattern``: ``pattern_spec``'s JSON):
+    the repr of its settings (built with what the compiler can trace; json cannot be)."""
+    settings = dict(
+        pattern=pattern, group=group.group_name, members=tuple(members), block_size=block_size,
+        is_causal=is_causal, scale=scale, dropout_p=dropout_p, kernel=kernel, timeout=timeout,
+        stats=0 if stats is None else stats.key, validate=validate, config=config, error=error,
+        owner=owner,
+    )  # fmt: skip
+    return repr(tuple(settings.items()))
+
+
+def _op_setup(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor, check: bool):
+    s = dict(ast.literal_eval(spec))
+    group = dist.distributed_c10d._resolve_process_group(s["group"])
+    members = tuple(s["members"])
+    if check:
+        validated = None if s["validate"] == "always" else _VALIDATED.setdefault(spec, set())
+        check_ring_sparse_call(
+            q, k, v, s["is_causal"], group, members, block_size=s["block_size"],
+            timeout=s["timeout"], config=s["config"], validated=validated, error=s["error"],
+        )  # fmt: skip
+    L, D = q.shape[1], q.shape[-1]
+    N = L * len(members)
+    return RingSparseSetup(
+        group=group,
+        ring=members,
+        position=members.index(dist.get_rank(group)),
+        block_mask=_pattern(s["pattern"], N, s["is_causal"]).block_mask,
+        block_size=s["block_size"],
+        seq_len=N,
+        scale=D**-0.5 if s["scale"] is None else s["scale"],
+        is_causal=s["is_causal"],
+        dropout_p=s["dropout_p"],
+        seed=int(seed.item()) if s["dropout_p"] > 0.0 else 0,
+        stats=stats_by_key(s["stats"]),
+        timeout=s["timeout"],
+        kernel=s["kernel"],
+    )
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_block_sparse_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor) -> tuple[Tensor, Tensor]:
+    setup = _op_setup(q, k, v, spec, seed, check=True)
+    if setup.stats is not None:
+        setup.stats.calls += 1
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    held = _gather_held(setup, k, v, "forward")
+    out, lse = block_forward(held.call, q, held.k, held.v)
+    # The compute dtype, as the fake says (the triton kernels return q.dtype: exact upcast).
+    cdt = compute_dtype(q.dtype)
+    return _fresh(out.to(cdt)), _fresh(lse.to(cdt))
+
+
+@_forward_op.register_fake
+def _(q, k, v, spec, seed):
+    B, L, H, _ = q.shape
+    cdt = compute_dtype(q.dtype)
+    return q.new_empty(B, L, H, v.shape[-1], dtype=cdt), q.new_empty(B, L, H, dtype=cdt)
+
+
+@torch.library.custom_op("dilated_attention_pytorch::ring_block_sparse_backward", mutates_args=())
+def _backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: str,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    setup = _op_setup(q, k, v, spec, seed, check=False)
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    held = _gather_held(setup, k, v, "backward")
+    if setup.kernel == "triton":  # its kernels take out and dout in q.dtype (exact downcasts)
+        out, dout = out.to(q.dtype), dout.to(q.dtype)
+    grads = _ring_backward(setup, held, token_major(dout), q, out, lse, k.shape[1])
+    return tuple(_fresh(g.to(t.dtype)) for g, t in zip(grads, (q, k, v), strict=True))
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, spec, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+register_attention_autograd(_forward_op, _backward_op)
+
+
+def ring_block_sparse_op(q: Tensor, k: Tensor, v: Tensor, spec: str, dropout_p: float) -> Tensor:
+    """This rank's shard of a ring call described by ``spec`` (:func:`ring_sparse_spec`),
+    through the custom operators; ``(B, N/k, H, D)`` in and out, in q.dtype."""
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    out, _ = _forward_op(q, k, v, spec, seed)
+    return out.to(q.dtype)

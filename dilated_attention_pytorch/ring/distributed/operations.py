@@ -57,7 +57,8 @@ class DistributedRingAttention(StandardRingAttention):
             naming the rank that did not answer, the branch and the ring step (``None``:
             the process group's timeout); as in :class:`StandardRingAttention`.
         segment_lengths, dilation_rates, dropout, ring_size, process_group,
-            branch_mixing, scale, backend, validate: as in :class:`StandardRingAttention`.
+            branch_mixing, scale, backend, validate, layout: as in
+            :class:`StandardRingAttention`.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class DistributedRingAttention(StandardRingAttention):
         use_checkpointing: bool = False,
         use_deepspeed: bool = False,
         timeout: float | None = None,
+        layout: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         branch_mixing: str = "softmax",
         scale: float | None = None,
@@ -88,6 +90,7 @@ class DistributedRingAttention(StandardRingAttention):
             backend=backend,
             validate=validate,
             timeout=timeout,
+            layout=layout,
         )
         self.enable_monitoring = check_bool("enable_monitoring", enable_monitoring)
         self.use_deepspeed = check_bool("use_deepspeed", use_deepspeed)
@@ -107,14 +110,16 @@ class DistributedRingAttention(StandardRingAttention):
         key_padding_mask: Tensor | None = None,
         *,
         already_split: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """As :meth:`StandardRingAttention.forward`, checkpointed when asked for."""
         if isinstance(query, Tensor):
             self._peak_device = query.device
         run = super().forward
         kwargs = dict(
-            is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=already_split
-        )
+            is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=already_split,
+            cu_seqlens=cu_seqlens,
+        )  # fmt: skip
         if not self.use_checkpointing or not torch.is_grad_enabled():
             return run(query, key, value, **kwargs)
         if self._checkpoint is not None:
