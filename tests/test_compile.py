@@ -23,6 +23,7 @@ from dilated_attention_pytorch import (
     dilated_attention,
     ring_dilated_attention,
 )
+from dilated_attention_pytorch.distributed.comm import RingStats
 from dilated_attention_pytorch.models import LongNetLM
 from dilated_attention_pytorch.ops import _backward, _forward
 from dilated_attention_pytorch.sparse.ops import _backward as bs_backward
@@ -242,6 +243,11 @@ def test_compiled_layer_with_packed_documents_and_dropout() -> None:
     assert not torch.allclose(out[:, :32], out[:, 32:])
 
 
+def _counted_packed_call(q: torch.Tensor, stats: RingStats) -> torch.Tensor:
+    cu = torch.tensor([0, 5, 16, 20, 31, 32])  # every document inside a shard
+    return ring_dilated_attention(q, q, q, [8], [1], cu_seqlens=cu, max_seqlen=11, stats=stats)
+
+
 def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, object]:
     torch.manual_seed(0)  # the same whole tensors on every rank
     N, L = 32, 16
@@ -352,6 +358,15 @@ def _ring_compile_worker(rank: int, world_size: int, _: object) -> dict[str, obj
         counted["fn"] = fn
         monitored.reset_communication_stats()
     counted.pop("fn")
+    # Packed documents inside shards count one call, no step, no byte either way; a second
+    # RingStats through the same compiled code recompiles (its key is a string, never a
+    # symbolic integer) and counts on its own.
+    counted_fn = torch.compile(_counted_packed_call, fullgraph=True, backend="aot_eager")
+    for mode, fn in (("packed-eager", _counted_packed_call), ("packed-compiled", counted_fn),
+                     ("packed-second-stats", counted_fn)):  # fmt: skip
+        stats = RingStats()
+        fn(shards[0].detach(), stats).sum()
+        counted[mode] = [stats.bytes_sent, stats.ring_steps, stats.calls]
     return {
         "pairs": list(zip(compiled, eager, strict=True)),
         "p2p": len(p2p),
@@ -373,6 +388,9 @@ def test_ring_compiles_without_graph_breaks_on_two_ranks() -> None:
         assert "does not take dropout yet" in res["errors"]["packed-dropout"]
         counted = res["counted"]
         assert counted["eager"][0] > 0 and counted["eager"][3] == 1, counted
+        want = [0, 0, 1]
+        assert counted["packed-eager"] == counted["packed-compiled"] == want, counted
+        assert counted["packed-second-stats"] == want, counted
         assert counted["compiled"] == counted["eager"] == counted["after_reset"], counted
 
 

@@ -232,7 +232,9 @@ def _layer_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Ten
     for already_split in (False, True):
         mine = (x[:, part] if already_split else x).clone().requires_grad_()
         whole = x.clone().requires_grad_()
-        out = ring(mine, is_causal=True, cu_seqlens=cu, already_split=already_split)[0]
+        # max_seqlen (the longest document) is accepted for drop-in use and checked.
+        out = ring(mine, is_causal=True, cu_seqlens=cu, max_seqlen=18,
+                   already_split=already_split)[0]  # fmt: skip
         ref = single(whole, is_causal=True, cu_seqlens=cu)[0]
         ref_part = ref[:, part] if already_split else ref
         dout = torch.randn_like(ref)
@@ -240,13 +242,19 @@ def _layer_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Ten
         ref.backward(dout)
         grad_ref = whole.grad[:, part] if already_split else whole.grad
         pairs += [(out.detach(), ref_part.detach()), (mine.grad, grad_ref)]
-    return pairs
+    try:  # too small on one rank: raised on every rank
+        ring(x[:, part], cu_seqlens=cu, max_seqlen=18 if rank else 10, already_split=True)
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return pairs, error
 
 
 def test_ring_layer_takes_packed_documents() -> None:
     # RingMultiheadDilatedAttention(x, cu_seqlens=...) passes the documents to its ring,
     # on the whole sequence and on shards; equal to the single-device layer.
     seed = int(torch.randint(0, 2**31, ()).item())
-    for pairs in spawn(_layer_worker, 2, seed):
+    for pairs, error in spawn(_layer_worker, 2, seed):
         for got, want in pairs:
             torch.testing.assert_close(got, want, **TOL)
+        assert "invalid input on rank(s) [0]" in error and "max_seqlen" in error, error

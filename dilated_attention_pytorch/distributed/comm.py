@@ -105,8 +105,9 @@ class RingStats:
     comm_wait: Stopwatch = field(default_factory=Stopwatch)
     compute: Stopwatch = field(default_factory=Stopwatch)
     # Names this object to the custom operators that run the ring under torch.compile
-    # (they take plain values): see stats_by_key.
-    key: int = field(init=False, repr=False, compare=False, default=0)
+    # (they take plain values): see stats_by_key. A string, so that the compiler never
+    # turns it into a symbolic integer when a second RingStats reaches the same code.
+    key: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         self._register()
@@ -117,7 +118,7 @@ class RingStats:
         self._register()
 
     def _register(self) -> None:
-        self.key = next(_STATS_KEYS)
+        self.key = f"ring-stats-{next(_STATS_KEYS)}"
         _STATS[self.key] = self
 
     def reset(self) -> None:
@@ -137,12 +138,12 @@ class RingStats:
         }
 
 
-_STATS: weakref.WeakValueDictionary[int, RingStats] = weakref.WeakValueDictionary()
+_STATS: weakref.WeakValueDictionary[str, RingStats] = weakref.WeakValueDictionary()
 _STATS_KEYS = itertools.count(1)
 
 
-def stats_by_key(key: int) -> RingStats | None:
-    """The live :class:`RingStats` whose ``key`` is ``key`` (``0``: none)."""
+def stats_by_key(key: str) -> RingStats | None:
+    """The live :class:`RingStats` whose ``key`` is ``key`` (``""``: none)."""
     return _STATS.get(key) if key else None
 
 

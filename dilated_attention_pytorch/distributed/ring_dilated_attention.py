@@ -43,11 +43,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..autograd import first_order_only
-from ..backends import AttentionCall, Backend, BlockOps, available_backends, get_backend
+from ..backends import (
+    AttentionCall,
+    Backend,
+    BlockOps,
+    available_backends,
+    get_backend,
+    select_backend,
+)
 from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
 from ..dropout import DropoutKeys, token_ids
-from ..functional import dilated_attention
+from ..functional import _call as _attention_call
+from ..functional import _max_seqlen_tensor, dilated_attention
+from ..ops import _backward as attention_backward_op
+from ..ops import _forward as attention_forward_op
 from ..ops import _fresh, _resolve, backend_key, register_attention_autograd
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import (
@@ -966,6 +976,7 @@ def ring_dilated_attention(
     timeout: float | None = None,
     stats: RingStats | None = None,
     cu_seqlens: Tensor | None = None,
+    max_seqlen: int | Tensor | None = None,
     layout: str = "contiguous",
 ) -> Tensor:
     """Dilated attention on ``(B, N/k, H, D)`` shards of a sequence split over the ranks of ``group``.
@@ -1027,6 +1038,8 @@ def ring_dilated_attention(
             local packed ``dilated_attention`` and nothing travels); a segment held by
             several ranks rings over exactly those ranks, only its dilated K/V moving.
             Dropout and a key padding mask with ``cu_seqlens`` raise ``ValueError``.
+        max_seqlen: with ``cu_seqlens``, accepted for drop-in use and checked (an int at
+            least the longest document, as in ``dilated_attention``).
         layout: which tokens each rank holds. ``"contiguous"`` (default): rank ``j``
             holds ``[j*L, (j+1)*L)``. ``"zigzag"``: rank ``j`` of ``k`` holds chunks ``j``
             and ``2k-1-j`` of ``2k`` chunks of ``L/2`` tokens (cut them with
@@ -1062,7 +1075,8 @@ def ring_dilated_attention(
             q, k, v, segment_lengths, dilation_rates, group=group, is_causal=is_causal,
             branch_mixing=branch_mixing, scale=scale, backend=backend, dropout_p=dropout_p,
             key_padding_mask=key_padding_mask, validate=validate, ring_size=ring_size,
-            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens, layout=layout,
+            timeout=timeout, stats=stats, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            layout=layout,
         )  # fmt: skip
     settings = dict(
         ring_size=ring_size,
@@ -1075,6 +1089,7 @@ def ring_dilated_attention(
         key_padding_mask=key_padding_mask,
         cu_seqlens=cu_seqlens,
         layout=layout,
+        max_seqlen=max_seqlen,
     )
     if validate:
         plan = check_ring_call(q, k, v, group=group, backend=backend, timeout=timeout, **settings)
@@ -1087,14 +1102,14 @@ def ring_dilated_attention(
     bounds = None
     if cu_seqlens is not None:
         bounds = ring_documents(cu_seqlens, q, None, dropout_p, size)
-        if all(j * L in bounds for j in range(1, size)):
+        local = _local_documents(bounds, L, size, rank)
+        if local is not None:
             # Every document inside one shard: a local packed call, nothing travels.
-            first = (rank % size) * L
-            local = [b - first for b in bounds if first <= b <= first + L]
+            if stats is not None:
+                stats.calls += 1
             return dilated_attention(
                 q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-                branch_mixing=branch_mixing, scale=scale, backend=backend,
-                cu_seqlens=torch.tensor(local, dtype=torch.int64),
+                branch_mixing=branch_mixing, scale=scale, backend=backend, cu_seqlens=local,
             )  # fmt: skip
     # Drawn like dilated_attention's, so equally seeded generators give its masks.
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
@@ -1109,6 +1124,15 @@ def ring_dilated_attention(
     return RingDilatedAttentionFunction.apply(
         token_major(q), token_major(k), token_major(v), keep, setup
     )
+
+
+def _local_documents(bounds: tuple[int, ...], L: int, size: int, rank: int) -> Tensor | None:
+    """This shard's document offsets when every shard boundary is a document boundary
+    (each rank then runs its documents alone), else None."""
+    if not all(j * L in bounds for j in range(1, size)):
+        return None
+    first = (rank % size) * L
+    return torch.tensor([b - first for b in bounds if first <= b <= first + L], dtype=torch.int64)
 
 
 def _ring_setup(
@@ -1190,6 +1214,7 @@ def _compiled_ring_call(
     timeout: float | None,
     stats: RingStats | None,
     cu_seqlens: Tensor | None,
+    max_seqlen: int | Tensor | None,
     layout: str,
 ) -> Tensor:
     if not isinstance(backend, str | Backend):
@@ -1200,12 +1225,13 @@ def _compiled_ring_call(
         dilation_rates=tuple(dilation_rates),
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
         dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
-        group=group.group_name, stats=0 if stats is None else stats.key, layout=layout,
+        group=group.group_name, stats="" if stats is None else stats.key, layout=layout,
     )  # fmt: skip
     # "name=repr;...": built with what the compiler can trace (json cannot be).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed, cu_seqlens)
+    max_len = _max_seqlen_tensor(max_seqlen)
+    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_len)
     return out
 
 
@@ -1236,10 +1262,22 @@ def _spec_backend(s: dict[str, Any]) -> str | Backend:
     return s["backend"] if s["backend"] == "auto" else _resolve(s["backend"])
 
 
+@dataclass(frozen=True)
+class _OpCall:
+    """A compiled ring call, unpacked: its setup, key keep mask, settings (the parsed
+    spec) and, when every document lies inside a shard, this shard's offsets."""
+
+    setup: RingSetup
+    keep: Tensor | None
+    settings: dict[str, Any]
+    local: Tensor | None
+    backend: str = ""  # with ``local``: the key of the backend the packed call runs on
+
+
 def _op_setup(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    cu_seqlens: Tensor | None, phase: str,
-) -> tuple[RingSetup, Tensor | None]:  # fmt: skip
+    cu_seqlens: Tensor | None, max_seqlen: Tensor | None, phase: str,
+) -> _OpCall:  # fmt: skip
     s = _parse_spec(spec)
     group = dist.distributed_c10d._resolve_process_group(s["group"])
     backend = _spec_backend(s)
@@ -1247,15 +1285,17 @@ def _op_setup(
     if s["validate"] and phase == "forward":
         plan = check_ring_call(
             q, k, v, group=group, backend=backend, timeout=s["timeout"], cu_seqlens=cu_seqlens,
-            **settings,
+            max_seqlen=max_seqlen, **settings,
         )  # fmt: skip
     else:
         plan = check_ring_call_locally(q, k, v, world_size=dist.get_world_size(group),
-                                       cu_seqlens=cu_seqlens, **settings)  # fmt: skip
+                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       **settings)  # fmt: skip
     size = dist.get_world_size(group) if s["ring_size"] is None else s["ring_size"]
-    bounds = None
-    if cu_seqlens is not None:  # documents inside shards too: their units need no transfer
+    bounds = local = None
+    if cu_seqlens is not None:
         bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
+        local = _local_documents(bounds, q.shape[1], size, dist.get_rank(group))
     setup = _ring_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
         dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
@@ -1263,23 +1303,42 @@ def _op_setup(
         seed=int(seed.item()), bounds=bounds, layout=s["layout"],
     )  # fmt: skip
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
-    return replace(setup, phase=phase), keep
+    key = ""
+    if local is not None:  # chosen as dilated_attention chooses for a packed training call
+        call = _attention_call(q, plan, s["is_causal"], 0.0, False, True, packed=True)
+        key = backend_key(select_backend(backend, call))
+    return _OpCall(replace(setup, phase=phase), keep, s, local, key)
+
+
+def _local_settings(call: _OpCall, seed: Tensor) -> tuple:
+    """The single-device operators' settings (after q, k, v) of a packed call whose
+    documents all lie inside shards: the same packed call eager makes, on the shard."""
+    s = call.settings
+    return (
+        list(s["segment_lengths"]), list(s["dilation_rates"]), s["branch_mixing"],
+        call.setup.scale, s["is_causal"], 0.0, None, seed, call.backend, call.local, None,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
 def _ring_forward_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    cu_seqlens: Tensor | None,
+    cu_seqlens: Tensor | None, max_seqlen: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "forward")
+    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "forward")
+    setup = call.setup
     if setup.stats is not None:
         setup.stats.calls += 1
-    out, lse = ring_dilated_forward(token_major(q), token_major(k), token_major(v), setup, keep)
+    if call.local is not None:  # as eager: the shard's documents in one packed call
+        return attention_forward_op(q, k, v, *_local_settings(call, seed))
+    out, lse = ring_dilated_forward(
+        token_major(q), token_major(k), token_major(v), setup, call.keep
+    )
     return _fresh(out), lse
 
 
 @_ring_forward_op.register_fake
-def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens):
+def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen):
     B, L, H, _ = q.shape
     lse = q.new_empty(2, B, L, H, dtype=compute_dtype(q.dtype))
     return q.new_empty(B, L, H, v.shape[-1]), lse
@@ -1289,16 +1348,20 @@ def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens):
 def _ring_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Tensor | None, spec: str, seed: Tensor, cu_seqlens: Tensor | None,
+    max_seqlen: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    setup, keep = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, "backward")
+    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "backward")
+    if call.local is not None:
+        return attention_backward_op(dout, q, k, v, out, lse, *_local_settings(call, seed))
     grads = ring_dilated_backward(
-        token_major(dout), token_major(q), token_major(k), token_major(v), out, lse, setup, keep
-    )
+        token_major(dout), token_major(q), token_major(k), token_major(v), out, lse,
+        call.setup, call.keep,
+    )  # fmt: skip
     return tuple(_fresh(g) for g in grads)
 
 
 @_ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed, cu_seqlens):
+def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed, cu_seqlens, max_seqlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -205,7 +205,7 @@ _GATHER_OUT = "the output shards gathered over the ring (forward of already_spli
 @torch.library.custom_op("dilated_attention_pytorch::ring_all_gather", mutates_args=())
 def _all_gather_op(
     x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, context: str,
-    stats: int,
+    stats: str,
 ) -> Tensor:  # fmt: skip
     pg = dist.distributed_c10d._resolve_process_group(group)
     return ring_all_gather(
@@ -239,7 +239,7 @@ _all_gather_op.register_autograd(_gather_backward, setup_context=_keep_settings)
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_shard", mutates_args=())
 def _shard_op(
-    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, stats: int
+    x: Tensor, group: str, ring: list[int], dim: int, timeout: float | None, stats: str
 ) -> Tensor:
     return _own_slice(x, group, ring, dim, len(ring)).clone(memory_format=torch.contiguous_format)
 
@@ -280,7 +280,7 @@ def shard_replicated(
     ``len(ring)``.
     """
     if torch.compiler.is_compiling():
-        key = 0 if stats is None else stats.key
+        key = "" if stats is None else stats.key
         return _shard_op(x, group.group_name, list(ring), dim, timeout, key)
     opts = {"stats": stats, "timeout": timeout}
     return _ShardReplicated.apply(x, group, tuple(ring), dim, opts)
@@ -302,7 +302,7 @@ def gather_replicated(
     output), and keeps its own slice of it.
     """
     if torch.compiler.is_compiling():
-        key = 0 if stats is None else stats.key
+        key = "" if stats is None else stats.key
         return _all_gather_op(x.contiguous(), group.group_name, list(ring), dim, timeout,
                               _GATHER_OUT, key)  # fmt: skip
     opts = {"stats": stats, "timeout": timeout}

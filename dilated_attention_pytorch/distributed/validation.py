@@ -82,13 +82,13 @@ def check_shard_length(plan: DilatedPlan, local_len: int, world_size: int) -> No
 
 
 def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, dropout_p: object,
-                   ring_size: int) -> tuple[int, ...]:  # fmt: skip
+                   ring_size: int, max_seqlen: object = None) -> tuple[int, ...]:  # fmt: skip
     """The document offsets of a packed ring call (``cu_seqlens`` over the ring's whole
     sequence of ``ring_size * L`` tokens), checked."""
     L = q.shape[1]
     # Only its shape is read: the ring's whole packed row.
     whole = torch.empty(1, ring_size * L, *q.shape[2:], device="meta") if q.shape[0] == 1 else q
-    check_cu_seqlens(cu_seqlens, None, whole, key_padding_mask)
+    check_cu_seqlens(cu_seqlens, max_seqlen, whole, key_padding_mask)
     assert isinstance(cu_seqlens, Tensor)
     if float(dropout_p) > 0.0:  # type: ignore[arg-type]
         raise ValueError(
@@ -169,6 +169,7 @@ def check_ring_call_locally(
     key_padding_mask: object = None,
     cu_seqlens: object = None,
     layout: object = "contiguous",
+    max_seqlen: object = None,
 ) -> DilatedPlan:
     """The checks of a ring call that need no other rank; returns the plan.
 
@@ -191,8 +192,13 @@ def check_ring_call_locally(
     if layout == "zigzag":
         check_zigzag(plan, q.shape[1], float(dropout_p), cu_seqlens is not None)  # type: ignore[arg-type]
     if cu_seqlens is not None:  # segments restart at each document: no shard rule applies
-        ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size)
+        ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size, max_seqlen)
     else:
+        if max_seqlen is not None:
+            raise ValueError(
+                "max_seqlen was given without cu_seqlens; it describes packed documents, so "
+                "pass both or neither."
+            )
         check_shard_length(plan, q.shape[1], size)
     return plan
 
@@ -216,6 +222,7 @@ def check_ring_call(
     input_error: str | None = None,
     cu_seqlens: object = None,
     layout: object = "contiguous",
+    max_seqlen: object = None,
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -250,6 +257,7 @@ def check_ring_call(
             key_padding_mask=key_padding_mask,
             cu_seqlens=cu_seqlens,
             layout=layout,
+            max_seqlen=max_seqlen,
         )  # fmt: skip
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
         meta = [

@@ -241,6 +241,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         *,
         already_split: bool = False,
         cu_seqlens: Tensor | None = None,
+        max_seqlen: int | Tensor | None = None,
     ) -> Tensor:
         """Attend ``query`` to ``key``/``value`` over the ring.
 
@@ -258,6 +259,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                 ``already_split``); see :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`.
                 Calls with ``cu_seqlens`` always run the collective check, since the
                 documents usually change from batch to batch.
+            max_seqlen: with ``cu_seqlens``, accepted for drop-in use and checked.
 
         Returns:
             ``(B, N, H, D)`` (``already_split=False``: the whole output, equal on every
@@ -270,7 +272,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             # A ring of one: nothing to exchange, the single-device computation.
             return super().forward(
                 query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask,
-                cu_seqlens=cu_seqlens,
+                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
             )  # fmt: skip
         group, members = ring
         options = {"stats": self._stats, "timeout": self.timeout}
@@ -289,6 +291,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             dropout_p=dropout_p,
             timeout=self.timeout,
             cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             layout=layout,
         )
         if not already_split:

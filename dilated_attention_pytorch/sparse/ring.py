@@ -339,7 +339,7 @@ def ring_sparse_spec(
     settings = dict(
         pattern=pattern, group=group.group_name, members=tuple(members), block_size=block_size,
         is_causal=is_causal, scale=scale, dropout_p=dropout_p, kernel=kernel, timeout=timeout,
-        stats=0 if stats is None else stats.key, validate=validate, config=config, error=error,
+        stats="" if stats is None else stats.key, validate=validate, config=config, error=error,
         owner=owner,
     )  # fmt: skip
     return repr(tuple(settings.items()))

@@ -111,6 +111,7 @@ class DistributedRingAttention(StandardRingAttention):
         *,
         already_split: bool = False,
         cu_seqlens: Tensor | None = None,
+        max_seqlen: int | Tensor | None = None,
     ) -> Tensor:
         """As :meth:`StandardRingAttention.forward`, checkpointed when asked for."""
         if isinstance(query, Tensor):
@@ -118,7 +119,7 @@ class DistributedRingAttention(StandardRingAttention):
         run = super().forward
         kwargs = dict(
             is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=already_split,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         )  # fmt: skip
         if not self.use_checkpointing or not torch.is_grad_enabled():
             return run(query, key, value, **kwargs)
