@@ -10,6 +10,7 @@ definition (which positions of a segment a head uses) and the ring's schedule.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from distributed_utils import spawn
 
 from dilated_attention_pytorch import MultiheadDilatedAttention, ring_dilated_attention
+from dilated_attention_pytorch.backends import BlockOps
 from dilated_attention_pytorch.oracle import dense_dilated_attention
 from dilated_attention_pytorch.ring import RingMultiheadDilatedAttention
 
@@ -258,3 +260,42 @@ def test_ring_layer_takes_packed_documents() -> None:
         for got, want in pairs:
             torch.testing.assert_close(got, want, **TOL)
         assert "invalid input on rank(s) [0]" in error and "max_seqlen" in error, error
+
+
+def _calls_worker(rank: int, world_size: int, _: Any) -> dict[str, int]:
+    # The block ops the ring calls, counted: whole documents of a shard must not add any
+    # (they run as one packed call of the backend, like dilated_attention's).
+    ring_module = importlib.import_module(
+        "dilated_attention_pytorch.distributed.ring_dilated_attention"
+    )
+    calls = [0]
+    original = ring_module.select_block_ops
+
+    def counting(*args):
+        ops = original(*args)
+
+        def forward(*a, **kw):
+            calls[0] += 1
+            return ops.forward(*a, **kw)
+
+        return BlockOps(ops.name, forward, ops.backward)
+
+    ring_module.select_block_ops = counting
+    counts = {}
+    try:
+        for name, inner in (("few", 2), ("many", 14)):
+            # One document spans ranks 0-1 around token 32; the rest are short ones.
+            step = 32 // inner
+            cu = sorted({*range(0, 28, step), 28, 36, *range(36, 64, step), 64})
+            q = torch.randn(1, 32, 4, 8, dtype=torch.float64)
+            calls[0] = 0
+            ring_dilated_attention(q, q, q, [4, 16], [1, 2], cu_seqlens=torch.tensor(cu))
+            counts[name] = calls[0]
+    finally:
+        ring_module.select_block_ops = original
+    return counts
+
+
+def test_whole_documents_of_a_shard_run_as_one_packed_call() -> None:
+    for counts in spawn(_calls_worker, 2):
+        assert counts["few"] == counts["many"], counts

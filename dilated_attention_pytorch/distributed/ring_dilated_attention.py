@@ -47,6 +47,7 @@ from ..backends import (
     AttentionCall,
     Backend,
     BlockOps,
+    ForwardContext,
     available_backends,
     get_backend,
     select_backend,
@@ -58,7 +59,14 @@ from ..functional import _call as _attention_call
 from ..functional import _max_seqlen_tensor, dilated_attention
 from ..ops import _backward as attention_backward_op
 from ..ops import _forward as attention_forward_op
-from ..ops import _fresh, _resolve, backend_key, register_attention_autograd
+from ..ops import (
+    _fresh,
+    _resolve,
+    _run_backward,
+    _run_forward,
+    backend_key,
+    register_attention_autograd,
+)
 from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import (
     merge_lse_,
@@ -81,6 +89,7 @@ __all__ = [
     "RingBranch",
     "RingDilatedAttentionFunction",
     "document_ring_layout",
+    "inner_documents",
     "ring_dilated_attention",
     "ring_dilated_backward",
     "ring_dilated_forward",
@@ -223,7 +232,23 @@ def ring_layout(
     return tuple(branches)
 
 
-@functools.lru_cache(maxsize=256)
+def inner_documents(
+    bounds: tuple[int, ...], local_len: int, rank: int
+) -> tuple[int, int, tuple[int, ...]] | None:
+    """``(a, b, lengths)``: the tokens ``[a, b)`` of the shard of ring member ``rank`` that
+    hold whole documents (those of neither the document crossing its start nor the one
+    crossing its end) and those documents' lengths; None when there are none. Their
+    attention needs nothing from other ranks: one packed call of the backend runs them."""
+    lo, hi = rank * local_len, (rank + 1) * local_len
+    inside = [b for b in bounds if lo <= b <= hi]
+    if len(inside) < 2:
+        return None  # one document covers the whole shard
+    a, b = inside[0], inside[-1]
+    lengths = tuple(y - x for x, y in zip(inside, inside[1:]) if y > x)
+    return (a - lo, b - lo, lengths) if lengths else None
+
+
+@functools.lru_cache(maxsize=64)
 def document_ring_layout(
     plan: DilatedPlan,
     bounds: tuple[int, ...],
@@ -247,10 +272,13 @@ def document_ring_layout(
     - a shorter last segment inside the shard: one local unit.
 
     Units are ordered by (branch, first token), the same on every rank, so that the
-    transfers between two ranks are posted in the same order on both sides.
+    transfers between two ranks are posted in the same order on both sides. The
+    documents of :func:`inner_documents` get no unit: they run as one packed call.
     """
     L = local_len
     lo, hi = rank * L, (rank + 1) * L
+    inner = inner_documents(bounds, L, rank)
+    skip = (lo, lo) if inner is None else (lo + inner[0], lo + inner[1])
     units = []
     for branch in plan.branches:
         w, r = branch.segment_length, branch.dilation_rate
@@ -284,8 +312,8 @@ def document_ring_layout(
             return RingBranch(w, r, lengths[position], ring, position, groups, tuple(starts), span)
 
         for d0, d1 in zip(bounds, bounds[1:]):
-            if d1 <= lo or d0 >= hi or d0 == d1:
-                continue  # not on this shard, or empty
+            if d1 <= lo or d0 >= hi or d0 == d1 or skip[0] <= d0 < d1 <= skip[1]:
+                continue  # not on this shard, empty, or one of the inner documents
             # Segments m of the document with a token on this shard: [m_first, m_last].
             m_first, m_last = (max(d0, lo) - d0) // w, (min(d1, hi) - 1 - d0) // w
             for m in sorted({m_first, m_last}):
@@ -599,10 +627,15 @@ class RingSetup:
     seed: int = 0  # dropout seed of the call (forward and backward share it)
     seq_len: int = 0  # N: tokens of the ring's whole sequence (dropout token ids)
     num_heads: int = 0  # H (dropout streams)
+    # Packed documents: the tokens [a, b) of the shard that hold whole documents (their
+    # lengths third), run as one packed call of ``inner_backend`` with ``inner_context``.
+    inner: tuple[int, int, tuple[int, ...]] | None = None
+    inner_backend: Backend | None = None
+    inner_context: ForwardContext | None = None
 
     @property
     def num_steps(self) -> int:
-        return max(b.size for b in self.branches)
+        return max((b.size for b in self.branches), default=0)
 
     def comm(self, tag: int, context: str) -> RingComm:
         return RingComm(self.group, tag, stats=self.stats, timeout=self.timeout, context=context)
@@ -881,6 +914,14 @@ def ring_dilated_forward(
                 key_keep=t.key_keep, dropout=t.dropout,
             )  # fmt: skip
             merge_lse_(t.view(out), t.view(hi), t.view(lo), out_blk, lse_blk)
+    if setup.inner is not None:  # whole documents of this shard: no block touched them
+        a, b, _ = setup.inner
+        assert setup.inner_backend is not None and setup.inner_context is not None
+        out_in, lse_in = _run_forward(
+            setup.inner_backend, q[:, a:b], k[:, a:b], v[:, a:b], setup.inner_context
+        )
+        out[:, a:b] = out_in
+        lse[:, :, a:b] = lse_in
     return out.to(q.dtype), lse
 
 
@@ -909,10 +950,19 @@ def ring_dilated_backward(
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
     """
     acc_dtype = compute_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
+    if setup.inner is not None:  # whole documents of this shard, as in the forward
+        a, b, _ = setup.inner
+        assert setup.inner_backend is not None and setup.inner_context is not None
+        grads = _run_backward(
+            setup.inner_backend, dout[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], out[:, a:b],
+            lse[:, :, a:b], setup.inner_context,
+        )  # fmt: skip
+        for acc, grad in zip((dq, dk, dv), grads, strict=True):
+            acc[:, a:b] = grad
     if ring_merges_blocks(setup.branches):
         dout = scale_dout_by_lse_lo(dout, lse[1])
     lse = lse[0]
-    dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
     router = GradRouter(setup, k, acc_dtype)
     for step, tasks in ring_steps(setup, k, v, key_keep):
         visiting: dict[int, list[Piece | None]] = {}
@@ -1157,12 +1207,21 @@ def _ring_setup(
     rank = dist.get_rank(group)
     _, L, _, D = q.shape
     base, position = rank - rank % size, rank % size
+    inner = inner_backend = inner_context = None
     if bounds is not None:
         branches = document_ring_layout(plan, bounds, L, size, position, base=base)
+        inner = inner_documents(bounds, L, position)
     elif layout == "zigzag":
         branches = zigzag_ring_layout(plan, L, size, position, base=base, is_causal=is_causal)
     else:
         branches = ring_layout(plan, L, size, position, base=base)
+    if inner is not None:  # the shard's whole documents: one packed call, as on one device
+        packed = _attention_call(q, plan, is_causal, 0.0, False, True, packed=True)
+        inner_backend = select_backend(backend, packed)
+        inner_context = ForwardContext(
+            plan=plan, scale=D**-0.5 if scale is None else float(scale), is_causal=is_causal,
+            documents=inner[2],
+        )  # fmt: skip
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -1184,6 +1243,9 @@ def _ring_setup(
         seed=seed,
         seq_len=size * L,
         num_heads=q.shape[2],
+        inner=inner,
+        inner_backend=inner_backend,
+        inner_context=inner_context,
     )
 
 
