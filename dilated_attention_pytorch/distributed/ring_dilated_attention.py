@@ -158,7 +158,9 @@ class RingBranch:
 
     segment_length: int
     dilation_rate: int
-    piece_length: int  # w for a local branch, L (the shard) for a branch across ranks
+    # w for a local branch, L (the shard) for a branch across ranks; for a unit of packed
+    # documents or of the zigzag layout, this rank's piece (any length; see ``span``).
+    piece_length: int
     ring: tuple[int, ...]  # group ranks holding this rank's segment, in token order
     position: int  # this rank's index in ``ring``
     head_groups: tuple[PieceGroup, ...]
@@ -443,7 +445,9 @@ def _view(x: Tensor, branch: RingBranch, group: PieceGroup, kv: bool = False) ->
     with ``kv``, ``x`` is a K/V tensor (B, L, H_kv, ...) and the group's K/V heads are taken.
 
     A local branch (``L % w == 0``) gives one view ``(B*L/w, n, Hs, ...)`` of all its
-    segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard.
+    segments; a branch across ranks gives ``(B, n, Hs, ...)`` for the shard; a unit with a
+    ``span`` (packed documents, zigzag) the same for the tokens of its span (its queries'
+    span with ``query_span``).
     """
     heads = group.heads.kv_slice if kv else group.heads.head_slice
     views = _views(x, branch, group, kv, heads)
@@ -1039,7 +1043,8 @@ def ring_dilated_attention(
 
     Shard rules, with ``L = N/k``: a segment length ``w <= L``
     must divide ``L`` (the branch is then local); a ``w > L`` must be a multiple of
-    ``L`` (the ``w/L`` ranks of a segment form a ring; only dilated K/V move).
+    ``L`` (the ``w/L`` ranks of a segment form a ring; only dilated K/V move). They do
+    not apply with ``cu_seqlens`` (segments follow the documents, see below).
 
     Args:
         q, k, v: ``(B, N/k, H, D)`` local shards, one dtype and device on every rank;
