@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import spawn
+from distributed_utils import FLOAT64_RING_TOL, spawn
 
 from dilated_attention_pytorch import MultiheadDilatedAttention, ring_dilated_attention
 from dilated_attention_pytorch.backends import BlockOps
@@ -25,11 +25,6 @@ from dilated_attention_pytorch.oracle import dense_dilated_attention
 from dilated_attention_pytorch.ring import RingMultiheadDilatedAttention
 
 pytestmark = pytest.mark.distributed
-
-# float64 on both sides: the ring merges a few blocks per query, so its error stays within a
-# few units in the last place of the oracle's (1e-15 seen); 1e-10 leaves room and still
-# catches any wrong pair, which moves the result by O(1e-2).
-TOL = dict(atol=1e-10, rtol=1e-10)
 
 
 @dataclass(frozen=True)
@@ -208,7 +203,9 @@ def test_spanning_documents_match_the_oracle_and_send_only_their_segments(
         for rank, res in enumerate(per_rank):
             record = res[case.name]
             for got, want in record["pairs"]:
-                torch.testing.assert_close(got, want, **TOL, msg=lambda m, n=case.name: f"{n}: {m}")
+                torch.testing.assert_close(
+                    got, want, **FLOAT64_RING_TOL, msg=lambda m, n=case.name: f"{n}: {m}"
+                )
             want_fwd, want_bwd, peers = _expected_sends(case, rank, world_size)
             sent = [sum(n for _, n in record[p]) for p in ("forward", "backward")]
             assert sent == [want_fwd, want_bwd], f"{case.name}, rank {rank}"
@@ -258,7 +255,7 @@ def test_ring_layer_takes_packed_documents() -> None:
     seed = int(torch.randint(0, 2**31, ()).item())
     for pairs, error in spawn(_layer_worker, 2, seed):
         for got, want in pairs:
-            torch.testing.assert_close(got, want, **TOL)
+            torch.testing.assert_close(got, want, **FLOAT64_RING_TOL)
         assert "invalid input on rank(s) [0]" in error and "max_seqlen" in error, error
 
 

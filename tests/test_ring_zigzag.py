@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import spawn
+from distributed_utils import FLOAT64_RING_TOL, spawn
 
 from dilated_attention_pytorch import MultiheadDilatedAttention
 from dilated_attention_pytorch.backends import BlockOps
@@ -35,10 +35,6 @@ pytestmark = pytest.mark.distributed
 ring_module = importlib.import_module(
     "dilated_attention_pytorch.distributed.ring_dilated_attention"
 )
-
-# float64 against the float64 oracle: a few ulps seen (1e-15); any wrong or missing pair
-# moves the result by O(1e-2).
-TOL = dict(atol=1e-10, rtol=1e-10)
 
 
 @dataclass(frozen=True)
@@ -158,7 +154,10 @@ def test_zigzag_ring_matches_the_oracle(results: tuple[int, list[dict[str, Any]]
             for layout in ("zigzag", "contiguous"):
                 for got, want in zip(record[layout]["outputs"], record["want"], strict=True):
                     torch.testing.assert_close(
-                        got, want, **TOL, msg=lambda m, n=case.name, r=rank: f"{n} r{r}: {m}"
+                        got,
+                        want,
+                        **FLOAT64_RING_TOL,
+                        msg=lambda m, n=case.name, r=rank: f"{n} r{r}: {m}",
                     )
 
 
@@ -265,5 +264,5 @@ def test_ring_layer_runs_causal_calls_in_zigzag_order() -> None:
     seed = int(torch.randint(0, 2**31, ()).item())
     for pairs, error in spawn(_module_worker, 2, seed):
         for got, want in pairs:
-            torch.testing.assert_close(got, want, **TOL)
+            torch.testing.assert_close(got, want, **FLOAT64_RING_TOL)
         assert re.search(r"whole sequence of 30 tokens into 2k = 4 equal chunks", error), error
