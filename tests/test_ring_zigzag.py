@@ -49,6 +49,7 @@ class ZigzagCase:
     kv_heads: int = 4
     mask: bool = False
     ring_size: int | None = None
+    dropout: float = 0.0  # the oracle drops the entries of the seed the ring draws
 
 
 CASES = {
@@ -59,6 +60,7 @@ CASES = {
         ZigzagCase("longnet", 12, (3, 12, 24), (1, 2, 3), kv_heads=2),
         ZigzagCase("non-causal", 8, (4, 16), (2, 3), is_causal=False, mask=True),
         ZigzagCase("head-split", 8, (2, 8, 64), (2, 4, 4), branch_mixing="head_split"),
+        ZigzagCase("dropout", 8, (4, 16), (1, 2), kv_heads=2, dropout=0.3),
     ],
     4: [
         ZigzagCase("dense", 8, (32,), (1,), kv_heads=1),
@@ -67,6 +69,7 @@ CASES = {
         ZigzagCase("masked", 12, (6, 48), (2, 3), mask=True),
         ZigzagCase("non-causal", 8, (4, 16, 32), (1, 2, 4), is_causal=False),
         ZigzagCase("two-rings", 12, (6, 24), (2, 2), ring_size=2),
+        ZigzagCase("dropout", 8, (8, 32), (1, 2), mask=True, dropout=0.3),
     ],
 }
 
@@ -110,9 +113,13 @@ def _worker(rank: int, world_size: int, payload: tuple[list[str], int]) -> dict[
             mask = None if mask is None else mask[row : row + 1]
             full = [t.clone().requires_grad_() for t in (q, k, v)]
             settings = dict(is_causal=c.is_causal, branch_mixing=c.branch_mixing)
+            # The ring draws its dropout seed from the default generator, seeded alike.
+            torch.manual_seed(seed + i)
+            drawn = int(torch.randint(0, 2**62, (1,)).item())
             ref = dense_dilated_attention(
-                *full, c.segment_lengths, c.dilation_rates, key_padding_mask=mask, **settings
-            )
+                *full, c.segment_lengths, c.dilation_rates, key_padding_mask=mask,
+                dropout_p=c.dropout, dropout_seed=drawn, **settings,
+            )  # fmt: skip
             ref.backward(dout)
             result = {}
             for layout in ("zigzag", "contiguous"):
@@ -121,10 +128,11 @@ def _worker(rank: int, world_size: int, payload: tuple[list[str], int]) -> dict[
                 ]
                 shard_mask = None if mask is None else shard_sequence(mask, group, layout=layout)
                 pairs[0] = 0
+                torch.manual_seed(seed + i)
                 out = ring_dilated_attention(
                     *shards, c.segment_lengths, c.dilation_rates, group=dist.group.WORLD,
                     ring_size=c.ring_size, key_padding_mask=shard_mask, layout=layout,
-                    **settings,
+                    dropout_p=c.dropout, **settings,
                 )  # fmt: skip
                 out.backward(shard_sequence(dout, group, layout=layout))
                 got = [out.detach(), *(s.grad for s in shards)]
@@ -194,7 +202,6 @@ def _errors_worker(rank: int, world_size: int, _: Any) -> dict[str, str]:
         "odd-shard": (torch.randn(1, 7, 4, 8, dtype=torch.float64), ([7, 14], [1, 1]), {}),
         "segment-across-chunks": (q, ([8, 16], [1, 2]), {}),  # w = 8 > L/2 but != L: fine
         "segment-not-dividing-half": (torch.randn(1, 12, 4, 8), ([4, 24], [1, 2]), {}),
-        "dropout": (q, ([4, 16], [1, 2]), {"dropout_p": 0.1}),
         "documents": (q, ([4, 16], [1, 2]), {"cu_seqlens": torch.tensor([0, 5, 16])}),
         "unknown-layout": (q, ([4, 16], [1, 2]), {"layout": "striped"}),
         "ranks-disagree": (q, ([4, 16], [1, 2]), {"layout": "zigzag" if rank else "contiguous"}),
@@ -218,7 +225,6 @@ def test_zigzag_errors_say_what_to_do() -> None:
             r"branch 0 \(segment length 4, dilation 1\) does not tile half a shard.*L/2 = 6",
             errors["segment-not-dividing-half"],
         )
-        assert "layout='zigzag' does not take dropout yet" in errors["dropout"]
         assert "layout='zigzag' does not take cu_seqlens" in errors["documents"]
         assert (
             "layout must be one of ['contiguous', 'zigzag'], got 'striped'"
@@ -243,9 +249,9 @@ def _module_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Te
     inner = ring.attention
     pairs = [
         # "auto": zigzag for a causal call on the whole sequence, contiguous otherwise.
-        (torch.tensor(inner.resolve_layout(x, 2, True, False, 0.0, False) == "zigzag"),
+        (torch.tensor(inner.resolve_layout(x, 2, True, False, False) == "zigzag"),
          torch.tensor(True)),
-        (torch.tensor(inner.resolve_layout(x, 2, True, True, 0.0, False) == "contiguous"),
+        (torch.tensor(inner.resolve_layout(x, 2, True, True, False) == "contiguous"),
          torch.tensor(True)),
         (ring(x, is_causal=True)[0], ref),
         # Shards in the zigzag layout, made by shard_sequence.

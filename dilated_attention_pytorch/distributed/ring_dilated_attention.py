@@ -175,6 +175,7 @@ class RingBranch:
     # Whether the unit's blocks are causal: None: as the call (pieces in token order);
     # False: every query of the unit comes after every key (or the call is not causal).
     causal: bool | None = None
+    index: int = 0  # the plan branch the unit belongs to (dropout streams are per branch)
 
     @property
     def size(self) -> int:
@@ -230,7 +231,9 @@ def ring_layout(
             )
             for hg in branch.head_groups
         )
-        branches.append(RingBranch(w, r, piece, ring, position, groups, piece_starts))
+        branches.append(
+            RingBranch(w, r, piece, ring, position, groups, piece_starts, index=len(branches))
+        )
     return tuple(branches)
 
 
@@ -282,18 +285,20 @@ def document_ring_layout(
     inner = inner_documents(bounds, L, rank)
     skip = (lo, lo) if inner is None else (lo + inner[0], lo + inner[1])
     units = []
-    for branch in plan.branches:
+    for index, branch in enumerate(plan.branches):
         w, r = branch.segment_length, branch.dilation_rate
 
-        def local(start: int, length: int, count: int, w: int = w, r: int = r, branch=branch):
+        def local(start: int, length: int, count: int, w: int = w, r: int = r, branch=branch,
+                  index: int = index):  # fmt: skip
             groups = tuple(
                 PieceGroup(hg, (hg.offset,), (num_dilated_positions(length, r, hg.offset),))
                 for hg in branch.head_groups
             )
             span = (start - lo, start - lo + length * count)
-            return RingBranch(w, r, length, (base + rank,), 0, groups, (start,), span)
+            return RingBranch(w, r, length, (base + rank,), 0, groups, (start,), span, index=index)
 
-        def across(first: int, last: int, w: int = w, r: int = r, branch=branch):
+        def across(first: int, last: int, w: int = w, r: int = r, branch=branch,
+                   index: int = index):  # fmt: skip
             members = range(first // L, (last - 1) // L + 1)  # the ranks holding [first, last)
             starts = [max(first, c * L) for c in members]
             lengths = [min(last, (c + 1) * L) - s for c, s in zip(members, starts, strict=True)]
@@ -311,7 +316,9 @@ def document_ring_layout(
             position = rank - members[0]
             span = (starts[position] - lo, starts[position] - lo + lengths[position])
             ring = tuple(base + c for c in members)
-            return RingBranch(w, r, lengths[position], ring, position, groups, tuple(starts), span)
+            return RingBranch(
+                w, r, lengths[position], ring, position, groups, tuple(starts), span, index=index
+            )
 
         for d0, d1 in zip(bounds, bounds[1:]):
             if d1 <= lo or d0 >= hi or d0 == d1 or skip[0] <= d0 < d1 <= skip[1]:
@@ -379,7 +386,8 @@ def zigzag_ring_layout(
             early = [c for c in chunks if c < k]
             late = [c for c in chunks if c >= k]
 
-            def unit(kv_chunks, query_chunks, causal, S=S, E=E, w=w, r=r, branch=branch):
+            def unit(kv_chunks, query_chunks, causal, S=S, E=E, w=w, r=r, branch=branch,
+                     index=index):  # fmt: skip
                 """A ring over the holders of ``kv_chunks`` and ``query_chunks`` (sorted by
                 token order when they are the same chunks, else by rank)."""
                 kv_of = {holder(c)[0]: c for c in kv_chunks}
@@ -424,7 +432,7 @@ def zigzag_ring_layout(
                 starts = tuple(S + t for t, _, _ in kv)
                 return RingBranch(
                     w, r, max(n, 1), tuple(base + m for m in ring), position, groups, starts,
-                    span=(a, a + n), query_span=query_span, causal=causal,
+                    span=(a, a + n), query_span=query_span, causal=causal, index=index,
                 )  # fmt: skip
 
             kinds = [(early, early, None), (late, late, None)]
@@ -636,6 +644,8 @@ class RingSetup:
     inner: tuple[int, int, tuple[int, ...]] | None = None
     inner_backend: Backend | None = None
     inner_context: ForwardContext | None = None
+    # The shard's tokens in storage order, as (first token in the sequence, count) runs.
+    positions: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_steps(self) -> int:
@@ -711,10 +721,10 @@ class KVRotation:
         # Global token ids of the local shard, for dropout keyed by position.
         self.ids: Tensor | None = None
         if setup.dropout_p > 0.0:
-            B, L = k.shape[0], k.shape[1]
-            first = setup.branches[0]  # any branch: its own piece starts at the shard's start
-            start = first.piece_starts[first.position]
-            self.ids = token_ids(B, setup.seq_len, start, L, k.device)
+            B = k.shape[0]
+            self.ids = torch.cat(
+                [token_ids(B, setup.seq_len, s, n, k.device) for s, n in setup.positions], dim=1
+            )
 
     def post(self, step: int) -> None:
         """Queue and start the K/V transfers of ``step`` for every branch."""
@@ -775,7 +785,7 @@ class KVRotation:
                         piece[0],
                         piece[1],
                         key_keep=keep,
-                        dropout=self._dropout(i, b, g, origin),
+                        dropout=self._dropout(b.index, b, g, origin),
                     )  # fmt: skip
                 )
         return tasks
@@ -788,7 +798,7 @@ class KVRotation:
             return None
         q_ids = _token_view(self.ids, branch, group, kv=False)
         if origin == branch.position:
-            k_ids = q_ids
+            k_ids = _token_view(self.ids, branch, group)
         else:  # the keys of member ``origin``'s piece: b*N + start + offset + r*t
             r, device = branch.dilation_rate, self.ids.device
             first = branch.piece_starts[origin] + group.offsets[origin]
@@ -1100,7 +1110,7 @@ def ring_dilated_attention(
             and ``2k-1-j`` of ``2k`` chunks of ``L/2`` tokens (cut them with
             ``shard_sequence(x, layout="zigzag")``), so that a causal call gives every rank
             the same work; ``L`` must be even and every ``w <= L/2`` must divide ``L/2``;
-            not with dropout or ``cu_seqlens``.
+            not with ``cu_seqlens``.
         validate: run the collective check (one small ``all_gather`` and a host sync)
             that makes every rank raise when any rank's input is bad or the ranks
             disagree. With ``False`` only this rank's own checks run: use it for calls
@@ -1181,6 +1191,14 @@ def ring_dilated_attention(
     )
 
 
+def _shard_positions(layout: str, L: int, size: int, position: int) -> tuple[tuple[int, int], ...]:
+    """The tokens ring member ``position`` holds, as (first token, count) runs in order."""
+    if layout == "zigzag":
+        C = L // 2
+        return ((position * C, C), ((2 * size - 1 - position) * C, C))
+    return ((position * L, L),)
+
+
 def _local_documents(bounds: tuple[int, ...], L: int, size: int, rank: int) -> Tensor | None:
     """This shard's document offsets when every shard boundary is a document boundary
     (each rank then runs its documents alone), else None."""
@@ -1251,6 +1269,7 @@ def _ring_setup(
         inner=inner,
         inner_backend=inner_backend,
         inner_context=inner_context,
+        positions=_shard_positions(layout if bounds is None else "contiguous", L, size, position),
     )
 
 

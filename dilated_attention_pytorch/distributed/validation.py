@@ -101,17 +101,13 @@ def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, drop
 LAYOUTS = ("contiguous", "zigzag")
 
 
-def check_zigzag(plan: DilatedPlan, local_len: int, dropout_p: float, packed: bool) -> None:
+def check_zigzag(plan: DilatedPlan, local_len: int, packed: bool) -> None:
     """The zigzag layout's rules (on top of the shard rules): each shard is two halves of
     ``C = L/2`` tokens, so ``L`` is even and a segment length ``w <= C`` divides ``C``."""
     if packed:
         raise ValueError(
             "layout='zigzag' does not take cu_seqlens: packed documents are laid out "
             "contiguously (their segments follow the documents); pass layout='contiguous'."
-        )
-    if dropout_p > 0.0:
-        raise ValueError(
-            "layout='zigzag' does not take dropout yet; pass dropout_p=0.0 or layout='contiguous'."
         )
     if local_len % 2:
         raise ValueError(
@@ -190,7 +186,7 @@ def check_ring_call_locally(
     size = check_ring_size_divides(ring_size, world_size)
     layout = check_choice("layout", layout, LAYOUTS)
     if layout == "zigzag":
-        check_zigzag(plan, q.shape[1], float(dropout_p), cu_seqlens is not None)  # type: ignore[arg-type]
+        check_zigzag(plan, q.shape[1], cu_seqlens is not None)
     if cu_seqlens is not None:  # segments restart at each document: no shard rule applies
         ring_documents(cu_seqlens, q, key_padding_mask, dropout_p, size, max_seqlen)
     else:

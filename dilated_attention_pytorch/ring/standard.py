@@ -172,7 +172,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             ``"auto"`` (default): zigzag for causal calls on the whole sequence
             (``already_split=False``: the module shards and gathers, so the layout is
             invisible) when the zigzag rules hold (``L`` even, every ``w <= L/2`` dividing
-            ``L/2``, no dropout), contiguous otherwise. With ``already_split=True`` the
+            ``L/2``, no ``cu_seqlens``), contiguous otherwise. With ``already_split=True`` the
             shards must be in the module's layout: ``"auto"`` then means contiguous, so
             pass ``layout="zigzag"`` and shard with
             ``shard_sequence(x, layout="zigzag")`` to balance causal work there.
@@ -278,8 +278,9 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         options = {"stats": self._stats, "timeout": self.timeout}
         q, k, v, mask = query, key, value, key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
-        layout = self.resolve_layout(query, len(members), is_causal, already_split, dropout_p,
-                                     cu_seqlens is not None)  # fmt: skip
+        layout = self.resolve_layout(
+            query, len(members), is_causal, already_split, cu_seqlens is not None
+        )
         settings = dict(
             segment_lengths=self.segment_lengths,
             dilation_rates=self.dilation_rates,
@@ -349,13 +350,12 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         return out if order is None else out.index_select(1, torch.argsort(order))
 
     def resolve_layout(
-        self, query: object, size: int, is_causal: bool, already_split: bool, dropout_p: float,
-        packed: bool,
-    ) -> str:  # fmt: skip
+        self, query: object, size: int, is_causal: bool, already_split: bool, packed: bool
+    ) -> str:
         """The layout of a call: ``self.layout``, with ``"auto"`` resolved (see the class)."""
         if self.layout != "auto":
             return self.layout
-        if not is_causal or already_split or packed or dropout_p > 0.0:
+        if not is_causal or already_split or packed:
             return "contiguous"
         if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % (2 * size):
             return "contiguous"
