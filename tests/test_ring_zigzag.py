@@ -253,6 +253,10 @@ def _module_worker(rank: int, world_size: int, seed: int) -> list[tuple[torch.Te
          torch.tensor(True)),
         (torch.tensor(inner.resolve_layout(x, 2, True, True, False) == "contiguous"),
          torch.tensor(True)),
+        # 48 tokens on 3 ranks: w = 32 neither divides N nor covers it, so the segments are
+        # not mirrored about the middle and zigzag would balance nothing.
+        (torch.tensor(inner.resolve_layout(torch.empty(1, 48, 1), 3, True, False, False)
+                      == "contiguous"), torch.tensor(True)),
         (ring(x, is_causal=True)[0], ref),
         # Shards in the zigzag layout, made by shard_sequence.
         (zigzag(shard_sequence(x, layout="zigzag"), is_causal=True, already_split=True)[0],

@@ -243,7 +243,8 @@ def inner_documents(
     """``(a, b, lengths)``: the tokens ``[a, b)`` of the shard of ring member ``rank`` that
     hold whole documents (those of neither the document crossing its start nor the one
     crossing its end) and those documents' lengths; None when there are none. Their
-    attention needs nothing from other ranks: one packed call of the backend runs them."""
+    attention needs nothing from other ranks: one packed call of the backend runs them
+    (a backend without packed documents then runs them one by one, as on one device)."""
     lo, hi = rank * local_len, (rank + 1) * local_len
     inside = [b for b in bounds if lo <= b <= hi]
     if len(inside) < 2:
@@ -640,7 +641,8 @@ class RingSetup:
     seq_len: int = 0  # N: tokens of the ring's whole sequence (dropout token ids)
     num_heads: int = 0  # H (dropout streams)
     # Packed documents: the tokens [a, b) of the shard that hold whole documents (their
-    # lengths third), run as one packed call of ``inner_backend`` with ``inner_context``.
+    # lengths third), run as one packed call of ``inner_backend`` with ``inner_context``
+    # (one call per document on a backend without packed documents, as on one device).
     inner: tuple[int, int, tuple[int, ...]] | None = None
     inner_backend: Backend | None = None
     inner_context: ForwardContext | None = None
@@ -1350,13 +1352,17 @@ def _spec_backend(s: dict[str, Any]) -> str | Backend:
 
 @dataclass(frozen=True)
 class _OpCall:
-    """A compiled ring call, unpacked: its setup, key keep mask, settings (the parsed
-    spec) and, when every document lies inside a shard, this shard's offsets."""
+    """A compiled ring call, unpacked: its settings (the parsed spec), monitoring and scale,
+    and either the ring's setup and key keep mask or, when every document lies inside a
+    shard, this shard's offsets and the backend of its packed call (no block ops needed,
+    as in eager)."""
 
-    setup: RingSetup
-    keep: Tensor | None
     settings: dict[str, Any]
-    local: Tensor | None
+    stats: RingStats | None
+    scale: float
+    setup: RingSetup | None = None
+    keep: Tensor | None = None
+    local: Tensor | None = None
     backend: str = ""  # with ``local``: the key of the backend the packed call runs on
 
 
@@ -1382,18 +1388,20 @@ def _op_setup(
     if cu_seqlens is not None:
         bounds = ring_documents(cu_seqlens, q, None, s["dropout_p"], size)
         local = _local_documents(bounds, q.shape[1], size, dist.get_rank(group))
-    setup = _ring_setup(
-        q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
-        dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
-        timeout=check_timeout(s["timeout"]), stats=stats_by_key(s["stats"]),
-        seed=int(seed.item()), bounds=bounds, layout=s["layout"],
-    )  # fmt: skip
-    keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
-    key = ""
+    stats = stats_by_key(s["stats"])
+    scale = q.shape[-1] ** -0.5 if s["scale"] is None else float(s["scale"])
     if local is not None:  # chosen as dilated_attention chooses for a packed training call
         call = _attention_call(q, plan, s["is_causal"], 0.0, False, True, packed=True)
         key = backend_key(select_backend(backend, call))
-    return _OpCall(replace(setup, phase=phase), keep, s, local, key)
+        return _OpCall(s, stats, scale, local=local, backend=key)
+    setup = _ring_setup(
+        q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,
+        dropout_p=s["dropout_p"], key_padding_mask=key_padding_mask,
+        timeout=check_timeout(s["timeout"]), stats=stats, seed=int(seed.item()),
+        bounds=bounds, layout=s["layout"],
+    )  # fmt: skip
+    keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
+    return _OpCall(s, stats, scale, setup=replace(setup, phase=phase), keep=keep)
 
 
 def _local_settings(call: _OpCall, seed: Tensor) -> tuple:
@@ -1402,7 +1410,7 @@ def _local_settings(call: _OpCall, seed: Tensor) -> tuple:
     s = call.settings
     return (
         list(s["segment_lengths"]), list(s["dilation_rates"]), s["branch_mixing"],
-        call.setup.scale, s["is_causal"], 0.0, None, seed, call.backend, call.local, None,
+        call.scale, s["is_causal"], 0.0, None, seed, call.backend, call.local, None,
     )  # fmt: skip
 
 
@@ -1412,11 +1420,12 @@ def _ring_forward_op(
     cu_seqlens: Tensor | None, max_seqlen: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "forward")
-    setup = call.setup
-    if setup.stats is not None:
-        setup.stats.calls += 1
+    if call.stats is not None:
+        call.stats.calls += 1
     if call.local is not None:  # as eager: the shard's documents in one packed call
         return attention_forward_op(q, k, v, *_local_settings(call, seed))
+    setup = call.setup
+    assert setup is not None
     out, lse = ring_dilated_forward(
         token_major(q), token_major(k), token_major(v), setup, call.keep
     )
@@ -1439,6 +1448,7 @@ def _ring_backward_op(
     call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "backward")
     if call.local is not None:
         return attention_backward_op(dout, q, k, v, out, lse, *_local_settings(call, seed))
+    assert call.setup is not None
     grads = ring_dilated_backward(
         token_major(dout), token_major(q), token_major(k), token_major(v), out, lse,
         call.setup, call.keep,

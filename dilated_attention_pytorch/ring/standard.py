@@ -172,7 +172,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             ``"auto"`` (default): zigzag for causal calls on the whole sequence
             (``already_split=False``: the module shards and gathers, so the layout is
             invisible) when the zigzag rules hold (``L`` even, every ``w <= L/2`` dividing
-            ``L/2``, no ``cu_seqlens``), contiguous otherwise. With ``already_split=True`` the
+            ``L/2``, no ``cu_seqlens``) and balance the work (every ``w > L/2`` divides
+            ``N`` or is at least ``N``), contiguous otherwise. With ``already_split=True`` the
             shards must be in the module's layout: ``"auto"`` then means contiguous, so
             pass ``layout="zigzag"`` and shard with
             ``shard_sequence(x, layout="zigzag")`` to balance causal work there.
@@ -359,9 +360,14 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             return "contiguous"
         if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % (2 * size):
             return "contiguous"
-        half = query.shape[1] // (2 * size)
+        N = query.shape[1]
+        half = N // (2 * size)
         fits = all(w > half or half % w == 0 for w in self.segment_lengths)
-        return "zigzag" if fits else "contiguous"
+        # Balanced only when the segments of every branch spanning chunks are mirrored
+        # about the middle of the sequence (w divides N, or one segment holds it all);
+        # otherwise zigzag moves more bytes for no gain (e.g. w = 2L on 3 ranks).
+        mirrored = all(w <= half or N % w == 0 or w >= N for w in self.segment_lengths)
+        return "zigzag" if fits and mirrored else "contiguous"
 
     def memory_ring_size(self) -> int:
         """Ranks per ring for :meth:`get_memory_estimate`: ``ring_size``, else the process
