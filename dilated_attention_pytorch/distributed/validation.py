@@ -92,8 +92,9 @@ def ring_documents(cu_seqlens: object, q: Tensor, key_padding_mask: object, drop
     assert isinstance(cu_seqlens, Tensor)
     if float(dropout_p) > 0.0:  # type: ignore[arg-type]
         raise ValueError(
-            "ring attention with cu_seqlens does not take dropout yet (each rank would draw "
-            "other seeds than one device); pass dropout_p=0.0."
+            "ring attention with cu_seqlens does not take dropout yet (one device draws each "
+            "document's dropout from a seed and positions of its own, which the ring does not "
+            "reproduce); pass dropout_p=0.0."
         )
     return tuple(int(b) for b in cu_seqlens.tolist())
 
