@@ -67,7 +67,7 @@ from ..ops import (
     backend_key,
     register_attention_autograd,
 )
-from ..plan import DilatedPlan, HeadGroup, num_dilated_positions
+from ..plan import Branch, DilatedPlan, HeadGroup, num_dilated_positions
 from ..segments import (
     merge_lse_,
     merges_blocks,
@@ -76,6 +76,7 @@ from ..segments import (
     token_major,
 )
 from .comm import RingComm, RingStats, stats_by_key
+from .sequence import shard_runs
 from .validation import (
     check_ring_call,
     check_ring_call_locally,
@@ -195,6 +196,29 @@ def ring_merges_blocks(branches: tuple[RingBranch, ...]) -> bool:
     return merges_blocks((g.heads.heads, b.size) for b in branches for g in b.head_groups)
 
 
+def _piece_groups(
+    branch: Branch, pieces: Sequence[tuple[int, int]], query: tuple[int, int] | None = None
+) -> tuple[PieceGroup, ...]:
+    """Per head group of ``branch``: the offsets and counts of the members' pieces, each
+    ``(first token in the segment, length)``; ``query``: this rank's query piece, when it
+    is not its K/V piece. Position ``p`` of a segment is dilated for offset ``o`` iff
+    ``p mod r == o``, so a piece starting at ``t`` has its first at ``(o - t) mod r``."""
+    r = branch.dilation_rate
+
+    def count(hg: HeadGroup, piece: tuple[int, int]) -> int:
+        return num_dilated_positions(piece[1], r, (hg.offset - piece[0]) % r)
+
+    return tuple(
+        PieceGroup(
+            hg,
+            offsets=tuple((hg.offset - t) % r for t, _ in pieces),
+            counts=tuple(count(hg, p) for p in pieces),
+            query=None if query is None else ((hg.offset - query[0]) % r, count(hg, query)),
+        )
+        for hg in branch.head_groups
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def ring_layout(
     plan: DilatedPlan, local_len: int, world_size: int, rank: int, base: int = 0
@@ -219,18 +243,9 @@ def ring_layout(
             first = (rank // g) * g
             ring = tuple(range(base + first, base + min(first + g, world_size)))
             position, piece = rank - first, local_len
-            # Position p of the segment is dilated for offset o iff p mod r == o; piece c
-            # starts at p = c*L, so its first dilated position is (o - c*L) mod r.
-            starts = tuple(c * local_len for c in range(len(ring)))
+            starts = tuple(c * local_len for c in range(len(ring)))  # piece c starts at c*L
             piece_starts = tuple((first + c) * local_len for c in range(len(ring)))
-        groups = tuple(
-            PieceGroup(
-                heads=hg,
-                offsets=tuple((hg.offset - s) % r for s in starts),
-                counts=tuple(num_dilated_positions(piece, r, (hg.offset - s) % r) for s in starts),
-            )
-            for hg in branch.head_groups
-        )
+        groups = _piece_groups(branch, [(s, piece) for s in starts])
         branches.append(
             RingBranch(w, r, piece, ring, position, groups, piece_starts, index=len(branches))
         )
@@ -291,10 +306,7 @@ def document_ring_layout(
 
         def local(start: int, length: int, count: int, w: int = w, r: int = r, branch=branch,
                   index: int = index):  # fmt: skip
-            groups = tuple(
-                PieceGroup(hg, (hg.offset,), (num_dilated_positions(length, r, hg.offset),))
-                for hg in branch.head_groups
-            )
+            groups = _piece_groups(branch, [(0, length)])
             span = (start - lo, start - lo + length * count)
             return RingBranch(w, r, length, (base + rank,), 0, groups, (start,), span, index=index)
 
@@ -303,16 +315,8 @@ def document_ring_layout(
             members = range(first // L, (last - 1) // L + 1)  # the ranks holding [first, last)
             starts = [max(first, c * L) for c in members]
             lengths = [min(last, (c + 1) * L) - s for c, s in zip(members, starts, strict=True)]
-            groups = tuple(
-                PieceGroup(
-                    hg,
-                    offsets=tuple((hg.offset - (s - first)) % r for s in starts),
-                    counts=tuple(
-                        num_dilated_positions(n, r, (hg.offset - (s - first)) % r)
-                        for s, n in zip(starts, lengths, strict=True)
-                    ),
-                )
-                for hg in branch.head_groups
+            groups = _piece_groups(
+                branch, [(s - first, n) for s, n in zip(starts, lengths, strict=True)]
             )
             position = rank - members[0]
             span = (starts[position] - lo, starts[position] - lo + lengths[position])
@@ -414,21 +418,8 @@ def zigzag_ring_layout(
                 if kv_chunks != query_chunks:
                     qp = piece(q_of.get(rank))
                     query_span = (qp[2], qp[2] + qp[1])
-                groups = tuple(
-                    PieceGroup(
-                        hg,
-                        offsets=tuple((hg.offset - t) % r for t, _, _ in kv),
-                        counts=tuple(
-                            num_dilated_positions(n_m, r, (hg.offset - t) % r) for t, n_m, _ in kv
-                        ),
-                        query=None
-                        if qp is None
-                        else (
-                            (hg.offset - qp[0]) % r,
-                            num_dilated_positions(qp[1], r, (hg.offset - qp[0]) % r),
-                        ),
-                    )  # fmt: skip
-                    for hg in branch.head_groups
+                groups = _piece_groups(
+                    branch, [(t, n_m) for t, n_m, _ in kv], None if qp is None else qp[:2]
                 )
                 starts = tuple(S + t for t, _, _ in kv)
                 return RingBranch(
@@ -1193,12 +1184,10 @@ def ring_dilated_attention(
     )
 
 
-def _shard_positions(layout: str, L: int, size: int, position: int) -> tuple[tuple[int, int], ...]:
-    """The tokens ring member ``position`` holds, as (first token, count) runs in order."""
-    if layout == "zigzag":
-        C = L // 2
-        return ((position * C, C), ((2 * size - 1 - position) * C, C))
-    return ((position * L, L),)
+def _packed_backend(q: Tensor, plan: DilatedPlan, is_causal: bool, backend: str | Backend):
+    """The backend ``dilated_attention`` picks for a packed training call of ``q``'s shard."""
+    call = _attention_call(q, plan, is_causal, 0.0, False, True, packed=True)
+    return select_backend(backend, call)
 
 
 def _local_documents(bounds: tuple[int, ...], L: int, size: int, rank: int) -> Tensor | None:
@@ -1240,13 +1229,12 @@ def _ring_setup(
         branches = zigzag_ring_layout(plan, L, size, position, base=base, is_causal=is_causal)
     else:
         branches = ring_layout(plan, L, size, position, base=base)
+    scale = D**-0.5 if scale is None else float(scale)
     if inner is not None:  # the shard's whole documents: one packed call, as on one device
-        packed = _attention_call(q, plan, is_causal, 0.0, False, True, packed=True)
-        inner_backend = select_backend(backend, packed)
+        inner_backend = _packed_backend(q, plan, is_causal, backend)
         inner_context = ForwardContext(
-            plan=plan, scale=D**-0.5 if scale is None else float(scale), is_causal=is_causal,
-            documents=inner[2],
-        )  # fmt: skip
+            plan=plan, scale=scale, is_causal=is_causal, documents=inner[2]
+        )
     call = AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -1258,7 +1246,7 @@ def _ring_setup(
     )
     return RingSetup(
         branches=branches,
-        scale=D**-0.5 if scale is None else float(scale),
+        scale=scale,
         is_causal=is_causal,
         group=group,
         ops=select_block_ops(backend, call),
@@ -1271,7 +1259,7 @@ def _ring_setup(
         inner=inner,
         inner_backend=inner_backend,
         inner_context=inner_context,
-        positions=_shard_positions(layout if bounds is None else "contiguous", L, size, position),
+        positions=shard_runs(layout if bounds is None else "contiguous", L, size, position),
     )
 
 
@@ -1390,9 +1378,8 @@ def _op_setup(
         local = _local_documents(bounds, q.shape[1], size, dist.get_rank(group))
     stats = stats_by_key(s["stats"])
     scale = q.shape[-1] ** -0.5 if s["scale"] is None else float(s["scale"])
-    if local is not None:  # chosen as dilated_attention chooses for a packed training call
-        call = _attention_call(q, plan, s["is_causal"], 0.0, False, True, packed=True)
-        key = backend_key(select_backend(backend, call))
+    if local is not None:
+        key = backend_key(_packed_backend(q, plan, s["is_causal"], backend))
         return _OpCall(s, stats, scale, local=local, backend=key)
     setup = _ring_setup(
         q, plan, group, size, is_causal=s["is_causal"], scale=s["scale"], backend=backend,

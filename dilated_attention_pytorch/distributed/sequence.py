@@ -16,6 +16,18 @@ from .validation import LAYOUTS, resolve_group
 _GATHER_TAG = 2
 
 
+def shard_runs(
+    layout: str, local_len: int, num_ranks: int, rank: int
+) -> tuple[tuple[int, int], ...]:
+    """The tokens ring member ``rank`` holds, as ``(first token, count)`` runs in storage
+    order: one run with ``"contiguous"``, chunks ``rank`` and ``2k-1-rank`` of ``L/2``
+    tokens with ``"zigzag"``."""
+    if layout == "zigzag":
+        C = local_len // 2
+        return ((rank * C, C), ((2 * num_ranks - 1 - rank) * C, C))
+    return ((rank * local_len, local_len),)
+
+
 def zigzag_order(seq_len: int, num_ranks: int, device: torch.device | str | None = None) -> Tensor:
     """The positions of a sequence in the zigzag layout, shard after shard.
 
@@ -34,10 +46,9 @@ def zigzag_order(seq_len: int, num_ranks: int, device: torch.device | str | None
             f"its length must be a multiple of {2 * num_ranks}, got {seq_len}; pad the "
             f"sequence or use layout='contiguous'."
         )
-    chunk = seq_len // (2 * num_ranks)
-    chunks = torch.arange(seq_len, device=device).view(2 * num_ranks, chunk)
-    order = [c for i in range(num_ranks) for c in (i, 2 * num_ranks - 1 - i)]
-    return chunks[order].reshape(-1)
+    L = seq_len // num_ranks
+    runs = [run for i in range(num_ranks) for run in shard_runs("zigzag", L, num_ranks, i)]
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in runs])
 
 
 def shard_sequence(
