@@ -110,21 +110,31 @@ def check_zigzag(plan: DilatedPlan, local_len: int, packed: bool) -> None:
             "layout='zigzag' does not take cu_seqlens: packed documents are laid out "
             "contiguously (their segments follow the documents); pass layout='contiguous'."
         )
+    problem = zigzag_problem(plan.segment_lengths, plan.dilation_rates, local_len)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def zigzag_problem(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], local_len: int
+) -> str | None:
+    """Why shards of ``local_len`` tokens cannot take the zigzag layout, or None."""
     if local_len % 2:
-        raise ValueError(
+        return (
             f"layout='zigzag' holds two halves of the sequence on every rank, so the shard "
             f"length L = N/k must be even, got L = {local_len}; pad the sequence or use "
             f"layout='contiguous'."
         )
     half = local_len // 2
-    for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates, strict=True)):
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates, strict=True)):
         if w <= half and half % w:
-            raise ValueError(
+            return (
                 f"branch {i} (segment length {w}, dilation {r}) does not tile half a shard: "
                 f"with layout='zigzag' each rank holds two chunks of L/2 = {half} tokens, and "
                 f"a segment length w <= L/2 must divide L/2; choose N so that {w} divides "
                 f"N/(2k), or use layout='contiguous'."
             )
+    return None
 
 
 def check_ring_size_divides(ring_size: object, world_size: int) -> int:

@@ -31,6 +31,7 @@ from ..distributed.validation import (
     check_ring_size_divides,
     distributed_not_ready,
     resolve_group,
+    zigzag_problem,
 )
 from ..modules import DilatedAttention, MultiheadDilatedAttention
 from ..validation import check_bool, check_choice, check_positive_float, check_ring_size
@@ -358,11 +359,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             return self.layout
         if not is_causal or already_split or packed:
             return "contiguous"
-        if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % (2 * size):
+        if not isinstance(query, Tensor) or query.dim() < 2 or query.shape[1] % size:
             return "contiguous"
         N = query.shape[1]
         half = N // (2 * size)
-        fits = all(w > half or half % w == 0 for w in self.segment_lengths)
+        fits = zigzag_problem(self.segment_lengths, self.dilation_rates, N // size) is None
         # Balanced only when the segments of every branch spanning chunks are mirrored
         # about the middle of the sequence (w divides N, or one segment holds it all);
         # otherwise zigzag moves more bytes for no gain (e.g. w = 2L on 3 ranks).
