@@ -26,6 +26,16 @@ Sections:
    recomputed (``use_checkpointing=True``), each whole layer recomputed
    (``torch.utils.checkpoint``): peak memory and forward+backward time.
 
+3. ``layer_vs_dense`` (one GPU): the demo's layer, ``MultiheadDilatedAttention``
+   (``E = H * D``, LongNet branches ``w = base * 2**i``, ``r = 2**i``, i = 0..4, causal),
+   with ``recompute_qkv=True`` (the default) and ``False``, next to the same layer with
+   one dense ``scaled_dot_product_attention`` call, at doubling ``N`` from
+   ``--min-tokens``: peak memory (input, parameters and gradients included; the output
+   is reduced by ``.sum()`` as in the demo), the estimate and forward+backward time.
+4. ``scale`` (one GPU): the largest ``N`` (a multiple of ``--scale-step``) at which one
+   ``--scale-embed``/``--scale-heads`` layer (default 768/12, the LongNet branches above,
+   ``recompute_qkv`` either way) runs forward+backward: doubling, then bisection.
+
 ``--recorded FILE`` skips the GPU work: it recomputes the estimate for every
 non-causal row of a ``benchmarks/bench_ring.py`` JSON (whose peaks were measured the
 same way) and prints the comparison.
@@ -45,6 +55,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,12 +65,14 @@ from bench_ring import longnet_schedule, max_over, print_table, ring_sizes
 from measure import GiB, PeakMemory, result_path, stamp, time_ms, write_json
 
 from dilated_attention_pytorch import (
+    DilatedAttentionConfig,
     DistributedRingAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
     StandardRingAttention,
     get_memory_estimate,
 )
+from dilated_attention_pytorch.models import DenseAttention
 
 Tensor = torch.Tensor
 
@@ -283,10 +296,128 @@ def summary(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _demo_layers(
+    args: argparse.Namespace, device: torch.device, embed_dim: int, num_heads: int
+) -> dict[str, MultiheadDilatedAttention]:
+    """The demo's layer with ``recompute_qkv`` on and off, and with dense SDPA."""
+    cfg = DilatedAttentionConfig.geometric(
+        base_segment_length=args.base, num_branches=5, embed_dim=embed_dim, num_heads=num_heads
+    )
+    factory = {"device": device, "dtype": args.dtype}
+    torch.manual_seed(0)
+    layers = {
+        "recompute_qkv": MultiheadDilatedAttention(**cfg.multihead_kwargs(), **factory),
+        "separate_nodes": MultiheadDilatedAttention(
+            **cfg.multihead_kwargs(), recompute_qkv=False, **factory
+        ),
+        "dense_sdpa": MultiheadDilatedAttention(
+            embed_dim, num_heads, attention=DenseAttention(), **factory
+        ),
+    }
+    state = layers["recompute_qkv"].state_dict()
+    for layer in layers.values():
+        layer.load_state_dict(state)
+    return layers
+
+
+def _layer_step(layer: MultiheadDilatedAttention, x: Tensor) -> None:
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    out, _ = layer(x, is_causal=True)
+    out.sum().backward()
+
+
+def layer_vs_dense(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Peak memory and time of the single-GPU layer, both ways, and of dense SDPA."""
+    if dist.get_world_size() > 1:
+        return [{"error": "one GPU only: run without torchrun"}]
+    E, H = args.heads * args.head_dim, args.heads
+    layers = _demo_layers(args, device, E, H)
+    capacity = (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    )
+    rows, N, skip = [], args.min_tokens, set()
+    while N <= args.max_tokens:
+        x = torch.randn(args.batch, N, E, device=device, dtype=args.dtype, requires_grad=True)
+        row: dict[str, Any] = {"seq_len": N}
+        for name, layer in layers.items():
+            if name in skip:
+                continue
+            if name != "dense_sdpa":
+                est = layer.get_memory_estimate(N, args.batch)["bytes_per_device"]
+                row[f"{name}_estimate_gib"] = est / GiB
+                if capacity is not None and est > args.fill * capacity:
+                    skip.add(name)
+                    continue
+            elif N > args.dense_max_tokens:
+                continue
+            try:
+                _layer_step(layer, x)  # warm-up: kernels, cuDNN plans
+                row[f"{name}_gib"] = _peak_of(partial(_layer_step, layer, x), device) / GiB
+                row[f"{name}_ms"] = time_ms(partial(_layer_step, layer, x), device, reps=args.iters)
+            except torch.cuda.OutOfMemoryError:
+                row[f"{name}_gib"] = "out of memory"
+                skip.add(name)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        dense = row.get("dense_sdpa_gib")
+        if isinstance(dense, float) and isinstance(row.get("recompute_qkv_gib"), float):
+            row["recompute_vs_dense"] = row["recompute_qkv_gib"] / dense
+        rows.append(row)
+        if len(skip) == len(layers):
+            break
+        N *= 2
+    return rows
+
+
+def scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The largest N whose forward+backward fits, per ``recompute_qkv`` setting."""
+    if dist.get_world_size() > 1 or device.type != "cuda":
+        return [{"error": "one GPU only (CUDA, without torchrun)"}]
+    layers = _demo_layers(args, device, args.scale_embed, args.scale_heads)
+    rows = []
+    for name in ("recompute_qkv", "separate_nodes"):
+        layer = layers[name]
+
+        def fits(N: int, layer=layer) -> float | None:
+            try:
+                x = torch.randn(1, N, args.scale_embed, device=device, dtype=args.dtype,
+                                requires_grad=True)  # fmt: skip
+                return _peak_of(partial(_layer_step, layer, x), device) / GiB
+            except torch.cuda.OutOfMemoryError:
+                return None
+            finally:
+                x = None
+                torch.cuda.empty_cache()
+
+        step, lo, hi, peak = args.scale_step, 0, None, None
+        N = step
+        while hi is None:  # doubling until out of memory
+            got = fits(N)
+            if got is None:
+                hi = N
+            else:
+                lo, peak, N = N, got, N * 2
+        while hi - lo > step:  # bisection on multiples of step
+            mid = (lo + hi) // 2 // step * step
+            got = fits(mid)
+            if got is None:
+                hi = mid
+            else:
+                lo, peak = mid, got
+        rows.append({"layer": f"{args.scale_embed}/{args.scale_heads}", "mode": name,
+                     "largest_seq_len": lo, "peak_gib": peak, "first_out_of_memory": hi})  # fmt: skip
+    return rows
+
+
 COLUMNS = {
     "estimate_vs_measured": ["what", "ring_size", "tokens_per_gpu", "seq_len", "estimate_gib", "measured_gib", "error", "peak_phase"],
     "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_none", "error"],
+    "layer_vs_dense": ["seq_len", "recompute_qkv_gib", "recompute_qkv_estimate_gib", "recompute_qkv_ms", "separate_nodes_gib", "separate_nodes_estimate_gib", "separate_nodes_ms", "dense_sdpa_gib", "dense_sdpa_ms", "recompute_vs_dense"],
+    "scale": ["layer", "mode", "largest_seq_len", "peak_gib", "first_out_of_memory", "error"],
 }  # fmt: skip
+DEFAULT_SECTIONS = ["estimate_vs_measured", "checkpointing"]
 
 
 def main() -> None:
@@ -311,7 +442,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    parser.add_argument("--sections", nargs="+", default=DEFAULT_SECTIONS, choices=list(COLUMNS))
+    parser.add_argument(
+        "--dense-max-tokens", type=int, default=1 << 19, help="layer_vs_dense: last N of dense"
+    )
+    parser.add_argument("--scale-embed", type=int, default=768)
+    parser.add_argument("--scale-heads", type=int, default=12)
+    parser.add_argument("--scale-step", type=int, default=1 << 19, help="scale: N granularity")
     args = parser.parse_args()
     args.dtype = torch.bfloat16
 
@@ -348,7 +485,12 @@ def main() -> None:
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
     }
     path = result_path(args.out, "memory", device, f"{world_size}gpu")
-    sections = {"estimate_vs_measured": estimate_vs_measured, "checkpointing": checkpointing}
+    sections = {
+        "estimate_vs_measured": estimate_vs_measured,
+        "checkpointing": checkpointing,
+        "layer_vs_dense": layer_vs_dense,
+        "scale": scale,
+    }
     for section in args.sections:
         start = time.perf_counter()
         try:

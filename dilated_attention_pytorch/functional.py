@@ -282,6 +282,32 @@ def _max_seqlen_tensor(max_seqlen: object) -> Tensor | None:
     return torch.tensor(max_seqlen, dtype=torch.int64)
 
 
+def forward_context(
+    plan: DilatedPlan,
+    head_dim: int,
+    *,
+    scale: float | None,
+    is_causal: bool,
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    documents: tuple[int, ...] | None,
+) -> tuple[Tensor, ForwardContext]:
+    """The dropout seed tensor and the backend's context of one call. The seed is drawn
+    from the default generator, once per call (only with dropout), so that the backward
+    (and a ring) drops the same entries; eager callers store ``int(seed)`` in the
+    context's ``seed`` (the compiled operator reads the tensor)."""
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    fctx = ForwardContext(
+        plan=plan,
+        scale=head_dim**-0.5 if scale is None else float(scale),
+        is_causal=is_causal,
+        dropout_p=float(dropout_p),
+        key_padding_mask=key_padding_mask,
+        documents=documents,
+    )
+    return seed, fctx
+
+
 def _attend(
     q: Tensor,
     k: Tensor,
@@ -323,17 +349,10 @@ def _attend(
         if not return_lse:
             return torch.cat(parts, dim=1)
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
-    # The dropout seed is drawn from the default generator, once per call, so that the
-    # backward (and a ring) drops the same entries.
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-    fctx = ForwardContext(
-        plan=plan,
-        scale=D**-0.5 if scale is None else float(scale),
-        is_causal=is_causal,
-        dropout_p=float(dropout_p),
-        key_padding_mask=key_padding_mask,
-        documents=documents,
-    )
+    seed, fctx = forward_context(
+        plan, D, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+        key_padding_mask=key_padding_mask, documents=documents,
+    )  # fmt: skip
     if torch.compiler.is_compiling():
         # Under torch.compile: one opaque custom operator (backend_key names the backend:
         # a registered name, or e.g. "pytorch:math" for PyTorchBackend(kernel="math")).

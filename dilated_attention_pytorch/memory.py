@@ -17,6 +17,7 @@ block's results stay alive while the next block runs; the replay keeps them too.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -26,7 +27,8 @@ from .backends import AttentionCall, available_backends, get_backend
 from .backends.blocks import _MAX_SCORE_ELEMENTS, compute_dtype
 from .distributed.ring_dilated_attention import _held_origin, ring_layout, ring_merges_blocks
 from .distributed.validation import check_shard_length
-from .plan import DilatedPlan, make_plan, num_dilated_positions
+from .plan import DilatedPlan, heads_plan, make_plan, num_dilated_positions
+from .projected import head_chunks
 from .segments import heads_merge_branches
 from .validation import (
     SUPPORTED_DTYPES,
@@ -423,7 +425,7 @@ def _single_blocks(cfg: _Config, N: int) -> list[_Block]:
     for branch in cfg.plan.branches:
         w, r = branch.segment_length, branch.dilation_rate
         for group in branch.head_groups:
-            dense = r == 1 and group.num_heads == cfg.H
+            dense = r == 1 and group.num_heads == cfg.H and not cfg.extra.get("interleaved")
             for bb, n, adjacent in _segment_view_shapes(cfg.B, N, w, r, group.offset):
                 blocks.append(_Block(bb, n, n, group.num_heads, dense, adjacent))
     return blocks
@@ -491,24 +493,17 @@ def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
 
 
 def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
-    """``dilated_backward``. The fp32 accumulators of a chunk stay bound to ``dk_acc``,
-    ``dv_acc`` and ``dq_acc`` after ``del accs``, so three are live in a chunk, and the
-    next chunk's ``dk_acc, dv_acc = zeros(), zeros()`` is allocated before the previous
-    three are released (five at once)."""
+    """``dilated_backward``: per head chunk, the dK/dV pass's two fp32 accumulators, freed
+    before the dQ pass's one."""
     grads = tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
-    bound: dict[str, int | None] = {}
     if multi:
         for lo, hi in chunks:
             size = cfg.B * N * (hi - lo) * cfg.D * 4
-            dk_acc, dv_acc = tl.new("accumulators", size), tl.new("accumulators", size)
-            tl.free(bound.pop("dk", None), bound.pop("dv", None))
-            bound["dk"], bound["dv"] = dk_acc, dv_acc
-            dq_acc = tl.new("accumulators", size)
-            tl.free(bound.pop("dq", None))
-            bound["dq"] = dq_acc
-    tl.free(*bound.values(), delta)
+            tl.free(tl.new("accumulators", size), tl.new("accumulators", size))
+            tl.free(tl.new("accumulators", size))
+    tl.free(delta)
     return grads
 
 
@@ -804,14 +799,77 @@ class _AttentionMirror:
         return tuple(whole)
 
 
+def _chunk_config(cfg: _Config, N: int, first: int, stop: int) -> _Config:
+    """The config of the backend's call on query heads ``[first, stop)`` (the recomputing
+    layer's backward): the part of the plan they run; their q, k, v are views of one
+    matmul output (the math path's operands are then never dense)."""
+    plan = heads_plan(cfg.plan, first, stop)
+    H = stop - first
+    extra = {"interleaved": True}
+    if cfg.kernel == "triton":
+        sched = _schedule(plan)
+        extra.update(triton_multi=sched.multi,
+                     triton_chunks=_head_chunks(sched.multi, cfg.B, N, H, cfg.D))  # fmt: skip
+    return dataclasses.replace(cfg, H=H, plan=plan, extra=extra)
+
+
+def _mirror_projected_forward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
+    """``projected._ProjectedAttentionFunction.forward``: q, k, v from one matmul (the
+    concatenated weight and bias copied first), the backend's forward per head chunk
+    copied into the whole output and LSE, q, k, v freed."""
+    s, N = cfg.itemsize, attn.whole
+    weight, bias = tl.new("temporaries", 3 * E * E * s), tl.new("temporaries", 3 * E * s)
+    qkv = tl.new("temporaries", 3 * cfg.qkv_bytes(N))
+    tl.free(weight, bias)
+    mirror = _mirror_triton_forward if cfg.kernel == "triton" else _mirror_pytorch_forward
+    attn.out = attn.lse = None
+    for first, stop in head_chunks(cfg.H, 1):
+        c = _chunk_config(cfg, N, first, stop)
+        out_c, lse_c = mirror(tl, c, N)
+        if attn.out is None:
+            lse_item = 4 if cfg.kernel == "triton" else None
+            attn.out = tl.new("output", cfg.qkv_bytes(N))
+            attn.lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, lse_item))
+        tl.free(out_c, lse_c)
+    attn.qkv, attn.copies, attn.out_shard = [], [], None
+    tl.free(qkv)
+
+
+def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
+    """``projected._ProjectedAttentionFunction.backward``: per head chunk, q, k, v
+    recomputed in one matmul and the backend's backward on the chunk, its gradients
+    copied into ``[dq | dk | dv]``; then ``dx`` and the weight and bias gradients."""
+    s, N = cfg.itemsize, attn.whole
+    dqkv = tl.new("gradients", 3 * cfg.qkv_bytes(N))
+    for first, stop in head_chunks(cfg.H, 1):
+        c = _chunk_config(cfg, N, first, stop)
+        weight = tl.new("temporaries", 3 * (stop - first) * cfg.D * E * s)
+        bias = tl.new("temporaries", 3 * (stop - first) * cfg.D * s)
+        qkv = tl.new("temporaries", 3 * c.qkv_bytes(N))
+        tl.free(weight, bias)
+        if cfg.kernel == "triton":
+            grads = _mirror_triton_backward(tl, c, N)
+        else:
+            grads = _mirror_pytorch_backward(tl, c, N)
+        tl.free(qkv, *grads)
+    weight = tl.new("temporaries", 3 * E * E * s)  # torch.cat(weights)
+    tl.new("gradients", cfg.B * N * E * s)  # dx
+    tl.free(weight)
+    tl.new("gradients", 3 * E * E * s)  # the weight gradients, one matmul
+    tl.new("gradients", 3 * E * s)  # the bias gradients
+    tl.free(dqkv)
+
+
 def _replay(
     cfg: _Config, N: int, ring: int, split: bool, rank: int, with_backward: bool,
-    embed_dim: int | None,
+    embed_dim: int | None, recompute: bool = False,
 ) -> _Timeline:  # fmt: skip
     """The timeline of one call on ``rank``.
 
     The caller holds the inputs, the output and the output's gradient (as in
     ``out.backward(grad)``); what it does with the gradients afterwards is not counted.
+    ``recompute``: the multi-head layer recomputes q, k, v in its backward
+    (``recompute_qkv=True``, single device).
     """
     tl = _Timeline()
     attn = _AttentionMirror(tl, cfg, N, ring, split, rank)
@@ -835,7 +893,10 @@ def _replay(
     tl.new("parameters", 2 * E * s)  # LayerNorm weight and bias
     tl.phase = "forward"
     tl.new("inputs", act)  # x
-    attn.forward("saved_tensors")  # q/k/v_proj outputs are the attention's q, k, v
+    if recompute:
+        _mirror_projected_forward(tl, cfg, attn, E)
+    else:
+        attn.forward("saved_tensors")  # q/k/v_proj outputs are the attention's q, k, v
     tl.move(attn.out, "saved_tensors")  # saved by the attention and by the LayerNorm
     normed = tl.new("saved_tensors", act)  # LayerNorm output, saved by out_proj
     stats = tl.new("saved_tensors", 2 * cfg.B * attn.whole * cfg.acc)  # LayerNorm mean, rstd
@@ -852,6 +913,10 @@ def _replay(
     d_attn = tl.new("output_grad", act)  # LayerNorm backward: the attention's dout
     tl.new("gradients", 2 * E * s)
     tl.free(d_normed, stats)
+    if recompute:
+        _mirror_projected_backward(tl, cfg, attn, E)
+        tl.free(d_attn, attn.out, attn.lse)
+        return tl
     if attn.out_shard is not None:
         # The gathered output is saved by the LayerNorm alone (the ring saves its shard).
         tl.free(attn.out)
@@ -937,10 +1002,10 @@ def _ranks(ring: int) -> list[int]:
 
 
 def _peak(cfg: _Config, N: int, ring: int, split: bool, with_backward: bool,
-          embed_dim: int | None) -> tuple[_Timeline, int]:  # fmt: skip
+          embed_dim: int | None, recompute: bool = False) -> tuple[_Timeline, int]:  # fmt: skip
     best: tuple[_Timeline, int] | None = None
     for rank in _ranks(ring):
-        tl = _replay(cfg, N, ring, split, rank, with_backward, embed_dim)
+        tl = _replay(cfg, N, ring, split, rank, with_backward, embed_dim, recompute)
         if best is None or tl.peak > best[0].peak:
             best = (tl, rank)
     assert best is not None
@@ -969,6 +1034,7 @@ def get_memory_estimate(
     already_split: bool = True,
     embed_dim: int | None = None,
     with_backward: bool = True,
+    recompute_qkv: bool = True,
 ) -> dict:
     """Per-rank memory of one forward (+ backward) of this library's dilated attention.
 
@@ -1043,6 +1109,10 @@ def get_memory_estimate(
         embed_dim: count the multi-head layer with this width (``embed_dim ==
             num_heads * head_dim``); ``None`` for the attention alone.
         with_backward: count the backward too; ``False`` for a forward under ``no_grad``.
+        recompute_qkv: with ``embed_dim`` and ``ring_size=1``: the layer's
+            ``recompute_qkv`` (default ``True``: its backward recomputes q, k, v a few
+            heads at a time instead of keeping them; see
+            :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`).
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):
@@ -1081,6 +1151,7 @@ def get_memory_estimate(
     k = check_positive_int("ring_size", ring_size)
     split = check_bool("already_split", already_split)
     with_backward = check_bool("with_backward", with_backward)
+    recompute_qkv = check_bool("recompute_qkv", recompute_qkv)
     dtype = _check_dtype(dtype)
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
     backend = _check_backend(backend, dtype, D, plan, with_backward)
@@ -1101,7 +1172,10 @@ def get_memory_estimate(
         check_shard_length(plan, N // k, k)
 
     cfg = _config(B, N, H, D, k, plan, dtype, backend)
-    tl, rank = _peak(cfg, N, k, split, with_backward, embed_dim)
+    # The single-device layer recomputes q, k, v in training (MultiheadDilatedAttention
+    # with recompute_qkv=True; under no_grad it runs the projections as usual).
+    recompute = recompute_qkv and embed_dim is not None and k == 1 and with_backward
+    tl, rank = _peak(cfg, N, k, split, with_backward, embed_dim, recompute)
     if k == 1:
         reduction = 1.0
     else:

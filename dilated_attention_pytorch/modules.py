@@ -17,6 +17,7 @@ from .decoding import DilatedKVCache, cached_dilated_attention
 from .functional import dilated_attention
 from .memory import get_memory_estimate
 from .plan import DilatedPlan, make_plan
+from .projected import projected_attention
 from .validation import (
     check_backend_name,
     check_bool,
@@ -26,6 +27,7 @@ from .validation import (
     check_gamma_init,
     check_head_split,
     check_input_dtype,
+    check_is_causal,
     check_num_kv_heads,
     check_scale,
     validate_branches,
@@ -253,6 +255,14 @@ class MultiheadDilatedAttention(nn.Module):
             ``None``.
         bias: add biases to the four projections.
         layer_norm: apply the sub-LayerNorm before ``out_proj``.
+        recompute_qkv: keep only the input, not the projected q, k, v, for the backward,
+            which recomputes them a few heads at a time (three more projection matmuls;
+            the layer's peak memory in training drops by about half: the backward never
+            holds q, k, v, their gradients and the attention's fp32 accumulators for all
+            heads at once). Applies to self-attention (``key`` and ``value`` the query or
+            ``None``) with the default inner :class:`DilatedAttention`, in eager mode
+            without autocast; other calls run the projections and the attention as
+            separate autograd nodes. Results are the same either way.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
 
@@ -278,10 +288,12 @@ class MultiheadDilatedAttention(nn.Module):
         gamma_init: float = 1.0,
         scale: float | None = None,
         backend: str = "auto",
+        recompute_qkv: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.recompute_qkv = check_bool("recompute_qkv", recompute_qkv)
         self.head_dim = check_head_split(embed_dim, num_heads)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -426,15 +438,69 @@ class MultiheadDilatedAttention(nn.Module):
             check_input_dtype(name, t, self.q_proj.weight.dtype)
         B, N, _ = query.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # q: (B, N, E) -> (B, N, H, D); k, v: (B, N, E) -> (B, N, H_kv, D); views.
-        q = self.q_proj(query).view(B, N, H, D)
-        k = self.k_proj(key).view(key.shape[0], key.shape[1], H_kv, D)
-        v = self.v_proj(value).view(value.shape[0], value.shape[1], H_kv, D)
-        out = self._attend(
-            q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **attention_kwargs
-        )
+        out = None
+        if self._recomputes(query, key, value, attention_kwargs):
+            out = self._projected_attention(query, is_causal, key_padding_mask, attention_kwargs)
+        if out is None:
+            # q: (B, N, E) -> (B, N, H, D); k, v: (B, N, E) -> (B, N, H_kv, D); views.
+            q = self.q_proj(query).view(B, N, H, D)
+            k = self.k_proj(key).view(key.shape[0], key.shape[1], H_kv, D)
+            v = self.v_proj(value).view(value.shape[0], value.shape[1], H_kv, D)
+            out = self._attend(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                **attention_kwargs,
+            )  # fmt: skip
         out = self.norm(out.reshape(B, N, self.embed_dim))
         return self.out_proj(out), None
+
+    def _recomputes(
+        self, query: Tensor, key: Tensor, value: Tensor, attention_kwargs: dict[str, Any]
+    ) -> bool:
+        """Whether this call runs as one node that recomputes q, k, v (``recompute_qkv``)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return (
+            self.recompute_qkv
+            and type(self.attention) is DilatedAttention
+            and type(self)._attend is MultiheadDilatedAttention._attend
+            and key is query
+            and value is query
+            and set(attention_kwargs) <= {"cu_seqlens", "max_seqlen"}
+            and torch.is_grad_enabled()
+            and (
+                query.requires_grad
+                or any(p.requires_grad for m in projections for p in m.parameters())
+            )  # noqa: E501
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(query.device.type)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(query)
+        )
+
+    def _projected_attention(
+        self,
+        x: Tensor,
+        is_causal: bool,
+        key_padding_mask: Tensor | None,
+        attention_kwargs: dict[str, Any],
+    ) -> Tensor | None:
+        attn: DilatedAttention = self.attention  # type: ignore[assignment]
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return projected_attention(
+            x,
+            tuple(p.weight for p in projections),
+            tuple(p.bias for p in projections),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            segment_lengths=attn.segment_lengths,
+            dilation_rates=attn.dilation_rates,
+            branch_mixing=attn.branch_mixing,
+            scale=attn.scale,
+            dropout_p=attn.dropout if attn.training else 0.0,
+            backend=attn.backend,
+            is_causal=check_is_causal(is_causal),
+            key_padding_mask=key_padding_mask,
+            cu_seqlens=attention_kwargs.get("cu_seqlens"),
+            max_seqlen=attention_kwargs.get("max_seqlen"),
+        )
 
     def get_memory_estimate(
         self, seq_len: int, batch_size: int = 1, **kwargs: Any
@@ -445,7 +511,8 @@ class MultiheadDilatedAttention(nn.Module):
         layer's heads, head dim and ``embed_dim`` (self-attention; the input, the
         parameters in their dtype, the projections, the norm, ``out_proj``, the saved
         tensors and every gradient are counted). ``kwargs``: ``dtype`` (default: the
-        parameters' dtype), ``already_split``, ``with_backward``.
+        parameters' dtype), ``already_split``, ``with_backward``; ``recompute_qkv`` is this
+        layer's.
 
         Raises:
             TypeError: the inner attention has no ``get_memory_estimate``.
@@ -468,6 +535,10 @@ class MultiheadDilatedAttention(nn.Module):
             if name in kwargs:
                 raise TypeError(f"{name} is this layer's own; do not pass it.")
         kwargs.setdefault("dtype", self.q_proj.weight.dtype)
+        if isinstance(self.attention, DilatedAttention):
+            # Only the default inner attention recomputes q, k, v (see _recomputes).
+            recomputes = self.recompute_qkv and type(self.attention) is DilatedAttention
+            kwargs.setdefault("recompute_qkv", recomputes)
         return estimate(
             seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs
         )

@@ -28,6 +28,7 @@ groups may then share one offset.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,10 +127,16 @@ class DilatedPlan:
     branch_mixing: str
     branches: tuple[Branch, ...]
     num_kv_heads: int = 0  # K/V heads (0: num_heads, set by __post_init__)
+    # A plan of some heads of a larger one (heads_plan): its head 0 is head ``first_head``
+    # of a plan of ``parent_heads`` heads (0: num_heads). Dropout streams count in those.
+    first_head: int = 0
+    parent_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.parent_heads == 0:
+            object.__setattr__(self, "parent_heads", self.num_heads)
 
     @property
     def kv_group_size(self) -> int:
@@ -321,6 +328,51 @@ def _build_plan(
             heads_needed=heads_for_full_coverage(plan),
         )
     return plan
+
+
+@functools.lru_cache(maxsize=256)
+def heads_plan(plan: DilatedPlan, head_start: int, head_stop: int) -> DilatedPlan:
+    """The part of ``plan`` run by query heads ``[head_start, head_stop)``, as a plan of
+    ``head_stop - head_start`` heads numbered from 0 (K/V heads from
+    ``head_start / (H / H_kv)``).
+
+    Each head keeps its branches and offsets, so running the heads of a plan in parts
+    computes exactly what the whole plan computes (every head's branches are mixed within
+    the head). The bounds must be multiples of ``H / H_kv``, so that the part reads whole
+    K/V heads.
+    """
+    g = plan.kv_group_size
+    if not (0 <= head_start < head_stop <= plan.num_heads) or head_start % g or head_stop % g:
+        raise ValueError(
+            f"heads [{head_start}, {head_stop}) are not a part of a plan of {plan.num_heads} "
+            f"heads in K/V groups of {g}; the bounds must be multiples of {g} within "
+            f"[0, {plan.num_heads}]."
+        )
+    kv0 = head_start // g
+    branches = []
+    for b in plan.branches:
+        groups = []
+        for grp in b.head_groups:
+            heads = [h for h in grp.heads if head_start <= h < head_stop]
+            if not heads:
+                continue
+            first = grp.heads.index(heads[0])
+            kv = grp.kv_heads
+            # Query head i of the group reads K/V head i // kv_share of the group's K/V heads.
+            kv_first = kv[first // grp.kv_share]
+            kv_last = kv[(first + len(heads) - 1) // grp.kv_share]
+            groups.append(
+                HeadGroup(
+                    grp.offset, heads[0] - head_start, heads[-1] + 1 - head_start, grp.head_step,
+                    kv_first - kv0, kv_last + 1 - kv0, grp.kv_step, grp.kv_share,
+                )
+            )  # fmt: skip
+        branches.append(Branch(b.segment_length, b.dilation_rate, tuple(groups)))
+    return DilatedPlan(
+        plan.segment_lengths, plan.dilation_rates, head_stop - head_start, plan.branch_mixing,
+        tuple(branches), (head_stop - head_start) // g, plan.first_head + head_start,
+        plan.parent_heads,
+    )  # fmt: skip
 
 
 def segment_lengths_of(seq_len: int, segment_length: int) -> list[int]:

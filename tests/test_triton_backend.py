@@ -298,3 +298,30 @@ def test_ring_with_triton_block_ops() -> None:
     for rank_results in spawn(_ring_triton_worker, 2, cases):
         for r in rank_results:
             assert r["max_err"] < 2e-5, r  # fp32 dots in the interpreter, as TOL above
+
+
+@interpreted
+@pytest.mark.parametrize("branch_mixing", ["softmax", "head_split"])
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_layer_recomputing_qkv(branch_mixing, kv_heads) -> None:
+    """``MultiheadDilatedAttention(recompute_qkv=True)`` on the Triton kernels: its
+    backward runs the kernels on parts of the plan (heads_plan: chunks starting at heads
+    whose offsets are not 0, the kernels' ``head0``), against the separate nodes."""
+    from dilated_attention_pytorch import MultiheadDilatedAttention
+
+    torch.manual_seed(0)
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        layer = MultiheadDilatedAttention(
+            96, 6, [8, 24], [1, 3], num_kv_heads=kv_heads, branch_mixing=branch_mixing,
+            backend="triton", recompute_qkv=recompute,
+        )  # fmt: skip
+        x = torch.randn(2, 53, 96, requires_grad=True)
+        out, _ = layer(x, is_causal=True)
+        grads = torch.autograd.grad(out, [x, *layer.parameters()], torch.ones_like(out))
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, **TOL)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **TOL)

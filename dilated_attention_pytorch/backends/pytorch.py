@@ -117,12 +117,14 @@ def _dropout_and_mask(ctx: ForwardContext, q: Tensor) -> dict[str, Tensor | None
     }
 
 
-def _block_dropout(ctx: ForwardContext, block: Block, num_heads: int) -> DropoutKeys | None:
+def _block_dropout(ctx: ForwardContext, block: Block) -> DropoutKeys | None:
     ids = block.token_views["ids"]
     if ids is None:
         return None
-    streams = head_streams(block.branch_index, block.group, num_heads, ids.device)
-    return DropoutKeys(ctx.dropout_p, ctx.seed, ids, ids, streams)
+    # A plan of some heads (plan.heads_plan) draws the streams of those heads in the whole.
+    plan = ctx.plan
+    streams = head_streams(block.branch_index, block.group, plan.parent_heads, ids.device)
+    return DropoutKeys(ctx.dropout_p, ctx.seed, ids, ids, streams + plan.first_head)
 
 
 class PyTorchBackend(Backend):
@@ -198,7 +200,7 @@ class PyTorchBackend(Backend):
                 scale=ctx.scale,
                 causal=ctx.is_causal,
                 key_keep=block.token_views["keep"],
-                dropout=_block_dropout(ctx, block, H),
+                dropout=_block_dropout(ctx, block),
                 kernel=self.kernel,
             )
             merge_lse_(t["out"], t["hi"], t["lo"], out_blk, lse_blk)
@@ -238,7 +240,7 @@ class PyTorchBackend(Backend):
                 scale=ctx.scale,
                 causal=ctx.is_causal,
                 key_keep=block.token_views["keep"],
-                dropout=_block_dropout(ctx, block, q.shape[2]),
+                dropout=_block_dropout(ctx, block),
                 kernel=self.kernel,
             )
             t["dq"].add_(dq_blk)

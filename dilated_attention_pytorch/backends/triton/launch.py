@@ -237,19 +237,22 @@ def _launch_backward(
 # --------------------------------------------------------------------------- plan driver
 
 
-def _branch_heads(branch: Branch) -> tuple[int, int]:
-    """``(head_start, head_stop)`` of a branch; checks the plan's offset rule is ours."""
+def _branch_heads(branch: Branch) -> tuple[int, int, int]:
+    """``(head0, head_start, head_stop)`` of a branch: its heads and the head ``head0``
+    (possibly negative) of the kernels' offset rule ``o = (h - head0) % r``; checks that
+    the plan follows that rule."""
     start = min(g.head_start for g in branch.head_groups)
     stop = max(g.head_stop for g in branch.head_groups)
+    r = branch.dilation_rate
+    first = next(g for g in branch.head_groups if g.head_start == start)
+    # A plan of some of a larger plan's heads (plan.heads_plan) starts at any offset.
+    head0 = start - first.offset
     for g in branch.head_groups:
-        # The kernels compute o = (h - start) % r; the plan must agree.
-        if g.offset != (g.head_start - start) % branch.dilation_rate or (
-            g.num_heads > 1 and g.head_step != branch.dilation_rate
-        ):
+        if g.offset != (g.head_start - head0) % r or (g.num_heads > 1 and g.head_step != r):
             raise ValueError(
-                f"plan head group {g} does not follow the offset rule o = (h - {start}) % r"
+                f"plan head group {g} does not follow the offset rule o = (h - {head0}) % r"
             )
-    return start, stop
+    return head0, start, stop
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ class _Schedule:
     final dtype; ``None`` if there is none. ``full``: the outputs need no zero fill.
     """
 
-    branches: tuple[tuple[Branch, int, int], ...]  # (branch, head_start, head_stop)
+    branches: tuple[tuple[Branch, int, int, int], ...]  # (branch, head0, head_start, head_stop)
     multi: bool
     final: int | None
     full: bool
@@ -272,14 +275,14 @@ def _schedule(plan: DilatedPlan) -> _Schedule:
     H = plan.num_heads
     # In head_split mode with fewer heads than branches, some branches run no head.
     items = [(b, *_branch_heads(b)) for b in plan.branches if b.head_groups]
-    items = [it for it in items if it[2] > it[1]]
+    items = [it for it in items if it[3] > it[2]]
     count = [0] * H
-    for _, start, stop in items:
+    for _, _, start, stop in items:
         for h in range(start, stop):
             count[h] += 1
     multi = max(count, default=0) > 1
     final = None
-    for i, (b, start, stop) in enumerate(items):
+    for i, (b, _, start, stop) in enumerate(items):
         if b.dilation_rate == 1 and start == 0 and stop == H:
             final = i
     if final is not None:
@@ -288,7 +291,7 @@ def _schedule(plan: DilatedPlan) -> _Schedule:
         final = len(items) - 1
     # Without multi-coverage, the outputs are complete iff every head runs an r = 1 branch.
     full = final is not None or (
-        not multi and all(count) and all(b.dilation_rate == 1 for b, _, _ in items)
+        not multi and all(count) and all(b.dilation_rate == 1 for b, _, _, _ in items)
     )
     return _Schedule(tuple(items), multi, final, full)
 
@@ -318,7 +321,7 @@ def _launches_for_chunk(
     """Branch index and launch (chunk-relative heads) for every branch touching the chunk;
     with ``documents`` (packed document lengths) each launch carries its segment table."""
     out = []
-    for i, (branch, start, stop) in enumerate(sched.branches):
+    for i, (branch, head0, start, stop) in enumerate(sched.branches):
         lo, hi = max(start, c_lo), min(stop, c_hi)
         if hi <= lo:
             continue
@@ -327,7 +330,7 @@ def _launches_for_chunk(
         if documents is not None:
             segments = _segment_table(tuple(documents), w, device)
             longest = min(w, max(documents, default=0))
-        launch = _Launch(w, w, r, start - c_lo, lo - c_lo, hi - lo, kv_group, segments, longest)
+        launch = _Launch(w, w, r, head0 - c_lo, lo - c_lo, hi - lo, kv_group, segments, longest)
         out.append((i, launch))
     return out
 
@@ -485,7 +488,10 @@ def dilated_backward(
                     dvc.copy_(accs[2])
                 else:
                     dqc.copy_(accs[0])
+            # Free this pass's accumulators before the next is allocated: at most two
+            # are live at once.
             del accs
+            dk_acc = dv_acc = dq_acc = None
     return dq, dk, dv
 
 

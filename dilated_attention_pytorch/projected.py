@@ -1,0 +1,230 @@
+"""Self-attention from the layer's input, with q, k and v recomputed in the backward.
+
+:class:`~dilated_attention_pytorch.MultiheadDilatedAttention` (``recompute_qkv=True``, the
+default) runs its q/k/v projections and the dilated attention as one autograd node:
+
+- forward: ``q, k, v = x W_q^T + b_q, ...``, the attention, and only ``x`` (the layer's
+  input, which the projections keep anyway), the attention output and its LSE are kept.
+  q, k and v are freed as soon as the attention has run.
+- backward: a few heads at a time (:func:`head_chunks`), their q, k, v are recomputed from
+  ``x`` in one matmul, the backend's backward runs on those heads alone (a part of the
+  plan: :func:`~dilated_attention_pytorch.plan.heads_plan`; every head's branches are
+  mixed within the head, so this is exact), and their gradients go to one
+  ``[dq | dk | dv]`` buffer. Then one matmul gives ``dx`` and one the weight gradients.
+
+What the layer holds at its peak (the attention's backward) is then the input, the
+attention output and its gradient, ``[dq | dk | dv]`` and one chunk's q, k, v and backend
+buffers, instead of the whole q, k, v, their gradients and the backend's accumulators for
+every head. The price is the three projections' matmuls once more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autograd import first_order_only
+from .backends import Backend, ForwardContext, select_backend
+from .functional import _call, forward_context
+from .ops import _run_backward, _run_forward
+from .plan import DilatedPlan, heads_plan, make_plan
+from .segments import token_major
+from .validation import check_cu_seqlens, check_key_padding_mask
+
+__all__ = ["HEAD_CHUNKS", "head_chunks", "projected_attention"]
+
+# The backward recomputes q, k, v for about 1/HEAD_CHUNKS of the heads at a time: the
+# chunk's q, k, v and the backend's per-chunk buffers (fp32 accumulators) then stay a
+# small fraction of one (B, N, E) activation, while each recompute matmul still reads x
+# once for several heads.
+HEAD_CHUNKS = 8
+
+
+def head_chunks(num_heads: int, kv_group: int) -> list[tuple[int, int]]:
+    """``(first, stop)`` query heads of each chunk of the backward: ``num_heads //
+    HEAD_CHUNKS`` heads (at least one K/V head's ``kv_group`` query heads, and a multiple of
+    them, so that a chunk reads whole K/V heads)."""
+    size = max(kv_group, num_heads // HEAD_CHUNKS // kv_group * kv_group)
+    return [(a, min(num_heads, a + size)) for a in range(0, num_heads, size)]
+
+
+@dataclass
+class _Spec:
+    """Everything but the tensors: shapes, backend and its context."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    backend: Backend
+    fctx: ForwardContext
+
+
+def projected_attention(
+    x: Tensor,
+    weights: tuple[Tensor, Tensor, Tensor],
+    biases: tuple[Tensor | None, Tensor | None, Tensor | None],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    branch_mixing: str,
+    scale: float | None,
+    dropout_p: float,
+    backend: str | Backend,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    cu_seqlens: Tensor | None,
+    max_seqlen: int | None,
+) -> Tensor | None:
+    """``dilated_attention(x W_q^T + b_q, x W_k^T + b_k, x W_v^T + b_v, ...)`` on ``x`` of
+    shape ``(B, N, E)``, as ``(B, N, H, D)``, with q, k, v recomputed in the backward.
+
+    ``weights``: ``W_q (H D, E)``, ``W_k`` and ``W_v`` ``(H_kv D, E)``; ``biases`` the
+    matching biases or ``None``. Returns ``None`` (the caller then runs the projections and
+    the attention as separate nodes) for the one case this node does not reproduce:
+    dropout on packed documents with a backend that runs them one by one (each document
+    then draws its own seed).
+    """
+    B, N, _ = x.shape
+    D = weights[0].shape[0] // num_heads
+    # q's shape, dtype and device (q_proj maps E = H * D features to H heads of D), for
+    # the checks.
+    q_like = x.unflatten(-1, (num_heads, D))
+    key_padding_mask = check_key_padding_mask(key_padding_mask, q_like)
+    documents = None
+    if cu_seqlens is not None:
+        documents = tuple(check_cu_seqlens(cu_seqlens, max_seqlen, q_like, key_padding_mask))
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
+    plan = make_plan(segment_lengths, dilation_rates, num_heads, branch_mixing, num_kv_heads)
+    call = _call(
+        q_like, plan, is_causal, dropout_p, key_padding_mask is not None, True,
+        packed=documents is not None,
+    )  # fmt: skip
+    chosen = select_backend(backend, call)
+    if documents is not None and dropout_p > 0.0 and not chosen.capabilities.packed:
+        return None
+    seed, fctx = forward_context(
+        plan, D, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+        key_padding_mask=key_padding_mask, documents=documents,
+    )  # fmt: skip
+    fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
+    spec = _Spec(num_heads, num_kv_heads, D, chosen, fctx)
+    out, _ = _ProjectedAttentionFunction.apply(x, *weights, *biases, spec)
+    return out
+
+
+def _chunks(spec: _Spec) -> list[tuple[slice, slice, ForwardContext]]:
+    """Per chunk of :func:`head_chunks`: its query heads, its K/V heads and the backend's
+    context for them (the part of the plan they run)."""
+    plan: DilatedPlan = spec.fctx.plan
+    g = spec.num_heads // spec.num_kv_heads
+    return [
+        (
+            slice(first, stop),
+            slice(first // g, stop // g),
+            dataclasses.replace(spec.fctx, plan=heads_plan(plan, first, stop)),
+        )
+        for first, stop in head_chunks(spec.num_heads, g)
+    ]
+
+
+def _qkv_rows(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
+    """Rows of ``W_q`` and of ``W_k``/``W_v`` for query heads ``[first, stop)``."""
+    D, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
+    return slice(first * D, stop * D), slice(first // g * D, stop // g * D)
+
+
+def _project(
+    x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec,
+    first: int, stop: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """q, k, v of query heads ``[first, stop)`` (and their K/V heads) in one matmul, as
+    ``(B, N, heads, D)`` views of its output."""
+    rows_q, rows_kv = _qkv_rows(spec, first, stop)
+    parts = (rows_q, rows_kv, rows_kv)
+    w = torch.cat([wt[rows] for wt, rows in zip(weights, parts)])
+    b = None if biases[0] is None else torch.cat([bt[rows] for bt, rows in zip(biases, parts)])
+    y = F.linear(x, w, b)
+    sizes = [rows.stop - rows.start for rows in parts]
+    return tuple(token_major(t.unflatten(-1, (-1, spec.head_dim))) for t in y.split(sizes, dim=-1))
+
+
+class _ProjectedAttentionFunction(torch.autograd.Function):
+    """``(x, W_q, W_k, W_v, b_q, b_k, b_v) -> (out (B, N, H, D), lse pair)``."""
+
+    @staticmethod
+    def forward(x, wq, wk, wv, bq, bk, bv, spec: _Spec):
+        # One matmul for q, k, v; the attention a chunk of heads at a time, so that the
+        # backend's buffers (fp32 accumulators, block outputs) are a chunk's.
+        q, k, v = _project(x, (wq, wk, wv), (bq, bk, bv), spec, 0, spec.num_heads)
+        out = lse_pair = None
+        for heads, kv_heads, fctx in _chunks(spec):
+            out_c, lse_c = _run_forward(spec.backend, q[:, :, heads], k[:, :, kv_heads],
+                                        v[:, :, kv_heads], fctx)  # fmt: skip
+            if out is None:
+                out = out_c.new_empty(q.shape)
+                lse_pair = lse_c.new_empty(*lse_c.shape[:-1], q.shape[2])
+            out[:, :, heads] = out_c
+            lse_pair[..., heads] = lse_c
+            del out_c, lse_c
+        return out, lse_pair
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, wq, wk, wv, bq, bk, bv, spec = inputs
+        out, lse_pair = output
+        ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(lse_pair)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_only("MultiheadDilatedAttention (recompute_qkv=True)")
+    def backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
+        x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
+        if dout is None:
+            return (None,) * 8
+        spec: _Spec = ctx.spec
+        dout = token_major(dout)
+        weights, biases = (wq, wk, wv), (bq, bk, bv)
+        B, N, E = x.shape
+        D = spec.head_dim
+        widths = [w.shape[0] for w in weights]
+        # [dq | dk | dv] per token: one buffer, so that dx and the weight gradients are one
+        # matmul each.
+        dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
+        grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
+        for heads, kv_heads, fctx in _chunks(spec):
+            q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
+            parts = _run_backward(
+                spec.backend, dout[:, :, heads], q, k, v, out[:, :, heads],
+                lse_pair[:, :, :, heads], fctx,
+            )  # fmt: skip
+            del q, k, v
+            for i, sel in enumerate((heads, kv_heads, kv_heads)):
+                grads[i][:, :, sel].copy_(parts[i])
+            del parts
+        flat = dqkv.view(B * N, -1)
+        need_x, need_w, need_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1:4],
+            ctx.needs_input_grad[4:7],
+        )
+        dx = None
+        if need_x:
+            dx = torch.matmul(flat, torch.cat(weights)).view(B, N, E)
+        dws: list[Tensor | None] = [None] * 3
+        if any(need_w):
+            dw = torch.matmul(flat.t(), x.reshape(B * N, E))
+            dws = [d if need else None for d, need in zip(dw.split(widths), need_w)]
+        dbs: list[Tensor | None] = [None] * 3
+        if any(need_b):
+            db = flat.sum(0)
+            dbs = [d if need else None for d, need in zip(db.split(widths), need_b)]
+        return dx, *dws, *dbs, None
