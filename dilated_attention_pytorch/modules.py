@@ -18,6 +18,7 @@ from .functional import dilated_attention
 from .memory import get_memory_estimate
 from .plan import DilatedPlan, make_plan
 from .projected import projected_attention
+from .rotary import RotaryAttention
 from .validation import (
     check_backend_name,
     check_bool,
@@ -260,8 +261,9 @@ class MultiheadDilatedAttention(nn.Module):
             the layer's peak memory in training drops by about half: the backward never
             holds q, k, v, their gradients and the attention's fp32 accumulators for all
             heads at once). Applies to self-attention (``key`` and ``value`` the query or
-            ``None``) with the default inner :class:`DilatedAttention`, in eager mode
-            without autocast; other calls run the projections and the attention as
+            ``None``) with the default inner :class:`DilatedAttention` (or one inside
+            :class:`~dilated_attention_pytorch.models.RotaryAttention`, as in
+            ``LongNetLM``), in eager mode without autocast; other calls run the projections and the attention as
             separate autograd nodes. Results are the same either way.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
@@ -458,13 +460,16 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> bool:
         """Whether this call runs as one node that recomputes q, k, v (``recompute_qkv``)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        inner, allowed = self.attention, {"cu_seqlens", "max_seqlen"}
+        if type(inner) is RotaryAttention and "rotary" in attention_kwargs:
+            inner, allowed = inner.inner, allowed | {"rotary"}
         return (
             self.recompute_qkv
-            and type(self.attention) is DilatedAttention
+            and type(inner) is DilatedAttention
             and type(self)._attend is MultiheadDilatedAttention._attend
             and key is query
             and value is query
-            and set(attention_kwargs) <= {"cu_seqlens", "max_seqlen"}
+            and set(attention_kwargs) <= allowed
             and torch.is_grad_enabled()
             and (
                 query.requires_grad
@@ -482,7 +487,9 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: Tensor | None,
         attention_kwargs: dict[str, Any],
     ) -> Tensor | None:
-        attn: DilatedAttention = self.attention  # type: ignore[assignment]
+        attn = self.attention
+        if isinstance(attn, RotaryAttention):
+            attn = attn.inner
         projections = (self.q_proj, self.k_proj, self.v_proj)
         return projected_attention(
             x,
@@ -500,6 +507,7 @@ class MultiheadDilatedAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             cu_seqlens=attention_kwargs.get("cu_seqlens"),
             max_seqlen=attention_kwargs.get("max_seqlen"),
+            rotary=attention_kwargs.get("rotary"),
         )
 
     def get_memory_estimate(

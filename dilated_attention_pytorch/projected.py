@@ -32,6 +32,7 @@ from .backends import Backend, ForwardContext, select_backend
 from .functional import _call, forward_context
 from .ops import _run_backward, _run_forward
 from .plan import DilatedPlan, heads_plan, make_plan
+from .rotary import apply_rotary, check_rotary_tables
 from .segments import token_major
 from .validation import check_cu_seqlens, check_key_padding_mask
 
@@ -61,6 +62,7 @@ class _Spec:
     head_dim: int
     backend: Backend
     fctx: ForwardContext
+    rotary: tuple[Tensor, Tensor] | None = None  # (cos, sin) applied to q and k
 
 
 def projected_attention(
@@ -80,12 +82,15 @@ def projected_attention(
     key_padding_mask: Tensor | None,
     cu_seqlens: Tensor | None,
     max_seqlen: int | None,
+    rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor | None:
     """``dilated_attention(x W_q^T + b_q, x W_k^T + b_k, x W_v^T + b_v, ...)`` on ``x`` of
     shape ``(B, N, E)``, as ``(B, N, H, D)``, with q, k, v recomputed in the backward.
 
     ``weights``: ``W_q (H D, E)``, ``W_k`` and ``W_v`` ``(H_kv D, E)``; ``biases`` the
-    matching biases or ``None``. Returns ``None`` (the caller then runs the projections and
+    matching biases or ``None``. ``rotary``: ``(cos, sin)`` of
+    :func:`~dilated_attention_pytorch.rotary.rotary_tables`, applied to q and k after the
+    projection (:class:`~dilated_attention_pytorch.rotary.RotaryAttention`'s rule). Returns ``None`` (the caller then runs the projections and
     the attention as separate nodes) for the one case this node does not reproduce:
     dropout on packed documents with a backend that runs them one by one (each document
     then draws its own seed).
@@ -95,6 +100,8 @@ def projected_attention(
     # q's shape, dtype and device (q_proj maps E = H * D features to H heads of D), for
     # the checks.
     q_like = x.unflatten(-1, (num_heads, D))
+    if rotary is not None:
+        rotary = check_rotary_tables(rotary, q_like)
     key_padding_mask = check_key_padding_mask(key_padding_mask, q_like)
     documents = None
     if cu_seqlens is not None:
@@ -114,7 +121,7 @@ def projected_attention(
         key_padding_mask=key_padding_mask, documents=documents,
     )  # fmt: skip
     fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
-    spec = _Spec(num_heads, num_kv_heads, D, chosen, fctx)
+    spec = _Spec(num_heads, num_kv_heads, D, chosen, fctx, rotary)
     out, _ = _ProjectedAttentionFunction.apply(x, *weights, *biases, spec)
     return out
 
@@ -132,6 +139,18 @@ def _chunks(spec: _Spec) -> list[tuple[slice, slice, ForwardContext]]:
         )
         for first, stop in head_chunks(spec.num_heads, g)
     ]
+
+
+def _rotate(spec: _Spec, q: Tensor, k: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+    """q and k rotated by the rotary tables (none: unchanged). ``inverse``: by the opposite
+    angles, which maps the gradients of rotated q and k to those of q and k (a rotation's
+    transpose is its inverse)."""
+    if spec.rotary is None:
+        return q, k
+    cos, sin = spec.rotary
+    if inverse:
+        sin = -sin
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def _qkv_rows(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
@@ -165,8 +184,9 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
         q, k, v = _project(x, (wq, wk, wv), (bq, bk, bv), spec, 0, spec.num_heads)
         out = lse_pair = None
         for heads, kv_heads, fctx in _chunks(spec):
-            out_c, lse_c = _run_forward(spec.backend, q[:, :, heads], k[:, :, kv_heads],
-                                        v[:, :, kv_heads], fctx)  # fmt: skip
+            qc, kc = _rotate(spec, q[:, :, heads], k[:, :, kv_heads])
+            out_c, lse_c = _run_forward(spec.backend, qc, kc, v[:, :, kv_heads], fctx)
+            del qc, kc
             if out is None:
                 out = out_c.new_empty(q.shape)
                 lse_pair = lse_c.new_empty(*lse_c.shape[:-1], q.shape[2])
@@ -202,11 +222,13 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
         grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
         for heads, kv_heads, fctx in _chunks(spec):
             q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
+            q, k = _rotate(spec, q, k)
             parts = _run_backward(
                 spec.backend, dout[:, :, heads], q, k, v, out[:, :, heads],
                 lse_pair[:, :, :, heads], fctx,
             )  # fmt: skip
             del q, k, v
+            parts = (*_rotate(spec, parts[0], parts[1], inverse=True), parts[2])
             for i, sel in enumerate((heads, kv_heads, kv_heads)):
                 grads[i][:, :, sel].copy_(parts[i])
             del parts

@@ -349,3 +349,32 @@ def test_layer_estimate_uses_the_layers_setting() -> None:
 def test_recompute_qkv_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="recompute_qkv must be a bool, got int"):
         MultiheadDilatedAttention(16, 4, [8], [1], recompute_qkv=1)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_longnet_lm_with_rotary(num_kv_heads) -> None:
+    """LongNetLM's layers (rotary q and k inside RotaryAttention) take the recomputing node:
+    loss and every parameter's gradient as with separate nodes."""
+    from dilated_attention_pytorch import MultiheadDilatedAttention as MHA
+    from dilated_attention_pytorch.models import LongNetLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 40))
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        model = LongNetLM(50, 32, 4, 2, [8, 16], [1, 2], num_kv_heads=num_kv_heads)
+        model = model.double()
+        for layer in model.modules():
+            if isinstance(layer, MHA):
+                layer.recompute_qkv = recompute
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+        names = _nodes(loss)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss, grads, names))
+    (loss, grads, names), (ref, ref_grads, ref_names) = results
+    assert RECOMPUTED in names and RECOMPUTED not in ref_names
+    torch.testing.assert_close(loss, ref, **F64)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **F64)

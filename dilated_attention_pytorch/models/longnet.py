@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..decoding import DilatedKVCache
 from ..hilbert import hilbert_permutation, inverse_permutation
 from ..modules import DilatedAttention, MultiheadDilatedAttention
+from ..rotary import RotaryAttention, apply_rotary, rotary_tables
 from ..validation import (
     check_bool,
     check_choice,
@@ -86,59 +87,6 @@ class DenseAttention(nn.Module):
             enable_gqa=k.shape[2] != q.shape[2],  # k, v with fewer heads (grouped-query)
         )
         return out.transpose(1, 2)
-
-
-def rotary_tables(
-    positions: Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)``, each ``(N, 1, head_dim // 2)`` in ``dtype``, for token ``positions`` ``(N,)``."""
-    half = head_dim // 2
-    inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=positions.device) / half)
-    # float64 angles: position * frequency stays exact to ~1e-16 relative even at 2**24
-    # tokens, where float32 would already be off by a whole radian.
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``(B, N, H, D)`` by the angles of ``cos``/``sin`` ``(N, 1, D/2)``
-    (pairs ``(i, i + D/2)``, GPT-NeoX's layout), in the tables' dtype, back in ``x.dtype``."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-
-class RotaryAttention(nn.Module):
-    """Rotary position embedding on q and k, then an inner ``(B, N, H, D)`` attention.
-
-    Called as ``attention(q, k, v, *, is_causal, key_padding_mask, rotary=(cos, sin),
-    **kwargs)``: ``cos``/``sin`` ``(N, 1, D/2)`` come from :func:`rotary_tables` for the
-    tokens' (global) positions; the other keywords go to ``inner``.
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        *,
-        rotary: tuple[Tensor, Tensor],
-        **kwargs: Any,
-    ) -> Tensor:
-        cos, sin = rotary
-        if cos.shape[0] != q.shape[1]:
-            raise ValueError(
-                f"rotary tables for {cos.shape[0]} positions, but q has {q.shape[1]} tokens "
-                f"(q is (B, N, H, D) = {tuple(q.shape)}); pass one position per token."
-            )
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.inner(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **kwargs)
 
 
 def make_attention(
