@@ -1,11 +1,12 @@
 """Plot block-sparse forward+backward time against sparsity from a benchmark JSON.
 
-Reads ``benchmarks/results/block_sparse_nvidia-h200_sweep_20261204.json`` (written by
-``benchmarks/bench_block_sparse.py``) and draws, per head dim, the time of the Triton
+Reads the rows of one or more benchmark JSON files (written by
+``benchmarks/bench_block_sparse.py``; by default the two runs of the current kernels'
+sweep, ``block_sparse_nvidia-h200_pipelined_sweep_{a,b}_20261204.json``) and draws, per head dim, the time of the Triton
 kernels and of FlexAttention for each pattern, dense cuDNN SDPA, and dense time x the
 kept fraction (time proportional to the kept blocks), into ``docs/block_sparse_speed.png``.
 
-Usage: ``python scripts/plot_block_sparse_speed.py [--json F] [--seq-len N] [--out F]``
+Usage: ``python scripts/plot_block_sparse_speed.py [--json F [F ...]] [--seq-len N] [--out F]``
 (needs matplotlib).
 """
 
@@ -23,7 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "block_sparse_nvidia-h200_sweep_20261204.json"
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_JSON = [
+    RESULTS / f"block_sparse_nvidia-h200_pipelined_sweep_{part}_20261204.json" for part in "ab"
+]
 STYLE = {"triton": "-o", "flex": "--s"}
 
 
@@ -61,11 +65,21 @@ def draw(data: dict, seq_len: int, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, nargs="+", default=DEFAULT_JSON)
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "block_sparse_speed.png")
     args = parser.parse_args()
-    draw(json.loads(args.json.read_text()), args.seq_len, args.out)
+    runs = [json.loads(path.read_text()) for path in args.json]
+    # One run's device and settings, every run's rows (a sweep split over several runs);
+    # a row measured twice is taken from the later run.
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            key = tuple(row.get(k) for k in ("method", "pattern", "head_dim", "sparsity",
+                                             "seq_len", "backward", "causal"))  # fmt: skip
+            rows[key] = row
+    data = {**runs[0], "rows": list(rows.values())}
+    draw(data, args.seq_len, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
 
 
