@@ -454,8 +454,9 @@ def _mirror_pytorch_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     return out, lse_acc
 
 
-def _mirror_pytorch_backward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
-    """``PyTorchBackend.backward``; returns the handles of ``(dq, dk, dv)``."""
+def _mirror_pytorch_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = False) -> tuple:
+    """``PyTorchBackend.backward`` (``into``: ``backward_into``, which casts into the
+    caller's buffers); returns the handles of the ``(dq, dk, dv)`` it allocates."""
     scaled = _mirror_scaled_dout(tl, cfg, N) if heads_merge_branches(cfg.plan) else None
     accs = [tl.new("accumulators", cfg.acc_bytes(N)) for _ in range(3)]
     prev: tuple = ()
@@ -463,9 +464,11 @@ def _mirror_pytorch_backward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
         grads = _mirror_block_backward(tl, cfg, blk)
         tl.free(*prev)
         prev = grads
-    grads = _cast_grads(tl, cfg, N, accs, prev)
-    tl.free(scaled)
-    return grads
+    tl.free(*prev, scaled)  # _accumulate_grads returns: its locals go
+    if into:
+        tl.free(*accs)
+        return ()
+    return _cast_grads(tl, cfg, N, accs, ())
 
 
 def _cast_grads(tl: _Timeline, cfg: _Config, tokens: int, accs: list, residue: tuple) -> tuple:
@@ -492,10 +495,10 @@ def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     return out, lse
 
 
-def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
+def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = False) -> tuple:
     """``dilated_backward``: per head chunk, the dK/dV pass's two fp32 accumulators, freed
-    before the dQ pass's one."""
-    grads = tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
+    before the dQ pass's one; ``into``: the gradients go to the caller's buffers."""
+    grads = () if into else tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
     if multi:
@@ -718,12 +721,10 @@ def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) ->
 
     bound = _replay_ring_steps(tl, cfg, layout, L, compute, backward=True)
     # router.finish(): the last sends complete; the home accumulators are added in
-    # place. `router`, `tasks`, `t`, `visiting` and the last grads stay bound until return.
-    tl.free(*bound["sent"])
-    grads = _cast_grads(tl, cfg, L, accs, tuple(residue))
-    tl.free(*bound["visiting"], *bound["home"], *bound["travelling"])
+    # place. _ring_backward_accumulate returns: the loop's buffers go before the casts.
+    tl.free(*bound["sent"], *residue, *bound["visiting"], *bound["home"], *bound["travelling"])
     tl.free(*bound["tasks"], scaled)
-    return grads
+    return _cast_grads(tl, cfg, L, accs, ())
 
 
 # --------------------------------------------------------------------------- one call
@@ -837,8 +838,8 @@ def _mirror_projected_forward(tl: _Timeline, cfg: _Config, attn: _AttentionMirro
 
 def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
     """``projected._ProjectedAttentionFunction.backward``: per head chunk, q, k, v
-    recomputed in one matmul and the backend's backward on the chunk, its gradients
-    copied into ``[dq | dk | dv]``; then ``dx`` and the weight and bias gradients."""
+    recomputed in one matmul and the backend's backward on the chunk, written into
+    ``[dq | dk | dv]``; then ``dx`` and the weight and bias gradients."""
     s, N = cfg.itemsize, attn.whole
     dqkv = tl.new("gradients", 3 * cfg.qkv_bytes(N))
     for first, stop in head_chunks(cfg.H, 1):
@@ -848,10 +849,10 @@ def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirr
         qkv = tl.new("temporaries", 3 * c.qkv_bytes(N))
         tl.free(weight, bias)
         if cfg.kernel == "triton":
-            grads = _mirror_triton_backward(tl, c, N)
+            _mirror_triton_backward(tl, c, N, into=True)
         else:
-            grads = _mirror_pytorch_backward(tl, c, N)
-        tl.free(qkv, *grads)
+            _mirror_pytorch_backward(tl, c, N, into=True)
+        tl.free(qkv)
     weight = tl.new("temporaries", 3 * E * E * s)  # torch.cat(weights)
     tl.new("gradients", cfg.B * N * E * s)  # dx
     tl.free(weight)

@@ -124,6 +124,27 @@ def _run_backward(
     return tuple(torch.cat(g, 1) for g in zip(*grads, strict=True))
 
 
+def _run_backward_into(
+    backend: Backend,
+    grads: tuple[Tensor, Tensor, Tensor],
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse_pair: Tensor,
+    fctx: ForwardContext,
+) -> None:
+    """:func:`_run_backward` written into ``grads = (dq, dk, dv)`` (the backend's
+    ``backward_into``; documents run one by one are copied in)."""
+    if not _documents(fctx, backend):
+        backend.backward_into(grads, dout, q, k, v, out, lse_pair, fctx)
+        return
+    parts = _run_backward(backend, dout, q, k, v, out, lse_pair, fctx)
+    for target, grad in zip(grads, parts, strict=True):
+        target.copy_(grad)
+
+
 def _fresh(t: Tensor) -> Tensor:
     """``t`` as a contiguous tensor that is not a view: what the fake implementations
     promise (a custom op may not return a view, and the compiler relies on strides)."""

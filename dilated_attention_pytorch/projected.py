@@ -30,7 +30,7 @@ from torch import Tensor
 from .autograd import first_order_only
 from .backends import Backend, ForwardContext, select_backend
 from .functional import _call, forward_context
-from .ops import _run_backward, _run_forward
+from .ops import _run_backward_into, _run_forward
 from .plan import DilatedPlan, heads_plan, make_plan
 from .rotary import apply_rotary, check_rotary_tables
 from .segments import token_major
@@ -223,15 +223,17 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
         for heads, kv_heads, fctx in _chunks(spec):
             q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
             q, k = _rotate(spec, q, k)
-            parts = _run_backward(
-                spec.backend, dout[:, :, heads], q, k, v, out[:, :, heads],
+            targets = (grads[0][:, :, heads], grads[1][:, :, kv_heads], grads[2][:, :, kv_heads])
+            _run_backward_into(
+                spec.backend, targets, dout[:, :, heads], q, k, v, out[:, :, heads],
                 lse_pair[:, :, :, heads], fctx,
             )  # fmt: skip
             del q, k, v
-            parts = (*_rotate(spec, parts[0], parts[1], inverse=True), parts[2])
-            for i, sel in enumerate((heads, kv_heads, kv_heads)):
-                grads[i][:, :, sel].copy_(parts[i])
-            del parts
+            if spec.rotary is not None:  # gradients of the rotated q, k -> of q, k
+                dq, dk = _rotate(spec, targets[0], targets[1], inverse=True)
+                targets[0].copy_(dq)
+                targets[1].copy_(dk)
+                del dq, dk
         flat = dqkv.view(B * N, -1)
         need_x, need_w, need_b = (
             ctx.needs_input_grad[0],

@@ -184,6 +184,24 @@ class Backend:
         """Gradients of q, k, v given the final ``out`` and LSE pair of :meth:`forward`."""
         raise NotImplementedError
 
+    def backward_into(
+        self,
+        grads: tuple[Tensor, Tensor, Tensor],
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        ctx: ForwardContext,
+    ) -> None:
+        """:meth:`backward`, written into ``grads = (dq, dk, dv)`` (shaped like q, k, v, in
+        their dtype; any token-major strides with a unit stride on the head dim, e.g.
+        slices of one buffer). This default copies :meth:`backward`'s results; a backend
+        overrides it to write in place."""
+        for target, grad in zip(grads, self.backward(dout, q, k, v, out, lse, ctx), strict=True):
+            target.copy_(grad)
+
 
 _REGISTRY: dict[str, Backend] = {}
 

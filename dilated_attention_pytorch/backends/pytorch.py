@@ -216,6 +216,36 @@ class PyTorchBackend(Backend):
         lse: Tensor,
         ctx: ForwardContext,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = self._accumulate_grads(dout, q, k, v, out, lse, ctx)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def backward_into(
+        self,
+        grads: tuple[Tensor, Tensor, Tensor],
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        ctx: ForwardContext,
+    ) -> None:
+        # The accumulators are cast straight into grads (no input-dtype copy in between).
+        accs = self._accumulate_grads(dout, q, k, v, out, lse, ctx)
+        for target, acc in zip(grads, accs, strict=True):
+            target.copy_(acc)
+
+    def _accumulate_grads(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients of q, k, v in the compute dtype (fp32, fp64 for fp64)."""
         # lse: the forward's LSE pair (2, B, N, H). The blocks get hi and dout * exp(-lo).
         acc_dtype = compute_dtype(q.dtype)
         if heads_merge_branches(ctx.plan):
@@ -246,7 +276,7 @@ class PyTorchBackend(Backend):
             t["dq"].add_(dq_blk)
             t["dk"].add_(dk_blk)
             t["dv"].add_(dv_blk)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv
 
 
 register_backend(PyTorchBackend())

@@ -956,6 +956,23 @@ def ring_dilated_backward(
     Returns:
         ``(dq, dk, dv)``, each ``(B, L, H, D)`` in the input dtype.
     """
+    # The loop's buffers (the last blocks' gradients, the visiting K/V, the router's
+    # accumulators, the scaled dout) are gone when the helper returns, before the casts.
+    dq, dk, dv = _ring_backward_accumulate(dout, q, k, v, out, lse, setup, key_keep)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _ring_backward_accumulate(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    setup: RingSetup,
+    key_keep: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`ring_dilated_backward`'s gradients in the compute dtype."""
     acc_dtype = compute_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=q.device) for t in (q, k, v))
     if setup.inner is not None:  # whole documents of this shard, as in the forward
@@ -987,7 +1004,7 @@ def ring_dilated_backward(
                 groups[t.group_index] = (dk_blk, dv_blk, None)
         router.route(step, visiting)
     router.finish(dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------- autograd + API

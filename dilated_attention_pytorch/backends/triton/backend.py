@@ -128,6 +128,20 @@ class TritonBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return dilated_backward(dout, q, k, v, out, lse, ctx.plan, **_options(ctx))
 
+    def backward_into(
+        self,
+        grads: tuple[Tensor, Tensor, Tensor],
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        ctx: ForwardContext,
+    ) -> None:
+        # The kernels write the final gradients straight into grads' strides.
+        dilated_backward(dout, q, k, v, out, lse, ctx.plan, grads=grads, **_options(ctx))
+
 
 def _options(ctx: ForwardContext) -> dict:
     """The keyword arguments of :func:`dilated_forward` / :func:`dilated_backward`."""

@@ -433,9 +433,11 @@ def dilated_backward(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     documents: Sequence[int] | None = None,
+    grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` (in the input dtype, shaped like q, k, v) given the final
-    out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`.
+    out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`; written into ``grads``
+    when given (token-major, unit stride on D, dk and dv with equal strides).
 
     With grouped-query attention (k, v with ``H_kv < H`` heads) the dK/dV kernels write
     one fp32 gradient per query head (the heads of a K/V head read different dilated
@@ -445,10 +447,18 @@ def dilated_backward(
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
     g = H // k.shape[2]
-    alloc = torch.empty if sched.full else torch.zeros
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if grads is None:
+        alloc = torch.empty if sched.full else torch.zeros
+        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    else:
+        dq, dk, dv = grads
+        if dk.stride() != dv.stride():
+            raise ValueError(f"dk and dv must share strides, got {dk.stride()} and {dv.stride()}")
+        if not sched.full:  # some rows get no gradient from any branch
+            for t in grads:
+                t.zero_()
     if N == 0:
         return dq, dk, dv
     delta = _compute_delta(dout, out)
