@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from bench_ring import longnet_schedule, max_over, print_table, ring_sizes
+from demo import _forward_backward as _layer_step  # the demo's step: causal, .sum()
 from measure import GiB, PeakMemory, result_path, stamp, time_ms, write_json
 
 from dilated_attention_pytorch import (
@@ -318,13 +319,6 @@ def _demo_layers(
     for layer in layers.values():
         layer.load_state_dict(state)
     return layers
-
-
-def _layer_step(layer: MultiheadDilatedAttention, x: Tensor) -> None:
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    out, _ = layer(x, is_causal=True)
-    out.sum().backward()
 
 
 def layer_vs_dense(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
