@@ -219,6 +219,27 @@ class DilatedAttention(nn.Module):
         )
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own."""
+    return any(
+        getattr(module, name, None)
+        for name in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+        )
+    )  # fmt: skip
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``nn.modules.module``) are set."""
+    return any(
+        getattr(nn.modules.module, name, None)
+        for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )  # fmt: skip
+
+
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head attention layer over ``(B, N, E)`` inputs, batch-first.
 
@@ -258,13 +279,16 @@ class MultiheadDilatedAttention(nn.Module):
         layer_norm: apply the sub-LayerNorm before ``out_proj``.
         recompute_qkv: keep only the input, not the projected q, k, v, for the backward,
             which recomputes them a few heads at a time (three more projection matmuls;
-            the layer's peak memory in training drops by about half: the backward never
-            holds q, k, v, their gradients and the attention's fp32 accumulators for all
-            heads at once). Applies to self-attention (``key`` and ``value`` the query or
-            ``None``) with the default inner :class:`DilatedAttention` (or one inside
-            :class:`~dilated_attention_pytorch.models.RotaryAttention`, as in
-            ``LongNetLM``), in eager mode without autocast; other calls run the projections and the attention as
-            separate autograd nodes. Results are the same either way.
+            the backward never holds q, k, v, their gradients and the attention's fp32
+            accumulators for all heads at once: the estimated training peak in bf16 is
+            about half on the ``pytorch`` backend and two thirds on Triton). Applies to
+            self-attention (``key`` and ``value`` the query or ``None``) with plain
+            ``nn.Linear`` projections and the default inner :class:`DilatedAttention`
+            (or one inside :class:`~dilated_attention_pytorch.models.RotaryAttention`,
+            as in ``LongNetLM``), without module hooks on them, in eager mode without
+            autocast; other calls run the projections and the attention as separate
+            autograd nodes, with the same results. The node keeps the input ``x`` for
+            the backward even when the projections are frozen.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
 
@@ -461,12 +485,20 @@ class MultiheadDilatedAttention(nn.Module):
         """Whether this call runs as one node that recomputes q, k, v (``recompute_qkv``)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         inner, allowed = self.attention, {"cu_seqlens", "max_seqlen"}
+        wrappers: tuple[nn.Module, ...] = ()
         if type(inner) is RotaryAttention and "rotary" in attention_kwargs:
-            inner, allowed = inner.inner, allowed | {"rotary"}
+            wrappers, inner, allowed = (inner,), inner.inner, allowed | {"rotary"}
+        # The node reads the projections' weights and never calls the modules it stands
+        # for: only plain ones without hooks (pruning, LoRA-style subclasses and hooks take
+        # the separate nodes).
+        bypassed = (*projections, *wrappers, inner)
         return (
             self.recompute_qkv
             and type(inner) is DilatedAttention
-            and type(self)._attend is MultiheadDilatedAttention._attend
+            and all(type(m) is nn.Linear for m in projections)
+            and not any(_has_hooks(m) for m in bypassed)
+            and not _global_module_hooks()
+            and getattr(self._attend, "__func__", None) is MultiheadDilatedAttention._attend
             and key is query
             and value is query
             and set(attention_kwargs) <= allowed
@@ -474,7 +506,7 @@ class MultiheadDilatedAttention(nn.Module):
             and (
                 query.requires_grad
                 or any(p.requires_grad for m in projections for p in m.parameters())
-            )  # noqa: E501
+            )
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(query.device.type)
             and not torch._C._functorch.is_functorch_wrapped_tensor(query)

@@ -342,11 +342,15 @@ def heads_plan(plan: DilatedPlan, head_start: int, head_stop: int) -> DilatedPla
     K/V heads.
     """
     g = plan.kv_group_size
-    if not (0 <= head_start < head_stop <= plan.num_heads) or head_start % g or head_stop % g:
+    if not 0 <= head_start < head_stop <= plan.num_heads:
         raise ValueError(
-            f"heads [{head_start}, {head_stop}) are not a part of a plan of {plan.num_heads} "
-            f"heads in K/V groups of {g}; the bounds must be multiples of {g} within "
-            f"[0, {plan.num_heads}]."
+            f"heads [{head_start}, {head_stop}) are not a non-empty range of a plan's "
+            f"{plan.num_heads} heads; pass 0 <= head_start < head_stop <= {plan.num_heads}."
+        )
+    if head_start % g or head_stop % g:
+        raise ValueError(
+            f"heads [{head_start}, {head_stop}) split a K/V head's {g} query heads; the "
+            f"bounds must be multiples of {g} (num_heads / num_kv_heads)."
         )
     kv0 = head_start // g
     branches = []

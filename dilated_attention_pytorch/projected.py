@@ -4,7 +4,8 @@
 default) runs its q/k/v projections and the dilated attention as one autograd node:
 
 - forward: ``q, k, v = x W_q^T + b_q, ...``, the attention, and only ``x`` (the layer's
-  input, which the projections keep anyway), the attention output and its LSE are kept.
+  input, which the projections keep anyway when their weights train), the attention
+  output and its LSE are kept.
   q, k and v are freed as soon as the attention has run.
 - backward: a few heads at a time (:func:`head_chunks`), their q, k, v are recomputed from
   ``x`` in one matmul, the backend's backward runs on those heads alone (a part of the
@@ -234,7 +235,7 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
                 targets[0].copy_(dq)
                 targets[1].copy_(dk)
                 del dq, dk
-        flat = dqkv.view(B * N, -1)
+        flat = dqkv.view(B * N, sum(widths))  # explicit widths: B * N may be 0
         need_x, need_w, need_b = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1:4],
@@ -243,12 +244,9 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
         dx = None
         if need_x:
             dx = torch.matmul(flat, torch.cat(weights)).view(B, N, E)
-        dws: list[Tensor | None] = [None] * 3
-        if any(need_w):
-            dw = torch.matmul(flat.t(), x.reshape(B * N, E))
-            dws = [d if need else None for d, need in zip(dw.split(widths), need_w)]
-        dbs: list[Tensor | None] = [None] * 3
-        if any(need_b):
-            db = flat.sum(0)
-            dbs = [d if need else None for d, need in zip(db.split(widths), need_b)]
+        # Each weight and bias gradient in its own storage, as separate projections give.
+        columns = flat.split(widths, dim=1)
+        x2 = x.reshape(B * N, E) if any(need_w) else None
+        dws = [torch.matmul(c.t(), x2) if need else None for c, need in zip(columns, need_w)]
+        dbs = [c.sum(0) if need else None for c, need in zip(columns, need_b)]
         return dx, *dws, *dbs, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 from test_memory_estimate import LiveStorageBytes
 from test_modules import F64, _manual_multihead, _padding_mask
 
@@ -169,6 +170,97 @@ def test_frozen_parameters_and_input() -> None:
 
 
 @pytest.mark.parametrize(
+    "shape,cu", [((2, 0), None), ((0, 9), None), ((1, 0), [0, 0]), ((1, 5), [0, 0, 5])]
+)
+def test_empty_inputs(shape, cu) -> None:
+    call = {} if cu is None else {"cu_seqlens": torch.tensor(cu)}
+    results, x0 = [], torch.randn(*shape, 48, dtype=F64_)
+    for recompute in (True, False):
+        x = x0.clone().requires_grad_()
+        layer = _layer(recompute)
+        out, _ = layer(x, **call)
+        out.sum().backward()
+        results.append((out, x.grad, [p.grad for p in layer.parameters()]))
+    (out, gx, gp), (ref, ref_gx, ref_gp) = results
+    torch.testing.assert_close(out, ref, **F64)
+    torch.testing.assert_close(gx, ref_gx, **F64)
+    for g, rg in zip(gp, ref_gp, strict=True):
+        torch.testing.assert_close(g, rg, **F64)
+
+
+def test_weight_gradients_have_their_own_storage() -> None:
+    layer = _layer(True)
+    x = torch.randn(1, 20, 48, dtype=F64_)
+    out, _ = layer(x)
+    assert RECOMPUTED in _nodes(out)
+    out.sum().backward()
+    grads = [p.grad for m in (layer.q_proj, layer.k_proj, layer.v_proj) for p in m.parameters()]
+    for g in grads:
+        assert g.untyped_storage().nbytes() == g.numel() * g.element_size()
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A LoRA-like subclass: its forward is not ``F.linear`` of its weight."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _hooked(layer, how: str):
+    if how == "forward_hook":
+        layer.q_proj.register_forward_hook(lambda m, i, o: o * 3.0)
+    elif how == "pre_hook_on_attention":
+        layer.attention.register_forward_pre_hook(lambda m, args: (args[0] * 2.0, *args[1:]))
+    elif how == "subclass":
+        sub = _ScaledLinear(48, 48, dtype=F64_)
+        sub.load_state_dict(layer.v_proj.state_dict())
+        layer.v_proj = sub
+    elif how == "pruning":
+        prune.l1_unstructured(layer.q_proj, "weight", amount=0.5)
+    return layer
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook_on_attention", "subclass", "pruning"])
+def test_hooks_and_subclasses_take_the_separate_nodes(how: str) -> None:
+    """The node never calls the projections or the inner attention, so a layer whose
+    modules would do something else than ``F.linear`` / the attention takes the separate
+    nodes: the same results as with ``recompute_qkv=False``."""
+    x = torch.randn(2, 30, 48, dtype=F64_, requires_grad=True)
+    out, grads, nodes = _grads(_hooked(_layer(True), how), x, {"is_causal": True})
+    assert RECOMPUTED not in nodes
+    ref, ref_grads, _ = _grads(_hooked(_layer(False), how), x, {"is_causal": True})
+    torch.testing.assert_close(out, ref, **F64)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **F64)
+
+
+def test_global_module_hooks_take_the_separate_nodes() -> None:
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    try:
+        out, _ = _layer(True)(torch.randn(1, 16, 48, dtype=F64_, requires_grad=True))
+    finally:
+        handle.remove()
+    assert RECOMPUTED not in _nodes(out)
+    assert "Linear" in seen and "DilatedAttention" in seen
+
+
+def test_instance_level_attend_override_takes_the_separate_nodes() -> None:
+    layer = _layer(True)
+    calls = []
+
+    def attend(q, k, v, **kw):
+        calls.append(q.shape)
+        return MultiheadDilatedAttention._attend(layer, q, k, v, **kw)
+
+    layer._attend = attend
+    out, _ = layer(torch.randn(1, 16, 48, dtype=F64_, requires_grad=True))
+    assert calls and RECOMPUTED not in _nodes(out)
+
+
+@pytest.mark.parametrize(
     "call",
     ["cross", "no_grad", "frozen", "recompute_off", "autocast", "cache"],
 )
@@ -275,8 +367,11 @@ def test_heads_plan_parts_compute_the_whole(mixing: str, kv: int) -> None:
 
 def test_heads_plan_errors() -> None:
     plan = make_plan([8], [2], 8, "softmax", 4)
-    for a, b in [(1, 4), (0, 3), (4, 4), (0, 10), (-2, 2)]:
-        with pytest.raises(ValueError, match="multiples of 2"):
+    for a, b in [(1, 4), (0, 3)]:
+        with pytest.raises(ValueError, match=r"split a K/V head's 2 query heads.*multiples of 2"):
+            heads_plan(plan, a, b)
+    for a, b in [(4, 4), (0, 10), (-2, 2)]:
+        with pytest.raises(ValueError, match=r"not a non-empty range of a plan's 8 heads"):
             heads_plan(plan, a, b)
 
 
