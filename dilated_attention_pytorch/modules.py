@@ -285,9 +285,9 @@ class MultiheadDilatedAttention(nn.Module):
             self-attention (``key`` and ``value`` the query or ``None``) with plain
             ``nn.Linear`` projections and the default inner :class:`DilatedAttention`
             (or one inside :class:`~dilated_attention_pytorch.models.RotaryAttention`,
-            as in ``LongNetLM``), without module hooks on them, in eager mode without
-            autocast; other calls run the projections and the attention as separate
-            autograd nodes, with the same results. The node keeps the input ``x`` for
+            as in ``LongNetLM``), without module hooks on them, without autocast (eager
+            or under ``torch.compile``); other calls run the projections and the
+            attention as separate autograd nodes, with the same results. The node keeps the input ``x`` for
             the backward even when the projections are frozen.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
@@ -498,7 +498,8 @@ class MultiheadDilatedAttention(nn.Module):
             and all(type(m) is nn.Linear for m in projections)
             and not any(_has_hooks(m) for m in bypassed)
             and not _global_module_hooks()
-            and getattr(self._attend, "__func__", None) is MultiheadDilatedAttention._attend
+            and type(self)._attend is MultiheadDilatedAttention._attend
+            and "_attend" not in self.__dict__  # nor an instance's own
             and key is query
             and value is query
             and set(attention_kwargs) <= allowed
@@ -507,9 +508,11 @@ class MultiheadDilatedAttention(nn.Module):
                 query.requires_grad
                 or any(p.requires_grad for m in projections for p in m.parameters())
             )
-            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(query.device.type)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(query)
+            and (
+                torch.compiler.is_compiling()
+                or not torch._C._functorch.is_functorch_wrapped_tensor(query)
+            )
         )
 
     def _projected_attention(

@@ -30,12 +30,13 @@ from torch import Tensor
 
 from .autograd import first_order_only
 from .backends import Backend, ForwardContext, select_backend
-from .functional import _call, forward_context
-from .ops import _run_backward_into, _run_forward
+from .backends.blocks import compute_dtype
+from .functional import _call, _max_seqlen_tensor, forward_context
+from .ops import _context, _fresh, _resolve, _run_backward_into, _run_forward, backend_key
 from .plan import DilatedPlan, heads_plan, make_plan
 from .rotary import apply_rotary, check_rotary_tables
 from .segments import token_major
-from .validation import check_cu_seqlens, check_key_padding_mask
+from .validation import check_cu_seqlens, check_cu_seqlens_form, check_key_padding_mask
 
 __all__ = ["HEAD_CHUNKS", "head_chunks", "projected_attention"]
 
@@ -104,25 +105,34 @@ def projected_attention(
     if rotary is not None:
         rotary = check_rotary_tables(rotary, q_like)
     key_padding_mask = check_key_padding_mask(key_padding_mask, q_like)
-    documents = None
-    if cu_seqlens is not None:
+    compiling = torch.compiler.is_compiling()
+    documents = packed = None
+    if cu_seqlens is not None and compiling:
+        # The offsets are read inside the operator, where the graph cannot see.
+        check_cu_seqlens_form(cu_seqlens, q_like, key_padding_mask)
+        packed = (cu_seqlens, _max_seqlen_tensor(max_seqlen))
+    elif cu_seqlens is not None:
         documents = tuple(check_cu_seqlens(cu_seqlens, max_seqlen, q_like, key_padding_mask))
     elif max_seqlen is not None:
         raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
     plan = make_plan(segment_lengths, dilation_rates, num_heads, branch_mixing, num_kv_heads)
+    is_packed = documents is not None or packed is not None
     call = _call(
-        q_like, plan, is_causal, dropout_p, key_padding_mask is not None, True,
-        packed=documents is not None,
-    )  # fmt: skip
+        q_like, plan, is_causal, dropout_p, key_padding_mask is not None, True, packed=is_packed
+    )
     chosen = select_backend(backend, call)
-    if documents is not None and dropout_p > 0.0 and not chosen.capabilities.packed:
+    if is_packed and dropout_p > 0.0 and not chosen.capabilities.packed:
         return None
     seed, fctx = forward_context(
         plan, D, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, documents=documents,
     )  # fmt: skip
-    fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
     spec = _Spec(num_heads, num_kv_heads, D, chosen, fctx, rotary)
+    if compiling:
+        return _compiled(
+            x, weights, biases, spec, seed, backend_key(chosen), packed or (None, None)
+        )
+    fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
     out, _ = _ProjectedAttentionFunction.apply(x, *weights, *biases, spec)
     return out
 
@@ -175,26 +185,74 @@ def _project(
     return tuple(token_major(t.unflatten(-1, (-1, spec.head_dim))) for t in y.split(sizes, dim=-1))
 
 
+def _forward(
+    x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, N, H, D), lse pair)``: one matmul for q, k, v, then the attention a chunk
+    of heads at a time, so that the backend's buffers (fp32 accumulators, block outputs)
+    are a chunk's."""
+    q, k, v = _project(x, weights, biases, spec, 0, spec.num_heads)
+    out = lse_pair = None
+    for heads, kv_heads, fctx in _chunks(spec):
+        qc, kc = _rotate(spec, q[:, :, heads], k[:, :, kv_heads])
+        out_c, lse_c = _run_forward(spec.backend, qc, kc, v[:, :, kv_heads], fctx)
+        del qc, kc
+        if out is None:
+            out = out_c.new_empty(q.shape)
+            lse_pair = lse_c.new_empty(*lse_c.shape[:-1], q.shape[2])
+        out[:, :, heads] = out_c
+        lse_pair[..., heads] = lse_c
+        del out_c, lse_c
+    return out, lse_pair
+
+
+def _backward(
+    dout: Tensor, x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...],
+    out: Tensor, lse_pair: Tensor, spec: _Spec, needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """``(dx, dW_q, dW_k, dW_v, db_q, db_k, db_v)``, ``None`` where ``needs`` (7 flags)
+    says no: per chunk of heads, q, k, v recomputed and the backend's backward written
+    into ``[dq | dk | dv]``; then one matmul for ``dx`` and one per weight."""
+    dout = token_major(dout)
+    B, N, E = x.shape
+    D = spec.head_dim
+    widths = [w.shape[0] for w in weights]
+    # [dq | dk | dv] per token: one buffer, so that dx is one matmul.
+    dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
+    grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
+    for heads, kv_heads, fctx in _chunks(spec):
+        q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
+        q, k = _rotate(spec, q, k)
+        targets = (grads[0][:, :, heads], grads[1][:, :, kv_heads], grads[2][:, :, kv_heads])
+        _run_backward_into(
+            spec.backend, targets, dout[:, :, heads], q, k, v, out[:, :, heads],
+            lse_pair[:, :, :, heads], fctx,
+        )  # fmt: skip
+        del q, k, v
+        if spec.rotary is not None:  # gradients of the rotated q, k -> of q, k
+            dq, dk = _rotate(spec, targets[0], targets[1], inverse=True)
+            targets[0].copy_(dq)
+            targets[1].copy_(dk)
+            del dq, dk
+    flat = dqkv.view(B * N, sum(widths))  # explicit widths: B * N may be 0
+    need_x, need_w, need_b = needs[0], needs[1:4], needs[4:7]
+    dx = None
+    if need_x:
+        dx = torch.matmul(flat, torch.cat(weights)).view(B, N, E)
+    # Each weight and bias gradient in its own storage, as separate projections give.
+    columns = flat.split(widths, dim=1)
+    x2 = x.reshape(B * N, E) if any(need_w) else None
+    dws = [torch.matmul(c.t(), x2) if need else None for c, need in zip(columns, need_w)]
+    dbs = [c.sum(0) if need else None for c, need in zip(columns, need_b)]
+    return dx, *dws, *dbs
+
+
 class _ProjectedAttentionFunction(torch.autograd.Function):
     """``(x, W_q, W_k, W_v, b_q, b_k, b_v) -> (out (B, N, H, D), lse pair)``."""
 
     @staticmethod
     def forward(x, wq, wk, wv, bq, bk, bv, spec: _Spec):
-        # One matmul for q, k, v; the attention a chunk of heads at a time, so that the
-        # backend's buffers (fp32 accumulators, block outputs) are a chunk's.
-        q, k, v = _project(x, (wq, wk, wv), (bq, bk, bv), spec, 0, spec.num_heads)
-        out = lse_pair = None
-        for heads, kv_heads, fctx in _chunks(spec):
-            qc, kc = _rotate(spec, q[:, :, heads], k[:, :, kv_heads])
-            out_c, lse_c = _run_forward(spec.backend, qc, kc, v[:, :, kv_heads], fctx)
-            del qc, kc
-            if out is None:
-                out = out_c.new_empty(q.shape)
-                lse_pair = lse_c.new_empty(*lse_c.shape[:-1], q.shape[2])
-            out[:, :, heads] = out_c
-            lse_pair[..., heads] = lse_c
-            del out_c, lse_c
-        return out, lse_pair
+        return _forward(x, (wq, wk, wv), (bq, bk, bv), spec)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -211,42 +269,120 @@ class _ProjectedAttentionFunction(torch.autograd.Function):
         x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
         if dout is None:
             return (None,) * 8
-        spec: _Spec = ctx.spec
-        dout = token_major(dout)
-        weights, biases = (wq, wk, wv), (bq, bk, bv)
-        B, N, E = x.shape
-        D = spec.head_dim
-        widths = [w.shape[0] for w in weights]
-        # [dq | dk | dv] per token: one buffer, so that dx and the weight gradients are one
-        # matmul each.
-        dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
-        grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
-        for heads, kv_heads, fctx in _chunks(spec):
-            q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
-            q, k = _rotate(spec, q, k)
-            targets = (grads[0][:, :, heads], grads[1][:, :, kv_heads], grads[2][:, :, kv_heads])
-            _run_backward_into(
-                spec.backend, targets, dout[:, :, heads], q, k, v, out[:, :, heads],
-                lse_pair[:, :, :, heads], fctx,
-            )  # fmt: skip
-            del q, k, v
-            if spec.rotary is not None:  # gradients of the rotated q, k -> of q, k
-                dq, dk = _rotate(spec, targets[0], targets[1], inverse=True)
-                targets[0].copy_(dq)
-                targets[1].copy_(dk)
-                del dq, dk
-        flat = dqkv.view(B * N, sum(widths))  # explicit widths: B * N may be 0
-        need_x, need_w, need_b = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1:4],
-            ctx.needs_input_grad[4:7],
-        )
-        dx = None
-        if need_x:
-            dx = torch.matmul(flat, torch.cat(weights)).view(B, N, E)
-        # Each weight and bias gradient in its own storage, as separate projections give.
-        columns = flat.split(widths, dim=1)
-        x2 = x.reshape(B * N, E) if any(need_w) else None
-        dws = [torch.matmul(c.t(), x2) if need else None for c, need in zip(columns, need_w)]
-        dbs = [c.sum(0) if need else None for c, need in zip(columns, need_b)]
-        return dx, *dws, *dbs, None
+        needs = tuple(ctx.needs_input_grad[:7])
+        grads = _backward(dout, x, (wq, wk, wv), (bq, bk, bv), out, lse_pair, ctx.spec, needs)
+        return *grads, None
+
+
+# --------------------------------------------------------------------------- torch.compile
+# While torch.compile traces, the node runs as two custom operators (opaque to the
+# compiler, like dilated_attention's): the settings as plain arguments, the backend by its
+# key, packed documents as tensors read inside.
+
+
+def _op_spec(
+    x: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, segment_lengths: list[int],
+    dilation_rates: list[int], branch_mixing: str, scale: float, is_causal: bool,
+    dropout_p: float, key_padding_mask: Tensor | None, seed: Tensor, backend: str,
+    cu_seqlens: Tensor | None, max_seqlen: Tensor | None, cos: Tensor | None,
+    sin: Tensor | None,
+) -> _Spec:  # fmt: skip
+    fctx = _context(
+        x.unflatten(-1, (num_heads, head_dim)), num_kv_heads, segment_lengths, dilation_rates,
+        branch_mixing, scale, is_causal, dropout_p, key_padding_mask, seed, cu_seqlens,
+        max_seqlen,
+    )  # fmt: skip
+    rotary = None if cos is None or sin is None else (cos, sin)
+    return _Spec(num_heads, num_kv_heads, head_dim, _resolve(backend), fctx, rotary)
+
+
+@torch.library.custom_op("dilated_attention_pytorch::projected_forward", mutates_args=())
+def _forward_op(
+    x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor | None, bk: Tensor | None,
+    bv: Tensor | None, num_heads: int, num_kv_heads: int, head_dim: int,
+    segment_lengths: list[int], dilation_rates: list[int], branch_mixing: str, scale: float,
+    is_causal: bool, dropout_p: float, key_padding_mask: Tensor | None, seed: Tensor,
+    backend: str, cu_seqlens: Tensor | None = None, max_seqlen: Tensor | None = None,
+    cos: Tensor | None = None, sin: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    spec = _op_spec(x, num_heads, num_kv_heads, head_dim, segment_lengths, dilation_rates,
+                    branch_mixing, scale, is_causal, dropout_p, key_padding_mask, seed, backend,
+                    cu_seqlens, max_seqlen, cos, sin)  # fmt: skip
+    out, lse_pair = _forward(x, (wq, wk, wv), (bq, bk, bv), spec)
+    return _fresh(out), _fresh(lse_pair)
+
+
+@_forward_op.register_fake
+def _(x, wq, wk, wv, bq, bk, bv, num_heads, num_kv_heads, head_dim, *settings,
+      **kwargs):  # fmt: skip
+    B, N, _ = x.shape
+    return (
+        x.new_empty(B, N, num_heads, head_dim),
+        x.new_empty(2, B, N, num_heads, dtype=compute_dtype(x.dtype)),
+    )
+
+
+@torch.library.custom_op("dilated_attention_pytorch::projected_backward", mutates_args=())
+def _backward_op(
+    dout: Tensor, x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor | None,
+    bk: Tensor | None, bv: Tensor | None, out: Tensor, lse_pair: Tensor, num_heads: int,
+    num_kv_heads: int, head_dim: int, segment_lengths: list[int], dilation_rates: list[int],
+    branch_mixing: str, scale: float, is_causal: bool, dropout_p: float,
+    key_padding_mask: Tensor | None, seed: Tensor, backend: str,
+    cu_seqlens: Tensor | None = None, max_seqlen: Tensor | None = None,
+    cos: Tensor | None = None, sin: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """``[dx, dW_q, dW_k, dW_v, db_q, db_k, db_v]``; a bias that is ``None`` gets an
+    empty gradient."""
+    spec = _op_spec(x, num_heads, num_kv_heads, head_dim, segment_lengths, dilation_rates,
+                    branch_mixing, scale, is_causal, dropout_p, key_padding_mask, seed, backend,
+                    cu_seqlens, max_seqlen, cos, sin)  # fmt: skip
+    biases = (bq, bk, bv)
+    needs = (True, True, True, True, *(b is not None for b in biases))
+    grads = _backward(dout, x, (wq, wk, wv), biases, out, lse_pair, spec, needs)
+    return [x.new_empty(0) if g is None else _fresh(g) for g in grads]
+
+
+@_backward_op.register_fake
+def _(dout, x, wq, wk, wv, bq, bk, bv, *settings, **kwargs):  # fmt: skip
+    return [
+        x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape),
+        wv.new_empty(wv.shape),
+        *(x.new_empty(0) if b is None else b.new_empty(b.shape) for b in (bq, bk, bv)),
+    ]  # fmt: skip
+
+
+def _setup_op_context(ctx, inputs, output) -> None:
+    x, wq, wk, wv, bq, bk, bv, *settings = inputs
+    out, lse_pair = output
+    ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
+    ctx.settings = settings
+    ctx.mark_non_differentiable(lse_pair)
+
+
+def _op_backward_rule(ctx, dout: Tensor, _dlse: Tensor):
+    x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
+    grads = _backward_op(dout.contiguous(), x, wq, wk, wv, bq, bk, bv, out, lse_pair,
+                         *ctx.settings)  # fmt: skip
+    biases = (bq, bk, bv)
+    dbs = [None if b is None else g for b, g in zip(biases, grads[4:])]
+    return (*grads[:4], *dbs, *(None for _ in ctx.settings))
+
+
+_forward_op.register_autograd(_op_backward_rule, setup_context=_setup_op_context)
+
+
+def _compiled(
+    x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec,
+    seed: Tensor, backend: str, packed: tuple[Tensor | None, Tensor | None],
+) -> Tensor:  # fmt: skip
+    """The node through the custom operators (while ``torch.compile`` traces)."""
+    fctx, plan = spec.fctx, spec.fctx.plan
+    cos, sin = spec.rotary if spec.rotary is not None else (None, None)
+    out, _ = _forward_op(
+        x, *weights, *biases, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+        list(plan.segment_lengths), list(plan.dilation_rates), plan.branch_mixing,
+        float(fctx.scale), fctx.is_causal, float(fctx.dropout_p), fctx.key_padding_mask, seed,
+        backend, *packed, cos, sin,
+    )  # fmt: skip
+    return out

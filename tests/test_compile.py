@@ -8,6 +8,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.distributed as dist
 from distributed_utils import spawn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from dilated_attention_pytorch import (
     BlockSparseAttention,
@@ -241,6 +242,78 @@ def test_compiled_layer_with_packed_documents_and_dropout() -> None:
         fullgraph=True,
     )(q)
     assert not torch.allclose(out[:, :32], out[:, 32:])
+
+
+def _recomputing_graph_ops(fn, *inputs) -> list[str]:
+    """The dilated_attention_pytorch operators in the graph ``fn`` compiles to."""
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(fn, fullgraph=True, backend=counter)(*inputs)
+    return [
+        str(node.target) for graph in counter.graphs for node in graph.graph.nodes
+        if "dilated_attention_pytorch" in str(node.target)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "call"),
+    [
+        ({}, {"is_causal": True}),
+        ({"num_kv_heads": 2, "branch_mixing": "head_split", "bias": False}, {}),
+        ({}, {"cu_seqlens": torch.tensor([0, 24, 64]), "is_causal": True}),
+        ({"dropout": 0.3}, {"is_causal": True}),
+    ],
+)
+def test_layer_recomputing_qkv_compiles(kwargs, call) -> None:
+    """The recompute_qkv node compiles as its own operators (no graph break), equal to
+    eager forward and gradients of the input and every parameter (dropout: the same
+    seed drawn from the same generator state, as for the functional API)."""
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(32, 4, [16, 32], [1, 2], **kwargs)
+    x = torch.randn(1, 64, 32, requires_grad=True)
+    fn = lambda x: layer(x, **call)[0]
+    ops = _recomputing_graph_ops(fn, x)
+    assert "dilated_attention_pytorch.projected_forward.default" in ops, ops
+    assert "dilated_attention_pytorch.forward.default" not in ops
+
+    def grads(f):
+        torch.manual_seed(3)
+        out = f(x)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        return (out, *torch.autograd.grad(loss, [x, *layer.parameters()]))
+
+    with inductor_config.patch(fallback_random=True):
+        compiled = grads(torch.compile(fn, fullgraph=True))
+    # Inductor fuses the norm's and out_proj's backward, so the operator's incoming
+    # gradient differs in the last fp32 bits; a weight gradient sums 64 tokens' products
+    # with cancellation, which leaves ~1e-4 relative (the operators themselves are eager).
+    for a, b in zip(compiled, grads(fn), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_recomputing_ops_pass_opcheck() -> None:
+    from dilated_attention_pytorch.projected import _backward_op, _forward_op
+    from dilated_attention_pytorch.rotary import rotary_tables
+
+    torch.manual_seed(0)
+    seed = torch.zeros(1, dtype=torch.long)
+    cos, sin = rotary_tables(torch.arange(24), 8)
+    for dtype, kv, with_bias, rotary in [
+        (torch.float32, 4, True, False), (torch.float64, 2, False, True),
+        (torch.bfloat16, 1, True, True),
+    ]:  # fmt: skip
+        x = torch.randn(2, 24, 32, dtype=dtype)
+        wq = torch.randn(32, 32, dtype=dtype)
+        wk, wv = (torch.randn(kv * 8, 32, dtype=dtype) for _ in range(2))
+        biases = (
+            (torch.randn(32, dtype=dtype), torch.randn(kv * 8, dtype=dtype),
+             torch.randn(kv * 8, dtype=dtype)) if with_bias else (None, None, None)
+        )  # fmt: skip
+        settings = (4, kv, 8, [8, 16], [1, 2], "softmax", 0.3, True, 0.0, None, seed, "pytorch",
+                    None, None, *((cos, sin) if rotary else (None, None)))  # fmt: skip
+        torch.library.opcheck(_forward_op, (x, wq, wk, wv, *biases, *settings))
+        out, lse = _forward_op(x, wq, wk, wv, *biases, *settings)
+        dout = torch.randn_like(out)
+        torch.library.opcheck(_backward_op, (dout, x, wq, wk, wv, *biases, out, lse, *settings))
 
 
 def _counted_packed_call(q: torch.Tensor, stats: RingStats) -> torch.Tensor:
