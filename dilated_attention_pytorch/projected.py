@@ -11,7 +11,8 @@ default) runs its q/k/v projections and the dilated attention as one autograd no
   ``x`` in one matmul, the backend's backward runs on those heads alone (a part of the
   plan: :func:`~dilated_attention_pytorch.plan.heads_plan`; every head's branches are
   mixed within the head, so this is exact), and their gradients go to one
-  ``[dq | dk | dv]`` buffer. Then one matmul gives ``dx`` and one the weight gradients.
+  ``[dq | dk | dv]`` buffer (the backend's ``backward_into``). Then one matmul gives
+  ``dx`` and one per projection its weight gradient.
 
 What the layer holds at its peak (the attention's backward) is then the input, the
 attention output and its gradient, ``[dq | dk | dv]`` and one chunk's q, k, v and backend
