@@ -32,7 +32,11 @@ Sections:
    one dense ``scaled_dot_product_attention`` call, at doubling ``N`` from
    ``--min-tokens``: peak memory (input, parameters and gradients included; the output
    is reduced by ``.sum()`` as in the demo), the estimate and forward+backward time.
-4. ``scale`` (one GPU): the largest ``N`` (a multiple of ``--scale-step``) at which one
+4. ``layer_estimate`` (any machine, no tensors): ``get_memory_estimate`` of section 3's
+   layer, both ways, for the ``pytorch`` and ``triton`` backends, ``N`` doubling from
+   ``--min-tokens`` to ``--max-tokens`` (the caller holding the output's gradient, the
+   estimate's convention).
+5. ``scale`` (one GPU): the largest ``N`` (a multiple of ``--scale-step``) at which one
    ``--scale-embed``/``--scale-heads`` layer (default 768/12, the LongNet branches above,
    ``recompute_qkv`` either way) runs forward+backward: doubling, then bisection.
 
@@ -365,6 +369,27 @@ def layer_vs_dense(args: argparse.Namespace, device: torch.device) -> list[dict[
     return rows
 
 
+def layer_estimate(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """``get_memory_estimate`` of the demo's layer, ``recompute_qkv`` on and off, per
+    backend, at doubling ``N``: arithmetic only, so it runs without a GPU."""
+    E, H = args.heads * args.head_dim, args.heads
+    layer = _demo_layers(args, torch.device("meta"), E, H)["recompute_qkv"]
+    rows, N = [], args.min_tokens
+    while N <= args.max_tokens:
+        for backend in ("pytorch", "triton"):
+            est = {
+                recompute: layer.get_memory_estimate(
+                    N, args.batch, backend=backend, recompute_qkv=recompute
+                )["bytes_per_device"]
+                for recompute in (True, False)
+            }
+            rows.append({"seq_len": N, "backend": backend, "recompute_qkv_gib": est[True] / GiB,
+                         "separate_nodes_gib": est[False] / GiB,
+                         "ratio": est[True] / est[False]})  # fmt: skip
+        N *= 2
+    return rows
+
+
 def scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """The largest N whose forward+backward fits, per ``recompute_qkv`` setting."""
     if dist.get_world_size() > 1 or device.type != "cuda":
@@ -410,6 +435,7 @@ COLUMNS = {
     "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_none", "error"],
     "layer_vs_dense": ["seq_len", "recompute_qkv_gib", "recompute_qkv_estimate_gib", "recompute_qkv_ms", "separate_nodes_gib", "separate_nodes_estimate_gib", "separate_nodes_ms", "dense_sdpa_gib", "dense_sdpa_ms", "recompute_vs_dense"],
     "scale": ["layer", "mode", "largest_seq_len", "peak_gib", "first_out_of_memory", "error"],
+    "layer_estimate": ["seq_len", "backend", "recompute_qkv_gib", "separate_nodes_gib", "ratio"],
 }  # fmt: skip
 DEFAULT_SECTIONS = ["estimate_vs_measured", "checkpointing"]
 
@@ -458,7 +484,8 @@ def main() -> None:
         args.min_tokens, args.max_tokens, args.checkpoint_tokens = 256, 512, [256]
         args.base, args.heads, args.head_dim, args.layers, args.iters = 16, 4, 16, 2, 1
     use_cuda = torch.cuda.is_available() and not args.cpu
-    if not use_cuda and not args.cpu:
+    estimate_only = set(args.sections) == {"layer_estimate"}  # arithmetic: any machine
+    if not use_cuda and not args.cpu and not estimate_only:
         sys.exit(
             "bench_memory.py measures CUDA memory and found no GPU; pass --cpu for the gloo "
             "smoke test (tiny sizes, resident memory: not comparable to the estimate)."
@@ -478,12 +505,17 @@ def main() -> None:
         "rule": f"|estimate / measured - 1| <= {AGREEMENT} from {AGREEMENT_FROM_TOKENS} tokens per GPU",
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
     }
-    path = result_path(args.out, "memory", device, f"{world_size}gpu")
+    path = (
+        result_path(args.out, "memory_estimate", "cpu", f"layer{args.heads * args.head_dim}")
+        if estimate_only
+        else result_path(args.out, "memory", device, f"{world_size}gpu")
+    )
     sections = {
         "estimate_vs_measured": estimate_vs_measured,
         "checkpointing": checkpointing,
         "layer_vs_dense": layer_vs_dense,
         "scale": scale,
+        "layer_estimate": layer_estimate,
     }
     for section in args.sections:
         start = time.perf_counter()
