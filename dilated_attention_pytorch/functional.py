@@ -239,29 +239,35 @@ def dilated_attention(
         is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, dropout_p=dropout_p,
         backend=backend, return_lse=return_lse,
     )  # fmt: skip
-    if cu_seqlens is None and max_seqlen is not None:
-        raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
-    if cu_seqlens is not None and torch.compiler.is_compiling():
+    documents, packed = packed_documents(cu_seqlens, max_seqlen, q, key_padding_mask)
+    make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
+    if packed is None:  # eager: the tensors' layout can be looked at
+        warn_if_transposed(q, segment_lengths)
+    return _attend(
+        q, k, v, segment_lengths, dilation_rates,
+        key_padding_mask=key_padding_mask if cu_seqlens is None else None,
+        documents=documents, packed=packed, **options,
+    )  # fmt: skip
+
+
+def packed_documents(
+    cu_seqlens: Tensor | None, max_seqlen: object, q: Tensor, key_padding_mask: Tensor | None
+) -> tuple[tuple[int, ...] | None, tuple[Tensor, Tensor | None] | None]:
+    """``(documents, packed)`` of a call on ``q`` ``(B, N, H, D)`` with ``cu_seqlens``:
+    eager, ``documents`` are the checked lengths, read on the host; while compiling,
+    ``packed`` is ``(cu_seqlens, max_seqlen tensor)``, whose values the operator reads and
+    checks (here only their form). Both ``None`` without ``cu_seqlens``."""
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(
+                "max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too."
+            )
+        return None, None
+    if torch.compiler.is_compiling():
         # The offsets are read inside the attention operator, where the graph cannot see.
         check_cu_seqlens_form(cu_seqlens, q, key_padding_mask)
-        make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
-        return _attend(
-            q, k, v, segment_lengths, dilation_rates, key_padding_mask=None,
-            packed=(cu_seqlens, _max_seqlen_tensor(max_seqlen)), **options,
-        )  # fmt: skip
-    if cu_seqlens is not None:
-        lengths = check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask)
-        make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
-        warn_if_transposed(q, segment_lengths)
-        return _attend(
-            q, k, v, segment_lengths, dilation_rates, key_padding_mask=None,
-            documents=tuple(lengths), **options,
-        )  # fmt: skip
-    make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing, k.shape[2])
-    warn_if_transposed(q, segment_lengths)
-    return _attend(
-        q, k, v, segment_lengths, dilation_rates, key_padding_mask=key_padding_mask, **options
-    )
+        return None, (cu_seqlens, _max_seqlen_tensor(max_seqlen))
+    return tuple(check_cu_seqlens(cu_seqlens, max_seqlen, q, key_padding_mask)), None
 
 
 def _max_seqlen_tensor(max_seqlen: object) -> Tensor | None:

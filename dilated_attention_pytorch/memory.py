@@ -856,8 +856,8 @@ def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirr
     weight = tl.new("temporaries", 3 * E * E * s)  # torch.cat(weights)
     tl.new("gradients", cfg.B * N * E * s)  # dx
     tl.free(weight)
-    tl.new("gradients", 3 * E * E * s)  # the weight gradients, one matmul
-    tl.new("gradients", 3 * E * s)  # the bias gradients
+    tl.new("gradients", 3 * E * E * s)  # the weight gradients (a matmul each)
+    tl.new("gradients", 3 * E * s)  # the bias gradients (a sum each)
     tl.free(dqkv)
 
 

@@ -287,8 +287,8 @@ class MultiheadDilatedAttention(nn.Module):
             (or one inside :class:`~dilated_attention_pytorch.models.RotaryAttention`,
             as in ``LongNetLM``), without module hooks on them, without autocast (eager
             or under ``torch.compile``); other calls run the projections and the
-            attention as separate autograd nodes, with the same results. The node keeps the input ``x`` for
-            the backward even when the projections are frozen.
+            attention as separate autograd nodes, with the same results. The node keeps
+            the input ``x`` for the backward even when the projections are frozen.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
 

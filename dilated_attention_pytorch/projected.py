@@ -32,12 +32,12 @@ from torch import Tensor
 from .autograd import first_order_only
 from .backends import Backend, ForwardContext, select_backend
 from .backends.blocks import compute_dtype
-from .functional import _call, _max_seqlen_tensor, forward_context
+from .functional import _call, forward_context, packed_documents
 from .ops import _context, _fresh, _resolve, _run_backward_into, _run_forward, backend_key
 from .plan import DilatedPlan, heads_plan, make_plan
 from .rotary import apply_rotary, check_rotary_tables
 from .segments import token_major
-from .validation import check_cu_seqlens, check_cu_seqlens_form, check_key_padding_mask
+from .validation import check_key_padding_mask
 
 __all__ = ["HEAD_CHUNKS", "head_chunks", "projected_attention"]
 
@@ -58,14 +58,21 @@ def head_chunks(num_heads: int, kv_group: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Spec:
-    """Everything but the tensors: shapes, backend and its context."""
+    """Everything but the tensors: the head dim, the backend and its context (whose plan
+    holds the head counts)."""
 
-    num_heads: int
-    num_kv_heads: int
     head_dim: int
     backend: Backend
     fctx: ForwardContext
     rotary: tuple[Tensor, Tensor] | None = None  # (cos, sin) applied to q and k
+
+    @property
+    def num_heads(self) -> int:
+        return self.fctx.plan.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.fctx.plan.num_kv_heads
 
 
 def projected_attention(
@@ -93,12 +100,12 @@ def projected_attention(
     ``weights``: ``W_q (H D, E)``, ``W_k`` and ``W_v`` ``(H_kv D, E)``; ``biases`` the
     matching biases or ``None``. ``rotary``: ``(cos, sin)`` of
     :func:`~dilated_attention_pytorch.rotary.rotary_tables`, applied to q and k after the
-    projection (:class:`~dilated_attention_pytorch.rotary.RotaryAttention`'s rule). Returns ``None`` (the caller then runs the projections and
-    the attention as separate nodes) for the one case this node does not reproduce:
+    projection (:class:`~dilated_attention_pytorch.rotary.RotaryAttention`'s rule).
+    Returns ``None`` (the caller then runs the projections and the attention as separate
+    nodes) for the one case this node does not reproduce:
     dropout on packed documents with a backend that runs them one by one (each document
     then draws its own seed).
     """
-    B, N, _ = x.shape
     D = weights[0].shape[0] // num_heads
     # q's shape, dtype and device (q_proj maps E = H * D features to H heads of D), for
     # the checks.
@@ -106,18 +113,9 @@ def projected_attention(
     if rotary is not None:
         rotary = check_rotary_tables(rotary, q_like)
     key_padding_mask = check_key_padding_mask(key_padding_mask, q_like)
-    compiling = torch.compiler.is_compiling()
-    documents = packed = None
-    if cu_seqlens is not None and compiling:
-        # The offsets are read inside the operator, where the graph cannot see.
-        check_cu_seqlens_form(cu_seqlens, q_like, key_padding_mask)
-        packed = (cu_seqlens, _max_seqlen_tensor(max_seqlen))
-    elif cu_seqlens is not None:
-        documents = tuple(check_cu_seqlens(cu_seqlens, max_seqlen, q_like, key_padding_mask))
-    elif max_seqlen is not None:
-        raise ValueError("max_seqlen is the longest document of cu_seqlens; pass cu_seqlens too.")
+    documents, packed = packed_documents(cu_seqlens, max_seqlen, q_like, key_padding_mask)
     plan = make_plan(segment_lengths, dilation_rates, num_heads, branch_mixing, num_kv_heads)
-    is_packed = documents is not None or packed is not None
+    is_packed = cu_seqlens is not None
     call = _call(
         q_like, plan, is_causal, dropout_p, key_padding_mask is not None, True, packed=is_packed
     )
@@ -128,8 +126,8 @@ def projected_attention(
         plan, D, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, documents=documents,
     )  # fmt: skip
-    spec = _Spec(num_heads, num_kv_heads, D, chosen, fctx, rotary)
-    if compiling:
+    spec = _Spec(D, chosen, fctx, rotary)
+    if torch.compiler.is_compiling():
         return _compiled(
             x, weights, biases, spec, seed, backend_key(chosen), packed or (None, None)
         )
@@ -142,7 +140,7 @@ def _chunks(spec: _Spec) -> list[tuple[slice, slice, ForwardContext]]:
     """Per chunk of :func:`head_chunks`: its query heads, its K/V heads and the backend's
     context for them (the part of the plan they run)."""
     plan: DilatedPlan = spec.fctx.plan
-    g = spec.num_heads // spec.num_kv_heads
+    g = plan.kv_group_size
     return [
         (
             slice(first, stop),
@@ -167,7 +165,7 @@ def _rotate(spec: _Spec, q: Tensor, k: Tensor, inverse: bool = False) -> tuple[T
 
 def _qkv_rows(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
     """Rows of ``W_q`` and of ``W_k``/``W_v`` for query heads ``[first, stop)``."""
-    D, g = spec.head_dim, spec.num_heads // spec.num_kv_heads
+    D, g = spec.head_dim, spec.fctx.plan.kv_group_size
     return slice(first * D, stop * D), slice(first // g * D, stop // g * D)
 
 
@@ -294,7 +292,7 @@ def _op_spec(
         max_seqlen,
     )  # fmt: skip
     rotary = None if cos is None or sin is None else (cos, sin)
-    return _Spec(num_heads, num_kv_heads, head_dim, _resolve(backend), fctx, rotary)
+    return _Spec(head_dim, _resolve(backend), fctx, rotary)
 
 
 @torch.library.custom_op("dilated_attention_pytorch::projected_forward", mutates_args=())
