@@ -254,11 +254,10 @@ def _tile_sizes(cfg: _Config, blk: _Block, b: int, lq: int) -> tuple:
     )
 
 
-def _mirror_merge(tl: _Timeline, cfg: _Config, blk: _Block, out_itemsize: int) -> None:
-    """``segments.merge_lse_`` into ``(out, hi, lo)``: lse-sized temporaries, the block
-    output cast to the accumulator dtype (when it is not already) and its weighted copy."""
+def _mirror_merge(tl: _Timeline, cfg: _Config, blk: _Block) -> None:
+    """``segments.merge_lse_`` into ``(out, hi, lo)``: lse-sized temporaries only (the
+    block output is added by one ``addcmul_``)."""
     lse = blk.bb * blk.lq * blk.hs
-    q = lse * cfg.D
     a = cfg.acc
     new_hi = tl.new("temporaries", lse * a)  # maximum(hi, lse_block)
     isinf, zeros = tl.new("temporaries", lse), tl.new("temporaries", lse * a)
@@ -277,10 +276,9 @@ def _mirror_merge(tl: _Timeline, cfg: _Config, blk: _Block, out_itemsize: int) -
     safe = tl.new("temporaries", lse * a)
     tl.free(total, positive, ones)
     tl.free(tl.new("temporaries", lse * a))  # out_acc.mul_(w_acc / total)
-    ratio = tl.new("temporaries", lse * a)  # w_block / total
-    cast = tl.new("temporaries", q * a) if out_itemsize != a else None  # out_block.to(acc)
-    prod = tl.new("temporaries", q * a)  # ... * ratio
-    tl.free(cast, prod, ratio)
+    # out_acc.addcmul_(out_block, w_block / total): only the ratio (CUDA casts a
+    # low-precision block inside the kernel; a CPU would copy it first, not counted).
+    tl.free(tl.new("temporaries", lse * a))
     tl.free(tl.new("temporaries", lse * a))  # lo.copy_(log(total))
     tl.free(new_hi, shift, w_acc, w_block, safe)
 
@@ -302,13 +300,13 @@ def _mirror_scaled_dout(tl: _Timeline, cfg: _Config, tokens: int) -> int:
 
 def _mirror_block_forward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
     """``blocks.block_forward`` (or ``triton_block_forward``): returns the handles of the
-    block's ``(out, lse)`` and the itemsize of ``out``."""
+    block's ``(out, lse)``."""
     lse = blk.bb * blk.lq * blk.hs
     if cfg.kernel in ("fused", "triton"):
         # cuDNN / flash / Triton: out in the input dtype, lse fp32; kernels read the
         # strided views in place. (cuDNN's own workspace is not modelled.)
         out = tl.new("temporaries", lse * cfg.D * cfg.itemsize)
-        return out, tl.new("temporaries", lse * 4), cfg.itemsize
+        return out, tl.new("temporaries", lse * 4)
     # math_block_forward: out/lse in the compute dtype, then the tiles.
     a = cfg.acc
     out, lse_h = tl.new("temporaries", lse * cfg.D * a), tl.new("temporaries", lse * a)
@@ -341,7 +339,7 @@ def _mirror_block_forward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
         pv = tl.new("score_tiles", oq)
         tl.free(vcopy, pv)
     names.release()
-    return out, lse_h, a
+    return out, lse_h
 
 
 def _mirror_block_backward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
@@ -437,9 +435,9 @@ def _mirror_pytorch_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     lse_acc = tl.new("accumulators", 2 * cfg.lse_bytes(N))  # the (hi, lo) pair
     prev: tuple = ()
     for blk in _single_blocks(cfg, N):
-        out_b, lse_b, out_itemsize = _mirror_block_forward(tl, cfg, blk)
+        out_b, lse_b = _mirror_block_forward(tl, cfg, blk)
         tl.free(*prev)  # `out_blk, lse_blk = ...` rebinds only after the call
-        _mirror_merge(tl, cfg, blk, out_itemsize)
+        _mirror_merge(tl, cfg, blk)
         prev = (out_b, lse_b)
     # return out_acc.to(q.dtype), lse_acc: a cast (while the locals are alive) unless
     # the input dtype is the compute dtype, where .to returns out_acc itself.
@@ -539,7 +537,8 @@ def _ring_tasks(cfg: _Config, layout: tuple, L: int, step: int, held: set) -> tu
             nq, nk = g.counts[b.position], g.counts[origin]
             if nq and nk:
                 hs = g.heads.num_heads
-                blk = _Block(bb, nq, nk, hs, b.dilation_rate == 1 and hs == cfg.H, True, not own)
+                dense = b.dilation_rate == 1 and hs == cfg.H and not cfg.extra.get("interleaved")
+                blk = _Block(bb, nq, nk, hs, dense, True, not own)
                 tasks.append(_Task(blk, None if own else i))
     return tuple(tasks)
 
@@ -688,10 +687,10 @@ def _mirror_ring_forward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> 
     residue: list = []  # `out_blk, lse_blk` of the previous task
 
     def compute(blk: _Block) -> tuple:
-        out_b, lse_b, out_itemsize = _mirror_block_forward(tl, cfg, blk)
+        out_b, lse_b = _mirror_block_forward(tl, cfg, blk)
         tl.free(*residue)
         residue[:] = [out_b, lse_b]
-        _mirror_merge(tl, cfg, blk, out_itemsize)
+        _mirror_merge(tl, cfg, blk)
         return out_b, lse_b
 
     bound = _replay_ring_steps(tl, cfg, layout, L, compute, backward=False)
@@ -707,8 +706,12 @@ def _mirror_ring_forward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> 
     return out, lse_acc
 
 
-def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) -> tuple:
-    """``ring_dilated_backward``; returns the handles of ``(dq, dk, dv)``."""
+def _mirror_ring_backward(
+    tl: _Timeline, cfg: _Config, layout: tuple, L: int, into: bool = False
+) -> tuple:
+    """``ring_dilated_backward``; returns the handles of ``(dq, dk, dv)``. ``into``: the
+    recomputing layer's ``_ring_backward_accumulate`` copied into its buffer (returns
+    nothing)."""
     scaled = _mirror_scaled_dout(tl, cfg, L) if ring_merges_blocks(layout) else None
     accs = [tl.new("accumulators", cfg.acc_bytes(L)) for _ in range(3)]
     residue: list = []  # `dq_blk, dk_blk, dv_blk` of the previous task
@@ -724,6 +727,9 @@ def _mirror_ring_backward(tl: _Timeline, cfg: _Config, layout: tuple, L: int) ->
     # place. _ring_backward_accumulate returns: the loop's buffers go before the casts.
     tl.free(*bound["sent"], *residue, *bound["visiting"], *bound["home"], *bound["travelling"])
     tl.free(*bound["tasks"], scaled)
+    if into:
+        tl.free(*accs)
+        return ()
     return _cast_grads(tl, cfg, L, accs, ())
 
 
@@ -741,8 +747,13 @@ class _AttentionMirror:
         self.tl, self.cfg, self.N, self.ring, self.split = tl, cfg, N, ring, split
         self.L = N // ring
         self.whole = N if (ring > 1 and not split) else self.L  # tokens q, k, v hold
+        self.rank = rank
         if ring > 1:
-            self.layout = ring_layout(cfg.plan, self.L, ring, rank)
+            self.layout = self.layout_of(cfg.plan)
+
+    def layout_of(self, plan: DilatedPlan) -> tuple:
+        """The ring layout of ``plan`` (the call's, or a part of its heads) on this rank."""
+        return ring_layout(plan, self.L, self.ring, self.rank)
 
     def forward(self, qkv_part: str) -> None:
         tl, cfg, N, L = self.tl, self.cfg, self.N, self.L
@@ -804,10 +815,10 @@ def _chunk_config(cfg: _Config, N: int, first: int, stop: int) -> _Config:
     """The config of the backend's call on query heads ``[first, stop)`` (the recomputing
     layer's backward): the part of the plan they run; their q, k, v are views of one
     matmul output (the math path's operands are then never dense)."""
-    plan = heads_plan(cfg.plan, first, stop)
+    plan = cfg.plan if (first, stop) == (0, cfg.H) else heads_plan(cfg.plan, first, stop)
     H = stop - first
     extra = {"interleaved": True}
-    if cfg.kernel == "triton":
+    if cfg.kernel == "triton" and "triton_multi" in cfg.extra:  # one device
         sched = _schedule(plan)
         extra.update(triton_multi=sched.multi,
                      triton_chunks=_head_chunks(sched.multi, cfg.B, N, H, cfg.D))  # fmt: skip
@@ -816,30 +827,41 @@ def _chunk_config(cfg: _Config, N: int, first: int, stop: int) -> _Config:
 
 def _mirror_projected_forward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
     """``projected._ProjectedAttentionFunction.forward``: q, k, v from one matmul (the
-    concatenated weight and bias copied first), the backend's forward per head chunk
-    copied into the whole output and LSE, q, k, v freed."""
+    concatenated weight and bias copied first), the attention per chunk of heads (one
+    device: :func:`head_chunks`, copied into the whole output and LSE; a ring: one pass
+    over every head), q, k, v freed."""
     s, N = cfg.itemsize, attn.whole
     weight, bias = tl.new("temporaries", 3 * E * E * s), tl.new("temporaries", 3 * E * s)
     qkv = tl.new("temporaries", 3 * cfg.qkv_bytes(N))
     tl.free(weight, bias)
+    attn.qkv, attn.copies, attn.out_shard = [], [], None
+    if attn.ring > 1:
+        c = _chunk_config(cfg, N, 0, cfg.H)
+        attn.out, attn.lse = _mirror_ring_forward(tl, c, attn.layout_of(c.plan), N)
+        tl.free(qkv)
+        return
     mirror = _mirror_triton_forward if cfg.kernel == "triton" else _mirror_pytorch_forward
     attn.out = attn.lse = None
     for first, stop in head_chunks(cfg.H, 1):
         c = _chunk_config(cfg, N, first, stop)
         out_c, lse_c = mirror(tl, c, N)
+        if (first, stop) == (0, cfg.H):  # one chunk: its output is the whole
+            attn.out, attn.lse = out_c, lse_c
+            tl.move(lse_c, "saved_tensors")
+            break
         if attn.out is None:
             lse_item = 4 if cfg.kernel == "triton" else None
             attn.out = tl.new("output", cfg.qkv_bytes(N))
             attn.lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, lse_item))
         tl.free(out_c, lse_c)
-    attn.qkv, attn.copies, attn.out_shard = [], [], None
     tl.free(qkv)
 
 
 def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
     """``projected._ProjectedAttentionFunction.backward``: per head chunk, q, k, v
-    recomputed in one matmul and the backend's backward on the chunk, written into
-    ``[dq | dk | dv]``; then ``dx`` and the weight and bias gradients."""
+    recomputed in one matmul and the attention's backward on the chunk (the backend's,
+    or a ring pass), written into ``[dq | dk | dv]``; then ``dx`` and the weight and bias
+    gradients."""
     s, N = cfg.itemsize, attn.whole
     dqkv = tl.new("gradients", 3 * cfg.qkv_bytes(N))
     for first, stop in head_chunks(cfg.H, 1):
@@ -848,7 +870,9 @@ def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirr
         bias = tl.new("temporaries", 3 * (stop - first) * cfg.D * s)
         qkv = tl.new("temporaries", 3 * c.qkv_bytes(N))
         tl.free(weight, bias)
-        if cfg.kernel == "triton":
+        if attn.ring > 1:
+            _mirror_ring_backward(tl, c, attn.layout_of(c.plan), N, into=True)
+        elif cfg.kernel == "triton":
             _mirror_triton_backward(tl, c, N, into=True)
         else:
             _mirror_pytorch_backward(tl, c, N, into=True)
@@ -870,7 +894,7 @@ def _replay(
     The caller holds the inputs, the output and the output's gradient (as in
     ``out.backward(grad)``); what it does with the gradients afterwards is not counted.
     ``recompute``: the multi-head layer recomputes q, k, v in its backward
-    (``recompute_qkv=True``, single device).
+    (``recompute_qkv=True``: one device, or a ring's shards).
     """
     tl = _Timeline()
     attn = _AttentionMirror(tl, cfg, N, ring, split, rank)
@@ -1110,10 +1134,11 @@ def get_memory_estimate(
         embed_dim: count the multi-head layer with this width (``embed_dim ==
             num_heads * head_dim``); ``None`` for the attention alone.
         with_backward: count the backward too; ``False`` for a forward under ``no_grad``.
-        recompute_qkv: with ``embed_dim`` and ``ring_size=1``: the layer's
-            ``recompute_qkv`` (default ``True``: its backward recomputes q, k, v a few
-            heads at a time instead of keeping them; see
-            :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`).
+        recompute_qkv: with ``embed_dim``: the layer's ``recompute_qkv`` (default
+            ``True``: its backward recomputes q, k, v a few heads at a time instead of
+            keeping them; see :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`).
+            It applies on one device and on a ring's shards (``already_split=True``); the
+            ring layers run whole-sequence calls as separate nodes.
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):
@@ -1173,15 +1198,16 @@ def get_memory_estimate(
         check_shard_length(plan, N // k, k)
 
     cfg = _config(B, N, H, D, k, plan, dtype, backend)
-    # The single-device layer recomputes q, k, v in training (MultiheadDilatedAttention
-    # with recompute_qkv=True; under no_grad it runs the projections as usual).
-    recompute = recompute_qkv and embed_dim is not None and k == 1 and with_backward
-    tl, rank = _peak(cfg, N, k, split, with_backward, embed_dim, recompute)
+    # The layer recomputes q, k, v in training (MultiheadDilatedAttention with
+    # recompute_qkv=True; under no_grad it runs the projections as usual), on one device
+    # and on a ring's shards (the whole sequence on every rank runs separate nodes).
+    recompute = recompute_qkv and embed_dim is not None and with_backward
+    tl, rank = _peak(cfg, N, k, split, with_backward, embed_dim, recompute and (k == 1 or split))
     if k == 1:
         reduction = 1.0
     else:
         single = _peak(_config(B, N, H, D, 1, plan, dtype, backend), N, 1, split,
-                       with_backward, embed_dim)[0]  # fmt: skip
+                       with_backward, embed_dim, recompute)[0]  # fmt: skip
         reduction = single.peak / tl.peak
     whole = N if (k > 1 and not split) else N // k
     q_bytes = cfg.qkv_bytes(whole)

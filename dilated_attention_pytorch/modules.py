@@ -144,6 +144,37 @@ class DilatedAttention(nn.Module):
             max_seqlen=max_seqlen,
         )
 
+    def _projected_call(
+        self,
+        x: Tensor,
+        weights: tuple[Tensor, Tensor, Tensor],
+        biases: tuple[Tensor | None, Tensor | None, Tensor | None],
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        is_causal: bool,
+        key_padding_mask: Tensor | None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Tensor | None:
+        """This attention of the multi-head layer's projections of ``x`` ``(B, N, E)``, as
+        one node that recomputes q, k, v in the backward
+        (:func:`~dilated_attention_pytorch.projected.projected_attention`), as
+        ``(B, N, H, D)``; ``None`` when the call is not one the node reproduces (the layer
+        then runs the projections and :meth:`forward`). A class that defines this method
+        itself promises that the node computes what its ``forward`` computes."""
+        if not set(kwargs) <= {"cu_seqlens", "max_seqlen"}:
+            return None
+        return projected_attention(
+            x, weights, biases, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            branch_mixing=self.branch_mixing, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+            is_causal=check_is_causal(is_causal), key_padding_mask=key_padding_mask,
+            cu_seqlens=kwargs.get("cu_seqlens"), max_seqlen=kwargs.get("max_seqlen"),
+            rotary=rotary,
+        )  # fmt: skip
+
     def _check_cache(self, cache: object, is_causal: bool, key_padding_mask: object) -> None:
         if not isinstance(cache, DilatedKVCache):
             raise TypeError(f"cache must be a DilatedKVCache, got {type(cache).__name__}.")
@@ -283,12 +314,16 @@ class MultiheadDilatedAttention(nn.Module):
             accumulators for all heads at once: the estimated training peak in bf16 is
             about half on the ``pytorch`` backend and two thirds on Triton). Applies to
             self-attention (``key`` and ``value`` the query or ``None``) with plain
-            ``nn.Linear`` projections and the default inner :class:`DilatedAttention`
-            (or one inside :class:`~dilated_attention_pytorch.models.RotaryAttention`,
-            as in ``LongNetLM``), without module hooks on them, without autocast (eager
-            or under ``torch.compile``); other calls run the projections and the
-            attention as separate autograd nodes, with the same results. The node keeps
-            the input ``x`` for the backward even when the projections are frozen.
+            ``nn.Linear`` projections and, as the inner attention (or inside
+            :class:`~dilated_attention_pytorch.models.RotaryAttention`, as in
+            ``LongNetLM``), the default :class:`DilatedAttention` (eager or under
+            ``torch.compile``), or a ``StandardRingAttention`` or
+            ``DistributedRingAttention`` (without ``use_checkpointing``) called on shards
+            (``already_split=True``, as in ``RingMultiheadDilatedAttention`` and
+            ``parallelize_longnet``; eager only), without module hooks on them and
+            without autocast; other calls run the projections and the attention as
+            separate autograd nodes, with the same results. The node keeps the input
+            ``x`` for the backward even when the projections are frozen.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.
         device, dtype: of the parameters.
 
@@ -479,22 +514,29 @@ class MultiheadDilatedAttention(nn.Module):
         out = self.norm(out.reshape(B, N, self.embed_dim))
         return self.out_proj(out), None
 
+    def _node_attention(self, attention_kwargs: dict[str, Any]) -> tuple[nn.Module, tuple]:
+        """``(inner attention, modules the node stands in for besides it)``: the inner
+        module, unwrapped from :class:`RotaryAttention` when the call passes ``rotary``."""
+        inner = self.attention
+        if type(inner) is RotaryAttention and "rotary" in attention_kwargs:
+            return inner.inner, (inner,)
+        return inner, ()
+
     def _recomputes(
         self, query: Tensor, key: Tensor, value: Tensor, attention_kwargs: dict[str, Any]
     ) -> bool:
-        """Whether this call runs as one node that recomputes q, k, v (``recompute_qkv``)."""
+        """Whether this call may run as one node that recomputes q, k, v
+        (``recompute_qkv``); the inner attention's ``_projected_call`` may still decline."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        inner, allowed = self.attention, {"cu_seqlens", "max_seqlen"}
-        wrappers: tuple[nn.Module, ...] = ()
-        if type(inner) is RotaryAttention and "rotary" in attention_kwargs:
-            wrappers, inner, allowed = (inner,), inner.inner, allowed | {"rotary"}
+        inner, wrappers = self._node_attention(attention_kwargs)
         # The node reads the projections' weights and never calls the modules it stands
         # for: only plain ones without hooks (pruning, LoRA-style subclasses and hooks take
-        # the separate nodes).
-        bypassed = (*projections, *wrappers, inner)
+        # the separate nodes), and an inner attention whose own class defines the node
+        # (a subclass that does not may compute something else in its forward).
+        bypassed = (*projections, *wrappers, *inner.modules())
         return (
             self.recompute_qkv
-            and type(inner) is DilatedAttention
+            and "_projected_call" in type(inner).__dict__
             and all(type(m) is nn.Linear for m in projections)
             and not any(_has_hooks(m) for m in bypassed)
             and not _global_module_hooks()
@@ -502,7 +544,6 @@ class MultiheadDilatedAttention(nn.Module):
             and "_attend" not in self.__dict__  # nor an instance's own
             and key is query
             and value is query
-            and set(attention_kwargs) <= allowed
             and torch.is_grad_enabled()
             and (
                 query.requires_grad
@@ -522,27 +563,17 @@ class MultiheadDilatedAttention(nn.Module):
         key_padding_mask: Tensor | None,
         attention_kwargs: dict[str, Any],
     ) -> Tensor | None:
-        attn = self.attention
-        if isinstance(attn, RotaryAttention):
-            attn = attn.inner
+        inner, _ = self._node_attention(attention_kwargs)
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        return projected_attention(
+        return inner._projected_call(
             x,
             tuple(p.weight for p in projections),
             tuple(p.bias for p in projections),
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
-            segment_lengths=attn.segment_lengths,
-            dilation_rates=attn.dilation_rates,
-            branch_mixing=attn.branch_mixing,
-            scale=attn.scale,
-            dropout_p=attn.dropout if attn.training else 0.0,
-            backend=attn.backend,
-            is_causal=check_is_causal(is_causal),
+            is_causal=is_causal,
             key_padding_mask=key_padding_mask,
-            cu_seqlens=attention_kwargs.get("cu_seqlens"),
-            max_seqlen=attention_kwargs.get("max_seqlen"),
-            rotary=attention_kwargs.get("rotary"),
+            **attention_kwargs,
         )
 
     def get_memory_estimate(
@@ -579,8 +610,9 @@ class MultiheadDilatedAttention(nn.Module):
                 raise TypeError(f"{name} is this layer's own; do not pass it.")
         kwargs.setdefault("dtype", self.q_proj.weight.dtype)
         if isinstance(self.attention, DilatedAttention):
-            # Only the default inner attention recomputes q, k, v (see _recomputes).
-            recomputes = self.recompute_qkv and type(self.attention) is DilatedAttention
+            # Only an inner attention whose class defines the node recomputes q, k, v (see
+            # _recomputes); the ring's only on shards (already_split=True).
+            recomputes = self.recompute_qkv and "_projected_call" in type(self.attention).__dict__
             kwargs.setdefault("recompute_qkv", recomputes)
         return estimate(
             seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs

@@ -39,7 +39,14 @@ from .rotary import apply_rotary, check_rotary_tables
 from .segments import token_major
 from .validation import check_key_padding_mask
 
-__all__ = ["HEAD_CHUNKS", "head_chunks", "projected_attention"]
+__all__ = [
+    "HEAD_CHUNKS",
+    "BackendHeads",
+    "HeadsAttention",
+    "head_chunks",
+    "projected_attention",
+    "run_projected",
+]
 
 # The backward recomputes q, k, v for about 1/HEAD_CHUNKS of the heads at a time: the
 # chunk's q, k, v and the backend's per-chunk buffers (fp32 accumulators) then stay a
@@ -56,23 +63,75 @@ def head_chunks(num_heads: int, kv_group: int) -> list[tuple[int, int]]:
     return [(a, min(num_heads, a + size)) for a in range(0, num_heads, size)]
 
 
+class HeadsAttention:
+    """The attention the node runs, on a range of query heads at a time.
+
+    ``plan`` is the whole call's plan; ``forward`` and ``backward_into`` run query heads
+    ``[first, stop)`` (whole K/V heads: the bounds are multiples of the plan's K/V group
+    size) on q, k, v of those heads alone. :class:`BackendHeads` runs them on this device;
+    the ring's form lives in :mod:`dilated_attention_pytorch.distributed.projected_ring`.
+    """
+
+    plan: DilatedPlan
+
+    def forward_chunks(self) -> list[tuple[int, int]]:
+        """The head ranges of the forward, in order (:func:`head_chunks`)."""
+        return head_chunks(self.plan.num_heads, self.plan.kv_group_size)
+
+    def backward_chunks(self) -> list[tuple[int, int]]:
+        """The head ranges of the backward, in order (:func:`head_chunks`)."""
+        return head_chunks(self.plan.num_heads, self.plan.kv_group_size)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, first: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        """``(out (B, N, h, D), lse pair (2, B, N, h))`` of heads ``[first, stop)``."""
+        raise NotImplementedError
+
+    def backward_into(
+        self, grads: tuple[Tensor, Tensor, Tensor], dout: Tensor, q: Tensor, k: Tensor,
+        v: Tensor, out: Tensor, lse_pair: Tensor, first: int, stop: int,
+    ) -> None:  # fmt: skip
+        """The gradients of q, k, v of heads ``[first, stop)`` written into ``grads``."""
+        raise NotImplementedError
+
+
+class BackendHeads(HeadsAttention):
+    """:class:`HeadsAttention` on this device: a backend with its forward context, each
+    range of heads run as its part of the plan (:func:`~dilated_attention_pytorch.plan.heads_plan`)."""
+
+    def __init__(self, backend: Backend, fctx: ForwardContext) -> None:
+        self.backend, self.fctx, self.plan = backend, fctx, fctx.plan
+
+    def _context(self, first: int, stop: int) -> ForwardContext:
+        return dataclasses.replace(self.fctx, plan=heads_plan(self.plan, first, stop))
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, first: int, stop: int
+    ) -> tuple[Tensor, Tensor]:
+        return _run_forward(self.backend, q, k, v, self._context(first, stop))
+
+    def backward_into(self, grads, dout, q, k, v, out, lse_pair, first, stop) -> None:
+        _run_backward_into(
+            self.backend, grads, dout, q, k, v, out, lse_pair, self._context(first, stop)
+        )
+
+
 @dataclass
 class _Spec:
-    """Everything but the tensors: the head dim, the backend and its context (whose plan
-    holds the head counts)."""
+    """Everything but the tensors: the head dim, the attention and the rotary tables."""
 
     head_dim: int
-    backend: Backend
-    fctx: ForwardContext
+    attention: HeadsAttention
     rotary: tuple[Tensor, Tensor] | None = None  # (cos, sin) applied to q and k
 
     @property
-    def num_heads(self) -> int:
-        return self.fctx.plan.num_heads
+    def plan(self) -> DilatedPlan:
+        return self.attention.plan
 
     @property
-    def num_kv_heads(self) -> int:
-        return self.fctx.plan.num_kv_heads
+    def num_heads(self) -> int:
+        return self.plan.num_heads
 
 
 def projected_attention(
@@ -126,29 +185,27 @@ def projected_attention(
         plan, D, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, documents=documents,
     )  # fmt: skip
-    spec = _Spec(D, chosen, fctx, rotary)
+    spec = _Spec(D, BackendHeads(chosen, fctx), rotary)
     if torch.compiler.is_compiling():
         return _compiled(
             x, weights, biases, spec, seed, backend_key(chosen), packed or (None, None)
         )
     fctx.seed = int(seed.item()) if dropout_p > 0.0 else 0
+    return run_projected(x, weights, biases, spec)
+
+
+def run_projected(
+    x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec
+) -> Tensor:
+    """The node on checked inputs (eager): ``(B, N, H, D)``."""
     out, _ = _ProjectedAttentionFunction.apply(x, *weights, *biases, spec)
     return out
 
 
-def _chunks(spec: _Spec) -> list[tuple[slice, slice, ForwardContext]]:
-    """Per chunk of :func:`head_chunks`: its query heads, its K/V heads and the backend's
-    context for them (the part of the plan they run)."""
-    plan: DilatedPlan = spec.fctx.plan
-    g = plan.kv_group_size
-    return [
-        (
-            slice(first, stop),
-            slice(first // g, stop // g),
-            dataclasses.replace(spec.fctx, plan=heads_plan(plan, first, stop)),
-        )
-        for first, stop in head_chunks(spec.num_heads, g)
-    ]
+def _heads(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
+    """Query heads ``[first, stop)`` and their K/V heads, as slices."""
+    g = spec.plan.kv_group_size
+    return slice(first, stop), slice(first // g, stop // g)
 
 
 def _rotate(spec: _Spec, q: Tensor, k: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -165,7 +222,7 @@ def _rotate(spec: _Spec, q: Tensor, k: Tensor, inverse: bool = False) -> tuple[T
 
 def _qkv_rows(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
     """Rows of ``W_q`` and of ``W_k``/``W_v`` for query heads ``[first, stop)``."""
-    D, g = spec.head_dim, spec.fctx.plan.kv_group_size
+    D, g = spec.head_dim, spec.plan.kv_group_size
     return slice(first * D, stop * D), slice(first // g * D, stop // g * D)
 
 
@@ -192,10 +249,13 @@ def _forward(
     are a chunk's."""
     q, k, v = _project(x, weights, biases, spec, 0, spec.num_heads)
     out = lse_pair = None
-    for heads, kv_heads, fctx in _chunks(spec):
+    for first, stop in spec.attention.forward_chunks():
+        heads, kv_heads = _heads(spec, first, stop)
         qc, kc = _rotate(spec, q[:, :, heads], k[:, :, kv_heads])
-        out_c, lse_c = _run_forward(spec.backend, qc, kc, v[:, :, kv_heads], fctx)
+        out_c, lse_c = spec.attention.forward(qc, kc, v[:, :, kv_heads], first, stop)
         del qc, kc
+        if (first, stop) == (0, spec.num_heads):  # one chunk: its output is the whole
+            return out_c, lse_c
         if out is None:
             out = out_c.new_empty(q.shape)
             lse_pair = lse_c.new_empty(*lse_c.shape[:-1], q.shape[2])
@@ -219,13 +279,14 @@ def _backward(
     # [dq | dk | dv] per token: one buffer, so that dx is one matmul.
     dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
     grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
-    for heads, kv_heads, fctx in _chunks(spec):
-        q, k, v = _project(x, weights, biases, spec, heads.start, heads.stop)
+    for first, stop in spec.attention.backward_chunks():
+        heads, kv_heads = _heads(spec, first, stop)
+        q, k, v = _project(x, weights, biases, spec, first, stop)
         q, k = _rotate(spec, q, k)
         targets = (grads[0][:, :, heads], grads[1][:, :, kv_heads], grads[2][:, :, kv_heads])
-        _run_backward_into(
-            spec.backend, targets, dout[:, :, heads], q, k, v, out[:, :, heads],
-            lse_pair[:, :, :, heads], fctx,
+        spec.attention.backward_into(
+            targets, dout[:, :, heads], q, k, v, out[:, :, heads], lse_pair[:, :, :, heads],
+            first, stop,
         )  # fmt: skip
         del q, k, v
         if spec.rotary is not None:  # gradients of the rotated q, k -> of q, k
@@ -292,7 +353,7 @@ def _op_spec(
         max_seqlen,
     )  # fmt: skip
     rotary = None if cos is None or sin is None else (cos, sin)
-    return _Spec(head_dim, _resolve(backend), fctx, rotary)
+    return _Spec(head_dim, BackendHeads(_resolve(backend), fctx), rotary)
 
 
 @torch.library.custom_op("dilated_attention_pytorch::projected_forward", mutates_args=())
@@ -376,10 +437,11 @@ def _compiled(
     seed: Tensor, backend: str, packed: tuple[Tensor | None, Tensor | None],
 ) -> Tensor:  # fmt: skip
     """The node through the custom operators (while ``torch.compile`` traces)."""
-    fctx, plan = spec.fctx, spec.fctx.plan
+    assert isinstance(spec.attention, BackendHeads)
+    fctx, plan = spec.attention.fctx, spec.plan
     cos, sin = spec.rotary if spec.rotary is not None else (None, None)
     out, _ = _forward_op(
-        x, *weights, *biases, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+        x, *weights, *biases, plan.num_heads, plan.num_kv_heads, spec.head_dim,
         list(plan.segment_lengths), list(plan.dilation_rates), plan.branch_mixing,
         float(fctx.scale), fctx.is_causal, float(fctx.dropout_p), fctx.key_padding_mask, seed,
         backend, *packed, cos, sin,

@@ -124,7 +124,10 @@ def merge_lse_(
     total = w_acc + w_block
     total = torch.where(total > 0, total, torch.ones_like(total))
     out_acc.mul_((w_acc / total).unsqueeze(-1))
-    out_acc.add_(out_block.to(out_acc.dtype) * (w_block / total).unsqueeze(-1))
+    # One fused multiply-add in the accumulator's dtype: no copy of the block output in
+    # it, nor of the weighted block (on CUDA the mixed dtypes are cast inside the kernel;
+    # the CPU casts a low-precision block first).
+    out_acc.addcmul_(out_block, (w_block / total).unsqueeze(-1))
     lo_acc.copy_(torch.log(total))
     hi_acc.copy_(new_hi)
 

@@ -417,18 +417,25 @@ def test_tiles_follow_the_math_path() -> None:
 
 
 def _ring_worker(rank: int, world_size: int, cases: list) -> list[int]:
-    from dilated_attention_pytorch import RingDilatedAttention
+    from dilated_attention_pytorch import RingDilatedAttention, RingMultiheadDilatedAttention
     from dilated_attention_pytorch.backends import blocks
 
     blocks._MAX_SCORE_ELEMENTS_CPU = blocks._MAX_SCORE_ELEMENTS  # the estimate is for CUDA
     peaks = []
-    for B, N, H, D, ws, rs, split in cases:
+    for B, N, H, D, ws, rs, split, recompute in cases:
         tokens = N // world_size if split else N
         with LiveStorageBytes() as tracker:
-            attention = RingDilatedAttention(ws, rs, backend="pytorch")
-            q, k, v = (torch.randn(B, tokens, H, D, requires_grad=True) for _ in range(3))
-            dout = torch.randn(B, tokens, H, D)
-            attention(q, k, v, already_split=split).backward(dout)
+            if recompute is None:  # the attention alone
+                attention = RingDilatedAttention(ws, rs, backend="pytorch")
+                q, k, v = (torch.randn(B, tokens, H, D, requires_grad=True) for _ in range(3))
+                dout = torch.randn(B, tokens, H, D)
+                attention(q, k, v, already_split=split).backward(dout)
+            else:  # the multi-head layer, its q, k, v recomputed or kept
+                layer = RingMultiheadDilatedAttention(H * D, H, ws, rs, backend="pytorch")
+                layer.recompute_qkv = recompute
+                x = torch.randn(B, tokens, H * D, requires_grad=True)
+                y, _ = layer(x, already_split=split)
+                y.backward(torch.randn_like(y))  # dy made after the forward, as estimated
         peaks.append(tracker.peak)
     return peaks
 
@@ -437,17 +444,21 @@ def _ring_worker(rank: int, world_size: int, cases: list) -> list[int]:
 def test_ring_estimate_matches_measured_peaks() -> None:
     from distributed_utils import spawn
 
-    # Two ranks: w = 512 is local, w = 2048 and 4096 cross the ring (L = 2048).
+    # Two ranks: w = 512 is local, w = 2048 and 4096 cross the ring (L = 2048). The last
+    # cases are the multi-head layer on shards, recomputing q, k, v or keeping them.
     cases = [
-        (1, 4096, 4, 16, [512, 4096], [1, 2], True),
-        (2, 4096, 3, 16, [256, 2048, 4096], [1, 3, 5], True),
-        (2, 4096, 4, 16, [512, 4096], [1, 4], False),
+        (1, 4096, 4, 16, [512, 4096], [1, 2], True, None),
+        (2, 4096, 3, 16, [256, 2048, 4096], [1, 3, 5], True, None),
+        (2, 4096, 4, 16, [512, 4096], [1, 4], False, None),
+        (1, 4096, 16, 8, [512, 4096], [1, 2], True, True),
+        (1, 4096, 16, 8, [512, 4096], [1, 2], True, False),
     ]
     measured = spawn(_ring_worker, 2, cases)
-    for i, (B, N, H, D, ws, rs, split) in enumerate(cases):
+    for i, (B, N, H, D, ws, rs, split, recompute) in enumerate(cases):
+        layer = {} if recompute is None else {"embed_dim": H * D, "recompute_qkv": recompute}
         est = get_memory_estimate(
             N, B, H, D, segment_lengths=ws, dilation_rates=rs, ring_size=2,
-            dtype=torch.float32, already_split=split,
+            dtype=torch.float32, already_split=split, **layer,
         )  # fmt: skip
         peak = max(rank_peaks[i] for rank_peaks in measured)
         assert est["bytes_per_device"] == pytest.approx(peak, rel=0.05), cases[i]

@@ -412,16 +412,18 @@ def test_recompute_holds_less_and_the_estimate_follows(monkeypatch) -> None:
     assert peaks[True] < 0.7 * peaks[False], peaks
 
 
-def test_estimate_recompute_only_for_the_single_device_layer() -> None:
+def test_estimate_recompute_for_the_layer_on_one_device_and_on_ring_shards() -> None:
     kw = dict(segment_lengths=[512, 1024], dilation_rates=[1, 2], dtype=torch.bfloat16)
-    on = get_memory_estimate(4096, 1, 8, 64, embed_dim=512, **kw)
-    off = get_memory_estimate(4096, 1, 8, 64, embed_dim=512, recompute_qkv=False, **kw)
-    assert on["bytes_per_device"] < off["bytes_per_device"]
-    # The attention alone, a forward only, or a ring: recompute_qkv changes nothing.
+    for extra in ({}, {"ring_size": 2, "already_split": True}):
+        on = get_memory_estimate(4096, 1, 8, 64, embed_dim=512, **kw, **extra)
+        off = get_memory_estimate(4096, 1, 8, 64, embed_dim=512, recompute_qkv=False, **kw, **extra)
+        assert on["bytes_per_device"] < off["bytes_per_device"], extra
+    # The attention alone, a forward only, or a ring layer on the whole sequence:
+    # recompute_qkv changes nothing.
     for extra in (
         {},
         {"embed_dim": 512, "with_backward": False},
-        {"embed_dim": 512, "ring_size": 2},
+        {"embed_dim": 512, "ring_size": 2, "already_split": False},
     ):
         a = get_memory_estimate(4096, 1, 8, 64, **{**kw, **extra})
         b = get_memory_estimate(4096, 1, 8, 64, recompute_qkv=False, **{**kw, **extra})

@@ -630,7 +630,10 @@ class RingSetup:
     dropout_p: float = 0.0  # drop probability of the joint attention probabilities
     seed: int = 0  # dropout seed of the call (forward and backward share it)
     seq_len: int = 0  # N: tokens of the ring's whole sequence (dropout token ids)
-    num_heads: int = 0  # H (dropout streams)
+    # Dropout streams count in the call's H heads; a plan of some heads (heads_plan) runs
+    # its head 0 as head first_head of them.
+    num_heads: int = 0
+    first_head: int = 0
     # Packed documents: the tokens [a, b) of the shard that hold whole documents (their
     # lengths third), run as one packed call of ``inner_backend`` with ``inner_context``
     # (one call per document on a backend without packed documents, as on one device).
@@ -800,7 +803,7 @@ class KVRotation:
             k_ids = rows + pos[None, :]
         setup = self.setup
         streams = head_streams(index, group.heads, setup.num_heads, q_ids.device)
-        return DropoutKeys(setup.dropout_p, setup.seed, q_ids, k_ids, streams)
+        return DropoutKeys(setup.dropout_p, setup.seed, q_ids, k_ids, streams + setup.first_head)
 
 
 def ring_steps(
@@ -1272,7 +1275,8 @@ def _ring_setup(
         dropout_p=float(dropout_p),
         seed=seed,
         seq_len=size * L,
-        num_heads=q.shape[2],
+        num_heads=plan.parent_heads,
+        first_head=plan.first_head,
         inner=inner,
         inner_backend=inner_backend,
         inner_context=inner_context,

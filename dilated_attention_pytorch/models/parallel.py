@@ -79,6 +79,16 @@ class LocalShardRing(nn.Module):
             q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, already_split=True
         )
 
+    def _projected_call(
+        self, x: Tensor, weights: tuple, biases: tuple, **kwargs: Any
+    ) -> Tensor | None:
+        """The multi-head layer's recomputing node on this rank's shard (the ring's own,
+        :meth:`StandardRingAttention._projected_call` with ``already_split=True``), when the
+        ring is a plain :class:`~dilated_attention_pytorch.StandardRingAttention`."""
+        if type(self.ring) is not StandardRingAttention:
+            return None
+        return self.ring._projected_call(x, weights, biases, already_split=True, **kwargs)
+
 
 def sequence_group(mesh: DeviceMesh | None, sequence_dim: str = "sp") -> dist.ProcessGroup | None:
     """The process group of ``mesh``'s sequence dimension, or ``None`` without one."""

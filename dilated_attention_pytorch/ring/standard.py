@@ -25,6 +25,7 @@ from ..distributed import (
     zigzag_order,
 )
 from ..distributed.comm import RingStats
+from ..distributed.projected_ring import projected_ring_attention
 from ..distributed.validation import (
     LAYOUTS,
     check_ring_call,
@@ -323,19 +324,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             mask = _mask_shard(key_padding_mask, position, len(members))
         # Bad options are checked inside the collective validation, so that a bad mask or
         # dropout on one rank makes every rank raise instead of hanging the others.
-        signature = (
-            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
-            *(getattr(t, "dtype", None) for t in (q, k, v)),
-            getattr(q, "device", None),
-            is_causal,
-            None
-            if mask is None
-            else (type(mask), getattr(mask, "dtype", None), getattr(mask, "shape", None),
-                  getattr(mask, "device", None)),
-            dropout_p,
-            layout,
-            id(group),
-        )  # fmt: skip
+        signature = self._signature(q, k, v, is_causal, mask, dropout_p, layout, group)
         validate = (
             self.validate == "always" or cu_seqlens is not None or signature not in self._validated
         )
@@ -350,6 +339,77 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         out = gather_replicated(out, group, members, **options)
         # order is a permutation by construction: argsort inverts it without host reads.
         return out if order is None else out.index_select(1, torch.argsort(order))
+
+    @staticmethod
+    def _signature(
+        q: object, k: object, v: object, is_causal: object, mask: object, dropout_p: float,
+        layout: str, group: dist.ProcessGroup,
+    ) -> tuple:  # fmt: skip
+        """What a call's collective check covers: once checked (``validate="once"``), a
+        call with the same signature runs this rank's own checks only."""
+        return (
+            *(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (q, k, v)),
+            *(getattr(t, "dtype", None) for t in (q, k, v)),
+            getattr(q, "device", None),
+            is_causal,
+            None
+            if mask is None
+            else (type(mask), getattr(mask, "dtype", None), getattr(mask, "shape", None),
+                  getattr(mask, "device", None)),
+            dropout_p,
+            layout,
+            id(group),
+        )  # fmt: skip
+
+    def _projected_call(
+        self,
+        x: Tensor,
+        weights: tuple[Tensor, Tensor, Tensor],
+        biases: tuple[Tensor | None, Tensor | None, Tensor | None],
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        is_causal: bool,
+        key_padding_mask: Tensor | None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        already_split: bool = False,
+        **kwargs: Any,
+    ) -> Tensor | None:
+        """The multi-head layer's recomputing node on this rank's shard ``x`` ``(B, N/k,
+        E)`` (:func:`~dilated_attention_pytorch.distributed.projected_ring.projected_ring_attention`),
+        as ``(B, N/k, H, D)``; a ring of one runs the single-device node. ``None`` (the
+        layer then runs the separate nodes) for the whole sequence (``already_split=False``),
+        packed documents and under ``torch.compile``."""
+        check_bool("already_split", already_split)
+        ring = self.ring()
+        if ring is None or len(ring[1]) == 1:
+            return super()._projected_call(
+                x, weights, biases, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                is_causal=is_causal, key_padding_mask=key_padding_mask, rotary=rotary,
+                **kwargs,
+            )  # fmt: skip
+        if not already_split or kwargs or torch.compiler.is_compiling():
+            return None
+        group, members = ring
+        dropout_p = self.dropout if self.training else 0.0
+        layout = self.resolve_layout(x, len(members), is_causal, True, False)
+        D = weights[0].shape[0] // num_heads
+        q_like = x.unflatten(-1, (num_heads, D))
+        kv_like = x.narrow(-1, 0, num_kv_heads * D).unflatten(-1, (num_kv_heads, D))
+        signature = self._signature(
+            q_like, kv_like, kv_like, is_causal, key_padding_mask, dropout_p, layout, group
+        )
+        out = projected_ring_attention(
+            x, weights, biases, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            group=group, ring_size=len(members), is_causal=is_causal,
+            branch_mixing=self.branch_mixing, scale=self.scale, backend=self.backend,
+            dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+            validate=self.validate == "always" or signature not in self._validated,
+            timeout=self.timeout, stats=self._stats, layout=layout, rotary=rotary,
+        )  # fmt: skip
+        self._validated.add(signature)
+        return out
 
     def resolve_layout(
         self, query: object, size: int, is_causal: bool, already_split: bool, packed: bool
@@ -456,6 +516,13 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             (with ``num_kv_heads < num_heads`` only the K/V heads travel the ring).
         ring_size, process_group, branch_mixing, dropout, scale, backend, validate, timeout,
             layout: the keywords of the inner :class:`StandardRingAttention`.
+        recompute_qkv: as in ``MultiheadDilatedAttention`` (default ``True``), for calls
+            on shards (``already_split=True``): the projections of the shard and the ring
+            run as one node that keeps only the shard's input, output and LSE; its
+            backward recomputes q, k, v a few heads at a time, each chunk of heads a ring
+            pass of its own (the same bytes as one pass, in as many smaller transfers).
+            Whole-sequence calls, packed documents and ``torch.compile`` run the
+            projections and the ring as separate nodes.
     """
 
     def __init__(
@@ -478,6 +545,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         bias: bool = True,
         layer_norm: bool = True,
         gamma_init: float = 1.0,
+        recompute_qkv: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -502,6 +570,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             bias=bias,
             layer_norm=layer_norm,
             gamma_init=gamma_init,
+            recompute_qkv=recompute_qkv,
             device=device,
             dtype=dtype,
         )

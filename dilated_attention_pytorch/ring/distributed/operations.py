@@ -129,6 +129,18 @@ class DistributedRingAttention(StandardRingAttention):
             run, query, key, value, use_reentrant=False, **kwargs
         )
 
+    def _projected_call(
+        self, x: Tensor, weights: tuple, biases: tuple, **kwargs: Any
+    ) -> Tensor | None:
+        """The multi-head layer's recomputing node
+        (:meth:`StandardRingAttention._projected_call`), counted by the monitor; ``None``
+        (the layer then runs separate nodes) with ``use_checkpointing``, whose
+        checkpoint wraps this module's forward."""
+        if self.use_checkpointing:
+            return None
+        self._peak_device = x.device
+        return super()._projected_call(x, weights, biases, **kwargs)
+
     def get_communication_stats(self) -> dict[str, Any]:
         """What the ring did on this rank since construction or the last reset.
 
