@@ -34,11 +34,20 @@ Sections:
    is reduced by ``.sum()`` as in the demo), the estimate and forward+backward time.
 4. ``layer_estimate`` (any machine, no tensors): ``get_memory_estimate`` of section 3's
    layer, both ways, for the ``pytorch`` and ``triton`` backends, ``N`` doubling from
-   ``--min-tokens`` to ``--max-tokens`` (the caller holding the output's gradient, the
-   estimate's convention).
-5. ``scale`` (one GPU): the largest ``N`` (a multiple of ``--scale-step``) at which one
-   ``--scale-embed``/``--scale-heads`` layer (default 768/12, the LongNet branches above,
-   ``recompute_qkv`` either way) runs forward+backward: doubling, then bisection.
+   ``--min-tokens`` to ``--max-tokens`` or the ``--seq-lens`` given (the caller holding
+   the output's gradient, the estimate's convention). With ``--ring-size k``: the
+   ``--heads``/``--head-dim`` layer as ``RingMultiheadDilatedAttention`` on the shards
+   of a ring of ``k`` (``pytorch`` blocks, the LongNet schedule below), e.g.
+   ``--heads 12 --ring-size 4 --seq-lens 25165824`` for a 768/12 layer at 24M tokens on
+   4 GPUs.
+5. ``scale``: the largest ``N`` (a multiple of ``--scale-step`` times the ranks) at which
+   one ``--scale-embed``/``--scale-heads`` layer (default 768/12, ``recompute_qkv``
+   either way) runs forward+backward. One GPU: section 3's layer, doubling, then
+   bisection on out-of-memory errors. Under torchrun with ``k`` GPUs:
+   ``RingMultiheadDilatedAttention`` over all of them on shards, with the LongNet
+   schedule below; an out-of-memory error on one rank would leave the others waiting
+   inside the ring, so the probe runs only ``N`` whose estimate fits in ``--fill`` of
+   the GPU: the largest such ``N``, and each ``--scale-tokens`` (e.g. 25165824), measured.
 
 ``--recorded FILE`` skips the GPU work: it recomputes the estimate for every
 non-causal row of a ``benchmarks/bench_ring.py`` JSON (whose peaks were measured the
@@ -371,29 +380,43 @@ def layer_vs_dense(args: argparse.Namespace, device: torch.device) -> list[dict[
 
 def layer_estimate(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """``get_memory_estimate`` of the demo's layer, ``recompute_qkv`` on and off, per
-    backend, at doubling ``N``: arithmetic only, so it runs without a GPU."""
-    E, H = args.heads * args.head_dim, args.heads
+    backend, at doubling ``N`` (or ``--seq-lens``): arithmetic only, so it runs without a
+    GPU. With ``--ring-size k > 1``: the ``--heads``/``--head-dim`` layer as
+    ``RingMultiheadDilatedAttention`` on shards of a ring of ``k``, with the ring
+    benchmark's LongNet schedule (``w / r = --base`` up to ``w = N``)."""
+    E, H, k = args.heads * args.head_dim, args.heads, args.ring_size
     layer = _demo_layers(args, torch.device("meta"), E, H)["recompute_qkv"]
-    rows, N = [], args.min_tokens
-    while N <= args.max_tokens:
-        for backend in ("pytorch", "triton"):
+    lengths, N = list(args.seq_lens or []), args.min_tokens
+    while not args.seq_lens and N <= args.max_tokens:
+        lengths.append(N)
+        N *= 2
+    rows = []
+    for N in lengths:
+        if k > 1:
+            segments, rates = longnet_schedule(N, args.base, k)
+            layer = RingMultiheadDilatedAttention(
+                E, H, segments, rates, ring_size=k, device="meta", dtype=args.dtype
+            )
+        for backend in ("pytorch",) if k > 1 else ("pytorch", "triton"):
             est = {
                 recompute: layer.get_memory_estimate(
                     N, args.batch, backend=backend, recompute_qkv=recompute
                 )["bytes_per_device"]
                 for recompute in (True, False)
             }
-            rows.append({"seq_len": N, "backend": backend, "recompute_qkv_gib": est[True] / GiB,
+            rows.append({"seq_len": N, "ring_size": k, "tokens_per_gpu": N // k,
+                         "backend": backend, "recompute_qkv_gib": est[True] / GiB,
                          "separate_nodes_gib": est[False] / GiB,
                          "ratio": est[True] / est[False]})  # fmt: skip
-        N *= 2
     return rows
 
 
 def scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """The largest N whose forward+backward fits, per ``recompute_qkv`` setting."""
-    if dist.get_world_size() > 1 or device.type != "cuda":
-        return [{"error": "one GPU only (CUDA, without torchrun)"}]
+    if device.type != "cuda":
+        return [{"error": "GPUs only (CUDA)"}]
+    if dist.get_world_size() > 1:
+        return _ring_scale(args, device)
     layers = _demo_layers(args, device, args.scale_embed, args.scale_heads)
     rows = []
     for name in ("recompute_qkv", "separate_nodes"):
@@ -426,16 +449,81 @@ def scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             else:
                 lo, peak = mid, got
         rows.append({"layer": f"{args.scale_embed}/{args.scale_heads}", "mode": name,
-                     "largest_seq_len": lo, "peak_gib": peak, "first_out_of_memory": hi})  # fmt: skip
+                     "ring_size": 1, "largest_seq_len": lo, "peak_gib": peak,
+                     "first_out_of_memory": hi})  # fmt: skip
     return rows
+
+
+def _ring_layer(args: argparse.Namespace, N: int, k: int, recompute: bool, device) -> Any:
+    segments, rates = longnet_schedule(N, args.base, k)
+    return RingMultiheadDilatedAttention(
+        args.scale_embed, args.scale_heads, segments, rates, ring_size=k,
+        recompute_qkv=recompute, timeout=300.0, device=device, dtype=args.dtype,
+    )  # fmt: skip
+
+
+def _ring_scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Section 5 on a ring of every rank: the largest ``N`` whose estimate fits in
+    ``--fill`` of the GPU, and each ``--scale-tokens``, run on shards and measured."""
+    k = dist.get_world_size()
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    step = args.scale_step * k
+    meta = torch.device("meta")
+    rows = []
+    for recompute in (True, False):
+
+        def estimate(N: int, recompute=recompute) -> int:
+            layer = _ring_layer(args, N, k, recompute, meta)
+            return layer.get_memory_estimate(N, 1)["bytes_per_device"]
+
+        N = step
+        while estimate(2 * N) <= args.fill * capacity:  # doubling, then bisection
+            N *= 2
+        lo, hi = N, 2 * N
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if estimate(mid) <= args.fill * capacity else (lo, mid)
+        for N, what in ((lo, "largest_by_estimate"), *((n, "asked") for n in args.scale_tokens)):
+            row: dict[str, Any] = {
+                "layer": f"{args.scale_embed}/{args.scale_heads}",
+                "mode": "recompute_qkv" if recompute else "separate_nodes",
+                "ring_size": k, "seq_len": N, "which": what,
+                "estimate_gib": estimate(N) / GiB,
+            }  # fmt: skip
+            if estimate(N) > capacity:
+                row["peak_gib"] = "does not fit by the estimate"
+                rows.append(row)
+                continue
+            layer = _ring_layer(args, N, k, recompute, device)
+            try:
+                x = torch.randn(1, N // k, args.scale_embed, device=device, dtype=args.dtype,
+                                requires_grad=True)  # fmt: skip
+                step_fn = partial(_ring_layer_step, layer, x)
+                row["peak_gib"] = max_over(_peak_of(step_fn, device) / GiB, device)
+                row["error"] = row["estimate_gib"] / row["peak_gib"] - 1
+            except torch.cuda.OutOfMemoryError:
+                row["peak_gib"] = "out of memory"
+            finally:
+                x = layer = None
+                torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def _ring_layer_step(layer: torch.nn.Module, x: Tensor) -> None:
+    """Forward and backward of a ring layer on this rank's shard (the demo's ``.sum()``)."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    y, _ = layer(x, already_split=True)
+    y.sum().backward()
 
 
 COLUMNS = {
     "estimate_vs_measured": ["what", "ring_size", "tokens_per_gpu", "seq_len", "estimate_gib", "measured_gib", "error", "peak_phase"],
     "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_none", "error"],
     "layer_vs_dense": ["seq_len", "recompute_qkv_gib", "recompute_qkv_estimate_gib", "recompute_qkv_ms", "separate_nodes_gib", "separate_nodes_estimate_gib", "separate_nodes_ms", "dense_sdpa_gib", "dense_sdpa_ms", "recompute_vs_dense"],
-    "scale": ["layer", "mode", "largest_seq_len", "peak_gib", "first_out_of_memory", "error"],
-    "layer_estimate": ["seq_len", "backend", "recompute_qkv_gib", "separate_nodes_gib", "ratio"],
+    "scale": ["layer", "mode", "ring_size", "largest_seq_len", "seq_len", "which", "estimate_gib", "peak_gib", "first_out_of_memory", "error"],
+    "layer_estimate": ["seq_len", "ring_size", "tokens_per_gpu", "backend", "recompute_qkv_gib", "separate_nodes_gib", "ratio"],
 }  # fmt: skip
 DEFAULT_SECTIONS = ["estimate_vs_measured", "checkpointing"]
 
@@ -469,6 +557,15 @@ def main() -> None:
     parser.add_argument("--scale-embed", type=int, default=768)
     parser.add_argument("--scale-heads", type=int, default=12)
     parser.add_argument("--scale-step", type=int, default=1 << 19, help="scale: N granularity")
+    parser.add_argument(
+        "--scale-tokens", type=int, nargs="*", default=[], help="scale on k GPUs: also these N"
+    )
+    parser.add_argument(
+        "--ring-size", type=int, default=1, help="layer_estimate: the ring layer on k ranks"
+    )
+    parser.add_argument(
+        "--seq-lens", type=int, nargs="+", help="layer_estimate: these N instead of doubling"
+    )
     args = parser.parse_args()
     args.dtype = torch.bfloat16
 
@@ -490,13 +587,16 @@ def main() -> None:
             "bench_memory.py measures CUDA memory and found no GPU; pass --cpu for the gloo "
             "smoke test (tiny sizes, resident memory: not comparable to the estimate)."
         )
-    if "RANK" not in os.environ:  # one process without torchrun: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=240))
+    if not estimate_only:  # the estimates are arithmetic: no process group needed
+        if "RANK" not in os.environ:  # one process without torchrun: a world of one
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533"
+            )
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=240))
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = (0, 1) if estimate_only else (dist.get_rank(), dist.get_world_size())
     report: dict[str, Any] = {
         **stamp(device),
         "world_size": world_size,
@@ -506,7 +606,10 @@ def main() -> None:
         "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
     }
     path = (
-        result_path(args.out, "memory_estimate", "cpu", f"layer{args.heads * args.head_dim}")
+        result_path(
+            args.out, "memory_estimate", "cpu",
+            f"layer{args.heads * args.head_dim}" + (f"_ring{args.ring_size}" if args.ring_size > 1 else ""),
+        )  # fmt: skip
         if estimate_only
         else result_path(args.out, "memory", device, f"{world_size}gpu")
     )
@@ -531,7 +634,8 @@ def main() -> None:
             report["summary"] = summary(report["estimate_vs_measured"])
             print("\n" + report["summary"])
         print(f"\nwrote {write_json(path, report)}")
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

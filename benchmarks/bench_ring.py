@@ -79,16 +79,23 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- helpers
 
 
-def longnet_schedule(seq_len: int, base: int) -> tuple[list[int], list[int]]:
+def longnet_schedule(
+    seq_len: int, base: int, ring_size: int = 1
+) -> tuple[list[int], list[int]]:
     """Segments ``base * 4**i`` below ``seq_len`` plus ``seq_len`` itself, ``r = w / base``.
 
     ``w / r = base`` for every branch (LongNet keeps it bounded), so the cost per
-    token stays constant as the sequence grows.
+    token stays constant as the sequence grows. With ``ring_size = k > 1`` only the
+    segments a ring of ``k`` can shard are kept (with ``L = seq_len / k``: ``w <= L``
+    dividing ``L``, or ``w > L`` a multiple of ``L``); for powers of two that is all of
+    them, for e.g. 24M tokens on 4 ranks the 8M segment goes.
     """
+    L = seq_len // ring_size
     segments = []
     w = base
     while w < seq_len:
-        segments.append(w)
+        if ring_size == 1 or (L % w == 0 if w <= L else w % L == 0):
+            segments.append(w)
         w *= 4
     segments.append(seq_len)
     return segments, [max(1, s // base) for s in segments]
