@@ -316,12 +316,12 @@ class MultiheadDilatedAttention(nn.Module):
             self-attention (``key`` and ``value`` the query or ``None``) with plain
             ``nn.Linear`` projections and, as the inner attention (or inside
             :class:`~dilated_attention_pytorch.models.RotaryAttention`, as in
-            ``LongNetLM``), the default :class:`DilatedAttention` (eager or under
-            ``torch.compile``), or a ``StandardRingAttention`` or
-            ``DistributedRingAttention`` (without ``use_checkpointing``) called on shards
-            (``already_split=True``, as in ``RingMultiheadDilatedAttention`` and
-            ``parallelize_longnet``; eager only), without module hooks on them and
-            without autocast; other calls run the projections and the attention as
+            ``LongNetLM``), the default :class:`DilatedAttention`, or a
+            ``StandardRingAttention`` or ``DistributedRingAttention`` (without
+            ``use_checkpointing``) called on shards (``already_split=True``, as in
+            ``RingMultiheadDilatedAttention`` and ``parallelize_longnet``), without
+            module hooks on them and without autocast, eager or under
+            ``torch.compile``; other calls run the projections and the attention as
             separate autograd nodes, with the same results. The node keeps the input
             ``x`` for the backward even when the projections are frozen.
         gamma_init: MAGNETO gain of the ``v_proj`` and ``out_proj`` weights.

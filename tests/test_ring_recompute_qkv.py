@@ -121,7 +121,77 @@ def _cases(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     results["stats"] = _stats(world_size)
     results["rotary"] = _rotary_local_shard_ring(rank, world_size)
     results["inner_modules"] = _inner_modules(world_size)
+    results["compiled"] = _compiled(world_size)
     return results
+
+
+def _compiled(world_size: int) -> dict[str, Any]:
+    """Under torch.compile (fullgraph, aot_eager: the operators, their fake
+    implementations and autograd rule) the node runs as its custom operators: the same
+    results as eager, with causal masks, a key padding mask, GQA and dropout; monitoring
+    counts the same bytes and one call."""
+    out: dict[str, Any] = {"pairs": []}
+    for layer_kwargs, call, mask in (
+        ({}, {"is_causal": True}, True),
+        ({"num_kv_heads": 2, "dropout": 0.2}, {}, False),
+    ):
+        torch.manual_seed(8)
+        x = torch.randn(2, 64, 32, dtype=F64)
+        m = torch.rand(2, 64) < 0.3 if mask else None
+        layer = _layer(True, world_size, **layer_kwargs).train()
+        results = []
+        for compiled in (True, False):
+            xs = _shard(x, "contiguous").requires_grad_()
+            ms = None if m is None else _shard(m, "contiguous")
+
+            def fn(t, layer=layer, ms=ms, call=call):
+                return layer(t, key_padding_mask=ms, already_split=True, **call)[0]
+
+            if compiled:
+                fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+            torch.manual_seed(9)
+            y = fn(xs)
+            grads = torch.autograd.grad(y, [xs, *layer.parameters()], torch.ones_like(y))
+            results.append([y.detach(), *grads])
+        out["pairs"] += list(zip(*results, strict=True))
+    from test_compile import _recomputing_graph_ops
+
+    layer = _layer(True, world_size)
+    xs = _shard(torch.randn(2, 64, 32, dtype=F64), "contiguous").requires_grad_()
+    out["graph_ops"] = _recomputing_graph_ops(lambda t: layer(t, already_split=True)[0], xs)
+    # The operators' registrations (schema, fake implementations, autograd rule), on
+    # every rank together (each check runs the ring).
+    text = ";".join(
+        f"{name}={value!r}"
+        for name, value in dict(
+            segment_lengths=WS, dilation_rates=RS, ring_size=world_size, is_causal=True,
+            branch_mixing="softmax", layout="contiguous", backend="auto", validate=True,
+            group=dist.group.WORLD.group_name, stats="",
+        ).items()
+    )  # fmt: skip
+    weights = [p.detach().requires_grad_() for p in (layer.q_proj.weight, layer.k_proj.weight,
+                                                     layer.v_proj.weight)]  # fmt: skip
+    biases = [p.detach().requires_grad_() for p in (layer.q_proj.bias, layer.k_proj.bias,
+                                                    layer.v_proj.bias)]  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.dilated_attention_pytorch.projected_ring_forward,
+        (xs, *weights, *biases, None, text, torch.zeros(1, dtype=torch.long), 8, 8, 0.0, None,
+         None),
+    )  # fmt: skip
+    monitored = DistributedRingAttention(WS, RS, ring_size=world_size)
+    layer = MultiheadDilatedAttention(32, 8, attention=monitored, dtype=F64)
+    x = _shard(torch.randn(1, 64, 32, dtype=F64), "contiguous").requires_grad_()
+    counts = {}
+    for mode in ("eager", "compiled"):
+        fn = lambda t: layer(t, already_split=True)[0]  # noqa: E731
+        if mode == "compiled":
+            fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        monitored.reset_communication_stats()
+        fn(x).sum().backward()
+        stats = monitored.get_communication_stats()
+        counts[mode] = [stats[k] for k in ("bytes_sent", "bytes_received", "ring_steps", "calls")]
+    out["counts"] = counts
+    return out
 
 
 def _rotary_local_shard_ring(rank: int, world_size: int) -> dict[str, Any]:
@@ -275,3 +345,12 @@ def test_which_inner_ring_modules_run_the_node(results) -> None:
         used = r["inner_modules"]
         assert used["distributed"] and used["distributed_calls"] == 1
         assert not used["distributed_checkpointing"] and not used["hilbert"]
+
+
+def test_compiled_node_matches_eager(results) -> None:
+    for rank, r in enumerate(results):
+        _assert_close(r["compiled"]["pairs"], f"rank {rank} compiled")
+        ops = r["compiled"]["graph_ops"]
+        assert ops == ["dilated_attention_pytorch.projected_ring_forward.default"], ops
+        counts = r["compiled"]["counts"]
+        assert counts["compiled"] == counts["eager"] and counts["eager"][3] == 1, counts

@@ -26,14 +26,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import Backend
+from ..backends.blocks import compute_dtype
+from ..ops import _fresh, backend_key
 from ..plan import DilatedPlan, heads_plan
-from ..projected import HeadsAttention, _Spec, run_projected
+from ..projected import HeadsAttention, _backward, _forward, _Spec, run_projected
 from ..rotary import check_rotary_tables
-from .comm import RingStats
+from .comm import RingStats, stats_by_key
 from .ring_dilated_attention import (
     RingSetup,
+    _parse_spec,
     _ring_backward_accumulate,
     _ring_setup,
+    _spec_backend,
     ring_dilated_forward,
 )
 from .validation import check_ring_call, check_ring_call_locally, check_timeout
@@ -114,7 +119,7 @@ def projected_ring_attention(
     is_causal: bool,
     branch_mixing: str,
     scale: float | None,
-    backend: str,
+    backend: str | Backend,
     dropout_p: float,
     key_padding_mask: Tensor | None,
     validate: bool,
@@ -129,36 +134,178 @@ def projected_ring_attention(
 
     Collective, with the ring's settings and checks (``validate``: the collective check,
     else this rank's own); ``weights``/``biases``/``rotary`` as in
-    :func:`~dilated_attention_pytorch.projected.projected_attention`. Eager only: under
-    ``torch.compile`` the layer runs its projections and the ring as separate nodes.
+    :func:`~dilated_attention_pytorch.projected.projected_attention`. Under
+    ``torch.compile`` it runs as the custom operators
+    ``dilated_attention_pytorch::projected_ring_forward`` and ``::projected_ring_backward``
+    (the checks, the ring's transfers and the host reads inside them).
     """
-    D = weights[0].shape[0] // num_heads
+    settings = dict(
+        segment_lengths=tuple(segment_lengths), dilation_rates=tuple(dilation_rates),
+        ring_size=ring_size, is_causal=is_causal, branch_mixing=branch_mixing, scale=scale,
+        dropout_p=dropout_p, layout=layout, timeout=timeout,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        key = backend if isinstance(backend, str) else backend_key(backend)
+        # The floats travel as arguments (the compiler may make them symbolic, e.g. a
+        # dropout that changed between two compilations), the rest as "name=repr;...".
+        spec = dict(
+            segment_lengths=settings["segment_lengths"],
+            dilation_rates=settings["dilation_rates"], ring_size=ring_size,
+            is_causal=is_causal, branch_mixing=branch_mixing, layout=layout, backend=key,
+            validate=validate, group=group.group_name, stats="" if stats is None else stats.key,
+        )  # fmt: skip
+        text = ";".join(f"{name}={value!r}" for name, value in spec.items())
+        seed = (
+            torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+        )
+        cos, sin = rotary if rotary is not None else (None, None)
+        out, _ = _forward_op(
+            x, *weights, *biases, key_padding_mask, text, seed, num_heads, num_kv_heads,
+            dropout_p, scale, timeout, cos, sin,
+        )  # fmt: skip
+        return out
+    # Drawn as ring_dilated_attention draws it, so equally seeded generators agree.
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    spec = _node_spec(
+        x, num_heads, num_kv_heads, group, backend, key_padding_mask, validate, stats, seed,
+        rotary, **settings,
+    )  # fmt: skip
+    return run_projected(x, weights, biases, spec)
+
+
+def _node_spec(
+    x: Tensor, num_heads: int, num_kv_heads: int, group: dist.ProcessGroup,
+    backend: str | Backend, key_padding_mask: Tensor | None, validate: bool,
+    stats: RingStats | None, seed: int, rotary: tuple[Tensor, Tensor] | None,
+    count: bool = True, *, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], ring_size: int,
+    is_causal: bool, branch_mixing: str, scale: float | None, dropout_p: float, layout: str,
+    timeout: float | None,
+) -> _Spec:  # fmt: skip
+    """The checked call as the node's spec (checks: the collective one with ``validate``,
+    else this rank's own); ``count``: count the call in ``stats`` (the ring passes count
+    their bytes and steps in it either way)."""
+    D = x.shape[-1] // num_heads
     # Views with q's and k's shapes, dtype and device, for the checks.
     q_like = x.unflatten(-1, (num_heads, D))
     kv_like = x.narrow(-1, 0, num_kv_heads * D).unflatten(-1, (num_kv_heads, D))
-    settings = dict(
+    checked = dict(
         ring_size=ring_size, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
         branch_mixing=branch_mixing, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, layout=layout,
     )  # fmt: skip
     if validate:
         plan = check_ring_call(
-            q_like, kv_like, kv_like, group=group, backend=backend, timeout=timeout, **settings
+            q_like, kv_like, kv_like, group=group, backend=backend, timeout=timeout, **checked
         )
     else:
         plan = check_ring_call_locally(
-            q_like, kv_like, kv_like, world_size=dist.get_world_size(group), **settings
+            q_like, kv_like, kv_like, world_size=dist.get_world_size(group), **checked
         )
     timeout = check_timeout(timeout)
     if rotary is not None:
         rotary = check_rotary_tables(rotary, q_like)
-    # Drawn as ring_dilated_attention draws it, so equally seeded generators agree.
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     call = _RingCall(
         group, ring_size, bool(is_causal), scale, backend, float(dropout_p), key_padding_mask,
         timeout, stats, seed, layout,
     )  # fmt: skip
-    if stats is not None:
+    if stats is not None and count:
         stats.calls += 1
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
-    return run_projected(x, weights, biases, _Spec(D, RingHeads(plan, call, keep), rotary))
+    return _Spec(D, RingHeads(plan, call, keep), rotary)
+
+
+# --------------------------------------------------------------------------- torch.compile
+# While torch.compile traces, the node runs as two custom operators (opaque to the
+# compiler, like the ring's own): the settings as a string of Python literals, the
+# process group and the monitor by their names, the checks and transfers inside.
+
+
+def _op_spec(
+    x: Tensor, key_padding_mask: Tensor | None, text: str, seed: Tensor, num_heads: int,
+    num_kv_heads: int, dropout_p: float, scale: float | None, timeout: float | None,
+    cos: Tensor | None, sin: Tensor | None, phase: str,
+) -> _Spec:  # fmt: skip
+    s = _parse_spec(text)
+    group = dist.distributed_c10d._resolve_process_group(s["group"])
+    rotary = None if cos is None or sin is None else (cos, sin)
+    settings = {name: s[name] for name in (
+        "segment_lengths", "dilation_rates", "ring_size", "is_causal", "branch_mixing", "layout",
+    )}  # fmt: skip
+    settings.update(dropout_p=dropout_p, scale=scale, timeout=timeout)
+    # The backward's inputs were checked by the forward, whose call it is.
+    forward = phase == "forward"
+    return _node_spec(
+        x, num_heads, num_kv_heads, group, _spec_backend(s), key_padding_mask,
+        s["validate"] and forward, stats_by_key(s["stats"]), int(seed.item()), rotary,
+        count=forward, **settings,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("dilated_attention_pytorch::projected_ring_forward", mutates_args=())
+def _forward_op(
+    x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor | None, bk: Tensor | None,
+    bv: Tensor | None, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
+    num_heads: int, num_kv_heads: int, dropout_p: float, scale: float | None,
+    timeout: float | None, cos: Tensor | None = None, sin: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    node = _op_spec(x, key_padding_mask, spec, seed, num_heads, num_kv_heads, dropout_p, scale,
+                    timeout, cos, sin, "forward")  # fmt: skip
+    out, lse_pair = _forward(x, (wq, wk, wv), (bq, bk, bv), node)
+    return _fresh(out), _fresh(lse_pair)
+
+
+@_forward_op.register_fake
+def _(x, wq, wk, wv, bq, bk, bv, key_padding_mask, spec, seed, num_heads, num_kv_heads,
+      *settings, **kwargs):  # fmt: skip
+    B, L, _ = x.shape
+    D = wq.shape[0] // num_heads
+    return (
+        x.new_empty(B, L, num_heads, D),
+        x.new_empty(2, B, L, num_heads, dtype=compute_dtype(x.dtype)),
+    )
+
+
+@torch.library.custom_op("dilated_attention_pytorch::projected_ring_backward", mutates_args=())
+def _backward_op(
+    dout: Tensor, x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor | None,
+    bk: Tensor | None, bv: Tensor | None, out: Tensor, lse_pair: Tensor,
+    key_padding_mask: Tensor | None, spec: str, seed: Tensor, num_heads: int,
+    num_kv_heads: int, dropout_p: float, scale: float | None, timeout: float | None,
+    cos: Tensor | None = None, sin: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """``[dx, dW_q, dW_k, dW_v, db_q, db_k, db_v]``; a bias that is ``None`` gets an
+    empty gradient."""
+    node = _op_spec(x, key_padding_mask, spec, seed, num_heads, num_kv_heads, dropout_p, scale,
+                    timeout, cos, sin, "backward")  # fmt: skip
+    biases = (bq, bk, bv)
+    needs = (True, True, True, True, *(b is not None for b in biases))
+    grads = _backward(dout, x, (wq, wk, wv), biases, out, lse_pair, node, needs)
+    return [x.new_empty(0) if g is None else _fresh(g) for g in grads]
+
+
+@_backward_op.register_fake
+def _(dout, x, wq, wk, wv, bq, bk, bv, *settings, **kwargs):  # fmt: skip
+    return [
+        x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape),
+        wv.new_empty(wv.shape),
+        *(x.new_empty(0) if b is None else b.new_empty(b.shape) for b in (bq, bk, bv)),
+    ]  # fmt: skip
+
+
+def _setup_op_context(ctx, inputs, output) -> None:
+    x, wq, wk, wv, bq, bk, bv, *settings = inputs
+    out, lse_pair = output
+    ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
+    ctx.settings = settings
+    ctx.mark_non_differentiable(lse_pair)
+
+
+def _op_backward_rule(ctx, dout: Tensor, _dlse: Tensor):
+    x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
+    grads = _backward_op(dout.contiguous(), x, wq, wk, wv, bq, bk, bv, out, lse_pair,
+                         *ctx.settings)  # fmt: skip
+    dbs = [None if b is None else g for b, g in zip((bq, bk, bv), grads[4:], strict=True)]
+    return (*grads[:4], *dbs, *(None for _ in ctx.settings))
+
+
+_forward_op.register_autograd(_op_backward_rule, setup_context=_setup_op_context)

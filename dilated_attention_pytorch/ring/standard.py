@@ -378,8 +378,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         """The multi-head layer's recomputing node on this rank's shard ``x`` ``(B, N/k,
         E)`` (:func:`~dilated_attention_pytorch.distributed.projected_ring.projected_ring_attention`),
         as ``(B, N/k, H, D)``; a ring of one runs the single-device node. ``None`` (the
-        layer then runs the separate nodes) for the whole sequence (``already_split=False``),
-        packed documents and under ``torch.compile``."""
+        layer then runs the separate nodes) for the whole sequence (``already_split=False``)
+        and packed documents."""
         check_bool("already_split", already_split)
         ring = self.ring()
         if ring is None or len(ring[1]) == 1:
@@ -388,7 +388,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
                 is_causal=is_causal, key_padding_mask=key_padding_mask, rotary=rotary,
                 **kwargs,
             )  # fmt: skip
-        if not already_split or kwargs or torch.compiler.is_compiling():
+        if not already_split or kwargs:
             return None
         group, members = ring
         dropout_p = self.dropout if self.training else 0.0
@@ -520,9 +520,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             on shards (``already_split=True``): the projections of the shard and the ring
             run as one node that keeps only the shard's input, output and LSE; its
             backward recomputes q, k, v a few heads at a time, each chunk of heads a ring
-            pass of its own (the same bytes as one pass, in as many smaller transfers).
-            Whole-sequence calls, packed documents and ``torch.compile`` run the
-            projections and the ring as separate nodes.
+            pass of its own (the same bytes as one pass, in as many smaller transfers);
+            under ``torch.compile`` as two custom operators. Whole-sequence calls and
+            packed documents run the projections and the ring as separate nodes.
     """
 
     def __init__(
