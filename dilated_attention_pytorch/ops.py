@@ -145,6 +145,17 @@ def _run_backward_into(
         target.copy_(grad)
 
 
+def float_arguments(*values: object) -> tuple:
+    """Float settings as a custom operator's arguments: ints as floats, ``None`` and
+    anything else as is (the checks inside name a bad one). Operators that take their
+    other settings as a string of literals take these apart, because the compiler may
+    make a float symbolic (e.g. when modules with different dropout run through the same
+    compiled code), and a string cannot hold a symbolic value."""
+    return tuple(
+        float(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in values
+    )
+
+
 def _fresh(t: Tensor) -> Tensor:
     """``t`` as a contiguous tensor that is not a view: what the fake implementations
     promise (a custom op may not return a view, and the compiler relies on strides)."""

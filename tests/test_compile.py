@@ -532,3 +532,60 @@ def test_ring_block_sparse_compiles_without_graph_breaks_on_two_ranks() -> None:
         compiled = [res["counted"][f"{name}-compiled"] for res in results]
         assert all(0 < e <= c for e, c in zip(eager, compiled, strict=True)), (eager, compiled)
         assert sum(eager) < sum(compiled), (eager, compiled)
+
+
+def _float_settings_worker(rank: int, world_size: int, _: object) -> list:
+    """Modules that differ only in a float setting (dropout, scale, sparsity), through the
+    same compiled code: the second compilation may make the float symbolic; the ring
+    operators take floats as arguments, so it compiles, and each module computes what it
+    does eagerly (with dropout: the same entries for the same seed)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 32, dtype=torch.float64)[:, rank * 16 : (rank + 1) * 16]
+    qkv = x.unflatten(-1, (4, 8))
+    families = {
+        "ring": [
+            DistributedRingAttention([8, 32], [1, 2], dropout=p, scale=s, enable_monitoring=False)
+            for p, s in ((0.1, 0.3), (0.2, 0.4))
+        ],
+        "block_sparse_ring": [
+            RingBlockSparseAttention(block_size=8, pattern_type="local_window", sparsity_ratio=r,
+                                     dropout=p, scale=s)  # fmt: skip
+            for r, p, s in ((0.5, 0.1, 0.3), (0.7, 0.2, 0.4))
+        ],
+        "layer_node": [
+            RingMultiheadDilatedAttention(32, 4, [8, 32], [1, 2], dropout=p, scale=s,
+                                          dtype=torch.float64)  # fmt: skip
+            for p, s in ((0.1, 0.3), (0.2, 0.4))
+        ],
+    }
+    pairs = []
+    for name, modules in families.items():
+        if name == "layer_node":
+            inp = x
+
+            def run(m, t):
+                return m(t, already_split=True)[0]
+        else:
+            inp = qkv
+
+            def run(m, t):
+                return m(t, t, t, already_split=True)
+
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+        for module in modules:
+            module.train()
+            results = []
+            for fn in (compiled, run):
+                t = inp.clone().requires_grad_()
+                torch.manual_seed(1)
+                out = fn(module, t)
+                results.append([out.detach(), *torch.autograd.grad(out.sum(), [t])])
+            pairs += list(zip(*results, strict=True))
+    return pairs
+
+
+@pytest.mark.distributed
+def test_ring_modules_differing_in_float_settings_share_compiled_code() -> None:
+    for pairs in spawn(_float_settings_worker, 2):
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backends import Backend
 from ..backends.blocks import compute_dtype
-from ..ops import _fresh, backend_key
+from ..ops import _fresh, backend_key, float_arguments
 from ..plan import DilatedPlan, heads_plan
 from ..projected import HeadsAttention, _backward, _forward, _Spec, run_projected
 from ..rotary import check_rotary_tables
@@ -161,7 +161,7 @@ def projected_ring_attention(
         cos, sin = rotary if rotary is not None else (None, None)
         out, _ = _forward_op(
             x, *weights, *biases, key_padding_mask, text, seed, num_heads, num_kv_heads,
-            dropout_p, scale, timeout, cos, sin,
+            *float_arguments(dropout_p, scale, timeout), cos, sin,
         )  # fmt: skip
         return out
     # Drawn as ring_dilated_attention draws it, so equally seeded generators agree.

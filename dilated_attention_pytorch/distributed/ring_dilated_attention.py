@@ -65,6 +65,7 @@ from ..ops import (
     _run_backward,
     _run_forward,
     backend_key,
+    float_arguments,
     register_attention_autograd,
 )
 from ..plan import Branch, DilatedPlan, HeadGroup, num_dilated_positions
@@ -1320,15 +1321,21 @@ def _compiled_ring_call(
     settings = dict(
         segment_lengths=tuple(segment_lengths),  # checked inside, with eager's messages
         dilation_rates=tuple(dilation_rates),
-        is_causal=is_causal, branch_mixing=branch_mixing, scale=scale, backend=key,
-        dropout_p=dropout_p, ring_size=ring_size, timeout=timeout, validate=validate,
-        group=group.group_name, stats="" if stats is None else stats.key, layout=layout,
+        is_causal=is_causal, branch_mixing=branch_mixing, backend=key, ring_size=ring_size,
+        validate=validate, group=group.group_name, stats="" if stats is None else stats.key,
+        layout=layout,
     )  # fmt: skip
-    # "name=repr;...": built with what the compiler can trace (json cannot be).
+    # "name=repr;...": built with what the compiler can trace (json cannot be). The floats
+    # travel as arguments: the compiler may make them symbolic (e.g. when two modules
+    # with different dropout run through the same compiled code).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
     max_len = _max_seqlen_tensor(max_seqlen)
-    out, _ = _ring_forward_op(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_len)
+    out, _ = _ring_forward_op(
+        q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_len, *float_arguments(
+            dropout_p, scale, timeout
+        ),
+    )  # fmt: skip
     return out
 
 
@@ -1377,9 +1384,11 @@ class _OpCall:
 
 def _op_setup(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    cu_seqlens: Tensor | None, max_seqlen: Tensor | None, phase: str,
+    cu_seqlens: Tensor | None, max_seqlen: Tensor | None, dropout_p: float,
+    scale: float | None, timeout: float | None, phase: str,
 ) -> _OpCall:  # fmt: skip
     s = _parse_spec(spec)
+    s.update(dropout_p=dropout_p, scale=scale, timeout=timeout)
     group = dist.distributed_c10d._resolve_process_group(s["group"])
     backend = _spec_backend(s)
     settings = _spec_settings(s, key_padding_mask)
@@ -1425,9 +1434,11 @@ def _local_settings(call: _OpCall, seed: Tensor) -> tuple:
 @torch.library.custom_op("dilated_attention_pytorch::ring_forward", mutates_args=())
 def _ring_forward_op(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, spec: str, seed: Tensor,
-    cu_seqlens: Tensor | None, max_seqlen: Tensor | None,
+    cu_seqlens: Tensor | None, max_seqlen: Tensor | None, dropout_p: float,
+    scale: float | None, timeout: float | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "forward")
+    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, dropout_p,
+                     scale, timeout, "forward")  # fmt: skip
     if call.stats is not None:
         call.stats.calls += 1
     if call.local is not None:  # as eager: the shard's documents in one packed call
@@ -1441,7 +1452,7 @@ def _ring_forward_op(
 
 
 @_ring_forward_op.register_fake
-def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen):
+def _(q, k, v, *settings):
     B, L, H, _ = q.shape
     lse = q.new_empty(2, B, L, H, dtype=compute_dtype(q.dtype))
     return q.new_empty(B, L, H, v.shape[-1]), lse
@@ -1451,9 +1462,10 @@ def _(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen):
 def _ring_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Tensor | None, spec: str, seed: Tensor, cu_seqlens: Tensor | None,
-    max_seqlen: Tensor | None,
+    max_seqlen: Tensor | None, dropout_p: float, scale: float | None, timeout: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, "backward")
+    call = _op_setup(q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_seqlen, dropout_p,
+                     scale, timeout, "backward")  # fmt: skip
     if call.local is not None:
         return attention_backward_op(dout, q, k, v, out, lse, *_local_settings(call, seed))
     assert call.setup is not None
@@ -1465,7 +1477,7 @@ def _ring_backward_op(
 
 
 @_ring_backward_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, spec, seed, cu_seqlens, max_seqlen):
+def _(dout, q, k, v, out, lse, *settings):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

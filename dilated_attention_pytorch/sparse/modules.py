@@ -327,13 +327,17 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
             # pattern, exchanges the kept blocks and runs the kernels.
             spec = ring_sparse_spec(
                 self.op_spec, group=group, members=members, block_size=self.block_size,
-                is_causal=is_causal, scale=self.scale, dropout_p=dropout_p,
+                is_causal=is_causal,
                 kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),
-                timeout=self.timeout, stats=self._stats, validate=self.validate,
-                config=self.extra_repr(), error=error or _mask_error(key_padding_mask),
-                owner=id(self),
+                stats=self._stats, validate=self.validate,
+                # The pattern (its JSON, made at construction) and the ring size: what
+                # the ranks must agree on, without formatting a float while tracing.
+                config=f"{self.op_spec}, ring_size={self.ring_size}",
+                error=error or _mask_error(key_padding_mask), owner=id(self),
             )  # fmt: skip
-            out = ring_block_sparse_op(q, k, v, spec, dropout_p)
+            out = ring_block_sparse_op(
+                q, k, v, spec, scale=self.scale, dropout_p=dropout_p, timeout=self.timeout
+            )
             return out if already_split else gather_replicated(out, group, members, **options)
         self._check(q, k, v, is_causal, key_padding_mask, group, members, error)
         _, L, _, D = q.shape

@@ -29,7 +29,7 @@ from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype
 from ..distributed.comm import RingComm, RingStats, gather_objects, stats_by_key
 from ..distributed.validation import _Reported
-from ..ops import _fresh, register_attention_autograd
+from ..ops import _fresh, float_arguments, register_attention_autograd
 from ..segments import token_major
 from ..validation import check_is_causal, check_qkv
 from .functional import SparseCall, block_backward, block_forward
@@ -330,23 +330,26 @@ _VALIDATED: dict[str, set] = {}
 
 def ring_sparse_spec(
     pattern: str, *, group: dist.ProcessGroup, members: Sequence[int], block_size: int,
-    is_causal: bool, scale: float | None, dropout_p: float, kernel: str,
-    timeout: float | None, stats: RingStats | None, validate: str, config: str,
+    is_causal: bool, kernel: str, stats: RingStats | None, validate: str, config: str,
     error: str | None, owner: int,
 ) -> str:  # fmt: skip
     """The operators' description of a ring call (``pattern``: ``pattern_spec``'s JSON):
-    the repr of its settings (built with what the compiler can trace; json cannot be)."""
+    the repr of its settings (built with what the compiler can trace; json cannot be).
+    The float settings (scale, dropout, timeout) are the operators' own arguments: the
+    compiler may make them symbolic, which a string cannot hold."""
     settings = dict(
         pattern=pattern, group=group.group_name, members=tuple(members), block_size=block_size,
-        is_causal=is_causal, scale=scale, dropout_p=dropout_p, kernel=kernel, timeout=timeout,
-        stats="" if stats is None else stats.key, validate=validate, config=config, error=error,
-        owner=owner,
+        is_causal=is_causal, kernel=kernel, stats="" if stats is None else stats.key,
+        validate=validate, config=config, error=error, owner=owner,
     )  # fmt: skip
     return repr(tuple(settings.items()))
 
 
-def _op_setup(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor, check: bool):
+def _op_setup(
+    q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor, floats: tuple, check: bool
+):  # fmt: skip
     s = dict(ast.literal_eval(spec))
+    s["scale"], s["dropout_p"], s["timeout"] = floats
     group = dist.distributed_c10d._resolve_process_group(s["group"])
     members = tuple(s["members"])
     if check:
@@ -375,8 +378,11 @@ def _op_setup(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor, check: b
 
 
 @torch.library.custom_op("dilated_attention_pytorch::ring_block_sparse_forward", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor) -> tuple[Tensor, Tensor]:
-    setup = _op_setup(q, k, v, spec, seed, check=True)
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor, scale: float | None,
+    dropout_p: float, timeout: float | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    setup = _op_setup(q, k, v, spec, seed, (scale, dropout_p, timeout), check=True)
     if setup.stats is not None:
         setup.stats.calls += 1
     q, k, v = token_major(q), token_major(k), token_major(v)
@@ -388,7 +394,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, spec: str, seed: Tensor) -> tup
 
 
 @_forward_op.register_fake
-def _(q, k, v, spec, seed):
+def _(q, k, v, *settings):
     B, L, H, _ = q.shape
     cdt = compute_dtype(q.dtype)
     return q.new_empty(B, L, H, v.shape[-1], dtype=cdt), q.new_empty(B, L, H, dtype=cdt)
@@ -397,9 +403,9 @@ def _(q, k, v, spec, seed):
 @torch.library.custom_op("dilated_attention_pytorch::ring_block_sparse_backward", mutates_args=())
 def _backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: str,
-    seed: Tensor,
+    seed: Tensor, scale: float | None, dropout_p: float, timeout: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    setup = _op_setup(q, k, v, spec, seed, check=False)
+    setup = _op_setup(q, k, v, spec, seed, (scale, dropout_p, timeout), check=False)
     q, k, v = token_major(q), token_major(k), token_major(v)
     held = _gather_held(setup, k, v, "backward")
     if setup.kernel == "triton":  # its kernels take out and dout in q.dtype (exact downcasts)
@@ -409,16 +415,20 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(dout, q, k, v, out, lse, spec, seed):
+def _(dout, q, k, v, out, lse, *settings):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 register_attention_autograd(_forward_op, _backward_op)
 
 
-def ring_block_sparse_op(q: Tensor, k: Tensor, v: Tensor, spec: str, dropout_p: float) -> Tensor:
-    """This rank's shard of a ring call described by ``spec`` (:func:`ring_sparse_spec`),
-    through the custom operators; ``(B, N/k, H, D)`` in and out, in q.dtype."""
+def ring_block_sparse_op(
+    q: Tensor, k: Tensor, v: Tensor, spec: str, *, scale: float | None, dropout_p: float,
+    timeout: float | None,
+) -> Tensor:  # fmt: skip
+    """This rank's shard of a ring call described by ``spec`` (:func:`ring_sparse_spec`)
+    and the float settings, through the custom operators; ``(B, N/k, H, D)`` in and out,
+    in q.dtype."""
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-    out, _ = _forward_op(q, k, v, spec, seed)
+    out, _ = _forward_op(q, k, v, spec, seed, *float_arguments(scale, dropout_p, timeout))
     return out.to(q.dtype)
