@@ -397,39 +397,59 @@ def _backward_op(
     spec = _op_spec(x, num_heads, num_kv_heads, head_dim, segment_lengths, dilation_rates,
                     branch_mixing, scale, is_causal, dropout_p, key_padding_mask, seed, backend,
                     cu_seqlens, max_seqlen, cos, sin)  # fmt: skip
-    biases = (bq, bk, bv)
+    return op_gradients(dout, x, (wq, wk, wv), (bq, bk, bv), out, lse_pair, spec)
+
+
+def op_gradients(
+    dout: Tensor, x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...],
+    out: Tensor, lse_pair: Tensor, spec: _Spec,
+) -> list[Tensor]:  # fmt: skip
+    """A backward operator's result: ``[dx, dW_q, dW_k, dW_v, db_q, db_k, db_v]``, each a
+    fresh tensor, a bias that is ``None`` getting an empty one."""
     needs = (True, True, True, True, *(b is not None for b in biases))
-    grads = _backward(dout, x, (wq, wk, wv), biases, out, lse_pair, spec, needs)
+    grads = _backward(dout, x, weights, biases, out, lse_pair, spec, needs)
     return [x.new_empty(0) if g is None else _fresh(g) for g in grads]
+
+
+def fake_gradients(
+    x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]
+) -> list[Tensor]:
+    """:func:`op_gradients`' shapes, for the fake implementations."""
+    return [
+        x.new_empty(x.shape), *(w.new_empty(w.shape) for w in weights),
+        *(x.new_empty(0) if b is None else b.new_empty(b.shape) for b in biases),
+    ]  # fmt: skip
 
 
 @_backward_op.register_fake
 def _(dout, x, wq, wk, wv, bq, bk, bv, *settings, **kwargs):  # fmt: skip
-    return [
-        x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape),
-        wv.new_empty(wv.shape),
-        *(x.new_empty(0) if b is None else b.new_empty(b.shape) for b in (bq, bk, bv)),
-    ]  # fmt: skip
+    return fake_gradients(x, (wq, wk, wv), (bq, bk, bv))
 
 
-def _setup_op_context(ctx, inputs, output) -> None:
-    x, wq, wk, wv, bq, bk, bv, *settings = inputs
-    out, lse_pair = output
-    ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
-    ctx.settings = settings
-    ctx.mark_non_differentiable(lse_pair)
+def register_projected_autograd(forward_op, backward_op) -> None:
+    """The autograd rule of a node's operator pair: ``forward_op(x, W_q, W_k, W_v, b_q, b_k,
+    b_v, *settings) -> (out, lse pair)`` (the LSE not differentiable) and
+    ``backward_op(dout, x, W_q, W_k, W_v, b_q, b_k, b_v, out, lse pair, *settings)`` ->
+    :func:`op_gradients`' list."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, wq, wk, wv, bq, bk, bv, *settings = inputs
+        out, lse_pair = output
+        ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(lse_pair)
+
+    def backward_rule(ctx, dout: Tensor, _dlse: Tensor):
+        x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
+        grads = backward_op(dout.contiguous(), x, wq, wk, wv, bq, bk, bv, out, lse_pair,
+                            *ctx.settings)  # fmt: skip
+        dbs = [None if b is None else g for b, g in zip((bq, bk, bv), grads[4:], strict=True)]
+        return (*grads[:4], *dbs, *(None for _ in ctx.settings))
+
+    forward_op.register_autograd(backward_rule, setup_context=setup_context)
 
 
-def _op_backward_rule(ctx, dout: Tensor, _dlse: Tensor):
-    x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
-    grads = _backward_op(dout.contiguous(), x, wq, wk, wv, bq, bk, bv, out, lse_pair,
-                         *ctx.settings)  # fmt: skip
-    biases = (bq, bk, bv)
-    dbs = [None if b is None else g for b, g in zip(biases, grads[4:])]
-    return (*grads[:4], *dbs, *(None for _ in ctx.settings))
-
-
-_forward_op.register_autograd(_op_backward_rule, setup_context=_setup_op_context)
+register_projected_autograd(_forward_op, _backward_op)
 
 
 def _compiled(

@@ -30,7 +30,15 @@ from ..backends import Backend
 from ..backends.blocks import compute_dtype
 from ..ops import _fresh, backend_key, float_arguments
 from ..plan import DilatedPlan, heads_plan
-from ..projected import HeadsAttention, _backward, _forward, _Spec, run_projected
+from ..projected import (
+    HeadsAttention,
+    _forward,
+    _Spec,
+    fake_gradients,
+    op_gradients,
+    register_projected_autograd,
+    run_projected,
+)
 from ..rotary import check_rotary_tables
 from .comm import RingStats, stats_by_key
 from .ring_dilated_attention import (
@@ -277,35 +285,12 @@ def _backward_op(
     empty gradient."""
     node = _op_spec(x, key_padding_mask, spec, seed, num_heads, num_kv_heads, dropout_p, scale,
                     timeout, cos, sin, "backward")  # fmt: skip
-    biases = (bq, bk, bv)
-    needs = (True, True, True, True, *(b is not None for b in biases))
-    grads = _backward(dout, x, (wq, wk, wv), biases, out, lse_pair, node, needs)
-    return [x.new_empty(0) if g is None else _fresh(g) for g in grads]
+    return op_gradients(dout, x, (wq, wk, wv), (bq, bk, bv), out, lse_pair, node)
 
 
 @_backward_op.register_fake
 def _(dout, x, wq, wk, wv, bq, bk, bv, *settings, **kwargs):  # fmt: skip
-    return [
-        x.new_empty(x.shape), wq.new_empty(wq.shape), wk.new_empty(wk.shape),
-        wv.new_empty(wv.shape),
-        *(x.new_empty(0) if b is None else b.new_empty(b.shape) for b in (bq, bk, bv)),
-    ]  # fmt: skip
+    return fake_gradients(x, (wq, wk, wv), (bq, bk, bv))
 
 
-def _setup_op_context(ctx, inputs, output) -> None:
-    x, wq, wk, wv, bq, bk, bv, *settings = inputs
-    out, lse_pair = output
-    ctx.save_for_backward(x, wq, wk, wv, bq, bk, bv, out, lse_pair)
-    ctx.settings = settings
-    ctx.mark_non_differentiable(lse_pair)
-
-
-def _op_backward_rule(ctx, dout: Tensor, _dlse: Tensor):
-    x, wq, wk, wv, bq, bk, bv, out, lse_pair = ctx.saved_tensors
-    grads = _backward_op(dout.contiguous(), x, wq, wk, wv, bq, bk, bv, out, lse_pair,
-                         *ctx.settings)  # fmt: skip
-    dbs = [None if b is None else g for b, g in zip((bq, bk, bv), grads[4:], strict=True)]
-    return (*grads[:4], *dbs, *(None for _ in ctx.settings))
-
-
-_forward_op.register_autograd(_op_backward_rule, setup_context=_setup_op_context)
+register_projected_autograd(_forward_op, _backward_op)
