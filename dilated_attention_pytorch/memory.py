@@ -858,18 +858,23 @@ def _mirror_projected_forward(tl: _Timeline, cfg: _Config, attn: _AttentionMirro
 
 
 def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirror, E: int) -> None:
-    """``projected._ProjectedAttentionFunction.backward``: per head chunk, q, k, v
-    recomputed in one matmul and the attention's backward on the chunk (the backend's,
-    or a ring pass), written into ``[dq | dk | dv]``; then ``dx`` and the weight and bias
-    gradients."""
+    """``projected._ProjectedAttentionFunction.backward``: the weight and bias gradients
+    first; per head chunk, the chunk's rows of the weights concatenated, q, k, v
+    recomputed in one matmul, the attention's backward on the chunk (the backend's, or a
+    ring pass) written into the chunk's ``[dq | dk | dv]``, then its share of ``dx`` (the
+    first chunk allocates it, the others add in place) and its rows of the weight and bias
+    gradients (written in place)."""
     s, N = cfg.itemsize, attn.whole
-    dqkv = tl.new("gradients", 3 * cfg.qkv_bytes(N))
+    tl.new("gradients", 3 * E * E * s)  # the weight gradients
+    tl.new("gradients", 3 * E * s)  # the bias gradients
+    dx = None
     for first, stop in head_chunks(cfg.H, 1):
         c = _chunk_config(cfg, N, first, stop)
         weight = tl.new("temporaries", 3 * (stop - first) * cfg.D * E * s)
         bias = tl.new("temporaries", 3 * (stop - first) * cfg.D * s)
         qkv = tl.new("temporaries", 3 * c.qkv_bytes(N))
-        tl.free(weight, bias)
+        tl.free(bias)
+        dqkv = tl.new("gradients", 3 * c.qkv_bytes(N))
         if attn.ring > 1:
             _mirror_ring_backward(tl, c, attn.layout_of(c.plan), N, into=True)
         elif cfg.kernel == "triton":
@@ -877,12 +882,9 @@ def _mirror_projected_backward(tl: _Timeline, cfg: _Config, attn: _AttentionMirr
         else:
             _mirror_pytorch_backward(tl, c, N, into=True)
         tl.free(qkv)
-    weight = tl.new("temporaries", 3 * E * E * s)  # torch.cat(weights)
-    tl.new("gradients", cfg.B * N * E * s)  # dx
-    tl.free(weight)
-    tl.new("gradients", 3 * E * E * s)  # the weight gradients (a matmul each)
-    tl.new("gradients", 3 * E * s)  # the bias gradients (a sum each)
-    tl.free(dqkv)
+        if dx is None:
+            dx = tl.new("gradients", cfg.B * N * E * s)
+        tl.free(weight, dqkv)
 
 
 def _replay(

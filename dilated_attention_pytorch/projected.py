@@ -226,19 +226,35 @@ def _qkv_rows(spec: _Spec, first: int, stop: int) -> tuple[slice, slice]:
     return slice(first * D, stop * D), slice(first // g * D, stop // g * D)
 
 
+def _chunk_weights(
+    weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec, first: int,
+    stop: int,
+) -> tuple[Tensor, Tensor | None, tuple[slice, slice, slice]]:  # fmt: skip
+    """The rows of ``W_q``, ``W_k``, ``W_v`` (and of the biases) for query heads
+    ``[first, stop)``, concatenated, and the row ranges of each."""
+    rows_q, rows_kv = _qkv_rows(spec, first, stop)
+    parts = (rows_q, rows_kv, rows_kv)
+    w = torch.cat([wt[rows] for wt, rows in zip(weights, parts, strict=True)])
+    b = None
+    if biases[0] is not None:
+        b = torch.cat([bt[rows] for bt, rows in zip(biases, parts, strict=True)])
+    return w, b, parts
+
+
+def _split_heads(y: Tensor, parts: tuple[slice, ...], head_dim: int) -> tuple[Tensor, ...]:
+    """``(B, N, [q | k | v] features)`` as ``(B, N, heads, D)`` views of q, k, v."""
+    sizes = [rows.stop - rows.start for rows in parts]
+    return tuple(token_major(t.unflatten(-1, (-1, head_dim))) for t in y.split(sizes, dim=-1))
+
+
 def _project(
     x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], spec: _Spec,
     first: int, stop: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """q, k, v of query heads ``[first, stop)`` (and their K/V heads) in one matmul, as
     ``(B, N, heads, D)`` views of its output."""
-    rows_q, rows_kv = _qkv_rows(spec, first, stop)
-    parts = (rows_q, rows_kv, rows_kv)
-    w = torch.cat([wt[rows] for wt, rows in zip(weights, parts)])
-    b = None if biases[0] is None else torch.cat([bt[rows] for bt, rows in zip(biases, parts)])
-    y = F.linear(x, w, b)
-    sizes = [rows.stop - rows.start for rows in parts]
-    return tuple(token_major(t.unflatten(-1, (-1, spec.head_dim))) for t in y.split(sizes, dim=-1))
+    w, b, parts = _chunk_weights(weights, biases, spec, first, stop)
+    return _split_heads(F.linear(x, w, b), parts, spec.head_dim)
 
 
 def _forward(
@@ -270,20 +286,31 @@ def _backward(
     out: Tensor, lse_pair: Tensor, spec: _Spec, needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:  # fmt: skip
     """``(dx, dW_q, dW_k, dW_v, db_q, db_k, db_v)``, ``None`` where ``needs`` (7 flags)
-    says no: per chunk of heads, q, k, v recomputed and the backend's backward written
-    into ``[dq | dk | dv]``; then one matmul for ``dx`` and one per weight."""
+    says no. Per chunk of heads: q, k, v recomputed, the attention's backward written into
+    the chunk's ``[dq | dk | dv]``, then its share of ``dx`` (one matmul, added to the
+    others' in place) and its rows of each weight and bias gradient: the gradients of q,
+    k, v are never held for every head at once."""
     dout = token_major(dout)
     B, N, E = x.shape
-    D = spec.head_dim
-    widths = [w.shape[0] for w in weights]
-    # [dq | dk | dv] per token: one buffer, so that dx is one matmul.
-    dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
-    grads = [t.unflatten(-1, (-1, D)) for t in dqkv.split(widths, dim=-1)]
+    need_x, need_w, need_b = needs[0], needs[1:4], needs[4:7]
+    # Each weight and bias gradient in its own storage, as separate projections give;
+    # every chunk fills its rows.
+    dws = [torch.empty_like(w) if need else None for w, need in zip(weights, need_w, strict=True)]
+    dbs = [
+        torch.empty_like(b) if need and b is not None else None
+        for b, need in zip(biases, need_b, strict=True)
+    ]
+    x2 = x.reshape(B * N, E)
+    dx = None
     for first, stop in spec.attention.backward_chunks():
         heads, kv_heads = _heads(spec, first, stop)
-        q, k, v = _project(x, weights, biases, spec, first, stop)
+        w, b, parts = _chunk_weights(weights, biases, spec, first, stop)
+        q, k, v = _split_heads(F.linear(x, w, b), parts, spec.head_dim)
+        del b
         q, k = _rotate(spec, q, k)
-        targets = (grads[0][:, :, heads], grads[1][:, :, kv_heads], grads[2][:, :, kv_heads])
+        widths = [rows.stop - rows.start for rows in parts]
+        dqkv = torch.empty(B, N, sum(widths), dtype=x.dtype, device=x.device)
+        targets = _split_heads(dqkv, parts, spec.head_dim)
         spec.attention.backward_into(
             targets, dout[:, :, heads], q, k, v, out[:, :, heads], lse_pair[:, :, :, heads],
             first, stop,
@@ -294,17 +321,28 @@ def _backward(
             targets[0].copy_(dq)
             targets[1].copy_(dk)
             del dq, dk
-    flat = dqkv.view(B * N, sum(widths))  # explicit widths: B * N may be 0
-    need_x, need_w, need_b = needs[0], needs[1:4], needs[4:7]
-    dx = None
-    if need_x:
-        dx = torch.matmul(flat, torch.cat(weights)).view(B, N, E)
-    # Each weight and bias gradient in its own storage, as separate projections give.
-    columns = flat.split(widths, dim=1)
-    x2 = x.reshape(B * N, E) if any(need_w) else None
-    dws = [torch.matmul(c.t(), x2) if need else None for c, need in zip(columns, need_w)]
-    dbs = [c.sum(0) if need else None for c, need in zip(columns, need_b)]
+        del targets
+        flat = dqkv.view(B * N, sum(widths))  # explicit widths: B * N may be 0
+        if need_x:  # dx += [dq | dk | dv] of the chunk @ its rows of the weights
+            dx = torch.matmul(flat, w) if dx is None else dx.addmm_(flat, w)
+        del w
+        _write_rows(flat, parts, x2, dws, dbs)
+        del flat, dqkv  # before the next chunk's
+    if dx is not None:
+        dx = dx.view(B, N, E)
     return dx, *dws, *dbs
+
+
+def _write_rows(flat: Tensor, parts: tuple[slice, ...], x2: Tensor, dws: list, dbs: list) -> None:
+    """A chunk's rows of the weight gradients (``d(q|k|v)^T x``) and of the bias
+    gradients (column sums), written in place; ``flat``: its ``[dq | dk | dv]`` per
+    token. (A function of its own: no view of ``flat`` outlives the call.)"""
+    widths = [rows.stop - rows.start for rows in parts]
+    for i, (column, rows) in enumerate(zip(flat.split(widths, dim=1), parts, strict=True)):
+        if dws[i] is not None:
+            torch.matmul(column.t(), x2, out=dws[i][rows])
+        if dbs[i] is not None:
+            torch.sum(column, 0, out=dbs[i][rows])
 
 
 class _ProjectedAttentionFunction(torch.autograd.Function):

@@ -8,6 +8,8 @@ float64: both sides then differ by roundoff only (1e-10, as in ``test_modules``)
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -400,7 +402,9 @@ def test_recompute_holds_less_and_the_estimate_follows(monkeypatch) -> None:
     for recompute in (True, False):
         with LiveStorageBytes() as tracker:
             layer = MultiheadDilatedAttention(H * D, H, ws, rs, recompute_qkv=recompute)
-            x = torch.randn(B, N, H * D)
+            # x requires its gradient, as a layer's input does in a model (the estimate
+            # counts dx).
+            x = torch.randn(B, N, H * D, requires_grad=True)
             y, _ = layer(x)
             y.backward(torch.randn_like(y))
         peaks[recompute] = tracker.peak
@@ -475,3 +479,31 @@ def test_longnet_lm_with_rotary(num_kv_heads) -> None:
     torch.testing.assert_close(loss, ref, **F64)
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, **F64)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_bf16_gradients_follow_the_gpu_tolerance_rule(num_kv_heads) -> None:
+    """bf16 on the CPU against the float32 layer with the same weights: the recomputing
+    layer's error (dx accumulated over the chunks of heads in bf16) is at most twice the
+    separate nodes' plus 1e-3, the rule of tests/gpu/test_recompute_gpu.py."""
+    torch.manual_seed(0)
+    ref_layer = MultiheadDilatedAttention(256, 8, [64, 128, 256], [1, 2, 4],
+                                          num_kv_heads=num_kv_heads)  # fmt: skip
+    x, dout = torch.randn(2, 512, 256), torch.randn(2, 512, 256)
+
+    def step(layer):
+        xs = x.to(layer.q_proj.weight.dtype).requires_grad_()
+        out, _ = layer(xs, is_causal=True)
+        grads = torch.autograd.grad(out, [xs, *layer.parameters()], dout.to(out.dtype))
+        return [t.float() for t in (out, *grads)]
+
+    ref = step(ref_layer)
+    results = {}
+    for recompute in (True, False):
+        layer = copy.deepcopy(ref_layer).bfloat16()
+        layer.recompute_qkv = recompute
+        results[recompute] = step(layer)
+    for i, want in enumerate(ref):
+        err = (results[True][i] - want).abs().max().item()
+        base = (results[False][i] - want).abs().max().item()
+        assert err <= 2 * base + 1e-3, (i, err, base)
