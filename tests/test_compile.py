@@ -548,13 +548,15 @@ def _float_settings_worker(rank: int, world_size: int, _: object) -> list:
             for p, s in ((0.1, 0.3), (0.2, 0.4))
         ],
         "block_sparse_ring": [
-            RingBlockSparseAttention(block_size=8, pattern_type="local_window", sparsity_ratio=r,
-                                     dropout=p, scale=s)  # fmt: skip
+            RingBlockSparseAttention(
+                block_size=8, pattern_type="local_window", sparsity_ratio=r, dropout=p, scale=s
+            )  # fmt: skip
             for r, p, s in ((0.5, 0.1, 0.3), (0.7, 0.2, 0.4))
         ],
         "layer_node": [
-            RingMultiheadDilatedAttention(32, 4, [8, 32], [1, 2], dropout=p, scale=s,
-                                          dtype=torch.float64)  # fmt: skip
+            RingMultiheadDilatedAttention(
+                32, 4, [8, 32], [1, 2], dropout=p, scale=s, dtype=torch.float64
+            )  # fmt: skip
             for p, s in ((0.1, 0.3), (0.2, 0.4))
         ],
     }
