@@ -537,6 +537,8 @@ class MultiheadDilatedAttention(nn.Module):
         return (
             self.recompute_qkv
             and "_projected_call" in type(inner).__dict__
+            # rotary tables only for a RotaryAttention (any other inner rejects them)
+            and ("rotary" not in attention_kwargs or bool(wrappers))
             and all(type(m) is nn.Linear for m in projections)
             and not any(_has_hooks(m) for m in bypassed)
             and not _global_module_hooks()
@@ -612,7 +614,12 @@ class MultiheadDilatedAttention(nn.Module):
         if isinstance(self.attention, DilatedAttention):
             # Only an inner attention whose class defines the node recomputes q, k, v (see
             # _recomputes); the ring's only on shards (already_split=True).
-            recomputes = self.recompute_qkv and "_projected_call" in type(self.attention).__dict__
+            recomputes = (
+                self.recompute_qkv
+                and "_projected_call" in type(self.attention).__dict__
+                # DistributedRingAttention's checkpoint wraps its forward: separate nodes
+                and not getattr(self.attention, "use_checkpointing", False)
+            )
             kwargs.setdefault("recompute_qkv", recomputes)
         return estimate(
             seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs

@@ -21,6 +21,7 @@ from dilated_attention_pytorch.backends import ForwardContext, get_backend
 from dilated_attention_pytorch.memory import get_memory_estimate
 from dilated_attention_pytorch.plan import heads_plan, make_plan
 from dilated_attention_pytorch.projected import HEAD_CHUNKS, head_chunks
+from dilated_attention_pytorch.rotary import rotary_tables
 
 F64_ = torch.float64
 
@@ -507,3 +508,24 @@ def test_bf16_gradients_follow_the_gpu_tolerance_rule(num_kv_heads) -> None:
         err = (results[True][i] - want).abs().max().item()
         base = (results[False][i] - want).abs().max().item()
         assert err <= 2 * base + 1e-3, (i, err, base)
+
+
+def test_rotary_tables_without_a_rotary_attention_are_refused_either_way() -> None:
+    """``rotary=`` goes to the inner attention only through RotaryAttention: another inner
+    module rejects it, with or without the node (never applied in training only)."""
+    layer = _layer(True)
+    x = torch.randn(1, 32, 48, dtype=F64_, requires_grad=True)
+    cos, sin = rotary_tables(torch.arange(32), 4, dtype=F64_)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="rotary"):
+            layer(x, rotary=(cos, sin))
+
+
+def test_estimate_of_a_checkpointing_inner_ring_counts_separate_nodes() -> None:
+    from dilated_attention_pytorch import DistributedRingAttention
+
+    ring = DistributedRingAttention([512, 1024], [1, 2], use_checkpointing=True)
+    layer = MultiheadDilatedAttention(512, 8, attention=ring)
+    est = layer.get_memory_estimate(4096, 1)["bytes_per_device"]
+    separate = layer.get_memory_estimate(4096, 1, recompute_qkv=False)["bytes_per_device"]
+    assert est == separate

@@ -122,7 +122,33 @@ def _cases(rank: int, world_size: int, _: Any) -> dict[str, Any]:
     results["rotary"] = _rotary_local_shard_ring(rank, world_size)
     results["inner_modules"] = _inner_modules(world_size)
     results["compiled"] = _compiled(world_size)
+    results["errors"] = _errors(rank, world_size)
     return results
+
+
+def _errors(rank: int, world_size: int) -> dict[str, str]:
+    """Ranks that would run different backwards (a hook on one rank's projection makes
+    it run the separate nodes) and a bad rotary table on one rank: a ValueError on every
+    rank, from the collective check."""
+    errors = {}
+    layer = _layer(True, world_size, timeout=60.0)
+    if rank == 1:
+        layer.q_proj.register_forward_hook(lambda *args: None)
+    x = _shard(torch.randn(1, 64, 32, dtype=F64), "contiguous").requires_grad_()
+    try:
+        layer(x, already_split=True)
+    except ValueError as exc:
+        errors["paths"] = str(exc)
+    ring = StandardRingAttention(WS, RS, ring_size=world_size, timeout=60.0)
+    node = MultiheadDilatedAttention(32, 4, attention=RotaryAttention(LocalShardRing(ring)),
+                                     dtype=F64)  # fmt: skip
+    n = 64 // world_size - (rank == 1)  # rank 1's tables are one position short
+    cos, sin = rotary_tables(torch.arange(n), 8, dtype=F64)
+    try:
+        node(x, rotary=(cos, sin))
+    except ValueError as exc:
+        errors["rotary"] = str(exc)
+    return errors
 
 
 def _compiled(world_size: int) -> dict[str, Any]:
@@ -354,3 +380,9 @@ def test_compiled_node_matches_eager(results) -> None:
         assert ops == ["dilated_attention_pytorch.projected_ring_forward.default"], ops
         counts = r["compiled"]["counts"]
         assert counts["compiled"] == counts["eager"] and counts["eager"][3] == 1, counts
+
+
+def test_a_rank_on_another_path_or_with_bad_tables_raises_everywhere(results) -> None:
+    for r in results:
+        assert "every rank runs the same backward" in r["errors"]["paths"], r["errors"]
+        assert "rotary tables" in r["errors"]["rotary"], r["errors"]

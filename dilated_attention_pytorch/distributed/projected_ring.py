@@ -51,7 +51,11 @@ from .ring_dilated_attention import (
 )
 from .validation import check_ring_call, check_ring_call_locally, check_timeout
 
-__all__ = ["RingHeads", "projected_ring_attention"]
+__all__ = ["RECOMPUTING_BACKWARD", "RingHeads", "projected_ring_attention"]
+
+# What the collective check compares so that every rank runs the same backward: this
+# node's ring passes (one per chunk of heads) or a plain ring call's one pass.
+RECOMPUTING_BACKWARD = "recompute_qkv: a ring pass per chunk of heads"
 
 
 class RingHeads(HeadsAttention):
@@ -201,17 +205,24 @@ def _node_spec(
         branch_mixing=branch_mixing, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
         key_padding_mask=key_padding_mask, layout=layout,
     )  # fmt: skip
+    rotary_error = None
+    if rotary is not None:
+        try:  # checked before the collective check, which then raises it on every rank
+            rotary = check_rotary_tables(rotary, q_like)
+        except (TypeError, ValueError) as exc:
+            rotary_error = f"{type(exc).__name__}: {exc}"
+            if not validate:
+                raise
     if validate:
         plan = check_ring_call(
-            q_like, kv_like, kv_like, group=group, backend=backend, timeout=timeout, **checked
-        )
+            q_like, kv_like, kv_like, group=group, backend=backend, timeout=timeout,
+            backward=RECOMPUTING_BACKWARD, input_error=rotary_error, **checked,
+        )  # fmt: skip
     else:
         plan = check_ring_call_locally(
             q_like, kv_like, kv_like, world_size=dist.get_world_size(group), **checked
         )
     timeout = check_timeout(timeout)
-    if rotary is not None:
-        rotary = check_rotary_tables(rotary, q_like)
     call = _RingCall(
         group, ring_size, bool(is_causal), scale, backend, float(dropout_p), key_padding_mask,
         timeout, stats, seed, layout,

@@ -230,6 +230,7 @@ def check_ring_call(
     cu_seqlens: object = None,
     layout: object = "contiguous",
     max_seqlen: object = None,
+    backward: str = "one ring pass",
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -238,7 +239,9 @@ def check_ring_call(
     ``all_gather`` (on the ring's own communicator), an increment of a counter in the
     group's store and a host synchronisation. ``input_error`` is a problem the caller
     already found on this rank (e.g. in the whole sequence before sharding), reported
-    like a failed local check. ``timeout``: seconds the exchange may take (``None``: the
+    like a failed local check. ``backward``: how the backward will run its ring (one pass
+    of every head, or the multi-head layer's pass per chunk of heads): ranks that would
+    run different passes raise here instead of exchanging mismatched buffers later. ``timeout``: seconds the exchange may take (``None``: the
     group's own timeout) before ``RuntimeError`` naming the ranks that did not arrive.
     """
     local_error: str | None = None
@@ -282,6 +285,7 @@ def check_ring_call(
                 key_padding_mask is not None,
                 cu_seqlens is not None,
                 layout,
+                backward,
             ),
             # The documents: each ring holds its own sequence, so compared within a ring.
             0 if cu_seqlens is None else _fingerprint(tuple(cu_seqlens.tolist())),  # type: ignore[attr-defined]
@@ -337,13 +341,16 @@ def check_ring_call(
             f"branch_mixing={branch_mixing!r}, is_causal={is_causal}, scale={scale}, "
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
-            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}, layout={layout!r}"
+            f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}, layout={layout!r}, "
+            f"backward={backward!r}"
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
             "ring attention: the settings differ between ranks; pass the same segment_lengths, "
             "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size, dropout_p and "
-            "layout, and a key_padding_mask and cu_seqlens on every rank or on none: "
+            "layout, and a key_padding_mask and cu_seqlens on every rank or on none (and, for "
+            "a multi-head ring layer, the same recompute_qkv and no module hooks on one rank "
+            "only, so that every rank runs the same backward): "
             + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
             + "."
         )

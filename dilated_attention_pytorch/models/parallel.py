@@ -84,8 +84,8 @@ class LocalShardRing(nn.Module):
     ) -> Tensor | None:
         """The multi-head layer's recomputing node on this rank's shard (the ring's own,
         :meth:`StandardRingAttention._projected_call` with ``already_split=True``), when the
-        ring is a plain :class:`~dilated_attention_pytorch.StandardRingAttention`."""
-        if type(self.ring) is not StandardRingAttention:
+        ring's own class defines it (``StandardRingAttention``, ``DistributedRingAttention``)."""
+        if "_projected_call" not in type(self.ring).__dict__:  # a class that defines it
             return None
         return self.ring._projected_call(x, weights, biases, already_split=True, **kwargs)
 

@@ -396,8 +396,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         D = weights[0].shape[0] // num_heads
         q_like = x.unflatten(-1, (num_heads, D))
         kv_like = x.narrow(-1, 0, num_kv_heads * D).unflatten(-1, (num_kv_heads, D))
-        signature = self._signature(
-            q_like, kv_like, kv_like, is_causal, key_padding_mask, dropout_p, layout, group
+        signature = (
+            *self._signature(
+                q_like, kv_like, kv_like, is_causal, key_padding_mask, dropout_p, layout, group
+            ),
+            "recompute_qkv",  # a node's check does not stand for a plain call's
         )
         out = projected_ring_attention(
             x, weights, biases, num_heads=num_heads, num_kv_heads=num_kv_heads,
