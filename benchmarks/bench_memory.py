@@ -607,8 +607,11 @@ def main() -> None:
     }
     path = (
         result_path(
-            args.out, "memory_estimate", "cpu",
-            f"layer{args.heads * args.head_dim}" + (f"_ring{args.ring_size}" if args.ring_size > 1 else ""),
+            args.out,
+            "memory_estimate",
+            "cpu",
+            f"layer{args.heads * args.head_dim}"
+            + (f"_ring{args.ring_size}" if args.ring_size > 1 else ""),
         )  # fmt: skip
         if estimate_only
         else result_path(args.out, "memory", device, f"{world_size}gpu")

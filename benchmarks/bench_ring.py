@@ -79,9 +79,7 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- helpers
 
 
-def longnet_schedule(
-    seq_len: int, base: int, ring_size: int = 1
-) -> tuple[list[int], list[int]]:
+def longnet_schedule(seq_len: int, base: int, ring_size: int = 1) -> tuple[list[int], list[int]]:
     """Segments ``base * 4**i`` below ``seq_len`` plus ``seq_len`` itself, ``r = w / base``.
 
     ``w / r = base`` for every branch (LongNet keeps it bounded), so the cost per
