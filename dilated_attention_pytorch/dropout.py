@@ -20,10 +20,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DropoutKeys", "dropout_keep", "token_ids"]
+__all__ = ["DropoutKeys", "draw_seed", "dropout_keep", "seed_tensor", "token_ids"]
 
 # A kept entry's 24 low hash bits are >= threshold: p is resolved to 2**-24.
 _BITS = 24
+
+
+def seed_tensor(dropout_p: float) -> Tensor:
+    """A call's dropout seed as a one-element int64 tensor: drawn from the default
+    generator only with dropout (zero without), once per call, so that the backward and
+    every rank of a ring replay the same entries. The form a compiled operator takes."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (1,))
+    return torch.zeros(1, dtype=torch.long)
+
+
+def draw_seed(dropout_p: float) -> int:
+    """:func:`seed_tensor` as a Python int (eager calls), drawing alike."""
+    return int(seed_tensor(dropout_p).item()) if dropout_p > 0.0 else 0
 
 
 def _signed(c: int) -> int:

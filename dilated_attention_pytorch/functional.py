@@ -17,6 +17,7 @@ from .backends import (
     choose_backend,
     select_backend,
 )
+from .dropout import seed_tensor
 from .ops import backend_key, dilated_attention_op
 from .plan import DilatedPlan, make_plan
 from .segments import token_major
@@ -302,7 +303,7 @@ def forward_context(
     from the default generator, once per call (only with dropout), so that the backward
     (and a ring) drops the same entries; eager callers store ``int(seed)`` in the
     context's ``seed`` (the compiled operator reads the tensor)."""
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    seed = seed_tensor(dropout_p)
     fctx = ForwardContext(
         plan=plan,
         scale=head_dim**-0.5 if scale is None else float(scale),

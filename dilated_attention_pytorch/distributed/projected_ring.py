@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..backends import Backend
 from ..backends.blocks import compute_dtype
+from ..dropout import draw_seed, seed_tensor
 from ..ops import _fresh, backend_key, float_arguments
 from ..plan import DilatedPlan, heads_plan
 from ..projected import (
@@ -167,9 +168,7 @@ def projected_ring_attention(
             validate=validate, group=group.group_name, stats="" if stats is None else stats.key,
         )  # fmt: skip
         text = ";".join(f"{name}={value!r}" for name, value in spec.items())
-        seed = (
-            torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
-        )
+        seed = seed_tensor(dropout_p)
         cos, sin = rotary if rotary is not None else (None, None)
         out, _ = _forward_op(
             x, *weights, *biases, key_padding_mask, text, seed, num_heads, num_kv_heads,
@@ -177,7 +176,7 @@ def projected_ring_attention(
         )  # fmt: skip
         return out
     # Drawn as ring_dilated_attention draws it, so equally seeded generators agree.
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    seed = draw_seed(dropout_p)
     spec = _node_spec(
         x, num_heads, num_kv_heads, group, backend, key_padding_mask, validate, stats, seed,
         rotary, **settings,

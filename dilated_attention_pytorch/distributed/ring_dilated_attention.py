@@ -54,7 +54,7 @@ from ..backends import (
 )
 from ..backends.blocks import compute_dtype
 from ..backends.pytorch import head_streams
-from ..dropout import DropoutKeys, token_ids
+from ..dropout import DropoutKeys, draw_seed, seed_tensor, token_ids
 from ..functional import _call as _attention_call
 from ..functional import _max_seqlen_tensor, dilated_attention
 from ..ops import _backward as attention_backward_op
@@ -1191,7 +1191,7 @@ def ring_dilated_attention(
                 branch_mixing=branch_mixing, scale=scale, backend=backend, cu_seqlens=local,
             )  # fmt: skip
     # Drawn like dilated_attention's, so equally seeded generators give its masks.
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    seed = draw_seed(dropout_p)
     setup = _ring_setup(
         q, plan, group, size, is_causal=is_causal, scale=scale, backend=backend,
         dropout_p=dropout_p, key_padding_mask=key_padding_mask, timeout=timeout, stats=stats,
@@ -1329,7 +1329,7 @@ def _compiled_ring_call(
     # travel as arguments: the compiler may make them symbolic (e.g. when two modules
     # with different dropout run through the same compiled code).
     spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    seed = seed_tensor(dropout_p)
     max_len = _max_seqlen_tensor(max_seqlen)
     out, _ = _ring_forward_op(
         q, k, v, key_padding_mask, spec, seed, cu_seqlens, max_len, *float_arguments(

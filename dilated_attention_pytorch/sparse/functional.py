@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype, max_score_elements
-from ..dropout import dropout_keep
+from ..dropout import draw_seed, dropout_keep
 from ..segments import token_major
 from ..validation import check_choice, check_qkv, check_scalars
 from .flex import BLOCK_MASK_CACHE as flex_cache
@@ -454,7 +454,7 @@ def block_sparse_attention(
             q, k, v, pattern, D**-0.5 if scale is None else float(scale)
         )
         return (out, lse) if return_lse else out
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    seed = draw_seed(dropout_p)
     kernel = "triton" if backend == "triton" else "pytorch"
     call = single_device_call(pattern, N, D, is_causal, scale, dropout_p, seed, kernel)
     out, lse = _BlockSparseFunction.apply(token_major(q), token_major(k), token_major(v), call)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..distributed import gather_replicated, shard_replicated
 from ..distributed.comm import RingStats
+from ..dropout import draw_seed
 from ..modules import MultiheadDilatedAttention
 from ..ring.standard import ProcessGroupPickling, ring_members, whole_input_error
 from ..validation import (
@@ -353,7 +354,7 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
             scale=D**-0.5 if self.scale is None else self.scale,
             is_causal=is_causal,
             dropout_p=dropout_p,
-            seed=int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0,
+            seed=draw_seed(dropout_p),
             stats=self._stats,
             timeout=self.timeout,
             kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),

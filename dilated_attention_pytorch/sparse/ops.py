@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends.blocks import compute_dtype
+from ..dropout import seed_tensor
 from ..ops import register_attention_autograd
 from ..segments import token_major
 from .functional import block_backward, block_forward, single_device_call
@@ -119,6 +120,6 @@ def block_sparse_op(
 ) -> Tensor:
     """Block-sparse attention of the pattern ``spec`` (:func:`pattern_spec`) through the
     custom operator: ``(B, N, H, D)`` -> ``(B, N, H, D)`` in q.dtype."""
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    seed = seed_tensor(dropout_p)
     out, _ = _forward(q, k, v, spec, is_causal, scale, float(dropout_p), seed, kernel)
     return out.to(q.dtype)

@@ -29,6 +29,7 @@ from ..autograd import first_order_only
 from ..backends.blocks import compute_dtype
 from ..distributed.comm import RingComm, RingStats, gather_objects, stats_by_key
 from ..distributed.validation import _Reported
+from ..dropout import seed_tensor
 from ..ops import _fresh, float_arguments, register_attention_autograd
 from ..segments import token_major
 from ..validation import check_is_causal, check_qkv
@@ -429,6 +430,6 @@ def ring_block_sparse_op(
     """This rank's shard of a ring call described by ``spec`` (:func:`ring_sparse_spec`)
     and the float settings, through the custom operators; ``(B, N/k, H, D)`` in and out,
     in q.dtype."""
-    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.long)
+    seed = seed_tensor(dropout_p)
     out, _ = _forward_op(q, k, v, spec, seed, *float_arguments(scale, dropout_p, timeout))
     return out.to(q.dtype)
