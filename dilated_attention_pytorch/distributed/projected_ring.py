@@ -29,7 +29,7 @@ from torch import Tensor
 from ..backends import Backend
 from ..backends.blocks import compute_dtype
 from ..dropout import draw_seed, seed_tensor
-from ..ops import _fresh, backend_key, float_arguments
+from ..ops import _fresh, float_arguments
 from ..plan import DilatedPlan, heads_plan
 from ..projected import (
     HeadsAttention,
@@ -49,10 +49,11 @@ from .ring_dilated_attention import (
     _ring_setup,
     _spec_backend,
     ring_dilated_forward,
+    spec_text,
 )
 from .validation import check_ring_call, check_ring_call_locally, check_timeout
 
-__all__ = ["RECOMPUTING_BACKWARD", "RingHeads", "projected_ring_attention"]
+__all__ = ["RECOMPUTING_BACKWARD", "RingHeads", "projected_ring_attention", "qkv_like"]
 
 # What the collective check compares so that every rank runs the same backward: this
 # node's ring passes (one per chunk of heads) or a plain ring call's one pass.
@@ -158,16 +159,11 @@ def projected_ring_attention(
         dropout_p=dropout_p, layout=layout, timeout=timeout,
     )  # fmt: skip
     if torch.compiler.is_compiling():
-        key = backend if isinstance(backend, str) else backend_key(backend)
-        # The floats travel as arguments (the compiler may make them symbolic, e.g. a
-        # dropout that changed between two compilations), the rest as "name=repr;...".
-        spec = dict(
-            segment_lengths=settings["segment_lengths"],
-            dilation_rates=settings["dilation_rates"], ring_size=ring_size,
-            is_causal=is_causal, branch_mixing=branch_mixing, layout=layout, backend=key,
-            validate=validate, group=group.group_name, stats="" if stats is None else stats.key,
+        floats = ("dropout_p", "scale", "timeout")  # the operators' own arguments
+        text = spec_text(
+            backend=backend, group=group, stats=stats, validate=validate,
+            **{name: value for name, value in settings.items() if name not in floats},
         )  # fmt: skip
-        text = ";".join(f"{name}={value!r}" for name, value in spec.items())
         seed = seed_tensor(dropout_p)
         cos, sin = rotary if rotary is not None else (None, None)
         out, _ = _forward_op(
@@ -184,21 +180,28 @@ def projected_ring_attention(
     return run_projected(x, weights, biases, spec)
 
 
+def qkv_like(x: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Views of the shard ``x`` ``(B, L, E)`` with q's ``(B, L, H, D)`` and k's and v's
+    ``(B, L, H_kv, D)`` shapes, dtype and device (``D = E / H``): what the checks and the
+    module's signature read, without projecting anything."""
+    D = x.shape[-1] // num_heads
+    return x.unflatten(-1, (num_heads, D)), x.narrow(-1, 0, num_kv_heads * D).unflatten(
+        -1, (num_kv_heads, D)
+    )
+
+
 def _node_spec(
     x: Tensor, num_heads: int, num_kv_heads: int, group: dist.ProcessGroup,
     backend: str | Backend, key_padding_mask: Tensor | None, validate: bool,
     stats: RingStats | None, seed: int, rotary: tuple[Tensor, Tensor] | None,
-    count: bool = True, *, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], ring_size: int,
-    is_causal: bool, branch_mixing: str, scale: float | None, dropout_p: float, layout: str,
-    timeout: float | None,
+    count: bool = True, *, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...],
+    ring_size: int, is_causal: bool, branch_mixing: str, scale: float | None,
+    dropout_p: float, layout: str, timeout: float | None,
 ) -> _Spec:  # fmt: skip
     """The checked call as the node's spec (checks: the collective one with ``validate``,
     else this rank's own); ``count``: count the call in ``stats`` (the ring passes count
     their bytes and steps in it either way)."""
-    D = x.shape[-1] // num_heads
-    # Views with q's and k's shapes, dtype and device, for the checks.
-    q_like = x.unflatten(-1, (num_heads, D))
-    kv_like = x.narrow(-1, 0, num_kv_heads * D).unflatten(-1, (num_kv_heads, D))
+    q_like, kv_like = qkv_like(x, num_heads, num_kv_heads)
     checked = dict(
         ring_size=ring_size, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
         branch_mixing=branch_mixing, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
@@ -229,7 +232,7 @@ def _node_spec(
     if stats is not None and count:
         stats.calls += 1
     keep = None if key_padding_mask is None else ~key_padding_mask.contiguous()
-    return _Spec(D, RingHeads(plan, call, keep), rotary)
+    return _Spec(q_like.shape[-1], RingHeads(plan, call, keep), rotary)
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -1317,18 +1317,13 @@ def _compiled_ring_call(
 ) -> Tensor:
     if not isinstance(backend, str | Backend):
         raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}.")
-    key = backend if isinstance(backend, str) else backend_key(backend)
-    settings = dict(
+    spec = spec_text(
+        backend=backend, group=group, stats=stats,
         segment_lengths=tuple(segment_lengths),  # checked inside, with eager's messages
         dilation_rates=tuple(dilation_rates),
-        is_causal=is_causal, branch_mixing=branch_mixing, backend=key, ring_size=ring_size,
-        validate=validate, group=group.group_name, stats="" if stats is None else stats.key,
-        layout=layout,
+        is_causal=is_causal, branch_mixing=branch_mixing, ring_size=ring_size,
+        validate=validate, layout=layout,
     )  # fmt: skip
-    # "name=repr;...": built with what the compiler can trace (json cannot be). The floats
-    # travel as arguments: the compiler may make them symbolic (e.g. when two modules
-    # with different dropout run through the same compiled code).
-    spec = ";".join(f"{name}={value!r}" for name, value in settings.items())
     seed = seed_tensor(dropout_p)
     max_len = _max_seqlen_tensor(max_seqlen)
     out, _ = _ring_forward_op(
@@ -1337,6 +1332,23 @@ def _compiled_ring_call(
         ),
     )  # fmt: skip
     return out
+
+
+def spec_text(
+    *, backend: str | Backend, group: dist.ProcessGroup, stats: RingStats | None,
+    **settings: object,
+) -> str:  # fmt: skip
+    """A ring operator's settings as ``"name=repr;..."`` (read back by :func:`_parse_spec`),
+    built with what the compiler can trace (json cannot be): the backend by its key, the
+    group and the monitor by their names. The float settings (dropout, scale, timeout)
+    travel as the operators' own arguments instead: the compiler may make them symbolic
+    (e.g. when two modules with different dropout run through the same compiled code),
+    and a string cannot hold that."""
+    named = dict(
+        settings, backend=backend if isinstance(backend, str) else backend_key(backend),
+        group=group.group_name, stats="" if stats is None else stats.key,
+    )  # fmt: skip
+    return ";".join(f"{name}={value!r}" for name, value in named.items())
 
 
 def _parse_spec(spec: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..distributed import (
     zigzag_order,
 )
 from ..distributed.comm import RingStats
-from ..distributed.projected_ring import projected_ring_attention
+from ..distributed.projected_ring import projected_ring_attention, qkv_like
 from ..distributed.validation import (
     LAYOUTS,
     check_ring_call,
@@ -393,9 +393,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         group, members = ring
         dropout_p = self.dropout if self.training else 0.0
         layout = self.resolve_layout(x, len(members), is_causal, True, False)
-        D = weights[0].shape[0] // num_heads
-        q_like = x.unflatten(-1, (num_heads, D))
-        kv_like = x.narrow(-1, 0, num_kv_heads * D).unflatten(-1, (num_kv_heads, D))
+        q_like, kv_like = qkv_like(x, num_heads, num_kv_heads)
         signature = (
             *self._signature(
                 q_like, kv_like, kv_like, is_causal, key_padding_mask, dropout_p, layout, group
