@@ -144,6 +144,11 @@ class DilatedAttention(nn.Module):
             max_seqlen=max_seqlen,
         )
 
+    def _runs_projected_node(self) -> bool:
+        """Whether :meth:`_projected_call` takes this module's calls on shards or one
+        device (a subclass whose forward wraps more around the attention says no)."""
+        return True
+
     def _projected_call(
         self,
         x: Tensor,
@@ -617,8 +622,7 @@ class MultiheadDilatedAttention(nn.Module):
             recomputes = (
                 self.recompute_qkv
                 and "_projected_call" in type(self.attention).__dict__
-                # DistributedRingAttention's checkpoint wraps its forward: separate nodes
-                and not getattr(self.attention, "use_checkpointing", False)
+                and self.attention._runs_projected_node()
             )
             kwargs.setdefault("recompute_qkv", recomputes)
         return estimate(

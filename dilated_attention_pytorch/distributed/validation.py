@@ -239,10 +239,11 @@ def check_ring_call(
     ``all_gather`` (on the ring's own communicator), an increment of a counter in the
     group's store and a host synchronisation. ``input_error`` is a problem the caller
     already found on this rank (e.g. in the whole sequence before sharding), reported
-    like a failed local check. ``backward``: how the backward will run its ring (one pass
-    of every head, or the multi-head layer's pass per chunk of heads): ranks that would
-    run different passes raise here instead of exchanging mismatched buffers later. ``timeout``: seconds the exchange may take (``None``: the
+    like a failed local check. ``timeout``: seconds the exchange may take (``None``: the
     group's own timeout) before ``RuntimeError`` naming the ranks that did not arrive.
+    ``backward``: how the backward will run its ring (one pass of every head, or the
+    multi-head layer's pass per chunk of heads): ranks that would run different passes
+    raise here instead of exchanging mismatched buffers later.
     """
     local_error: str | None = None
     plan: DilatedPlan | None = None

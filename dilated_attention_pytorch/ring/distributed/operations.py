@@ -129,6 +129,11 @@ class DistributedRingAttention(StandardRingAttention):
             run, query, key, value, use_reentrant=False, **kwargs
         )
 
+    def _runs_projected_node(self) -> bool:
+        # With use_checkpointing the checkpoint wraps this module's forward: the layer
+        # runs separate nodes.
+        return not self.use_checkpointing
+
     def _projected_call(
         self, x: Tensor, weights: tuple, biases: tuple, **kwargs: Any
     ) -> Tensor | None:
@@ -136,7 +141,7 @@ class DistributedRingAttention(StandardRingAttention):
         (:meth:`StandardRingAttention._projected_call`), counted by the monitor; ``None``
         (the layer then runs separate nodes) with ``use_checkpointing``, whose
         checkpoint wraps this module's forward."""
-        if self.use_checkpointing:
+        if not self._runs_projected_node():
             return None
         self._peak_device = x.device
         return super()._projected_call(x, weights, biases, **kwargs)
