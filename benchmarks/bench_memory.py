@@ -393,10 +393,7 @@ def layer_estimate(args: argparse.Namespace, device: torch.device) -> list[dict[
     rows = []
     for N in lengths:
         if k > 1:
-            segments, rates = longnet_schedule(N, args.base, k)
-            layer = RingMultiheadDilatedAttention(
-                E, H, segments, rates, ring_size=k, device="meta", dtype=args.dtype
-            )
+            layer = _ring_layer(args, N, k, True, torch.device("meta"), E, H)
         for backend in ("pytorch",) if k > 1 else ("pytorch", "triton"):
             est = {
                 recompute: layer.get_memory_estimate(
@@ -454,11 +451,15 @@ def scale(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
     return rows
 
 
-def _ring_layer(args: argparse.Namespace, N: int, k: int, recompute: bool, device) -> Any:
+def _ring_layer(
+    args: argparse.Namespace, N: int, k: int, recompute: bool, device, embed: int, heads: int
+) -> Any:
+    """An ``embed``/``heads`` ``RingMultiheadDilatedAttention`` on a ring of ``k`` with the
+    LongNet schedule of ``N`` tokens (``meta``: for its estimate only)."""
     segments, rates = longnet_schedule(N, args.base, k)
     return RingMultiheadDilatedAttention(
-        args.scale_embed, args.scale_heads, segments, rates, ring_size=k,
-        recompute_qkv=recompute, timeout=300.0, device=device, dtype=args.dtype,
+        embed, heads, segments, rates, ring_size=k, recompute_qkv=recompute, timeout=300.0,
+        device=device, dtype=args.dtype,
     )  # fmt: skip
 
 
@@ -469,11 +470,12 @@ def _ring_scale(args: argparse.Namespace, device: torch.device) -> list[dict[str
     capacity = torch.cuda.get_device_properties(device).total_memory
     step = args.scale_step * k
     meta = torch.device("meta")
+    shape = (args.scale_embed, args.scale_heads)
     rows = []
     for recompute in (True, False):
 
         def estimate(N: int, recompute=recompute) -> int:
-            layer = _ring_layer(args, N, k, recompute, meta)
+            layer = _ring_layer(args, N, k, recompute, meta, *shape)
             return layer.get_memory_estimate(N, 1)["bytes_per_device"]
 
         N = step
@@ -484,17 +486,18 @@ def _ring_scale(args: argparse.Namespace, device: torch.device) -> list[dict[str
             mid = (lo + hi) // 2 // step * step
             lo, hi = (mid, hi) if estimate(mid) <= args.fill * capacity else (lo, mid)
         for N, what in ((lo, "largest_by_estimate"), *((n, "asked") for n in args.scale_tokens)):
+            estimated = estimate(N)
             row: dict[str, Any] = {
                 "layer": f"{args.scale_embed}/{args.scale_heads}",
                 "mode": "recompute_qkv" if recompute else "separate_nodes",
                 "ring_size": k, "seq_len": N, "which": what,
-                "estimate_gib": estimate(N) / GiB,
+                "estimate_gib": estimated / GiB,
             }  # fmt: skip
-            if estimate(N) > capacity:
+            if estimated > capacity:
                 row["peak_gib"] = "does not fit by the estimate"
                 rows.append(row)
                 continue
-            layer = _ring_layer(args, N, k, recompute, device)
+            layer = _ring_layer(args, N, k, recompute, device, *shape)
             try:
                 x = torch.randn(1, N // k, args.scale_embed, device=device, dtype=args.dtype,
                                 requires_grad=True)  # fmt: skip
