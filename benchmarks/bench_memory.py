@@ -32,7 +32,11 @@ Sections:
    one dense ``scaled_dot_product_attention`` call, at doubling ``N`` from
    ``--min-tokens``: peak memory (input, parameters and gradients included; the output
    is reduced by ``.sum()`` as in the demo), the estimate and forward+backward time.
-4. ``layer_estimate`` (any machine, no tensors): ``get_memory_estimate`` of section 3's
+4. ``head_chunks`` (one GPU): section 3's layer (``recompute_qkv=True``) at each
+   ``--chunk-tokens`` N, its backward recomputing q, k, v for ``H / c`` heads at a time
+   for each ``c`` in ``--head-chunks`` (the library's ``projected.HEAD_CHUNKS``): peak
+   memory, estimate and forward+backward time.
+5. ``layer_estimate`` (any machine, no tensors): ``get_memory_estimate`` of section 3's
    layer, both ways, for the ``pytorch`` and ``triton`` backends, ``N`` doubling from
    ``--min-tokens`` to ``--max-tokens`` or the ``--seq-lens`` given (the caller holding
    the output's gradient, the estimate's convention). With ``--ring-size k``: the
@@ -40,7 +44,7 @@ Sections:
    of a ring of ``k`` (``pytorch`` blocks, the LongNet schedule below), e.g.
    ``--heads 12 --ring-size 4 --seq-lens 25165824`` for a 768/12 layer at 24M tokens on
    4 GPUs.
-5. ``scale``: the largest ``N`` (a multiple of ``--scale-step`` times the ranks) at which
+6. ``scale``: the largest ``N`` (a multiple of ``--scale-step`` times the ranks) at which
    one ``--scale-embed``/``--scale-heads`` layer (default 768/12, ``recompute_qkv``
    either way) runs forward+backward. One GPU: section 3's layer, doubling, then
    bisection on out-of-memory errors. Under torchrun with ``k`` GPUs:
@@ -86,6 +90,7 @@ from dilated_attention_pytorch import (
     StandardRingAttention,
     get_memory_estimate,
 )
+from dilated_attention_pytorch import projected
 from dilated_attention_pytorch.models import DenseAttention
 
 Tensor = torch.Tensor
@@ -378,6 +383,40 @@ def layer_vs_dense(args: argparse.Namespace, device: torch.device) -> list[dict[
     return rows
 
 
+def head_chunk_sweep(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Section 3's layer with ``recompute_qkv`` at each ``--chunk-tokens`` N, its backward
+    recomputing q, k, v for ``H / c`` heads at a time for each ``c`` in ``--head-chunks``
+    (:data:`dilated_attention_pytorch.projected.HEAD_CHUNKS`): peak memory, estimate and
+    forward+backward time, the trade-off behind the library's default."""
+    if dist.get_world_size() > 1:
+        return [{"error": "one GPU only: run without torchrun"}]
+    E, H = args.heads * args.head_dim, args.heads
+    layer = _demo_layers(args, device, E, H)["recompute_qkv"]
+    default, rows = projected.HEAD_CHUNKS, []
+    try:
+        for N in args.chunk_tokens:
+            x = torch.randn(args.batch, N, E, device=device, dtype=args.dtype, requires_grad=True)
+            for c in args.head_chunks:
+                projected.HEAD_CHUNKS = c
+                est = layer.get_memory_estimate(N, args.batch)["bytes_per_device"]
+                row = {"seq_len": N, "head_chunks": c, "heads_per_chunk":
+                       projected.head_chunks(H, 1)[0][1], "estimate_gib": est / GiB}  # fmt: skip
+                try:
+                    _layer_step(layer, x)  # warm-up
+                    row["peak_gib"] = _peak_of(partial(_layer_step, layer, x), device) / GiB
+                    row["ms"] = time_ms(partial(_layer_step, layer, x), device, reps=args.iters)
+                    row["default"] = c == default
+                except torch.cuda.OutOfMemoryError:
+                    row["peak_gib"] = "out of memory"
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+    finally:
+        projected.HEAD_CHUNKS = default
+    return rows
+
+
 def layer_estimate(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """``get_memory_estimate`` of the demo's layer, ``recompute_qkv`` on and off, per
     backend, at doubling ``N`` (or ``--seq-lens``): arithmetic only, so it runs without a
@@ -526,6 +565,7 @@ COLUMNS = {
     "checkpointing": ["tokens_per_gpu", "ring_size", "layers", "checkpointing", "peak_gib", "saved_gib", "fwd_bwd_ms", "time_vs_none", "error"],
     "layer_vs_dense": ["seq_len", "recompute_qkv_gib", "recompute_qkv_estimate_gib", "recompute_qkv_ms", "separate_nodes_gib", "separate_nodes_estimate_gib", "separate_nodes_ms", "dense_sdpa_gib", "dense_sdpa_ms", "recompute_vs_dense"],
     "scale": ["layer", "mode", "ring_size", "largest_seq_len", "seq_len", "which", "estimate_gib", "peak_gib", "first_out_of_memory", "error"],
+    "head_chunks": ["seq_len", "head_chunks", "heads_per_chunk", "estimate_gib", "peak_gib", "ms", "default"],
     "layer_estimate": ["seq_len", "ring_size", "tokens_per_gpu", "backend", "recompute_qkv_gib", "separate_nodes_gib", "ratio"],
 }  # fmt: skip
 DEFAULT_SECTIONS = ["estimate_vs_measured", "checkpointing"]
@@ -562,6 +602,12 @@ def main() -> None:
     parser.add_argument("--scale-step", type=int, default=1 << 19, help="scale: N granularity")
     parser.add_argument(
         "--scale-tokens", type=int, nargs="*", default=[], help="scale on k GPUs: also these N"
+    )
+    parser.add_argument(
+        "--chunk-tokens", type=int, nargs="+", default=[1 << 20], help="head_chunks: these N"
+    )
+    parser.add_argument(
+        "--head-chunks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="head_chunks: c"
     )
     parser.add_argument(
         "--ring-size", type=int, default=1, help="layer_estimate: the ring layer on k ranks"
@@ -625,6 +671,7 @@ def main() -> None:
         "layer_vs_dense": layer_vs_dense,
         "scale": scale,
         "layer_estimate": layer_estimate,
+        "head_chunks": head_chunk_sweep,
     }
     for section in args.sections:
         start = time.perf_counter()
