@@ -89,8 +89,8 @@ from dilated_attention_pytorch import (
     RingMultiheadDilatedAttention,
     StandardRingAttention,
     get_memory_estimate,
+    projected,
 )
-from dilated_attention_pytorch import projected
 from dilated_attention_pytorch.models import DenseAttention
 
 Tensor = torch.Tensor
