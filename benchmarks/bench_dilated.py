@@ -8,9 +8,12 @@ Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dil
 rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
 both branch mixings; forward and forward+backward; not causal.
 
-Implementations (``--impls``): backend names (``triton``, ``pytorch``) and
+Implementations (``--impls``): backend names (``triton``, ``pytorch``),
 ``pytorch-flash``, the pytorch backend pinned to PyTorch's flash op
-(``backend=PyTorchBackend(kernel="flash")``) instead of cuDNN.
+(``backend=PyTorchBackend(kernel="flash")``) instead of cuDNN, and ``triton-dq-MODE``,
+the triton backend with ``backends.triton.launch.DQ_MODE = MODE`` (``separate``,
+``atomic``, ``tma``: how the backward computes dQ; forward+backward rows only, its
+forward is the triton backend's).
 
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
 peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
@@ -78,13 +81,27 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
         return run
 
     # "pytorch-flash": the pytorch backend pinned to PyTorch's flash op instead of cuDNN,
-    # to show what the pytorch backend's choice of kernel is worth.
+    # to show what the pytorch backend's choice of kernel is worth. "triton-dq-MODE": the
+    # triton backend computing dQ the MODE way.
     chosen = PyTorchBackend(kernel="flash") if backend == "pytorch-flash" else backend
+    dq_mode = None
+    if backend.startswith("triton-dq-"):
+        from dilated_attention_pytorch.backends.triton import launch
+
+        chosen, dq_mode = "triton", backend.removeprefix("triton-dq-")
+        if dq_mode not in launch.DQ_MODES:
+            raise ValueError(f"unknown dQ mode in {backend!r}; one of {launch.DQ_MODES}")
 
     def run():
-        out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
-        if with_bwd:
-            out.backward(dout)
+        if dq_mode is not None:
+            default, launch.DQ_MODE = launch.DQ_MODE, dq_mode
+        try:
+            out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
+            if with_bwd:
+                out.backward(dout)
+        finally:
+            if dq_mode is not None:
+                launch.DQ_MODE = default
         return out
 
     return run
@@ -174,10 +191,13 @@ def tune(N: int, D: int) -> dict:
         dkdv = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 2),
                 (64, 64, 4, 3), (32, 64, 4, 4)]  # fmt: skip
         dq = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+        dkdv_dq = [(32, 128, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3), (64, 128, 4, 3),
+                   (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 3)]  # fmt: skip
     else:
         fwd = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
         dkdv = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)]
         dq = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+        dkdv_dq = [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3)]
     H, B, scale = 16, 1, D**-0.5
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
@@ -194,16 +214,21 @@ def tune(N: int, D: int) -> dict:
             q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
         )
 
-    def run_bwd(which: str):
+    dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+
+    def run_bwd(which: str, dq_add: int = 0):
         tk._launch_backward(
             dout, q, k, v, lse, delta, None, grads, grads, launch,
-            scale=scale, causal=False, acc_in=False, which=which,
+            scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
         )  # fmt: skip
 
     jobs = {
         "fwd": (tk.FWD_CONFIGS, fwd, run_fwd),
         "dkdv": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv")),
         "dq": (tk.DQ_CONFIGS, dq, lambda: run_bwd("dq")),
+        # dK/dV adding dQ with the bulk reduce-add (DQ_MODE "tma"; the zeroing of the
+        # buffer is not timed, the sums grow: only the time matters here).
+        "dkdv_dq": (tk.DKDV_DQ_CONFIGS, dkdv_dq, lambda: run_bwd("dkdv", dq_add=2)),
     }
     chosen = {}
     for name, (table, cands, fn) in jobs.items():
@@ -336,7 +361,8 @@ def main() -> None:
                     add(bench_one("dense", N, D, "dense", with_bwd))
                 for mixing in ("softmax", "head_split"):
                     for impl in args.impls.split(","):
-                        add(bench_one(impl, N, D, mixing, with_bwd))
+                        if with_bwd or not impl.startswith("triton-dq-"):
+                            add(bench_one(impl, N, D, mixing, with_bwd))
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),

@@ -59,7 +59,7 @@ MEMORY_PARTS = (
 """The keys of ``get_memory_estimate(...)["parts"]``."""
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
-    from .backends.triton.launch import _head_chunks, _schedule
+    from .backends.triton.launch import _dq_add, _head_chunks, _schedule
 
 _BACKENDS = ("pytorch", "triton")
 # Skip ring steps that repeat the two before them (same peak, same sizes left); the
@@ -495,15 +495,20 @@ def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
 
 def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = False) -> tuple:
     """``dilated_backward``: per head chunk, the dK/dV pass's two fp32 accumulators, freed
-    before the dQ pass's one; ``into``: the gradients go to the caller's buffers."""
+    before the dQ pass's one (with ``DQ_MODE`` adding dQ from the dK/dV kernel: the dQ
+    buffer first, live through the pass); ``into``: the gradients go to the caller's
+    buffers."""
     grads = () if into else tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
-    multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
-    if multi:
-        for lo, hi in chunks:
+    multi = cfg.extra["triton_multi"]
+    dq_add = _dq_add(torch.device("meta")) > 0
+    if multi or dq_add:
+        for lo, hi in _head_chunks(True, cfg.B, N, cfg.H, cfg.D):
             size = cfg.B * N * (hi - lo) * cfg.D * 4
-            tl.free(tl.new("accumulators", size), tl.new("accumulators", size))
-            tl.free(tl.new("accumulators", size))
+            dq = tl.new("accumulators", size) if dq_add else None
+            if multi:
+                tl.free(tl.new("accumulators", size), tl.new("accumulators", size))
+            tl.free(dq if dq_add else tl.new("accumulators", size))
     tl.free(delta)
     return grads
 

@@ -132,6 +132,73 @@ def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(
+    "case", ["ragged", "without_r1", "head_split", "mask", "gqa", "head_chunks", "packed"]
+)
+def test_dq_added_by_the_dkdv_kernel(kernels, monkeypatch, case, is_causal) -> None:
+    # DQ_MODE "atomic": no dQ kernel, the dK/dV kernel adds scale * dS K into an fp32
+    # buffer ("tma" runs as "atomic" in the interpreter; the GPU tests run "tma").
+    monkeypatch.setattr(kernels, "DQ_MODE", "atomic")
+    launched = []
+    monkeypatch.setattr(kernels, "_bwd_dq_kernel", launched)  # indexing it would fail
+    kw = dict(is_causal=is_causal)
+    if case == "ragged":
+        _compare(2, 97, 4, [16, 40], [1, 3], **kw)
+    elif case == "without_r1":
+        _compare(1, 71, 5, [10, 25, 128], [2, 3, 7], **kw)
+    elif case == "head_split":
+        _compare(2, 61, 4, [8, 32], [1, 2], branch_mixing="head_split", **kw)
+    elif case == "mask":
+        _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3, **kw)
+    elif case == "gqa":
+        _compare(1, 53, 6, [8, 30], [1, 3], kv_heads=2, mask_p=0.2, **kw)
+    elif case == "head_chunks":
+        monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 50 * 16 * 4 * 2)
+        _compare(2, 50, 5, [8, 20], [1, 4], **kw)
+    else:
+        cu = torch.tensor([0, 13, 53, 60], dtype=torch.int32)  # packed documents
+        _compare(1, 60, 4, [8, 16], [1, 2], kv_heads=2, cu_seqlens=cu, **kw)
+    assert kernels._dq_add(torch.device("cpu")) == 1
+
+
+@interpreted
+def test_dq_added_ignores_non_finite_padded_keys(kernels, monkeypatch) -> None:
+    # Garbage (inf, NaN) in padded keys and values: dQ of every query stays what the
+    # separate dQ kernel gives, finite.
+    B, N, H, D = 1, 40, 2, 16
+    q, k, v = (torch.randn(B, N, H, D) for _ in range(3))
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[0, 5:9] = True
+    k[mask], v[mask] = float("inf"), float("nan")
+    grads = {}
+    for mode in ("separate", "atomic"):
+        monkeypatch.setattr(kernels, "DQ_MODE", mode)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = dilated_attention(qq, kk, vv, [8, 20], [1, 2], key_padding_mask=mask,
+                                is_causal=True, backend="triton")  # fmt: skip
+        grads[mode] = torch.autograd.grad(out, qq, torch.ones_like(out))[0]
+    assert torch.isfinite(grads["atomic"]).all()
+    torch.testing.assert_close(grads["atomic"], grads["separate"], **TOL)
+
+
+def test_dq_mode_rules(kernels, monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    for mode, expected in (("separate", 0), ("atomic", 1), ("tma", 1)):  # tma: CUDA 9.0+
+        monkeypatch.setattr(kernels, "DQ_MODE", mode)
+        assert kernels._dq_add(cpu) == expected
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels._dq_add(cpu) == 0  # deterministic: the separate dQ kernel
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(kernels, "DQ_MODE", "fast")
+    expected = r"DQ_MODE must be one of \('separate', 'atomic', 'tma'\), got 'fast'"
+    with pytest.raises(ValueError, match=expected):
+        kernels._dq_add(cpu)
+
+
+@interpreted
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_packed_documents(kernels, monkeypatch, compiled) -> None:
     # cu_seqlens: each document its own sequence, with K/V heads shared, all documents in

@@ -186,3 +186,55 @@ def test_triton_block_ops_key_mask(is_causal) -> None:
     _check("lse", lse, ref[1], low_lse)
     for n, g, rg, lg in zip("qkv", grads, ref_g, low_g, strict=True):
         _check(f"d{n}", g, rg, lg)
+
+
+@pytest.mark.parametrize("dq_mode", ["atomic", "tma"])
+@pytest.mark.parametrize(
+    "case",
+    ["softmax", "causal", "head_split", "gqa", "mask", "D128"],
+)
+def test_triton_dq_added_by_the_dkdv_kernel(case, dq_mode, monkeypatch) -> None:
+    # DQ_MODE "atomic"/"tma": the dK/dV kernel adds dQ into an fp32 buffer (no dQ kernel);
+    # same tolerance rule as the separate dQ kernel.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    monkeypatch.setattr(launch, "DQ_MODE", dq_mode)
+    if case == "mask":
+        test_triton_key_padding_mask(True)
+        return
+    B, N, H, D, ws, rs = CASES[0]
+    kw = dict(is_causal=case != "softmax")
+    if case == "head_split":
+        kw["branch_mixing"] = "head_split"
+    if case == "D128":
+        D = 128
+    if case == "gqa":
+        q, k, v, dout = (torch.randn(B, N, n, D, device="cuda", dtype=torch.bfloat16)
+                         for n in (H, H // 4, H // 4, H))  # fmt: skip
+        ref = _run(q.float(), k.float(), v.float(), dout.float(), ws, rs, "pytorch", **kw)
+        low = _run(q, k, v, dout, ws, rs, "pytorch", **kw)
+        _poison(((B, N, H, D), torch.bfloat16), ((B, N, H, D), torch.float32))
+        got = _run(q, k, v, dout, ws, rs, "triton", **kw)
+        _check("out", got[0], ref[0], low[0])
+        for n, g, rg, lg in zip("qkv", got[2], ref[2], low[2], strict=True):
+            _check(f"d{n}", g, rg, lg)
+        return
+    _compare(B, N, H, D, ws, rs, torch.bfloat16, **kw)
+
+
+def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:
+    # With torch.use_deterministic_algorithms(True) the backward takes the separate dQ
+    # kernel whatever DQ_MODE says: two runs give the same bits.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    monkeypatch.setattr(launch, "DQ_MODE", "tma")
+    B, N, H, D, ws, rs = CASES[0]
+    q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first = _run(q, k, v, dout, ws, rs, "triton", is_causal=True)[2]
+        second = _run(q, k, v, dout, ws, rs, "triton", is_causal=True)[2]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

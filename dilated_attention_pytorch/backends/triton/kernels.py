@@ -322,12 +322,16 @@ def _delta_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
-    start, stop, len_q, offs_n, keep_k, sm_scale,
+    start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
+    DQ_ADD: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
-    # dQ has its own kernel (recomputing S and dP): adding dS K into an fp32 dQ buffer
-    # with atomics from here measured 1.2x slower on an H200 (and is not deterministic).
+    # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
+    # kernel adds scale * dS K into an fp32 dQ buffer with atomics on pointers; 2: with
+    # the tensor memory accelerator's bulk reduce-add (a descriptor of the buffer's
+    # dilated rows, Hopper and later). k_dq: k with non-finite rows zeroed where pairs
+    # may be masked (the dQ kernel's rule).
     for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
@@ -349,22 +353,31 @@ def _bwd_dkdv_inner(
             # Pairs that do not count give 0 even where a value is not finite (0 * inf).
             ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
         dk += tl.dot(ds_t.to(q.dtype), q)
+        if DQ_ADD > 0:
+            dq = tl.dot(tl.trans(ds_t.to(k_dq.dtype)), k_dq) * sm_scale  # (BLOCK_M, D)
+            if DQ_ADD == 1:
+                ptrs = dqa_base + offs64[:, None] * row_dqa
+                tl.atomic_add(ptrs, dq, mask=qmask[:, None], sem="relaxed")
+            else:
+                dq_desc.atomic_add([m, 0], dq)  # rows past len_q fall outside the descriptor
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, Kpm, SegStart, SegLen,
+    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, DQacc, Kpm, SegStart, SegLen,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
+    s_cb, s_cn, s_ch, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
-    # of DKacc and DVacc.
+    # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
+    # adds this tile's share of dQ into (unused with DQ_ADD 0).
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_N, VARLEN,
@@ -387,6 +400,18 @@ def _bwd_dkdv_kernel(
     dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
+    dq_desc = 0
+    if DQ_ADD == 2:
+        dq_desc = tl.make_tensor_descriptor(
+            _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch), shape=[len_q, HEAD_DIM],
+            strides=[dil * s_cn, 1], block_shape=[BLOCK_M, HEAD_DIM],
+        )  # fmt: skip
+    k_dq = k
+    if DQ_ADD > 0 and (HAS_KPM or CAUSAL):
+        # Masked pairs give 0 to dQ even where their key is not finite (padded keys
+        # holding garbage, say); rows past the segment already load as 0.
+        k_dq = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
     # Causal: queries before the key tile see none of it; query tiles that start at or
     # after the tile's last key need no mask; the ones in between straddle the diagonal.
     lo = 0
@@ -397,12 +422,14 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
             dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
-            lo, free, len_q, offs_n, keep_k, sm_scale, BLOCK_M, True, HAS_KPM, LSE_PAIR,
+            lo, free, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
+            BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
-        free, len_q, len_q, offs_n, keep_k, sm_scale, BLOCK_M, False, HAS_KPM, LSE_PAIR,
+        free, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
+        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD,
     )  # fmt: skip
     dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)

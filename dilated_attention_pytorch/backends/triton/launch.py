@@ -43,6 +43,9 @@ from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kerne
 __all__ = [
     "ACC_CHUNK_BYTES",
     "DKDV_CONFIGS",
+    "DKDV_DQ_CONFIGS",
+    "DQ_MODE",
+    "DQ_MODES",
     "DQ_CONFIGS",
     "FWD_CONFIGS",
     "KernelConfig",
@@ -99,7 +102,17 @@ DQ_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(128, 64, 8, 3),
     128: KernelConfig(64, 64, 4, 2),
 }
+# The dK/dV kernel when it also adds dQ (DQ_MODE "atomic" or "tma").
+DKDV_DQ_CONFIGS: dict[int, KernelConfig] = dict(DKDV_CONFIGS)
 _INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
+
+# How the backward computes dQ: "separate" (a dQ kernel that recomputes the scores and
+# dP: seven matmuls per tile pair, deterministic), "atomic" (the dK/dV kernel adds dS K
+# into an fp32 buffer with atomics: five matmuls) or "tma" (the same adds as bulk
+# reduce-adds through a tensor descriptor). With torch.use_deterministic_algorithms(True)
+# the backward always uses "separate".
+DQ_MODES = ("separate", "atomic", "tma")
+DQ_MODE = "separate"
 
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
@@ -140,7 +153,7 @@ def _s3(x: Tensor) -> tuple[int, int, int]:
 def _launch_tiles(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
     strided: tuple[Tensor, ...], kpm: Tensor | None, launch: _Launch, *, scales: tuple,
-    per_key_tile: bool, causal: bool, acc_in: bool, lse_pair: bool,
+    per_key_tile: bool, causal: bool, acc_in: bool, lse_pair: bool, **constexprs: int,
 ) -> None:  # fmt: skip
     """Launch the forward, dK/dV or dQ kernel for one branch.
 
@@ -149,6 +162,7 @@ def _launch_tiles(
     ``scales``: its arguments after ``tiles_per_seg`` (the score scale and the stride
     between the LSE's planes). A program runs a tile of dilated queries, or of keys with
     ``per_key_tile`` (dK/dV). ``lse_pair``: the LSE is a ``(hi, lo)`` pair.
+    ``constexprs``: the kernel's own further compile-time arguments.
     """
     q, k = tensors[0], tensors[1]
     B, n_q, _, D = q.shape
@@ -174,7 +188,7 @@ def _launch_tiles(
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair,
         VARLEN=launch.segments is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **constexprs,
     )  # fmt: skip
 
 
@@ -213,25 +227,64 @@ def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
 def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
-    *, scale: float, causal: bool, acc_in: bool, which: str,
+    *, scale: float, causal: bool, acc_in: bool, which: str, dq_add: int = 0,
+    dq_acc: Tensor | None = None,
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
-    # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE.
+    # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE. dq_add > 0 (dkdv only):
+    # the kernel also adds its share of dQ into the fp32 buffer dq_acc (see _dq_add).
     lse_hi, s_lp, pair = _lse_args(lse)
     inputs = (q, k, v, dout, lse_hi, delta)
+    constexprs = {}
     if which == "dkdv":
-        # DK and DV share their strides, and so do DKacc and DVacc.
-        kernel, table = _bwd_dkdv_kernel, DKDV_CONFIGS
-        tensors = (*inputs, grads[1], grads[2], accs[1], accs[2])
-        strided = (*inputs, grads[1], accs[1])
+        # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
+        # kernel never reads DQacc: any tensor stands in.
+        kernel, table = _bwd_dkdv_kernel, DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
+        dq_t = dq_acc if dq_add else q
+        tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
+        strided = (*inputs, grads[1], accs[1], dq_t)
+        constexprs["DQ_ADD"] = dq_add
+        if dq_add == 2:
+            _ensure_allocator()
     else:
         kernel, table = _bwd_dq_kernel, DQ_CONFIGS
         tensors = strided = (*inputs, grads[0], accs[0])
     _launch_tiles(
         kernel, table, tensors, strided, kpm, launch,
         scales=(scale, s_lp),
-        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
+        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair, **constexprs,
     )  # fmt: skip
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global scratch memory for Triton kernels that build tensor descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for device-side tensor descriptors, unless the caller set
+    one. Triton keeps it in a context variable (per thread): autograd's backward runs in
+    its own thread, so this runs before each launch that needs it."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
+def _dq_add(device: torch.device) -> int:
+    """How the backward computes dQ (the ``DQ_ADD`` of the dK/dV kernel): 0 in a dQ
+    kernel of its own (:data:`DQ_MODE` ``"separate"``, or deterministic algorithms on),
+    1 by atomic adds from the dK/dV kernel (``"atomic"``), 2 by the tensor memory
+    accelerator's bulk reduce-add (``"tma"``; compute capability 9.0 or later, else 1)."""
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(f"DQ_MODE must be one of {DQ_MODES}, got {DQ_MODE!r}")
+    if DQ_MODE == "separate" or torch.are_deterministic_algorithms_enabled():
+        return 0
+    if DQ_MODE == "tma" and (
+        interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9
+    ):
+        return 1
+    return DQ_MODES.index(DQ_MODE)
 
 
 # --------------------------------------------------------------------------- plan driver
@@ -463,15 +516,18 @@ def dilated_backward(
         return dq, dk, dv
     delta = _compute_delta(dout, out)
     f32 = dict(dtype=torch.float32, device=q.device)
-    for c_lo, c_hi in _head_chunks(sched.multi or g > 1, B, N, H, D, g):
+    dq_add = _dq_add(q.device)
+    for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
         kc, vc, dkc, dvc = (t[:, :, ks] for t in (k, v, dk, dv))
         lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
-        # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once.
-        for which in ("dkdv", "dq"):
+        # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
+        # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
+        dq_acc = torch.zeros(shape, **f32) if dq_add else None
+        for which in ("dkdv",) if dq_add else ("dkdv", "dq"):
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv"
             through = sched.multi or per_query_head
@@ -488,6 +544,7 @@ def dilated_backward(
                 _launch_backward(
                     doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs,
                     launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
+                    dq_add=dq_add, dq_acc=dq_acc,
                 )  # fmt: skip
             if per_query_head:
                 dkc.copy_(_sum_query_heads(accs[1], g))
@@ -501,7 +558,12 @@ def dilated_backward(
             # Free this pass's accumulators before the next is allocated: at most two
             # are live at once.
             del accs
-            dk_acc = dv_acc = dq_acc = None
+            dk_acc = dv_acc = None
+            if not dq_add:
+                dq_acc = None
+        if dq_add:
+            dqc.copy_(dq_acc)
+            dq_acc = None
     return dq, dk, dv
 
 
