@@ -177,7 +177,7 @@ def bench_one(
     )
 
 
-def tune(N: int, D: int) -> dict:
+def tune(N: int, D: int, kernels: list[str]) -> dict:
     """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
 
     Installs the fastest config per kernel for this run and returns what it chose; the
@@ -191,8 +191,7 @@ def tune(N: int, D: int) -> dict:
         dkdv = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 2),
                 (64, 64, 4, 3), (32, 64, 4, 4)]  # fmt: skip
         dq = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-        dkdv_dq = [(32, 128, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3), (64, 128, 4, 3),
-                   (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 3)]  # fmt: skip
+        dkdv_dq = [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)]
     else:
         fwd = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
         dkdv = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)]
@@ -232,6 +231,8 @@ def tune(N: int, D: int) -> dict:
     }
     chosen = {}
     for name, (table, cands, fn) in jobs.items():
+        if name not in kernels:
+            continue
         best = None
         for c in cands:
             table[D] = KC(*c)
@@ -301,6 +302,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the JSON and the plot")
     parser.add_argument("--quick", action="store_true", help="a few sizes only (smoke test)")
     parser.add_argument("--tune", action="store_true", help="pick tile configs at N=256K first")
+    parser.add_argument(
+        "--tune-kernels",
+        default="fwd,dkdv,dq,dkdv_dq",
+        help="with --tune: which kernels' configs to pick (fwd, dkdv, dq, dkdv_dq)",
+    )
+    parser.add_argument(
+        "--passes", default="fwd,fwd+bwd", help="which passes to time: fwd, fwd+bwd or both"
+    )
     parser.add_argument("--dense-max", type=int, default=131072, help="largest N for dense SDPA")
     parser.add_argument("--max-n", type=int, default=1 << 20)
     parser.add_argument("--dims", default="64,128")
@@ -319,7 +328,7 @@ def main() -> None:
     tuned = {}
     if args.tune:
         for D in [int(d) for d in args.dims.split(",")]:
-            tuned[D] = tune(1 << 18, D)
+            tuned[D] = tune(1 << 18, D, args.tune_kernels.split(","))
     Ns = [1 << int(p) for p in args.sizes.split(",")]
     if args.quick:
         Ns = [1 << 15, 1 << 20]
@@ -356,7 +365,7 @@ def main() -> None:
 
     for D in [int(d) for d in args.dims.split(",")]:
         for N in Ns:
-            for with_bwd in (False, True):
+            for with_bwd in [p == "fwd+bwd" for p in args.passes.split(",")]:
                 if N <= args.dense_max:
                     add(bench_one("dense", N, D, "dense", with_bwd))
                 for mixing in ("softmax", "head_split"):
