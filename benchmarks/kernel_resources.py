@@ -1,0 +1,220 @@
+"""Registers, spills and shared memory of the Triton kernels as a real call launches them,
+compiled for an NVIDIA GPU on any machine (no GPU needed).
+
+    python benchmarks/kernel_resources.py --out benchmarks/results [--arch 90] [--dims 64,128]
+
+The backend's launchers run on ``meta`` tensors (no memory, no data) with every kernel
+replaced by a recorder, for LongNet's layer (``B = 1``, ``N`` = ``--seq-len``, ``H = 16``,
+segment lengths 2048..32768, rates 1..16, bf16), forward and backward, causal and not,
+for each ``DQ_MODE``. Each distinct launch (kernel, argument types, Triton's own
+specialisation of the values: divisibility by 16, pointer alignment, compile-time
+arguments, warps, stages) is then compiled the way Triton would compile it on the GPU, with
+Triton's compiler and the ``ptxas`` bundled with it, for compute capability ``--arch``.
+
+Columns: the kernel, its compile-time settings, registers per thread, bytes of spill stores
+and loads (registers that did not fit and go through local memory: slow), shared memory,
+and whether the PTX holds the Hopper bulk tensor reduce-add (``cp.reduce.async.bulk``,
+``DQ_MODE = "tma"``). Writes ``kernel_resources_sm<arch>_<date>.json`` (stamp, rows) to
+``--out``. Compiling takes a few seconds per launch form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import triton
+from measure import result_path, stamp, write_json
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from dilated_attention_pytorch.backends.triton import launch
+from dilated_attention_pytorch.plan import make_plan
+
+SEGMENTS = [2048, 4096, 8192, 16384, 32768]
+RATES = [1, 2, 4, 8, 16]
+KERNELS = ("_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD")  # shown
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's arguments."""
+
+    def __init__(self, name: str, fn: triton.JITFunction, calls: list) -> None:
+        self.name, self.fn, self.calls = name, fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, self.fn, args, kwargs))
+
+
+@contextmanager
+def recording(calls: list):
+    """Replace the launcher's kernels by recorders while the block runs."""
+    saved = {name: getattr(launch, name) for name in KERNELS}
+    try:
+        for name, fn in saved.items():
+            setattr(launch, name, _Recorder(name, fn, calls))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(launch, name, fn)
+
+
+def launches(N: int, D: int, causal: bool, dq_mode: str) -> list:
+    """Every kernel launch of one forward and one backward of the LongNet configuration."""
+    B, H = 1, 16
+    q, k, v, dout = (torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(4))
+    plan = make_plan(SEGMENTS, RATES, H)
+    calls: list = []
+    default = launch.DQ_MODE
+    launch.DQ_MODE = dq_mode
+    try:
+        with recording(calls):
+            out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5, causal=causal)
+            launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5, causal=causal)
+    finally:
+        launch.DQ_MODE = default
+    return calls
+
+
+def _dq_add_of_cuda(device: torch.device) -> int:
+    """``launch._dq_add`` as on a GPU of compute capability 9.0 (the meta tensors have none)."""
+    if launch.DQ_MODE == "separate" or torch.are_deterministic_algorithms_enabled():
+        return 0
+    return launch.DQ_MODES.index(launch.DQ_MODE)
+
+
+@contextmanager
+def as_on_gpu():
+    """While the block runs: the launchers choose ``DQ_ADD`` as on an H100/H200, and meta
+    tensors report an address (Triton's specialisation reads one: alignment by 16), the
+    byte offset of their view, which decides the alignment of a real one."""
+    saved = launch._dq_add, torch.Tensor.data_ptr
+    launch._dq_add = _dq_add_of_cuda
+    torch.Tensor.data_ptr = lambda t: 256 + t.storage_offset() * t.element_size()  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        launch._dq_add, torch.Tensor.data_ptr = saved  # type: ignore[method-assign]
+
+
+def specialize(fn: triton.JITFunction, args: tuple, kwargs: dict, arch: int) -> tuple:
+    """What Triton's runtime would compile for this launch: ``(source, options)``."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    return ASTSource(fn, signature, constexprs, attrs), options
+
+
+def compile_launch(source: ASTSource, options: Any, arch: int) -> dict:
+    """Compile one launch form for ``sm_<arch>``; returns its resources (``ptxas -v``) and
+    whether its PTX uses the bulk tensor reduce-add."""
+    target = GPUTarget("cuda", arch, 32)
+    kernel = triton.compile(source, target=target, options=options.__dict__)
+    ptx = kernel.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+             path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+
+    def number(pattern: str) -> int:
+        found = re.findall(pattern, report)
+        return int(found[-1]) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "shared_bytes": kernel.metadata.shared,
+        "tma_reduce": "cp.reduce.async.bulk" in ptx,
+    }
+
+
+def launch_forms(seq_len: int, D: int, causal: bool, mode: str, arch: int, seen: dict) -> None:
+    """Compile each launch form of one configuration not in ``seen`` (keyed by kernel,
+    compile-time settings, ``r == 1``, warps and stages), adding its row; call inside
+    :func:`as_on_gpu`."""
+    for name, fn, a, kw in launches(seq_len, D, causal, mode):
+        if name == "_delta_kernel":
+            continue
+        settings = {s: kw[s] for s in SETTINGS if s in kw}
+        # The dilation rate as the kernel sees it: 1 is a compile-time constant (Triton
+        # specialises integers equal to 1). Launches that differ only in other values'
+        # specialisations compile alike: the first stands in.
+        dil = a[fn.arg_names.index("dil")]
+        key = (name, tuple(settings.items()), dil == 1, kw["num_warps"], kw["num_stages"])
+        if key not in seen:
+            source, options = specialize(fn, a, kw, arch)
+            seen[key] = {
+                "kernel": name.strip("_").removesuffix("_kernel"),
+                **{s.lower(): v for s, v in settings.items()},
+                "dil": 1 if dil == 1 else "> 1",
+                "num_warps": kw["num_warps"],
+                "num_stages": kw["num_stages"],
+                **compile_launch(source, options, arch),
+                "dq_modes": [],
+            }
+            r = seen[key]
+            print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
+                  f"acc_in={r['acc_in']!s:<5} dq_add={r.get('dq_add', '-')} "
+                  f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}: "
+                  f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
+                  f"shared {r['shared_bytes']} B" + (", TMA reduce-add" if r["tma_reduce"] else ""),
+                  flush=True)  # fmt: skip
+        if mode not in seen[key]["dq_modes"]:
+            seen[key]["dq_modes"].append(mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--seq-len", type=int, default=1 << 20)
+    parser.add_argument("--dq-modes", default=",".join(launch.DQ_MODES))
+    args = parser.parse_args()
+    if launch.interpreting():
+        raise SystemExit("run without TRITON_INTERPRET=1: it selects the interpreter's tiles")
+    seen: dict[tuple, dict] = {}
+    with as_on_gpu():
+        for D in [int(d) for d in args.dims.split(",")]:
+            for causal in (False, True):
+                for mode in args.dq_modes.split(","):
+                    launch_forms(args.seq_len, D, causal, mode, args.arch, seen)
+    report = {
+        **stamp(torch.device("cpu")),
+        "target": f"sm_{args.arch}",
+        "configuration": {
+            "segment_lengths": SEGMENTS,
+            "dilation_rates": RATES,
+            "B": 1,
+            "H": 16,
+            "N": args.seq_len,
+            "dtype": "bfloat16",
+        },  # fmt: skip
+        "rows": list(seen.values()),
+    }
+    path = result_path(args.out, "kernel_resources", "cpu", f"sm{args.arch}")
+    write_json(path, report)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

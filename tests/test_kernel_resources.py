@@ -1,0 +1,70 @@
+"""The Triton kernels' GPU-only forms compile for a Hopper GPU (sm_90) on any machine.
+
+``benchmarks/kernel_resources.py`` records the launches a real call makes (the launchers
+run on ``meta`` tensors with the kernels replaced by recorders) and compiles them with
+Triton's compiler and its bundled ``ptxas``, as Triton's runtime would on an H100/H200.
+Here: the backward's launches for each ``DQ_MODE``, and the ``"tma"`` form of the dK/dV
+kernel (a tensor-descriptor bulk reduce-add, which the CPU interpreter cannot run) compiles
+into PTX holding that instruction, within the shared memory of one block. Skipped without
+Triton or its ``ptxas``, and in the interpreter step (it selects the interpreter's tiles).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="compiles the GPU tiles, not the interpreter's",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+SM90_SHARED_PER_BLOCK = 232448  # bytes: 227 KiB, the most one block may use on sm_90
+
+
+@pytest.fixture
+def kr():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernel_resources
+
+        yield kernel_resources
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_launches_per_dq_mode(kr, causal) -> None:
+    # LongNet's 5 branches: "separate" launches a dQ kernel per branch; "atomic" and "tma"
+    # none, their dK/dV launches adding dQ (DQ_ADD 1 and 2 as on a GPU of capability 9.0).
+    data_ptr = torch.Tensor.data_ptr
+    with kr.as_on_gpu():
+        runs = {
+            mode: kr.launches(1 << 16, 64, causal, mode) for mode in ("separate", "atomic", "tma")
+        }
+    assert torch.Tensor.data_ptr is data_ptr  # restored
+    for mode, expected in (("separate", 0), ("atomic", 1), ("tma", 2)):
+        names = [c[0] for c in runs[mode]]
+        assert names.count("_fwd_kernel") == 5 and names.count("_bwd_dkdv_kernel") == 5
+        assert names.count("_bwd_dq_kernel") == (5 if expected == 0 else 0)
+        assert {c[3]["DQ_ADD"] for c in runs[mode] if c[0] == "_bwd_dkdv_kernel"} == {expected}
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
+def test_tma_dq_form_compiles_for_sm90(kr) -> None:
+    with kr.as_on_gpu():
+        calls = kr.launches(1 << 16, 64, True, "tma")
+        _, fn, args, kwargs = next(c for c in calls if c[0] == "_bwd_dkdv_kernel")
+        source, options = kr.specialize(fn, args, kwargs, 90)
+    got = kr.compile_launch(source, options, 90)
+    assert got["tma_reduce"], "the dK/dV kernel's dQ adds are not bulk tensor reduce-adds"
+    assert 0 < got["registers"] <= 255
+    assert got["shared_bytes"] <= SM90_SHARED_PER_BLOCK
