@@ -433,12 +433,14 @@ def _bwd_dkdv_kernel(
     )  # fmt: skip
     dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
+    out_off = _rows_off(b, h, rows_k, s_gb, s_gn, s_gh, offs_d)
+    # dV first, then dK: one accumulator tile read at a time (fewer live registers).
+    if ACC_IN:
+        dv += _load_rows(DVacc + acc_off, kmask)
+    _store_rows(DV + out_off, dv, kmask)
     if ACC_IN:
         dk += _load_rows(DKacc + acc_off, kmask)
-        dv += _load_rows(DVacc + acc_off, kmask)
-    out_off = _rows_off(b, h, rows_k, s_gb, s_gn, s_gh, offs_d)
     _store_rows(DK + out_off, dk, kmask)
-    _store_rows(DV + out_off, dv, kmask)
 
 
 @triton.jit
