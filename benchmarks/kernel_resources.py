@@ -6,16 +6,18 @@ compiled for an NVIDIA GPU on any machine (no GPU needed).
 The backend's launchers run on ``meta`` tensors (no memory, no data) with every kernel
 replaced by a recorder, for LongNet's layer (``B = 1``, ``N`` = ``--seq-len``, ``H = 16``,
 segment lengths 2048..32768, rates 1..16, bf16), forward and backward, causal and not,
-for each ``DQ_MODE``. Each distinct launch (kernel, argument types, Triton's own
-specialisation of the values: divisibility by 16, pointer alignment, compile-time
-arguments, warps, stages) is then compiled the way Triton would compile it on the GPU, with
-Triton's compiler and the ``ptxas`` bundled with it, for compute capability ``--arch``.
+for each ``DQ_MODE`` and ``LOAD_MODE`` (``backends/triton/launch.py``). Each distinct
+launch form (kernel, compile-time settings, whether the dilation rate is 1, warps, stages;
+other arguments as Triton specialises them: divisibility by 16, pointer alignment) is then
+compiled the way Triton's runtime would on the GPU, with Triton's compiler and the
+``ptxas`` bundled with it, for compute capability ``--arch``.
 
 Columns: the kernel, its compile-time settings, registers per thread, bytes of spill stores
-and loads (registers that did not fit and go through local memory: slow), shared memory,
-and whether the PTX holds the Hopper bulk tensor reduce-add (``cp.reduce.async.bulk``,
-``DQ_MODE = "tma"``). Writes ``kernel_resources_sm<arch>_<date>.json`` (stamp, rows) to
-``--out``. Compiling takes a few seconds per launch form.
+and loads per thread (registers that did not fit and go through local memory: slow), shared
+memory, and whether the PTX holds the Hopper bulk tensor reduce-add
+(``cp.reduce.async.bulk``, ``DQ_MODE = "tma"``). Writes
+``kernel_resources_cpu_sm<arch>_<date>.json`` (stamp, rows) to ``--out``. About a minute
+on two cores (Triton caches what it compiled).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from dilated_attention_pytorch.plan import make_plan
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 KERNELS = ("_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD")  # shown
+SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
 
 
 class _Recorder:
@@ -67,42 +69,35 @@ def recording(calls: list):
             setattr(launch, name, fn)
 
 
-def launches(N: int, D: int, causal: bool, dq_mode: str) -> list:
+def launches(N: int, D: int, causal: bool, dq_mode: str, load_mode: str = "pointer") -> list:
     """Every kernel launch of one forward and one backward of the LongNet configuration."""
     B, H = 1, 16
     q, k, v, dout = (torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(4))
     plan = make_plan(SEGMENTS, RATES, H)
     calls: list = []
-    default = launch.DQ_MODE
-    launch.DQ_MODE = dq_mode
+    default = launch.DQ_MODE, launch.LOAD_MODE
+    launch.DQ_MODE, launch.LOAD_MODE = dq_mode, load_mode
     try:
         with recording(calls):
             out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5, causal=causal)
             launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5, causal=causal)
     finally:
-        launch.DQ_MODE = default
+        launch.DQ_MODE, launch.LOAD_MODE = default
     return calls
-
-
-def _dq_add_of_cuda(device: torch.device) -> int:
-    """``launch._dq_add`` as on a GPU of compute capability 9.0 (the meta tensors have none)."""
-    if launch.DQ_MODE == "separate" or torch.are_deterministic_algorithms_enabled():
-        return 0
-    return launch.DQ_MODES.index(launch.DQ_MODE)
 
 
 @contextmanager
 def as_on_gpu():
-    """While the block runs: the launchers choose ``DQ_ADD`` as on an H100/H200, and meta
-    tensors report an address (Triton's specialisation reads one: alignment by 16), the
-    byte offset of their view, which decides the alignment of a real one."""
-    saved = launch._dq_add, torch.Tensor.data_ptr
-    launch._dq_add = _dq_add_of_cuda
+    """While the block runs: the launchers see an H100/H200 (``DQ_ADD``, TMA loads), and
+    meta tensors report an address (Triton's specialisation reads one: alignment by 16),
+    the byte offset of their view, which decides the alignment of a real one."""
+    saved = launch._on_hopper, torch.Tensor.data_ptr
+    launch._on_hopper = lambda device: True
     torch.Tensor.data_ptr = lambda t: 256 + t.storage_offset() * t.element_size()  # type: ignore[method-assign]
     try:
         yield
     finally:
-        launch._dq_add, torch.Tensor.data_ptr = saved  # type: ignore[method-assign]
+        launch._on_hopper, torch.Tensor.data_ptr = saved  # type: ignore[method-assign]
 
 
 def specialize(fn: triton.JITFunction, args: tuple, kwargs: dict, arch: int) -> tuple:
@@ -147,11 +142,13 @@ def compile_launch(source: ASTSource, options: Any, arch: int) -> dict:
     }
 
 
-def launch_forms(seq_len: int, D: int, causal: bool, mode: str, arch: int, seen: dict) -> None:
+def launch_forms(
+    seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict
+) -> None:
     """Compile each launch form of one configuration not in ``seen`` (keyed by kernel,
     compile-time settings, ``r == 1``, warps and stages), adding its row; call inside
     :func:`as_on_gpu`."""
-    for name, fn, a, kw in launches(seq_len, D, causal, mode):
+    for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode):
         if name == "_delta_kernel":
             continue
         settings = {s: kw[s] for s in SETTINGS if s in kw}
@@ -174,6 +171,7 @@ def launch_forms(seq_len: int, D: int, causal: bool, mode: str, arch: int, seen:
             r = seen[key]
             print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
                   f"acc_in={r['acc_in']!s:<5} dq_add={r.get('dq_add', '-')} "
+                  f"tma_loads={r['tma_loads']!s:<5} "
                   f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}: "
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
                   f"shared {r['shared_bytes']} B" + (", TMA reduce-add" if r["tma_reduce"] else ""),
@@ -189,6 +187,7 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dq-modes", default=",".join(launch.DQ_MODES))
+    parser.add_argument("--load-modes", default=",".join(launch.LOAD_MODES))
     args = parser.parse_args()
     if launch.interpreting():
         raise SystemExit("run without TRITON_INTERPRET=1: it selects the interpreter's tiles")
@@ -197,7 +196,8 @@ def main() -> None:
         for D in [int(d) for d in args.dims.split(",")]:
             for causal in (False, True):
                 for mode in args.dq_modes.split(","):
-                    launch_forms(args.seq_len, D, causal, mode, args.arch, seen)
+                    for load_mode in args.load_modes.split(","):
+                        launch_forms(args.seq_len, D, causal, mode, load_mode, args.arch, seen)
     report = {
         **stamp(torch.device("cpu")),
         "target": f"sm_{args.arch}",

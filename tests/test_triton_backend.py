@@ -163,6 +163,49 @@ def test_dq_added_by_the_dkdv_kernel(kernels, monkeypatch, case, is_causal) -> N
 
 
 @interpreted
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+@pytest.mark.parametrize("case", ["ragged_causal", "without_r1", "mask", "gqa_chunks", "packed"])
+def test_tma_loads(kernels, monkeypatch, case, dq_mode) -> None:
+    # LOAD_MODE "tma": the loops read q, k, v, dO tiles through tensor descriptors of the
+    # dilated rows (rows past the segment read as 0); every kernel takes that path here.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    monkeypatch.setattr(kernels, "DQ_MODE", dq_mode)
+    chosen = []
+    tma_loads = kernels._tma_loads
+    monkeypatch.setattr(
+        kernels, "_tma_loads", lambda *t: chosen.append(tma_loads(*t)) or chosen[-1]
+    )
+    if case == "ragged_causal":
+        _compare(2, 97, 4, [16, 40], [1, 3], is_causal=True)
+    elif case == "without_r1":
+        _compare(1, 71, 5, [10, 25, 128], [2, 3, 7], branch_mixing="head_split")
+    elif case == "mask":
+        _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3, is_causal=True)
+    elif case == "gqa_chunks":
+        monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 53 * 16 * 4 * 2)
+        _compare(1, 53, 6, [8, 30], [1, 3], kv_heads=2, is_causal=True)
+    else:
+        cu = torch.tensor([0, 13, 53, 60], dtype=torch.int32)
+        _compare(1, 60, 4, [8, 16], [1, 2], cu_seqlens=cu, is_causal=True)
+    assert chosen and all(chosen)
+
+
+@interpreted
+def test_tma_loads_fall_back_for_unaligned_tensors(kernels, monkeypatch) -> None:
+    # A view starting 4 bytes into its storage cannot be a descriptor's base: pointer
+    # loads, same result.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    B, N, H, D = 1, 40, 2, 16
+    q = torch.randn(B, N, H, D + 1)[..., 1:]
+    assert not kernels._tma_loads(q)
+    k, v = (torch.randn(B, N, H, D) for _ in range(2))
+    assert kernels._tma_loads(k, v)
+    out = dilated_attention(q, k, v, [8, 20], [1, 2], backend="triton")
+    ref = dense_dilated_attention(q, k, v, [8, 20], [1, 2])
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@interpreted
 def test_dq_added_ignores_non_finite_padded_keys(kernels, monkeypatch) -> None:
     # Garbage (inf, NaN) in padded keys and values: dQ of every query stays what the
     # separate dQ kernel gives, finite.
@@ -192,6 +235,9 @@ def test_dq_mode_rules(kernels, monkeypatch) -> None:
         assert kernels._dq_add(cpu) == 0  # deterministic: the separate dQ kernel
     finally:
         torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(kernels, "LOAD_MODE", "fast")
+    with pytest.raises(ValueError, match=r"LOAD_MODE must be one of \('pointer', 'tma'\)"):
+        kernels._tma_loads(torch.zeros(1, 1, 1, 16))
     monkeypatch.setattr(kernels, "DQ_MODE", "fast")
     expected = r"DQ_MODE must be one of \('separate', 'atomic', 'tma'\), got 'fast'"
     with pytest.raises(ValueError, match=expected):

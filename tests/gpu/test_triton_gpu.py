@@ -222,6 +222,23 @@ def test_triton_dq_added_by_the_dkdv_kernel(case, dq_mode, monkeypatch) -> None:
     _compare(B, N, H, D, ws, rs, torch.bfloat16, **kw)
 
 
+@pytest.mark.parametrize("dq_mode", ["separate", "tma"])
+@pytest.mark.parametrize("case", ["softmax", "causal", "head_split", "mask", "D128"])
+def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
+    # LOAD_MODE "tma": every kernel reads its q, k, v, dO tiles through tensor descriptors
+    # (on Hopper); same cases and tolerance rule as the pointer loads.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need a Hopper GPU")
+    monkeypatch.setattr(launch, "LOAD_MODE", "tma")
+    chosen = []
+    tma_loads = launch._tma_loads
+    monkeypatch.setattr(launch, "_tma_loads", lambda *t: chosen.append(tma_loads(*t)) or chosen[-1])
+    test_triton_dq_added_by_the_dkdv_kernel(case, dq_mode, monkeypatch)
+    assert chosen and all(chosen)
+
+
 def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:
     # With torch.use_deterministic_algorithms(True) the backward takes the separate dQ
     # kernel whatever DQ_MODE says: two runs give the same bits.

@@ -115,6 +115,32 @@ def _store_rows(ptrs, x, mask):
 
 
 @triton.jit
+def _rows_source(X, b, h, tok, s_b, s_n, s_h, row, length, offs_d,
+                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    # Where a loop reads (BLOCK, D) tiles of the dilated rows tok + row * t, t < length, of
+    # head h of batch b: a tensor descriptor of them (TMA: the Hopper tensor memory
+    # accelerator copies each tile, rows past `length` read as 0) or their base pointers.
+    base = _ptr(X, b, h, tok, s_b, s_n, s_h)
+    if TMA:
+        return tl.make_tensor_descriptor(
+            base, shape=[tl.maximum(length, 1), HEAD_DIM], strides=[row, 1],
+            block_shape=[BLOCK, HEAD_DIM],
+        )  # fmt: skip
+    else:
+        return base + offs_d[None, :]
+
+
+@triton.jit
+def _load_tile(src, start, offs64, row, mask, TMA: tl.constexpr):
+    # Tile of dilated rows [start, start + BLOCK) from a _rows_source (offs64: those rows,
+    # mask: which exist); rows outside read as 0 either way.
+    if TMA:
+        return src.load([start, 0])
+    else:
+        return _load_rows(src + offs64[:, None] * row, mask)
+
+
+@triton.jit
 def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr):
     # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
     # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
@@ -183,6 +209,7 @@ def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
     # value is not finite in a masked tile (there such values are zeroed so that the
@@ -191,7 +218,7 @@ def _fwd_inner(
         offs = n + offs_n
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
-        k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
+        k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
         qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_M, BLOCK_N), natural units
         if MASK or HAS_KPM:
             valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
@@ -202,7 +229,7 @@ def _fwd_inner(
         p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + offs64[:, None] * row_v, kmask)
+        v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
         if MASK or HAS_KPM:
             finite = _finite_rows(v)
             bad_i = tl.maximum(bad_i, tl.max((valid & ~finite[None, :]).to(tl.int32), 1))
@@ -221,7 +248,7 @@ def _fwd_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
@@ -238,8 +265,10 @@ def _fwd_kernel(
 
     q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
-    k_base = _ptr(K, b, hk, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
-    v_base = _ptr(V, b, hk, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
+    k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+    v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil * s_vn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
     m_base = Kpm + b * s_mb + tok_k * s_mn
     row_k = dil * s_kn
     row_v = dil * s_vn
@@ -252,11 +281,11 @@ def _fwd_kernel(
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
+        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
+        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
 
     has_key = l_i > 0.0
@@ -324,7 +353,7 @@ def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
     start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
-    DQ_ADD: tl.constexpr,
+    DQ_ADD: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
@@ -336,8 +365,8 @@ def _bwd_dkdv_inner(
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
         offs64 = offs.to(tl.int64)
-        q = _load_rows(q_base + offs64[:, None] * row_q, qmask)
-        do = _load_rows(do_base + offs64[:, None] * row_do, qmask)
+        q = _load_tile(q_base, m, offs64, row_q, qmask, TMA)
+        do = _load_tile(do_base, m, offs64, row_do, qmask, TMA)
         hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
         delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * sm_scale
@@ -373,7 +402,7 @@ def _bwd_dkdv_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
@@ -394,8 +423,10 @@ def _bwd_dkdv_kernel(
     keep_k = kmask
     if HAS_KPM:
         keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
-    q_base = _ptr(Q, b, h, tok_q, s_qb, s_qn, s_qh) + offs_d[None, :]
-    do_base = _ptr(DO, b, h, tok_q, s_db, s_dn, s_dh) + offs_d[None, :]
+    q_base = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
+                          BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
+    do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
+                           BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
     dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -423,13 +454,13 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
             dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
             lo, free, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-            BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD,
+            BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
         free, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD,
+        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS,
     )  # fmt: skip
     dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
@@ -448,13 +479,14 @@ def _bwd_dq_inner(
     dq, q, do, hi, lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     for n in range(start, stop, BLOCK_N):
         offs = n + tl.arange(0, BLOCK_N)
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
-        k = _load_rows(k_base + offs64[:, None] * row_k, kmask)
-        v = _load_rows(v_base + offs64[:, None] * row_v, kmask)
+        k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
+        v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
         p = _probs(tl.dot(q, tl.trans(k)) * sm_scale, hi, lo)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -476,7 +508,7 @@ def _bwd_dq_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
@@ -492,18 +524,20 @@ def _bwd_dq_kernel(
     lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
     delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
-    k_base = _ptr(K, b, hk, tok_k, s_kb, s_kn, s_kh) + offs_d[None, :]
-    v_base = _ptr(V, b, hk, tok_k, s_vb, s_vn, s_vh) + offs_d[None, :]
+    k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+    v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil * s_vn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
     m_base = Kpm + b * s_mb + tok_k * s_mn
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
-        0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
+        0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
-        full_hi, hi, len_k, offs_m, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
+        full_hi, hi, len_k, offs_m, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
     dq = dq * sm_scale
     if ACC_IN:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
+from triton.runtime import _allocation
 
 from ...plan import Branch, DilatedPlan
 from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
@@ -46,6 +47,8 @@ __all__ = [
     "DKDV_DQ_CONFIGS",
     "DQ_MODE",
     "DQ_MODES",
+    "LOAD_MODE",
+    "LOAD_MODES",
     "DQ_CONFIGS",
     "FWD_CONFIGS",
     "KernelConfig",
@@ -114,6 +117,12 @@ _INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 DQ_MODES = ("separate", "atomic", "tma")
 DQ_MODE = "separate"
 
+# How the kernels' loops read tiles of q, k, v and dO: "pointer" (a load per row) or "tma"
+# (tensor descriptors of the dilated rows, copied by the Hopper tensor memory accelerator;
+# Hopper GPUs only, and tensors whose layout a descriptor can address, else "pointer").
+LOAD_MODES = ("pointer", "tma")
+LOAD_MODE = "pointer"
+
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
     return _INTERPRET_CONFIG if interpreting() else table[head_dim]
@@ -180,6 +189,11 @@ def _launch_tiles(
     # Without a mask the kernel never reads Kpm (HAS_KPM is False), nor the segment
     # tables without VARLEN: pass any tensor.
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
+    # The tensors whose rows the loops read (q, k, v and, backward, dO): through tensor
+    # descriptors when LOAD_MODE and their layout allow.
+    tma_loads = _tma_loads(*tensors[:4])
+    if tma_loads and not interpreting():
+        _ensure_allocator()
     seg_start, seg_len_t = (q, q) if launch.segments is None else launch.segments
     kernel[grid](
         *tensors, kpm_t, seg_start, seg_len_t, *[s for t in strided for s in _s3(t)], s_mb, s_mn,
@@ -188,7 +202,7 @@ def _launch_tiles(
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair,
         VARLEN=launch.segments is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **constexprs,
+        num_stages=cfg.num_stages, TMA_LOADS=tma_loads, **constexprs,
     )  # fmt: skip
 
 
@@ -265,8 +279,6 @@ def _ensure_allocator() -> None:
     """Give Triton an allocator for device-side tensor descriptors, unless the caller set
     one. Triton keeps it in a context variable (per thread): autograd's backward runs in
     its own thread, so this runs before each launch that needs it."""
-    from triton.runtime import _allocation
-
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
 
@@ -280,11 +292,31 @@ def _dq_add(device: torch.device) -> int:
         raise ValueError(f"DQ_MODE must be one of {DQ_MODES}, got {DQ_MODE!r}")
     if DQ_MODE == "separate" or torch.are_deterministic_algorithms_enabled():
         return 0
-    if DQ_MODE == "tma" and (
-        interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9
-    ):
+    if DQ_MODE == "tma" and (interpreting() or not _on_hopper(device)):
         return 1
     return DQ_MODES.index(DQ_MODE)
+
+
+def _on_hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later (tensor memory accelerator)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_loads(*tensors: Tensor) -> bool:
+    """Whether the loops read tiles of these ``(B, N, H, D)`` tensors through tensor
+    descriptors (:data:`LOAD_MODE` ``"tma"``): on a Hopper GPU (or the interpreter), when
+    each is 16-byte aligned with unit stride on D and every other stride a multiple of 16
+    bytes (what a descriptor needs); else through pointers."""
+    if LOAD_MODE not in LOAD_MODES:
+        raise ValueError(f"LOAD_MODE must be one of {LOAD_MODES}, got {LOAD_MODE!r}")
+    if LOAD_MODE == "pointer" or not (interpreting() or _on_hopper(tensors[0].device)):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0
+        and t.stride(-1) == 1
+        and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
 
 
 # --------------------------------------------------------------------------- plan driver
