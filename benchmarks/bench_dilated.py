@@ -10,10 +10,12 @@ both branch mixings; forward and forward+backward; not causal.
 
 Implementations (``--impls``): backend names (``triton``, ``pytorch``),
 ``pytorch-flash``, the pytorch backend pinned to PyTorch's flash op
-(``backend=PyTorchBackend(kernel="flash")``) instead of cuDNN, and ``triton-dq-MODE``,
+(``backend=PyTorchBackend(kernel="flash")``) instead of cuDNN, ``triton-dq-MODE``,
 the triton backend with ``backends.triton.launch.DQ_MODE = MODE`` (``separate``,
 ``atomic``, ``tma``: how the backward computes dQ; forward+backward rows only, its
-forward is the triton backend's).
+forward is the triton backend's), ``triton-loads-MODE`` with ``LOAD_MODE = MODE``
+(``pointer``, ``tma``: how the kernels' loops read tiles) and
+``triton-dq-MODE-loads-MODE`` with both.
 
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
 peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
@@ -81,30 +83,53 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
         return run
 
     # "pytorch-flash": the pytorch backend pinned to PyTorch's flash op instead of cuDNN,
-    # to show what the pytorch backend's choice of kernel is worth. "triton-dq-MODE": the
-    # triton backend computing dQ the MODE way.
+    # to show what the pytorch backend's choice of kernel is worth. "triton-dq-MODE",
+    # "triton-loads-MODE" (or both, "triton-dq-MODE-loads-MODE"): the triton backend with
+    # launch.DQ_MODE / launch.LOAD_MODE set for the call.
     chosen = PyTorchBackend(kernel="flash") if backend == "pytorch-flash" else backend
-    dq_mode = None
-    if backend.startswith("triton-dq-"):
+    settings = triton_settings(backend)
+    if settings:
         from dilated_attention_pytorch.backends.triton import launch
 
-        chosen, dq_mode = "triton", backend.removeprefix("triton-dq-")
-        if dq_mode not in launch.DQ_MODES:
-            raise ValueError(f"unknown dQ mode in {backend!r}; one of {launch.DQ_MODES}")
+        chosen = "triton"
 
     def run():
-        if dq_mode is not None:
-            default, launch.DQ_MODE = launch.DQ_MODE, dq_mode
+        defaults = {name: getattr(launch, name) for name in settings}
+        for name, value in settings.items():
+            setattr(launch, name, value)
         try:
             out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
             if with_bwd:
                 out.backward(dout)
         finally:
-            if dq_mode is not None:
-                launch.DQ_MODE = default
+            for name, value in defaults.items():
+                setattr(launch, name, value)
         return out
 
     return run
+
+
+def triton_settings(impl: str) -> dict[str, str]:
+    """The launch settings an impl name asks for: ``triton-dq-tma-loads-tma`` ->
+    ``{"DQ_MODE": "tma", "LOAD_MODE": "tma"}``; ``{}`` for every other name."""
+    if not impl.startswith("triton-"):
+        return {}
+    from dilated_attention_pytorch.backends.triton import launch
+
+    words = impl.removeprefix("triton-").split("-")
+    options = {"dq": ("DQ_MODE", launch.DQ_MODES), "loads": ("LOAD_MODE", launch.LOAD_MODES)}
+    if len(words) % 2 or any(w not in options for w in words[::2]):
+        raise ValueError(
+            f"unknown impl {impl!r}: triton variants are triton-dq-MODE, triton-loads-MODE "
+            f"or triton-dq-MODE-loads-MODE"
+        )
+    settings = {}
+    for key, value in zip(words[::2], words[1::2], strict=True):
+        name, valid = options[key]
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r} in {impl!r}; one of {valid}")
+        settings[name] = value
+    return settings
 
 
 DENSE_BACKEND = None
@@ -370,7 +395,8 @@ def main() -> None:
                     add(bench_one("dense", N, D, "dense", with_bwd))
                 for mixing in ("softmax", "head_split"):
                     for impl in args.impls.split(","):
-                        if with_bwd or not impl.startswith("triton-dq-"):
+                        # dQ modes differ only in the backward.
+                        if with_bwd or "DQ_MODE" not in triton_settings(impl):
                             add(bench_one(impl, N, D, mixing, with_bwd))
     plot(
         rows,
