@@ -202,6 +202,32 @@ def bench_one(
     )
 
 
+# Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel:
+# the forward, the dK/dV and dQ kernels, and the dK/dV kernel adding dQ (DQ_MODE "tma").
+TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
+_TUNE_CANDIDATES = {
+    64: {
+        "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+        "dkdv": [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3),
+                 (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4)],
+        "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+    },
+    128: {
+        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+        "dkdv": [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)],
+        "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+        "dkdv_dq": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3),
+                    (32, 128, 8, 3)],
+    },
+}  # fmt: skip
+
+
+def tune_candidates(D: int) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The tile configs ``--tune`` tries for head dim ``D``, per kernel."""
+    return _TUNE_CANDIDATES[64 if D <= 64 else 128]
+
+
 def tune(N: int, D: int, kernels: list[str]) -> dict:
     """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
 
@@ -211,17 +237,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     from dilated_attention_pytorch.backends.triton import launch as tk
 
     KC = tk.KernelConfig
-    if D <= 64:
-        fwd = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
-        dkdv = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 2),
-                (64, 64, 4, 3), (32, 64, 4, 4)]  # fmt: skip
-        dq = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-        dkdv_dq = [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)]
-    else:
-        fwd = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
-        dkdv = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)]
-        dq = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
-        dkdv_dq = [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3)]
+    cands = tune_candidates(D)
     H, B, scale = 16, 1, D**-0.5
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
@@ -247,19 +263,19 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         )  # fmt: skip
 
     jobs = {
-        "fwd": (tk.FWD_CONFIGS, fwd, run_fwd),
-        "dkdv": (tk.DKDV_CONFIGS, dkdv, lambda: run_bwd("dkdv")),
-        "dq": (tk.DQ_CONFIGS, dq, lambda: run_bwd("dq")),
+        "fwd": (tk.FWD_CONFIGS, cands["fwd"], run_fwd),
+        "dkdv": (tk.DKDV_CONFIGS, cands["dkdv"], lambda: run_bwd("dkdv")),
+        "dq": (tk.DQ_CONFIGS, cands["dq"], lambda: run_bwd("dq")),
         # dK/dV adding dQ with the bulk reduce-add (DQ_MODE "tma"; the zeroing of the
         # buffer is not timed, the sums grow: only the time matters here).
-        "dkdv_dq": (tk.DKDV_DQ_CONFIGS, dkdv_dq, lambda: run_bwd("dkdv", dq_add=2)),
+        "dkdv_dq": (tk.DKDV_DQ_CONFIGS, cands["dkdv_dq"], lambda: run_bwd("dkdv", dq_add=2)),
     }
     chosen = {}
-    for name, (table, cands, fn) in jobs.items():
+    for name, (table, configs, fn) in jobs.items():
         if name not in kernels:
             continue
         best = None
-        for c in cands:
+        for c in configs:
             table[D] = KC(*c)
             try:
                 ms = time_ms(fn, "cuda", reps=10, warmup=1)
@@ -329,7 +345,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="pick tile configs at N=256K first")
     parser.add_argument(
         "--tune-kernels",
-        default="fwd,dkdv,dq,dkdv_dq",
+        default=",".join(TUNE_KERNELS),
         help="with --tune: which kernels' configs to pick (fwd, dkdv, dq, dkdv_dq)",
     )
     parser.add_argument(

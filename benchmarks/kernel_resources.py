@@ -17,7 +17,9 @@ and loads per thread (registers that did not fit and go through local memory: sl
 memory, and whether the PTX holds the Hopper bulk tensor reduce-add
 (``cp.reduce.async.bulk``, ``DQ_MODE = "tma"``). Writes
 ``kernel_resources_cpu_sm<arch>_<date>.json`` (stamp, rows) to ``--out``. About a minute
-on two cores (Triton caches what it compiled).
+on two cores (Triton caches what it compiled). ``--candidates`` adds the forms of every tile
+config ``bench_dilated.py --tune`` tries (rows marked ``candidate``), so the tuning run on
+a GPU can be read next to what each tile costs in registers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 import triton
+from bench_dilated import TUNE_KERNELS, tune_candidates
 from measure import result_path, stamp, write_json
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
@@ -180,6 +183,35 @@ def launch_forms(
             seen[key]["dq_modes"].append(mode)
 
 
+# Per tuned kernel: the launcher's config table and the DQ_MODE whose backward runs it.
+_TABLES = {
+    "fwd": ("FWD_CONFIGS", "separate"),
+    "dkdv": ("DKDV_CONFIGS", "separate"),
+    "dq": ("DQ_CONFIGS", "separate"),
+    "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma"),
+}
+
+
+def candidate_forms(seq_len: int, D: int, load_mode: str, arch: int, seen: dict) -> None:
+    """Compile the forms of every tile config ``bench_dilated.py --tune`` tries (its
+    ``tune_candidates``), each installed in turn as the launcher's config; the rows this
+    adds (forms the defaults do not launch) get ``"candidate": True``."""
+    for kernel in TUNE_KERNELS:
+        table_name, mode = _TABLES[kernel]
+        table = getattr(launch, table_name)
+        default = table[D]
+        try:
+            for config in tune_candidates(D)[kernel]:
+                table[D] = launch.KernelConfig(*config)
+                for causal in (False, True):
+                    before = set(seen)
+                    launch_forms(seq_len, D, causal, mode, load_mode, arch, seen)
+                    for key in set(seen) - before:
+                        seen[key]["candidate"] = True
+        finally:
+            table[D] = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
@@ -188,6 +220,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dq-modes", default=",".join(launch.DQ_MODES))
     parser.add_argument("--load-modes", default=",".join(launch.LOAD_MODES))
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also every tile config bench_dilated.py --tune tries (pointer loads)",
+    )
     args = parser.parse_args()
     if launch.interpreting():
         raise SystemExit("run without TRITON_INTERPRET=1: it selects the interpreter's tiles")
@@ -198,6 +235,8 @@ def main() -> None:
                 for mode in args.dq_modes.split(","):
                     for load_mode in args.load_modes.split(","):
                         launch_forms(args.seq_len, D, causal, mode, load_mode, args.arch, seen)
+            if args.candidates:
+                candidate_forms(args.seq_len, D, "pointer", args.arch, seen)
     report = {
         **stamp(torch.device("cpu")),
         "target": f"sm_{args.arch}",

@@ -68,3 +68,30 @@ def test_tma_dq_form_compiles_for_sm90(kr) -> None:
     assert got["tma_reduce"], "the dK/dV kernel's dQ adds are not bulk tensor reduce-adds"
     assert 0 < got["registers"] <= 255
     assert got["shared_bytes"] <= SM90_SHARED_PER_BLOCK
+
+
+def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
+    # --candidates: each config bench_dilated --tune tries is launched as the launcher's
+    # config (compilation stubbed here), and the tables get their defaults back.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    monkeypatch.setattr(kr, "specialize", lambda fn, a, kw, arch: (None, None))
+    stub = {"registers": 1, "spill_stores": 0, "spill_loads": 0, "shared_bytes": 0, "tma_reduce": 0}
+    monkeypatch.setattr(kr, "compile_launch", lambda source, options, arch: dict(stub))
+    defaults = {name: dict(getattr(launch, name)) for name, _ in kr._TABLES.values()}
+    seen: dict = {}
+    with kr.as_on_gpu():
+        kr.candidate_forms(1 << 16, 64, "pointer", 90, seen)
+    assert {name: dict(getattr(launch, name)) for name in defaults} == defaults
+    kernel_of = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq", "dkdv_dq": "bwd_dkdv"}
+    for kernel, configs in kr.tune_candidates(64).items():
+        dq_add = 2 if kernel == "dkdv_dq" else 0
+        for bm, bn, warps, stages in configs:
+            rows = [
+                r for r in seen.values()
+                if r["kernel"] == kernel_of[kernel] and r.get("dq_add", 0) == dq_add
+                and (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
+                == (bm, bn, warps, stages)
+            ]  # fmt: skip
+            assert {r["causal"] for r in rows} == {False, True}, (kernel, bm, bn, warps, stages)
+            assert all(r["candidate"] for r in rows)
