@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dq-modes", default=",".join(launch.DQ_MODES))
-    parser.add_argument("--load-modes", default=",".join(launch.LOAD_MODES))
+    parser.add_argument("--load-modes", default="pointer,tma")
     parser.add_argument(
         "--candidates",
         action="store_true",

@@ -225,6 +225,25 @@ def test_dq_added_ignores_non_finite_padded_keys(kernels, monkeypatch) -> None:
     torch.testing.assert_close(grads["atomic"], grads["separate"], **TOL)
 
 
+def test_load_mode_rules(kernels, monkeypatch) -> None:
+    # "auto" (the default) reads through descriptors on Hopper GPUs only; "tma" also under
+    # the interpreter (how the CPU tests reach that path); "pointer" never.
+    assert kernels.LOAD_MODE == "auto"
+    t = torch.zeros(1, 8, 2, 16)
+    for interp, hopper, mode, expected in (
+        (False, True, "auto", True), (False, False, "auto", False), (True, False, "auto", False),
+        (False, True, "tma", True), (False, False, "tma", False), (True, False, "tma", True),
+        (False, True, "pointer", False), (True, False, "pointer", False),
+    ):  # fmt: skip
+        monkeypatch.setattr(kernels, "interpreting", lambda i=interp: i)
+        monkeypatch.setattr(kernels, "_on_hopper", lambda device, h=hopper: h)
+        monkeypatch.setattr(kernels, "LOAD_MODE", mode)
+        assert kernels._tma_loads(t) is expected, (interp, hopper, mode)
+    monkeypatch.setattr(kernels, "LOAD_MODE", "auto")
+    monkeypatch.setattr(kernels, "_on_hopper", lambda device: True)
+    assert not kernels._tma_loads(torch.zeros(1, 8, 2, 17)[..., 1:])  # unaligned: pointers
+
+
 def test_dq_mode_rules(kernels, monkeypatch) -> None:
     cpu = torch.device("cpu")
     for mode, expected in (("separate", 0), ("atomic", 1), ("tma", 1)):  # tma: CUDA 9.0+
@@ -236,7 +255,8 @@ def test_dq_mode_rules(kernels, monkeypatch) -> None:
     finally:
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(kernels, "LOAD_MODE", "fast")
-    with pytest.raises(ValueError, match=r"LOAD_MODE must be one of \('pointer', 'tma'\)"):
+    expected = r"LOAD_MODE must be one of \('auto', 'pointer', 'tma'\), got 'fast'; 'auto'"
+    with pytest.raises(ValueError, match=expected):
         kernels._tma_loads(torch.zeros(1, 1, 1, 16))
     monkeypatch.setattr(kernels, "DQ_MODE", "fast")
     expected = r"DQ_MODE must be one of \('separate', 'atomic', 'tma'\), got 'fast'"

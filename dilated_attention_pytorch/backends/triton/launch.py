@@ -117,11 +117,13 @@ _INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 DQ_MODES = ("separate", "atomic", "tma")
 DQ_MODE = "separate"
 
-# How the kernels' loops read tiles of q, k, v and dO: "pointer" (a load per row) or "tma"
+# How the kernels' loops read tiles of q, k, v and dO: "pointer" (a load per row), "tma"
 # (tensor descriptors of the dilated rows, copied by the Hopper tensor memory accelerator;
-# Hopper GPUs only, and tensors whose layout a descriptor can address, else "pointer").
-LOAD_MODES = ("pointer", "tma")
-LOAD_MODE = "pointer"
+# Hopper GPUs and the interpreter only, and tensors whose layout a descriptor can address,
+# else "pointer") or "auto" (the default: "tma" on Hopper GPUs, where it was measured
+# faster, "pointer" elsewhere, the interpreter included).
+LOAD_MODES = ("auto", "pointer", "tma")
+LOAD_MODE = "auto"
 
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
@@ -304,12 +306,19 @@ def _on_hopper(device: torch.device) -> bool:
 
 def _tma_loads(*tensors: Tensor) -> bool:
     """Whether the loops read tiles of these ``(B, N, H, D)`` tensors through tensor
-    descriptors (:data:`LOAD_MODE` ``"tma"``): on a Hopper GPU (or the interpreter), when
-    each is 16-byte aligned with unit stride on D and every other stride a multiple of 16
-    bytes (what a descriptor needs); else through pointers."""
+    descriptors: with :data:`LOAD_MODE` ``"tma"`` on a Hopper GPU or the interpreter,
+    with ``"auto"`` on a Hopper GPU only, and in both cases only when each tensor is
+    16-byte aligned with unit stride on D and every other stride a multiple of 16 bytes
+    (what a descriptor needs); else through pointers."""
     if LOAD_MODE not in LOAD_MODES:
-        raise ValueError(f"LOAD_MODE must be one of {LOAD_MODES}, got {LOAD_MODE!r}")
-    if LOAD_MODE == "pointer" or not (interpreting() or _on_hopper(tensors[0].device)):
+        raise ValueError(
+            f"LOAD_MODE must be one of {LOAD_MODES}, got {LOAD_MODE!r}; 'auto' (the default) "
+            "reads through tensor descriptors on Hopper GPUs and through pointers elsewhere"
+        )
+    if LOAD_MODE == "pointer":
+        return False
+    hopper = not interpreting() and _on_hopper(tensors[0].device)
+    if not (hopper or (LOAD_MODE == "tma" and interpreting())):
         return False
     return all(
         t.data_ptr() % 16 == 0
