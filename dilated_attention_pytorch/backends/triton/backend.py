@@ -8,8 +8,6 @@ no reason, except for the training calls :meth:`TritonBackend.auto_priority` han
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -55,8 +53,6 @@ class TritonBackend(Backend):
 
     name = "triton"
     priority = 10
-    # The kernels keep scores and the LSE pair in log2 units (see .kernels).
-    lse_unit = math.log(2.0)
     capabilities = Capabilities(
         dtypes={"cuda": _LOW_PRECISION, **({"cpu": (torch.float32,)} if _INTERPRETER else {})},
         head_dims=SUPPORTED_HEAD_DIMS,

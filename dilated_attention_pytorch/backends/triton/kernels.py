@@ -9,19 +9,16 @@ A program of the forward, dK/dV and dQ kernels runs one tile of dilated position
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
 once per branch.
 
-Scores are computed once in log2 units, ``S2 = (scale * log2 e) * q.k`` (one multiply,
-the same expression in every kernel, so the forward and the backward round a score the
-same way), and ``P = exp2(S2 - m)``: one fused multiply-add and one ``exp2`` per score.
-The log-sum-exp is kept in log2 units as a pair ``lse2 = hi + lo`` (planes 0 and 1 of a
-``(2, B, N, H)`` tensor; the backend reports ``lse_unit = ln 2``): ``hi`` is a score
-maximum as computed (or the largest of the merged branches' maxima), ``lo`` the log2 of
-the normaliser relative to it, in ``[0, log2(#keys)]``. A single float32 LSE of
+Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
+only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``), so nothing that is
+subtracted from a score has been rounded by a unit conversion. The log-sum-exp is kept
+as a pair ``lse = hi + lo`` (planes 0 and 1 of a ``(2, B, N, H)`` tensor): ``hi`` is a
+score maximum as computed (or the largest of the merged branches' maxima), ``lo`` the
+log of the normaliser relative to it, in ``[0, log(#keys)]``. A single float32 LSE of
 magnitude 1e7 cannot hold ``log 2``: with the pair, branches that share their best key
-are averaged, and the backward's ``P = exp2((S2 - hi) - lo)`` subtracts from a score the
-very maximum the forward found, so it is as exact as the forward's (checked on GPUs at
-logit scales up to 1e4). The block operations of the ring exchange one natural-log LSE
-instead (``LSE_PAIR`` False: ``(hi + lo) * ln 2`` is stored, and read back times
-``log2 e``).
+are averaged and the backward's ``P = exp((S - hi) - lo)`` is as exact as the forward's
+(checked on an H200 at logit scales up to 1e4). The block operations of the ring
+exchange one LSE instead (``LSE_PAIR`` False).
 """
 
 from __future__ import annotations
@@ -145,16 +142,14 @@ def _load_tile(src, start, offs64, row, mask, TMA: tl.constexpr):
 
 @triton.jit
 def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr):
-    # The final LSE pair (hi, lo) of some rows in log2 units, for P = exp2((S2 - hi) - lo).
+    # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
     # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
-    # instead of NaN. Without LSE_PAIR the tensor holds one natural-log LSE (lo = 0).
+    # instead of NaN. Without LSE_PAIR the tensor holds one LSE (lo = 0).
     hi = tl.load(ptrs, mask=mask, other=float("-inf"))
     hi = tl.where(hi == float("-inf"), float("inf"), hi)
     lo = tl.zeros_like(hi)
     if LSE_PAIR:
         lo = tl.load(ptrs + s_lp, mask=mask, other=0.0)
-    else:
-        hi = hi * LOG2E
     return hi, lo
 
 
@@ -167,10 +162,10 @@ def _finite_rows(x):
 
 
 @triton.jit
-def _probs(s2, hi, lo):
-    # exp2((s2 - hi) - lo) for a (rows, keys) block of log2-unit scores: the row maximum
-    # first, so a score equal to it gives exactly exp2(-lo).
-    return tl.exp2((s2 - hi[:, None]) - lo[:, None])
+def _probs(s, hi, lo):
+    # exp((s - hi) - lo) for a (rows, keys) block of natural-unit scores; the row terms
+    # are subtracted before the conversion to log2 units, so they lose nothing to it.
+    return tl.exp2(((s - hi[:, None]) - lo[:, None]) * LOG2E)
 
 
 @triton.jit
@@ -212,11 +207,11 @@ def _valid_keys(
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-    start, stop, len_k, offs_m, offs_n, qk_scale,
+    start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TMA: tl.constexpr,
 ):  # fmt: skip
-    # Online softmax over key tiles [start, stop), in log2 units (qk_scale = scale * LOG2E). bad_i: rows that attended a key whose
+    # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
     # value is not finite in a masked tile (there such values are zeroed so that the
     # rows that do not attend them stay finite: 0 * inf would be NaN).
     for n in range(start, stop, BLOCK_N):
@@ -224,15 +219,15 @@ def _fwd_inner(
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
         k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_M, BLOCK_N), natural units
         if MASK or HAS_KPM:
             valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
             qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((qk - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
         if MASK or HAS_KPM:
@@ -279,7 +274,6 @@ def _fwd_kernel(
     row_v = dil * s_vn
     row_m = dil * s_mn
 
-    qk_scale = sm_scale * LOG2E
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -287,11 +281,11 @@ def _fwd_kernel(
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
 
     has_key = l_i > 0.0
@@ -299,9 +293,9 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     # A row that attends a non-finite value has no finite output.
     out = tl.where((bad_i > 0)[:, None], float("nan"), out)
-    # This tile's LSE pair (log2 units): the row maximum as computed, and log2(l).
+    # This tile's LSE pair: the row maximum as computed, and log(l) relative to it.
     lse_hi = tl.where(has_key, m_i, float("-inf"))
-    lse_lo = tl.log2(l_safe)
+    lse_lo = tl.log2(l_safe) * LN2
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     if ACC_IN:
         # Merge with what earlier branches left (the LSE rule that mixes branches), with
@@ -315,20 +309,20 @@ def _fwd_kernel(
         acc_old = tl.where((hi_old == float("-inf"))[:, None], 0.0, acc_old)
         mx = tl.maximum(hi_old, lse_hi)
         shift = tl.where(mx == float("-inf"), 0.0, mx)
-        w_old = tl.exp2((hi_old - shift) + lo_old)
-        w_new = tl.exp2((lse_hi - shift) + lse_lo)
+        w_old = tl.exp2(((hi_old - shift) + lo_old) * LOG2E)
+        w_new = tl.exp2(((lse_hi - shift) + lse_lo) * LOG2E)
         tot = w_old + w_new
         tot_safe = tl.where(tot > 0.0, tot, 1.0)
         out = (w_old[:, None] * acc_old + w_new[:, None] * out) / tot_safe[:, None]
         lse_hi = mx
-        lse_lo = tl.log2(tot_safe)
+        lse_lo = tl.log2(tot_safe) * LN2
     _store_rows(_rows_ptr(Out, b, h, rows_q, s_ob, s_on, s_oh, offs_d), out, qmask)
     if LSE_PAIR:
         tl.store(lse_ptrs, lse_hi, mask=qmask)
         tl.store(lse_ptrs + s_lp, lse_lo, mask=qmask)
     else:
-        # One natural-log LSE (block operations of the ring).
-        tl.store(lse_ptrs, (lse_hi + lse_lo) * LN2, mask=qmask)
+        # One LSE (block operations of the ring).
+        tl.store(lse_ptrs, lse_hi + lse_lo, mask=qmask)
 
 
 # --------------------------------------------------------------------------- backward
@@ -367,7 +361,6 @@ def _bwd_dkdv_inner(
     # the tensor memory accelerator's bulk reduce-add (a descriptor of the buffer's
     # dilated rows, Hopper and later). k_dq: k with non-finite rows zeroed where pairs
     # may be masked (the dQ kernel's rule).
-    qk_scale = sm_scale * LOG2E
     for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
@@ -376,8 +369,8 @@ def _bwd_dkdv_inner(
         do = _load_tile(do_base, m, offs64, row_do, qmask, TMA)
         hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
         delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # log2 units, as the forward's
-        p_t = tl.exp2((qk_t - hi[None, :]) - lo[None, :])
+        qk_t = tl.dot(k, tl.trans(q)) * sm_scale
+        p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
         if HAS_KPM:
@@ -488,14 +481,13 @@ def _bwd_dq_inner(
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TMA: tl.constexpr,
 ):  # fmt: skip
-    qk_scale = sm_scale * LOG2E
     for n in range(start, stop, BLOCK_N):
         offs = n + tl.arange(0, BLOCK_N)
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
         k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
-        p = _probs(tl.dot(q, tl.trans(k)) * qk_scale, hi, lo)
+        p = _probs(tl.dot(q, tl.trans(k)) * sm_scale, hi, lo)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if MASK or HAS_KPM:

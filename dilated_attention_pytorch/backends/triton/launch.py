@@ -6,8 +6,8 @@ Launch structure (one branch ``(w, r)`` per launch, grid
 - forward: each program owns one tile of dilated query positions of one
   ``(batch, head)``; it runs a flash-style online softmax over the key tiles of
   its segment, then merges its ``(O_i, LSE_i)`` into the accumulators with the
-  LSE rule that mixes branches (the LSE kept as a pair ``hi + lo`` in log2 units,
-  see :mod:`.kernels`). Within a launch every ``(position, head)``
+  LSE rule that mixes branches (the LSE kept as a pair ``hi + lo``, see
+  :mod:`.kernels`). Within a launch every ``(position, head)``
   belongs to one program and launches run in order, so the read-modify-write
   is race free.
 - backward: ``delta = rowsum(dO * O)`` once, then per branch a dK/dV kernel (a
@@ -468,8 +468,8 @@ def dilated_forward(
     documents: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """All branches of ``plan``: q ``(B, N, H, D)``, k, v ``(B, N, H_kv, D)`` -> out
-    ``(B, N, H, D)`` in q.dtype and the LSE as a ``(2, B, N, H)`` fp32 pair in log2 units
-    (``lse = (pair[0] + pair[1]) * ln 2``, see :mod:`.kernels`).
+    ``(B, N, H, D)`` in q.dtype and the LSE as a ``(2, B, N, H)`` fp32 pair
+    (``lse = pair[0] + pair[1]``, see :mod:`.kernels`).
 
     ``documents``: lengths of packed documents (``B == 1``, summing to ``N``): each is its
     own sequence, in the same launches (the kernels read a segment table).
