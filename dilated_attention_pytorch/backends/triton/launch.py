@@ -317,8 +317,7 @@ def _tma_loads(*tensors: Tensor) -> bool:
         )
     if LOAD_MODE == "pointer":
         return False
-    hopper = not interpreting() and _on_hopper(tensors[0].device)
-    if not (hopper or (LOAD_MODE == "tma" and interpreting())):
+    if not (_on_hopper(tensors[0].device) or (LOAD_MODE == "tma" and interpreting())):
         return False
     return all(
         t.data_ptr() % 16 == 0
