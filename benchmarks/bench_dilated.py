@@ -202,19 +202,24 @@ def bench_one(
     )
 
 
-# Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel:
-# the forward, the dK/dV and dQ kernels, and the dK/dV kernel adding dQ (DQ_MODE "tma").
+# Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), per
+# kernel: the forward, the dK/dV and dQ kernels, and the dK/dV kernel adding dQ (DQ_MODE
+# "tma"). maxnreg caps the registers per thread (8 warps run two programs per SM only at
+# 128 or fewer).
 TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
 _TUNE_CANDIDATES = {
     64: {
-        "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
+                (128, 64, 8, 4), (128, 64, 8, 4, 128)],
         "dkdv": [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 4, 3),
                  (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4)],
-        "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        "dq": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
+               (64, 64, 4, 3)],
         "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
     },
     128: {
-        "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+        "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 8, 3), (64, 64, 4, 4),
+                (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)],
         "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
         "dkdv_dq": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3),
@@ -223,7 +228,7 @@ _TUNE_CANDIDATES = {
 }  # fmt: skip
 
 
-def tune_candidates(D: int) -> dict[str, list[tuple[int, int, int, int]]]:
+def tune_candidates(D: int) -> dict[str, list[tuple[int, ...]]]:
     """The tile configs ``--tune`` tries for head dim ``D``, per kernel."""
     return _TUNE_CANDIDATES[64 if D <= 64 else 128]
 
@@ -242,16 +247,19 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
     out = torch.empty_like(q)
-    lse = torch.empty(B, N, H, device="cuda", dtype=torch.float32)
+    # The LSE as the library keeps it, a (hi, lo) pair; the forward merges into what an
+    # earlier branch left (ACC_IN), as every branch after the first does.
+    lse = torch.empty(2, B, N, H, device="cuda", dtype=torch.float32)
+    acc = torch.empty(q.shape, device="cuda", dtype=torch.float32)
     tk._launch_forward(
-        q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
+        q, k, v, out, acc, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
     delta = tk._compute_delta(dout, out)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():
         tk._launch_forward(
-            q, k, v, out, out, lse, None, launch, scale=scale, causal=False, acc_in=False
+            q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
         )
 
     dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)

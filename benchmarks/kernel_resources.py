@@ -149,8 +149,8 @@ def launch_forms(
     seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict
 ) -> None:
     """Compile each launch form of one configuration not in ``seen`` (keyed by kernel,
-    compile-time settings, ``r == 1``, warps and stages), adding its row; call inside
-    :func:`as_on_gpu`."""
+    compile-time settings, ``r == 1``, warps, stages and register cap), adding its row;
+    call inside :func:`as_on_gpu`."""
     for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode):
         if name == "_delta_kernel":
             continue
@@ -159,7 +159,8 @@ def launch_forms(
         # specialises integers equal to 1). Launches that differ only in other values'
         # specialisations compile alike: the first stands in.
         dil = a[fn.arg_names.index("dil")]
-        key = (name, tuple(settings.items()), dil == 1, kw["num_warps"], kw["num_stages"])
+        key = (name, tuple(settings.items()), dil == 1, kw["num_warps"], kw["num_stages"],
+               kw.get("maxnreg"))  # fmt: skip
         if key not in seen:
             source, options = specialize(fn, a, kw, arch)
             seen[key] = {
@@ -168,6 +169,7 @@ def launch_forms(
                 "dil": 1 if dil == 1 else "> 1",
                 "num_warps": kw["num_warps"],
                 "num_stages": kw["num_stages"],
+                "maxnreg": kw.get("maxnreg"),
                 **compile_launch(source, options, arch),
                 "dq_modes": [],
             }
@@ -175,7 +177,8 @@ def launch_forms(
             print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
                   f"acc_in={r['acc_in']!s:<5} dq_add={r.get('dq_add', '-')} "
                   f"tma_loads={r['tma_loads']!s:<5} "
-                  f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}: "
+                  f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
+                  f"{'' if r['maxnreg'] is None else ' cap ' + str(r['maxnreg'])}: "
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
                   f"shared {r['shared_bytes']} B" + (", TMA reduce-add" if r["tma_reduce"] else ""),
                   flush=True)  # fmt: skip

@@ -86,12 +86,13 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
     kernel_of = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq", "dkdv_dq": "bwd_dkdv"}
     for kernel, configs in kr.tune_candidates(64).items():
         dq_add = 2 if kernel == "dkdv_dq" else 0
-        for bm, bn, warps, stages in configs:
+        for config in configs:
+            form = (*config, None) if len(config) == 4 else config  # (..., maxnreg)
             rows = [
                 r for r in seen.values()
                 if r["kernel"] == kernel_of[kernel] and r.get("dq_add", 0) == dq_add
-                and (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
-                == (bm, bn, warps, stages)
+                and (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"], r["maxnreg"])
+                == form
             ]  # fmt: skip
-            assert {r["causal"] for r in rows} == {False, True}, (kernel, bm, bn, warps, stages)
+            assert {r["causal"] for r in rows} == {False, True}, (kernel, form)
             assert all(r["candidate"] for r in rows)

@@ -183,6 +183,16 @@ def _key_tiles(m0, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: 
 
 
 @triton.jit
+def _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM: tl.constexpr):
+    # (BLOCK_N,) bool: the keys of a tile that exist and are not padding (HAS_KPM).
+    ok = kmask
+    if HAS_KPM:
+        pad = tl.load(m_base + offs64 * row_m, mask=kmask, other=1)
+        ok = ok & (pad == 0)
+    return ok
+
+
+@triton.jit
 def _valid_keys(
     offs, kmask, offs64, offs_m, m_base, row_m,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -191,13 +201,10 @@ def _valid_keys(
     # MASK applies the bound and causal masks (only the diagonal / last tiles need them:
     # the bulk loop skips them); HAS_KPM the key padding mask. Callers use it only when
     # MASK or HAS_KPM.
-    valid = kmask[None, :]
+    valid = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)[None, :]
     if MASK:
         if CAUSAL:
             valid = valid & (offs[None, :] <= offs_m[:, None])
-    if HAS_KPM:
-        pad = tl.load(m_base + offs64 * row_m, mask=kmask, other=1)
-        valid = valid & (pad == 0)[None, :]
     return valid
 
 
@@ -221,7 +228,10 @@ def _fwd_inner(
         k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
         qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_M, BLOCK_N), natural units
         if MASK or HAS_KPM:
-            valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
+            key_ok = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)
+            valid = key_ok[None, :]
+            if MASK and CAUSAL:
+                valid = valid & (offs[None, :] <= offs_m[:, None])
             qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
@@ -231,8 +241,15 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
         if MASK or HAS_KPM:
+            # Per key, never per (query, key) pair (that costs registers in every tile):
+            # the first key of the tile that counts and whose value is not finite; a
+            # row attends it when it is in range (before or at the row, if causal).
             finite = _finite_rows(v)
-            bad_i = tl.maximum(bad_i, tl.max((valid & ~finite[None, :]).to(tl.int32), 1))
+            first_bad = tl.min(tl.where(key_ok & ~finite, offs, 2147483647), 0)
+            if MASK and CAUSAL:
+                bad_i = bad_i | (first_bad <= offs_m)
+            else:
+                bad_i = bad_i | (first_bad < 2147483647)
             v = tl.where(finite[:, None], v, 0.0).to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -277,7 +294,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
@@ -292,7 +309,7 @@ def _fwd_kernel(
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     # A row that attends a non-finite value has no finite output.
-    out = tl.where((bad_i > 0)[:, None], float("nan"), out)
+    out = tl.where(bad_i[:, None], float("nan"), out)
     # This tile's LSE pair: the row maximum as computed, and log(l) relative to it.
     lse_hi = tl.where(has_key, m_i, float("-inf"))
     lse_lo = tl.log2(l_safe) * LN2

@@ -70,12 +70,19 @@ ACC_CHUNK_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch settings of one kernel (BLOCK_M: queries, BLOCK_N: keys)."""
+    """Tile sizes and launch settings of one kernel (BLOCK_M: queries, BLOCK_N: keys).
+
+    ``maxnreg``: a cap on registers per thread for the compiler (``None``: its own
+    choice). An SM holds 64K registers, so 8-warp programs run two per SM only at 128
+    registers or fewer; a cap that costs no or few spills can double the programs an SM
+    runs at once.
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
 def interpreting() -> bool:
@@ -204,8 +211,13 @@ def _launch_tiles(
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         HAS_KPM=kpm is not None, ACC_IN=acc_in, LSE_PAIR=lse_pair,
         VARLEN=launch.segments is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, TMA_LOADS=tma_loads, **constexprs,
+        num_stages=cfg.num_stages, TMA_LOADS=tma_loads, **constexprs, **_cap(cfg),
     )  # fmt: skip
+
+
+def _cap(cfg: KernelConfig) -> dict:
+    # The register cap as a launch option (the interpreter has no registers to cap).
+    return {} if cfg.maxnreg is None or interpreting() else {"maxnreg": cfg.maxnreg}
 
 
 def _launch_forward(
