@@ -96,3 +96,22 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
             ]  # fmt: skip
             assert {r["causal"] for r in rows} == {False, True}, (kernel, form)
             assert all(r["candidate"] for r in rows)
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
+def test_register_cap_reaches_the_compiler(kr, monkeypatch) -> None:
+    # KernelConfig.maxnreg is passed as Triton's maxnreg launch option, and the compiled
+    # form keeps to it (here the causal forward merging into earlier branches, which
+    # takes more than 128 registers uncapped with pointer loads); the interpreter gets none.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    monkeypatch.setitem(launch.FWD_CONFIGS, 64, launch.KernelConfig(128, 64, 8, 3, maxnreg=128))
+    with kr.as_on_gpu():
+        calls = kr.launches(1 << 16, 64, True, "separate", "pointer")
+        forms = [c for c in calls if c[0] == "_fwd_kernel" and c[3]["ACC_IN"]]
+        assert forms and all(c[3]["maxnreg"] == 128 for c in forms)
+        _, fn, args, kwargs = forms[0]
+        source, options = kr.specialize(fn, args, kwargs, 90)
+    assert 0 < kr.compile_launch(source, options, 90)["registers"] <= 128
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
+    assert launch._cap(launch.FWD_CONFIGS[64]) == {}
