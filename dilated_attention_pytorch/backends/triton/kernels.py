@@ -317,7 +317,11 @@ def _fwd_kernel(
     if ACC_IN:
         # Merge with what earlier branches left (the LSE rule that mixes branches), with
         # weights relative to the larger hi: never from a sum of two large LSEs.
-        acc_old = _load_rows(_rows_ptr(Acc, b, h, rows_q, s_ab, s_an, s_ah, offs_d), qmask)
+        # (Through a tensor descriptor with TMA_LOADS: no (BLOCK_M, D) tile of addresses
+        # in registers, which keeps the D=64 forms at two programs per SM on Hopper.)
+        acc_src = _rows_source(Acc, b, h, tok_q, s_ab, s_an, s_ah, dil * s_an, len_q, offs_d,
+                               BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        acc_old = _load_tile(acc_src, m0, offs_m.to(tl.int64), dil * s_an, qmask, TMA_LOADS)
         acc_old = acc_old.to(tl.float32)
         hi_old = tl.load(lse_ptrs, mask=qmask, other=float("-inf"))
         lo_old = tl.load(lse_ptrs + s_lp, mask=qmask, other=0.0)

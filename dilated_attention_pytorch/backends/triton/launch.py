@@ -171,12 +171,15 @@ def _s3(x: Tensor) -> tuple[int, int, int]:
 def _launch_tiles(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
     strided: tuple[Tensor, ...], kpm: Tensor | None, launch: _Launch, *, scales: tuple,
-    per_key_tile: bool, causal: bool, acc_in: bool, lse_pair: bool, **constexprs: int,
+    per_key_tile: bool, causal: bool, acc_in: bool, lse_pair: bool, loaded: tuple[Tensor, ...],
+    **constexprs: int,
 ) -> None:  # fmt: skip
     """Launch the forward, dK/dV or dQ kernel for one branch.
 
     ``tensors``: the kernel's tensor arguments before ``Kpm``, q and k first;
     ``strided``: the tensors whose ``(B, N, H)`` strides it takes, in its order;
+    ``loaded``: the tensors it reads through tensor descriptors when :func:`_tma_loads`
+    allows (``TMA_LOADS``), through pointers otherwise;
     ``scales``: its arguments after ``tiles_per_seg`` (the score scale and the stride
     between the LSE's planes). A program runs a tile of dilated queries, or of keys with
     ``per_key_tile`` (dK/dV). ``lse_pair``: the LSE is a ``(hi, lo)`` pair.
@@ -200,7 +203,7 @@ def _launch_tiles(
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
     # The tensors whose rows the loops read (q, k, v and, backward, dO): through tensor
     # descriptors when LOAD_MODE and their layout allow.
-    tma_loads = _tma_loads(*tensors[:4])
+    tma_loads = _tma_loads(*loaded)
     if tma_loads and not interpreting():
         _ensure_allocator()
     seg_start, seg_len_t = (q, q) if launch.segments is None else launch.segments
@@ -231,6 +234,7 @@ def _launch_forward(
     _launch_tiles(
         _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
         scales=(scale, s_lp), per_key_tile=False, causal=causal, acc_in=acc_in, lse_pair=pair,
+        loaded=(q, k, v, acc) if acc_in else (q, k, v),
     )  # fmt: skip
 
 
@@ -280,7 +284,8 @@ def _launch_backward(
     _launch_tiles(
         kernel, table, tensors, strided, kpm, launch,
         scales=(scale, s_lp),
-        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair, **constexprs,
+        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
+        loaded=(q, k, v, dout), **constexprs,
     )  # fmt: skip
 
 
