@@ -302,25 +302,38 @@ def test_non_finite_values_at_padding_keys_stay_out(name) -> None:
 
 
 @pytest.mark.parametrize("name", _backends())
-def test_causal_non_finite_value_reaches_only_its_readers(name) -> None:
-    # v[:, t] = inf: exactly the rows that attend token t are non-finite.
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("where", ["v", "k"])
+def test_non_finite_value_reaches_only_its_readers(name, is_causal, where) -> None:
+    # v[:, t] = inf / NaN (or k[:, t] = NaN: an infinite key may give a score of -inf,
+    # which weighs 0): exactly the rows that attend token t are non-finite (N = 61: the
+    # last segment of each branch is ragged), and every other row's output and dq are
+    # those of the same call with finite values there.
     device = _float32_device(name)
-    B, N, H, D, ws, rs = 1, 64, 4, 16, [8, 32], [1, 2]
+    B, N, H, D, ws, rs = 1, 61, 4, 16, [8, 32], [1, 2]
     plan = make_plan(ws, rs, H)
-    call = _call(name, device, torch.float32, D, plan, is_causal=True)
+    call = _call(name, device, torch.float32, D, plan, is_causal=is_causal)
     if device is None or get_backend(name).why_not(call):
-        pytest.skip(f"{name} does not run float32 causal calls here")
+        pytest.skip(f"{name} does not run this float32 call here")
     q, k, v = (torch.randn(B, N, H, D, device=device) for _ in range(3))
-    for t, value in ((15, float("inf")), (40, float("nan"))):
-        bad = v.clone()
-        bad[:, t] = value
-        out = dilated_attention(q, k, bad, ws, rs, is_causal=True, backend=name)
-        readers = dilated_count_mask(N, H, ws, rs, is_causal=True)[:, :, t] > 0  # (H, N)
+    for t, value in ((15, float("inf")), (40, float("nan")), (60, float("-inf"))):
+        bad = {"k": k.clone(), "v": v.clone()}
+        bad[where][:, t] = value if where == "v" else float("nan")
+        q_leaf = q.clone().requires_grad_()
+        out = dilated_attention(
+            q_leaf, bad["k"], bad["v"], ws, rs, is_causal=is_causal, backend=name
+        )
+        readers = dilated_count_mask(N, H, ws, rs, is_causal=is_causal)[:, :, t] > 0  # (H, N)
         non_finite = ~torch.isfinite(out).all(dim=-1)[0].T  # (H, N)
         assert torch.equal(non_finite, readers.to(device)), (t, non_finite.sum(), readers.sum())
-        ref = dense_dilated_attention(q, k, v, ws, rs, is_causal=True)
+        q_ref = q.clone().requires_grad_()
+        ref = dense_dilated_attention(q_ref, k, v, ws, rs, is_causal=is_causal)
         others = ~readers.T.to(device)  # (N, H): rows that do not read token t
         torch.testing.assert_close(out[0][others], ref[0][others], atol=2e-5, rtol=2e-5)
+        dout = torch.randn_like(out) * others[None, :, :, None]  # gradients through the others
+        (dq,) = torch.autograd.grad(out, q_leaf, dout)
+        (dq_ref,) = torch.autograd.grad(ref, q_ref, dout)
+        torch.testing.assert_close(dq[0][others], dq_ref[0][others], atol=2e-5, rtol=2e-5)
 
 
 def _not_runnable_here() -> list[str]:

@@ -240,10 +240,13 @@ def _fwd_inner(
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
-        if MASK or HAS_KPM:
-            # Per key, never per (query, key) pair (that costs registers in every tile):
-            # the first key of the tile that counts and whose value is not finite; a
-            # row attends it when it is in range (before or at the row, if causal).
+        if (MASK and CAUSAL) or HAS_KPM:
+            # Keys some rows of the tile skip (the future, padding): zero their values if
+            # not finite, and flag the rows that do read one. Per key, never per (query,
+            # key) pair (that costs registers in every tile): the first key of the tile
+            # that counts and whose value is not finite; a row reads it when it is in
+            # range (before or at the row, if causal). (Past a ragged end the rows load
+            # as 0 and every row reads every key in range: nothing to do.)
             finite = _finite_rows(v)
             first_bad = tl.min(tl.where(key_ok & ~finite, offs, 2147483647), 0)
             if MASK and CAUSAL:
@@ -305,7 +308,9 @@ def _fwd_kernel(
         full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
     )  # fmt: skip
 
-    has_key = l_i > 0.0
+    # A row with a key has l > 0, or l = NaN where a score was NaN (a non-finite key): it
+    # must stay NaN, not pass for a row without keys, which later branches would drop.
+    has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     # A row that attends a non-finite value has no finite output.
@@ -515,7 +520,10 @@ def _bwd_dq_inner(
             valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
             # Pairs that do not count give 0 even where a key or value is not finite.
             ds = tl.where(valid, ds, 0.0)
-            k = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
+            if CAUSAL or HAS_KPM:
+                # Keys some rows skip: a non-finite key must not reach them through
+                # 0 * inf. (Past a ragged end keys load as 0; every row reads the rest.)
+                k = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
