@@ -112,3 +112,21 @@ def test_causal_inf_value_reaches_only_its_readers_bf16(backend) -> None:
     readers = dilated_count_mask(N, H, WS, RS, is_causal=True)[:, :, t] > 0  # (H, N)
     non_finite = ~torch.isfinite(out).all(dim=-1)[0].T.cpu()
     assert torch.equal(non_finite, readers), (non_finite.sum(), readers.sum())
+
+
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_nan_key_reaches_every_reader_bf16(backend) -> None:
+    # On a GPU the row maximum skips NaN scores, so a row whose only unpadded key in a
+    # branch is NaN keeps m = -inf; its NaN must survive the later branches' merges.
+    # Rows 0 and 4 read key 8 only in the w = 16, r = 4 branch (the other keys they read
+    # there and in w = 8, r = 2 are padding).
+    N, H, D, ws, rs = 16, 1, 16, [4, 8, 16], [1, 2, 4]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, N, H, D, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    pad = torch.zeros(1, N, dtype=torch.bool, device="cuda")
+    pad[0, [0, 2, 4, 6, 12]] = True
+    k[:, 8] = float("nan")
+    out = dilated_attention(q, k, v, ws, rs, key_padding_mask=pad, backend=backend)
+    readers = dilated_count_mask(N, H, ws, rs)[:, :, 8] > 0  # (H, N); key 8 is not padding
+    non_finite = ~torch.isfinite(out).all(dim=-1)[0].T.cpu()
+    assert torch.equal(non_finite, readers), (non_finite.nonzero(), readers.nonzero())

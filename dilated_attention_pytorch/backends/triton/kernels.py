@@ -315,8 +315,10 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     # A row that attends a non-finite value has no finite output.
     out = tl.where(bad_i[:, None], float("nan"), out)
-    # This tile's LSE pair: the row maximum as computed, and log(l) relative to it.
-    lse_hi = tl.where(has_key, m_i, float("-inf"))
+    # This tile's LSE pair: the row maximum as computed, and log(l) relative to it. On a
+    # GPU the maximum skips NaN scores: a row whose only keys are NaN keeps m = -inf with
+    # l = NaN, and gets hi = 0 so that no merge takes it for a row without keys.
+    lse_hi = tl.where(has_key, tl.where(m_i == float("-inf"), 0.0, m_i), float("-inf"))
     lse_lo = tl.log2(l_safe) * LN2
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     if ACC_IN:

@@ -1,0 +1,124 @@
+"""The Triton backend of several source trees, timed side by side on one GPU.
+
+    git archive ab1ef4e dilated_attention_pytorch | tar -x -C /tmp/old   # one tree per commit
+    python benchmarks/bench_commits.py --out benchmarks/results --trees before=/tmp/old,now=.
+
+Each tree is a folder holding a ``dilated_attention_pytorch`` package (the working tree is
+``.``). For each tree, in order, a fresh Python process puts the tree first on
+``sys.path`` and times ``dilated_attention(..., backend="triton")`` on LongNet's layer
+(bf16, ``B = 1``, ``N = --seq-len``, ``H = 16``, ``D = --dim``, segment lengths
+2048..32768, rates 1..16, the same random inputs for every tree): each case is the median
+of 10 runs (forward) or 5 (forward+backward) after 2 untimed ones, timed with CUDA events
+(``measure.time_ms``). Cases (``--cases``): ``fwd`` (softmax mixing), ``fwd_hs``
+(``head_split``), ``fwd_causal``, ``bwd`` (forward+backward, softmax), ``bwd_hs``. Give the
+first tree again at the end (``--trees a=X,b=Y,a2=X``) to see the machine's drift.
+
+Prints a table (ms per case and tree) and writes ``commits_<device>_<date>.json``
+(stamp, setup, per tree its folder and times) to ``--out``. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CASES = ("fwd", "fwd_hs", "fwd_causal", "bwd", "bwd_hs")
+SEGMENTS = [2048, 4096, 8192, 16384, 32768]
+RATES = [1, 2, 4, 8, 16]
+
+
+def run_tree(tree: str, cases: list[str], seq_len: int, dim: int) -> dict[str, float]:
+    """Time ``cases`` with the package of ``tree`` (call in a fresh process)."""
+    sys.path.insert(0, os.path.abspath(tree))
+    import torch
+    from measure import time_ms
+
+    import dilated_attention_pytorch as dap
+
+    if not dap.__file__.startswith(os.path.abspath(tree)):
+        raise RuntimeError(f"imported {dap.__file__}, not the package of {tree}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, seq_len, 16, dim)
+    q, k, v, dout = (
+        torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+    )
+    times = {}
+    for case in cases:
+        mixing = "head_split" if case.endswith("_hs") else "softmax"
+        causal = case.endswith("_causal")
+        backward = case.startswith("bwd")
+        for t in (q, k, v):
+            t.requires_grad_(backward)
+
+        def call(mixing=mixing, causal=causal, backward=backward):
+            out = dap.dilated_attention(
+                q, k, v, SEGMENTS, RATES, branch_mixing=mixing, is_causal=causal, backend="triton"
+            )
+            if backward:
+                torch.autograd.grad(out, (q, k, v), dout)
+
+        times[case] = time_ms(call, "cuda", reps=5 if backward else 10, warmup=2)
+        print(f"  {case}: {times[case]:.2f} ms", flush=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the JSON")
+    parser.add_argument(
+        "--trees", required=True, help="name=folder,... (folders holding the package)"
+    )
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--seq-len", type=int, default=1 << 20)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--worker", nargs=2, metavar=("TREE", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    if unknown := sorted(set(cases) - set(CASES)):
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    if args.worker:
+        tree, path = args.worker
+        with open(path, "w") as f:
+            json.dump(run_tree(tree, cases, args.seq_len, args.dim), f)
+        return
+
+    from measure import result_path, stamp, write_json
+
+    trees = [item.split("=", 1) for item in args.trees.split(",")]
+    if any(len(t) != 2 or not os.path.isdir(os.path.join(t[1], "dilated_attention_pytorch"))
+           for t in trees):  # fmt: skip
+        parser.error(
+            f"--trees wants name=folder pairs of folders holding the package, got {args.trees!r}"
+        )
+    result = {
+        **stamp("cuda"),
+        "setup": dict(B=1, N=args.seq_len, H=16, D=args.dim, dtype="bfloat16", segments=SEGMENTS,
+                      rates=RATES, backend="triton", reps=dict(fwd=10, bwd=5), warmup=2),
+        "trees": [],
+    }  # fmt: skip
+    path = result_path(args.out, "commits", "cuda")
+    for name, folder in trees:
+        print(f"{name} ({folder})", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "times.json")
+            cmd = [sys.executable, __file__, "--out", args.out, "--trees", args.trees,
+                   "--cases", args.cases, "--seq-len", str(args.seq_len), "--dim", str(args.dim),
+                   "--worker", folder, out]  # fmt: skip
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                times = json.load(f)
+        result["trees"].append(dict(name=name, folder=folder, ms=times))
+        write_json(path, result)
+    print("\n| tree | " + " | ".join(cases) + " |")
+    print("| --- |" + " ---: |" * len(cases))
+    for t in result["trees"]:
+        print(f"| {t['name']} | " + " | ".join(f"{t['ms'][c]:.2f}" for c in cases) + " |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
