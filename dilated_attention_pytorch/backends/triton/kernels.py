@@ -193,15 +193,11 @@ def _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _valid_keys(
-    offs, kmask, offs64, offs_m, m_base, row_m,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-):  # fmt: skip
-    # Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count (broadcastable bool).
-    # MASK applies the bound and causal masks (only the diagonal / last tiles need them:
-    # the bulk loop skips them); HAS_KPM the key padding mask. Callers use it only when
-    # MASK or HAS_KPM.
-    valid = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)[None, :]
+def _valid_keys(key_ok, offs, offs_m, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    # Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count (broadcastable bool),
+    # given the tile's _keys_ok. MASK applies the causal mask (only the diagonal tiles need
+    # it: the bulk loop skips it). Callers use it only when MASK or HAS_KPM.
+    valid = key_ok[None, :]
     if MASK:
         if CAUSAL:
             valid = valid & (offs[None, :] <= offs_m[:, None])
@@ -229,10 +225,7 @@ def _fwd_inner(
         qk = tl.dot(q, tl.trans(k)) * sm_scale  # (BLOCK_M, BLOCK_N), natural units
         if MASK or HAS_KPM:
             key_ok = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)
-            valid = key_ok[None, :]
-            if MASK and CAUSAL:
-                valid = valid & (offs[None, :] <= offs_m[:, None])
-            qk = tl.where(valid, qk, float("-inf"))
+            qk = tl.where(_valid_keys(key_ok, offs, offs_m, MASK, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -519,7 +512,8 @@ def _bwd_dq_inner(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if MASK or HAS_KPM:
-            valid = _valid_keys(offs, kmask, offs64, offs_m, m_base, row_m, MASK, CAUSAL, HAS_KPM)
+            key_ok = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)
+            valid = _valid_keys(key_ok, offs, offs_m, MASK, CAUSAL)
             # Pairs that do not count give 0 even where a key or value is not finite.
             ds = tl.where(valid, ds, 0.0)
             if CAUSAL or HAS_KPM:
