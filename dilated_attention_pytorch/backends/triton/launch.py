@@ -201,8 +201,8 @@ def _launch_tiles(
     # Without a mask the kernel never reads Kpm (HAS_KPM is False), nor the segment
     # tables without VARLEN: pass any tensor.
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
-    # The tensors whose rows the loops read (q, k, v and, backward, dO): through tensor
-    # descriptors when LOAD_MODE and their layout allow.
+    # The tensors the kernel reads by rows (`loaded`): through tensor descriptors when
+    # LOAD_MODE and the layout of every one of them allow.
     tma_loads = _tma_loads(*loaded)
     if tma_loads and not interpreting():
         _ensure_allocator()
