@@ -12,6 +12,9 @@ of 10 runs (forward) or 5 (forward+backward) after 2 untimed ones, timed with CU
 (``measure.time_ms``). Cases (``--cases``): ``fwd`` (softmax mixing), ``fwd_hs``
 (``head_split``), ``fwd_causal``, ``bwd`` (forward+backward, softmax), ``bwd_hs``. Give the
 first tree again at the end (``--trees a=X,b=Y,a2=X``) to see the machine's drift.
+With ``--profile`` each case also runs once under ``torch.profiler``: the GPU time of
+every kernel of that call (ms, summed over its launches), to see which kernel a change
+moved.
 
 Prints a table (ms per case and tree) and writes ``commits_<device>_<date>.json``
 (stamp, setup, per tree its folder and times) to ``--out``. Needs a CUDA GPU.
@@ -31,8 +34,28 @@ SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 
 
-def run_tree(tree: str, cases: list[str], seq_len: int, dim: int) -> dict[str, float]:
-    """Time ``cases`` with the package of ``tree`` (call in a fresh process)."""
+def kernel_ms(call) -> dict[str, float]:
+    """GPU milliseconds per kernel name of one ``call()``, summed over its launches, largest
+    first (``torch.profiler``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if us > 0:
+            totals[e.key[:100]] = totals.get(e.key[:100], 0.0) + us / 1000
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def run_tree(
+    tree: str, cases: list[str], seq_len: int, dim: int, profile: bool = False
+) -> dict[str, dict]:
+    """Time ``cases`` with the package of ``tree`` (call in a fresh process): ``ms`` per
+    case and, with ``profile``, ``kernels`` per case (:func:`kernel_ms`)."""
     sys.path.insert(0, os.path.abspath(tree))
     import torch
     from measure import time_ms
@@ -46,7 +69,7 @@ def run_tree(tree: str, cases: list[str], seq_len: int, dim: int) -> dict[str, f
     q, k, v, dout = (
         torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
     )
-    times = {}
+    times, kernels = {}, {}
     for case in cases:
         mixing = "head_split" if case.endswith("_hs") else "softmax"
         causal = case.endswith("_causal")
@@ -63,7 +86,11 @@ def run_tree(tree: str, cases: list[str], seq_len: int, dim: int) -> dict[str, f
 
         times[case] = time_ms(call, "cuda", reps=5 if backward else 10, warmup=2)
         print(f"  {case}: {times[case]:.2f} ms", flush=True)
-    return times
+        if profile:
+            kernels[case] = kernel_ms(call)
+            for name, ms in list(kernels[case].items())[:6]:
+                print(f"    {ms:8.2f} ms  {name}", flush=True)
+    return dict(ms=times, kernels=kernels)
 
 
 def main() -> None:
@@ -75,6 +102,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="GPU time per kernel too")
     parser.add_argument("--worker", nargs=2, metavar=("TREE", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = args.cases.split(",")
@@ -83,7 +111,7 @@ def main() -> None:
     if args.worker:
         tree, path = args.worker
         with open(path, "w") as f:
-            json.dump(run_tree(tree, cases, args.seq_len, args.dim), f)
+            json.dump(run_tree(tree, cases, args.seq_len, args.dim, args.profile), f)
         return
 
     from measure import result_path, stamp, write_json
@@ -107,11 +135,11 @@ def main() -> None:
             out = os.path.join(tmp, "times.json")
             cmd = [sys.executable, __file__, "--out", args.out, "--trees", args.trees,
                    "--cases", args.cases, "--seq-len", str(args.seq_len), "--dim", str(args.dim),
-                   "--worker", folder, out]  # fmt: skip
+                   *(["--profile"] if args.profile else []), "--worker", folder, out]  # fmt: skip
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 times = json.load(f)
-        result["trees"].append(dict(name=name, folder=folder, ms=times))
+        result["trees"].append(dict(name=name, folder=folder, **times))
         write_json(path, result)
     print("\n| tree | " + " | ".join(cases) + " |")
     print("| --- |" + " ---: |" * len(cases))

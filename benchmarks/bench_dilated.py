@@ -14,8 +14,9 @@ Implementations (``--impls``): backend names (``triton``, ``pytorch``),
 the triton backend with ``backends.triton.launch.DQ_MODE = MODE`` (``separate``,
 ``atomic``, ``tma``: how the backward computes dQ; forward+backward rows only, its
 forward is the triton backend's), ``triton-loads-MODE`` with ``LOAD_MODE = MODE``
-(``pointer``, ``tma``: how the kernels' loops read tiles) and
-``triton-dq-MODE-loads-MODE`` with both.
+(``pointer``, ``tma``: how the kernels' loops read tiles), ``triton-ws-MODE`` with
+``WARP_SPEC = MODE`` (``off``, ``on``: the warp-specialized forward on Hopper) and
+combinations such as ``triton-dq-MODE-loads-MODE``.
 
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
 peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
@@ -117,11 +118,15 @@ def triton_settings(impl: str) -> dict[str, str]:
     from dilated_attention_pytorch.backends.triton import launch
 
     words = impl.removeprefix("triton-").split("-")
-    options = {"dq": ("DQ_MODE", launch.DQ_MODES), "loads": ("LOAD_MODE", launch.LOAD_MODES)}
+    options = {
+        "dq": ("DQ_MODE", launch.DQ_MODES),
+        "loads": ("LOAD_MODE", launch.LOAD_MODES),
+        "ws": ("WARP_SPEC", launch.WARP_SPEC_MODES),
+    }
     if len(words) % 2 or any(w not in options for w in words[::2]):
         raise ValueError(
-            f"unknown impl {impl!r}: triton variants are triton-dq-MODE, triton-loads-MODE "
-            f"or triton-dq-MODE-loads-MODE"
+            f"unknown impl {impl!r}: triton variants are triton-dq-MODE, triton-loads-MODE, "
+            f"triton-ws-MODE or combinations such as triton-dq-MODE-loads-MODE"
         )
     settings = {}
     for key, value in zip(words[::2], words[1::2], strict=True):
@@ -203,10 +208,11 @@ def bench_one(
 
 
 # Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), per
-# kernel: the forward, the dK/dV and dQ kernels, and the dK/dV kernel adding dQ (DQ_MODE
-# "tma"). maxnreg caps the registers per thread (8 warps run two programs per SM only at
-# 128 or fewer).
-TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
+# kernel: the forward, the dK/dV and dQ kernels, the dK/dV kernel adding dQ (DQ_MODE
+# "tma") and the warp-specialized forward (WARP_SPEC "on"; num_warps: its consumers').
+# maxnreg caps the registers per thread (8 warps run two programs per SM only at 128 or
+# fewer).
+TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws")
 _TUNE_CANDIDATES = {
     64: {
         "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
@@ -216,6 +222,7 @@ _TUNE_CANDIDATES = {
         "dq": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
                (64, 64, 4, 3)],
         "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 4)],
     },
     128: {
         "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 8, 3), (64, 64, 4, 4),
@@ -224,6 +231,7 @@ _TUNE_CANDIDATES = {
         "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
         "dkdv_dq": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3),
                     (32, 128, 8, 3)],
+        "fwd_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     },
 }  # fmt: skip
 
@@ -257,10 +265,14 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     delta = tk._compute_delta(dout, out)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
-    def run_fwd():
-        tk._launch_forward(
-            q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
-        )
+    def run_fwd(warp_spec: str = "off"):
+        default, tk.WARP_SPEC = tk.WARP_SPEC, warp_spec
+        try:
+            tk._launch_forward(
+                q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
+            )
+        finally:
+            tk.WARP_SPEC = default
 
     dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
 
@@ -277,22 +289,35 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         # dK/dV adding dQ with the bulk reduce-add (DQ_MODE "tma"; the zeroing of the
         # buffer is not timed, the sums grow: only the time matters here).
         "dkdv_dq": (tk.DKDV_DQ_CONFIGS, cands["dkdv_dq"], lambda: run_bwd("dkdv", dq_add=2)),
+        # The warp-specialized forward (it takes effect only on Hopper with descriptor
+        # loads; a config it cannot build falls back with a warning and times the
+        # ordinary form, so the log says which).
+        "fwd_ws": (tk.FWD_WARP_SPEC_CONFIGS, cands["fwd_ws"], lambda: run_fwd("on")),
     }
     chosen = {}
     for name, (table, configs, fn) in jobs.items():
         if name not in kernels:
             continue
-        best = None
+        best, default = None, table[D]
         for c in configs:
             table[D] = KC(*c)
+            tk._warp_spec_failed.clear()
             try:
                 ms = time_ms(fn, "cuda", reps=10, warmup=1)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
                 print(f"tune {name} D={D} {c}: failed ({type(exc).__name__})", flush=True)
                 continue
+            if tk._warp_spec_failed:  # the ordinary forward ran instead
+                print(f"tune {name} D={D} {c}: failed ({tk._warp_spec_failed[0]})", flush=True)
+                tk._warp_spec_failed.clear()
+                continue
             print(f"tune {name} D={D} {c}: {ms:.3f} ms", flush=True)
             if best is None or ms < best[0]:
                 best = (ms, table[D])
+        if best is None:  # no candidate ran: keep the default
+            table[D] = default
+            chosen[name] = dict(ms=None, config=None)
+            continue
         table[D] = best[1]
         chosen[name] = dict(ms=best[0], config=best[1].__dict__)
     print(f"tune D={D}: {chosen}", flush=True)

@@ -206,6 +206,89 @@ def test_tma_loads_fall_back_for_unaligned_tensors(kernels, monkeypatch) -> None
 
 
 @interpreted
+@pytest.mark.parametrize("case", ["tile_past_segment", "head_split", "without_r1", "gqa_chunks",
+                                  "packed", "causal_and_mask"])  # fmt: skip
+def test_warp_specialized_forward(kernels, monkeypatch, case) -> None:
+    # WARP_SPEC "on" (with descriptor loads): non-causal, unpadded forward launches take
+    # the form Triton can warp-specialize (one masked key loop, q through a descriptor, no
+    # early return); under the interpreter its loop runs unpartitioned. Causal or padded
+    # launches keep the ordinary form.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    taken = []
+    launch_tiles = kernels._launch_tiles
+
+    def record(kernel, *args, **kw):
+        if kernel is kernels._fwd_kernel:
+            taken.append(kw["WARP_SPEC"])
+        return launch_tiles(kernel, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", record)
+    if case == "tile_past_segment":
+        # Segments of 64 and 33 tokens: the grid's fourth r = 1 tile of the second
+        # segment starts past its end and must store nothing.
+        _compare(2, 97, 4, [16, 64], [2, 1])
+    elif case == "head_split":
+        _compare(2, 97, 4, [16, 40], [1, 3], branch_mixing="head_split")
+    elif case == "without_r1":
+        _compare(1, 71, 5, [10, 25, 128], [2, 3, 7])
+    elif case == "gqa_chunks":
+        monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 53 * 16 * 4 * 2)
+        _compare(1, 53, 6, [8, 30], [1, 3], kv_heads=2)
+    elif case == "packed":
+        cu = torch.tensor([0, 13, 53, 60], dtype=torch.int32)
+        _compare(1, 60, 4, [8, 16], [1, 2], cu_seqlens=cu)
+    else:
+        _compare(2, 61, 3, [8, 32], [1, 2], is_causal=True)
+        _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3)
+        assert taken and not any(taken)
+        return
+    assert taken and all(taken)
+
+
+@interpreted
+def test_warp_specialized_forward_falls_back_when_it_cannot_compile(kernels, monkeypatch) -> None:
+    # A compiler failure of the warp-specialized form: one warning, the ordinary form
+    # gives the same result, and later launches do not try again.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    monkeypatch.setattr(kernels, "_warp_spec_failed", [])
+    tried = []
+    launch_tiles = kernels._launch_tiles
+
+    def failing(kernel, *args, **kw):
+        if kw.get("WARP_SPEC"):
+            tried.append(True)
+            raise RuntimeError("PassManager::run failed")
+        return launch_tiles(kernel, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", failing)
+    with pytest.warns(RuntimeWarning, match="could not build the warp-specialized forward"):
+        _compare(1, 40, 2, [8, 20], [1, 2])
+    assert tried == [True]
+    assert kernels._warp_spec_failed == ["RuntimeError: PassManager::run failed"]
+
+
+def test_warp_spec_rules(kernels, monkeypatch) -> None:
+    # Off by default; "on" takes the warp-specialized forward only without causal masking
+    # or key padding and where the tensors are read through descriptors.
+    assert kernels.WARP_SPEC == "off"
+    t = torch.zeros(1, 8, 2, 16)
+    monkeypatch.setattr(kernels, "_warp_spec_failed", [])
+    monkeypatch.setattr(kernels, "_tma_loads", lambda *tensors: True)
+    assert not kernels._warp_spec(False, None, (t,))
+    monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    assert kernels._warp_spec(False, None, (t,))
+    assert not kernels._warp_spec(True, None, (t,))
+    assert not kernels._warp_spec(False, torch.zeros(1, 8, dtype=torch.uint8), (t,))
+    monkeypatch.setattr(kernels, "_tma_loads", lambda *tensors: False)
+    assert not kernels._warp_spec(False, None, (t,))
+    monkeypatch.setattr(kernels, "WARP_SPEC", "yes")
+    with pytest.raises(ValueError, match=r"WARP_SPEC must be one of \('off', 'on'\), got 'yes'"):
+        kernels._warp_spec(False, None, (t,))
+
+
+@interpreted
 def test_dq_added_ignores_non_finite_padded_keys(kernels, monkeypatch) -> None:
     # Garbage (inf, NaN) in padded keys and values: dQ of every query stays what the
     # separate dQ kernel gives, finite.

@@ -239,6 +239,27 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
     assert chosen and all(chosen)
 
 
+@pytest.mark.parametrize("case", ["softmax", "head_split", "D128"])
+def test_triton_warp_specialized_forward(case, monkeypatch) -> None:
+    # WARP_SPEC "on": the non-causal forward launches take the warp-specialized form (on
+    # Hopper, with descriptor loads); same tolerance rule, outputs and gradients, and no
+    # fallback to the ordinary form.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("warp specialization of the forward needs a Hopper GPU")
+    monkeypatch.setattr(launch, "WARP_SPEC", "on")
+    monkeypatch.setattr(launch, "_warp_spec_failed", [])
+    taken = []
+    warp_spec = launch._warp_spec
+    monkeypatch.setattr(launch, "_warp_spec", lambda *a: taken.append(warp_spec(*a)) or taken[-1])
+    B, N, H, D, ws, rs = CASES[0]
+    kw = {"branch_mixing": "head_split"} if case == "head_split" else {}
+    _compare(B, N, H, 128 if case == "D128" else D, ws, rs, torch.bfloat16, **kw)
+    assert taken and all(taken)
+    assert not launch._warp_spec_failed
+
+
 def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:
     # With torch.use_deterministic_algorithms(True) the backward takes the separate dQ
     # kernel whatever DQ_MODE says: two runs give the same bits.

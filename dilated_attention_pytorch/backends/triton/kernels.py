@@ -212,12 +212,12 @@ def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
     # value is not finite in a masked tile (there such values are zeroed so that the
     # rows that do not attend them stay finite: 0 * inf would be NaN).
-    for n in range(start, stop, BLOCK_N):
+    for n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPEC):
         offs = n + offs_n
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
@@ -261,22 +261,32 @@ def _fwd_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
-    # else one LSE.
+    # else one LSE. WARP_SPEC (with TMA_LOADS): the form Triton's Hopper warp
+    # specialization can partition: q through a descriptor, one key loop (every tile
+    # masked: the non-causal, unpadded mask only cuts a ragged end) and no early return
+    # (a tile past its segment loads zeros and stores nothing: every store is masked).
+    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if m0 >= len_q:
-        return
+    if not WARP_SPEC:
+        if m0 >= len_q:
+            return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+    if WARP_SPEC:
+        q_src = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
+                             BLOCK_M, HEAD_DIM, True)  # fmt: skip
+        q = _load_tile(q_src, m0, offs_m.to(tl.int64), dil * s_qn, qmask, True)
+    else:
+        q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
@@ -292,14 +302,23 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i, bad_i = _fwd_inner(
-        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
-    )  # fmt: skip
-    acc, l_i, m_i, bad_i = _fwd_inner(
-        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
-    )  # fmt: skip
+    if WARP_SPEC:
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+            0, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+            True,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+            0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
+            TMA_LOADS,
+        )  # fmt: skip
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+            full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
+            TMA_LOADS,
+        )  # fmt: skip
 
     # A row with a key has l > 0, or l = NaN where a score was NaN (a non-finite key): it
     # must stay NaN, not pass for a row without keys, which later branches would drop.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ __all__ = [
     "LOAD_MODES",
     "DQ_CONFIGS",
     "FWD_CONFIGS",
+    "FWD_WARP_SPEC_CONFIGS",
+    "WARP_SPEC",
+    "WARP_SPEC_MODES",
     "KernelConfig",
     "dilated_backward",
     "dilated_forward",
@@ -131,6 +135,28 @@ DQ_MODE = "separate"
 # faster, "pointer" elsewhere, the interpreter included).
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
+
+
+# Warp specialization of the forward (Triton's automatic partitioning of a loop into a
+# producer warp group issuing the tensor-descriptor loads and consumer warp groups doing
+# the math; ``tl.range(..., warp_specialize=True)``, Hopper): "off" (the default) or "on".
+# With "on", forward launches that are not causal, have no key padding mask and read q, k,
+# v through tensor descriptors (LOAD_MODE, Hopper GPUs; the interpreter with LOAD_MODE
+# "tma", where the loop runs unpartitioned) take the kernel's warp-specialized form: one
+# loop over every key tile (the last one masked), q read through a descriptor, no early
+# return (a tile past its segment stores nothing). Its tiles are FWD_WARP_SPEC_CONFIGS,
+# whose num_warps is the consumers' (the compiler adds the producer's). If Triton cannot
+# compile that form (its Hopper partitioner is young), the launch warns once and every
+# later launch uses the ordinary form.
+WARP_SPEC_MODES = ("off", "on")
+WARP_SPEC = "off"
+FWD_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(128, 64, 4, 3),
+    32: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 4, 3),
+    128: KernelConfig(128, 64, 4, 2),
+}
+_warp_spec_failed: list[str] = []  # why the warp-specialized form could not be compiled
 
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
@@ -231,11 +257,46 @@ def _launch_forward(
     # (hi, lo) planes, or one (B, Nq, Hc) LSE.
     lse_hi, s_lp, pair = _lse_args(lse)
     tensors = (q, k, v, out, acc, lse_hi)
-    _launch_tiles(
-        _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
-        scales=(scale, s_lp), per_key_tile=False, causal=causal, acc_in=acc_in, lse_pair=pair,
-        loaded=(q, k, v, acc) if acc_in else (q, k, v),
-    )  # fmt: skip
+    loaded = (q, k, v, acc) if acc_in else (q, k, v)
+
+    def run(warp_spec: bool) -> None:
+        _launch_tiles(
+            _fwd_kernel, FWD_WARP_SPEC_CONFIGS if warp_spec else FWD_CONFIGS, tensors, tensors,
+            kpm, launch, scales=(scale, s_lp), per_key_tile=False, causal=causal,
+            acc_in=acc_in, lse_pair=pair, loaded=loaded, WARP_SPEC=warp_spec,
+        )  # fmt: skip
+
+    if _warp_spec(causal, kpm, loaded):
+        try:
+            run(True)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure to build that form
+            # Only a compilation or launch-resource failure of the new form lands here;
+            # the ordinary form below re-raises anything that is not about it.
+            _warp_spec_failed.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn(
+                "WARP_SPEC='on': Triton could not build the warp-specialized forward "
+                f"({_warp_spec_failed[-1]}); using the ordinary forward from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    run(False)
+
+
+def _warp_spec(causal: bool, kpm: Tensor | None, loaded: tuple[Tensor, ...]) -> bool:
+    """Whether a forward launch takes the warp-specialized form (see :data:`WARP_SPEC`)."""
+    if WARP_SPEC not in WARP_SPEC_MODES:
+        raise ValueError(
+            f"WARP_SPEC must be one of {WARP_SPEC_MODES}, got {WARP_SPEC!r}; 'off' (the "
+            "default) keeps the ordinary forward"
+        )
+    return (
+        WARP_SPEC == "on"
+        and not causal
+        and kpm is None
+        and not _warp_spec_failed
+        and _tma_loads(*loaded)
+    )
 
 
 def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
