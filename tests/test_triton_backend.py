@@ -208,19 +208,20 @@ def test_tma_loads_fall_back_for_unaligned_tensors(kernels, monkeypatch) -> None
 @interpreted
 @pytest.mark.parametrize("case", ["tile_past_segment", "head_split", "without_r1", "gqa_chunks",
                                   "packed", "causal_and_mask"])  # fmt: skip
-def test_warp_specialized_forward(kernels, monkeypatch, case) -> None:
-    # WARP_SPEC "on" (with descriptor loads): non-causal, unpadded forward launches take
-    # the form Triton can warp-specialize (one masked key loop, q through a descriptor, no
-    # early return); under the interpreter its loop runs unpartitioned. Causal or padded
-    # launches keep the ordinary form.
+def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
+    # WARP_SPEC "on" (with descriptor loads): non-causal, unpadded forward and dK/dV
+    # launches take the forms Triton can warp-specialize (forward: one masked key loop, q
+    # through a descriptor, no early return; dK/dV: k, v and the packed row stats through
+    # descriptors, no early return); under the interpreter their loops run unpartitioned.
+    # Causal or padded calls keep the ordinary forms.
     monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
     monkeypatch.setattr(kernels, "WARP_SPEC", "on")
     taken = []
     launch_tiles = kernels._launch_tiles
 
     def record(kernel, *args, **kw):
-        if kernel is kernels._fwd_kernel:
-            taken.append(kw["WARP_SPEC"])
+        if kernel in (kernels._fwd_kernel, kernels._bwd_dkdv_kernel):
+            taken.append((kernel.fn.__name__, kw["WARP_SPEC"]))
         return launch_tiles(kernel, *args, **kw)
 
     monkeypatch.setattr(kernels, "_launch_tiles", record)
@@ -241,15 +242,16 @@ def test_warp_specialized_forward(kernels, monkeypatch, case) -> None:
     else:
         _compare(2, 61, 3, [8, 32], [1, 2], is_causal=True)
         _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3)
-        assert taken and not any(taken)
+        assert taken and not any(ws for _, ws in taken)
         return
-    assert taken and all(taken)
+    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel"}
+    assert all(ws for _, ws in taken)
 
 
 @interpreted
-def test_warp_specialized_forward_falls_back_when_it_cannot_compile(kernels, monkeypatch) -> None:
-    # A compiler failure of the warp-specialized form: one warning, the ordinary form
-    # gives the same result, and later launches do not try again.
+def test_warp_specialized_forms_fall_back_when_they_cannot_compile(kernels, monkeypatch) -> None:
+    # A compiler failure of a warp-specialized form: one warning, the ordinary forms give
+    # the same result (gradients too), and later launches do not try again.
     monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
     monkeypatch.setattr(kernels, "WARP_SPEC", "on")
     monkeypatch.setattr(kernels, "_warp_spec_failed", [])
@@ -267,6 +269,25 @@ def test_warp_specialized_forward_falls_back_when_it_cannot_compile(kernels, mon
         _compare(1, 40, 2, [8, 20], [1, 2])
     assert tried == [True]
     assert kernels._warp_spec_failed == ["RuntimeError: PassManager::run failed"]
+
+
+@interpreted
+def test_dkdv_falls_back_to_the_ordinary_form_with_packed_row_stats(kernels, monkeypatch) -> None:
+    # The warp-specialized forward runs, the dK/dV form fails to build: the ordinary dK/dV
+    # and dQ kernels read delta from the packed row stats (a strided view), same gradients.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    monkeypatch.setattr(kernels, "_warp_spec_failed", [])
+    launch_tiles = kernels._launch_tiles
+
+    def failing(kernel, *args, **kw):
+        if kernel is kernels._bwd_dkdv_kernel and kw.get("WARP_SPEC"):
+            raise RuntimeError("PassManager::run failed")
+        return launch_tiles(kernel, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", failing)
+    with pytest.warns(RuntimeWarning, match="could not build the warp-specialized dK/dV"):
+        _compare(2, 61, 3, [8, 32], [1, 2])
 
 
 def test_warp_spec_rules(kernels, monkeypatch) -> None:

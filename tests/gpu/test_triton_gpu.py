@@ -240,10 +240,10 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", ["softmax", "head_split", "D128"])
-def test_triton_warp_specialized_forward(case, monkeypatch) -> None:
-    # WARP_SPEC "on": the non-causal forward launches take the warp-specialized form (on
-    # Hopper, with descriptor loads); same tolerance rule, outputs and gradients, and no
-    # fallback to the ordinary form.
+def test_triton_warp_specialized_kernels(case, monkeypatch) -> None:
+    # WARP_SPEC "on": the non-causal forward and dK/dV launches take the warp-specialized
+    # forms (on Hopper, with descriptor loads); same tolerance rule, outputs and gradients,
+    # and no fallback to the ordinary forms.
     from dilated_attention_pytorch.backends.triton import launch
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -251,13 +251,20 @@ def test_triton_warp_specialized_forward(case, monkeypatch) -> None:
     monkeypatch.setattr(launch, "WARP_SPEC", "on")
     monkeypatch.setattr(launch, "_warp_spec_failed", [])
     taken = []
-    warp_spec = launch._warp_spec
-    monkeypatch.setattr(launch, "_warp_spec", lambda *a: taken.append(warp_spec(*a)) or taken[-1])
+    launch_tiles = launch._launch_tiles
+
+    def record(kernel, *args, **kw):
+        if kernel in (launch._fwd_kernel, launch._bwd_dkdv_kernel):
+            taken.append((kernel.fn.__name__, kw["WARP_SPEC"]))
+        return launch_tiles(kernel, *args, **kw)
+
+    monkeypatch.setattr(launch, "_launch_tiles", record)
     B, N, H, D, ws, rs = CASES[0]
     kw = {"branch_mixing": "head_split"} if case == "head_split" else {}
     _compare(B, N, H, 128 if case == "D128" else D, ws, rs, torch.bfloat16, **kw)
-    assert taken and all(taken)
     assert not launch._warp_spec_failed
+    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel"}
+    assert all(ws for _, ws in taken)
 
 
 def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:

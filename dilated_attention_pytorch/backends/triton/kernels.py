@@ -370,11 +370,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _delta_kernel(
-    DO, Out, Delta, n, num_heads,
-    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    DO, Out, Delta, Lse, n, num_heads,
+    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_eb, s_en, s_eh, s_lb, s_ln, s_lh, s_lp,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, STATS: tl.constexpr, LSE_PAIR: tl.constexpr,
 ):  # fmt: skip
-    # delta[b, p, h] = sum_d dO * O, in fp32: the softmax-backward row term.
+    # delta[b, p, h] = sum_d dO * O, in fp32: the softmax-backward row term. STATS: Delta
+    # is (B, N, H, 4) and gets each row's (hi, lo, delta, 0), the LSE pair as the backward
+    # reads it (hi = +inf for rows without keys) next to delta: 16 bytes a tensor
+    # descriptor can load (the warp-specialized backward forms read no row by pointer).
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -385,7 +388,34 @@ def _delta_kernel(
     do = _load_rows(_rows_ptr(DO, b, h, rows, s_db, s_dn, s_dh, offs_d), mask)
     o = _load_rows(_rows_ptr(Out, b, h, rows, s_ob, s_on, s_oh, offs_d), mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(_ptr(Delta, b, h, rows, s_lb, s_ln, s_lh), delta, mask=mask)
+    ptrs = _ptr(Delta, b, h, rows, s_eb, s_en, s_eh)
+    if STATS:
+        hi, lo = _load_lse(_ptr(Lse, b, h, rows, s_lb, s_ln, s_lh), s_lp, mask, LSE_PAIR)
+        tl.store(ptrs, hi, mask=mask)
+        tl.store(ptrs + 1, lo, mask=mask)
+        tl.store(ptrs + 2, delta, mask=mask)
+        tl.store(ptrs + 3, tl.zeros_like(delta), mask=mask)
+    else:
+        tl.store(ptrs, delta, mask=mask)
+
+
+@triton.jit
+def _stats_source(Stats, b, h, tok, s_b, s_n, s_h, row, length, BLOCK: tl.constexpr):
+    # A tensor descriptor of the (BLOCK, 4) row-stats tiles of the dilated rows tok + row * t.
+    return tl.make_tensor_descriptor(
+        _ptr(Stats, b, h, tok, s_b, s_n, s_h), shape=[tl.maximum(length, 1), 4],
+        strides=[row, 1], block_shape=[BLOCK, 4],
+    )  # fmt: skip
+
+
+@triton.jit
+def _split_stats(st):
+    # (rows, 4) row stats -> hi, lo, delta. Rows past the segment read as 0: hi = lo = 0,
+    # harmless there (their q and dO tiles read as 0 too, and nothing of them is stored).
+    even, odd = tl.split(tl.reshape(st, [st.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+    hi, delta = tl.split(even)
+    lo, _ = tl.split(odd)
+    return hi, lo, delta
 
 
 @triton.jit
@@ -393,22 +423,26 @@ def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
     start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
-    DQ_ADD: tl.constexpr, TMA: tl.constexpr,
+    DQ_ADD: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
     # kernel adds scale * dS K into an fp32 dQ buffer with atomics on pointers; 2: with
     # the tensor memory accelerator's bulk reduce-add (a descriptor of the buffer's
     # dilated rows, Hopper and later). k_dq: k with non-finite rows zeroed where pairs
-    # may be masked (the dQ kernel's rule).
-    for m in range(start, stop, BLOCK_M):
+    # may be masked (the dQ kernel's rule). WARP_SPEC: dl_base is a descriptor of the row
+    # stats (hi, lo, delta).
+    for m in tl.range(start, stop, BLOCK_M, warp_specialize=WARP_SPEC):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
         offs64 = offs.to(tl.int64)
         q = _load_tile(q_base, m, offs64, row_q, qmask, TMA)
         do = _load_tile(do_base, m, offs64, row_do, qmask, TMA)
-        hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
-        delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
+        if WARP_SPEC:
+            hi, lo, delta = _split_stats(dl_base.load([m, 0]))
+        else:
+            hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
+            delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * sm_scale
         p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
@@ -443,23 +477,38 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr,
+    WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
-    # adds this tile's share of dQ into (unused with DQ_ADD 0).
+    # adds this tile's share of dQ into (unused with DQ_ADD 0). WARP_SPEC (not causal, no
+    # padding, DQ_ADD 0, TMA_LOADS): the form Triton's Hopper warp specialization can
+    # partition: k, v and, in the loop, Delta (the (B, N, H, 4) row stats of
+    # _delta_kernel's STATS) read through descriptors, no early return.
+    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_N, VARLEN,
     )  # fmt: skip
-    if n0 >= len_k:
-        return
+    if not WARP_SPEC:
+        if n0 >= len_k:
+            return
     offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # K/V of the query head's K/V head; DK/DV (and their accumulators) are per query head,
     # summed over the heads of a K/V head by the launcher (grouped-query attention).
     hk = h // kv_group
-    k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
-    v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
+    if WARP_SPEC:
+        offs64_n = offs_n.to(tl.int64)
+        k_src = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
+                             BLOCK_N, HEAD_DIM, True)  # fmt: skip
+        v_src = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil * s_vn, len_k, offs_d,
+                             BLOCK_N, HEAD_DIM, True)  # fmt: skip
+        k = _load_tile(k_src, n0, offs64_n, dil * s_kn, kmask, True)
+        v = _load_tile(v_src, n0, offs64_n, dil * s_vn, kmask, True)
+    else:
+        k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
+        v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
     keep_k = kmask
     if HAS_KPM:
         keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
@@ -468,7 +517,10 @@ def _bwd_dkdv_kernel(
     do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
                            BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
-    dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
+    if WARP_SPEC:
+        dl_base = _stats_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, BLOCK_M)
+    else:
+        dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
@@ -500,7 +552,7 @@ def _bwd_dkdv_kernel(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
         free, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS,
+        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, WARP_SPEC,
     )  # fmt: skip
     dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)

@@ -52,6 +52,7 @@ __all__ = [
     "LOAD_MODES",
     "DQ_CONFIGS",
     "FWD_CONFIGS",
+    "DKDV_WARP_SPEC_CONFIGS",
     "FWD_WARP_SPEC_CONFIGS",
     "WARP_SPEC",
     "WARP_SPEC_MODES",
@@ -137,17 +138,22 @@ LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
 
 
-# Warp specialization of the forward (Triton's automatic partitioning of a loop into a
-# producer warp group issuing the tensor-descriptor loads and consumer warp groups doing
-# the math; ``tl.range(..., warp_specialize=True)``, Hopper): "off" (the default) or "on".
-# With "on", forward launches that are not causal, have no key padding mask and read q, k,
-# v through tensor descriptors (LOAD_MODE, Hopper GPUs; the interpreter with LOAD_MODE
-# "tma", where the loop runs unpartitioned) take the kernel's warp-specialized form: one
-# loop over every key tile (the last one masked), q read through a descriptor, no early
-# return (a tile past its segment stores nothing). Its tiles are FWD_WARP_SPEC_CONFIGS,
-# whose num_warps is the consumers' (the compiler adds the producer's). If Triton cannot
-# compile that form (its Hopper partitioner is young), the launch warns once and every
-# later launch uses the ordinary form.
+# Warp specialization (Triton's automatic partitioning of a loop into a producer warp
+# group issuing the tensor-descriptor loads and consumer warp groups doing the math;
+# ``tl.range(..., warp_specialize=True)``, Hopper): "off" (the default) or "on". With
+# "on", calls that are not causal, have no key padding mask and read q, k, v (and dO)
+# through tensor descriptors (LOAD_MODE, Hopper GPUs; the interpreter with LOAD_MODE
+# "tma", where the loops run unpartitioned) take the kernels' warp-specialized forms:
+# - forward: one loop over every key tile (the last one masked), q read through a
+#   descriptor, no early return (a tile past its segment stores nothing);
+# - dK/dV (with DQ_MODE "separate"): k and v through descriptors, and the backward's row
+#   terms (LSE pair and delta) packed by the delta kernel into one 16-byte row per
+#   (position, head) that a descriptor loads with the query tile. (Triton 3.6's
+#   partitioner rejects the dQ kernel, whose row terms it would have to split by rows; it
+#   keeps its ordinary form.)
+# Their tiles are *_WARP_SPEC_CONFIGS, whose num_warps is the consumers' (the compiler
+# adds the producer's). If Triton cannot compile a form (its Hopper partitioner is
+# young), the launch warns once and every later launch uses the ordinary forms.
 WARP_SPEC_MODES = ("off", "on")
 WARP_SPEC = "off"
 FWD_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
@@ -155,6 +161,12 @@ FWD_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
     32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(128, 64, 4, 3),
     128: KernelConfig(128, 64, 4, 2),
+}
+DKDV_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(32, 128, 4, 3),
+    32: KernelConfig(32, 128, 4, 3),
+    64: KernelConfig(32, 128, 4, 3),
+    128: KernelConfig(32, 128, 4, 2),
 }
 _warp_spec_failed: list[str] = []  # why the warp-specialized form could not be compiled
 
@@ -266,21 +278,26 @@ def _launch_forward(
             acc_in=acc_in, lse_pair=pair, loaded=loaded, WARP_SPEC=warp_spec,
         )  # fmt: skip
 
-    if _warp_spec(causal, kpm, loaded):
-        try:
-            run(True)
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure to build that form
-            # Only a compilation or launch-resource failure of the new form lands here;
-            # the ordinary form below re-raises anything that is not about it.
-            _warp_spec_failed.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-            warnings.warn(
-                "WARP_SPEC='on': Triton could not build the warp-specialized forward "
-                f"({_warp_spec_failed[-1]}); using the ordinary forward from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    run(False)
+    if not (_warp_spec(causal, kpm, loaded) and _try_warp_spec(run, "forward")):
+        run(False)
+
+
+def _try_warp_spec(run, kernel: str) -> bool:
+    """``run(True)``; False (with one warning, and no warp-specialized launch after it)
+    if Triton cannot build or launch that form. The caller then runs the ordinary form,
+    which raises whatever was not about warp specialization."""
+    try:
+        run(True)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build that form
+        _warp_spec_failed.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+        warnings.warn(
+            f"WARP_SPEC='on': Triton could not build the warp-specialized {kernel} "
+            f"({_warp_spec_failed[-1]}); using the ordinary kernels from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
 
 
 def _warp_spec(causal: bool, kpm: Tensor | None, loaded: tuple[Tensor, ...]) -> bool:
@@ -306,14 +323,19 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
     return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
-def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
-    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``."""
+def _compute_delta(dout: Tensor, out: Tensor, lse: Tensor | None = None) -> Tensor:
+    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``; given the LSE pair ``(2, B, N, H)``,
+    the row stats ``(B, N, H, 4)`` = ``(hi, lo, delta, 0)`` the warp-specialized dK/dV
+    form reads (``hi = +inf`` where a row has no key; ``[..., 2]`` is delta)."""
     B, N, H, D = out.shape
-    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    shape = (B, N, H) if lse is None else (B, N, H, 4)
+    delta = torch.empty(shape, dtype=torch.float32, device=out.device)
+    lse_hi, s_lp, pair = _lse_args(delta if lse is None else lse)
     block = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(N, block), B * H)](
-        dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
-    )
+        dout, out, delta, lse_hi, N, H, *_s3(dout), *_s3(out), *_s3(delta), *_s3(lse_hi), s_lp,
+        HEAD_DIM=D, BLOCK=block, STATS=lse is not None, LSE_PAIR=pair,
+    )  # fmt: skip
     return delta
 
 
@@ -326,28 +348,42 @@ def _launch_backward(
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE. dq_add > 0 (dkdv only):
     # the kernel also adds its share of dQ into the fp32 buffer dq_acc (see _dq_add).
+    # delta: (B, N, H), or the row stats (B, N, H, 4) of _compute_delta given the LSE, which
+    # the dK/dV kernel reads in its warp-specialized form (see WARP_SPEC).
     lse_hi, s_lp, pair = _lse_args(lse)
-    inputs = (q, k, v, dout, lse_hi, delta)
-    constexprs = {}
-    if which == "dkdv":
-        # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
-        # kernel never reads DQacc: any tensor stands in.
-        kernel, table = _bwd_dkdv_kernel, DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
-        dq_t = dq_acc if dq_add else q
-        tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
-        strided = (*inputs, grads[1], accs[1], dq_t)
-        constexprs["DQ_ADD"] = dq_add
-        if dq_add == 2:
-            _ensure_allocator()
-    else:
-        kernel, table = _bwd_dq_kernel, DQ_CONFIGS
-        tensors = strided = (*inputs, grads[0], accs[0])
-    _launch_tiles(
-        kernel, table, tensors, strided, kpm, launch,
-        scales=(scale, s_lp),
-        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
-        loaded=(q, k, v, dout), **constexprs,
+    stats, delta = (delta, delta[..., 2]) if delta.dim() == 4 else (None, delta)
+
+    def run(warp_spec: bool) -> None:
+        inputs = (q, k, v, dout, lse_hi, stats if warp_spec else delta)
+        constexprs = {}
+        if which == "dkdv":
+            # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
+            # kernel never reads DQacc: any tensor stands in.
+            table = DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
+            kernel, table = _bwd_dkdv_kernel, DKDV_WARP_SPEC_CONFIGS if warp_spec else table
+            dq_t = dq_acc if dq_add else q
+            tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
+            strided = (*inputs, grads[1], accs[1], dq_t)
+            constexprs["DQ_ADD"] = dq_add
+            constexprs["WARP_SPEC"] = warp_spec
+            if dq_add == 2:
+                _ensure_allocator()
+        else:
+            kernel, table = _bwd_dq_kernel, DQ_CONFIGS
+            tensors = strided = (*inputs, grads[0], accs[0])
+        _launch_tiles(
+            kernel, table, tensors, strided, kpm, launch,
+            scales=(scale, s_lp),
+            per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
+            loaded=(q, k, v, dout), **constexprs,
+        )  # fmt: skip
+
+    warp_spec = (
+        which == "dkdv" and stats is not None and dq_add == 0 and not _warp_spec_failed
+        and _tma_loads(q, k, v, dout)
     )  # fmt: skip
+    if not (warp_spec and _try_warp_spec(run, "dK/dV kernel")):
+        run(False)
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
@@ -632,9 +668,11 @@ def dilated_backward(
                 t.zero_()
     if N == 0:
         return dq, dk, dv
-    delta = _compute_delta(dout, out)
-    f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
+    # The warp-specialized dK/dV form reads the row terms packed as (B, N, H, 4) stats.
+    warp_spec = dq_add == 0 and _warp_spec(causal, kpm, (q, k, v, dout))
+    delta = _compute_delta(dout, out, lse if warp_spec else None)
+    f32 = dict(dtype=torch.float32, device=q.device)
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
