@@ -209,10 +209,11 @@ def bench_one(
 
 # Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), per
 # kernel: the forward, the dK/dV and dQ kernels, the dK/dV kernel adding dQ (DQ_MODE
-# "tma") and the warp-specialized forward (WARP_SPEC "on"; num_warps: its consumers').
+# "tma") and the warp-specialized forward and dK/dV kernel (WARP_SPEC "on"; num_warps:
+# their consumers').
 # maxnreg caps the registers per thread (8 warps run two programs per SM only at 128 or
 # fewer).
-TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws")
+TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws", "dkdv_ws")
 _TUNE_CANDIDATES = {
     64: {
         "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
@@ -223,6 +224,7 @@ _TUNE_CANDIDATES = {
                (64, 64, 4, 3)],
         "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
         "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 4)],
+        "dkdv_ws": [(32, 128, 4, 3), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3)],
     },
     128: {
         "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 8, 3), (64, 64, 4, 4),
@@ -232,6 +234,7 @@ _TUNE_CANDIDATES = {
         "dkdv_dq": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3),
                     (32, 128, 8, 3)],
         "fwd_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        "dkdv_ws": [(32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)],
     },
 }  # fmt: skip
 
@@ -276,11 +279,18 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
 
     dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
 
-    def run_bwd(which: str, dq_add: int = 0):
-        tk._launch_backward(
-            dout, q, k, v, lse, delta, None, grads, grads, launch,
-            scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
-        )  # fmt: skip
+    stats = tk._compute_delta(dout, out, lse)  # the row stats the warp-specialized dK/dV reads
+
+    def run_bwd(which: str, dq_add: int = 0, warp_spec: str = "off"):
+        default, tk.WARP_SPEC = tk.WARP_SPEC, warp_spec
+        try:
+            tk._launch_backward(
+                dout, q, k, v, lse, stats if warp_spec == "on" else delta, None, grads, grads,
+                launch, scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add,
+                dq_acc=dq_acc,
+            )  # fmt: skip
+        finally:
+            tk.WARP_SPEC = default
 
     jobs = {
         "fwd": (tk.FWD_CONFIGS, cands["fwd"], run_fwd),
@@ -293,6 +303,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         # loads; a config it cannot build falls back with a warning and times the
         # ordinary form, so the log says which).
         "fwd_ws": (tk.FWD_WARP_SPEC_CONFIGS, cands["fwd_ws"], lambda: run_fwd("on")),
+        "dkdv_ws": (tk.DKDV_WARP_SPEC_CONFIGS, cands["dkdv_ws"], lambda: run_bwd("dkdv", 0, "on")),
     }
     chosen = {}
     for name, (table, configs, fn) in jobs.items():

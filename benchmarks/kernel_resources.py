@@ -192,7 +192,8 @@ def launch_forms(
                   f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
                   f"{'' if r['maxnreg'] is None else ' cap ' + str(r['maxnreg'])}: "
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
-                  f"shared {r['shared_bytes']} B, {r['compiled_warps']} warps compiled" + (", TMA reduce-add" if r["tma_reduce"] else ""),
+                  f"shared {r['shared_bytes']} B, {r.get('compiled_warps')} warps compiled"
+                  + (", TMA reduce-add" if r["tma_reduce"] else ""),
                   flush=True)  # fmt: skip
         if mode not in seen[key]["dq_modes"]:
             seen[key]["dq_modes"].append(mode)
@@ -200,27 +201,32 @@ def launch_forms(
 
 # Per tuned kernel: the launcher's config table and the DQ_MODE whose backward runs it.
 _TABLES = {
-    "fwd": ("FWD_CONFIGS", "separate"),
-    "dkdv": ("DKDV_CONFIGS", "separate"),
-    "dq": ("DQ_CONFIGS", "separate"),
-    "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma"),
+    "fwd": ("FWD_CONFIGS", "separate", "off"),
+    "dkdv": ("DKDV_CONFIGS", "separate", "off"),
+    "dq": ("DQ_CONFIGS", "separate", "off"),
+    "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma", "off"),
+    "fwd_ws": ("FWD_WARP_SPEC_CONFIGS", "separate", "on"),
+    "dkdv_ws": ("DKDV_WARP_SPEC_CONFIGS", "separate", "on"),
 }
 
 
 def candidate_forms(seq_len: int, D: int, load_mode: str, arch: int, seen: dict) -> None:
     """Compile the forms of every tile config ``bench_dilated.py --tune`` tries (its
     ``tune_candidates``), each installed in turn as the launcher's config; the rows this
-    adds (forms the defaults do not launch) get ``"candidate": True``."""
+    adds (forms the defaults do not launch) get ``"candidate": True``. The warp-specialized
+    kernels' candidates compile with descriptor loads and without causal masking, the
+    only calls that take them."""
     for kernel in TUNE_KERNELS:
-        table_name, mode = _TABLES[kernel]
+        table_name, mode, warp_spec = _TABLES[kernel]
         table = getattr(launch, table_name)
         default = table[D]
+        loads, causals = ("tma", (False,)) if warp_spec == "on" else (load_mode, (False, True))
         try:
             for config in tune_candidates(D)[kernel]:
                 table[D] = launch.KernelConfig(*config)
-                for causal in (False, True):
+                for causal in causals:
                     before = set(seen)
-                    launch_forms(seq_len, D, causal, mode, load_mode, arch, seen)
+                    launch_forms(seq_len, D, causal, mode, loads, arch, seen, warp_spec)
                     for key in set(seen) - before:
                         seen[key]["candidate"] = True
         finally:
