@@ -209,11 +209,11 @@ def bench_one(
 
 # Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), per
 # kernel: the forward, the dK/dV and dQ kernels, the dK/dV kernel adding dQ (DQ_MODE
-# "tma") and the warp-specialized forward and dK/dV kernel (WARP_SPEC "on"; num_warps:
-# their consumers').
+# "tma") and the warp-specialized forward, dK/dV and dQ kernels (WARP_SPEC "on";
+# num_warps: their consumers').
 # maxnreg caps the registers per thread (8 warps run two programs per SM only at 128 or
 # fewer).
-TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws", "dkdv_ws")
+TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws", "dkdv_ws", "dq_ws")
 _TUNE_CANDIDATES = {
     64: {
         "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
@@ -225,6 +225,7 @@ _TUNE_CANDIDATES = {
         "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
         "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 4)],
         "dkdv_ws": [(32, 128, 4, 3), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3)],
+        "dq_ws": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 4)],
     },
     128: {
         "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 8, 3), (64, 64, 4, 4),
@@ -235,6 +236,7 @@ _TUNE_CANDIDATES = {
                     (32, 128, 8, 3)],
         "fwd_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
         "dkdv_ws": [(32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)],
+        "dq_ws": [(64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
     },
 }  # fmt: skip
 
@@ -304,6 +306,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         # ordinary form, so the log says which).
         "fwd_ws": (tk.FWD_WARP_SPEC_CONFIGS, cands["fwd_ws"], lambda: run_fwd("on")),
         "dkdv_ws": (tk.DKDV_WARP_SPEC_CONFIGS, cands["dkdv_ws"], lambda: run_bwd("dkdv", 0, "on")),
+        "dq_ws": (tk.DQ_WARP_SPEC_CONFIGS, cands["dq_ws"], lambda: run_bwd("dq", 0, "on")),
     }
     chosen = {}
     for name, (table, configs, fn) in jobs.items():

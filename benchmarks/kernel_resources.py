@@ -207,6 +207,7 @@ _TABLES = {
     "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma", "off"),
     "fwd_ws": ("FWD_WARP_SPEC_CONFIGS", "separate", "on"),
     "dkdv_ws": ("DKDV_WARP_SPEC_CONFIGS", "separate", "on"),
+    "dq_ws": ("DQ_WARP_SPEC_CONFIGS", "separate", "on"),
 }
 
 

@@ -84,7 +84,7 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
         kr.candidate_forms(1 << 16, 64, "pointer", 90, seen)
     assert {name: dict(getattr(launch, name)) for name in defaults} == defaults
     kernel_of = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq", "dkdv_dq": "bwd_dkdv",
-                 "fwd_ws": "fwd", "dkdv_ws": "bwd_dkdv"}  # fmt: skip
+                 "fwd_ws": "fwd", "dkdv_ws": "bwd_dkdv", "dq_ws": "bwd_dq"}  # fmt: skip
     for kernel, configs in kr.tune_candidates(64).items():
         dq_add = 2 if kernel == "dkdv_dq" else 0
         warp_spec = kernel.endswith("_ws")

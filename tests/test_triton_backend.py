@@ -209,10 +209,11 @@ def test_tma_loads_fall_back_for_unaligned_tensors(kernels, monkeypatch) -> None
 @pytest.mark.parametrize("case", ["tile_past_segment", "head_split", "without_r1", "gqa_chunks",
                                   "packed", "causal_and_mask"])  # fmt: skip
 def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
-    # WARP_SPEC "on" (with descriptor loads): non-causal, unpadded forward and dK/dV
-    # launches take the forms Triton can warp-specialize (forward: one masked key loop, q
-    # through a descriptor, no early return; dK/dV: k, v and the packed row stats through
-    # descriptors, no early return); under the interpreter their loops run unpartitioned.
+    # WARP_SPEC "on" (with descriptor loads): non-causal, unpadded forward, dK/dV and dQ
+    # launches take the forms Triton can warp-specialize (forward and dQ: one masked key
+    # loop, their query-side tiles through descriptors, no early return; dK/dV: k, v and
+    # the packed row stats through descriptors); under the interpreter their loops run
+    # unpartitioned.
     # Causal or padded calls keep the ordinary forms.
     monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
     monkeypatch.setattr(kernels, "WARP_SPEC", "on")
@@ -220,7 +221,7 @@ def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
     launch_tiles = kernels._launch_tiles
 
     def record(kernel, *args, **kw):
-        if kernel in (kernels._fwd_kernel, kernels._bwd_dkdv_kernel):
+        if kernel in (kernels._fwd_kernel, kernels._bwd_dkdv_kernel, kernels._bwd_dq_kernel):
             taken.append((kernel.fn.__name__, kw["WARP_SPEC"]))
         return launch_tiles(kernel, *args, **kw)
 
@@ -244,7 +245,7 @@ def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
         _compare(2, 61, 3, [8, 32], [1, 2], mask_p=0.3)
         assert taken and not any(ws for _, ws in taken)
         return
-    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel"}
+    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     assert all(ws for _, ws in taken)
 
 
@@ -274,7 +275,8 @@ def test_warp_specialized_forms_fall_back_when_they_cannot_compile(kernels, monk
 @interpreted
 def test_dkdv_falls_back_to_the_ordinary_form_with_packed_row_stats(kernels, monkeypatch) -> None:
     # The warp-specialized forward runs, the dK/dV form fails to build: the ordinary dK/dV
-    # and dQ kernels read delta from the packed row stats (a strided view), same gradients.
+    # and dQ kernels read delta from the packed row stats (a strided view), same gradients,
+    # and the dQ kernel does not try its warp-specialized form either.
     monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
     monkeypatch.setattr(kernels, "WARP_SPEC", "on")
     monkeypatch.setattr(kernels, "_warp_spec_failed", [])

@@ -241,7 +241,7 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
 
 @pytest.mark.parametrize("case", ["softmax", "head_split", "D128"])
 def test_triton_warp_specialized_kernels(case, monkeypatch) -> None:
-    # WARP_SPEC "on": the non-causal forward and dK/dV launches take the warp-specialized
+    # WARP_SPEC "on": the non-causal forward, dK/dV and dQ launches take the warp-specialized
     # forms (on Hopper, with descriptor loads); same tolerance rule, outputs and gradients,
     # and no fallback to the ordinary forms.
     from dilated_attention_pytorch.backends.triton import launch
@@ -254,7 +254,7 @@ def test_triton_warp_specialized_kernels(case, monkeypatch) -> None:
     launch_tiles = launch._launch_tiles
 
     def record(kernel, *args, **kw):
-        if kernel in (launch._fwd_kernel, launch._bwd_dkdv_kernel):
+        if kernel in (launch._fwd_kernel, launch._bwd_dkdv_kernel, launch._bwd_dq_kernel):
             taken.append((kernel.fn.__name__, kw["WARP_SPEC"]))
         return launch_tiles(kernel, *args, **kw)
 
@@ -263,7 +263,7 @@ def test_triton_warp_specialized_kernels(case, monkeypatch) -> None:
     kw = {"branch_mixing": "head_split"} if case == "head_split" else {}
     _compare(B, N, H, 128 if case == "D128" else D, ws, rs, torch.bfloat16, **kw)
     assert not launch._warp_spec_failed
-    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel"}
+    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     assert all(ws for _, ws in taken)
 
 

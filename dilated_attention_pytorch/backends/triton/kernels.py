@@ -571,9 +571,9 @@ def _bwd_dq_inner(
     dq, q, do, hi, lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
-    for n in range(start, stop, BLOCK_N):
+    for n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPEC):
         offs = n + tl.arange(0, BLOCK_N)
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
@@ -604,21 +604,37 @@ def _bwd_dq_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
-    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
+    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc. WARP_SPEC:
+    # the form Triton's Hopper warp specialization can partition (as in the forward; the
+    # row terms from Delta, the row stats of _delta_kernel's STATS, by descriptor).
+    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if m0 >= len_q:
-        return
+    if not WARP_SPEC:
+        if m0 >= len_q:
+            return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
-    do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
-    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
-    delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
+    if WARP_SPEC:
+        offs64 = offs_m.to(tl.int64)
+        q_src = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
+                             BLOCK_M, HEAD_DIM, True)  # fmt: skip
+        do_src = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
+                              BLOCK_M, HEAD_DIM, True)  # fmt: skip
+        q = _load_tile(q_src, m0, offs64, dil * s_qn, qmask, True)
+        do = _load_tile(do_src, m0, offs64, dil * s_dn, qmask, True)
+        st_src = _stats_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, BLOCK_M)
+        lse_hi, lse_lo, delta = _split_stats(st_src.load([m0, 0]))
+    else:
+        q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+        do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
+        lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask,
+                                   LSE_PAIR)  # fmt: skip
+        delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
@@ -627,13 +643,18 @@ def _bwd_dq_kernel(
     m_base = Kpm + b * s_mb + tok_k * s_mn
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(
-        dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
-        0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
-    )  # fmt: skip
+    if WARP_SPEC:
+        full_hi = 0  # one loop, every tile masked
+    else:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base,
+            dil * s_kn, dil * s_vn, dil * s_mn,
+            0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+        )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
         full_hi, hi, len_k, offs_m, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+        WARP_SPEC,
     )  # fmt: skip
     dq = dq * sm_scale
     if ACC_IN:

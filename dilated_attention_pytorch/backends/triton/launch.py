@@ -53,6 +53,7 @@ __all__ = [
     "DQ_CONFIGS",
     "FWD_CONFIGS",
     "DKDV_WARP_SPEC_CONFIGS",
+    "DQ_WARP_SPEC_CONFIGS",
     "FWD_WARP_SPEC_CONFIGS",
     "WARP_SPEC",
     "WARP_SPEC_MODES",
@@ -146,11 +147,12 @@ LOAD_MODE = "auto"
 # "tma", where the loops run unpartitioned) take the kernels' warp-specialized forms:
 # - forward: one loop over every key tile (the last one masked), q read through a
 #   descriptor, no early return (a tile past its segment stores nothing);
-# - dK/dV (with DQ_MODE "separate"): k and v through descriptors, and the backward's row
-#   terms (LSE pair and delta) packed by the delta kernel into one 16-byte row per
-#   (position, head) that a descriptor loads with the query tile. (Triton 3.6's
-#   partitioner rejects the dQ kernel, whose row terms it would have to split by rows; it
-#   keeps its ordinary form.)
+# - dK/dV and dQ (with DQ_MODE "separate"): k and v (dK/dV) or q and dO (dQ) through
+#   descriptors, and the backward's row terms (LSE pair and delta) packed by the delta
+#   kernel into one 16-byte row per (position, head) that a descriptor loads; the dQ
+#   form runs one masked key loop without early return, like the forward. (Triton 3.6's
+#   partitioner rejects the dQ form with 128-row tiles, whose row terms it would split
+#   between two consumer groups: its tiles have 64 rows.)
 # Their tiles are *_WARP_SPEC_CONFIGS, whose num_warps is the consumers' (the compiler
 # adds the producer's). If Triton cannot compile a form (its Hopper partitioner is
 # young), the launch warns once and every later launch uses the ordinary forms.
@@ -167,6 +169,12 @@ DKDV_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
     32: KernelConfig(32, 128, 4, 3),
     64: KernelConfig(32, 128, 4, 3),
     128: KernelConfig(32, 128, 4, 2),
+}
+DQ_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(64, 64, 4, 3),
+    32: KernelConfig(64, 64, 4, 3),
+    64: KernelConfig(64, 64, 4, 3),
+    128: KernelConfig(64, 64, 4, 2),
 }
 _warp_spec_failed: list[str] = []  # why the warp-specialized form could not be compiled
 
@@ -369,8 +377,9 @@ def _launch_backward(
             if dq_add == 2:
                 _ensure_allocator()
         else:
-            kernel, table = _bwd_dq_kernel, DQ_CONFIGS
+            kernel, table = _bwd_dq_kernel, DQ_WARP_SPEC_CONFIGS if warp_spec else DQ_CONFIGS
             tensors = strided = (*inputs, grads[0], accs[0])
+            constexprs["WARP_SPEC"] = warp_spec
         _launch_tiles(
             kernel, table, tensors, strided, kpm, launch,
             scales=(scale, s_lp),
@@ -379,10 +388,9 @@ def _launch_backward(
         )  # fmt: skip
 
     warp_spec = (
-        which == "dkdv" and stats is not None and dq_add == 0 and not _warp_spec_failed
-        and _tma_loads(q, k, v, dout)
-    )  # fmt: skip
-    if not (warp_spec and _try_warp_spec(run, "dK/dV kernel")):
+        stats is not None and dq_add == 0 and not _warp_spec_failed and _tma_loads(q, k, v, dout)
+    )
+    if not (warp_spec and _try_warp_spec(run, "dK/dV kernel" if which == "dkdv" else "dQ kernel")):
         run(False)
 
 
