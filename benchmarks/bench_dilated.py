@@ -312,6 +312,10 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     for name, (table, configs, fn) in jobs.items():
         if name not in kernels:
             continue
+        if name.endswith("_ws") and not tk._tma_loads(q, k, v, dout):
+            # Without descriptor loads (LOAD_MODE, not Hopper) the ordinary form would run.
+            print(f"tune {name} D={D}: skipped (no tensor-descriptor loads here)", flush=True)
+            continue
         best, default = None, table[D]
         for c in configs:
             table[D] = KC(*c)
@@ -461,6 +465,13 @@ def main() -> None:
                         # dQ modes differ only in the backward.
                         if with_bwd or "DQ_MODE" not in triton_settings(impl):
                             add(bench_one(impl, N, D, mixing, with_bwd))
+                        if "WARP_SPEC" in triton_settings(impl):
+                            # Say when a warp-specialized form fell back (the row then
+                            # timed the ordinary kernels), and try again for the next row.
+                            from dilated_attention_pytorch.backends.triton import launch
+
+                            rows[-1]["warp_spec_failed"] = list(launch._warp_spec_failed)
+                            launch._warp_spec_failed.clear()
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),

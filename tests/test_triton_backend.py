@@ -217,6 +217,7 @@ def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
     # Causal or padded calls keep the ordinary forms.
     monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
     monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    monkeypatch.setattr(kernels, "_warp_spec_failed", [])
     taken = []
     launch_tiles = kernels._launch_tiles
 
@@ -247,6 +248,49 @@ def test_warp_specialized_kernels(kernels, monkeypatch, case) -> None:
         return
     assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     assert all(ws for _, ws in taken)
+
+
+@interpreted
+def test_warp_specialized_forms_read_inside_their_tensors(kernels, monkeypatch) -> None:
+    # Without the early return, a program of an empty dilated segment (here r = 2 past
+    # the ragged end) still builds descriptors: they must start at a row that exists, or
+    # a GPU reads past the allocation. Every descriptor read stays inside the storage of
+    # a tensor the launch was given.
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    monkeypatch.setattr(kernels, "WARP_SPEC", "on")
+    monkeypatch.setattr(kernels, "_warp_spec_failed", [])
+    spans = set()
+    launch_tiles = kernels._launch_tiles
+
+    def recording(kernel, table, tensors, *args, **kw):
+        for t in tensors:
+            storage = t.untyped_storage()
+            spans.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        return launch_tiles(kernel, table, tensors, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch_tiles", recording)
+    reads, outside = [0], []
+    materialize = interpreter.TensorDescHandle.materialize_pointers
+
+    def checked(self, offsets):
+        ptrs, masks = materialize(self, offsets)
+        read = ptrs.data[masks]
+        if read.size:
+            reads[0] += 1
+            lo, hi = int(read.min()), int(read.max())
+            if not any(start <= lo and hi < end for start, end in spans):
+                outside.append((lo, hi))
+        return ptrs, masks
+
+    monkeypatch.setattr(interpreter.TensorDescHandle, "materialize_pointers", checked)
+    B, N, H, D = 2, 97, 4, 16
+    q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+    out = dilated_attention(q, k, v, [16, 64], [2, 1], backend="triton")
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert reads[0] > 0
+    assert not outside, f"{len(outside)} descriptor reads outside their tensors"
 
 
 @interpreted

@@ -274,9 +274,12 @@ def _fwd_kernel(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if not WARP_SPEC:
-        if m0 >= len_q:
-            return
+    if WARP_SPEC:
+        # No early return: an empty segment's descriptors start at token 0 (a row that
+        # exists) instead of past the tensor; every store of this tile is masked off.
+        tok_q = tl.where(len_q > 0, tok_q, 0)
+    elif m0 >= len_q:
+        return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -490,9 +493,11 @@ def _bwd_dkdv_kernel(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_N, VARLEN,
     )  # fmt: skip
-    if not WARP_SPEC:
-        if n0 >= len_k:
-            return
+    if WARP_SPEC:
+        # No early return (see the forward): an empty segment reads from token 0.
+        tok_k = tl.where(len_k > 0, tok_k, 0)
+    elif n0 >= len_k:
+        return
     offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # K/V of the query head's K/V head; DK/DV (and their accumulators) are per query head,
@@ -614,9 +619,12 @@ def _bwd_dq_kernel(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if not WARP_SPEC:
-        if m0 >= len_q:
-            return
+    if WARP_SPEC:
+        # No early return: an empty segment's descriptors start at token 0 (a row that
+        # exists) instead of past the tensor; every store of this tile is masked off.
+        tok_q = tl.where(len_q > 0, tok_q, 0)
+    elif m0 >= len_q:
+        return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if WARP_SPEC:

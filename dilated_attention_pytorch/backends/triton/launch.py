@@ -38,6 +38,7 @@ import torch
 import triton
 from torch import Tensor
 from triton.runtime import _allocation
+from triton.runtime.errors import OutOfResources
 
 from ...plan import Branch, DilatedPlan
 from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
@@ -297,7 +298,11 @@ def _try_warp_spec(run, kernel: str) -> bool:
     try:
         run(True)
         return True
-    except Exception as exc:  # noqa: BLE001 - any failure to build that form
+    except torch.OutOfMemoryError:
+        raise  # not about the form
+    except (RuntimeError, triton.CompilationError, OutOfResources) as exc:
+        # Triton's Hopper partitioner fails with "PassManager::run failed" (RuntimeError);
+        # a tile too large for the GPU with OutOfResources. Nothing was launched.
         _warp_spec_failed.append(f"{type(exc).__name__}: {str(exc)[:300]}")
         warnings.warn(
             f"WARP_SPEC='on': Triton could not build the warp-specialized {kernel} "
@@ -388,8 +393,9 @@ def _launch_backward(
         )  # fmt: skip
 
     warp_spec = (
-        stats is not None and dq_add == 0 and not _warp_spec_failed and _tma_loads(q, k, v, dout)
-    )
+        stats is not None and dq_add == 0 and not causal and kpm is None
+        and not _warp_spec_failed and _tma_loads(q, k, v, dout)
+    )  # fmt: skip
     if not (warp_spec and _try_warp_spec(run, "dK/dV kernel" if which == "dkdv" else "dQ kernel")):
         run(False)
 
