@@ -141,6 +141,19 @@ def _load_tile(src, start, offs64, row, mask, TMA: tl.constexpr):
 
 
 @triton.jit
+def _descriptor_tile(X, b, h, tok, s_b, s_n, s_h, dil, length, start,
+                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    # The (BLOCK, D) tile at dilated position `start` of the rows tok + dil * t, t < length,
+    # of head h of batch b, read through a tensor descriptor (rows past `length` read as 0):
+    # how the warp-specialized forms read what their loop uses.
+    src = tl.make_tensor_descriptor(
+        _ptr(X, b, h, tok, s_b, s_n, s_h), shape=[tl.maximum(length, 1), HEAD_DIM],
+        strides=[dil * s_n, 1], block_shape=[BLOCK, HEAD_DIM],
+    )  # fmt: skip
+    return src.load([start, 0])
+
+
+@triton.jit
 def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr):
     # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
     # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
@@ -285,9 +298,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
 
     if WARP_SPEC:
-        q_src = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
-                             BLOCK_M, HEAD_DIM, True)  # fmt: skip
-        q = _load_tile(q_src, m0, offs_m.to(tl.int64), dil * s_qn, qmask, True)
+        q = _descriptor_tile(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
     else:
         q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
@@ -504,13 +515,8 @@ def _bwd_dkdv_kernel(
     # summed over the heads of a K/V head by the launcher (grouped-query attention).
     hk = h // kv_group
     if WARP_SPEC:
-        offs64_n = offs_n.to(tl.int64)
-        k_src = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
-                             BLOCK_N, HEAD_DIM, True)  # fmt: skip
-        v_src = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil * s_vn, len_k, offs_d,
-                             BLOCK_N, HEAD_DIM, True)  # fmt: skip
-        k = _load_tile(k_src, n0, offs64_n, dil * s_kn, kmask, True)
-        v = _load_tile(v_src, n0, offs64_n, dil * s_vn, kmask, True)
+        k = _descriptor_tile(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil, len_k, n0, BLOCK_N, HEAD_DIM)
+        v = _descriptor_tile(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil, len_k, n0, BLOCK_N, HEAD_DIM)
     else:
         k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
         v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
@@ -628,13 +634,8 @@ def _bwd_dq_kernel(
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if WARP_SPEC:
-        offs64 = offs_m.to(tl.int64)
-        q_src = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
-                             BLOCK_M, HEAD_DIM, True)  # fmt: skip
-        do_src = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
-                              BLOCK_M, HEAD_DIM, True)  # fmt: skip
-        q = _load_tile(q_src, m0, offs64, dil * s_qn, qmask, True)
-        do = _load_tile(do_src, m0, offs64, dil * s_dn, qmask, True)
+        q = _descriptor_tile(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
+        do = _descriptor_tile(DO, b, h, tok_q, s_db, s_dn, s_dh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
         st_src = _stats_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, BLOCK_M)
         lse_hi, lse_lo, delta = _split_stats(st_src.load([m0, 0]))
     else:
