@@ -145,11 +145,9 @@ def _descriptor_tile(X, b, h, tok, s_b, s_n, s_h, dil, length, start,
                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     # The (BLOCK, D) tile at dilated position `start` of the rows tok + dil * t, t < length,
     # of head h of batch b, read through a tensor descriptor (rows past `length` read as 0):
-    # how the warp-specialized forms read what their loop uses.
-    src = tl.make_tensor_descriptor(
-        _ptr(X, b, h, tok, s_b, s_n, s_h), shape=[tl.maximum(length, 1), HEAD_DIM],
-        strides=[dil * s_n, 1], block_shape=[BLOCK, HEAD_DIM],
-    )  # fmt: skip
+    # how the warp-specialized forms read what their loop uses. (The descriptor takes no
+    # column offsets: 0 stands for them.)
+    src = _rows_source(X, b, h, tok, s_b, s_n, s_h, dil * s_n, length, 0, BLOCK, HEAD_DIM, True)
     return src.load([start, 0])
 
 
@@ -414,15 +412,6 @@ def _delta_kernel(
 
 
 @triton.jit
-def _stats_source(Stats, b, h, tok, s_b, s_n, s_h, row, length, BLOCK: tl.constexpr):
-    # A tensor descriptor of the (BLOCK, 4) row-stats tiles of the dilated rows tok + row * t.
-    return tl.make_tensor_descriptor(
-        _ptr(Stats, b, h, tok, s_b, s_n, s_h), shape=[tl.maximum(length, 1), 4],
-        strides=[row, 1], block_shape=[BLOCK, 4],
-    )  # fmt: skip
-
-
-@triton.jit
 def _split_stats(st):
     # (rows, 4) row stats -> hi, lo, delta. Rows past the segment read as 0: hi = lo = 0,
     # harmless there (their q and dO tiles read as 0 too, and nothing of them is stored).
@@ -529,7 +518,9 @@ def _bwd_dkdv_kernel(
                            BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
     if WARP_SPEC:
-        dl_base = _stats_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, BLOCK_M)
+        # A descriptor of the (BLOCK_M, 4) row-stats tiles.
+        dl_base = _rows_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, offs_d,
+                               BLOCK_M, 4, True)  # fmt: skip
     else:
         dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -636,8 +627,8 @@ def _bwd_dq_kernel(
     if WARP_SPEC:
         q = _descriptor_tile(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
         do = _descriptor_tile(DO, b, h, tok_q, s_db, s_dn, s_dh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
-        st_src = _stats_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, BLOCK_M)
-        lse_hi, lse_lo, delta = _split_stats(st_src.load([m0, 0]))
+        stats = _descriptor_tile(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil, len_q, m0, BLOCK_M, 4)
+        lse_hi, lse_lo, delta = _split_stats(stats)
     else:
         q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
         do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)

@@ -314,11 +314,11 @@ def _try_warp_spec(run, kernel: str) -> bool:
 
 
 def _warp_spec(causal: bool, kpm: Tensor | None, loaded: tuple[Tensor, ...]) -> bool:
-    """Whether a forward launch takes the warp-specialized form (see :data:`WARP_SPEC`)."""
+    """Whether a call's launches take the warp-specialized forms (see :data:`WARP_SPEC`)."""
     if WARP_SPEC not in WARP_SPEC_MODES:
         raise ValueError(
             f"WARP_SPEC must be one of {WARP_SPEC_MODES}, got {WARP_SPEC!r}; 'off' (the "
-            "default) keeps the ordinary forward"
+            "default) keeps the ordinary kernels"
         )
     return (
         WARP_SPEC == "on"
@@ -339,7 +339,7 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
 def _compute_delta(dout: Tensor, out: Tensor, lse: Tensor | None = None) -> Tensor:
     """``rowsum(dout * out)`` in fp32, ``(B, N, H)``; given the LSE pair ``(2, B, N, H)``,
     the row stats ``(B, N, H, 4)`` = ``(hi, lo, delta, 0)`` the warp-specialized dK/dV
-    form reads (``hi = +inf`` where a row has no key; ``[..., 2]`` is delta)."""
+    and dQ forms read (``hi = +inf`` where a row has no key; ``[..., 2]`` is delta)."""
     B, N, H, D = out.shape
     shape = (B, N, H) if lse is None else (B, N, H, 4)
     delta = torch.empty(shape, dtype=torch.float32, device=out.device)
@@ -362,7 +362,7 @@ def _launch_backward(
     # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE. dq_add > 0 (dkdv only):
     # the kernel also adds its share of dQ into the fp32 buffer dq_acc (see _dq_add).
     # delta: (B, N, H), or the row stats (B, N, H, 4) of _compute_delta given the LSE, which
-    # the dK/dV kernel reads in its warp-specialized form (see WARP_SPEC).
+    # the dK/dV and dQ kernels read in their warp-specialized forms (see WARP_SPEC).
     lse_hi, s_lp, pair = _lse_args(lse)
     stats, delta = (delta, delta[..., 2]) if delta.dim() == 4 else (None, delta)
 
@@ -392,10 +392,7 @@ def _launch_backward(
             loaded=(q, k, v, dout), **constexprs,
         )  # fmt: skip
 
-    warp_spec = (
-        stats is not None and dq_add == 0 and not causal and kpm is None
-        and not _warp_spec_failed and _tma_loads(q, k, v, dout)
-    )  # fmt: skip
+    warp_spec = stats is not None and dq_add == 0 and _warp_spec(causal, kpm, (q, k, v, dout))
     if not (warp_spec and _try_warp_spec(run, "dK/dV kernel" if which == "dkdv" else "dQ kernel")):
         run(False)
 
@@ -683,7 +680,7 @@ def dilated_backward(
     if N == 0:
         return dq, dk, dv
     dq_add = _dq_add(q.device)
-    # The warp-specialized dK/dV form reads the row terms packed as (B, N, H, 4) stats.
+    # The warp-specialized dK/dV and dQ forms read the row terms packed as (B, N, H, 4) stats.
     warp_spec = dq_add == 0 and _warp_spec(causal, kpm, (q, k, v, dout))
     delta = _compute_delta(dout, out, lse if warp_spec else None)
     f32 = dict(dtype=torch.float32, device=q.device)
