@@ -15,7 +15,7 @@ the triton backend with ``backends.triton.launch.DQ_MODE = MODE`` (``separate``,
 ``atomic``, ``tma``: how the backward computes dQ; forward+backward rows only, its
 forward is the triton backend's), ``triton-loads-MODE`` with ``LOAD_MODE = MODE``
 (``pointer``, ``tma``: how the kernels' loops read tiles), ``triton-ws-MODE`` with
-``WARP_SPEC = MODE`` (``off``, ``on``: the warp-specialized forward on Hopper) and
+``WARP_SPEC = MODE`` (``off``, ``on``: the warp-specialized kernels on Hopper) and
 combinations such as ``triton-dq-MODE-loads-MODE``.
 
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 from measure import (
@@ -90,24 +91,35 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
     chosen = PyTorchBackend(kernel="flash") if backend == "pytorch-flash" else backend
     settings = triton_settings(backend)
     if settings:
-        from dilated_attention_pytorch.backends.triton import launch
-
         chosen = "triton"
 
     def run():
-        defaults = {name: getattr(launch, name) for name in settings}
-        for name, value in settings.items():
-            setattr(launch, name, value)
-        try:
+        with launch_settings(**settings):
             out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
             if with_bwd:
                 out.backward(dout)
-        finally:
-            for name, value in defaults.items():
-                setattr(launch, name, value)
         return out
 
     return run
+
+
+@contextmanager
+def launch_settings(**settings: str):
+    """Set ``backends.triton.launch`` module settings (``DQ_MODE="tma"``, ...) while the
+    block runs, and restore them after."""
+    if not settings:
+        yield
+        return
+    from dilated_attention_pytorch.backends.triton import launch
+
+    defaults = {name: getattr(launch, name) for name in settings}
+    for name, value in settings.items():
+        setattr(launch, name, value)
+    try:
+        yield
+    finally:
+        for name, value in defaults.items():
+            setattr(launch, name, value)
 
 
 def triton_settings(impl: str) -> dict[str, str]:
@@ -271,28 +283,22 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd(warp_spec: str = "off"):
-        default, tk.WARP_SPEC = tk.WARP_SPEC, warp_spec
-        try:
+        with launch_settings(WARP_SPEC=warp_spec):
             tk._launch_forward(
                 q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
             )
-        finally:
-            tk.WARP_SPEC = default
 
     dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
 
-    stats = tk._compute_delta(dout, out, lse)  # the row stats the warp-specialized dK/dV reads
+    stats = tk._compute_delta(dout, out, lse)  # the row stats the warp-specialized forms read
 
     def run_bwd(which: str, dq_add: int = 0, warp_spec: str = "off"):
-        default, tk.WARP_SPEC = tk.WARP_SPEC, warp_spec
-        try:
+        with launch_settings(WARP_SPEC=warp_spec):
             tk._launch_backward(
                 dout, q, k, v, lse, stats if warp_spec == "on" else delta, None, grads, grads,
                 launch, scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add,
                 dq_acc=dq_acc,
             )  # fmt: skip
-        finally:
-            tk.WARP_SPEC = default
 
     jobs = {
         "fwd": (tk.FWD_CONFIGS, cands["fwd"], run_fwd),
@@ -301,9 +307,9 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         # dK/dV adding dQ with the bulk reduce-add (DQ_MODE "tma"; the zeroing of the
         # buffer is not timed, the sums grow: only the time matters here).
         "dkdv_dq": (tk.DKDV_DQ_CONFIGS, cands["dkdv_dq"], lambda: run_bwd("dkdv", dq_add=2)),
-        # The warp-specialized forward (it takes effect only on Hopper with descriptor
-        # loads; a config it cannot build falls back with a warning and times the
-        # ordinary form, so the log says which).
+        # The warp-specialized forms (they take effect only with descriptor loads, on
+        # Hopper; a config one cannot build falls back with a warning, and the candidate is
+        # reported failed).
         "fwd_ws": (tk.FWD_WARP_SPEC_CONFIGS, cands["fwd_ws"], lambda: run_fwd("on")),
         "dkdv_ws": (tk.DKDV_WARP_SPEC_CONFIGS, cands["dkdv_ws"], lambda: run_bwd("dkdv", 0, "on")),
         "dq_ws": (tk.DQ_WARP_SPEC_CONFIGS, cands["dq_ws"], lambda: run_bwd("dq", 0, "on")),
