@@ -14,9 +14,8 @@ Implementations (``--impls``): backend names (``triton``, ``pytorch``),
 the triton backend with ``backends.triton.launch.DQ_MODE = MODE`` (``separate``,
 ``atomic``, ``tma``: how the backward computes dQ; forward+backward rows only, its
 forward is the triton backend's), ``triton-loads-MODE`` with ``LOAD_MODE = MODE``
-(``pointer``, ``tma``: how the kernels' loops read tiles), ``triton-ws-MODE`` with
-``WARP_SPEC = MODE`` (``off``, ``on``: the warp-specialized kernels on Hopper) and
-combinations such as ``triton-dq-MODE-loads-MODE``.
+(``pointer``, ``tma``: how the kernels' loops read tiles) and
+``triton-dq-MODE-loads-MODE`` with both.
 
 Columns: median time over many runs (CUDA events, after warm-up), useful TFLOP/s,
 peak memory (``torch.cuda.max_memory_allocated`` during the call, inputs and outputs
@@ -130,15 +129,11 @@ def triton_settings(impl: str) -> dict[str, str]:
     from dilated_attention_pytorch.backends.triton import launch
 
     words = impl.removeprefix("triton-").split("-")
-    options = {
-        "dq": ("DQ_MODE", launch.DQ_MODES),
-        "loads": ("LOAD_MODE", launch.LOAD_MODES),
-        "ws": ("WARP_SPEC", launch.WARP_SPEC_MODES),
-    }
+    options = {"dq": ("DQ_MODE", launch.DQ_MODES), "loads": ("LOAD_MODE", launch.LOAD_MODES)}
     if len(words) % 2 or any(w not in options for w in words[::2]):
         raise ValueError(
-            f"unknown impl {impl!r}: triton variants are triton-dq-MODE, triton-loads-MODE, "
-            f"triton-ws-MODE or combinations such as triton-dq-MODE-loads-MODE"
+            f"unknown impl {impl!r}: triton variants are triton-dq-MODE, triton-loads-MODE "
+            f"or triton-dq-MODE-loads-MODE"
         )
     settings = {}
     for key, value in zip(words[::2], words[1::2], strict=True):
@@ -220,12 +215,10 @@ def bench_one(
 
 
 # Tile configs --tune tries, (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), per
-# kernel: the forward, the dK/dV and dQ kernels, the dK/dV kernel adding dQ (DQ_MODE
-# "tma") and the warp-specialized forward, dK/dV and dQ kernels (WARP_SPEC "on";
-# num_warps: their consumers').
-# maxnreg caps the registers per thread (8 warps run two programs per SM only at 128 or
-# fewer).
-TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq", "fwd_ws", "dkdv_ws", "dq_ws")
+# kernel: the forward, the dK/dV and dQ kernels, and the dK/dV kernel adding dQ (DQ_MODE
+# "tma"). maxnreg caps the registers per thread (8 warps run two programs per SM only at
+# 128 or fewer).
+TUNE_KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
 _TUNE_CANDIDATES = {
     64: {
         "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
@@ -235,9 +228,6 @@ _TUNE_CANDIDATES = {
         "dq": [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3),
                (64, 64, 4, 3)],
         "dkdv_dq": [(32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 4)],
-        "dkdv_ws": [(32, 128, 4, 3), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3)],
-        "dq_ws": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 4)],
     },
     128: {
         "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 8, 3), (64, 64, 4, 4),
@@ -246,9 +236,6 @@ _TUNE_CANDIDATES = {
         "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
         "dkdv_dq": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2), (64, 64, 4, 3),
                     (32, 128, 8, 3)],
-        "fwd_ws": [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-        "dkdv_ws": [(32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2)],
-        "dq_ws": [(64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
     },
 }  # fmt: skip
 
@@ -282,23 +269,18 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     delta = tk._compute_delta(dout, out)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
-    def run_fwd(warp_spec: str = "off"):
-        with launch_settings(WARP_SPEC=warp_spec):
-            tk._launch_forward(
-                q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
-            )
+    def run_fwd():
+        tk._launch_forward(
+            q, k, v, acc, acc, lse, None, launch, scale=scale, causal=False, acc_in=True
+        )
 
     dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
 
-    stats = tk._compute_delta(dout, out, lse)  # the row stats the warp-specialized forms read
-
-    def run_bwd(which: str, dq_add: int = 0, warp_spec: str = "off"):
-        with launch_settings(WARP_SPEC=warp_spec):
-            tk._launch_backward(
-                dout, q, k, v, lse, stats if warp_spec == "on" else delta, None, grads, grads,
-                launch, scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add,
-                dq_acc=dq_acc,
-            )  # fmt: skip
+    def run_bwd(which: str, dq_add: int = 0):
+        tk._launch_backward(
+            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
+        )  # fmt: skip
 
     jobs = {
         "fwd": (tk.FWD_CONFIGS, cands["fwd"], run_fwd),
@@ -307,33 +289,18 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         # dK/dV adding dQ with the bulk reduce-add (DQ_MODE "tma"; the zeroing of the
         # buffer is not timed, the sums grow: only the time matters here).
         "dkdv_dq": (tk.DKDV_DQ_CONFIGS, cands["dkdv_dq"], lambda: run_bwd("dkdv", dq_add=2)),
-        # The warp-specialized forms (they take effect only with descriptor loads, on
-        # Hopper; a config one cannot build falls back with a warning, and the candidate is
-        # reported failed).
-        "fwd_ws": (tk.FWD_WARP_SPEC_CONFIGS, cands["fwd_ws"], lambda: run_fwd("on")),
-        "dkdv_ws": (tk.DKDV_WARP_SPEC_CONFIGS, cands["dkdv_ws"], lambda: run_bwd("dkdv", 0, "on")),
-        "dq_ws": (tk.DQ_WARP_SPEC_CONFIGS, cands["dq_ws"], lambda: run_bwd("dq", 0, "on")),
     }
     chosen = {}
     for name, (table, configs, fn) in jobs.items():
         if name not in kernels:
             continue
-        if name.endswith("_ws") and not tk._tma_loads(q, k, v, dout):
-            # Without descriptor loads (LOAD_MODE, not Hopper) the ordinary form would run.
-            print(f"tune {name} D={D}: skipped (no tensor-descriptor loads here)", flush=True)
-            continue
         best, default = None, table[D]
         for c in configs:
             table[D] = KC(*c)
-            tk._warp_spec_failed.clear()
             try:
                 ms = time_ms(fn, "cuda", reps=10, warmup=1)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
                 print(f"tune {name} D={D} {c}: failed ({type(exc).__name__})", flush=True)
-                continue
-            if tk._warp_spec_failed:  # the ordinary forward ran instead
-                print(f"tune {name} D={D} {c}: failed ({tk._warp_spec_failed[0]})", flush=True)
-                tk._warp_spec_failed.clear()
                 continue
             print(f"tune {name} D={D} {c}: {ms:.3f} ms", flush=True)
             if best is None or ms < best[0]:
@@ -471,13 +438,6 @@ def main() -> None:
                         # dQ modes differ only in the backward.
                         if with_bwd or "DQ_MODE" not in triton_settings(impl):
                             add(bench_one(impl, N, D, mixing, with_bwd))
-                        if "WARP_SPEC" in triton_settings(impl):
-                            # Say when a warp-specialized form fell back (the row then
-                            # timed the ordinary kernels), and try again for the next row.
-                            from dilated_attention_pytorch.backends.triton import launch
-
-                            rows[-1]["warp_spec_failed"] = list(launch._warp_spec_failed)
-                            launch._warp_spec_failed.clear()
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),

@@ -6,8 +6,7 @@ compiled for an NVIDIA GPU on any machine (no GPU needed).
 The backend's launchers run on ``meta`` tensors (no memory, no data) with every kernel
 replaced by a recorder, for LongNet's layer (``B = 1``, ``N`` = ``--seq-len``, ``H = 16``,
 segment lengths 2048..32768, rates 1..16, bf16), forward and backward, causal and not,
-for each ``DQ_MODE`` and ``LOAD_MODE``, and the forward with ``WARP_SPEC = "on"``
-(``backends/triton/launch.py``). Each distinct
+for each ``DQ_MODE`` and ``LOAD_MODE`` (``backends/triton/launch.py``). Each distinct
 launch form (kernel, compile-time settings, whether the dilation rate is 1, warps, stages;
 other arguments as Triton specialises them: divisibility by 16, pointer alignment) is then
 compiled the way Triton's runtime would on the GPU, with Triton's compiler and the
@@ -15,8 +14,7 @@ compiled the way Triton's runtime would on the GPU, with Triton's compiler and t
 
 Columns: the kernel, its compile-time settings, registers per thread, bytes of spill stores
 and loads per thread (registers that did not fit and go through local memory: slow), shared
-memory, the warps of the compiled kernel (more than asked where warp specialization added
-a producer), and whether the PTX holds the Hopper bulk tensor reduce-add
+memory, and whether the PTX holds the Hopper bulk tensor reduce-add
 (``cp.reduce.async.bulk``, ``DQ_MODE = "tma"``). Writes
 ``kernel_resources_cpu_sm<arch>_<date>.json`` (stamp, rows) to ``--out``. About a minute
 on two cores (Triton caches what it compiled). ``--candidates`` adds the forms of every tile
@@ -48,10 +46,7 @@ from dilated_attention_pytorch.plan import make_plan
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 KERNELS = ("_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-SETTINGS = (
-    "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS",
-    "WARP_SPEC",
-)  # fmt: skip
+SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
 
 
 class _Recorder:
@@ -77,22 +72,20 @@ def recording(calls: list):
             setattr(launch, name, fn)
 
 
-def launches(
-    N: int, D: int, causal: bool, dq_mode: str, load_mode: str = "pointer", warp_spec: str = "off"
-) -> list:
+def launches(N: int, D: int, causal: bool, dq_mode: str, load_mode: str = "pointer") -> list:
     """Every kernel launch of one forward and one backward of the LongNet configuration."""
     B, H = 1, 16
     q, k, v, dout = (torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(4))
     plan = make_plan(SEGMENTS, RATES, H)
     calls: list = []
-    default = launch.DQ_MODE, launch.LOAD_MODE, launch.WARP_SPEC
-    launch.DQ_MODE, launch.LOAD_MODE, launch.WARP_SPEC = dq_mode, load_mode, warp_spec
+    default = launch.DQ_MODE, launch.LOAD_MODE
+    launch.DQ_MODE, launch.LOAD_MODE = dq_mode, load_mode
     try:
         with recording(calls):
             out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5, causal=causal)
             launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5, causal=causal)
     finally:
-        launch.DQ_MODE, launch.LOAD_MODE, launch.WARP_SPEC = default
+        launch.DQ_MODE, launch.LOAD_MODE = default
     return calls
 
 
@@ -148,21 +141,17 @@ def compile_launch(source: ASTSource, options: Any, arch: int) -> dict:
         "spill_stores": number(r"(\d+) bytes spill stores"),
         "spill_loads": number(r"(\d+) bytes spill loads"),
         "shared_bytes": kernel.metadata.shared,
-        # Warps of the compiled kernel: more than num_warps where Triton's warp
-        # specialization added a producer warp group and split the consumers.
-        "compiled_warps": kernel.metadata.num_warps,
         "tma_reduce": "cp.reduce.async.bulk" in ptx,
     }
 
 
 def launch_forms(
-    seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict,
-    warp_spec: str = "off",
-) -> None:  # fmt: skip
+    seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict
+) -> None:
     """Compile each launch form of one configuration not in ``seen`` (keyed by kernel,
     compile-time settings, ``r == 1``, warps, stages and register cap), adding its row;
     call inside :func:`as_on_gpu`."""
-    for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode, warp_spec):
+    for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode):
         if name == "_delta_kernel":
             continue
         settings = {s: kw[s] for s in SETTINGS if s in kw}
@@ -188,12 +177,10 @@ def launch_forms(
             print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
                   f"acc_in={r['acc_in']!s:<5} dq_add={r.get('dq_add', '-')} "
                   f"tma_loads={r['tma_loads']!s:<5} "
-                  f"{'warp_spec ' if r.get('warp_spec') else ''}"
                   f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
                   f"{'' if r['maxnreg'] is None else ' cap ' + str(r['maxnreg'])}: "
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
-                  f"shared {r['shared_bytes']} B, {r.get('compiled_warps')} warps compiled"
-                  + (", TMA reduce-add" if r["tma_reduce"] else ""),
+                  f"shared {r['shared_bytes']} B" + (", TMA reduce-add" if r["tma_reduce"] else ""),
                   flush=True)  # fmt: skip
         if mode not in seen[key]["dq_modes"]:
             seen[key]["dq_modes"].append(mode)
@@ -201,33 +188,27 @@ def launch_forms(
 
 # Per tuned kernel: the launcher's config table and the DQ_MODE whose backward runs it.
 _TABLES = {
-    "fwd": ("FWD_CONFIGS", "separate", "off"),
-    "dkdv": ("DKDV_CONFIGS", "separate", "off"),
-    "dq": ("DQ_CONFIGS", "separate", "off"),
-    "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma", "off"),
-    "fwd_ws": ("FWD_WARP_SPEC_CONFIGS", "separate", "on"),
-    "dkdv_ws": ("DKDV_WARP_SPEC_CONFIGS", "separate", "on"),
-    "dq_ws": ("DQ_WARP_SPEC_CONFIGS", "separate", "on"),
+    "fwd": ("FWD_CONFIGS", "separate"),
+    "dkdv": ("DKDV_CONFIGS", "separate"),
+    "dq": ("DQ_CONFIGS", "separate"),
+    "dkdv_dq": ("DKDV_DQ_CONFIGS", "tma"),
 }
 
 
 def candidate_forms(seq_len: int, D: int, load_mode: str, arch: int, seen: dict) -> None:
     """Compile the forms of every tile config ``bench_dilated.py --tune`` tries (its
     ``tune_candidates``), each installed in turn as the launcher's config; the rows this
-    adds (forms the defaults do not launch) get ``"candidate": True``. The warp-specialized
-    kernels' candidates compile with descriptor loads and without causal masking, the
-    only calls that take them."""
+    adds (forms the defaults do not launch) get ``"candidate": True``."""
     for kernel in TUNE_KERNELS:
-        table_name, mode, warp_spec = _TABLES[kernel]
+        table_name, mode = _TABLES[kernel]
         table = getattr(launch, table_name)
         default = table[D]
-        loads, causals = ("tma", (False,)) if warp_spec == "on" else (load_mode, (False, True))
         try:
             for config in tune_candidates(D)[kernel]:
                 table[D] = launch.KernelConfig(*config)
-                for causal in causals:
+                for causal in (False, True):
                     before = set(seen)
-                    launch_forms(seq_len, D, causal, mode, loads, arch, seen, warp_spec)
+                    launch_forms(seq_len, D, causal, mode, load_mode, arch, seen)
                     for key in set(seen) - before:
                         seen[key]["candidate"] = True
         finally:
@@ -257,9 +238,6 @@ def main() -> None:
                 for mode in args.dq_modes.split(","):
                     for load_mode in args.load_modes.split(","):
                         launch_forms(args.seq_len, D, causal, mode, load_mode, args.arch, seen)
-            if "tma" in args.load_modes.split(","):
-                # The warp-specialized forward (WARP_SPEC "on": non-causal launches only).
-                launch_forms(args.seq_len, D, False, "separate", "tma", args.arch, seen, "on")
             if args.candidates:
                 candidate_forms(args.seq_len, D, "pointer", args.arch, seen)
     report = {

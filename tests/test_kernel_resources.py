@@ -78,28 +78,23 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
     monkeypatch.setattr(kr, "specialize", lambda fn, a, kw, arch: (None, None))
     stub = {"registers": 1, "spill_stores": 0, "spill_loads": 0, "shared_bytes": 0, "tma_reduce": 0}
     monkeypatch.setattr(kr, "compile_launch", lambda source, options, arch: dict(stub))
-    defaults = {name: dict(getattr(launch, name)) for name, _, _ in kr._TABLES.values()}
+    defaults = {name: dict(getattr(launch, name)) for name, _ in kr._TABLES.values()}
     seen: dict = {}
     with kr.as_on_gpu():
         kr.candidate_forms(1 << 16, 64, "pointer", 90, seen)
     assert {name: dict(getattr(launch, name)) for name in defaults} == defaults
-    kernel_of = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq", "dkdv_dq": "bwd_dkdv",
-                 "fwd_ws": "fwd", "dkdv_ws": "bwd_dkdv", "dq_ws": "bwd_dq"}  # fmt: skip
+    kernel_of = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq", "dkdv_dq": "bwd_dkdv"}
     for kernel, configs in kr.tune_candidates(64).items():
         dq_add = 2 if kernel == "dkdv_dq" else 0
-        warp_spec = kernel.endswith("_ws")
         for config in configs:
             form = (*config, None) if len(config) == 4 else config  # (..., maxnreg)
             rows = [
                 r for r in seen.values()
                 if r["kernel"] == kernel_of[kernel] and r.get("dq_add", 0) == dq_add
-                and r.get("warp_spec", False) == warp_spec
                 and (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"], r["maxnreg"])
                 == form
             ]  # fmt: skip
-            # The warp-specialized forms run only without causal masking.
-            causal = {False} if warp_spec else {False, True}
-            assert {r["causal"] for r in rows} == causal, (kernel, form)
+            assert {r["causal"] for r in rows} == {False, True}, (kernel, form)
             assert all(r["candidate"] for r in rows)
 
 

@@ -239,34 +239,6 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
     assert chosen and all(chosen)
 
 
-@pytest.mark.parametrize("case", ["softmax", "head_split", "D128"])
-def test_triton_warp_specialized_kernels(case, monkeypatch) -> None:
-    # WARP_SPEC "on": the non-causal forward, dK/dV and dQ launches take the warp-specialized
-    # forms (on Hopper, with descriptor loads); same tolerance rule, outputs and gradients,
-    # and no fallback to the ordinary forms.
-    from dilated_attention_pytorch.backends.triton import launch
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("warp specialization of the forward needs a Hopper GPU")
-    monkeypatch.setattr(launch, "WARP_SPEC", "on")
-    monkeypatch.setattr(launch, "_warp_spec_failed", [])
-    taken = []
-    launch_tiles = launch._launch_tiles
-
-    def record(kernel, *args, **kw):
-        if kernel in (launch._fwd_kernel, launch._bwd_dkdv_kernel, launch._bwd_dq_kernel):
-            taken.append((kernel.fn.__name__, kw["WARP_SPEC"]))
-        return launch_tiles(kernel, *args, **kw)
-
-    monkeypatch.setattr(launch, "_launch_tiles", record)
-    B, N, H, D, ws, rs = CASES[0]
-    kw = {"branch_mixing": "head_split"} if case == "head_split" else {}
-    _compare(B, N, H, 128 if case == "D128" else D, ws, rs, torch.bfloat16, **kw)
-    assert not launch._warp_spec_failed
-    assert {name for name, _ in taken} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
-    assert all(ws for _, ws in taken)
-
-
 def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:
     # With torch.use_deterministic_algorithms(True) the backward takes the separate dQ
     # kernel whatever DQ_MODE says: two runs give the same bits.

@@ -141,17 +141,6 @@ def _load_tile(src, start, offs64, row, mask, TMA: tl.constexpr):
 
 
 @triton.jit
-def _descriptor_tile(X, b, h, tok, s_b, s_n, s_h, dil, length, start,
-                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    # The (BLOCK, D) tile at dilated position `start` of the rows tok + dil * t, t < length,
-    # of head h of batch b, read through a tensor descriptor (rows past `length` read as 0):
-    # how the warp-specialized forms read what their loop uses. (The descriptor takes no
-    # column offsets: 0 stands for them.)
-    src = _rows_source(X, b, h, tok, s_b, s_n, s_h, dil * s_n, length, 0, BLOCK, HEAD_DIM, True)
-    return src.load([start, 0])
-
-
-@triton.jit
 def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr):
     # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
     # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
@@ -223,12 +212,12 @@ def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over key tiles [start, stop). bad_i: rows that attended a key whose
     # value is not finite in a masked tile (there such values are zeroed so that the
     # rows that do not attend them stay finite: 0 * inf would be NaN).
-    for n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPEC):
+    for n in range(start, stop, BLOCK_N):
         offs = n + offs_n
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
@@ -272,33 +261,22 @@ def _fwd_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
-    # else one LSE. WARP_SPEC (with TMA_LOADS): the form Triton's Hopper warp
-    # specialization can partition: q through a descriptor, one key loop (every tile
-    # masked: the non-causal, unpadded mask only cuts a ragged end) and no early return
-    # (a tile past its segment loads zeros and stores nothing: every store is masked).
-    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
+    # else one LSE.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if WARP_SPEC:
-        # No early return: an empty segment's descriptors start at token 0 (a row that
-        # exists) instead of past the tensor; every store of this tile is masked off.
-        tok_q = tl.where(len_q > 0, tok_q, 0)
-    elif m0 >= len_q:
+    if m0 >= len_q:
         return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    if WARP_SPEC:
-        q = _descriptor_tile(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
-    else:
-        q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
@@ -314,23 +292,14 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    if WARP_SPEC:
-        acc, l_i, m_i, bad_i = _fwd_inner(
-            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-            0, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
-            True,
-        )  # fmt: skip
-    else:
-        acc, l_i, m_i, bad_i = _fwd_inner(
-            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-            0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM,
-            TMA_LOADS,
-        )  # fmt: skip
-        acc, l_i, m_i, bad_i = _fwd_inner(
-            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-            full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM,
-            TMA_LOADS,
-        )  # fmt: skip
+    acc, l_i, m_i, bad_i = _fwd_inner(
+        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+    )  # fmt: skip
+    acc, l_i, m_i, bad_i = _fwd_inner(
+        acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+    )  # fmt: skip
 
     # A row with a key has l > 0, or l = NaN where a score was NaN (a non-finite key): it
     # must stay NaN, not pass for a row without keys, which later branches would drop.
@@ -382,14 +351,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _delta_kernel(
-    DO, Out, Delta, Lse, n, num_heads,
-    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_eb, s_en, s_eh, s_lb, s_ln, s_lh, s_lp,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, STATS: tl.constexpr, LSE_PAIR: tl.constexpr,
+    DO, Out, Delta, n, num_heads,
+    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # delta[b, p, h] = sum_d dO * O, in fp32: the softmax-backward row term. STATS: Delta
-    # is (B, N, H, 4) and gets each row's (hi, lo, delta, 0), the LSE pair as the backward
-    # reads it (hi = +inf for rows without keys) next to delta: 16 bytes a tensor
-    # descriptor can load (the warp-specialized backward forms read no row by pointer).
+    # delta[b, p, h] = sum_d dO * O, in fp32: the softmax-backward row term.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -400,25 +366,7 @@ def _delta_kernel(
     do = _load_rows(_rows_ptr(DO, b, h, rows, s_db, s_dn, s_dh, offs_d), mask)
     o = _load_rows(_rows_ptr(Out, b, h, rows, s_ob, s_on, s_oh, offs_d), mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    ptrs = _ptr(Delta, b, h, rows, s_eb, s_en, s_eh)
-    if STATS:
-        hi, lo = _load_lse(_ptr(Lse, b, h, rows, s_lb, s_ln, s_lh), s_lp, mask, LSE_PAIR)
-        tl.store(ptrs, hi, mask=mask)
-        tl.store(ptrs + 1, lo, mask=mask)
-        tl.store(ptrs + 2, delta, mask=mask)
-        tl.store(ptrs + 3, tl.zeros_like(delta), mask=mask)
-    else:
-        tl.store(ptrs, delta, mask=mask)
-
-
-@triton.jit
-def _split_stats(st):
-    # (rows, 4) row stats -> hi, lo, delta. Rows past the segment read as 0: hi = lo = 0,
-    # harmless there (their q and dO tiles read as 0 too, and nothing of them is stored).
-    even, odd = tl.split(tl.reshape(st, [st.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
-    hi, delta = tl.split(even)
-    lo, _ = tl.split(odd)
-    return hi, lo, delta
+    tl.store(_ptr(Delta, b, h, rows, s_lb, s_ln, s_lh), delta, mask=mask)
 
 
 @triton.jit
@@ -426,26 +374,22 @@ def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, dl_base, row_q, row_do, row_l, row_dl, s_lp,
     start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
-    DQ_ADD: tl.constexpr, TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    DQ_ADD: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
     # kernel adds scale * dS K into an fp32 dQ buffer with atomics on pointers; 2: with
     # the tensor memory accelerator's bulk reduce-add (a descriptor of the buffer's
     # dilated rows, Hopper and later). k_dq: k with non-finite rows zeroed where pairs
-    # may be masked (the dQ kernel's rule). WARP_SPEC: dl_base is a descriptor of the row
-    # stats (hi, lo, delta).
-    for m in tl.range(start, stop, BLOCK_M, warp_specialize=WARP_SPEC):
+    # may be masked (the dQ kernel's rule).
+    for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
         offs64 = offs.to(tl.int64)
         q = _load_tile(q_base, m, offs64, row_q, qmask, TMA)
         do = _load_tile(do_base, m, offs64, row_do, qmask, TMA)
-        if WARP_SPEC:
-            hi, lo, delta = _split_stats(dl_base.load([m, 0]))
-        else:
-            hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
-            delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
+        hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
+        delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * sm_scale
         p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
@@ -480,35 +424,23 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
-    # adds this tile's share of dQ into (unused with DQ_ADD 0). WARP_SPEC (not causal, no
-    # padding, DQ_ADD 0, TMA_LOADS): the form Triton's Hopper warp specialization can
-    # partition: k, v and, in the loop, Delta (the (B, N, H, 4) row stats of
-    # _delta_kernel's STATS) read through descriptors, no early return.
-    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
+    # adds this tile's share of dQ into (unused with DQ_ADD 0).
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_N, VARLEN,
     )  # fmt: skip
-    if WARP_SPEC:
-        # No early return (see the forward): an empty segment reads from token 0.
-        tok_k = tl.where(len_k > 0, tok_k, 0)
-    elif n0 >= len_k:
+    if n0 >= len_k:
         return
     offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # K/V of the query head's K/V head; DK/DV (and their accumulators) are per query head,
     # summed over the heads of a K/V head by the launcher (grouped-query attention).
     hk = h // kv_group
-    if WARP_SPEC:
-        k = _descriptor_tile(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil, len_k, n0, BLOCK_N, HEAD_DIM)
-        v = _descriptor_tile(V, b, hk, tok_k, s_vb, s_vn, s_vh, dil, len_k, n0, BLOCK_N, HEAD_DIM)
-    else:
-        k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
-        v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
+    k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
+    v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
     keep_k = kmask
     if HAS_KPM:
         keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
@@ -517,12 +449,7 @@ def _bwd_dkdv_kernel(
     do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
                            BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
-    if WARP_SPEC:
-        # A descriptor of the (BLOCK_M, 4) row-stats tiles.
-        dl_base = _rows_source(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil * s_en, len_q, offs_d,
-                               BLOCK_M, 4, True)  # fmt: skip
-    else:
-        dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
+    dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
@@ -554,7 +481,7 @@ def _bwd_dkdv_kernel(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
         free, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, WARP_SPEC,
+        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS,
     )  # fmt: skip
     dk = dk * sm_scale
     acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
@@ -573,9 +500,9 @@ def _bwd_dq_inner(
     dq, q, do, hi, lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
     start, stop, len_k, offs_m, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    for n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPEC):
+    for n in range(start, stop, BLOCK_N):
         offs = n + tl.arange(0, BLOCK_N)
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
@@ -606,35 +533,21 @@ def _bwd_dq_kernel(
     sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
-    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc. WARP_SPEC:
-    # the form Triton's Hopper warp specialization can partition (as in the forward; the
-    # row terms from Delta, the row stats of _delta_kernel's STATS, by descriptor).
-    tl.static_assert(TMA_LOADS or not WARP_SPEC, "WARP_SPEC reads through tensor descriptors")
+    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
     )  # fmt: skip
-    if WARP_SPEC:
-        # No early return: an empty segment's descriptors start at token 0 (a row that
-        # exists) instead of past the tensor; every store of this tile is masked off.
-        tok_q = tl.where(len_q > 0, tok_q, 0)
-    elif m0 >= len_q:
+    if m0 >= len_q:
         return
     offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, dil, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    if WARP_SPEC:
-        q = _descriptor_tile(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
-        do = _descriptor_tile(DO, b, h, tok_q, s_db, s_dn, s_dh, dil, len_q, m0, BLOCK_M, HEAD_DIM)
-        stats = _descriptor_tile(Delta, b, h, tok_q, s_eb, s_en, s_eh, dil, len_q, m0, BLOCK_M, 4)
-        lse_hi, lse_lo, delta = _split_stats(stats)
-    else:
-        q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
-        do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
-        lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask,
-                                   LSE_PAIR)  # fmt: skip
-        delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
+    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+    do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
+    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
+    delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
@@ -643,18 +556,13 @@ def _bwd_dq_kernel(
     m_base = Kpm + b * s_mb + tok_k * s_mn
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    if WARP_SPEC:
-        full_hi = 0  # one loop, every tile masked
-    else:
-        dq = _bwd_dq_inner(
-            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base,
-            dil * s_kn, dil * s_vn, dil * s_mn,
-            0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
-        )  # fmt: skip
+    dq = _bwd_dq_inner(
+        dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
+        0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+    )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, dil * s_kn, dil * s_vn, dil * s_mn,
         full_hi, hi, len_k, offs_m, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
-        WARP_SPEC,
     )  # fmt: skip
     dq = dq * sm_scale
     if ACC_IN:

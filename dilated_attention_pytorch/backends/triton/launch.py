@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ import torch
 import triton
 from torch import Tensor
 from triton.runtime import _allocation
-from triton.runtime.errors import OutOfResources
 
 from ...plan import Branch, DilatedPlan
 from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
@@ -53,11 +51,6 @@ __all__ = [
     "LOAD_MODES",
     "DQ_CONFIGS",
     "FWD_CONFIGS",
-    "DKDV_WARP_SPEC_CONFIGS",
-    "DQ_WARP_SPEC_CONFIGS",
-    "FWD_WARP_SPEC_CONFIGS",
-    "WARP_SPEC",
-    "WARP_SPEC_MODES",
     "KernelConfig",
     "dilated_backward",
     "dilated_forward",
@@ -138,46 +131,6 @@ DQ_MODE = "separate"
 # faster, "pointer" elsewhere, the interpreter included).
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
-
-
-# Warp specialization (Triton's automatic partitioning of a loop into a producer warp
-# group issuing the tensor-descriptor loads and consumer warp groups doing the math;
-# ``tl.range(..., warp_specialize=True)``, Hopper): "off" (the default) or "on". With
-# "on", calls that are not causal, have no key padding mask and read q, k, v (and dO)
-# through tensor descriptors (LOAD_MODE, Hopper GPUs; the interpreter with LOAD_MODE
-# "tma", where the loops run unpartitioned) take the kernels' warp-specialized forms:
-# - forward: one loop over every key tile (the last one masked), q read through a
-#   descriptor, no early return (a tile past its segment stores nothing);
-# - dK/dV and dQ (with DQ_MODE "separate"): k and v (dK/dV) or q and dO (dQ) through
-#   descriptors, and the backward's row terms (LSE pair and delta) packed by the delta
-#   kernel into one 16-byte row per (position, head) that a descriptor loads; the dQ
-#   form runs one masked key loop without early return, like the forward. (Triton 3.6's
-#   partitioner rejects the dQ form with 128-row tiles, whose row terms it would split
-#   between two consumer groups: its tiles have 64 rows.)
-# Their tiles are *_WARP_SPEC_CONFIGS, whose num_warps is the consumers' (the compiler
-# adds the producer's). If Triton cannot compile a form (its Hopper partitioner is
-# young), the launch warns once and every later launch uses the ordinary forms.
-WARP_SPEC_MODES = ("off", "on")
-WARP_SPEC = "off"
-FWD_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
-    16: KernelConfig(128, 64, 4, 3),
-    32: KernelConfig(128, 64, 4, 3),
-    64: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 64, 4, 2),
-}
-DKDV_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
-    16: KernelConfig(32, 128, 4, 3),
-    32: KernelConfig(32, 128, 4, 3),
-    64: KernelConfig(32, 128, 4, 3),
-    128: KernelConfig(32, 128, 4, 2),
-}
-DQ_WARP_SPEC_CONFIGS: dict[int, KernelConfig] = {
-    16: KernelConfig(64, 64, 4, 3),
-    32: KernelConfig(64, 64, 4, 3),
-    64: KernelConfig(64, 64, 4, 3),
-    128: KernelConfig(64, 64, 4, 2),
-}
-_warp_spec_failed: list[str] = []  # why the warp-specialized form could not be compiled
 
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
@@ -278,55 +231,11 @@ def _launch_forward(
     # (hi, lo) planes, or one (B, Nq, Hc) LSE.
     lse_hi, s_lp, pair = _lse_args(lse)
     tensors = (q, k, v, out, acc, lse_hi)
-    loaded = (q, k, v, acc) if acc_in else (q, k, v)
-
-    def run(warp_spec: bool) -> None:
-        _launch_tiles(
-            _fwd_kernel, FWD_WARP_SPEC_CONFIGS if warp_spec else FWD_CONFIGS, tensors, tensors,
-            kpm, launch, scales=(scale, s_lp), per_key_tile=False, causal=causal,
-            acc_in=acc_in, lse_pair=pair, loaded=loaded, WARP_SPEC=warp_spec,
-        )  # fmt: skip
-
-    if not (_warp_spec(causal, kpm, loaded) and _try_warp_spec(run, "forward")):
-        run(False)
-
-
-def _try_warp_spec(run, kernel: str) -> bool:
-    """``run(True)``; False (with one warning, and no warp-specialized launch after it)
-    if Triton cannot build or launch that form. The caller then runs the ordinary form,
-    which raises whatever was not about warp specialization."""
-    try:
-        run(True)
-        return True
-    except torch.OutOfMemoryError:
-        raise  # not about the form
-    except (RuntimeError, triton.CompilationError, OutOfResources) as exc:
-        # Triton's Hopper partitioner fails with "PassManager::run failed" (RuntimeError);
-        # a tile too large for the GPU with OutOfResources. Nothing was launched.
-        _warp_spec_failed.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-        warnings.warn(
-            f"WARP_SPEC='on': Triton could not build the warp-specialized {kernel} "
-            f"({_warp_spec_failed[-1]}); using the ordinary kernels from now on",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-
-
-def _warp_spec(causal: bool, kpm: Tensor | None, loaded: tuple[Tensor, ...]) -> bool:
-    """Whether a call's launches take the warp-specialized forms (see :data:`WARP_SPEC`)."""
-    if WARP_SPEC not in WARP_SPEC_MODES:
-        raise ValueError(
-            f"WARP_SPEC must be one of {WARP_SPEC_MODES}, got {WARP_SPEC!r}; 'off' (the "
-            "default) keeps the ordinary kernels"
-        )
-    return (
-        WARP_SPEC == "on"
-        and not causal
-        and kpm is None
-        and not _warp_spec_failed
-        and _tma_loads(*loaded)
-    )
+    _launch_tiles(
+        _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
+        scales=(scale, s_lp), per_key_tile=False, causal=causal, acc_in=acc_in, lse_pair=pair,
+        loaded=(q, k, v, acc) if acc_in else (q, k, v),
+    )  # fmt: skip
 
 
 def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
@@ -336,19 +245,14 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
     return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
-def _compute_delta(dout: Tensor, out: Tensor, lse: Tensor | None = None) -> Tensor:
-    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``; given the LSE pair ``(2, B, N, H)``,
-    the row stats ``(B, N, H, 4)`` = ``(hi, lo, delta, 0)`` the warp-specialized dK/dV
-    and dQ forms read (``hi = +inf`` where a row has no key; ``[..., 2]`` is delta)."""
+def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
+    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``."""
     B, N, H, D = out.shape
-    shape = (B, N, H) if lse is None else (B, N, H, 4)
-    delta = torch.empty(shape, dtype=torch.float32, device=out.device)
-    lse_hi, s_lp, pair = _lse_args(delta if lse is None else lse)
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
     block = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(N, block), B * H)](
-        dout, out, delta, lse_hi, N, H, *_s3(dout), *_s3(out), *_s3(delta), *_s3(lse_hi), s_lp,
-        HEAD_DIM=D, BLOCK=block, STATS=lse is not None, LSE_PAIR=pair,
-    )  # fmt: skip
+        dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
+    )
     return delta
 
 
@@ -361,40 +265,28 @@ def _launch_backward(
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE. dq_add > 0 (dkdv only):
     # the kernel also adds its share of dQ into the fp32 buffer dq_acc (see _dq_add).
-    # delta: (B, N, H), or the row stats (B, N, H, 4) of _compute_delta given the LSE, which
-    # the dK/dV and dQ kernels read in their warp-specialized forms (see WARP_SPEC).
     lse_hi, s_lp, pair = _lse_args(lse)
-    stats, delta = (delta, delta[..., 2]) if delta.dim() == 4 else (None, delta)
-
-    def run(warp_spec: bool) -> None:
-        inputs = (q, k, v, dout, lse_hi, stats if warp_spec else delta)
-        constexprs = {}
-        if which == "dkdv":
-            # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
-            # kernel never reads DQacc: any tensor stands in.
-            table = DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
-            kernel, table = _bwd_dkdv_kernel, DKDV_WARP_SPEC_CONFIGS if warp_spec else table
-            dq_t = dq_acc if dq_add else q
-            tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
-            strided = (*inputs, grads[1], accs[1], dq_t)
-            constexprs["DQ_ADD"] = dq_add
-            constexprs["WARP_SPEC"] = warp_spec
-            if dq_add == 2:
-                _ensure_allocator()
-        else:
-            kernel, table = _bwd_dq_kernel, DQ_WARP_SPEC_CONFIGS if warp_spec else DQ_CONFIGS
-            tensors = strided = (*inputs, grads[0], accs[0])
-            constexprs["WARP_SPEC"] = warp_spec
-        _launch_tiles(
-            kernel, table, tensors, strided, kpm, launch,
-            scales=(scale, s_lp),
-            per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
-            loaded=(q, k, v, dout), **constexprs,
-        )  # fmt: skip
-
-    warp_spec = stats is not None and dq_add == 0 and _warp_spec(causal, kpm, (q, k, v, dout))
-    if not (warp_spec and _try_warp_spec(run, "dK/dV kernel" if which == "dkdv" else "dQ kernel")):
-        run(False)
+    inputs = (q, k, v, dout, lse_hi, delta)
+    constexprs = {}
+    if which == "dkdv":
+        # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
+        # kernel never reads DQacc: any tensor stands in.
+        kernel, table = _bwd_dkdv_kernel, DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
+        dq_t = dq_acc if dq_add else q
+        tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
+        strided = (*inputs, grads[1], accs[1], dq_t)
+        constexprs["DQ_ADD"] = dq_add
+        if dq_add == 2:
+            _ensure_allocator()
+    else:
+        kernel, table = _bwd_dq_kernel, DQ_CONFIGS
+        tensors = strided = (*inputs, grads[0], accs[0])
+    _launch_tiles(
+        kernel, table, tensors, strided, kpm, launch,
+        scales=(scale, s_lp),
+        per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
+        loaded=(q, k, v, dout), **constexprs,
+    )  # fmt: skip
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
@@ -679,11 +571,9 @@ def dilated_backward(
                 t.zero_()
     if N == 0:
         return dq, dk, dv
-    dq_add = _dq_add(q.device)
-    # The warp-specialized dK/dV and dQ forms read the row terms packed as (B, N, H, 4) stats.
-    warp_spec = dq_add == 0 and _warp_spec(causal, kpm, (q, k, v, dout))
-    delta = _compute_delta(dout, out, lse if warp_spec else None)
+    delta = _compute_delta(dout, out)
     f32 = dict(dtype=torch.float32, device=q.device)
+    dq_add = _dq_add(q.device)
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
