@@ -173,6 +173,18 @@ def test_pattern_mask_mod_and_custom_block_mask() -> None:
          ValueError, r"pass either sparsity_ratio or window="),
         (lambda: make_block_sparse_pattern("local_window", 64, scale=2), ValueError,
          r"pattern 'local_window' takes the knobs \['window'\], got \['scale'\]"),
+        (lambda: make_block_sparse_pattern("dilated_sparse", 64, scale=float("nan")), ValueError,
+         r"scale=nan is not valid: .* scale a finite positive number"),
+        (lambda: make_block_sparse_pattern("dilated_sparse", 64, scale=float("inf")), ValueError,
+         r"scale=inf is not valid"),
+        (lambda: make_block_sparse_pattern("local_window", 64, window=True), ValueError,
+         r"window=True is not valid: window is an int >= 0"),
+        (lambda: make_block_sparse_pattern("random", 64, density=True), ValueError,
+         r"density=True is not valid"),
+        (lambda: make_block_sparse_pattern("random", 64, seed=1.5), TypeError,
+         r"seed must be an int \(the random pattern's generator seed\), got float 1.5"),
+        (lambda: make_block_sparse_pattern("random", 64, seed=2**64), ValueError,
+         r"seed must be in \[0, 2\*\*63\), got 18446744073709551616"),
         (lambda: pattern_from_block_mask(torch.ones(3, 3, dtype=torch.bool), 64, 16), ValueError,
          r"the block mask must have shape \(4, 4\) or \(H, 4, 4\) for 64 tokens in blocks of 16"),
         (lambda: BlockSparseAttention(pattern_type="local_window", segment_lengths=[64],
@@ -183,6 +195,19 @@ def test_pattern_mask_mod_and_custom_block_mask() -> None:
 def test_errors(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("segments", [None, ([16, 32], [1, 2])])
+def test_extreme_dilated_sparse_scales(segments) -> None:
+    # A huge scale keeps every block (one segment holds them all); a tiny one only the
+    # diagonal. Neither overflows, and reported segments never exceed the block count.
+    kw = {} if segments is None else dict(segment_lengths=segments[0], dilation_rates=segments[1])
+    huge = make_block_sparse_pattern("dilated_sparse", 64, block_size=8, scale=1e20, **kw)
+    tiny = make_block_sparse_pattern("dilated_sparse", 64, block_size=8, scale=1e-300, **kw)
+    assert huge.block_mask.all()
+    assert torch.equal(tiny.block_mask, torch.eye(8, dtype=torch.bool))
+    for pattern in (huge, tiny):
+        assert all(1 <= w <= 8 for w, _ in pattern.knobs["branches_in_blocks"])
 
 
 def test_call_errors() -> None:

@@ -145,6 +145,20 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
         "ratio-differs": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16, sparsity_ratio=0.5 if rank else 0.6
         )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        # Settings outside the block mask's shape that change what a rank computes.
+        "seed-differs": lambda: RingBlockSparseAttention(
+            pattern_type="random", block_size=16, sparsity_ratio=0.5, seed=rank
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        "heads-differ": lambda: RingBlockSparseAttention(
+            pattern_type="random", block_size=16, sparsity_ratio=0.5,
+            num_heads=2 if rank else None,
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        "scale-differs": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16, scale=0.3 if rank else None
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        "dropout-differs": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16, dropout=0.5 if rank else 0.0
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
         # The whole sequence, wrong on rank 0 only: rank 1 raises too instead of waiting.
         "one-rank-length": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16
@@ -162,7 +176,11 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
 def test_bad_input_raises_on_every_rank() -> None:
     expected = {
         "shard-not-multiple-of-block": r"invalid input on rank\(s\) \[0, 1\].*64 tokens, not a multiple of block_size=48",
-        "ratio-differs": r"the ranks of a ring disagree.*sparsity_ratio=0.6.*sparsity_ratio=0.5",
+        "ratio-differs": r"the ranks of a ring disagree.*sparsity_ratio\": 0.6.*sparsity_ratio\": 0.5",
+        "seed-differs": r"the ranks of a ring disagree.*seed\": 0.*seed\": 1",
+        "heads-differ": r"the ranks of a ring disagree.*num_heads\": null.*num_heads\": 2",
+        "scale-differs": r"the ranks of a ring disagree.*scale=None.*scale=0.3",
+        "dropout-differs": r"the ranks of a ring disagree.*dropout_p=0.0.*dropout_p=0.5",
         "one-rank-length": r"invalid input on rank\(s\) \[0\] .*63 tokens.*does not cut into 2 equal shards",
     }  # fmt: skip
     for rank, errors in enumerate(spawn(_bad_worker, 2)):

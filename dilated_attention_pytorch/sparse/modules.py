@@ -288,6 +288,14 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
         self.timeout = None if timeout is None else check_positive_float("timeout", timeout)
         self._stats: RingStats | None = None
         self._validated: set[tuple] = set()
+        # What the ranks of a ring must agree on, by training mode (the dropout applied):
+        # the pattern (its JSON, seed and per-head count included), the score scale, the
+        # dropout and the ring size. Made here, so that a traced call formats no float.
+        self._agreed = {
+            training: f"{self.op_spec}, scale={self.scale!r}, "
+            f"dropout_p={self.dropout if training else 0.0!r}, ring_size={self.ring_size}"
+            for training in (False, True)
+        }
         if dist.is_available() and dist.is_initialized():
             self.ring()
 
@@ -330,10 +338,7 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
                 self.op_spec, group=group, members=members, block_size=self.block_size,
                 is_causal=is_causal,
                 kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),
-                stats=self._stats, validate=self.validate,
-                # The pattern (its JSON, made at construction) and the ring size: what
-                # the ranks must agree on, without formatting a float while tracing.
-                config=f"{self.op_spec}, ring_size={self.ring_size}",
+                stats=self._stats, validate=self.validate, config=self._agreed[self.training],
                 error=error or _mask_error(key_padding_mask), owner=id(self),
             )  # fmt: skip
             out = ring_block_sparse_op(
@@ -367,7 +372,7 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
         ``error``: a problem the caller already found on this rank."""
         check_ring_sparse_call(
             q, k, v, is_causal, group, members, block_size=self.block_size,
-            timeout=self.timeout, config=self.extra_repr(),
+            timeout=self.timeout, config=self._agreed[self.training],
             validated=self._validated if self.validate == "once" else None,
             error=error or _mask_error(mask),
         )  # fmt: skip

@@ -158,6 +158,7 @@ def dilated_sparse_mask(nb: int, is_causal: bool, branches: Sequence[tuple[int, 
     i = torch.arange(nb)
     mask = torch.zeros(nb, nb, dtype=torch.bool)
     for w, r in branches:
+        w = min(w, nb)  # a segment of nb blocks or more holds them all
         same = (i[:, None] // w) == (i[None, :] // w)
         offset = (i % w) % r
         mask |= same & (offset[:, None] == offset[None, :])
@@ -182,9 +183,11 @@ def random_mask(
 def _default_schedule(nb: int, scale: float) -> list[tuple[int, int]]:
     branches, k = [], 0
     while True:
-        w = max(1, round(scale * 2**k))
+        w = max(1, round(min(scale * 2**k, 2.0**62)))
         branches.append((w, 2**k))
-        if w >= nb:
+        # Done at the branch covering every block; a branch whose rate is nb or more
+        # keeps only the diagonal, and so does every coarser one (scale < 1).
+        if w >= nb or 2**k >= nb:
             return branches
         k += 1
 
@@ -250,17 +253,20 @@ def make_block_sparse_pattern(
             generator's default (ratio 0.9).
         is_causal: keep only blocks ``j <= i`` (and tokens ``p' <= p``).
         num_heads: for ``random``, one pattern per head (``block_mask`` ``(H, nb, nb)``).
-        seed: the ``random`` pattern's seed.
-        **knobs: ``window`` (local_window, global_local), ``num_global`` (global_local,
-            default 1), ``scale`` (dilated_sparse), ``segment_lengths`` and
-            ``dilation_rates`` (dilated_sparse, tokens), ``density`` (random).
+        seed: the ``random`` pattern's seed, an int in ``[0, 2**63)``.
+        **knobs: ``window`` (local_window, global_local; an int >= 0), ``num_global``
+            (global_local, default 1), ``scale`` (dilated_sparse; a finite positive
+            number), ``segment_lengths`` and ``dilation_rates`` (dilated_sparse, tokens),
+            ``density`` (random; in ``[0, 1]``).
 
     Returns:
         A :class:`BlockSparsePattern`.
 
     Raises:
         ValueError: unknown pattern (the valid ones are listed), a ratio outside
-            ``[0, 1)``, a non-positive size, a knob the generator does not take.
+            ``[0, 1)``, a non-positive size, a knob the generator does not take or out of
+            its range, a seed out of range.
+        TypeError: a size or seed that is not an int.
     """
     if pattern_type not in PATTERN_TYPES:
         raise ValueError(
@@ -271,6 +277,7 @@ def make_block_sparse_pattern(
     check_bool("is_causal", is_causal)
     if num_heads is not None:
         check_positive_int("num_heads", num_heads)
+    _check_seed(seed)
     ratio = _check_ratio(sparsity_ratio)
     allowed_knobs = {
         "local_window": {"window"},
@@ -321,7 +328,7 @@ def make_block_sparse_pattern(
             base = [(w / block_size, r) for w, r in zip(ws, rs, strict=True)]
 
             def schedule(c: float) -> list[tuple[int, int]]:
-                return [(max(1, round(c * w)), r) for w, r in base]
+                return [(max(1, round(min(c * w, 2.0**62))), r) for w, r in base]
 
             biggest = max(w for w, _ in base)
             candidates = sorted({2 ** (k / 4) for k in range(-80, 81)
@@ -351,12 +358,14 @@ def make_block_sparse_pattern(
 
     if ratio is None:
         knob = knobs[size_knob]
+        if isinstance(knob, bool) or not isinstance(knob, (int, float)):
+            _bad_knob(size_knob, knob)
         if pattern_type in ("local_window", "global_local"):
             knob = int(knob) if isinstance(knob, int) and knob >= 0 else _bad_knob(size_knob, knob)
         elif pattern_type == "random":
-            if not isinstance(knob, (int, float)) or not 0.0 <= knob <= 1.0:
+            if not 0.0 <= knob <= 1.0:
                 _bad_knob(size_knob, knob)
-        elif not isinstance(knob, (int, float)) or knob <= 0:
+        elif not (math.isfinite(knob) and knob > 0):
             _bad_knob(size_knob, knob)
         mask = build(knob)
         achieved = _sparsity(mask, is_causal)
@@ -366,7 +375,8 @@ def make_block_sparse_pattern(
         knob = int(knob)
     settings[size_knob] = knob
     if pattern_type == "dilated_sparse":
-        settings["branches_in_blocks"] = schedule(knob)
+        # (segment in blocks, rate); a segment longer than the sequence is reported as nb
+        settings["branches_in_blocks"] = [(min(w, nb), r) for w, r in schedule(knob)]
     return BlockSparsePattern(
         pattern_type=pattern_type,
         seq_len=seq_len,
@@ -396,9 +406,19 @@ def kv_block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def _bad_knob(name: str, value: object) -> int:
     raise ValueError(
-        f"{name}={value!r} is not valid: window is an int >= 0, scale a positive number, "
-        f"density a float in [0, 1]."
+        f"{name}={value!r} is not valid: window is an int >= 0, scale a finite positive "
+        f"number, density a float in [0, 1]."
     )
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed must be an int (the random pattern's generator seed), got "
+            f"{type(seed).__name__} {seed!r}."
+        )
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
 
 
 def pattern_from_block_mask(
