@@ -150,7 +150,9 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
             pattern_type="random", block_size=16, sparsity_ratio=0.5, seed=rank
         )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
         "heads-differ": lambda: RingBlockSparseAttention(
-            pattern_type="random", block_size=16, sparsity_ratio=0.5,
+            pattern_type="random",
+            block_size=16,
+            sparsity_ratio=0.5,
             num_heads=2 if rank else None,
         )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
         "scale-differs": lambda: RingBlockSparseAttention(
