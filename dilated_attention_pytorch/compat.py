@@ -141,7 +141,11 @@ RingDilatedAttentionSDPA = _multihead_alias("RingDilatedAttentionSDPA")
 
 class BlockSparseRingDilatedAttention(RingBlockSparseAttention):
     """Deprecated: :class:`RingBlockSparseAttention` under its earlier name, configured by
-    ``sparsity_config={"sparsity_ratio": .., "pattern_type": .., "block_size": ..}``."""
+    ``sparsity_config={"sparsity_ratio": .., "pattern_type": .., "block_size": ..}``.
+
+    ``segment_lengths`` and ``dilation_rates`` shape the ``"dilated_sparse"`` pattern (the
+    default); with another ``pattern_type`` they have no meaning, and are ignored with a
+    ``UserWarning``."""
 
     _CONFIG_KEYS = ("sparsity_ratio", "pattern_type", "block_size")
 
@@ -166,6 +170,15 @@ class BlockSparseRingDilatedAttention(RingBlockSparseAttention):
                 f"sparsity_config keys {unknown} are not supported; it takes "
                 f"{list(self._CONFIG_KEYS)}."
             )
+        pattern_type = config.get("pattern_type", kwargs.get("pattern_type", "dilated_sparse"))
+        if pattern_type != "dilated_sparse" and (segment_lengths, dilation_rates) != (None, None):
+            warnings.warn(
+                f"BlockSparseRingDilatedAttention: segment_lengths and dilation_rates shape the "
+                f"'dilated_sparse' pattern only; ignored for pattern_type={pattern_type!r}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            segment_lengths = dilation_rates = None
         # device/dtype: accepted as the earlier API did; there are no parameters to place.
         super().__init__(segment_lengths, dilation_rates, **config, **kwargs)
 

@@ -266,6 +266,17 @@ def test_modules_factory_and_deprecated_name() -> None:
             [2048, 4096], [1, 2], sparsity_config={"sparsity_ratio": 0.9}
         )
     assert torch.equal(old.pattern(65536).block_mask, pattern.block_mask)
+    # Another pattern type: the positional segments have no meaning there, and are dropped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.warns(UserWarning, match=r"ignored for pattern_type='local_window'"):
+            window = BlockSparseRingDilatedAttention(
+                [64, 128], [1, 2],
+                sparsity_config={"sparsity_ratio": 0.5, "pattern_type": "local_window",
+                                 "block_size": 16},
+            )  # fmt: skip
+    new = RingBlockSparseAttention(sparsity_ratio=0.5, pattern_type="local_window", block_size=16)
+    assert torch.equal(window.pattern(256).block_mask, new.pattern(256).block_mask)
     # A ring of one without torch.distributed is the single-device module.
     q = torch.randn(1, 256, 2, 8, dtype=torch.float64)
     small = RingBlockSparseAttention(sparsity_ratio=0.5, pattern_type="local_window", block_size=32)
