@@ -40,6 +40,7 @@ from .validation import (
     check_num_kv_heads,
     check_positive_int,
     validate_branches,
+    warn_branches_without_heads,
     warn_uncovered_positions,
 )
 
@@ -230,7 +231,9 @@ def make_plan(
     branch are covered by no head (likewise in ``"head_split"`` mode for a group with
     fewer heads than its branch's rate). When some positions are covered by no head in
     *any* branch (their output is 0), a ``UserWarning`` names them and the fix, once per
-    configuration (the plan is built once per configuration).
+    configuration (the plan is built once per configuration). In ``"head_split"`` mode
+    with fewer heads than branches the last branches get no head and are not computed;
+    a ``UserWarning`` says so, once per configuration.
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)
@@ -326,6 +329,11 @@ def _build_plan(
             period=uncovered.period,
             per_period=uncovered.per_period,
             heads_needed=heads_for_full_coverage(plan),
+        )
+    elif mixing == "head_split":  # covered, but a branch may still have no head at all
+        warn_branches_without_heads(
+            [(b.segment_length, b.dilation_rate, len(b.heads)) for b in branches],
+            num_heads=num_heads,
         )
     return plan
 

@@ -566,6 +566,31 @@ def warn_uncovered_positions(
     )
 
 
+def warn_branches_without_heads(
+    branches: Sequence[tuple[int, int, int]], *, num_heads: int
+) -> None:
+    """Warn that ``"head_split"`` mixing leaves some branches with no head (``num_heads``
+    smaller than the branch count): those branches are not computed at all.
+
+    Args:
+        branches: per branch ``(w, r, heads running it)``.
+    """
+    if torch.compiler.is_compiling():
+        return  # a warning would break the compiled graph; eager calls still warn
+    idle = [f"branch {i} (w={w}, r={r})" for i, (w, r, heads) in enumerate(branches) if heads == 0]
+    if not idle:
+        return
+    warnings.warn(
+        f"branch_mixing='head_split' with {num_heads} head{'s' if num_heads != 1 else ''} "
+        f"and {len(branches)} branches gives no head to {', '.join(idle)}: "
+        f"{'it is' if len(idle) == 1 else 'they are'} not computed. Use at least "
+        f"{len(branches)} heads (one group of heads per branch), fewer branches, or "
+        f"branch_mixing='softmax' (every head runs every branch).",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
 def warn_if_transposed(q: Tensor, segment_lengths: Sequence[int]) -> None:
     """Warn when ``q`` looks like ``(B, H, N, D)`` instead of ``(B, N, H, D)``.
 

@@ -214,6 +214,29 @@ def test_a_layer_whose_heads_leave_positions_uncovered_warns_once_at_constructio
     assert attn[:, ~covered].abs().max() == 0 and attn[:, covered].abs().min() > 0
 
 
+def test_head_split_with_fewer_heads_than_branches_warns_about_the_idle_branches(
+    fresh_plans,
+) -> None:
+    # Every position is covered (branch 0 has r=1), so only the idle-branch warning fires.
+    q, k, v = (torch.randn(1, 64, 2, 8, dtype=torch.float64) for _ in range(3))
+    match = (
+        r"branch_mixing='head_split' with 2 heads and 3 branches gives no head to branch 2 "
+        r"\(w=32, r=4\): it is not computed\. Use at least 3 heads"
+    )
+    with pytest.warns(UserWarning, match=match) as record:
+        out = dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], branch_mixing="head_split")
+    assert len(record) == 1 and record[0].filename == __file__
+    # What it computes: the first two branches only (the warning is true).
+    two = dilated_attention(q, k, v, [8, 16], [1, 2], branch_mixing="head_split")
+    torch.testing.assert_close(out, two, rtol=0, atol=0)
+    with warnings.catch_warnings():  # once per configuration
+        warnings.simplefilter("error")
+        dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], branch_mixing="head_split")
+        # Enough heads: silent.
+        q3 = torch.randn(1, 64, 3, 8, dtype=torch.float64)
+        dilated_attention(q3, q3, q3, [8, 16, 32], [1, 2, 4], branch_mixing="head_split")
+
+
 def test_the_function_warns_once_per_configuration(fresh_plans) -> None:
     q = torch.randn(1, 32, 1, 4)
     # head_split with fewer heads than branches: branch 1 runs no head at all.
