@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -92,3 +93,26 @@ def test_hilbert_ring_on_two_ranks() -> None:
             torch.testing.assert_close(
                 got, want, **TOL, msg=lambda m, i=i, rank=rank: f"rank {rank} #{i}: {m}"
             )
+
+
+def _grid_differs(rank: int, world_size: int, _: Any) -> str | None:
+    # Whole-sequence calls order the sequence by the grid before splitting it: ranks with
+    # different grids would hold shards of different orders (a silently wrong result).
+    q = torch.randn(1, 32, 2, 8, dtype=torch.float64)
+    module = HilbertRingAttention([8], [1], grid_size=(16, 2) if rank else (2, 16))
+    try:
+        module(q, q, q)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_grid_differing_between_ranks_raises_on_every_rank() -> None:
+    for rank, error in enumerate(spawn(_grid_differs, 2)):
+        assert error is not None, f"rank {rank} did not raise"
+        assert re.search(
+            r"the settings differ between ranks.*rank 0 has .*grid_size=\(2, 16\).*"
+            r"rank 1 has .*grid_size=\(16, 2\)",
+            error,
+            flags=re.S,
+        ), error

@@ -160,3 +160,22 @@ def test_ring_stats_copies_count_on_their_own_and_reset_keeps_the_key() -> None:
     stats.reset()  # in place: compiled graphs keep counting into the same object
     assert stats.key == key and stats_by_key(key) is stats
     assert stats.as_dict()["bytes_sent"] == 0 and stats.calls == 0
+
+
+def _checkpointing_differs(rank: int, world_size: int, _: Any) -> str | None:
+    # Checkpointing runs the ring again in the backward: a rank without it would leave the
+    # other waiting for that second pass. The collective check compares it up front.
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=True) for _ in range(3))
+    module = DistributedRingAttention([16], [1], use_checkpointing=bool(rank), timeout=60.0)
+    try:
+        module(q, k, v, already_split=True).sum().backward()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_checkpointing_differing_between_ranks_raises_on_every_rank() -> None:
+    for rank, error in enumerate(spawn(_checkpointing_differs, 2)):
+        assert error is not None, f"rank {rank} did not raise"
+        assert "the settings differ between ranks" in error, error
+        assert "use_checkpointing=False" in error and "use_checkpointing=True" in error, error

@@ -231,6 +231,7 @@ def check_ring_call(
     layout: object = "contiguous",
     max_seqlen: object = None,
     backward: str = "one ring pass",
+    module: str = "",
 ) -> DilatedPlan:
     """Validate a ring call on every rank of ``group`` together; returns the plan.
 
@@ -243,7 +244,9 @@ def check_ring_call(
     group's own timeout) before ``RuntimeError`` naming the ranks that did not arrive.
     ``backward``: how the backward will run its ring (one pass of every head, or the
     multi-head layer's pass per chunk of heads): ranks that would run different passes
-    raise here instead of exchanging mismatched buffers later.
+    raise here instead of exchanging mismatched buffers later. ``module``: settings of
+    the calling module that the ranks must share too (e.g. a Hilbert ring's grid), as
+    text; compared like the others.
     """
     local_error: str | None = None
     plan: DilatedPlan | None = None
@@ -287,6 +290,7 @@ def check_ring_call(
                 cu_seqlens is not None,
                 layout,
                 backward,
+                module,
             ),
             # The documents: each ring holds its own sequence, so compared within a ring.
             0 if cu_seqlens is None else _fingerprint(tuple(cu_seqlens.tolist())),  # type: ignore[attr-defined]
@@ -343,7 +347,7 @@ def check_ring_call(
             f"backend={backend!r}, ring_size={ring_size}, dropout_p={dropout_p}, "
             f"key_padding_mask={'given' if key_padding_mask is not None else 'None'}, "
             f"cu_seqlens={'given' if cu_seqlens is not None else 'None'}, layout={layout!r}, "
-            f"backward={backward!r}"
+            f"backward={backward!r}" + (f", {module}" if module else "")
         )
         texts = _gather_texts(group, settings, timeout)
         raise ValueError(
@@ -351,9 +355,8 @@ def check_ring_call(
             "dilation_rates, branch_mixing, is_causal, scale, backend, ring_size, dropout_p and "
             "layout, and a key_padding_mask and cu_seqlens on every rank or on none (and, for "
             "a multi-head ring layer, the same recompute_qkv and no module hooks on one rank "
-            "only, so that every rank runs the same backward): "
-            + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts))
-            + "."
+            "only, so that every rank runs the same backward; for a ring module, the same "
+            "module settings): " + "; ".join(f"rank {j} has {t}" for j, t in enumerate(texts)) + "."
         )
     size = world_size if ring_size is None else int(ring_size)  # type: ignore[call-overload]
     rings = [table[i : i + size] for i in range(0, world_size, size)]

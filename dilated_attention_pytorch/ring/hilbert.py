@@ -141,6 +141,11 @@ class HilbertRingAttention(StandardRingAttention):
         # read it on the host and break a compiled graph).
         return out[:, torch.argsort(perm)]
 
+    def _agreed_settings(self) -> str:
+        # The grid orders the whole sequence before it is split: ranks with different
+        # grids would hold shards of different orders.
+        return f"grid_size={self.grid_size}, hilbert_level={self.hilbert_level}"
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, grid_size={self.grid_size}, "

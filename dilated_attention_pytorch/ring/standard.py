@@ -328,6 +328,13 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         validate = (
             self.validate == "always" or cu_seqlens is not None or signature not in self._validated
         )
+        agreed = self._agreed_settings()
+        if validate and agreed and not torch.compiler.is_compiling():
+            # The collective check, with this module's own settings compared too.
+            check_ring_call(
+                q, k, v, group=group, key_padding_mask=mask, module=agreed, **settings
+            )  # fmt: skip
+            validate = False
         out = ring_dilated_attention(
             q, k, v, group=group, key_padding_mask=mask, validate=validate, stats=self._stats,
             **settings,
@@ -339,6 +346,11 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         out = gather_replicated(out, group, members, **options)
         # order is a permutation by construction: argsort inverts it without host reads.
         return out if order is None else out.index_select(1, torch.argsort(order))
+
+    def _agreed_settings(self) -> str:
+        """Settings of this module beyond the ring call's own that every rank must share
+        (compared by the collective input check); ``""``: none."""
+        return ""
 
     @staticmethod
     def _signature(
