@@ -34,6 +34,7 @@ from .ring import (
     RingMultiheadDilatedAttention,
     StandardRingAttention,
 )
+from .validation import check_bool
 
 __all__ = [
     "DEFAULT_DILATION_RATES",
@@ -98,9 +99,24 @@ def register_attention_kind(
     Raises:
         ValueError: ``name`` is ``"auto"`` or already registered (pass ``replace=True``
             to overwrite on purpose).
+        TypeError: ``cls`` is not an ``nn.Module`` subclass, or another argument has the
+            wrong type.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"kind name must be a non-empty str other than 'auto', got {name!r}.")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(
+            f"cls must be an nn.Module subclass (the factory builds it with the config's "
+            f"arguments), got {cls!r}."
+        )
+    check_bool("multihead", multihead)
+    check_bool("replace", replace)
+    if why_not is not None and not callable(why_not):
+        raise TypeError(f"why_not must be a callable returning str or None, got {why_not!r}.")
+    if auto_priority is not None and (
+        isinstance(auto_priority, bool) or not isinstance(auto_priority, int)
+    ):
+        raise TypeError(f"auto_priority must be an int or None, got {auto_priority!r}.")
     if (multihead, name) in _KINDS and not replace:
         raise ValueError(
             f"attention kind {name!r} is already registered "

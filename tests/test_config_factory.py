@@ -18,6 +18,7 @@ from dilated_attention_pytorch import (
     available_attention_kinds,
     create_dilated_attention,
     create_multihead_dilated_attention,
+    dilated_attention,
     register_attention_kind,
 )
 
@@ -310,3 +311,30 @@ def test_register_rejects_duplicates_and_auto() -> None:
     )
     with pytest.raises(ValueError, match=r"kind name must be a non-empty str other than 'auto'"):
         register_attention_kind("auto", _Doubling, multihead=False)
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_register_checks_its_arguments_at_registration() -> None:
+    # A bad registration fails at once, not when the kind is first built.
+    with pytest.raises(TypeError, match=r"cls must be an nn.Module subclass .* got <class 'int'>"):
+        register_attention_kind("ints", int, multihead=False)
+    with pytest.raises(TypeError, match=r"multihead must be a bool, got str 'yes'"):
+        register_attention_kind("yes", _Doubling, multihead="yes")
+    with pytest.raises(TypeError, match=r"why_not must be a callable"):
+        register_attention_kind("why", _Doubling, multihead=False, why_not="no")
+    with pytest.raises(TypeError, match=r"auto_priority must be an int or None"):
+        register_attention_kind("prio", _Doubling, multihead=False, auto_priority=1.5)
+    assert not {"ints", "yes", "why", "prio"} & set(available_attention_kinds())
+
+
+def test_numpy_integers_are_accepted_as_segment_lengths_and_rates() -> None:
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 32, 2, 8)
+    ws, rs = list(np.array([8, 16])), list(np.array([1, 2]))
+    assert torch.equal(
+        dilated_attention(q, q, q, ws, rs), dilated_attention(q, q, q, [8, 16], [1, 2])
+    )
+    config = DilatedAttentionConfig(segment_lengths=ws, dilation_rates=rs)
+    assert config.segment_lengths == (8, 16) and all(type(w) is int for w in config.segment_lengths)
+    with pytest.raises(TypeError, match=r"segment_lengths\[0\] must be an int, got bool"):
+        dilated_attention(q, q, q, [np.bool_(True)], [1])
