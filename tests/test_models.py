@@ -196,6 +196,16 @@ def test_model_errors_say_what_to_do() -> None:
         model.generate(_ids(n=4), 1, temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         model.generate(_ids(n=4), -1)
+    with pytest.raises(
+        TypeError, match=r"temperature must be a number >= 0 \(0: greedy\), got NoneType"
+    ):
+        model.generate(_ids(n=4), 1, temperature=None)
+    with pytest.raises(
+        ValueError, match=r"a prompt of at least one token, got input_ids of shape \(2, 0\)"
+    ):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), 1)
+    with pytest.raises(TypeError, match=r"rotary_base must be a number .* got str '1e4'"):
+        LongNetLM(256, 32, 4, 1, [8], [1], rotary_base="1e4")
     with pytest.raises(TypeError, match="targets must be an int64 tensor"):
         model(_ids(), _ids().float())
     with pytest.raises(TypeError, match="positions must be an int64 tensor"):

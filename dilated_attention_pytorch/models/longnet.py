@@ -278,6 +278,11 @@ class LongNetLM(nn.Module):
             )
         self.head_dim = head_dim
         self.max_seq_len = check_optional_positive_int("max_seq_len", max_seq_len)
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
+            raise TypeError(
+                f"rotary_base must be a number (the rotary frequencies' base, e.g. 10000.0), "
+                f"got {type(rotary_base).__name__} {rotary_base!r}."
+            )
         if not math.isfinite(rotary_base) or rotary_base <= 1.0:
             raise ValueError(f"rotary_base must be a finite number > 1, got {rotary_base!r}.")
         self.rotary_base = float(rotary_base)
@@ -454,8 +459,18 @@ class LongNetLM(nn.Module):
         a dense model runs the whole prefix again for each token. The model samples in
         evaluation mode (no dropout) and returns to its previous mode.
         """
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(
+                f"temperature must be a number >= 0 (0: greedy), got "
+                f"{type(temperature).__name__} {temperature!r}."
+            )
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(
+                f"generate needs a prompt of at least one token, got input_ids of shape "
+                f"{tuple(input_ids.shape)}; start from e.g. a beginning-of-sequence token."
+            )
         if top_k is not None:
             check_positive_int("top_k", top_k)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
