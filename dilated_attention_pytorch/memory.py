@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import AttentionCall, available_backends, get_backend
-from .backends.blocks import _MAX_SCORE_ELEMENTS, compute_dtype
+from .backends.blocks import _MAX_SCORE_ELEMENTS, _MAX_SCORE_ELEMENTS_CPU, compute_dtype
 from .distributed.ring_dilated_attention import _held_origin, ring_layout, ring_merges_blocks
 from .distributed.validation import check_shard_length
 from .plan import DilatedPlan, heads_plan, make_plan, num_dilated_positions
@@ -1007,15 +1007,17 @@ def _check_backend(backend: object, dtype: torch.dtype, head_dim: int, plan: Dil
 
 
 def _config(
-    B: int, N: int, H: int, D: int, ring: int, plan: DilatedPlan, dtype: torch.dtype, backend: str
-) -> _Config:
+    B: int, N: int, H: int, D: int, ring: int, plan: DilatedPlan, dtype: torch.dtype, backend: str,
+    device: str = "cuda",
+) -> _Config:  # fmt: skip
     acc, itemsize = compute_dtype(dtype).itemsize, dtype.itemsize
     if backend == "triton":
         kernel = "triton"
     else:
         # blocks.block_kernel: fp16/bf16 blocks run on cuDNN or flash where flash's head
-        # dims allow (a multiple of 8, <= 256); everything else on the math path.
-        fused = dtype in _LOW_PRECISION and D % 8 == 0 and D <= 256
+        # dims allow (a multiple of 8, <= 256); everything else (and the CPU) on the math
+        # path.
+        fused = device == "cuda" and dtype in _LOW_PRECISION and D % 8 == 0 and D <= 256
         kernel = "fused" if fused else "math"
     extra = {}
     if backend == "triton" and ring == 1:
@@ -1024,7 +1026,8 @@ def _config(
             "triton_multi": sched.multi,
             "triton_chunks": _head_chunks(sched.multi, B, N, H, D),
         }
-    return _Config(B, H, D, itemsize, acc, kernel, plan, _MAX_SCORE_ELEMENTS, extra)
+    tile = _MAX_SCORE_ELEMENTS if device == "cuda" else _MAX_SCORE_ELEMENTS_CPU
+    return _Config(B, H, D, itemsize, acc, kernel, plan, tile, extra)
 
 
 def _ranks(ring: int) -> list[int]:
@@ -1067,6 +1070,7 @@ def get_memory_estimate(
     embed_dim: int | None = None,
     with_backward: bool = True,
     recompute_qkv: bool = True,
+    device: str = "cuda",
 ) -> dict:
     """Per-rank memory of one forward (+ backward) of this library's dilated attention.
 
@@ -1095,7 +1099,7 @@ def get_memory_estimate(
       so it costs as much as q itself. fp16/bf16 are assumed on CUDA, where blocks
       run on cuDNN / flash (head dims that are multiples of 8 up to 256); fp32/fp64
       and other head dims take the math path, whose score tiles hold up to
-      ``2**24`` elements each on CUDA, up to five at once in
+      ``2**24`` elements each on CUDA (``2**18`` on the CPU), up to five at once in
       the backward (plus fp32 copies of each tile's operands for fp16/bf16): a
       constant (``5 * 64 MiB`` in fp32) that dominates small inputs.
     - ``triton`` backend: out and lse written in place; fp32 accumulators only when
@@ -1115,12 +1119,11 @@ def get_memory_estimate(
     whole sequence: three half-size K/V buffers per branch with ``w > L`` instead of one,
     and one reordered copy of q, k, v or the output at a time),
     key padding masks and dropout (the math path's masks), cuDNN's internal workspace,
-    the CUDA caching allocator's rounding and fragmentation, NCCL's own buffers, and
-    fp16/bf16 on the CPU with head dims that flash would take (estimated as on CUDA;
-    the CPU runs them on the math path).
+    the CUDA caching allocator's rounding and fragmentation and NCCL's own buffers.
 
     Checked against measurements: byte for byte against the live tensor storage of CPU
-    runs (pytorch backend in fp32, fp64, fp16/bf16 math path, the multi-head layer,
+    runs (``device="cpu"``, or the CPU with CUDA's tile size; pytorch backend in fp32,
+    fp64, fp16/bf16 math path, the multi-head layer,
     gloo rings of 2, 4 and 8 ranks with ``already_split`` either way, Triton under its
     interpreter), and within 1% of the peaks recorded on an H200 in
     ``benchmarks/results/ring_nvidia-h200_2gpu_20261121.json`` (bf16, cuDNN/flash blocks).
@@ -1146,6 +1149,9 @@ def get_memory_estimate(
             keeping them; see :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`).
             It applies on one device and on a ring's shards (``already_split=True``); the
             ring layers run whole-sequence calls as separate nodes.
+        device: ``"cuda"`` (default) or ``"cpu"``: where the call runs. The pytorch
+            backend's blocks differ: on the CPU every block takes the math path, with
+            score tiles of at most ``2**18`` elements instead of ``2**24``.
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):
@@ -1185,6 +1191,7 @@ def get_memory_estimate(
     split = check_bool("already_split", already_split)
     with_backward = check_bool("with_backward", with_backward)
     recompute_qkv = check_bool("recompute_qkv", recompute_qkv)
+    device = check_choice("device", device, ("cuda", "cpu"))
     dtype = _check_dtype(dtype)
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)
     backend = _check_backend(backend, dtype, D, plan, with_backward)
@@ -1204,7 +1211,7 @@ def get_memory_estimate(
             )
         check_shard_length(plan, N // k, k)
 
-    cfg = _config(B, N, H, D, k, plan, dtype, backend)
+    cfg = _config(B, N, H, D, k, plan, dtype, backend, device)
     # The layer recomputes q, k, v in training (MultiheadDilatedAttention with
     # recompute_qkv=True; under no_grad it runs the projections as usual), on one device
     # and on a ring's shards (the whole sequence on every rank runs separate nodes).
@@ -1213,7 +1220,7 @@ def get_memory_estimate(
     if k == 1:
         reduction = 1.0
     else:
-        single = _peak(_config(B, N, H, D, 1, plan, dtype, backend), N, 1, split,
+        single = _peak(_config(B, N, H, D, 1, plan, dtype, backend, device), N, 1, split,
                        with_backward, embed_dim, recompute)[0]  # fmt: skip
         reduction = single.peak / tl.peak
     whole = N if (k > 1 and not split) else N // k
@@ -1250,6 +1257,7 @@ def get_memory_estimate(
         "head_dim": D,
         "embed_dim": embed_dim,
         "dtype": str(dtype),
+        "device": device,
         "backend": backend,
         "kernel": _KERNEL_NAMES[cfg.kernel],
         "already_split": split,

@@ -239,8 +239,9 @@ class DilatedAttention(nn.Module):
         schedule, mixing, ring size (:meth:`memory_ring_size`) and backend
         (``"auto"`` is counted as the ``pytorch`` backend, which ``auto`` runs for
         training calls with softmax mixing on Hopper and on the CPU; pass ``backend=``
-        to count another). ``kwargs`` are its other keywords (``dtype``,
-        ``already_split``, ``embed_dim``, ...).
+        to count another). ``kwargs`` are its other keywords (``dtype``, ``device``
+        (``"cuda"`` by default; ``"cpu"`` for a CPU run), ``already_split``,
+        ``embed_dim``, ...).
         """
         return get_memory_estimate(
             seq_len,
@@ -625,6 +626,8 @@ class MultiheadDilatedAttention(nn.Module):
                 and self.attention._runs_projected_node()
             )
             kwargs.setdefault("recompute_qkv", recomputes)
+        else:  # another inner attention: the layer runs separate nodes
+            kwargs.setdefault("recompute_qkv", False)
         return estimate(
             seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs
         )

@@ -56,6 +56,18 @@ class OperatedAttention(nn.Module):
             "peak_memory_bytes": torch.cuda.max_memory_allocated(self._device) if on_cuda else None,
         }
 
+    def get_memory_estimate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The inner attention's :meth:`~dilated_attention_pytorch.DilatedAttention.get_memory_estimate`.
+        With ``use_checkpointing`` the forward keeps less, but the backward's rerun holds
+        what the plain attention's forward+backward holds, which bounds the peak."""
+        estimate = getattr(self.attention, "get_memory_estimate", None)
+        if estimate is None:
+            raise TypeError(
+                f"the inner attention {type(self.attention).__name__} has no "
+                f"get_memory_estimate; use a DilatedAttention or ring attention module."
+            )
+        return estimate(*args, **kwargs)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
         start = time.perf_counter() if self.enable_monitoring else None
         if self.use_checkpointing and torch.is_grad_enabled():
