@@ -103,8 +103,8 @@ class DilatedKVCache:
                 f"{tuple(q.shape)} and k of shape {tuple(k.shape)} (B, N, H, D); build one "
                 f"cache per layer and head count."
             )
-        if not self.keys:
-            return
+        if not self.keys or self.position == 0:
+            return  # a new prompt: its fill allocates buffers of its own shape
         ref_k, ref_v = self.keys[0], self.values[0]
         wanted = (ref_k.shape[0], ref_k.shape[-1], ref_v.shape[-1], ref_k.dtype, ref_k.device)
         got = (k.shape[0], k.shape[-1], v.shape[-1], k.dtype, k.device)

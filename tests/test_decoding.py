@@ -180,3 +180,14 @@ def test_grouped_query_language_model_decodes_with_its_caches() -> None:
     with torch.no_grad():
         mha_cache.fill(torch.zeros(1, 21, 4, 8, dtype=DT), torch.zeros(1, 21, 4, 8, dtype=DT))
     assert caches[0].nbytes() < mha_cache.nbytes()
+
+
+def test_an_empty_prompt_leaves_the_cache_free_for_any_next_prompt() -> None:
+    # position 0 after an empty prompt: the next call is a new prompt of any batch size,
+    # and it computes what a fresh cache computes.
+    cache, fresh = DilatedKVCache([4], [1], 2), DilatedKVCache([4], [1], 2)
+    x = torch.randn(2, 6, 2, 4, dtype=torch.float64)
+    empty = cached_dilated_attention(x[:, :0], x[:, :0], x[:, :0], cache)
+    assert empty.shape == (2, 0, 2, 4) and cache.position == 0
+    got = cached_dilated_attention(x[:1], x[:1], x[:1], cache)
+    torch.testing.assert_close(got, cached_dilated_attention(x[:1], x[:1], x[:1], fresh))
