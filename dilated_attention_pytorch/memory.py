@@ -1070,7 +1070,7 @@ def get_memory_estimate(
     embed_dim: int | None = None,
     with_backward: bool = True,
     recompute_qkv: bool = True,
-    device: str = "cuda",
+    device: str | torch.device = "cuda",
 ) -> dict:
     """Per-rank memory of one forward (+ backward) of this library's dilated attention.
 
@@ -1149,9 +1149,10 @@ def get_memory_estimate(
             keeping them; see :class:`~dilated_attention_pytorch.MultiheadDilatedAttention`).
             It applies on one device and on a ring's shards (``already_split=True``); the
             ring layers run whole-sequence calls as separate nodes.
-        device: ``"cuda"`` (default) or ``"cpu"``: where the call runs. The pytorch
-            backend's blocks differ: on the CPU every block takes the math path, with
-            score tiles of at most ``2**18`` elements instead of ``2**24``.
+        device: ``"cuda"`` (default) or ``"cpu"`` (or a ``torch.device``): where the
+            call runs. The pytorch backend's blocks differ: on the CPU every block takes
+            the math path, with score tiles of at most ``2**18`` elements instead of
+            ``2**24``.
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):
@@ -1191,6 +1192,8 @@ def get_memory_estimate(
     split = check_bool("already_split", already_split)
     with_backward = check_bool("with_backward", with_backward)
     recompute_qkv = check_bool("recompute_qkv", recompute_qkv)
+    if isinstance(device, torch.device) or (isinstance(device, str) and ":" in device):
+        device = torch.device(device).type  # torch.device("cpu"), "cuda:0"
     device = check_choice("device", device, ("cuda", "cpu"))
     dtype = _check_dtype(dtype)
     plan = make_plan(segment_lengths, dilation_rates, H, branch_mixing)

@@ -233,7 +233,8 @@ def make_plan(
     *any* branch (their output is 0), a ``UserWarning`` names them and the fix, once per
     configuration (the plan is built once per configuration). In ``"head_split"`` mode
     with fewer heads than branches the last branches get no head and are not computed;
-    a ``UserWarning`` says so, once per configuration.
+    a ``UserWarning`` says so, once per configuration (the coverage warning, which lists
+    them as "run by 0 heads", when positions are left uncovered too).
     """
     ws, rs = validate_branches(segment_lengths, dilation_rates)
     mixing = check_branch_mixing(branch_mixing)

@@ -210,6 +210,19 @@ def test_extreme_dilated_sparse_scales(segments) -> None:
         assert all(1 <= w <= 8 for w, _ in pattern.knobs["branches_in_blocks"])
 
 
+def test_numpy_integer_segments() -> None:
+    np = pytest.importorskip("numpy")
+    layer = BlockSparseAttention(
+        16, 0.5, "dilated_sparse", segment_lengths=list(np.array([32, 64])),
+        dilation_rates=list(np.array([1, 2])),
+    )  # fmt: skip
+    plain = BlockSparseAttention(
+        16, 0.5, "dilated_sparse", segment_lengths=[32, 64], dilation_rates=[1, 2]
+    )
+    assert layer.op_spec == plain.op_spec
+    assert torch.equal(layer.pattern(128).block_mask, plain.pattern(128).block_mask)
+
+
 def test_call_errors() -> None:
     q = torch.randn(1, 64, 2, 8)
     pattern = make_block_sparse_pattern("local_window", 64, block_size=16)

@@ -136,6 +136,14 @@ def test_bytes_are_the_kept_blocks(byte_results, world: int, pattern_type: str) 
         assert max(per_rank) <= 2 * per_block * (n if world > 1 else 0)
 
 
+def _eval_then_train(module: RingBlockSparseAttention) -> None:
+    q = torch.randn(1, 64, 2, 8)
+    module.eval()
+    module(q, q, q, already_split=True)
+    module.train()
+    module(q, q, q, already_split=True)
+
+
 def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
     errors: dict[str, str | None] = {}
     calls = {
@@ -161,6 +169,13 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
         "dropout-differs": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16, dropout=0.5 if rank else 0.0
         )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
+        # validate="once": an eval call (no dropout: the ranks agree) checked first; the
+        # training call differs, and is checked again.
+        "dropout-differs-after-eval": lambda: _eval_then_train(
+            RingBlockSparseAttention(
+                pattern_type="local_window", block_size=16, dropout=0.5 if rank else 0.0
+            )
+        ),
         # The whole sequence, wrong on rank 0 only: rank 1 raises too instead of waiting.
         "one-rank-length": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16
@@ -183,6 +198,7 @@ def test_bad_input_raises_on_every_rank() -> None:
         "heads-differ": r"the ranks of a ring disagree.*num_heads\": null.*num_heads\": 2",
         "scale-differs": r"the ranks of a ring disagree.*scale=None.*scale=0.3",
         "dropout-differs": r"the ranks of a ring disagree.*dropout_p=0.0.*dropout_p=0.5",
+        "dropout-differs-after-eval": r"the ranks of a ring disagree.*dropout_p=0.0.*dropout_p=0.5",
         "one-rank-length": r"invalid input on rank\(s\) \[0\] .*63 tokens.*does not cut into 2 equal shards",
     }  # fmt: skip
     for rank, errors in enumerate(spawn(_bad_worker, 2)):

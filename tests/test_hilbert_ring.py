@@ -111,8 +111,38 @@ def test_a_grid_differing_between_ranks_raises_on_every_rank() -> None:
     for rank, error in enumerate(spawn(_grid_differs, 2)):
         assert error is not None, f"rank {rank} did not raise"
         assert re.search(
-            r"the settings differ between ranks.*rank 0 has .*grid_size=\(2, 16\).*"
-            r"rank 1 has .*grid_size=\(16, 2\)",
+            r"the settings differ between ranks.*rank 0 has .*Hilbert grid \(2, 16\).*"
+            r"rank 1 has .*Hilbert grid \(16, 2\)",
             error,
             flags=re.S,
         ), error
+
+
+def _grid_cases(rank: int, world_size: int, _: Any) -> dict[str, str | None]:
+    q = torch.randn(1, 32, 2, 8, dtype=torch.float64)
+    calls = {
+        # A grid that does not fit on one rank: every rank raises (none waits).
+        "misfit": lambda: HilbertRingAttention([8], [1], grid_size=(4, 4) if rank else (2, 16))(
+            q, q, q
+        ),
+        # Shards: no grid is used, so grids may differ.
+        "shards": lambda: HilbertRingAttention([8], [1], grid_size=(16, 2) if rank else (2, 16))(
+            q[:, :16], q[:, :16], q[:, :16], already_split=True
+        ),
+    }
+    errors: dict[str, str | None] = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return errors
+
+
+def test_grid_errors_reach_every_rank_and_shards_ignore_the_grid() -> None:
+    for rank, errors in enumerate(spawn(_grid_cases, 2)):
+        assert errors["misfit"] is not None, f"rank {rank} did not raise"
+        assert re.search(r"invalid input on rank\(s\) \[1\].*grid_size=\(4, 4\) has 16 cells",
+                         errors["misfit"], flags=re.S), errors["misfit"]  # fmt: skip
+        assert errors["shards"] is None, errors["shards"]

@@ -479,6 +479,7 @@ def test_cpu_estimate_matches_a_cpu_run_with_the_cpu_tiles(monkeypatch, dtype) -
         layer(x)[0].backward(dy)
     est = layer.get_memory_estimate(N, B, device="cpu")
     assert est["device"] == "cpu" and "math" in est["kernel"]
+    assert layer.get_memory_estimate(N, B, device=torch.device("cpu")) == est
     # Measured (torch 2.13): the estimate is 1-2 MiB above the CPU's peak here (it counts
     # one score tile or head chunk more than the CPU holds at once): an upper bound
     # within 15%, where CUDA's tile budget would give several times the peak.

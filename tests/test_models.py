@@ -204,6 +204,9 @@ def test_model_errors_say_what_to_do() -> None:
         ValueError, match=r"a prompt of at least one token, got input_ids of shape \(2, 0\)"
     ):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 1)
+    np = pytest.importorskip("numpy")  # numpy and 0-d tensor numbers are numbers
+    LongNetLM(256, 32, 4, 1, [8], [1], rotary_base=np.float32(10000.0))
+    model.generate(_ids(n=4), 1, temperature=torch.tensor(0.0))
     with pytest.raises(TypeError, match=r"rotary_base must be a number .* got str '1e4'"):
         LongNetLM(256, 32, 4, 1, [8], [1], rotary_base="1e4")
     with pytest.raises(TypeError, match="targets must be an int64 tensor"):

@@ -10,6 +10,7 @@ same model object into its sequence-parallel (ring) and data-parallel form from 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -278,7 +279,7 @@ class LongNetLM(nn.Module):
             )
         self.head_dim = head_dim
         self.max_seq_len = check_optional_positive_int("max_seq_len", max_seq_len)
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, numbers.Real):
             raise TypeError(
                 f"rotary_base must be a number (the rotary frequencies' base, e.g. 10000.0), "
                 f"got {type(rotary_base).__name__} {rotary_base!r}."
@@ -459,7 +460,9 @@ class LongNetLM(nn.Module):
         a dense model runs the whole prefix again for each token. The model samples in
         evaluation mode (no dropout) and returns to its previous mode.
         """
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        if isinstance(temperature, Tensor) and temperature.numel() == 1:
+            temperature = float(temperature)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise TypeError(
                 f"temperature must be a number >= 0 (0: greedy), got "
                 f"{type(temperature).__name__} {temperature!r}."

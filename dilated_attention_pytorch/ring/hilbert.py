@@ -133,6 +133,12 @@ class HilbertRingAttention(StandardRingAttention):
                 query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask,
                 already_split=already_split,
             )  # fmt: skip
+        ring = self.ring()
+        if self._whole_input_error(query) is not None and ring is not None and len(ring[1]) > 1:
+            # A grid that does not fit: the ring's collective check raises it on every rank.
+            return super().forward(
+                query, key, value, is_causal=is_causal, key_padding_mask=key_padding_mask
+            )
         perm = hilbert_permutation(*self.grid(query.shape[1]), device=query.device)
         q, k, v = (t[:, perm] if isinstance(t, Tensor) else t for t in (query, key, value))
         mask = None if key_padding_mask is None else key_padding_mask[:, perm]
@@ -141,10 +147,19 @@ class HilbertRingAttention(StandardRingAttention):
         # read it on the host and break a compiled graph).
         return out[:, torch.argsort(perm)]
 
-    def _agreed_settings(self) -> str:
+    def _agreed_settings(self, seq_len: int | None) -> str:
         # The grid orders the whole sequence before it is split: ranks with different
-        # grids would hold shards of different orders.
-        return f"grid_size={self.grid_size}, hilbert_level={self.hilbert_level}"
+        # grids would hold shards of different orders. (Shards: no grid is used.)
+        return "" if seq_len is None else f"Hilbert grid {self.grid(seq_len)}"
+
+    def _whole_input_error(self, query: Tensor) -> str | None:
+        if not isinstance(query, Tensor) or query.dim() < 2:
+            return None  # the ring's own checks report it
+        try:
+            self.grid(query.shape[1])
+        except ValueError as exc:
+            return f"ValueError: {exc}"
+        return None
 
     def extra_repr(self) -> str:
         return (

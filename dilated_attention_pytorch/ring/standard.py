@@ -300,6 +300,7 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         )
         if not already_split:
             error = whole_input_error(query, key_padding_mask, len(members), layout)
+            error = error or self._whole_input_error(query)
             if error is not None:
                 # Raised inside the collective check, so that every rank raises with it
                 # instead of waiting for this one.
@@ -324,11 +325,16 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             mask = _mask_shard(key_padding_mask, position, len(members))
         # Bad options are checked inside the collective validation, so that a bad mask or
         # dropout on one rank makes every rank raise instead of hanging the others.
-        signature = self._signature(q, k, v, is_causal, mask, dropout_p, layout, group)
+        agreed = self._agreed_settings(None if already_split else query.shape[1])
+        # With the module's own settings and the mode: after a switch (eval to training,
+        # gradients on) every rank checks again, also one whose own settings stay the same.
+        signature = (
+            *self._signature(q, k, v, is_causal, mask, dropout_p, layout, group),
+            agreed, self.training, torch.is_grad_enabled(),
+        )  # fmt: skip
         validate = (
             self.validate == "always" or cu_seqlens is not None or signature not in self._validated
         )
-        agreed = self._agreed_settings()
         if validate and agreed and not torch.compiler.is_compiling():
             # The collective check, with this module's own settings compared too.
             check_ring_call(
@@ -339,7 +345,8 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
             q, k, v, group=group, key_padding_mask=mask, validate=validate, stats=self._stats,
             **settings,
         )  # fmt: skip
-        if cu_seqlens is None:
+        if cu_seqlens is None and not (agreed and torch.compiler.is_compiling()):
+            # (A traced call did not compare this module's own settings.)
             self._validated.add(signature)
         if already_split:
             return out
@@ -347,10 +354,16 @@ class StandardRingAttention(ProcessGroupPickling, DilatedAttention):
         # order is a permutation by construction: argsort inverts it without host reads.
         return out if order is None else out.index_select(1, torch.argsort(order))
 
-    def _agreed_settings(self) -> str:
+    def _agreed_settings(self, seq_len: int | None) -> str:
         """Settings of this module beyond the ring call's own that every rank must share
-        (compared by the collective input check); ``""``: none."""
+        in a call on the whole sequence of ``seq_len`` tokens (``None``: on shards), as
+        they take effect; compared by the collective input check. ``""``: none."""
         return ""
+
+    def _whole_input_error(self, query: Tensor) -> str | None:
+        """A problem of this module's own with the whole sequence ``query`` (reported on
+        every rank by the collective check); ``None``: none."""
+        return None
 
     @staticmethod
     def _signature(

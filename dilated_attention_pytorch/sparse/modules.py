@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,9 +99,15 @@ class BlockSparseAttention(nn.Module):
             )
         self.knobs: dict[str, Any] = {}
         if segment_lengths is not None or dilation_rates is not None:
-            self.knobs = {
-                "segment_lengths": tuple(segment_lengths or ()),
-                "dilation_rates": tuple(dilation_rates or ()),
+            self.knobs = {  # numpy integers as ints: the settings travel as JSON
+                name: tuple(
+                    int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
+                    for x in values or ()
+                )
+                for name, values in (
+                    ("segment_lengths", segment_lengths),
+                    ("dilation_rates", dilation_rates),
+                )
             }
         if pattern_knobs is not None:
             if not isinstance(pattern_knobs, dict):
@@ -288,20 +295,23 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
         self.timeout = None if timeout is None else check_positive_float("timeout", timeout)
         self._stats: RingStats | None = None
         self._validated: set[tuple] = set()
-        # What the ranks of a ring must agree on, by training mode (the dropout applied):
-        # the pattern (its JSON, seed and per-head count included), the score scale, the
-        # dropout and the ring size. Made here, so that a traced call formats no float.
-        self._agreed = {
-            training: f"{self.op_spec}, scale={self.scale!r}, "
-            f"dropout_p={self.dropout if training else 0.0!r}, ring_size={self.ring_size}"
-            for training in (False, True)
-        }
+        # For traced calls, made here so that tracing formats no float (see _agreed_now).
+        self._agreed = {training: self._agreed_now(training) for training in (False, True)}
         if dist.is_available() and dist.is_initialized():
             self.ring()
 
     def ring(self) -> tuple[dist.ProcessGroup, tuple[int, ...]] | None:
         """``(process group, group ranks of this rank's ring)``, or ``None`` (ring of one)."""
         return ring_members(self.resolved_process_group(), self.ring_size)
+
+    def _agreed_now(self, training: bool) -> str:
+        """What the ranks of a ring must agree on: the pattern (its JSON, seed and per-head
+        count included), the score scale, the dropout applied and the ring size."""
+        dropout_p = self.dropout if training else 0.0
+        return (
+            f"{self.op_spec}, scale={self.scale!r}, dropout_p={dropout_p!r}, "
+            f"ring_size={self.ring_size}"
+        )
 
     def forward(
         self,
@@ -372,7 +382,7 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
         ``error``: a problem the caller already found on this rank."""
         check_ring_sparse_call(
             q, k, v, is_causal, group, members, block_size=self.block_size,
-            timeout=self.timeout, config=self._agreed[self.training],
+            timeout=self.timeout, config=self._agreed_now(self.training), mode=self.training,
             validated=self._validated if self.validate == "once" else None,
             error=error or _mask_error(mask),
         )  # fmt: skip

@@ -264,12 +264,14 @@ def ring_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, setup: RingSpar
 def check_ring_sparse_call(
     q: object, k: object, v: object, is_causal: object, group: dist.ProcessGroup,
     members: Sequence[int], *, block_size: int, timeout: float | None, config: str,
-    validated: set | None, error: str | None = None,
+    validated: set | None, error: str | None = None, mode: object = None,
 ) -> None:  # fmt: skip
     """This rank's checks of a ring call, shared with every rank of ``group`` so that all
     raise together. ``error``: a problem the caller already found on this rank;
     ``config``: the settings the ranks of a ring must share; ``validated``: signatures
-    that passed before (skipped, and this one added), ``None`` to check every call."""
+    that passed before (skipped, and this one added), ``None`` to check every call;
+    ``mode``: part of the signature only (the module's training mode: after a switch
+    every rank checks again, also one whose settings stay the same)."""
     try:
         if error is not None:
             raise _Reported(error)
@@ -282,7 +284,7 @@ def check_ring_sparse_call(
                 f"block_size={block_size}; blocks must not straddle ranks: choose N "
                 f"with N/{len(members)} a multiple of {block_size}."
             )
-        signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group))
+        signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group), mode)
     except _Reported:
         signature = None
     except (TypeError, ValueError) as exc:

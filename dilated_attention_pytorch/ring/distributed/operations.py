@@ -129,10 +129,10 @@ class DistributedRingAttention(StandardRingAttention):
             run, query, key, value, use_reentrant=False, **kwargs
         )
 
-    def _agreed_settings(self) -> str:
-        # Checkpointing runs the ring again in the backward: ranks must agree on it, or
-        # one would wait for the other's second ring pass.
-        return f"use_checkpointing={self.use_checkpointing}"
+    def _agreed_settings(self, seq_len: int | None) -> str:
+        # Checkpointing runs the ring again in the backward: ranks must agree on it where
+        # it takes effect (gradients on), or one would wait for the other's second pass.
+        return f"use_checkpointing={self.use_checkpointing and torch.is_grad_enabled()}"
 
     def _runs_projected_node(self) -> bool:
         # With use_checkpointing the checkpoint wraps this module's forward: the layer
