@@ -140,7 +140,7 @@ def _no_grad(rank: int, world: int, group: dist.ProcessGroup) -> Any:
     if rank == STUCK:  # the forward under no_grad, no backward, and on to the next forward
         with torch.no_grad():
             attn(q, k, v, already_split=True)
-        attn(q, k, v, already_split=True)  # validated once: straight to the K/V transfers
+        attn(q, k, v, already_split=True)  # gradients on: a new signature, checked again
         return None
     attn(q, k, v, already_split=True).sum().backward()
     return None
@@ -301,10 +301,11 @@ def test_a_peer_that_skips_the_backward(faults, world: int) -> None:
     seen = _waiting(faults, world, "no-grad")
     _assert_raised_in_time(seen)
     _assert_names_the_stuck_peer(seen, world, "backward")
-    # Its next forward never takes the others' backward transfers for its own: it waits
-    # for a forward that its neighbour is not running, and raises too.
+    # Its next forward (gradients on: checked again) never takes the others' backward
+    # transfers for its own: it waits in the collective check that its neighbours are not
+    # running, and raises too.
     status, message, _ = faults[world][STUCK]["no-grad"]
-    assert status == "raised" and f"forward ring step 0, branch(es) 0 (w={L * world}" in message
+    assert status == "raised" and "the collective input check of ring attention" in message
 
 
 @pytest.mark.parametrize("world", [2, 4])
