@@ -101,3 +101,16 @@ def spawn(
     if errors:
         raise RuntimeError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
     return [pickle.loads(collected[r][1]) for r in range(world_size)]
+
+
+def value_errors(calls: dict[str, Callable[[], Any]]) -> dict[str, str | None]:
+    """Run each call (in a rank's worker): its ``ValueError`` text, or ``None`` if it
+    raised none. Any other exception propagates (a test expecting a ValueError fails)."""
+    errors: dict[str, str | None] = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return errors

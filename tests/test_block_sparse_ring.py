@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import spawn
+from distributed_utils import spawn, value_errors
 
 from dilated_attention_pytorch import RingBlockSparseAttention, block_sparse_attention
 from dilated_attention_pytorch.sparse import PATTERN_TYPES
@@ -145,7 +145,6 @@ def _eval_then_train(module: RingBlockSparseAttention) -> None:
 
 
 def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
-    errors: dict[str, str | None] = {}
     calls = {
         "shard-not-multiple-of-block": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=48
@@ -181,13 +180,7 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
             pattern_type="local_window", block_size=16
         )(*(torch.randn(1, 63 if rank == 0 else 64, 2, 8) for _ in range(3))),
     }
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except ValueError as exc:
-            errors[name] = str(exc)
-    return errors
+    return value_errors(calls)
 
 
 def test_bad_input_raises_on_every_rank() -> None:

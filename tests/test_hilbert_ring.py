@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_utils import spawn
+from distributed_utils import spawn, value_errors
 
 from dilated_attention_pytorch import (
     HilbertRingAttention,
@@ -130,14 +130,7 @@ def _grid_cases(rank: int, world_size: int, _: Any) -> dict[str, str | None]:
             q[:, :16], q[:, :16], q[:, :16], already_split=True
         ),
     }
-    errors: dict[str, str | None] = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except ValueError as exc:
-            errors[name] = str(exc)
-    return errors
+    return value_errors(calls)
 
 
 def test_grid_errors_reach_every_rank_and_shards_ignore_the_grid() -> None:
