@@ -59,7 +59,7 @@ def check_is_causal(is_causal: object) -> bool:
     return check_bool("is_causal", is_causal)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """An integer: ``int`` or another integral type such as ``numpy.int64``, not ``bool``
     (an int subclass) nor ``numpy.bool_``."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))
@@ -68,7 +68,7 @@ def _is_int(value: object) -> bool:
 def check_positive_int(name: str, value: object) -> int:
     """A positive ``int`` (or numpy integer; ``bool`` is rejected although it is an int
     subclass), returned as ``int``."""
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}.")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}.")
@@ -191,7 +191,7 @@ def check_int_list(name: str, values: object) -> tuple[int, ...]:
     out = []
     for i, v in enumerate(values):
         # bool is an int subclass; reject it explicitly (numpy integers are welcome).
-        if not _is_int(v):
+        if not is_int(v):
             raise TypeError(
                 f"{name}[{i}] must be an int, got {type(v).__name__} {v!r}; "
                 f"convert it with int() or fix the config."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from ..validation import (
     check_qkv,
     check_ring_size,
     check_scale,
+    is_int,
 )
 from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
 from .memory import block_sparse_memory_estimate
@@ -100,10 +100,7 @@ class BlockSparseAttention(nn.Module):
         self.knobs: dict[str, Any] = {}
         if segment_lengths is not None or dilation_rates is not None:
             self.knobs = {  # numpy integers as ints: the settings travel as JSON
-                name: tuple(
-                    int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
-                    for x in values or ()
-                )
+                name: tuple(int(x) if is_int(x) else x for x in values or ())
                 for name, values in (
                     ("segment_lengths", segment_lengths),
                     ("dilation_rates", dilation_rates),
