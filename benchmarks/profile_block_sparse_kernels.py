@@ -26,16 +26,17 @@ from dilated_attention_pytorch.sparse.functional import clear_sparse_caches
 
 
 class _Orig:
-    """The old kernels (``_orig_kernels.py``, when present) behind the new call signature."""
+    """The kernels of ``_orig_kernels.py`` (a copy of an earlier ``triton_kernels.py``
+    with the same call signature, when present) in place of the current ones."""
 
     @staticmethod
-    def sparse_forward_triton(*a, sched=None, direct=False, **k):
+    def sparse_forward_triton(*a, **k):
         from dilated_attention_pytorch.sparse import _orig_kernels
 
         return _orig_kernels.sparse_forward_triton(*a, **k)
 
     @staticmethod
-    def sparse_backward_triton(*a, scheds=None, direct=False, **k):
+    def sparse_backward_triton(*a, **k):
         from dilated_attention_pytorch.sparse import _orig_kernels
 
         return _orig_kernels.sparse_backward_triton(*a, **k)
@@ -43,13 +44,15 @@ class _Orig:
     schedules = staticmethod(triton_kernels.schedules)
 
 
+# Tile sizes tried by --sweep, per kernel and head dim; row i of the sweep sets entry i
+# of every kernel's list (a kernel whose list is shorter keeps its default).
 SWEEP = {
-    "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 4, 3), (128, 64, 8, 3)],
-            128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]},
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3)],
-             128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]},
-    "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3)],
-           128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 3)]},
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)]},
+    "dkdv": {64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 4)],
+             128: [(32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2)]},
+    "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)],
+           128: [(128, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 3)]},
 }  # fmt: skip
 
 
@@ -143,11 +146,12 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         if args.sweep:
             saved = {kn: triton_kernels.TILE_CONFIGS[kn][D] for kn in SWEEP}
-            for i in range(4):
+            for i in range(max(len(SWEEP[kn][D]) for kn in SWEEP)):
                 for kn in SWEEP:
-                    triton_kernels.TILE_CONFIGS[kn][D] = SWEEP[kn][D][i]
+                    tried = SWEEP[kn][D]
+                    triton_kernels.TILE_CONFIGS[kn][D] = tried[i] if i < len(tried) else saved[kn]
                 row = {"D": D, "method": "triton",
-                       "tiles": {kn: SWEEP[kn][D][i] for kn in SWEEP}}  # fmt: skip
+                       "tiles": {kn: triton_kernels.TILE_CONFIGS[kn][D] for kn in SWEEP}}  # fmt: skip
                 try:
                     row["kernels"] = per_kernel(step("triton", True))
                 except Exception as e:  # noqa: BLE001

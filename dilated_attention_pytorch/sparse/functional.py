@@ -340,13 +340,16 @@ class _BlockSparseFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def auto_sparse_backend(q: Tensor, why_flex: list[str], why_triton: list[str]) -> str:
-    """``backend="auto"``: FlexAttention where it runs, else the Triton kernels on CUDA,
-    else the pytorch path."""
+def auto_sparse_backend(
+    q: Tensor, why_flex: list[str], why_triton: list[str], training: bool
+) -> str:
+    """``backend="auto"``: on CUDA the Triton kernels, except FlexAttention for training
+    at head dims above 64 (measured faster there); elsewhere flex where it runs, else
+    the pytorch path. ``training``: gradients will be computed."""
+    if q.device.type == "cuda" and not why_triton:
+        return "flex" if training and q.shape[-1] > 64 and not why_flex else "triton"
     if not why_flex:
         return "flex"
-    if not why_triton and q.device.type == "cuda":
-        return "triton"
     return "pytorch"
 
 
@@ -420,9 +423,10 @@ def block_sparse_attention(
             multiple of a block size that is a multiple of 16), ``"triton"`` (our kernels
             over the kept-block lists; CUDA, or the CPU under ``TRITON_INTERPRET=1``;
             power-of-two block sizes >= 16 and head dims 16..256, any ``N``, no dropout)
-            or ``"auto"``: flex where it applies, else triton on CUDA, else pytorch
-            (flex was as fast as our kernels or faster on most forward+backward rows of
-            ``benchmarks/bench_block_sparse.py`` on an H200).
+            or ``"auto"``: on CUDA triton, but flex for training at head dims above 64
+            (as measured by ``benchmarks/bench_block_sparse.py`` on an H100: our kernels
+            were faster on every forward row and every forward+backward row at D=64,
+            flex on most forward+backward rows at D=128); elsewhere pytorch.
         return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
 
     Returns:
@@ -448,7 +452,8 @@ def block_sparse_attention(
     if backend == "triton" and why_triton:
         raise ValueError(f"backend='triton' cannot run this call: {'; '.join(why_triton)}.")
     if backend == "auto":
-        backend = auto_sparse_backend(q, why, why_triton)
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend = auto_sparse_backend(q, why, why_triton, training)
     if backend == "flex":
         out, lse = flex_block_sparse_attention(
             q, k, v, pattern, D**-0.5 if scale is None else float(scale)

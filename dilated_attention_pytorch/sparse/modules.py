@@ -189,8 +189,10 @@ class BlockSparseAttention(nn.Module):
         only the kept blocks of this module's pattern for ``seq_len`` (no tensor is
         allocated). :func:`~dilated_attention_pytorch.sparse.block_sparse_memory_estimate`
         for :meth:`pattern` and :meth:`memory_ring_size`; ``kwargs``: ``dtype``,
-        ``backend`` (default: ``"flex"`` on one device, as ``auto`` runs on CUDA where
-        FlexAttention applies; ``"triton"`` over a ring), ``with_backward``.
+        ``backend`` (default: what ``auto`` runs on CUDA: ``"flex"`` on one device for
+        a forward+backward at head dims above 64, else ``"triton"``; ``"triton"`` over a
+        ring or for ``backend="triton"``, ``"flex"`` for ``backend="flex"``),
+        ``with_backward``.
         """
         if "embed_dim" in kwargs:
             raise TypeError(
@@ -199,7 +201,13 @@ class BlockSparseAttention(nn.Module):
                 "batch_size, num_heads, head_dim) and add the layer's own tensors."
             )
         ring = self.memory_ring_size()
-        kwargs.setdefault("backend", "triton" if ring > 1 or self.backend == "triton" else "flex")
+        if ring > 1 or self.backend in ("triton", "flex"):
+            default = "triton" if ring > 1 else self.backend
+        else:  # auto (and pytorch, estimated as the CUDA kernels auto would run)
+            training = kwargs.get("with_backward", True)
+            wide = check_positive_int("head_dim", head_dim) > 64
+            default = "flex" if training is True and wide else "triton"
+        kwargs.setdefault("backend", default)
         return block_sparse_memory_estimate(
             self.pattern(check_positive_int("seq_len", seq_len), is_causal), batch_size,
             num_heads, head_dim, ring_size=ring, **kwargs,

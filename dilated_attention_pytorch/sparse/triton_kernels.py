@@ -74,20 +74,49 @@ def _program(Sched, NB, TPB: tl.constexpr, SCHED: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(Idx, KFirst, KGlob, t, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-              DIRECT: tl.constexpr):  # fmt: skip
-    # Step t of a query tile's loop: key tile t % (BS / BLOCK_N) of its kept block
-    # t // (BS / BLOCK_N). Returns its first local and first global key. DIRECT: the
-    # held blocks are the sequence's blocks in order (one device), no table to read.
-    kb = tl.load(Idx + t // (BS // BLOCK_N))
-    j = (t % (BS // BLOCK_N)) * BLOCK_N
+def _block_start(kb, KFirst, KGlob, BS: tl.constexpr, DIRECT: tl.constexpr):
+    # First local and first global key of held block kb. DIRECT: the held blocks are
+    # the sequence's blocks in order (one device), no table to read.
     if DIRECT:
-        k0 = kb * BS + j
+        k0 = kb * BS
         g0 = k0
     else:
-        k0 = tl.load(KFirst + kb) + j
-        g0 = tl.load(KGlob + kb) + j
+        k0 = tl.load(KFirst + kb, eviction_policy="evict_last")
+        g0 = tl.load(KGlob + kb, eviction_policy="evict_last")
     return k0, g0
+
+
+@triton.jit
+def _first_key_tile(Idx, KFirst, KGlob, n_steps, BS: tl.constexpr, DIRECT: tl.constexpr):
+    # First local and global key of a query tile's first step (its first kept block).
+    return _block_start(tl.load(Idx, mask=n_steps > 0, other=0), KFirst, KGlob, BS, DIRECT)
+
+
+@triton.jit
+def _next_key_tile(Idx, KFirst, KGlob, t, n_steps, k0, g0, BS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
+    # First local and global key of step t + 1 from step t's (k0, g0): the next tile of
+    # the same block, or the first of the next kept block. See _next_row.
+    u = t + 1
+    kb = tl.load(Idx + u // (BS // BLOCK_N), mask=u < n_steps, other=0,
+                 eviction_policy="evict_last")  # fmt: skip
+    nk0, ng0 = _block_start(kb, KFirst, KGlob, BS, DIRECT)
+    same = u % (BS // BLOCK_N) != 0
+    return tl.where(same, k0 + BLOCK_N, nk0), tl.where(same, g0 + BLOCK_N, ng0)
+
+
+@triton.jit
+def _next_row(Idx, t, n_steps, r0, BS: tl.constexpr, TILE: tl.constexpr):
+    # First row of step t + 1's query tile from step t's (r0): the next tile of the same
+    # block, or the first of the next kept block. The lists are read with plain loads
+    # into loop-carried values (FlexAttention's way): the software pipeliner then loads
+    # the tiles two steps ahead, while a list entry read in the step that uses it
+    # becomes an asynchronous copy the pipeliner waits for in full at every step (Triton
+    # 3.6), leaving each tile's load latency exposed.
+    u = t + 1
+    nxt = tl.load(Idx + u // (BS // TILE), mask=u < n_steps, other=0,
+                  eviction_policy="evict_last")  # fmt: skip
+    return tl.where(u % (BS // TILE) == 0, nxt * BS, r0 + TILE)
 
 
 @triton.jit
@@ -147,9 +176,10 @@ def _sparse_fwd(
     num = tl.load(KvNum + h * s_numh + qb)
     idx = KvIdx + h * s_idxh + qb * s_idxq
     # One flat loop over (kept block, key tile of the block): the software pipeliner
-    # overlaps the loads of the next tile with this one's matmuls.
-    for t in range(num * (BS // BLOCK_N)):
-        k0, g0 = _key_tile(idx, KFirst, KGlob, t, BS, BLOCK_N, DIRECT)
+    # overlaps the loads of the next tiles with this one's matmuls.
+    n_steps = num * (BS // BLOCK_N)
+    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
+    for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
         k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
         qk = _dot(q, tl.trans(k), IEEE) * qk_scale
@@ -165,6 +195,7 @@ def _sparse_fwd(
         v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
+        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, BS, BLOCK_N, DIRECT)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -226,9 +257,9 @@ def _sparse_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     num = tl.load(QNum + h * s_numh + kb)
     idx = QIdx + h * s_idxh + kb * s_idxk
-    for t in range(num * (BS // BLOCK_M)):
-        qb = tl.load(idx + t // (BS // BLOCK_M))
-        q0 = qb * BS + (t % (BS // BLOCK_M)) * BLOCK_M
+    n_steps = num * (BS // BLOCK_M)
+    q0 = tl.load(idx, mask=n_steps > 0, other=0) * BS
+    for t in range(n_steps):
         qmask = q0 + offs_m < len_q
         q = _load(_tile_ptrs(Q, b, h, q0, s_qb, s_qn, s_qh, offs_m, offs_d), qmask, EVEN_Q)
         do = _load(_tile_ptrs(DO, b, h, q0, s_db, s_dn, s_dh, offs_m, offs_d), qmask, EVEN_Q)
@@ -245,6 +276,7 @@ def _sparse_dkdv(
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
+        q0 = _next_row(idx, t, n_steps, q0, BS, BLOCK_M)
     krows = (k0 + offs_n).to(tl.int64)
     tl.store(_rows(DK, b, h, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
              mask=kmask[:, None])  # fmt: skip
@@ -278,8 +310,9 @@ def _sparse_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     num = tl.load(KvNum + h * s_numh + qb)
     idx = KvIdx + h * s_idxh + qb * s_idxq
-    for t in range(num * (BS // BLOCK_N)):
-        k0, g0 = _key_tile(idx, KFirst, KGlob, t, BS, BLOCK_N, DIRECT)
+    n_steps = num * (BS // BLOCK_N)
+    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
+    for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
         k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
         v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
@@ -290,6 +323,7 @@ def _sparse_dq(
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
+        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, BS, BLOCK_N, DIRECT)
     rows = (m0 + offs_m).to(tl.int64)
     tl.store(_rows(DQ, b, h, rows, s_gb, s_gn, s_gh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
@@ -304,11 +338,11 @@ def _sparse_dq(
 # 2026-12-04, each kernel's own CUDA time; 16, 32 and 256 are untuned); a benchmark may
 # override entries. Float32 inputs take at most 64 x 64 tiles and 2 stages (shared memory).
 TILE_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3),
+    "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 64, 4, 3),
             128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
     "dkdv": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3),
              256: (32, 32, 4, 2)},
-    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3),
            256: (32, 32, 4, 2)},
 }  # fmt: skip
 
