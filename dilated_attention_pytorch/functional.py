@@ -132,10 +132,12 @@ def explain_backend(
         'pytorch'
     """
     check_scalars(scale=None, dropout_p=dropout_p, is_causal=is_causal)
-    if not isinstance(q, Tensor) or q.dim() != 4:
-        raise TypeError(
-            f"q must be a (B, N, H, D) tensor, got {type(q).__name__}"
-            f"{' of shape ' + str(tuple(q.shape)) if isinstance(q, Tensor) else ''}."
+    if not isinstance(q, Tensor):
+        raise TypeError(f"q must be a (B, N, H, D) torch.Tensor, got {type(q).__name__}.")
+    if q.dim() != 4:  # the same error as dilated_attention's
+        raise ValueError(
+            f"q must have 4 dims (B, N, H, D) (batch, tokens, heads, head_dim), got shape "
+            f"{tuple(q.shape)}; if your tensor is (B, H, N, D), pass q.transpose(1, 2)."
         )
     plan = make_plan(segment_lengths, dilation_rates, q.shape[2], branch_mixing)
     if not isinstance(key_padding_mask, (Tensor, bool)) and key_padding_mask is not None:

@@ -467,13 +467,14 @@ def check_input_dtype(name: str, x: Tensor, param_dtype: torch.dtype) -> None:
 
 
 def check_head_split(embed_dim: object, num_heads: object) -> int:
-    """``embed_dim`` and ``num_heads`` positive ints, ``embed_dim % num_heads == 0``; returns head_dim."""
+    """``embed_dim`` and ``num_heads`` positive ints (numpy integers too),
+    ``embed_dim % num_heads == 0``; returns head_dim."""
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-        if value <= 0:
+        if value <= 0:  # type: ignore[operator]
             raise ValueError(f"{name} must be a positive int, got {value}.")
-    assert isinstance(embed_dim, int) and isinstance(num_heads, int)
+    embed_dim, num_heads = int(embed_dim), int(num_heads)  # type: ignore[call-overload]
     if embed_dim % num_heads != 0:
         raise ValueError(
             f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "

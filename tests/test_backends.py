@@ -392,5 +392,8 @@ def test_explain_backend_names_the_choice_and_the_reasons() -> None:
     )
     with pytest.raises(TypeError, match="key_padding_mask must be the \\(B, N\\) bool mask"):
         explain_backend(q, [8], [1], key_padding_mask="yes")
-    with pytest.raises(TypeError, match=r"q must be a \(B, N, H, D\) tensor, got Tensor of shape"):
+    # The errors of dilated_attention itself: ValueError for a wrong shape.
+    with pytest.raises(ValueError, match=r"q must have 4 dims \(B, N, H, D\).*got shape \(4, 16\)"):
         explain_backend(torch.empty(4, 16), [8], [1])
+    with pytest.raises(TypeError, match=r"q must be a \(B, N, H, D\) torch.Tensor, got list"):
+        explain_backend([1.0], [8], [1])

@@ -338,3 +338,9 @@ def test_numpy_integers_are_accepted_as_segment_lengths_and_rates() -> None:
     assert config.segment_lengths == (8, 16) and all(type(w) is int for w in config.segment_lengths)
     with pytest.raises(TypeError, match=r"segment_lengths\[0\] must be an int, got bool"):
         dilated_attention(q, q, q, [np.bool_(True)], [1])
+    # embed_dim and num_heads of a multi-head layer too (stored as int).
+    layer = MultiheadDilatedAttention(np.int64(16), np.int32(2), segment_lengths=ws,
+                                      dilation_rates=rs)  # fmt: skip
+    assert (type(layer.embed_dim), type(layer.num_heads), layer.head_dim) == (int, int, 8)
+    with pytest.raises(TypeError, match=r"num_heads must be an int, got bool"):
+        MultiheadDilatedAttention(16, np.bool_(True), segment_lengths=[8], dilation_rates=[1])
