@@ -81,6 +81,27 @@ def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size, 
 
 
 @interpreted
+def test_kernels_with_no_held_key_blocks() -> None:
+    # A ring step may hold no key blocks at all: empty tables, empty lists. The kernels
+    # must not read them (rows without keys: output 0, LSE -inf, no gradient).
+    from dilated_attention_pytorch.sparse import triton_kernels
+
+    q, dout = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 2, 16)
+    k = v = torch.empty(1, 0, 2, 16)
+    lists = (torch.zeros(2, dtype=torch.int32), torch.zeros(2, 0, dtype=torch.int32))
+    t_lists = (torch.zeros(0, dtype=torch.int32), torch.zeros(0, 0, dtype=torch.int32))
+    none = torch.empty(0, dtype=torch.int32)
+    kw = dict(block_size=16, q_start=16, seq_len=64, scale=0.25, is_causal=True,
+              interpreting=True)  # fmt: skip
+    out, lse = triton_kernels.sparse_forward_triton(q, k, v, lists, none, none, **kw)
+    assert torch.equal(out, torch.zeros_like(q)) and bool((lse == -math.inf).all())
+    dq, dk, dv = triton_kernels.sparse_backward_triton(
+        dout, q, k, v, out, lse, lists, t_lists, none, none, grad_dtype=torch.float32, **kw
+    )
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == dv.shape == k.shape
+
+
+@interpreted
 def test_dropped_blocks_are_never_read() -> None:
     N, bs = 64, 16
     q, k, v = (torch.randn(1, N, 2, 16) for _ in range(3))

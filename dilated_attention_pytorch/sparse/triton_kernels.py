@@ -74,22 +74,24 @@ def _program(Sched, NB, TPB: tl.constexpr, SCHED: tl.constexpr):
 
 
 @triton.jit
-def _block_start(kb, KFirst, KGlob, BS: tl.constexpr, DIRECT: tl.constexpr):
-    # First local and first global key of held block kb. DIRECT: the held blocks are
-    # the sequence's blocks in order (one device), no table to read.
+def _block_start(kb, ok, KFirst, KGlob, BS: tl.constexpr, DIRECT: tl.constexpr):
+    # First local and first global key of held block kb (0 unless ok: past the list's
+    # end, where the tables may even be empty). DIRECT: the held blocks are the
+    # sequence's blocks in order (one device), no table to read.
     if DIRECT:
         k0 = kb * BS
         g0 = k0
     else:
-        k0 = tl.load(KFirst + kb, eviction_policy="evict_last")
-        g0 = tl.load(KGlob + kb, eviction_policy="evict_last")
+        k0 = tl.load(KFirst + kb, mask=ok, other=0, eviction_policy="evict_last")
+        g0 = tl.load(KGlob + kb, mask=ok, other=0, eviction_policy="evict_last")
     return k0, g0
 
 
 @triton.jit
 def _first_key_tile(Idx, KFirst, KGlob, n_steps, BS: tl.constexpr, DIRECT: tl.constexpr):
     # First local and global key of a query tile's first step (its first kept block).
-    return _block_start(tl.load(Idx, mask=n_steps > 0, other=0), KFirst, KGlob, BS, DIRECT)
+    ok = n_steps > 0
+    return _block_start(tl.load(Idx, mask=ok, other=0), ok, KFirst, KGlob, BS, DIRECT)
 
 
 @triton.jit
@@ -100,7 +102,7 @@ def _next_key_tile(Idx, KFirst, KGlob, t, n_steps, k0, g0, BS: tl.constexpr,
     u = t + 1
     kb = tl.load(Idx + u // (BS // BLOCK_N), mask=u < n_steps, other=0,
                  eviction_policy="evict_last")  # fmt: skip
-    nk0, ng0 = _block_start(kb, KFirst, KGlob, BS, DIRECT)
+    nk0, ng0 = _block_start(kb, u < n_steps, KFirst, KGlob, BS, DIRECT)
     same = u % (BS // BLOCK_N) != 0
     return tl.where(same, k0 + BLOCK_N, nk0), tl.where(same, g0 + BLOCK_N, ng0)
 
