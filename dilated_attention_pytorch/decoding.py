@@ -164,6 +164,11 @@ class DilatedKVCache:
         """Append one token's ``k``/``v`` ``(B, H_kv, D)`` and attend its ``q`` ``(B, H, D)``
         -> ``(B, H, D)``."""
         p = self.position
+        if self.keys and self.keys[0].is_inference() and not torch.is_inference_mode_enabled():
+            # Buffers made under torch.inference_mode() (the prompt) cannot be written
+            # outside it: continue on copies.
+            self.keys = [t.clone() for t in self.keys]
+            self.values = [t.clone() for t in self.values]
         cdt = compute_dtype(q.dtype)
         B, H, D = q.shape
         scale = D**-0.5 if self.scale is None else self.scale

@@ -191,3 +191,20 @@ def test_an_empty_prompt_leaves_the_cache_free_for_any_next_prompt() -> None:
     assert empty.shape == (2, 0, 2, 4) and cache.position == 0
     got = cached_dilated_attention(x[:1], x[:1], x[:1], cache)
     torch.testing.assert_close(got, cached_dilated_attention(x[:1], x[:1], x[:1], fresh))
+
+
+def test_a_prompt_under_inference_mode_then_steps_under_no_grad() -> None:
+    # The prompt's buffers are inference tensors; the steps outside inference_mode go on
+    # with copies and compute what a cache used under one mode computes.
+    ws, rs, H = [8, 16], [1, 2], 4
+    q, k, v = (torch.randn(1, 20, H, 4, dtype=DT) for _ in range(3))
+    mixed, plain = DilatedKVCache(ws, rs, H), DilatedKVCache(ws, rs, H)
+    with torch.inference_mode():
+        outs = [cached_dilated_attention(q[:, :9], k[:, :9], v[:, :9], mixed)]
+    for t in range(9, 20):
+        # no_grad steps, then inference_mode again for the last one
+        with torch.inference_mode() if t == 19 else torch.no_grad():
+            outs.append(cached_dilated_attention(q[:, t : t + 1], k[:, t : t + 1],
+                                                 v[:, t : t + 1], mixed))  # fmt: skip
+    want = _decode(q, k, v, plain, 9, 1)
+    torch.testing.assert_close(torch.cat(outs, dim=1), want, atol=1e-12, rtol=0)
