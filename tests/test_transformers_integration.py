@@ -144,7 +144,13 @@ def test_what_it_cannot_do_raises(models) -> None:
         num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
     )  # fmt: skip
     mistral = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="dilated-test")
-    with torch.no_grad(), pytest.raises(ValueError, match="does not implement a sliding window"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            ValueError,
+            match="attn_implementation='dilated-test' does not implement a sliding window",
+        ),
+    ):
         mistral(ids)
     with pytest.raises(ValueError, match="dilation rate 8 is larger than its segment length 4"):
         register([4], [8], name="bad")

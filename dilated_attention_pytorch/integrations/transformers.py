@@ -83,14 +83,16 @@ def register(
         branch_mixing=check_branch_mixing(branch_mixing),
         backend=check_backend_name(backend, available_backends()),
     )
-    AttentionInterface.register(name, partial(dilated_attention_forward, **settings))
+    AttentionInterface.register(
+        name, partial(dilated_attention_forward, **settings, registered_name=name)
+    )
     # The mask the layers get: the 2-D padding mask (True = token), or None without
     # padding, as for flash attention; causality and documents are handled here.
     AttentionMaskInterface.register(name, flash_attention_mask)
     return name
 
 
-def _unsupported(kwargs: dict[str, Any]) -> None:
+def _unsupported(kwargs: dict[str, Any], name: str) -> None:
     checks = (
         ("sliding_window", "a sliding window (set config.sliding_window = None, or keep "
          "those layers on another attention implementation)"),
@@ -100,7 +102,7 @@ def _unsupported(kwargs: dict[str, Any]) -> None:
     )  # fmt: skip
     for key, what in checks:
         if kwargs.get(key) is not None:
-            raise ValueError(f"attn_implementation='dilated' does not implement {what}.")
+            raise ValueError(f"attn_implementation={name!r} does not implement {what}.")
     if kwargs.get("output_attentions"):
         raise ValueError(
             "dilated attention never materialises the attention weights; call the model "
@@ -171,11 +173,13 @@ def dilated_attention_forward(
     dilation_rates: list[int],
     branch_mixing: str = "softmax",
     backend: str = "auto",
+    registered_name: str = "dilated",
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """The attention function ``transformers`` calls: ``query`` ``(B, H, Nq, D)``,
-    ``key``/``value`` ``(B, H_kv, Nk, D)`` -> ``((B, Nq, H, D), None)``."""
-    _unsupported(kwargs)
+    ``key``/``value`` ``(B, H_kv, Nk, D)`` -> ``((B, Nq, H, D), None)``;
+    ``registered_name`` (the ``attn_implementation`` name) appears in its errors."""
+    _unsupported(kwargs, registered_name)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"dilated attention takes a 2-D padding mask (B, N), got a {attention_mask.dim()}-D "
