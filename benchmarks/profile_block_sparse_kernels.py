@@ -5,8 +5,15 @@
 For each head dim: forward+backward of ``block_sparse_attention(..., backend="triton")``
 and ``backend="flex"`` under ``torch.profiler``, CUDA time per kernel (mean per call),
 then the Triton kernels with other tile sizes (``--sweep``). Bf16, B=1, H=16, blocks of
-128, ``local_window`` at sparsity 0.9 unless ``--pattern``/``--ratio`` say otherwise.
-Writes ``profile.json`` into ``--out`` and prints a table.
+128, ``local_window`` at sparsity 0.9 unless ``--patterns`` says otherwise (``name:ratio``
+each; the sweep runs on the first). ``--orig`` adds the kernels of an earlier commit, side
+by side in the same process: copy that commit's file next to the current one first,
+
+    git show <commit>:dilated_attention_pytorch/sparse/triton_kernels.py \
+        > dilated_attention_pytorch/sparse/_orig_kernels.py
+
+(and delete the copy afterwards). Prints each row as a JSON line and writes them all to
+``profile.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--orig",
         action="store_true",
-        help="also the kernels of _orig_kernels.py (a copy of the old file)",
+        help="also the kernels of sparse/_orig_kernels.py (an earlier triton_kernels.py)",
     )
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-flex", action="store_true")
