@@ -93,6 +93,13 @@ def triton_unsupported(q: Tensor, block_size: int, dropout_p: float) -> list[str
         reasons.append(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"the Triton kernels run float16/bfloat16/float32, got {q.dtype}")
+    elif q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreting():
+        # Seen with Triton 3.6: its CPU interpreter returns wrong bf16 dot products even
+        # for a minimal kernel (float16 and float32 are right).
+        reasons.append(
+            "under TRITON_INTERPRET=1 the Triton kernels cannot run bfloat16 (the interpreter "
+            "mis-computes bfloat16 dots; bfloat16 runs on CUDA), use float32 or float16"
+        )
     return reasons
 
 
