@@ -16,10 +16,12 @@ dK/dV pass (a program per key tile, over the query blocks that keep it) and the 
 pass (a program per query tile, over its key blocks). ``delta = rowsum(dO * O)`` comes
 from the dilated backend's kernel.
 
-On one device (``direct``) a key block's rows are computed from its number, so each
-loop step reads one index, which the software pipeliner loads ahead with the tiles;
-whole key tiles off the causal diagonal (``EVEN_K``) and whole query tiles
-(``EVEN_Q``) are loaded without masks. A program order (:func:`schedules`) starts the
+Each loop step carries the first row of the next step's tile, read from the list with a
+plain load (:func:`_next_row`, :func:`_next_key_tile`), so that Triton's software
+pipeliner keeps the tiles of the next two steps in flight. On one device (``direct``) a
+key block's rows are computed from its number, with no table to read; whole key tiles
+off the causal diagonal (``EVEN_K``) and whole query tiles (``EVEN_Q``) are loaded
+without masks. A program order (:func:`schedules`) starts the
 blocks with much longer lists than the rest first, so they do not run alone at the end.
 """
 
@@ -335,10 +337,11 @@ def _sparse_dq(
 
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for
-# blocks of >= 128 tokens (smaller blocks clamp the tiles). Tuned on an H200 in bf16
-# (benchmarks/profile_block_sparse_kernels.py --sweep at N = 128K, local_window at 0.9,
-# 2026-12-04, each kernel's own CUDA time; 16, 32 and 256 are untuned); a benchmark may
-# override entries. Float32 inputs take at most 64 x 64 tiles and 2 stages (shared memory).
+# blocks of >= 128 tokens (smaller blocks clamp the tiles). Tuned in bf16 with
+# benchmarks/profile_block_sparse_kernels.py --sweep at N = 128K, local_window at 0.9,
+# each kernel's own CUDA time: on an H200 on 2026-12-04, then the forward at D=64 and dQ
+# at D=64 and 128 on an H100 on 2026-12-06 (after the loops began carrying the next
+# tile's offset); 16, 32 and 256 are untuned. A benchmark may override entries. Float32 inputs take at most 64 x 64 tiles and 2 stages (shared memory).
 TILE_CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "fwd": {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 64, 4, 3),
             128: (128, 128, 8, 3), 256: (64, 32, 4, 2)},
