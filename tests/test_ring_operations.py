@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_utils import free_port, spawn
+from distributed_utils import free_port, spawn, value_errors
 
 from dilated_attention_pytorch import (
     DilatedAttention,
@@ -169,11 +169,11 @@ def _checkpointing_differs(rank: int, world_size: int, _: Any) -> str | None:
     module = DistributedRingAttention([16], [1], use_checkpointing=bool(rank), timeout=60.0)
     with torch.no_grad():  # checkpointing takes no effect: the ranks run the same call
         module(q, k, v, already_split=True)
-    try:
+
+    def training_step() -> None:
         module(q, k, v, already_split=True).sum().backward()
-    except ValueError as exc:
-        return str(exc)
-    return None
+
+    return value_errors({"step": training_step})["step"]
 
 
 def test_checkpointing_differing_between_ranks_raises_on_every_rank() -> None:
