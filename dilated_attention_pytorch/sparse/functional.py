@@ -347,14 +347,20 @@ class _BlockSparseFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
+def auto_prefers_flex(head_dim: int, training: bool) -> bool:
+    """Whether ``auto`` takes FlexAttention over the Triton kernels on CUDA (both
+    running): for training at head dims above 64, where it was measured faster."""
+    return training and head_dim > 64
+
+
 def auto_sparse_backend(
     q: Tensor, why_flex: list[str], why_triton: list[str], training: bool
 ) -> str:
-    """``backend="auto"``: on CUDA the Triton kernels, except FlexAttention for training
-    at head dims above 64 (measured faster there); elsewhere flex where it runs, else
-    the pytorch path. ``training``: gradients will be computed."""
+    """``backend="auto"``: on CUDA the Triton kernels, or FlexAttention where
+    :func:`auto_prefers_flex`; elsewhere flex where it runs, else the pytorch path.
+    ``training``: gradients will be computed."""
     if q.device.type == "cuda" and not why_triton:
-        return "flex" if training and q.shape[-1] > 64 and not why_flex else "triton"
+        return "flex" if auto_prefers_flex(q.shape[-1], training) and not why_flex else "triton"
     if not why_flex:
         return "flex"
     return "pytorch"

@@ -27,7 +27,12 @@ from ..validation import (
     check_scale,
     is_int,
 )
-from .functional import SPARSE_BACKENDS, block_sparse_attention, ring_kernel
+from .functional import (
+    SPARSE_BACKENDS,
+    auto_prefers_flex,
+    block_sparse_attention,
+    ring_kernel,
+)
 from .memory import block_sparse_memory_estimate
 from .ops import block_sparse_op, pattern_spec
 from .patterns import PATTERN_TYPES, BlockSparsePattern, _check_ratio, make_block_sparse_pattern
@@ -204,9 +209,9 @@ class BlockSparseAttention(nn.Module):
         if ring > 1 or self.backend in ("triton", "flex"):
             default = "triton" if ring > 1 else self.backend
         else:  # auto (and pytorch, estimated as the CUDA kernels auto would run)
-            training = kwargs.get("with_backward", True)
-            wide = check_positive_int("head_dim", head_dim) > 64
-            default = "flex" if training is True and wide else "triton"
+            training = kwargs.get("with_backward", True) is True
+            D = check_positive_int("head_dim", head_dim)
+            default = "flex" if auto_prefers_flex(D, training) else "triton"
         kwargs.setdefault("backend", default)
         return block_sparse_memory_estimate(
             self.pattern(check_positive_int("seq_len", seq_len), is_causal), batch_size,
