@@ -364,7 +364,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.head_dim = check_head_split(embed_dim, num_heads)
         self.embed_dim = int(embed_dim)  # type: ignore[call-overload]  # numpy ints too
         self.num_heads = int(num_heads)  # type: ignore[call-overload]
-        self.num_kv_heads = check_num_kv_heads(num_kv_heads, num_heads)
+        self.num_kv_heads = check_num_kv_heads(num_kv_heads, self.num_heads)
         self.gamma_init = check_gamma_init(gamma_init)
         check_bool("bias", bias)
         check_bool("layer_norm", layer_norm)
