@@ -10,7 +10,8 @@ Each tree is a folder holding a ``dilated_attention_pytorch`` package (the worki
 2048..32768, rates 1..16, the same random inputs for every tree): each case is the median
 of 10 runs (forward) or 5 (forward+backward) after 2 untimed ones, timed with CUDA events
 (``measure.time_ms``). Cases (``--cases``): ``fwd`` (softmax mixing), ``fwd_hs``
-(``head_split``), ``fwd_causal``, ``bwd`` (forward+backward, softmax), ``bwd_hs``. Give the
+(``head_split``), ``fwd_causal``, ``bwd`` (forward+backward, softmax), ``bwd_hs``,
+``bwd_causal``. Give the
 first tree again at the end (``--trees a=X,b=Y,a2=X``) to see the machine's drift.
 With ``--profile`` each case also runs once under ``torch.profiler``: the GPU time of
 every kernel of that call (ms, summed over its launches), to see which kernel a change
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ("fwd", "fwd_hs", "fwd_causal", "bwd", "bwd_hs")
+CASES = ("fwd", "fwd_hs", "fwd_causal", "bwd", "bwd_hs", "bwd_causal")
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 
