@@ -308,13 +308,13 @@ def test_head_dim_32() -> None:
 @interpreted
 @pytest.mark.parametrize(
     ("is_causal", "dq_mode", "load_mode"),
-    [(False, "separate", "pointer"), (False, "atomic", "tma"), (True, "separate", "pointer")],
+    [(False, "separate", "pointer"), (False, "separate", "tma"), (True, "atomic", "tma")],
 )
 def test_head_dim_128(kernels, monkeypatch, is_causal, dq_mode, load_mode) -> None:
-    # Head dims above 64 without causality run the dK/dV kernel's other loop form
-    # (scalar LSE and delta addresses; whole query tiles without masks, then the ragged
-    # last one): segments of 32 (whole tiles) and 75 / 2 (38 and 37 dilated positions,
-    # ragged), with padding. The causal case keeps the per-row form.
+    # Head dims above 64 without causality or a fused dQ run the dK/dV kernel's other
+    # loop form (scalar LSE and delta addresses; whole query tiles without masks, then
+    # the ragged last one): segments of 32 (whole tiles) and 75 / 2 (38 and 37 dilated
+    # positions, ragged), with padding. The last case keeps the per-row form.
     monkeypatch.setattr(kernels, "DQ_MODE", dq_mode)
     monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)
     _compare(1, 75, 2, [32, 75], [1, 2], D=128, mask_p=0.2, is_causal=is_causal)
