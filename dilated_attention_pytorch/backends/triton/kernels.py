@@ -416,7 +416,10 @@ def _bwd_dkdv_inner(
         p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
-        if HAS_KPM:
+        if HAS_KPM or DQ_ADD > 0:
+            # Key rows past the segment (a ragged last tile) load as 0 and score 0: below
+            # an LSE of about -88 their P overflows. DK/DV never store those rows, but a
+            # fused dQ would add their inf * 0 = NaN, so they count nowhere.
             p_t = tl.where(keep_k[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
