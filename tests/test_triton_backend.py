@@ -177,7 +177,7 @@ def test_dq_with_very_negative_scores_past_a_ragged_key_tile(kernels, monkeypatc
     N, D = 20, 16  # one segment of 20 keys: the second 16-key tile is ragged
     a = (100 / D**0.5) ** 0.5
     q = (-a * torch.ones(1, N, 1, D)).requires_grad_()
-    k = (a * torch.ones(1, N, 1, D) + 0.01 * torch.randn(1, N, 1, D, generator=g))
+    k = a * torch.ones(1, N, 1, D) + 0.01 * torch.randn(1, N, 1, D, generator=g)
     k.requires_grad_()
     v = torch.randn(1, N, 1, D, generator=g, requires_grad=True)
     dout = torch.randn(1, N, 1, D, generator=g)
