@@ -337,17 +337,35 @@ def test_head_dim_32() -> None:
 
 @interpreted
 @pytest.mark.parametrize(
-    ("is_causal", "dq_mode", "load_mode"),
-    [(False, "separate", "pointer"), (False, "separate", "tma"), (True, "atomic", "tma")],
+    "case", ["padding", "plain_tma", "gqa_packed", "block_ops", "causal_atomic_control"]
 )
-def test_head_dim_128(kernels, monkeypatch, is_causal, dq_mode, load_mode) -> None:
+def test_head_dim_128(kernels, monkeypatch, case) -> None:
     # Head dims above 64 without causality or a fused dQ run the dK/dV kernel's other
-    # loop form (scalar LSE and delta addresses; whole query tiles without masks, then
-    # the ragged last one): segments of 32 (whole tiles) and 75 / 2 (38 and 37 dilated
-    # positions, ragged), with padding. The last case keeps the per-row form.
-    monkeypatch.setattr(kernels, "DQ_MODE", dq_mode)
-    monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)
-    _compare(1, 75, 2, [32, 75], [1, 2], D=128, mask_p=0.2, is_causal=is_causal)
+    # loop form (scalar LSE and delta addresses; the whole query tiles' LSE and delta
+    # without masks, then the ragged last tile): segments of 32 (whole tiles) and 75 / 2
+    # (38 and 37 dilated positions, ragged). The control keeps the per-row form.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma" if "tma" in case else "pointer")
+    if case == "padding":
+        _compare(1, 75, 2, [32, 75], [1, 2], D=128, mask_p=0.2)
+    elif case == "plain_tma":
+        _compare(2, 75, 2, [32, 75], [1, 2], D=128)
+    elif case == "gqa_packed":
+        cu = torch.tensor([0, 21, 70], dtype=torch.int32)
+        _compare(1, 70, 4, [16, 40], [1, 2], D=128, kv_heads=2, cu_seqlens=cu)
+    elif case == "block_ops":
+        # The ring's blocks (one LSE, not a pair), strided, a ragged query block.
+        q = torch.randn(2, 37, 4, 128)[:, :, 1:3]
+        k, v = torch.randn(2, 45, 2, 128), torch.randn(2, 45, 2, 128)
+        out, lse = kernels.triton_block_forward(q, k, v, scale=0.1, causal=False)
+        dout = torch.randn_like(out)
+        grads = kernels.triton_block_backward(dout, q, k, v, out, lse, scale=0.1, causal=False)
+        ref_out, ref_lse = math_block_forward(q, k, v, scale=0.1, causal=False)
+        ref_grads = math_block_backward(dout, q, k, v, ref_out, ref_lse, scale=0.1, causal=False)
+        for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, rg, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+    else:
+        monkeypatch.setattr(kernels, "DQ_MODE", "atomic")
+        _compare(1, 75, 2, [32, 75], [1, 2], D=128, mask_p=0.2, is_causal=True)
 
 
 @interpreted
