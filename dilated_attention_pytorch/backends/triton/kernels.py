@@ -393,8 +393,9 @@ def _bwd_dkdv_inner(
     # the tile. SCALAR_BASE: their addresses are a 64-bit scalar per tile plus
     # loop-invariant 32-bit row offsets (not a 64-bit product per row and step), and
     # EVEN: every query tile of [start, stop) is whole (no masks on those loads).
-    loc_l = tl.arange(0, BLOCK_M) * row_l
-    loc_dl = tl.arange(0, BLOCK_M) * row_dl
+    if SCALAR_BASE:
+        loc_l = tl.arange(0, BLOCK_M) * row_l
+        loc_dl = tl.arange(0, BLOCK_M) * row_dl
     for m in range(start, stop, BLOCK_M):
         offs = m + tl.arange(0, BLOCK_M)
         qmask = offs < len_q
