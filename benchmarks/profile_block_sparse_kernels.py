@@ -170,6 +170,7 @@ def main() -> None:
         del q, k, v, dout, leaves
         clear_sparse_caches()
         torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "args": vars(args), "rows": rows}, f, indent=1)  # fmt: skip

@@ -264,6 +264,7 @@ def _sparse_dkdv(
     n_steps = num * (BS // BLOCK_M)
     q0 = tl.load(idx, mask=n_steps > 0, other=0) * BS
     for t in range(n_steps):
+        q0 = tl.multiple_of(q0, BLOCK_M)  # a tile's first row: aligned row-vector loads
         qmask = q0 + offs_m < len_q
         q = _load(_tile_ptrs(Q, b, h, q0, s_qb, s_qn, s_qh, offs_m, offs_d), qmask, EVEN_Q)
         do = _load(_tile_ptrs(DO, b, h, q0, s_db, s_dn, s_dh, offs_m, offs_d), qmask, EVEN_Q)
@@ -465,8 +466,11 @@ def sparse_backward_triton(
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    lse = lse.contiguous()
-    delta = _compute_delta(dout, out)  # (B, Lq, H) fp32, the strides of lse
+    # LSE and delta with each head's rows next to each other (views (B, Lq, H) of
+    # (B, H, Lq) buffers): the dK/dV kernel reads a row vector of each per step, which
+    # then takes a few wide loads instead of one 4-byte load (and one address) per row.
+    lse = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    delta = _compute_delta(dout, out, heads_first=True)  # the strides of lse
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)

@@ -245,10 +245,15 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
     return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
-def _compute_delta(dout: Tensor, out: Tensor) -> Tensor:
-    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``."""
+def _compute_delta(dout: Tensor, out: Tensor, heads_first: bool = False) -> Tensor:
+    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``; ``heads_first``: stored as
+    ``(B, H, N)`` (a view of it is returned), so that neighbouring rows of a head are
+    neighbours in memory."""
     B, N, H, D = out.shape
-    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    if heads_first:
+        delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device).transpose(1, 2)
+    else:
+        delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
     block = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(N, block), B * H)](
         dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
