@@ -29,7 +29,6 @@ from ..validation import (
 )
 from .functional import (
     SPARSE_BACKENDS,
-    auto_prefers_flex,
     block_sparse_attention,
     ring_kernel,
 )
@@ -206,13 +205,10 @@ class BlockSparseAttention(nn.Module):
                 "batch_size, num_heads, head_dim) and add the layer's own tensors."
             )
         ring = self.memory_ring_size()
-        if ring > 1 or self.backend in ("triton", "flex"):
-            default = "triton" if ring > 1 else self.backend
-        else:  # auto (and pytorch, estimated as the CUDA kernels auto would run)
-            training = kwargs.get("with_backward", True) is True
-            D = check_positive_int("head_dim", head_dim)
-            default = "flex" if auto_prefers_flex(D, training) else "triton"
-        kwargs.setdefault("backend", default)
+        # A ring runs our kernels; auto and pytorch are estimated as the CUDA kernels
+        # auto would run.
+        on_one = ring == 1 and self.backend in ("triton", "flex")
+        kwargs.setdefault("backend", self.backend if on_one else "triton")
         return block_sparse_memory_estimate(
             self.pattern(check_positive_int("seq_len", seq_len), is_causal), batch_size,
             num_heads, head_dim, ring_size=ring, **kwargs,
