@@ -266,7 +266,9 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     tk._launch_forward(
         q, k, v, out, acc, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
-    delta = tk._compute_delta(dout, out)
+    # The backward's layout of the LSE and delta: heads-first (see dilated_backward).
+    lse_b = tk._heads_first(lse)
+    delta = tk._compute_delta(dout, out, heads_first=True)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():
@@ -278,7 +280,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
 
     def run_bwd(which: str, dq_add: int = 0):
         tk._launch_backward(
-            dout, q, k, v, lse, delta, None, grads, grads, launch,
+            dout, q, k, v, lse_b, delta, None, grads, grads, launch,
             scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
         )  # fmt: skip
 

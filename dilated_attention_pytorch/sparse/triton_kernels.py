@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.triton.launch import _compute_delta
+from ..backends.triton.launch import _compute_delta, _heads_first
 
 __all__ = ["sparse_backward_triton", "sparse_forward_triton", "triton_block_sizes_ok"]
 
@@ -469,8 +469,7 @@ def sparse_backward_triton(
     # LSE and delta with each head's rows next to each other (views (B, Lq, H) of
     # (B, H, Lq) buffers): the dK/dV kernel reads a row vector of each per step, which
     # then takes a few wide loads instead of one 4-byte load (and one address) per row.
-    lse = lse.transpose(1, 2).contiguous().transpose(1, 2)
-    delta = _compute_delta(dout, out, heads_first=True)  # the strides of lse
+    lse, delta = _heads_first(lse), _compute_delta(dout, out, heads_first=True)
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
