@@ -348,7 +348,8 @@ def _mirror_block_backward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
     qn, kn = lse * cfg.D, blk.bb * blk.lk * blk.hs * cfg.D
     if cfg.kernel == "triton":
         grads = tuple(tl.new("temporaries", n * cfg.itemsize) for n in (qn, kn, kn))
-        tl.free(tl.new("temporaries", lse * 4))  # delta, freed on return
+        lse_copy = tl.new("temporaries", lse * 4)  # the LSE, heads-first (_heads_first)
+        tl.free(lse_copy, tl.new("temporaries", lse * 4))  # and delta, freed on return
         return grads
     if cfg.kernel == "fused":
         # _head_major_lse: isinf mask, full_like(inf), where, contiguous copy (fp32).
@@ -499,6 +500,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     buffer first, live through the pass); ``into``: the gradients go to the caller's
     buffers."""
     grads = () if into else tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
+    lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
     multi = cfg.extra["triton_multi"]
     dq_add = _dq_add(torch.device("meta")) > 0
@@ -509,7 +511,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
             if multi:
                 tl.free(tl.new("accumulators", size), tl.new("accumulators", size))
             tl.free(dq if dq_add else tl.new("accumulators", size))
-    tl.free(delta)
+    tl.free(delta, lse_copy)
     return grads
 
 

@@ -228,9 +228,10 @@ def test_attend_is_the_override_point() -> None:
     mask = torch.zeros(2, 12, dtype=torch.bool)
     out, _ = m(x, is_causal=True, key_padding_mask=mask)
     assert seen["shape"] == (2, 12, 4, 4) and seen["is_causal"] is True and seen["mask"] is mask
-    torch.testing.assert_close(
-        out, plain(x, is_causal=True, key_padding_mask=mask)[0], atol=0, rtol=0
-    )
+    # The plain module takes the fused projection path (recompute_qkv), which an
+    # overridden _attend turns off: the same math in another order, so equal to float64
+    # rounding, not bit for bit (the last bits differ with the CPU's matmul kernels).
+    torch.testing.assert_close(out, plain(x, is_causal=True, key_padding_mask=mask)[0], **F64)
 
 
 def test_parameter_names_and_factory_kwargs() -> None:

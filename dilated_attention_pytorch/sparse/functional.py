@@ -15,6 +15,7 @@ block numbers.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from ..validation import check_choice, check_qkv, check_scalars
 from .flex import BLOCK_MASK_CACHE as flex_cache
 from .flex import flex_block_sparse_attention, flex_unsupported
 from .patterns import BlockSparsePattern, kv_block_lists, pattern_from_block_mask
+
+logger = logging.getLogger("dilated_attention_pytorch")
 
 __all__ = [
     "block_sparse_attention",
@@ -77,6 +80,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_shape_unsupported(block_size: int, head_dim: int) -> list[str]:
+    """Why the Triton kernels cannot take this block size and head dim; empty when they can."""
+    reasons = []
+    if block_size < 16 or block_size & (block_size - 1):
+        reasons.append(f"the Triton kernels need a power-of-two block size >= 16, got {block_size}")
+    D = head_dim
+    if D < 16 or D > 256 or D & (D - 1):
+        reasons.append(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
+    return reasons
+
+
 def triton_unsupported(q: Tensor, block_size: int, dropout_p: float) -> list[str]:
     """Why the Triton kernels cannot run a call on ``q``; empty when they can."""
     reasons = []
@@ -86,11 +100,7 @@ def triton_unsupported(q: Tensor, block_size: int, dropout_p: float) -> list[str
         reasons.append(f"the Triton kernels run on CUDA, got {q.device.type}")
     if dropout_p != 0.0:
         reasons.append("the Triton kernels have no dropout")
-    if block_size < 16 or block_size & (block_size - 1):
-        reasons.append(f"the Triton kernels need a power-of-two block size >= 16, got {block_size}")
-    D = q.shape[-1]
-    if D < 16 or D > 256 or D & (D - 1):
-        reasons.append(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
+    reasons += triton_shape_unsupported(block_size, q.shape[-1])
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"the Triton kernels run float16/bfloat16/float32, got {q.dtype}")
     elif q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreting():
@@ -350,7 +360,7 @@ class _BlockSparseFunction(torch.autograd.Function):
 def auto_sparse_backend(q: Tensor, why_flex: list[str], why_triton: list[str]) -> str:
     """``backend="auto"``: on CUDA the Triton kernels where they run; otherwise flex
     where it runs, else the pytorch path. Measured on an H100 (N = 32K and 128K, head
-    dims 64 and 128, four patterns, sparsity 0.5 to 0.97), our kernels were faster than
+    dims 64 and 128, four patterns, sparsity 0.5 to 0.97, not causal), our kernels were faster than
     FlexAttention on all forward+backward rows but one (0.99x) and on all forward rows
     but four at D=64 (0.89-0.997x)."""
     if q.device.type == "cuda" and not why_triton:
@@ -432,7 +442,7 @@ def block_sparse_attention(
             power-of-two block sizes >= 16 and head dims 16..256, any ``N``, no dropout)
             or ``"auto"``: on CUDA triton where it runs, else flex (as measured by
             ``benchmarks/bench_block_sparse.py`` on an H100: our kernels were faster than
-            flex on all forward+backward rows but one, at D=64 and D=128); elsewhere
+            flex on all non-causal forward+backward rows but one, at D=64 and D=128); elsewhere
             pytorch.
         return_lse: also return the ``(B, N, H)`` float32 log-sum-exp.
 
@@ -460,6 +470,11 @@ def block_sparse_attention(
         raise ValueError(f"backend='triton' cannot run this call: {'; '.join(why_triton)}.")
     if backend == "auto":
         backend = auto_sparse_backend(q, why, why_triton)
+        if not torch.compiler.is_compiling():  # logging would break a compiled graph
+            logger.debug(
+                "block_sparse_attention: backend='auto' chose %r (triton: %s; flex: %s)",
+                backend, "; ".join(why_triton) or "runs", "; ".join(why) or "runs",
+            )  # fmt: skip
     if backend == "flex":
         out, lse = flex_block_sparse_attention(
             q, k, v, pattern, D**-0.5 if scale is None else float(scale)

@@ -75,10 +75,10 @@ def block_sparse_memory_estimate(
     not). The peak is at the end of the backward:
 
     - one device (``backend="triton"``): the output and its float32 LSE (saved), the
-      float32 ``delta`` row sums and q/k/v gradients in the input dtype:
-      ``9 * T * s`` bytes (``T = B * N * H * D``, ``s`` the dtype's size) plus
-      ``8 * B * N * H`` and the lists, whatever the sparsity: the dropped blocks cost
-      nothing, and nothing is ``N x N``.
+      backward's heads-first copy of the LSE, the float32 ``delta`` row sums and q/k/v
+      gradients in the input dtype: ``9 * T * s`` bytes (``T = B * N * H * D``, ``s``
+      the dtype's size) plus ``12 * B * N * H`` and the lists, whatever the sparsity:
+      the dropped blocks cost nothing, and nothing is ``N x N``.
     - ``backend="flex"``: FlexAttention's own buffers, modelled as one more input-sized
       buffer (measured on an H200), and its cached ``BlockMask``, whose index tables
       are padded to ``N / block_size`` entries per block row (quadratic in ``N``).
@@ -150,6 +150,8 @@ def block_sparse_memory_estimate(
             parts["gradients"] = 3 * N * per_token * s + rows  # dq, dk, dv and delta
             if backend == "flex":
                 parts["gradients"] += _FLEX_EXTRA_INPUTS * N * per_token * s
+            else:
+                parts["gradients"] += rows  # the LSE, heads-first for the kernels
     else:
         best = None
         for position in range(k):
@@ -171,7 +173,7 @@ def block_sparse_memory_estimate(
                 + 2 * (L + R) * per_token * acc  # dK/dV of every held block
                 + 2 * L * per_token * acc  # this rank's dK/dV
                 + casts
-                + rows  # delta
+                + 2 * rows  # delta and the heads-first LSE
             )
             parts["transfer_buffers"] = 2 * (R + S) * per_token * acc
         else:

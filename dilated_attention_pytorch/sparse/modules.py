@@ -31,6 +31,7 @@ from .functional import (
     SPARSE_BACKENDS,
     block_sparse_attention,
     ring_kernel,
+    triton_shape_unsupported,
 )
 from .memory import block_sparse_memory_estimate
 from .ops import block_sparse_op, pattern_spec
@@ -193,10 +194,10 @@ class BlockSparseAttention(nn.Module):
         only the kept blocks of this module's pattern for ``seq_len`` (no tensor is
         allocated). :func:`~dilated_attention_pytorch.sparse.block_sparse_memory_estimate`
         for :meth:`pattern` and :meth:`memory_ring_size`; ``kwargs``: ``dtype``,
-        ``backend`` (default: what ``auto`` runs on CUDA: ``"flex"`` on one device for
-        a forward+backward at head dims above 64, else ``"triton"``; ``"triton"`` over a
-        ring or for ``backend="triton"``, ``"flex"`` for ``backend="flex"``),
-        ``with_backward``.
+        ``backend`` (default: what ``auto`` runs on CUDA: ``"triton"``, or ``"flex"``
+        on one device where the Triton kernels do not take the block size or head dim;
+        ``"triton"`` over a ring or for ``backend="triton"``, ``"flex"`` for
+        ``backend="flex"``), ``with_backward``.
         """
         if "embed_dim" in kwargs:
             raise TypeError(
@@ -207,8 +208,14 @@ class BlockSparseAttention(nn.Module):
         ring = self.memory_ring_size()
         # A ring runs our kernels; auto and pytorch are estimated as the CUDA kernels
         # auto would run.
-        on_one = ring == 1 and self.backend in ("triton", "flex")
-        kwargs.setdefault("backend", self.backend if on_one else "triton")
+        if ring > 1:
+            default = "triton"
+        elif self.backend in ("triton", "flex"):
+            default = self.backend
+        else:
+            D = check_positive_int("head_dim", head_dim)
+            default = "flex" if triton_shape_unsupported(self.block_size, D) else "triton"
+        kwargs.setdefault("backend", default)
         return block_sparse_memory_estimate(
             self.pattern(check_positive_int("seq_len", seq_len), is_causal), batch_size,
             num_heads, head_dim, ring_size=ring, **kwargs,
