@@ -267,8 +267,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         q, k, v, out, acc, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
     # The backward's layout of the LSE and delta: heads-first (see dilated_backward).
-    lse_b = tk._heads_first(lse)
-    delta = tk._compute_delta(dout, out, heads_first=True)
+    lse_b, delta = tk._backward_rows(dout, out, lse)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():

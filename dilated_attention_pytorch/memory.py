@@ -348,7 +348,7 @@ def _mirror_block_backward(tl: _Timeline, cfg: _Config, blk: _Block) -> tuple:
     qn, kn = lse * cfg.D, blk.bb * blk.lk * blk.hs * cfg.D
     if cfg.kernel == "triton":
         grads = tuple(tl.new("temporaries", n * cfg.itemsize) for n in (qn, kn, kn))
-        lse_copy = tl.new("temporaries", lse * 4)  # the LSE, heads-first (_heads_first)
+        lse_copy = tl.new("temporaries", lse * 4)  # the LSE, heads-first (_backward_rows)
         tl.free(lse_copy, tl.new("temporaries", lse * 4))  # and delta, freed on return
         return grads
     if cfg.kernel == "fused":

@@ -104,6 +104,26 @@ def test_key_padding_mask(branch_mixing, is_causal) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("shape", [(2, 37, 3), (1, 5, 1), (3, 1, 4), (1, 1, 1)])
+@pytest.mark.parametrize("pair", [False, True])
+def test_backward_rows_heads_first(kernels, shape, pair) -> None:
+    # The backward's LSE copy and delta: same values and shapes, each head's rows next
+    # to each other (row stride 1 where there is more than one row), and delta with the
+    # strides of one LSE plane, size-1 dims included (the block-sparse kernels read both
+    # with one set of strides).
+    B, N, H = shape
+    lse = torch.randn(2, B, N, H) if pair else torch.randn(B, N, H)
+    dout, out = torch.randn(B, N, H, 16), torch.randn(B, N, H, 16)
+    lse_hf, delta = kernels._backward_rows(dout, out, lse)
+    assert torch.equal(lse_hf, lse) and lse_hf.shape == lse.shape
+    plane = lse_hf[0] if pair else lse_hf
+    want = (N * H, 1, N)  # heads-first; a size-1 dim's stride is never used
+    assert all(n == 1 or st == w for n, st, w in zip(plane.shape, plane.stride(), want))
+    assert delta.shape == (B, N, H) and delta.stride() == plane.stride()
+    torch.testing.assert_close(delta, (dout * out).sum(-1), **TOL)
+
+
+@interpreted
 def test_head_chunks(kernels, monkeypatch) -> None:
     # Accumulators limited to 2 heads: the plan runs in three head chunks.
     monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 50 * 16 * 4 * 2)

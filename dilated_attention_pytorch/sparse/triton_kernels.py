@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.triton.launch import _compute_delta, _heads_first
+from ..backends.triton.launch import _backward_rows
 
 __all__ = ["sparse_backward_triton", "sparse_forward_triton", "triton_block_sizes_ok"]
 
@@ -466,10 +466,8 @@ def sparse_backward_triton(
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    # LSE and delta with each head's rows next to each other (views (B, Lq, H) of
-    # (B, H, Lq) buffers): the dK/dV kernel reads a row vector of each per step, which
-    # then takes a few wide loads instead of one 4-byte load (and one address) per row.
-    lse, delta = _heads_first(lse), _compute_delta(dout, out, heads_first=True)
+    # LSE and delta heads-first, with the same strides (the kernels read both with s_l*).
+    lse, delta = _backward_rows(dout, out, lse)
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
     dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)

@@ -245,23 +245,23 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
     return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
-def _heads_first(lse: Tensor) -> Tensor:
-    """The same LSE (``(B, N, H)`` or a ``(2, B, N, H)`` pair) as a view of a buffer that
-    holds each head's rows next to each other. The dK/dV kernel reads, per step, the LSE
-    and ``delta`` of a tile's queries: with a row stride of 1 (at ``r = 1``) that is a few
-    wide loads from one base instead of a 4-byte load and an address per row."""
-    return lse.transpose(-1, -2).contiguous().transpose(-1, -2)
+def _backward_rows(dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward's per-row terms, each head's rows next to each other in memory: the
+    LSE (a ``(B, N, H)`` LSE or a ``(2, B, N, H)`` pair, same shape, copied into a
+    heads-first buffer) and ``delta`` (``(B, N, H)``, the strides of one LSE plane). The
+    dK/dV kernel reads both for a tile's queries at every step: with a row stride of 1
+    (at ``r = 1``) that is a few wide loads from one base instead of a 4-byte load and an
+    address per row."""
+    lse = lse.transpose(-1, -2).contiguous().transpose(-1, -2)
+    plane = lse[0] if lse.dim() == 4 else lse
+    return lse, _compute_delta(dout, out, into=torch.empty_like(plane))
 
 
-def _compute_delta(dout: Tensor, out: Tensor, heads_first: bool = False) -> Tensor:
-    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``; ``heads_first``: stored as
-    ``(B, H, N)`` (a view of it is returned), so that neighbouring rows of a head are
-    neighbours in memory."""
+def _compute_delta(dout: Tensor, out: Tensor, into: Tensor | None = None) -> Tensor:
+    """``rowsum(dout * out)`` in fp32, ``(B, N, H)``: into ``into`` (any strides), else a
+    new contiguous tensor."""
     B, N, H, D = out.shape
-    if heads_first:
-        delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device).transpose(1, 2)
-    else:
-        delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device) if into is None else into
     block = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(N, block), B * H)](
         dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
@@ -584,7 +584,7 @@ def dilated_backward(
                 t.zero_()
     if N == 0:
         return dq, dk, dv
-    lse, delta = _heads_first(lse), _compute_delta(dout, out, heads_first=True)
+    lse, delta = _backward_rows(dout, out, lse)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
@@ -717,7 +717,7 @@ def triton_block_backward(
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if Lq == 0 or Lk == 0:
         return dq, dk, dv
-    lse, delta = _heads_first(lse), _compute_delta(dout, out, heads_first=True)
+    lse, delta = _backward_rows(dout, out, lse)
     g = Hs // k.shape[2]
     launch = _Launch(Lq, Lk, 1, 0, 0, Hs, g)
     # With grouped-query attention, dK/dV per query head in fp32, then summed.
