@@ -12,6 +12,7 @@ fp32 test).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -107,20 +108,86 @@ def test_key_padding_mask(branch_mixing, is_causal) -> None:
 @pytest.mark.parametrize("shape", [(2, 37, 3), (1, 5, 1), (3, 1, 4), (1, 1, 1)])
 @pytest.mark.parametrize("pair", [False, True])
 def test_backward_rows_heads_first(kernels, shape, pair) -> None:
-    # The backward's LSE copy and delta: same values and shapes, each head's rows next
-    # to each other (row stride 1 where there is more than one row), and delta with the
-    # strides of one LSE plane, size-1 dims included (the block-sparse kernels read both
-    # with one set of strides).
+    # The backward's LSE copy and delta: same values and shapes (a pair's lo in log2
+    # units), each head's rows next to each other (row stride 1 where there is more than
+    # one row), and delta with the strides of one LSE plane, size-1 dims included (the
+    # block-sparse kernels read both with one set of strides). The forward's LSE is not
+    # touched.
     B, N, H = shape
     lse = torch.randn(2, B, N, H) if pair else torch.randn(B, N, H)
+    before = lse.clone()
     dout, out = torch.randn(B, N, H, 16), torch.randn(B, N, H, 16)
     lse_hf, delta = kernels._backward_rows(dout, out, lse)
-    assert torch.equal(lse_hf, lse) and lse_hf.shape == lse.shape
+    assert torch.equal(lse, before) and lse_hf.shape == lse.shape
+    want_lse = torch.stack([lse[0], lse[1] * math.log2(math.e)]) if pair else lse
+    assert torch.equal(lse_hf, want_lse)
     plane = lse_hf[0] if pair else lse_hf
     want = (N * H, 1, N)  # heads-first; a size-1 dim's stride is never used
     assert all(n == 1 or st == w for n, st, w in zip(plane.shape, plane.stride(), want))
     assert delta.shape == (B, N, H) and delta.stride() == plane.stride()
     torch.testing.assert_close(delta, (dout * out).sum(-1), **TOL)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "n, w, r, head0, h_first, num_heads",
+    [(64, 16, 2, 0, 0, 3), (96, 32, 4, -1, 1, 2), (48, 48, 16, 2, 0, 4), (40, 8, 8, 0, 2, 1)],
+)
+def test_compact_rows(kernels, n, w, r, head0, h_first, num_heads) -> None:
+    # A branch's own row terms: row s * (w / r) + t of launch head i is token s*w + o + r*t
+    # of head h_first + i, o = (h - head0) % r; from the pair's planes and from delta.
+    B, H = 2, 5
+    launch = kernels._Launch(w, w, r, head0, h_first, num_heads)
+    pair = torch.randn(2, B, H, n).transpose(-1, -2)  # heads-first (2, B, n, H)
+    delta = torch.randn(B, H, n).transpose(-1, -2)
+    for rows in (pair, delta):
+        got = kernels._compact_rows(rows, launch)
+        assert got.shape == (*rows.shape[:-2], n // r, num_heads) and got.stride(-2) == 1
+        for i in range(num_heads):
+            h = h_first + i
+            o = (h - head0) % r
+            tokens = [s * w + o + r * t for s in range(n // w) for t in range(w // r)]
+            assert torch.equal(got[..., i], rows[..., tokens, h])
+    # Layouts it does not take: r = 1, n or w not a multiple of r, packed documents.
+    assert kernels._compact_rows(delta, kernels._Launch(w, w, 1, 0, 0, 2)) is None
+    assert kernels._compact_rows(delta[:, : n - 1], launch) is None
+    assert kernels._compact_rows(delta, kernels._Launch(w + 1, w + 1, r, 0, 0, 2)) is None
+    docs = kernels._Launch(w, w, r, 0, 0, 2, 1, (delta, delta), w)
+    assert kernels._compact_rows(delta, docs) is None
+
+
+@interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(
+    "branch_mixing, H, kv_heads, chunk", [("softmax", 4, 2, False), ("head_split", 6, None, True)]
+)
+def test_compact_row_terms(kernels, monkeypatch, branch_mixing, H, kv_heads, chunk, is_causal):
+    # N and every w a multiple of every r: the r > 1 branches read their own rows of the
+    # backward's row terms (COMPACT). Against the oracle, and bit for bit against the
+    # strided form (same arithmetic, other addresses); with head chunks and grouped K/V.
+    if chunk:
+        monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 64 * 16 * 4 * 2)
+    ws, rs, N = [16, 32, 64], [1, 2, 4], 128
+    kw = dict(is_causal=is_causal, branch_mixing=branch_mixing)
+    _compare(2, N, H, ws, rs, kv_heads=kv_heads, **kw)
+    q = torch.randn(2, N, H, 16, requires_grad=True)
+    k, v = (torch.randn(2, N, kv_heads or H, 16, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, N, H, 16)
+    seen = []
+    compact_rows = kernels._compact_rows
+
+    def counted(rows, launch):
+        seen.append(compact_rows(rows, launch) is not None)
+        return compact_rows(rows, launch)
+
+    grads = []
+    for rule in (counted, lambda rows, launch: None):
+        monkeypatch.setattr(kernels, "_compact_rows", rule)
+        out = dilated_attention(q, k, v, ws, rs, backend="triton", **kw)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert any(seen) and not all(seen)  # the r > 1 launches compact, r = 1 does not
+    for g, g_strided in zip(*grads, strict=True):
+        assert torch.equal(g, g_strided)
 
 
 @interpreted

@@ -19,6 +19,12 @@ magnitude 1e7 cannot hold ``log 2``: with the pair, branches that share their be
 are averaged and the backward's ``P = exp((S - hi) - lo)`` is as exact as the forward's
 (checked on an H200 at logit scales up to 1e4). The block operations of the ring
 exchange one LSE instead (``LSE_PAIR`` False).
+
+The backward reads its per-row terms (the LSE pair and ``delta``) from copies made for it
+(:func:`.launch._backward_rows`): heads-first, ``lo`` already in log2 units, so that
+``P = exp2((S - hi) * LOG2E - lo2)`` is two multiply-adds per score, and, for a branch
+with ``r > 1`` (``COMPACT``), only the launch's heads and dilated rows, row ``t`` of
+segment ``s`` at ``s * l_seg + t``, so that a tile's rows are neighbours in memory.
 """
 
 from __future__ import annotations
@@ -142,10 +148,10 @@ def _load_tile(src, start, offs64, row, mask, TMA: tl.constexpr):
 
 @triton.jit
 def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr, EVEN: tl.constexpr = False):
-    # The final LSE pair (hi, lo) of some rows, for P = exp2(((S - hi) - lo) * LOG2E).
-    # Rows with no key (and rows out of range) have hi = -inf: +inf makes their P 0
-    # instead of NaN. Without LSE_PAIR the tensor holds one LSE (lo = 0). EVEN: every
-    # row exists (no mask).
+    # The backward's copy of the final LSE pair of some rows: hi, and lo in log2 units
+    # (lo2), for P = exp2((S - hi) * LOG2E - lo2) (_probs). Rows with no key (and rows
+    # out of range) have hi = -inf: +inf makes their P 0 instead of NaN. Without LSE_PAIR
+    # the tensor holds one LSE (lo2 = 0). EVEN: every row exists (no mask).
     if EVEN:
         hi = tl.load(ptrs)
     else:
@@ -169,10 +175,28 @@ def _finite_rows(x):
 
 
 @triton.jit
-def _probs(s, hi, lo):
-    # exp((s - hi) - lo) for a (rows, keys) block of natural-unit scores; the row terms
-    # are subtracted before the conversion to log2 units, so they lose nothing to it.
-    return tl.exp2(((s - hi[:, None]) - lo[:, None]) * LOG2E)
+def _probs(s, hi, lo2):
+    # exp((s - hi) - lo) for a (rows, keys) block of natural-unit scores, lo2 = lo * LOG2E:
+    # s - hi is taken in natural units (exact where they are close), then one multiply-add
+    # converts it and subtracts lo2 (compiled to two fused multiply-adds with the scale).
+    return tl.exp2((s - hi[:, None]) * LOG2E - lo2[:, None])
+
+
+@triton.jit
+def _row_terms(h, tok, dil, h_first, l_seg, tiles_per_seg, COMPACT: tl.constexpr):
+    # Where the backward's row terms (LSE pair, delta) of a tile's dilated rows lie: the
+    # head, the row of dilated position 0 and the step between positions. COMPACT: the
+    # launch's own heads and rows (launch._compact_rows), head h at h - h_first, segment s
+    # from row s * l_seg, one row per position; else the sequence's rows, token `tok` on,
+    # every dil-th.
+    head = h
+    row0 = tok
+    step = dil
+    if COMPACT:
+        head = h - h_first
+        row0 = (tl.program_id(0) // tiles_per_seg).to(tl.int64) * l_seg
+        step = 1
+    return head, row0, step
 
 
 @triton.jit
@@ -414,7 +438,7 @@ def _bwd_dkdv_inner(
             hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
             delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * sm_scale
-        p_t = tl.exp2(((qk_t - hi[None, :]) - lo[None, :]) * LOG2E)
+        p_t = tl.exp2((qk_t - hi[None, :]) * LOG2E - lo[None, :])
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
         if HAS_KPM or DQ_ADD > 0:
@@ -446,14 +470,15 @@ def _bwd_dkdv_kernel(
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
     s_cb, s_cn, s_ch, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
-    sm_scale, s_lp,
+    sm_scale, s_lp, l_seg,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
-    # adds this tile's share of dQ into (unused with DQ_ADD 0).
+    # adds this tile's share of dQ into (unused with DQ_ADD 0). Lse and Delta: the row
+    # terms, laid out as _row_terms says (l_seg, COMPACT).
     n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_N, VARLEN,
@@ -474,8 +499,9 @@ def _bwd_dkdv_kernel(
                           BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
                            BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
-    lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
-    dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
+    lh, lrow0, lstep = _row_terms(h, tok_q, dil, h_first, l_seg, tiles_per_seg, COMPACT)
+    lse_base = _ptr(Lse, b, lh, lrow0, s_lb, s_ln, s_lh)
+    dl_base = _ptr(Delta, b, lh, lrow0, s_eb, s_en, s_eh)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
@@ -507,7 +533,7 @@ def _bwd_dkdv_kernel(
         free = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, len_q)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
+            dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             lo, free, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
             BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False,
         )  # fmt: skip
@@ -516,13 +542,13 @@ def _bwd_dkdv_kernel(
         whole = tl.maximum((len_q // BLOCK_M) * BLOCK_M, free)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-            dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
+            dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             free, whole, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
             BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, True, True,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-        dil * s_qn, dil * s_dn, dil * s_ln, dil * s_en, s_lp,
+        dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
         whole, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
         BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False,
     )  # fmt: skip
@@ -573,12 +599,13 @@ def _bwd_dq_kernel(
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah, s_mb, s_mn,
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
-    sm_scale, s_lp,
+    sm_scale, s_lp, l_seg,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr,
+    VARLEN: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
-    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc.
+    # A program per query tile. s_g*: strides of DQ; s_a*: strides of DQacc. Lse and
+    # Delta: the row terms, laid out as _row_terms says (l_seg, COMPACT).
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
@@ -589,8 +616,10 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
     do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
-    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
-    delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
+    lh, lrow0, lstep = _row_terms(h, tok_q, dil, h_first, l_seg, tiles_per_seg, COMPACT)
+    lrows = lrow0 + offs_m.to(tl.int64) * lstep
+    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, lh, lrows, s_lb, s_ln, s_lh), s_lp, qmask, LSE_PAIR)
+    delta = tl.load(_ptr(Delta, b, lh, lrows, s_eb, s_en, s_eh), mask=qmask, other=0.0)
     hk = h // kv_group  # the K/V head this query head reads (grouped-query attention)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, dil * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip

@@ -132,6 +132,8 @@ DQ_MODE = "separate"
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
 
+LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
+
 
 def _config(table: dict[int, KernelConfig], head_dim: int) -> KernelConfig:
     return _INTERPRET_CONFIG if interpreting() else table[head_dim]
@@ -248,13 +250,40 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
 def _backward_rows(dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """The backward's per-row terms, each head's rows next to each other in memory: the
     LSE (a ``(B, N, H)`` LSE or a ``(2, B, N, H)`` pair, same shape, copied into a
-    heads-first buffer) and ``delta`` (``(B, N, H)``, the strides of one LSE plane). The
-    dK/dV kernel reads both for a tile's queries at every step: with a row stride of 1
-    (at ``r = 1``) that is a few wide loads from one base instead of a 4-byte load and an
-    address per row."""
-    lse = lse.transpose(-1, -2).contiguous().transpose(-1, -2)
-    plane = lse[0] if lse.dim() == 4 else lse
-    return lse, _compute_delta(dout, out, into=torch.empty_like(plane))
+    heads-first buffer; a pair's ``lo`` plane in log2 units, ``lo * log2(e)``, which the
+    kernels' ``_load_lse`` expects) and ``delta`` (``(B, N, H)``, the strides of one LSE
+    plane). The dK/dV kernel reads both for a tile's queries at every step: with a row
+    stride of 1 (at ``r = 1``) that is a few wide loads from one base instead of a 4-byte
+    load and an address per row."""
+    copy = torch.empty_like(lse.transpose(-1, -2), memory_format=torch.contiguous_format)
+    copy = copy.transpose(-1, -2)  # heads-first, shaped like lse
+    if lse.dim() == 4:
+        copy[0].copy_(lse[0])
+        torch.mul(lse[1], LOG2E, out=copy[1])
+    else:
+        copy.copy_(lse)
+    plane = copy[0] if copy.dim() == 4 else copy
+    return copy, _compute_delta(dout, out, into=torch.empty_like(plane))
+
+
+def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
+    """The rows of a branch with ``r > 1`` taken out of the backward's heads-first row
+    terms (``rows``: ``(..., N, Hc)``, unit stride on ``N``), or ``None`` where the layout
+    does not allow it (``r == 1``, packed documents, ``N`` or the segment length not a
+    multiple of ``r``): ``(..., N / r, num_heads)`` for the launch's heads, heads-first,
+    row ``s * (w / r) + t`` of head ``h_first + i`` holding token ``s * w + o + r * t`` of
+    that head (``o = (h - head0) % r``). The kernels then read a query tile's row terms
+    from consecutive addresses (``COMPACT``) instead of every ``r``-th."""
+    r, n = launch.dil, rows.shape[-2]
+    if r == 1 or launch.segments is not None or n % r or launch.seg_q % r or rows.stride(-2) != 1:
+        return None
+    heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=rows.device)
+    lead = rows.shape[:-2]
+    src = rows[..., launch.h_first : launch.h_first + launch.num_heads]
+    src = src.transpose(-1, -2).unflatten(-1, (n // r, r))  # (..., heads, N / r, r), a view
+    index = ((heads - launch.head0) % r).view(*(1,) * len(lead), -1, 1, 1)
+    index = index.expand(*lead, launch.num_heads, n // r, 1)
+    return torch.gather(src, -1, index).squeeze(-1).transpose(-1, -2)
 
 
 def _compute_delta(dout: Tensor, out: Tensor, into: Tensor | None = None) -> Tensor:
@@ -273,14 +302,16 @@ def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
     *, scale: float, causal: bool, acc_in: bool, which: str, dq_add: int = 0,
-    dq_acc: Tensor | None = None,
+    dq_acc: Tensor | None = None, compact: bool = False,
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
-    # lse: (2, B, N, H) (hi, lo) planes, or one (B, N, H) LSE. dq_add > 0 (dkdv only):
-    # the kernel also adds its share of dQ into the fp32 buffer dq_acc (see _dq_add).
+    # lse, delta: the row terms of _backward_rows, lse (2, B, N, H) (hi, lo2) planes or
+    # one (B, N, H) LSE; with compact, both the branch's own rows (_compact_rows). dq_add
+    # > 0 (dkdv only): the kernel also adds its share of dQ into the fp32 buffer dq_acc
+    # (see _dq_add).
     lse_hi, s_lp, pair = _lse_args(lse)
     inputs = (q, k, v, dout, lse_hi, delta)
-    constexprs = {}
+    constexprs = {"COMPACT": compact}
     if which == "dkdv":
         # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
         # kernel never reads DQacc: any tensor stands in.
@@ -296,7 +327,7 @@ def _launch_backward(
         tensors = strided = (*inputs, grads[0], accs[0])
     _launch_tiles(
         kernel, table, tensors, strided, kpm, launch,
-        scales=(scale, s_lp),
+        scales=(scale, s_lp, launch.seg_q // launch.dil if compact else 0),
         per_key_tile=which == "dkdv", causal=causal, acc_in=acc_in, lse_pair=pair,
         loaded=(q, k, v, dout), **constexprs,
     )  # fmt: skip
@@ -611,11 +642,17 @@ def dilated_backward(
                 accs = (dqc, dkc, dvc)
             for j, (i, launch) in enumerate(launches):
                 final = not through or (i == sched.final and not per_query_head)
+                # A branch with r > 1 reads its own rows of the row terms, gathered here
+                # (3 fp32 values per row it runs, freed after its launch).
+                rows = _compact_rows(lc, launch), _compact_rows(dlc, launch)
+                compact = rows[0] is not None
                 _launch_backward(
-                    doc, qc, kc, vc, lc, dlc, kpm, (dqc, dkc, dvc) if final else accs, accs,
-                    launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
-                    dq_add=dq_add, dq_acc=dq_acc,
+                    doc, qc, kc, vc, *(rows if compact else (lc, dlc)), kpm,
+                    (dqc, dkc, dvc) if final else accs, accs, launch, scale=scale,
+                    causal=causal, acc_in=through and j > 0, which=which, dq_add=dq_add,
+                    dq_acc=dq_acc, compact=compact,
                 )  # fmt: skip
+                del rows
             if per_query_head:
                 dkc.copy_(_sum_query_heads(accs[1], g))
                 dvc.copy_(_sum_query_heads(accs[2], g))
