@@ -497,22 +497,48 @@ def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
 def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = False) -> tuple:
     """``dilated_backward``: per head chunk, the dK/dV pass's two fp32 accumulators, freed
     before the dQ pass's one (with ``DQ_MODE`` adding dQ from the dK/dV kernel: the dQ
-    buffer first, live through the pass); ``into``: the gradients go to the caller's
-    buffers."""
+    buffer first, live through the pass), and while each launch runs its branch's own
+    rows of the row terms (``_compact_rows``, largest for the least dilated branch);
+    ``into``: the gradients go to the caller's buffers."""
     grads = () if into else tuple(tl.new("gradients", cfg.qkv_bytes(N)) for _ in range(3))
     lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
     multi = cfg.extra["triton_multi"]
     dq_add = _dq_add(torch.device("meta")) > 0
+
+    def launches(lo: int, hi: int) -> None:  # a pass's launches: one branch's rows at a time
+        tl.free(tl.new("temporaries", _compact_rows_bytes(cfg, N, lo, hi)))
+
     if multi or dq_add:
         for lo, hi in _head_chunks(True, cfg.B, N, cfg.H, cfg.D):
             size = cfg.B * N * (hi - lo) * cfg.D * 4
             dq = tl.new("accumulators", size) if dq_add else None
             if multi:
-                tl.free(tl.new("accumulators", size), tl.new("accumulators", size))
-            tl.free(dq if dq_add else tl.new("accumulators", size))
+                accs = tl.new("accumulators", size), tl.new("accumulators", size)
+                launches(lo, hi)
+                tl.free(*accs)
+            else:
+                launches(lo, hi)
+            if not dq_add:
+                dq = tl.new("accumulators", size)
+                launches(lo, hi)
+            tl.free(dq)
+    else:
+        launches(0, cfg.H)
     tl.free(delta, lse_copy)
     return grads
+
+
+def _compact_rows_bytes(cfg: _Config, N: int, lo: int, hi: int) -> int:
+    """Bytes of the largest ``_compact_rows`` pair and delta of one launch on heads
+    ``[lo, hi)``: 3 fp32 values per dilated row of each of its heads."""
+    most = 0
+    for branch, _, start, stop in _schedule(cfg.plan).branches:
+        r, w = branch.dilation_rate, branch.segment_length
+        heads = min(stop, hi) - max(start, lo)
+        if r > 1 and heads > 0 and N % r == 0 and w % r == 0:
+            most = max(most, 3 * 4 * cfg.B * (N // r) * heads)
+    return most
 
 
 # --------------------------------------------------------------------------- ring

@@ -516,14 +516,18 @@ def _bwd_dkdv_kernel(
         # Masked pairs give 0 to dQ even where their key is not finite (padded keys
         # holding garbage, say); rows past the segment already load as 0.
         k_dq = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
-    # Head dims above 64, not causal, dQ in its own kernel: the LSE and delta addressed
-    # from a scalar base, the query tiles in two loops, the whole tiles (no masks) and
-    # the segment's ragged last tile. On an H100 (N = 1M) that made the D = 128 dK/dV
-    # kernels of LongNet's layer 16% faster; for D = 64 the loop-invariant offsets cost
-    # the 32 x 128 tiles spills and the per-row form is as fast or faster, and the
-    # causal kernel (a third, masked loop) lost 3-5%. The DQ_ADD forms, which already
+    # Not causal, dQ in its own kernel: the LSE and delta addressed from a scalar base,
+    # the query tiles in two loops, the whole tiles (no masks, so that the row terms of
+    # consecutive rows load as wide words) and the segment's ragged last tile. On an
+    # H100 (N = 1M) that made the D = 128 dK/dV kernels of LongNet's layer 16% faster.
+    # At D <= 64 tiles of 32 queries keep the per-row form (compiled for sm_90, the
+    # loop-invariant offsets add spills to the 32 x 128 tile, which already spills;
+    # 64 x 64 and 64 x 128 take them without spilling); the causal
+    # kernel (a third, masked loop) lost 3-5% with it; the DQ_ADD forms, which already
     # spill more, keep the per-row form too (not measured with this one).
-    SCALAR_BASE: tl.constexpr = HEAD_DIM > 64 and not CAUSAL and DQ_ADD == 0
+    SCALAR_BASE: tl.constexpr = (
+        not CAUSAL and DQ_ADD == 0 and (HEAD_DIM > 64 or BLOCK_M >= 64)
+    )
     # Causal: queries before the key tile see none of it; query tiles that start at or
     # after the tile's last key need no mask; the ones in between straddle the diagonal.
     lo = 0
