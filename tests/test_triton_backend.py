@@ -456,16 +456,26 @@ def test_head_dim_128(kernels, monkeypatch, case) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("scale", [-0.6, 3.0])
+def test_scale_of_either_sign(is_causal, scale) -> None:
+    # The forward's softmax runs on the unscaled products (negated for a negative scale)
+    # and rebuilds the LSE pair from their maximum; a negative scale favours dissimilar
+    # keys. Against the oracle, forward, LSE and gradients, with padded keys.
+    _compare(2, 64, 4, [16, 32], [1, 2], mask_p=0.2, scale=scale, is_causal=is_causal)
+
+
+@interpreted
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(
-    "Lq,Lk,causal,kv_heads",
-    [(37, 37, True, 3), (20, 45, False, 3), (45, 20, True, 3), (30, 30, True, 1)],
-)
-def test_block_ops(kernels, Lq, Lk, causal, masked, kv_heads) -> None:
+    "Lq,Lk,causal,kv_heads,scale",
+    [(37, 37, True, 3, 0.3), (20, 45, False, 3, 0.3), (45, 20, True, 3, -0.3),
+     (30, 30, True, 1, 0.3)],
+)  # fmt: skip
+def test_block_ops(kernels, Lq, Lk, causal, masked, kv_heads, scale) -> None:
     # Strided token-major blocks (a head slice of a larger tensor), as the ring passes them;
     # a strided key keep mask, as the ring's dilated views of a mask are. kv_heads=1:
-    # grouped-query blocks (3 query heads on one K/V head).
-    scale = 0.3
+    # grouped-query blocks (3 query heads on one K/V head). One negative scale.
     q = torch.randn(3, Lq, 6, 16)[:, :, 1:4]
     k, v = torch.randn(3, Lk, kv_heads, 16), torch.randn(3, Lk, kv_heads, 16)
     keep = (torch.rand(3, 2 * Lk) > 0.3)[:, ::2] if masked else None

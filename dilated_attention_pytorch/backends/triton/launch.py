@@ -236,7 +236,7 @@ def _launch_forward(
     _launch_tiles(
         _fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, launch,
         scales=(scale, s_lp), per_key_tile=False, causal=causal, acc_in=acc_in, lse_pair=pair,
-        loaded=(q, k, v, acc) if acc_in else (q, k, v),
+        loaded=(q, k, v, acc) if acc_in else (q, k, v), NEG_SCALE=scale < 0,
     )  # fmt: skip
 
 
