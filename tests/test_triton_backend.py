@@ -459,9 +459,9 @@ def test_head_dim_128(kernels, monkeypatch, case) -> None:
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("scale", [-0.6, 3.0])
 def test_scale_of_either_sign(is_causal, scale) -> None:
-    # The forward's softmax runs on the unscaled products (negated for a negative scale)
-    # and rebuilds the LSE pair from their maximum; a negative scale favours dissimilar
-    # keys. Against the oracle, forward, LSE and gradients, with padded keys.
+    # The forward takes the row maximum over the unscaled products (negated for a
+    # negative scale) and scales it; a negative scale favours dissimilar keys. Against
+    # the oracle, forward, LSE and gradients, with padded keys.
     _compare(2, 64, 4, [16, 32], [1, 2], mask_p=0.2, scale=scale, is_causal=is_causal)
 
 

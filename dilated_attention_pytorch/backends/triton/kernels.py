@@ -9,14 +9,16 @@ A program of the forward, dK/dV and dQ kernels runs one tile of dilated position
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
 once per branch.
 
-The forward's online softmax runs on the unscaled products ``q.k`` (``S = scale * q.k``;
-negated for a negative scale) and converts only after the row maximum is subtracted
-(``exp2((q.k - m) * |scale| * LOG2E)``), so nothing subtracted from a score has been
-rounded by a scaling or a unit conversion; the backward subtracts in natural units
-(``S - hi``, one fused multiply-add) before converting. The log-sum-exp is kept
+Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
+only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``, the product and the
+subtraction in one fused multiply-add), so nothing that is subtracted from a score has
+been rounded by a unit conversion. The forward takes the row maximum over the unscaled
+products (negated for a negative scale) and scales only the maximum: float32 rounding
+keeps order, so that is the maximum of the scores as computed, without a multiply per
+score. The log-sum-exp is kept
 as a pair ``lse = hi + lo`` (planes 0 and 1 of a ``(2, B, N, H)`` tensor): ``hi`` is a
-score maximum (or the largest of the merged branches' maxima), ``lo`` the
-log of the normaliser relative to it, in ``[0, log(#keys)]`` up to the rounding of ``hi``. A single float32 LSE of
+score maximum as computed (or the largest of the merged branches' maxima), ``lo`` the
+log of the normaliser relative to it, in ``[0, log(#keys)]``. A single float32 LSE of
 magnitude 1e7 cannot hold ``log 2``: with the pair, branches that share their best key
 are averaged and the backward's ``P = exp((S - hi) - lo)`` is as exact as the forward's
 (checked on an H200 at logit scales up to 1e4). The block operations of the ring
@@ -243,17 +245,18 @@ def _valid_keys(key_ok, offs, offs_m, MASK: tl.constexpr, CAUSAL: tl.constexpr):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-    start, stop, len_k, offs_m, offs_n, qk_scale,
+    start, stop, len_k, offs_m, offs_n, abs_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    # Online softmax over key tiles [start, stop), on the unscaled dot products (negated
-    # for a negative scale): the score is |scale| * qk, so the row maximum of the scores
-    # is |scale| times that of qk, and P = exp2((qk - m) * qk_scale) with qk_scale =
-    # |scale| * log2(e): qk - m is exact where it matters (close values), and one multiply
-    # converts it, with no scaled score to round first. bad_i: rows that attended a key
-    # whose value is not finite in a masked tile (there such values are zeroed so that
-    # the rows that do not attend them stay finite: 0 * inf would be NaN).
+    # Online softmax over key tiles [start, stop). The score is |scale| * qk, qk the dot
+    # product (negated for a negative scale); rounding to float32 keeps order, so the row
+    # maximum m of the scores as computed is |scale| times that of qk, rounded: only the
+    # maximum is scaled, and P = exp2((|scale| * qk - m) * LOG2E) takes the product and
+    # the subtraction in one fused multiply-add (no rounded score is ever formed).
+    # bad_i: rows that attended a key whose value is not finite in a masked tile (there
+    # such values are zeroed so that the rows that do not attend them stay finite: 0 * inf
+    # would be NaN).
     for n in range(start, stop, BLOCK_N):
         offs = n + offs_n
         kmask = offs < len_k
@@ -265,11 +268,11 @@ def _fwd_inner(
         if MASK or HAS_KPM:
             key_ok = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)
             qk = tl.where(_valid_keys(key_ok, offs, offs_m, MASK, CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * abs_scale)
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2((qk - m_safe[:, None]) * qk_scale)
-        alpha = tl.exp2((m_i - m_safe) * qk_scale)
+        p = tl.exp2((qk * abs_scale - m_safe[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
         if (MASK and CAUSAL) or HAS_KPM:
@@ -332,15 +335,14 @@ def _fwd_kernel(
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     abs_scale = tl.abs(sm_scale)
-    qk_scale = abs_scale * LOG2E
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+        0, full_hi, len_k, offs_m, offs_n, abs_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
         NEG_SCALE,
     )  # fmt: skip
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, qk_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+        full_hi, hi, len_k, offs_m, offs_n, abs_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
         NEG_SCALE,
     )  # fmt: skip
 
@@ -351,15 +353,11 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     # A row that attends a non-finite value has no finite output.
     out = tl.where(bad_i[:, None], float("nan"), out)
-    # This tile's LSE pair: hi, the row maximum of the scores (|scale| * m, rounded), and
-    # lo, log(l) relative to it: l sums exp(score - |scale| * m), so lo adds back the
-    # rounding of hi, |scale| * m - hi, which one fused multiply-add gives exactly. On a
+    # This tile's LSE pair: the row maximum as computed, and log(l) relative to it. On a
     # GPU the maximum skips NaN scores: a row whose only keys are NaN keeps m = -inf with
     # l = NaN, and gets hi = 0 so that no merge takes it for a row without keys.
-    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    row_max = m_fin * abs_scale
-    lse_hi = tl.where(has_key, row_max, float("-inf"))
-    lse_lo = tl.log2(l_safe) * LN2 + tl.fma(m_fin, abs_scale, -row_max)
+    lse_hi = tl.where(has_key, tl.where(m_i == float("-inf"), 0.0, m_i), float("-inf"))
+    lse_lo = tl.log2(l_safe) * LN2
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     if ACC_IN:
         # Merge with what earlier branches left (the LSE rule that mixes branches), with
