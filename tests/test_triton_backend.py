@@ -456,12 +456,15 @@ def test_head_dim_128(kernels, monkeypatch, case) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("load_mode", ["pointer", "tma"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("scale", [-0.6, 3.0])
-def test_scale_of_either_sign(is_causal, scale) -> None:
-    # The forward takes the row maximum over the unscaled products (negated for a
-    # negative scale) and scales it; a negative scale favours dissimilar keys. Against
-    # the oracle, forward, LSE and gradients, with padded keys.
+def test_scale_of_either_sign(kernels, monkeypatch, is_causal, scale, load_mode) -> None:
+    # With descriptor loads the forward takes the row maximum over the unscaled products
+    # (negated for a negative scale) and scales it; with pointer loads it scales every
+    # score first. A negative scale favours dissimilar keys. Against the oracle, forward,
+    # LSE and gradients, with padded keys.
+    monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)
     _compare(2, 64, 4, [16, 32], [1, 2], mask_p=0.2, scale=scale, is_causal=is_causal)
 
 

@@ -12,10 +12,10 @@ once per branch.
 Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
 only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``, the product and the
 subtraction in one fused multiply-add), so nothing that is subtracted from a score has
-been rounded by a unit conversion. The forward takes the row maximum over the unscaled
-products (negated for a negative scale) and scales only the maximum: float32 rounding
-keeps order, so that is the maximum of the scores as computed, without a multiply per
-score. The log-sum-exp is kept
+been rounded by a unit conversion. With tensor-descriptor loads (Hopper) the forward
+takes the row maximum over the unscaled products (negated for a negative scale) and
+scales only the maximum: float32 rounding keeps order, so that is the maximum of the
+scores as computed, without a multiply per score. The log-sum-exp is kept
 as a pair ``lse = hi + lo`` (planes 0 and 1 of a ``(2, B, N, H)`` tensor): ``hi`` is a
 score maximum as computed (or the largest of the merged branches' maxima), ``lo`` the
 log of the normaliser relative to it, in ``[0, log(#keys)]``. A single float32 LSE of
@@ -245,33 +245,42 @@ def _valid_keys(key_ok, offs, offs_m, MASK: tl.constexpr, CAUSAL: tl.constexpr):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-    start, stop, len_k, offs_m, offs_n, abs_scale,
+    start, stop, len_k, offs_m, offs_n, sm_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    # Online softmax over key tiles [start, stop). The score is |scale| * qk, qk the dot
-    # product (negated for a negative scale); rounding to float32 keeps order, so the row
-    # maximum m of the scores as computed is |scale| times that of qk, rounded: only the
-    # maximum is scaled, and P = exp2((|scale| * qk - m) * LOG2E) takes the product and
-    # the subtraction in one fused multiply-add (no rounded score is ever formed).
+    # Online softmax over key tiles [start, stop). With TMA (Hopper) the score is
+    # unit * qk, qk the dot product (negated for a negative scale) and unit = |scale|;
+    # rounding to float32 keeps order, so the row maximum m of the scores as computed is
+    # unit times that of qk, rounded: only the maximum is scaled (no multiply per score),
+    # and P = exp2((unit * qk - m) * LOG2E) takes the product and the subtraction in one
+    # fused multiply-add. With pointer loads qk is the score itself (unit 1): compiled for
+    # sm_90 the other form raised those kernels' registers from 108-128 to 139-169, past
+    # the 128 at which two 8-warp programs fit an SM (not measured on a GPU without TMA).
     # bad_i: rows that attended a key whose value is not finite in a masked tile (there
     # such values are zeroed so that the rows that do not attend them stay finite: 0 * inf
     # would be NaN).
+    unit = 1.0
+    if TMA:
+        unit = tl.abs(sm_scale)
     for n in range(start, stop, BLOCK_N):
         offs = n + offs_n
         kmask = offs < len_k
         offs64 = offs.to(tl.int64)
         k = _load_tile(k_base, n, offs64, row_k, kmask, TMA)
-        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), scores / |scale|
-        if NEG_SCALE:
-            qk = -qk
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N): scores / unit
+        if TMA:
+            if NEG_SCALE:
+                qk = -qk
+        else:
+            qk = qk * sm_scale
         if MASK or HAS_KPM:
             key_ok = _keys_ok(kmask, offs64, m_base, row_m, HAS_KPM)
             qk = tl.where(_valid_keys(key_ok, offs, offs_m, MASK, CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * abs_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * unit)
         # A row with no key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2((qk * abs_scale - m_safe[:, None]) * LOG2E)
+        p = tl.exp2((qk * unit - m_safe[:, None]) * LOG2E)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, n, offs64, row_v, kmask, TMA)
@@ -307,7 +316,7 @@ def _fwd_kernel(
 ):  # fmt: skip
     # A program per query tile: its output and LSE, merged into what earlier branches
     # left when ACC_IN. LSE_PAIR: Lse holds (hi, lo) planes s_lp apart (ACC_IN needs it),
-    # else one LSE. NEG_SCALE: sm_scale < 0.
+    # else one LSE. NEG_SCALE: sm_scale < 0 (read with TMA_LOADS only, see _fwd_inner).
     m0, b, h, len_q, len_k, tok_q, tok_k = _tile(
         seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
         BLOCK_M, VARLEN,
@@ -334,15 +343,14 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     full_hi, hi = _key_tiles(m0, len_k, BLOCK_M, BLOCK_N, CAUSAL)
-    abs_scale = tl.abs(sm_scale)
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        0, full_hi, len_k, offs_m, offs_n, abs_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
+        0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, CAUSAL, HAS_KPM, TMA_LOADS,
         NEG_SCALE,
     )  # fmt: skip
     acc, l_i, m_i, bad_i = _fwd_inner(
         acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
-        full_hi, hi, len_k, offs_m, offs_n, abs_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
+        full_hi, hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, CAUSAL, HAS_KPM, TMA_LOADS,
         NEG_SCALE,
     )  # fmt: skip
 
