@@ -4,6 +4,12 @@ Usage::
 
     python benchmarks/bench_dilated.py --out benchmarks/results [--quick] [--tune]
 
+``--tune`` first times each kernel alone at N = 256K over the tile configs of
+``_TUNE_CANDIDATES`` and installs the fastest for the run (``--tune-kernels`` picks the
+kernels; ``--tune-rate R`` times the branch with dilation ``R``, segments of ``2048 R``,
+its backward reading the branch's own gathered row terms as the library does; default the
+``r = 1`` branch).
+
 Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation
 rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
 both branch mixings; forward and forward+backward; not causal.
@@ -245,11 +251,14 @@ def tune_candidates(D: int) -> dict[str, list[tuple[int, ...]]]:
     return _TUNE_CANDIDATES[64 if D <= 64 else 128]
 
 
-def tune(N: int, D: int, kernels: list[str]) -> dict:
-    """Time each kernel alone (the r = 1 branch, one launch) over a few tile configs.
+def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
+    """Time each kernel alone (one launch of LongNet's branch with dilation ``rate``: 1,
+    segments of 2048; else segments of ``2048 * rate``) over a few tile configs.
 
     Installs the fastest config per kernel for this run and returns what it chose; the
     library defaults (``backends/triton/launch.py``, ``*_CONFIGS``) are set from such a run.
+    The backward reads its row terms as the library does (a branch with ``rate > 1`` its
+    own gathered rows, ``launch._compact_rows``).
     """
     from dilated_attention_pytorch.backends.triton import launch as tk
 
@@ -257,7 +266,8 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     cands = tune_candidates(D)
     H, B, scale = 16, 1, D**-0.5
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    launch = tk._Launch(2048, 2048, 1, 0, 0, H)  # LongNet's r = 1 branch, all heads
+    w = 2048 * rate
+    launch = tk._Launch(w, w, rate, 0, 0, H)  # one LongNet branch, all heads
     out = torch.empty_like(q)
     # The LSE as the library keeps it, a (hi, lo) pair; the forward merges into what an
     # earlier branch left (ACC_IN), as every branch after the first does.
@@ -268,6 +278,10 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
     )
     # The backward's layout of the LSE and delta: heads-first (see dilated_backward).
     lse_b, delta = tk._backward_rows(dout, out, lse)
+    rows = tk._compact_rows(lse_b, launch), tk._compact_rows(delta, launch)
+    compact = rows[0] is not None
+    if compact:
+        lse_b, delta = rows
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():
@@ -281,6 +295,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
         tk._launch_backward(
             dout, q, k, v, lse_b, delta, None, grads, grads, launch,
             scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
+            compact=compact,
         )  # fmt: skip
 
     jobs = {
@@ -312,7 +327,7 @@ def tune(N: int, D: int, kernels: list[str]) -> dict:
             continue
         table[D] = best[1]
         chosen[name] = dict(ms=best[0], config=best[1].__dict__)
-    print(f"tune D={D}: {chosen}", flush=True)
+    print(f"tune D={D} r={rate}: {chosen}", flush=True)
     return chosen
 
 
@@ -374,6 +389,12 @@ def main() -> None:
         help="with --tune: which kernels' configs to pick (fwd, dkdv, dq, dkdv_dq)",
     )
     parser.add_argument(
+        "--tune-rate",
+        type=int,
+        default=1,
+        help="with --tune: the dilation rate of the timed branch (1: the r = 1 branch)",
+    )
+    parser.add_argument(
         "--passes", default="fwd,fwd+bwd", help="which passes to time: fwd, fwd+bwd or both"
     )
     parser.add_argument("--dense-max", type=int, default=131072, help="largest N for dense SDPA")
@@ -394,7 +415,7 @@ def main() -> None:
     tuned = {}
     if args.tune:
         for D in [int(d) for d in args.dims.split(",")]:
-            tuned[D] = tune(1 << 18, D, args.tune_kernels.split(","))
+            tuned[D] = tune(1 << 18, D, args.tune_kernels.split(","), args.tune_rate)
     Ns = [1 << int(p) for p in args.sizes.split(",")]
     if args.quick:
         Ns = [1 << 15, 1 << 20]
@@ -408,6 +429,7 @@ def main() -> None:
         dtype="bfloat16",
         causal=False,
         tuned_configs={str(k): v for k, v in tuned.items()},
+        tune_rate=args.tune_rate if args.tune else None,
         flop_formula=FLOP_CONVENTION,
         rows=rows,
     )
