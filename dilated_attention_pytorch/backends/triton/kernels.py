@@ -547,9 +547,7 @@ def _bwd_dkdv_kernel(
     # 64 x 64 and 64 x 128 take them without spilling); the causal
     # kernel (a third, masked loop) lost 3-5% with it; the DQ_ADD forms, which already
     # spill more, keep the per-row form too (not measured with this one).
-    SCALAR_BASE: tl.constexpr = (
-        not CAUSAL and DQ_ADD == 0 and (HEAD_DIM > 64 or BLOCK_M >= 64)
-    )
+    SCALAR_BASE: tl.constexpr = not CAUSAL and DQ_ADD == 0 and (HEAD_DIM > 64 or BLOCK_M >= 64)
     # Causal: queries before the key tile see none of it; query tiles that start at or
     # after the tile's last key need no mask; the ones in between straddle the diagonal.
     lo = 0
