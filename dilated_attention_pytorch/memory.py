@@ -59,7 +59,13 @@ MEMORY_PARTS = (
 """The keys of ``get_memory_estimate(...)["parts"]``."""
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
-    from .backends.triton.launch import _dq_add, _head_chunks, _schedule
+    from .backends.triton.launch import (
+        _compacts,
+        _dq_add,
+        _head_chunks,
+        _launches_for_chunk,
+        _schedule,
+    )
 
 _BACKENDS = ("pytorch", "triton")
 # Skip ring steps that repeat the two before them (same peak, same sizes left); the
@@ -532,13 +538,9 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
 def _compact_rows_bytes(cfg: _Config, N: int, lo: int, hi: int) -> int:
     """Bytes of the largest ``_compact_rows`` pair and delta of one launch on heads
     ``[lo, hi)``: 3 fp32 values per dilated row of each of its heads."""
-    most = 0
-    for branch, _, start, stop in _schedule(cfg.plan).branches:
-        r, w = branch.dilation_rate, branch.segment_length
-        heads = min(stop, hi) - max(start, lo)
-        if r > 1 and heads > 0 and N % r == 0 and w % r == 0:
-            most = max(most, 3 * 4 * cfg.B * (N // r) * heads)
-    return most
+    launches = _launches_for_chunk(_schedule(cfg.plan), lo, hi)
+    sizes = [3 * 4 * cfg.B * (N // la.dil) * la.num_heads for _, la in launches if _compacts(la, N)]
+    return max(sizes, default=0)
 
 
 # --------------------------------------------------------------------------- ring

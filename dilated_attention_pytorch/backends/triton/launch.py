@@ -266,6 +266,14 @@ def _backward_rows(dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tens
     return copy, _compute_delta(dout, out, into=torch.empty_like(plane))
 
 
+def _compacts(launch: _Launch, n: int) -> bool:
+    """Whether a launch over ``n`` tokens reads its own gathered row terms
+    (:func:`_compact_rows`): ``r > 1``, no packed documents, ``n`` and the segment length
+    multiples of ``r``."""
+    r = launch.dil
+    return r > 1 and launch.segments is None and n % r == 0 and launch.seg_q % r == 0
+
+
 def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
     """The rows of a branch with ``r > 1`` taken out of the backward's heads-first row
     terms (``rows``: ``(..., N, Hc)``, unit stride on ``N``), or ``None`` where the layout
@@ -275,7 +283,7 @@ def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
     that head (``o = (h - head0) % r``). The kernels then read a query tile's row terms
     from consecutive addresses (``COMPACT``) instead of every ``r``-th."""
     r, n = launch.dil, rows.shape[-2]
-    if r == 1 or launch.segments is not None or n % r or launch.seg_q % r or rows.stride(-2) != 1:
+    if not _compacts(launch, n) or rows.stride(-2) != 1:
         return None
     heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=rows.device)
     lead = rows.shape[:-2]
