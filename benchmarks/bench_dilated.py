@@ -277,11 +277,7 @@ def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
         q, k, v, out, acc, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
     # The backward's layout of the LSE and delta: heads-first (see dilated_backward).
-    lse_b, delta = tk._backward_rows(dout, out, lse)
-    rows = tk._compact_rows(lse_b, launch), tk._compact_rows(delta, launch)
-    compact = rows[0] is not None
-    if compact:
-        lse_b, delta = rows
+    lse_b, delta, compact = tk._branch_rows(*tk._backward_rows(dout, out, lse), launch)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():

@@ -294,6 +294,13 @@ def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
     return torch.gather(src, -1, index).squeeze(-1).transpose(-1, -2)
 
 
+def _branch_rows(lse: Tensor, delta: Tensor, launch: _Launch) -> tuple[Tensor, Tensor, bool]:
+    """The row terms a launch reads: ``(lse, delta, compact)``, its own gathered rows
+    (:func:`_compact_rows`, ``compact`` True) where it takes them, else those given."""
+    rows = _compact_rows(lse, launch), _compact_rows(delta, launch)
+    return (*rows, True) if rows[0] is not None else (lse, delta, False)
+
+
 def _compute_delta(dout: Tensor, out: Tensor, into: Tensor | None = None) -> Tensor:
     """``rowsum(dout * out)`` in fp32, ``(B, N, H)``: into ``into`` (any strides), else a
     new contiguous tensor."""
@@ -652,15 +659,13 @@ def dilated_backward(
                 final = not through or (i == sched.final and not per_query_head)
                 # A branch with r > 1 reads its own rows of the row terms, gathered here
                 # (3 fp32 values per row it runs, freed after its launch).
-                rows = _compact_rows(lc, launch), _compact_rows(dlc, launch)
-                compact = rows[0] is not None
+                lb, db, compact = _branch_rows(lc, dlc, launch)
                 _launch_backward(
-                    doc, qc, kc, vc, *(rows if compact else (lc, dlc)), kpm,
-                    (dqc, dkc, dvc) if final else accs, accs, launch, scale=scale,
-                    causal=causal, acc_in=through and j > 0, which=which, dq_add=dq_add,
-                    dq_acc=dq_acc, compact=compact,
+                    doc, qc, kc, vc, lb, db, kpm, (dqc, dkc, dvc) if final else accs, accs,
+                    launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
+                    dq_add=dq_add, dq_acc=dq_acc, compact=compact,
                 )  # fmt: skip
-                del rows
+                del lb, db
             if per_query_head:
                 dkc.copy_(_sum_query_heads(accs[1], g))
                 dvc.copy_(_sum_query_heads(accs[2], g))
