@@ -12,7 +12,8 @@ its backward reading the branch's own gathered row terms as the library does; de
 
 Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation
 rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
-both branch mixings; forward and forward+backward; not causal.
+both branch mixings; forward and forward+backward; not causal (``--causal``: every
+implementation, dense SDPA included, causal).
 
 Implementations (``--impls``): backend names (``triton``, ``pytorch``),
 ``pytorch-flash``, the pytorch backend pinned to PyTorch's flash op
@@ -73,7 +74,9 @@ SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 
 
-def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool):
+def make_runner(
+    backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool, causal: bool = False
+):
     """A closure running one call (forward, or forward+backward) of a backend."""
     if backend == "dense":
         from torch.nn.attention import sdpa_kernel
@@ -82,7 +85,7 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
 
         def run():
             with sdpa_kernel(DENSE_BACKEND):
-                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
             if with_bwd:
                 out.backward(dt)
             return out
@@ -100,7 +103,9 @@ def make_runner(backend: str, q, k, v, dout, ws, rs, mixing: str, with_bwd: bool
 
     def run():
         with launch_settings(**settings):
-            out = dilated_attention(q, k, v, ws, rs, branch_mixing=mixing, backend=chosen)
+            out = dilated_attention(
+                q, k, v, ws, rs, is_causal=causal, branch_mixing=mixing, backend=chosen
+            )
             if with_bwd:
                 out.backward(dout)
         return out
@@ -177,7 +182,14 @@ def pick_dense_backend() -> None:
 
 
 def bench_one(
-    impl: str, N: int, D: int, mixing: str, with_bwd: bool, H: int = 16, B: int = 1
+    impl: str,
+    N: int,
+    D: int,
+    mixing: str,
+    with_bwd: bool,
+    H: int = 16,
+    B: int = 1,
+    causal: bool = False,
 ) -> dict:
     ws, rs = SEGMENTS, RATES
     gen = torch.Generator(device="cuda").manual_seed(N + D)
@@ -188,7 +200,7 @@ def bench_one(
     if with_bwd:
         for t in (q, k, v):
             t.requires_grad_()
-    run = make_runner(impl, q, k, v, dout, ws, rs, mixing, with_bwd)
+    run = make_runner(impl, q, k, v, dout, ws, rs, mixing, with_bwd, causal)
 
     def call():
         for t in (q, k, v):
@@ -202,9 +214,11 @@ def bench_one(
     # number of timed runs: about 0.7 s of timing, 5 to 50 runs), then the timed runs.
     m = measure(call, "cuda", warmup=1, count_live=True)
     if impl == "dense":
-        flop = dense_flops(N, H, D, batch=B, backward=with_bwd)
+        flop = dense_flops(N, H, D, batch=B, is_causal=causal, backward=with_bwd)
     else:
-        flop = dilated_flops(ws, rs, H, N, D, branch_mixing=mixing, batch=B, backward=with_bwd)
+        flop = dilated_flops(
+            ws, rs, H, N, D, branch_mixing=mixing, batch=B, is_causal=causal, backward=with_bwd
+        )
     return dict(
         impl=impl if impl != "dense" else f"dense-{DENSE_NAME}",
         N=N,
@@ -213,6 +227,7 @@ def bench_one(
         B=B,
         mixing=mixing if impl != "dense" else "dense",
         pass_="fwd+bwd" if with_bwd else "fwd",
+        causal=causal,
         ms=m.ms,
         reps=m.reps,
         tflops=tflops(flop, m.ms),
@@ -393,6 +408,7 @@ def main() -> None:
     parser.add_argument(
         "--passes", default="fwd,fwd+bwd", help="which passes to time: fwd, fwd+bwd or both"
     )
+    parser.add_argument("--causal", action="store_true", help="causal attention everywhere")
     parser.add_argument("--dense-max", type=int, default=131072, help="largest N for dense SDPA")
     parser.add_argument("--max-n", type=int, default=1 << 20)
     parser.add_argument("--dims", default="64,128")
@@ -423,7 +439,7 @@ def main() -> None:
         segment_lengths=SEGMENTS,
         dilation_rates=RATES,
         dtype="bfloat16",
-        causal=False,
+        causal=args.causal,
         tuned_configs={str(k): v for k, v in tuned.items()},
         tune_rate=args.tune_rate if args.tune else None,
         flop_formula=FLOP_CONVENTION,
@@ -451,16 +467,17 @@ def main() -> None:
         for N in Ns:
             for with_bwd in [p == "fwd+bwd" for p in args.passes.split(",")]:
                 if N <= args.dense_max:
-                    add(bench_one("dense", N, D, "dense", with_bwd))
+                    add(bench_one("dense", N, D, "dense", with_bwd, causal=args.causal))
                 for mixing in ("softmax", "head_split"):
                     for impl in args.impls.split(","):
                         # dQ modes differ only in the backward.
                         if with_bwd or "DQ_MODE" not in triton_settings(impl):
-                            add(bench_one(impl, N, D, mixing, with_bwd))
+                            add(bench_one(impl, N, D, mixing, with_bwd, causal=args.causal))
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),
-        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}",
+        f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}"
+        + (", causal" if args.causal else ""),
     )
     # Summary table (the last lines of output).
     print(f"\n{meta['device']} {meta['date']} dense={DENSE_NAME}")
