@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import available_backends
+from .backends.base import AttentionCall, choose_backend
 from .decoding import DilatedKVCache, cached_dilated_attention
 from .functional import dilated_attention
 from .memory import get_memory_estimate
@@ -237,11 +238,13 @@ class DilatedAttention(nn.Module):
 
         :func:`~dilated_attention_pytorch.get_memory_estimate` with this module's
         schedule, mixing, ring size (:meth:`memory_ring_size`) and backend
-        (``"auto"`` is counted as the ``pytorch`` backend, which ``auto`` runs for
-        training calls with softmax mixing on Hopper and on the CPU; pass ``backend=``
-        to count another). ``kwargs`` are its other keywords (``dtype``, ``device``
-        (``"cuda"`` by default; ``"cpu"`` for a CPU run), ``already_split``,
-        ``embed_dim``, ...).
+        (``"auto"`` is counted as the backend ``auto`` would run for this
+        forward+backward: ``"triton"`` on one CUDA device when Triton is installed and
+        takes the dtype, head dim and dropout (dropout counts in training mode only),
+        else ``"pytorch"``, which also runs a ring's blocks; pass ``backend=`` to count
+        another). ``kwargs`` are its other keywords
+        (``dtype``, ``device`` (``"cuda"`` by default; ``"cpu"`` for a CPU run),
+        ``already_split``, ``embed_dim``, ...).
         """
         return get_memory_estimate(
             seq_len,
@@ -252,8 +255,49 @@ class DilatedAttention(nn.Module):
             dilation_rates=self.dilation_rates,
             ring_size=self.memory_ring_size(),
             branch_mixing=self.branch_mixing,
-            **{"backend": "pytorch" if self.backend == "auto" else self.backend, **kwargs},
+            **{**kwargs, "backend": self._estimated_backend(num_heads, head_dim, kwargs)},
         )
+
+    def _estimated_backend(self, num_heads: int, head_dim: int, kwargs: dict) -> str:
+        """The backend :meth:`get_memory_estimate` counts: ``kwargs["backend"]`` when given,
+        else this module's, with ``"auto"`` resolved as for a forward+backward call in the
+        module's current mode (dropout counts only in training mode)."""
+        if "backend" in kwargs:
+            return kwargs["backend"]
+        if self.backend != "auto":
+            return self.backend
+        if self.memory_ring_size() > 1:  # the ring's "auto" runs the pytorch backend's blocks
+            return "pytorch"
+        dtype, device = kwargs.get("dtype", torch.bfloat16), kwargs.get("device", "cuda")
+        try:
+            on_cuda = (
+                isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+            )
+        except RuntimeError:  # not a device name: get_memory_estimate reports it
+            on_cuda = False
+        if not (
+            on_cuda
+            and isinstance(dtype, torch.dtype)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in (num_heads, head_dim))
+            and min(num_heads, head_dim) >= 1
+        ):
+            return "pytorch"  # the CPU, or an argument get_memory_estimate reports
+        call = AttentionCall(
+            device_type="cuda",
+            dtype=dtype,
+            head_dim=head_dim,
+            is_causal=False,
+            dropout=self.training and self.dropout > 0.0,
+            key_padding_mask=False,
+            plan=make_plan(
+                self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing
+            ),
+            requires_grad=bool(kwargs.get("with_backward", True)),
+        )
+        try:
+            return choose_backend("auto", call).name
+        except ValueError:  # no backend takes the dtype: get_memory_estimate reports it
+            return "pytorch"
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -508,3 +508,36 @@ def test_enterprise_layer_estimate(monkeypatch, checkpointing) -> None:
     # As for the plain layer on the CPU: an upper bound within 15% (with checkpointing the
     # forward keeps less, and the backward's rerun holds what the plain one holds).
     assert tracker.peak <= est <= 1.15 * tracker.peak
+
+
+def test_module_estimate_counts_the_backend_auto_runs() -> None:
+    # backend="auto" is estimated as the backend auto runs for the training call: triton on
+    # one CUDA device where it takes the dtype, head dim and dropout, else pytorch.
+    from dilated_attention_pytorch import DilatedAttention
+
+    branches = dict(segment_lengths=[64, 128], dilation_rates=[1, 2])
+    attn = DilatedAttention(**branches)
+
+    def peak(est: dict) -> tuple:
+        return est["bytes_per_device"], est["parts"]
+
+    def direct(D: int, backend: str, **kw) -> tuple:
+        return peak(get_memory_estimate(1024, 2, 4, D, backend=backend, **branches, **kw))
+
+    cuda_bf16 = "triton" if "triton" in available_backends() else "pytorch"
+    assert peak(attn.get_memory_estimate(1024, 2, 4, 64)) == direct(64, cuda_bf16)
+    if cuda_bf16 == "triton":  # the two backends' estimates differ: the test can tell
+        assert direct(64, "triton") != direct(64, "pytorch")
+    for kw in ({"dtype": torch.float32}, {"device": "cpu"}):
+        assert peak(attn.get_memory_estimate(1024, 2, 4, 64, **kw)) == direct(64, "pytorch", **kw)
+    assert peak(attn.get_memory_estimate(1024, 2, 4, 48)) == direct(48, "pytorch")
+    dropping = DilatedAttention(**branches, dropout=0.1)
+    assert peak(dropping.get_memory_estimate(1024, 2, 4, 64)) == direct(64, "pytorch")
+    # In eval mode the module runs no dropout, so auto runs what it runs without.
+    assert peak(dropping.eval().get_memory_estimate(1024, 2, 4, 64)) == direct(64, cuda_bf16)
+    # A backend passed to the estimate wins.
+    got = attn.get_memory_estimate(1024, 2, 4, 64, backend="pytorch")
+    assert peak(got) == direct(64, "pytorch")
+    # An explicit backend is counted as given.
+    pinned = DilatedAttention(**branches, backend="pytorch")
+    assert peak(pinned.get_memory_estimate(1024, 2, 4, 64)) == direct(64, "pytorch")

@@ -2,8 +2,11 @@
 
 Registered by this package's ``__init__`` (imported only when Triton is installed).
 ``backend="auto"`` picks it over ``pytorch`` whenever :meth:`~Backend.why_not` returns
-no reason, except for the training calls :meth:`TritonBackend.auto_priority` hands to
-``pytorch``.
+no reason, for inference and training alike: measured side by side on an H100
+(2026-12-06, ``benchmarks/results/dilated_bench_h100_20261206_auto_training*.json``,
+LongNet's 2048..32768 / 1..16 at N = 1M, bf16) it was faster than the pytorch backend on
+cuDNN in every row, forward+backward 1.01-1.10x (softmax mixing, D = 128 non-causal the
+closest) and 1.25-1.40x (``head_split``), with 0.50-0.58x its peak memory.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import torch
 from torch import Tensor
 
 from ..base import AttentionCall, Backend, BlockOps, Capabilities, ForwardContext
-from ..blocks import cudnn_usable
 from .launch import (
     dilated_backward,
     dilated_forward,
@@ -84,27 +86,6 @@ class TritonBackend(Backend):
                 f"mis-computes low-precision dots; float16/bfloat16 run on CUDA), got {call.dtype}"
             )
         return reasons
-
-    def auto_priority(self, call: AttentionCall) -> int:
-        # Measured on an H200 (benchmarks/results/dilated_bench_h200_20261121.json, LongNet
-        # config, N=1M, bf16): the forward is 1.2-1.6x faster than the pytorch backend, but
-        # for forward+backward with softmax mixing the pytorch backend on cuDNN is faster
-        # (triton at 0.97x for D=64, 0.85x for D=128). So "auto" hands those training calls
-        # to pytorch; with head_split (1.02-1.16x), key padding masks (pytorch then falls
-        # back to matmuls) or without cuDNN, triton stays first. Packed documents also stay
-        # on triton: it runs them all in one launch per branch, where pytorch makes one call
-        # per document (H200, 22 documents of 1K-43K tokens, 262K in all, H=32, D=128, bf16:
-        # 151 ms forward+backward against 769 ms; gqa_packed_nvidia-h200_20261204.json).
-        if (
-            call.requires_grad
-            and not call.packed
-            and call.plan.branch_mixing == "softmax"
-            and not call.key_padding_mask
-            and call.device_type == "cuda"
-            and cudnn_usable(torch.device("cuda"), call.dtype, call.head_dim)
-        ):
-            return -1
-        return self.priority
 
     def block_ops(self) -> BlockOps:
         # The ring's blocks, the signatures of backends/blocks.py.
