@@ -1155,8 +1155,10 @@ def get_memory_estimate(
     runs (``device="cpu"``, or the CPU with CUDA's tile size; pytorch backend in fp32,
     fp64, fp16/bf16 math path, the multi-head layer,
     gloo rings of 2, 4 and 8 ranks with ``already_split`` either way, Triton under its
-    interpreter), and within 1% of the peaks recorded on an H200 in
-    ``benchmarks/results/ring_nvidia-h200_2gpu_20261121.json`` (bf16, cuDNN/flash blocks).
+    interpreter), within 1% of the peaks recorded on an H200 in
+    ``benchmarks/results/ring_nvidia-h200_2gpu_20261121.json`` (bf16, cuDNN/flash blocks),
+    and within 0.3% of one-device forward+backward peaks of both backends on an H100
+    (``benchmarks/results/dilated_bench_h100_20261206_auto_training*.json``, N = 1M).
 
     Args:
         seq_len: ``N``, the global sequence length.
