@@ -342,6 +342,18 @@ def test_dq_added_ignores_non_finite_padded_keys(kernels, monkeypatch) -> None:
     torch.testing.assert_close(grads["atomic"], grads["separate"], **TOL)
 
 
+@interpreted
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_shipped_gpu_tiles(kernels, monkeypatch, D: int, is_causal: bool) -> None:
+    # The tiles a GPU runs (launch.FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS; e.g. the D=64 dQ
+    # kernel's 64 x 64) instead of the interpreter's 16 x 16: each kernel's masks for
+    # ragged and partial tiles at those sizes, the r > 1 branch on its gathered row terms
+    # (N and w even), against the oracle.
+    monkeypatch.setattr(kernels, "_config", lambda table, head_dim: table[head_dim])
+    _compare(1, 300, 2, [128, 256], [1, 2], D=D, is_causal=is_causal)
+
+
 def test_load_mode_rules(kernels, monkeypatch) -> None:
     # "auto" (the default) reads through descriptors on Hopper GPUs only; "tma" also under
     # the interpreter (how the CPU tests reach that path); "pointer" never.
