@@ -17,6 +17,12 @@ With ``--profile`` each case also runs once under ``torch.profiler``: the GPU ti
 every kernel of that call (ms, summed over its launches), to see which kernel a change
 moved.
 
+``--tiles NAME:KERNEL:D=BM,BN,WARPS,STAGES[,MAXNREG]`` (repeatable) sets one tile config
+of tree ``NAME`` before it runs (``KERNEL``: ``fwd``, ``dkdv``, ``dq`` or ``dkdv_dq``, the
+tables ``FWD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``, ``DKDV_DQ_CONFIGS`` of
+``backends/triton/launch.py``), so tile candidates run side by side without a copy of
+the tree: ``--trees now=.,dq64=.,now2=. --tiles dq64:dq:64=64,64,4,3``.
+
 Prints a table (ms per case and tree) and writes ``commits_<device>_<date>.json``
 (stamp, setup, per tree its folder and times) to ``--out``. Needs a CUDA GPU.
 """
@@ -31,8 +37,52 @@ import sys
 import tempfile
 
 CASES = ("fwd", "fwd_hs", "fwd_causal", "bwd", "bwd_hs", "bwd_causal")
+TILE_TABLES = {
+    "fwd": "FWD_CONFIGS",
+    "dkdv": "DKDV_CONFIGS",
+    "dq": "DQ_CONFIGS",
+    "dkdv_dq": "DKDV_DQ_CONFIGS",
+}
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
+
+
+def parse_tiles(specs: list[str], names: list[str]) -> dict[str, list[list]]:
+    """``--tiles`` values -> ``{tree name: [[kernel, head dim, [BM, BN, warps, stages(,
+    maxnreg)]], ...]}``; raises ``ValueError`` naming what is wrong."""
+    tiles: dict[str, list[list]] = {}
+    for spec in specs:
+        try:
+            name, kernel, rest = spec.split(":")
+            dim, values = rest.split("=")
+            config = [int(x) for x in values.split(",")]
+            dim = int(dim)
+        except ValueError:
+            raise ValueError(
+                f"--tiles wants NAME:KERNEL:D=BM,BN,WARPS,STAGES[,MAXNREG], got {spec!r}"
+            ) from None
+        if name not in names:
+            raise ValueError(f"--tiles {spec!r}: no tree named {name!r} in --trees {names}")
+        if kernel not in TILE_TABLES:
+            raise ValueError(
+                f"--tiles {spec!r}: kernel {kernel!r} is not one of {list(TILE_TABLES)}"
+            )
+        if len(config) not in (4, 5) or min(config) < 1:
+            raise ValueError(
+                f"--tiles {spec!r}: a config is 4 or 5 positive ints (BM, BN, warps, stages"
+                f"[, maxnreg])"
+            )
+        tiles.setdefault(name, []).append([kernel, dim, config])
+    return tiles
+
+
+def apply_tiles(launch, tiles: list[list]) -> None:
+    """Install ``tiles`` (one tree's part of :func:`parse_tiles`) in the ``launch`` module."""
+    for kernel, dim, config in tiles:
+        table = getattr(launch, TILE_TABLES[kernel])
+        if dim not in table:
+            raise ValueError(f"{TILE_TABLES[kernel]} has no head dim {dim}; it has {list(table)}")
+        table[dim] = launch.KernelConfig(*config)
 
 
 def kernel_ms(call) -> dict[str, float]:
@@ -53,10 +103,16 @@ def kernel_ms(call) -> dict[str, float]:
 
 
 def run_tree(
-    tree: str, cases: list[str], seq_len: int, dim: int, profile: bool = False
+    tree: str,
+    cases: list[str],
+    seq_len: int,
+    dim: int,
+    profile: bool = False,
+    tiles: list[list] | None = None,
 ) -> dict[str, dict]:
-    """Time ``cases`` with the package of ``tree`` (call in a fresh process): ``ms`` per
-    case and, with ``profile``, ``kernels`` per case (:func:`kernel_ms`)."""
+    """Time ``cases`` with the package of ``tree`` (call in a fresh process) and its
+    ``tiles`` (:func:`apply_tiles`): ``ms`` per case and, with ``profile``, ``kernels``
+    per case (:func:`kernel_ms`)."""
     sys.path.insert(0, os.path.abspath(tree))
     import torch
     from measure import time_ms
@@ -65,6 +121,10 @@ def run_tree(
 
     if not dap.__file__.startswith(os.path.abspath(tree)):
         raise RuntimeError(f"imported {dap.__file__}, not the package of {tree}")
+    if tiles:
+        from dilated_attention_pytorch.backends.triton import launch
+
+        apply_tiles(launch, tiles)
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, seq_len, 16, dim)
     q, k, v, dout = (
@@ -104,20 +164,34 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel too")
-    parser.add_argument("--worker", nargs=2, metavar=("TREE", "JSON"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tiles",
+        action="append",
+        default=[],
+        help="NAME:KERNEL:D=BM,BN,WARPS,STAGES[,MAXNREG]: a tile config of one tree (repeatable)",
+    )
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("TREE", "NAME", "JSON"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     cases = args.cases.split(",")
     if unknown := sorted(set(cases) - set(CASES)):
         parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    trees = [item.split("=", 1) for item in args.trees.split(",")]
+    try:
+        tiles = parse_tiles(args.tiles, [t[0] for t in trees])
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.worker:
-        tree, path = args.worker
+        tree, name, path = args.worker
         with open(path, "w") as f:
-            json.dump(run_tree(tree, cases, args.seq_len, args.dim, args.profile), f)
+            json.dump(
+                run_tree(tree, cases, args.seq_len, args.dim, args.profile, tiles.get(name)), f
+            )
         return
 
     from measure import result_path, stamp, write_json
 
-    trees = [item.split("=", 1) for item in args.trees.split(",")]
     if any(len(t) != 2 or not os.path.isdir(os.path.join(t[1], "dilated_attention_pytorch"))
            for t in trees):  # fmt: skip
         parser.error(
@@ -136,11 +210,12 @@ def main() -> None:
             out = os.path.join(tmp, "times.json")
             cmd = [sys.executable, __file__, "--out", args.out, "--trees", args.trees,
                    "--cases", args.cases, "--seq-len", str(args.seq_len), "--dim", str(args.dim),
-                   *(["--profile"] if args.profile else []), "--worker", folder, out]  # fmt: skip
+                   *(["--profile"] if args.profile else []),
+                   *(f"--tiles={t}" for t in args.tiles), "--worker", folder, name, out]  # fmt: skip
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 times = json.load(f)
-        result["trees"].append(dict(name=name, folder=folder, **times))
+        result["trees"].append(dict(name=name, folder=folder, tiles=tiles.get(name, []), **times))
         write_json(path, result)
     print("\n| tree | " + " | ".join(cases) + " |")
     print("| --- |" + " ---: |" * len(cases))
