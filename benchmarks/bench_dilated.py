@@ -11,7 +11,8 @@ its backward reading the branch's own gathered row terms as the library does; de
 ``r = 1`` branch).
 
 Configuration (LongNet): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation
-rates 1, 2, 4, 8, 16; B = 1, H = 16, D in {64, 128}; bf16; N from 32K to 1M tokens;
+rates 1, 2, 4, 8, 16; B = 1, H = 16 (``--heads``; ``--kv-heads`` for grouped-query
+attention, without dense rows), D in {64, 128}; bf16; N from 32K to 1M tokens;
 both branch mixings; forward and forward+backward; not causal (``--causal``: every
 implementation, dense SDPA included, causal).
 
@@ -190,12 +191,18 @@ def bench_one(
     H: int = 16,
     B: int = 1,
     causal: bool = False,
+    kv_heads: int | None = None,
 ) -> dict:
+    """One row: ``impl`` on ``(B, N, H, D)`` bf16 inputs (k, v with ``kv_heads`` heads:
+    grouped-query attention; not for ``"dense"``)."""
     ws, rs = SEGMENTS, RATES
+    H_kv = H if kv_heads is None else kv_heads
+    if impl == "dense" and H_kv != H:
+        raise ValueError("dense rows run with kv_heads == H only")
     gen = torch.Generator(device="cuda").manual_seed(N + D)
     q, k, v, dout = (
-        torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for _ in range(4)
+        torch.randn(B, N, heads, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for heads in (H, H_kv, H_kv, H)
     )
     if with_bwd:
         for t in (q, k, v):
@@ -224,6 +231,7 @@ def bench_one(
         N=N,
         D=D,
         H=H,
+        H_kv=H_kv,
         B=B,
         mixing=mixing if impl != "dense" else "dense",
         pass_="fwd+bwd" if with_bwd else "fwd",
@@ -376,7 +384,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel("fwd+bwd time (ms)")
-            ax.set_title(f"D={D}, {mixing} mixing, bf16, B=1, H=16")
+            H = {r["H"] for r in rows if r["D"] == D}
+            ax.set_title(f"D={D}, {mixing} mixing, bf16, B=1, H={'/'.join(map(str, sorted(H)))}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     fig.suptitle(title, fontsize=9)
@@ -409,6 +418,13 @@ def main() -> None:
         "--passes", default="fwd,fwd+bwd", help="which passes to time: fwd, fwd+bwd or both"
     )
     parser.add_argument("--causal", action="store_true", help="causal attention everywhere")
+    parser.add_argument("--heads", type=int, default=16, help="query heads H")
+    parser.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="K/V heads (grouped-query attention; default H); skips the dense rows",
+    )
     parser.add_argument("--dense-max", type=int, default=131072, help="largest N for dense SDPA")
     parser.add_argument("--max-n", type=int, default=1 << 20)
     parser.add_argument("--dims", default="64,128")
@@ -440,6 +456,8 @@ def main() -> None:
         dilation_rates=RATES,
         dtype="bfloat16",
         causal=args.causal,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
         tuned_configs={str(k): v for k, v in tuned.items()},
         tune_rate=args.tune_rate if args.tune else None,
         flop_formula=FLOP_CONVENTION,
@@ -466,13 +484,25 @@ def main() -> None:
     for D in [int(d) for d in args.dims.split(",")]:
         for N in Ns:
             for with_bwd in [p == "fwd+bwd" for p in args.passes.split(",")]:
-                if N <= args.dense_max:
-                    add(bench_one("dense", N, D, "dense", with_bwd, causal=args.causal))
+                gqa = args.kv_heads not in (None, args.heads)
+                if N <= args.dense_max and not gqa:
+                    add(bench_one("dense", N, D, "dense", with_bwd, args.heads, causal=args.causal))
                 for mixing in ("softmax", "head_split"):
                     for impl in args.impls.split(","):
                         # dQ modes differ only in the backward.
                         if with_bwd or "DQ_MODE" not in triton_settings(impl):
-                            add(bench_one(impl, N, D, mixing, with_bwd, causal=args.causal))
+                            add(
+                                bench_one(
+                                    impl,
+                                    N,
+                                    D,
+                                    mixing,
+                                    with_bwd,
+                                    args.heads,
+                                    causal=args.causal,
+                                    kv_heads=args.kv_heads,
+                                )  # fmt: skip
+                            )
     plot(
         rows,
         os.path.join(args.out, "dilated_bench.png"),
