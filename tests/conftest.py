@@ -60,6 +60,17 @@ def run_file_interpreted(path: str) -> None:
     assert " passed" in res.stdout and " failed" not in res.stdout
 
 
+def import_benchmark(name: str):
+    """Import the script ``benchmarks/<name>.py`` as a module (its imports of sibling
+    scripts, such as ``measure``, resolve while it loads); ``sys.path`` is restored."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 # Before any test module imports (and runs) a kernel.
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     patch_triton_interpreter()

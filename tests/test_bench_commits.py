@@ -14,13 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_commits
+    from conftest import import_benchmark
 
-        yield bench_commits
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return import_benchmark("bench_commits")
 
 
 def test_parse_tiles(bench) -> None:

@@ -65,12 +65,9 @@ def _row(n: int, dilated: float, dense: float | None, dil_mem: int = 2, den_mem:
 
 
 def _summarize():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from demo import summarize
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return summarize
+    from conftest import import_benchmark
+
+    return import_benchmark("demo").summarize
 
 
 def test_summary_names_the_crossover_and_the_memory_ratio() -> None:

@@ -12,7 +12,6 @@ Triton or its ``ptxas``, and in the interpreter step (it selects the interpreter
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,9 @@ SM90_SHARED_PER_BLOCK = 232448  # bytes: 227 KiB, the most one block may use on 
 
 @pytest.fixture
 def kr():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernel_resources
+    from conftest import import_benchmark
 
-        yield kernel_resources
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return import_benchmark("kernel_resources")
 
 
 @pytest.mark.parametrize("causal", [False, True])
