@@ -481,10 +481,10 @@ def main() -> None:
             flush=True,
         )
 
+    gqa = args.kv_heads not in (None, args.heads)  # no dense rows then
     for D in [int(d) for d in args.dims.split(",")]:
         for N in Ns:
             for with_bwd in [p == "fwd+bwd" for p in args.passes.split(",")]:
-                gqa = args.kv_heads not in (None, args.heads)
                 if N <= args.dense_max and not gqa:
                     add(bench_one("dense", N, D, "dense", with_bwd, args.heads, causal=args.causal))
                 for mixing in ("softmax", "head_split"):
@@ -501,7 +501,7 @@ def main() -> None:
                                     args.heads,
                                     causal=args.causal,
                                     kv_heads=args.kv_heads,
-                                )  # fmt: skip
+                                )
                             )
     plot(
         rows,
