@@ -12,7 +12,8 @@ by side, as a data-parallel dimension would):
    Rule (flash-attention's): ring error <= 2 x single-GPU bf16 error + 1e-5.
 2. ``weak_scaling``: fixed tokens per GPU, ``N = T * k`` for ring sizes k = 1, 2, 4, ..;
    LongNet schedule whose largest segment is the whole sequence; forward+backward time
-   and peak memory per GPU.
+   and peak memory per GPU. ``--backend triton`` runs the ring's blocks on the Triton
+   kernels (default ``auto``: the pytorch backend's cuDNN/flash blocks).
 3. ``memory_scaling``: fixed global N on k = 1, 2, 4, .. GPUs: peak memory per GPU.
 4. ``dense_vs_context_parallel``: dense ring (``segment_lengths=[N]``) vs PyTorch's
    ``context_parallel`` (SDPA flash, allgather and alltoall rotation) at the same shapes.
@@ -230,8 +231,9 @@ def ring_point(
 
     def fn(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         return ring_dilated_attention(
-            a, b, c, segments, rates, group=group, is_causal=causal, layout=layout
-        )
+            a, b, c, segments, rates, group=group, is_causal=causal, layout=layout,
+            backend=args.backend,
+        )  # fmt: skip
 
     m = timed(fwd_bwd_step(fn, [q, kk, v], dout), device, args)
     ms = max_over(m.ms, device)
@@ -243,6 +245,7 @@ def ring_point(
     del q, kk, v, dout
     return {
         "ring_size": k,
+        "backend": args.backend,
         "groups": parts,
         "seq_len": seq_len,
         "tokens_per_gpu": L,
@@ -542,6 +545,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="block kernel of the weak_scaling and memory_scaling rings (auto, pytorch, triton)",
+    )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(

@@ -100,7 +100,7 @@ def test_triton_matches_reference_fp32(case, branch_mixing, is_causal, dtype) ->
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("D", [32, 128])
+@pytest.mark.parametrize("D", [16, 32, 128])
 def test_triton_other_head_dims(D, is_causal) -> None:
     # D=128 without causality: the dK/dV kernel's scalar-base form (whole query tiles,
     # then ragged ones: 1000 and 3000 / 3 are not multiples of the tiles).
@@ -212,17 +212,31 @@ def test_triton_dq_added_by_the_dkdv_kernel(case, dq_mode, monkeypatch) -> None:
     if case == "D128":
         D = 128
     if case == "gqa":
-        q, k, v, dout = (torch.randn(B, N, n, D, device="cuda", dtype=torch.bfloat16)
-                         for n in (H, H // 4, H // 4, H))  # fmt: skip
-        ref = _run(q.float(), k.float(), v.float(), dout.float(), ws, rs, "pytorch", **kw)
-        low = _run(q, k, v, dout, ws, rs, "pytorch", **kw)
-        _poison(((B, N, H, D), torch.bfloat16), ((B, N, H, D), torch.float32))
-        got = _run(q, k, v, dout, ws, rs, "triton", **kw)
-        _check("out", got[0], ref[0], low[0])
-        for n, g, rg, lg in zip("qkv", got[2], ref[2], low[2], strict=True):
-            _check(f"d{n}", g, rg, lg)
+        _compare_grouped(B, N, H, H // 4, D, ws, rs, **kw)
         return
     _compare(B, N, H, D, ws, rs, torch.bfloat16, **kw)
+
+
+def _compare_grouped(B, N, H, H_kv, D, ws, rs, **kwargs) -> None:
+    # Grouped-query attention: k and v with H_kv < H heads; same rule as _compare.
+    q, k, v, dout = (torch.randn(B, N, n, D, device="cuda", dtype=torch.bfloat16)
+                     for n in (H, H_kv, H_kv, H))  # fmt: skip
+    ref = _run(q.float(), k.float(), v.float(), dout.float(), ws, rs, "pytorch", **kwargs)
+    low = _run(q, k, v, dout, ws, rs, "pytorch", **kwargs)
+    _poison(((B, N, H, D), torch.bfloat16), ((B, N, H, D), torch.float32))
+    got = _run(q, k, v, dout, ws, rs, "triton", **kwargs)
+    _check("out", got[0], ref[0], low[0])
+    for n, g, rg, lg in zip("qkv", got[2], ref[2], low[2], strict=True):
+        _check(f"d{n}", g, rg, lg)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_grouped_query_attention(D, is_causal) -> None:
+    # The default (separate) dQ kernel with 4 query heads per K/V head: per-query-head
+    # dK/dV summed per K/V head. backend="auto" trains such calls on Triton.
+    B, N, H, _, ws, rs = CASES[0]
+    _compare_grouped(B, N, H, H // 4, D, ws, rs, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("dq_mode", ["separate", "tma"])
