@@ -13,7 +13,8 @@ by side, as a data-parallel dimension would):
 2. ``weak_scaling``: fixed tokens per GPU, ``N = T * k`` for ring sizes k = 1, 2, 4, ..;
    LongNet schedule whose largest segment is the whole sequence; forward+backward time
    and peak memory per GPU. ``--backend triton`` runs the ring's blocks on the Triton
-   kernels (default ``auto``: the pytorch backend's cuDNN/flash blocks).
+   kernels here and in sections 1 and 3 (default ``auto``: the pytorch backend's
+   cuDNN/flash blocks).
 3. ``memory_scaling``: fixed global N on k = 1, 2, 4, .. GPUs: peak memory per GPU.
 4. ``dense_vs_context_parallel``: dense ring (``segment_lengths=[N]``) vs PyTorch's
    ``context_parallel`` (SDPA flash, allgather and alltoall rotation) at the same shapes.
@@ -182,7 +183,9 @@ def correctness(args: argparse.Namespace, device: torch.device) -> list[dict[str
         )
         local = slice(rank * L, (rank + 1) * L)
         ring = grads(
-            lambda a, b, c, kw=kw: ring_dilated_attention(a, b, c, segments, rates, **kw),
+            lambda a, b, c, kw=kw: ring_dilated_attention(
+                a, b, c, segments, rates, backend=args.backend, **kw
+            ),
             [t[:, local] for t in bf[:3]],
             bf[3][:, local].contiguous(),
         )
@@ -548,7 +551,8 @@ def main() -> None:
     parser.add_argument(
         "--backend",
         default="auto",
-        help="block kernel of the weak_scaling and memory_scaling rings (auto, pytorch, triton)",
+        help="block kernel of the rings in correctness, weak_scaling and memory_scaling "
+        "(auto, pytorch, triton)",
     )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
