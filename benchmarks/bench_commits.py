@@ -6,7 +6,8 @@
 Each tree is a folder holding a ``dilated_attention_pytorch`` package (the working tree is
 ``.``). For each tree, in order, a fresh Python process puts the tree first on
 ``sys.path`` and times ``dilated_attention(..., backend="triton")`` on LongNet's layer
-(bf16, ``B = 1``, ``N = --seq-len``, ``H = 16``, ``D = --dim``, segment lengths
+(bf16, ``B = 1``, ``N = --seq-len``, ``H = --heads`` (16), ``D = --dim``, K/V with
+``--kv-heads`` heads (default ``H``; fewer: grouped-query attention), segment lengths
 2048..32768, rates 1..16, the same random inputs for every tree): each case is the median
 of 10 runs (forward) or 5 (forward+backward) after 2 untimed ones, timed with CUDA events
 (``measure.time_ms``). Cases (``--cases``): ``fwd`` (softmax mixing), ``fwd_hs``
@@ -109,6 +110,8 @@ def run_tree(
     dim: int,
     profile: bool = False,
     tiles: list[list] | None = None,
+    heads: int = 16,
+    kv_heads: int | None = None,
 ) -> dict[str, dict]:
     """Time ``cases`` with the package of ``tree`` (call in a fresh process) and its
     ``tiles`` (:func:`apply_tiles`): ``ms`` per case and, with ``profile``, ``kernels``
@@ -126,9 +129,9 @@ def run_tree(
 
         apply_tiles(launch, tiles)
     g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, seq_len, 16, dim)
     q, k, v, dout = (
-        torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+        torch.randn(1, seq_len, n, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        for n in (heads, kv_heads or heads, kv_heads or heads, heads)
     )
     times, kernels = {}, {}
     for case in cases:
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=16, help="query heads H")
+    parser.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default H)")
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel too")
     parser.add_argument(
         "--tiles",
@@ -186,8 +191,9 @@ def main() -> None:
         tree, name, path = args.worker
         with open(path, "w") as f:
             json.dump(
-                run_tree(tree, cases, args.seq_len, args.dim, args.profile, tiles.get(name)), f
-            )
+                run_tree(tree, cases, args.seq_len, args.dim, args.profile, tiles.get(name),
+                         args.heads, args.kv_heads), f,
+            )  # fmt: skip
         return
 
     from measure import result_path, stamp, write_json
@@ -199,7 +205,8 @@ def main() -> None:
         )
     result = {
         **stamp("cuda"),
-        "setup": dict(B=1, N=args.seq_len, H=16, D=args.dim, dtype="bfloat16", segments=SEGMENTS,
+        "setup": dict(B=1, N=args.seq_len, H=args.heads, H_kv=args.kv_heads or args.heads,
+                      D=args.dim, dtype="bfloat16", segments=SEGMENTS,
                       rates=RATES, backend="triton", reps=dict(fwd=10, bwd=5), warmup=2),
         "trees": [],
     }  # fmt: skip
@@ -210,6 +217,8 @@ def main() -> None:
             out = os.path.join(tmp, "times.json")
             cmd = [sys.executable, __file__, "--out", args.out, "--trees", args.trees,
                    "--cases", args.cases, "--seq-len", str(args.seq_len), "--dim", str(args.dim),
+                   "--heads", str(args.heads),
+                   *(["--kv-heads", str(args.kv_heads)] if args.kv_heads else []),
                    *(["--profile"] if args.profile else []),
                    *(f"--tiles={t}" for t in args.tiles), "--worker", folder, name, out]  # fmt: skip
             subprocess.run(cmd, check=True)

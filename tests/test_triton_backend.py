@@ -211,6 +211,46 @@ def test_grouped_query_attention(branch_mixing, is_causal) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(
+    "H, H_kv, ws, rs, branch_mixing, grouped, shared",
+    [
+        # 4 query heads per K/V head: at r = 2 two offset classes of 2 heads, at r = 4
+        # four of 1; softmax mixing adds every branch into the K/V-head accumulators.
+        (8, 2, [8, 16, 32], [1, 2, 4], "softmax", True, True),
+        # r = 4 > 2 query heads per K/V head: 2 of the 4 offsets per K/V head.
+        (4, 2, [8, 32], [1, 4], "softmax", True, True),
+        # head_split, branches of whole K/V groups: dK/dV written straight, and the rows
+        # of the r = 4 branch's K/V heads that none of their query heads reads stay 0.
+        (8, 4, [8, 32], [1, 4], "head_split", True, False),
+        # head_split ending inside a K/V group: the per-query-head path.
+        (6, 3, [8, 16], [1, 2], "head_split", False, False),
+    ],
+)
+def test_grouped_dkdv_programs(
+    kernels, monkeypatch, H, H_kv, ws, rs, branch_mixing, grouped, shared, is_causal
+) -> None:
+    # With grouped-query attention a dK/dV program sums the shares of the query heads of
+    # one K/V head that read the same key rows (_grouped_dkdv), where the launches run
+    # whole K/V groups; pinned here which path each case takes.
+    taken = []
+    real = kernels._grouped_dkdv
+    monkeypatch.setattr(kernels, "_grouped_dkdv", lambda *a: taken.append(real(*a)) or taken[-1])
+    _compare(1, 61, H, ws, rs, kv_heads=H_kv, mask_p=0.2, is_causal=is_causal,
+             branch_mixing=branch_mixing)  # fmt: skip
+    assert taken and all(t == (grouped, shared) for t in taken)
+
+
+@interpreted
+def test_grouped_dkdv_packed_documents_and_head_chunks(kernels, monkeypatch) -> None:
+    # Packed documents (segment tables) and head chunks of 2 K/V groups each.
+    monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 4 * 60 * 16 * 4)
+    cu = torch.tensor([0, 23, 60], dtype=torch.int32)
+    _compare(1, 60, 8, [8, 16], [1, 2], kv_heads=4, cu_seqlens=cu, is_causal=True)
+    assert len(kernels._head_chunks(True, 1, 60, 8, 16, 2)) == 2
+
+
+@interpreted
 def test_multi_query_attention_in_head_chunks(kernels, monkeypatch) -> None:
     # One K/V head for 4 query heads; accumulators limited to 2 heads: two chunks read
     # the same K/V head.

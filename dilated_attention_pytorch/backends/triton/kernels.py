@@ -53,7 +53,7 @@ def _dilated_len(seg_len, o, dil):
 @triton.jit
 def _tile(
     seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
-    BLOCK: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr, VARLEN: tl.constexpr, kv_group=1, GROUPED: tl.constexpr = False,
 ):  # fmt: skip
     # The tile this program runs. Grid axis 0: (segment, tile of BLOCK dilated positions
     # of it), axis 1: (batch, head of the launch). Returns the tile's first dilated
@@ -61,13 +61,19 @@ def _tile(
     # the token indices (int64) of its first dilated query and key. The caller returns
     # early when the tile starts past its segment's length. VARLEN (packed documents):
     # segment `seg` starts at token SegStart[seg] and holds SegLen[seg] tokens, for
-    # queries and keys alike (segments restart at every document).
+    # queries and keys alike (segments restart at every document). GROUPED: axis 1 is
+    # (batch, K/V group of the launch, offset class), num_heads the groups times the
+    # classes (min(kv_group, dil) per group), and h the class's first query head.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = pid // tiles_per_seg
     start = (pid % tiles_per_seg) * BLOCK
     b = (pid_bh // num_heads).to(tl.int64)
-    h = h_first + pid_bh % num_heads
+    i = pid_bh % num_heads
+    if GROUPED:
+        classes = tl.minimum(kv_group, dil)
+        i = (i // classes) * kv_group + i % classes
+    h = h_first + i
     o = (h - head0) % dil  # the plan's offset rule, passed as ints
     if VARLEN:
         first = tl.load(SegStart + seg)  # int64
@@ -486,37 +492,16 @@ def _bwd_dkdv_inner(
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, DQacc, Kpm, SegStart, SegLen,
-    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
-    s_cb, s_cn, s_ch, s_mb, s_mn,
-    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
-    sm_scale, s_lp, l_seg,
+def _bwd_dkdv_head(
+    dk, dv, k, v, k_dq, keep_k, offs_n, offs_d, n0, b, h, tok_q, len_q,
+    Q, DO, Lse, Delta, DQacc,
+    s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_cb, s_cn, s_ch,
+    dil, h_first, tiles_per_seg, sm_scale, s_lp, l_seg,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
-    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
+    DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
-    # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
-    # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
-    # adds this tile's share of dQ into (unused with DQ_ADD 0). Lse and Delta: the row
-    # terms, laid out as _row_terms says (l_seg, COMPACT).
-    n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
-        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
-        BLOCK_N, VARLEN,
-    )  # fmt: skip
-    if n0 >= len_k:
-        return
-    offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    # K/V of the query head's K/V head; DK/DV (and their accumulators) are per query head,
-    # summed over the heads of a K/V head by the launcher (grouped-query attention).
-    hk = h // kv_group
-    k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
-    v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
-    keep_k = kmask
-    if HAS_KPM:
-        keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
+    # Query head h's share of the key tile's dK and dV (unscaled dK), added to dk, dv.
     q_base = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
                           BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
@@ -524,8 +509,6 @@ def _bwd_dkdv_kernel(
     lh, lrow0, lstep = _row_terms(h, tok_q, dil, h_first, l_seg, tiles_per_seg, COMPACT)
     lse_base = _ptr(Lse, b, lh, lrow0, s_lb, s_ln, s_lh)
     dl_base = _ptr(Delta, b, lh, lrow0, s_eb, s_en, s_eh)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
     dq_desc = 0
     if DQ_ADD == 2:
@@ -533,11 +516,6 @@ def _bwd_dkdv_kernel(
             _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch), shape=[len_q, HEAD_DIM],
             strides=[dil * s_cn, 1], block_shape=[BLOCK_M, HEAD_DIM],
         )  # fmt: skip
-    k_dq = k
-    if DQ_ADD > 0 and (HAS_KPM or CAUSAL):
-        # Masked pairs give 0 to dQ even where their key is not finite (padded keys
-        # holding garbage, say); rows past the segment already load as 0.
-        k_dq = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
     # Not causal, dQ in its own kernel: the LSE and delta addressed from a scalar base,
     # the query tiles in two loops, the whole tiles (no masks, so that the row terms of
     # consecutive rows load as wide words) and the segment's ragged last tile. On an
@@ -576,9 +554,77 @@ def _bwd_dkdv_kernel(
         whole, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
         BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False,
     )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, DKacc, DVacc, DQacc, Kpm, SegStart, SegLen,
+    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_ab, s_an, s_ah,
+    s_cb, s_cn, s_ch, s_mb, s_mn,
+    seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, kv_group, tiles_per_seg,
+    sm_scale, s_lp, l_seg,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
+    GROUPED: tl.constexpr,
+):  # fmt: skip
+    # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
+    # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
+    # adds this tile's share of dQ into (unused with DQ_ADD 0). Lse and Delta: the row
+    # terms, laid out as _row_terms says (l_seg, COMPACT).
+    # GROUPED (grouped-query attention, DQ_ADD 0, the launch's heads whole K/V groups):
+    # a program per key tile of each (K/V head, offset class); DK, DV and their
+    # accumulators have the K/V heads. Else a program per key tile of each query head,
+    # DK, DV and the accumulators per query head (the launcher sums them per K/V head).
+    n0, b, h, len_q, len_k, tok_q, tok_k = _tile(
+        seg_q, seg_k, n_q, n_k, dil, head0, h_first, num_heads, tiles_per_seg, SegStart, SegLen,
+        BLOCK_N, VARLEN, kv_group, GROUPED,
+    )  # fmt: skip
+    if n0 >= len_k:
+        return
+    offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, dil, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    hk = h // kv_group  # the K/V head
+    k = _load_rows(_rows_ptr(K, b, hk, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
+    v = _load_rows(_rows_ptr(V, b, hk, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
+    keep_k = kmask
+    if HAS_KPM:
+        keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k_dq = k
+    if DQ_ADD > 0 and (HAS_KPM or CAUSAL):
+        # Masked pairs give 0 to dQ even where their key is not finite (padded keys
+        # holding garbage, say); rows past the segment already load as 0.
+        k_dq = tl.where(tl.abs(k.to(tl.float32)) < float("inf"), k, 0.0).to(k.dtype)
+    if GROUPED:
+        # The query heads of K/V head hk with this program's offset: h, h + dil, ... below
+        # the group's end (h is the first; the group's first head is a multiple of
+        # kv_group, so h % kv_group is the class). They read the same key rows, so their
+        # shares add up here and the tile is stored once, per K/V head.
+        for j in range(tl.cdiv(kv_group - h % kv_group, dil)):
+            dk, dv = _bwd_dkdv_head(
+                dk, dv, k, v, k_dq, keep_k, offs_n, offs_d, n0, b, h + j * dil, tok_q, len_q,
+                Q, DO, Lse, Delta, DQacc,
+                s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
+                s_cb, s_cn, s_ch, dil, h_first, tiles_per_seg, sm_scale, s_lp, l_seg,
+                HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, COMPACT,
+            )  # fmt: skip
+        h_out = hk
+    else:
+        dk, dv = _bwd_dkdv_head(
+            dk, dv, k, v, k_dq, keep_k, offs_n, offs_d, n0, b, h, tok_q, len_q,
+            Q, DO, Lse, Delta, DQacc,
+            s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
+            s_cb, s_cn, s_ch, dil, h_first, tiles_per_seg, sm_scale, s_lp, l_seg,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, COMPACT,
+        )  # fmt: skip
+        h_out = h
     dk = dk * sm_scale
-    acc_off = _rows_off(b, h, rows_k, s_ab, s_an, s_ah, offs_d)
-    out_off = _rows_off(b, h, rows_k, s_gb, s_gn, s_gh, offs_d)
+    acc_off = _rows_off(b, h_out, rows_k, s_ab, s_an, s_ah, offs_d)
+    out_off = _rows_off(b, h_out, rows_k, s_gb, s_gn, s_gh, offs_d)
     # dV first, then dK: one accumulator tile read at a time (fewer live registers).
     if ACC_IN:
         dv += _load_rows(DVacc + acc_off, kmask)

@@ -27,6 +27,7 @@ branch) every kernel writes its final output directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -319,17 +320,23 @@ def _launch_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, kpm: Tensor | None,
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
     *, scale: float, causal: bool, acc_in: bool, which: str, dq_add: int = 0,
-    dq_acc: Tensor | None = None, compact: bool = False,
+    dq_acc: Tensor | None = None, compact: bool = False, grouped: bool = False,
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     # lse, delta: the row terms of _backward_rows, lse (2, B, N, H) (hi, lo2) planes or
     # one (B, N, H) LSE; with compact, both the branch's own rows (_compact_rows). dq_add
     # > 0 (dkdv only): the kernel also adds its share of dQ into the fp32 buffer dq_acc
-    # (see _dq_add).
+    # (see _dq_add). grouped (dkdv only, see _grouped_dkdv): dK/dV targets and
+    # accumulators with the K/V heads, a program per (K/V head, offset class).
     lse_hi, s_lp, pair = _lse_args(lse)
     inputs = (q, k, v, dout, lse_hi, delta)
     constexprs = {"COMPACT": compact}
     if which == "dkdv":
+        constexprs["GROUPED"] = grouped
+        if grouped:
+            g = launch.kv_group
+            classes = (launch.num_heads // g) * min(g, launch.dil)
+            launch = dataclasses.replace(launch, num_heads=classes)
         # DK and DV share their strides, and so do DKacc and DVacc. Without dq_add the
         # kernel never reads DQacc: any tensor stands in.
         kernel, table = _bwd_dkdv_kernel, DKDV_DQ_CONFIGS if dq_add else DKDV_CONFIGS
@@ -642,15 +649,18 @@ def dilated_backward(
         lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
+        grouped, shared = _grouped_dkdv(launches, g, dq_add)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
         for which in ("dkdv",) if dq_add else ("dkdv", "dq"):
-            # Through fp32 accumulators: several branches, or per-query-head dK/dV.
-            per_query_head = g > 1 and which == "dkdv"
-            through = sched.multi or per_query_head
+            # Through fp32 accumulators: several branches, per-query-head dK/dV, or K/V
+            # groups whose heads several launches run.
+            per_query_head = g > 1 and which == "dkdv" and not grouped
+            through = sched.multi or per_query_head or (which == "dkdv" and shared)
             if through and which == "dkdv":
-                dk_acc, dv_acc = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
+                kv_shape = (B, N, (c_hi - c_lo) // g, D) if grouped else shape
+                dk_acc, dv_acc = torch.zeros(kv_shape, **f32), torch.zeros(kv_shape, **f32)
                 accs = (dk_acc, dk_acc, dv_acc)  # the dQ slot is unused here
             elif through:
                 dq_acc = torch.zeros(shape, **f32)
@@ -665,7 +675,7 @@ def dilated_backward(
                 _launch_backward(
                     doc, qc, kc, vc, lb, db, kpm, (dqc, dkc, dvc) if final else accs, accs,
                     launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
-                    dq_add=dq_add, dq_acc=dq_acc, compact=compact,
+                    dq_add=dq_add, dq_acc=dq_acc, compact=compact, grouped=grouped,
                 )  # fmt: skip
                 del lb, db
             if per_query_head:
@@ -687,6 +697,31 @@ def dilated_backward(
             dqc.copy_(dq_acc)
             dq_acc = None
     return dq, dk, dv
+
+
+def _grouped_dkdv(launches: list[tuple[int, _Launch]], kv_group: int, dq_add: int) -> tuple:
+    """``(grouped, shared)`` for the dK/dV pass of a chunk's launches. ``grouped``: with
+    grouped-query attention (``kv_group > 1``), dQ in its own kernel and every launch
+    running whole K/V groups, a program sums the shares of a K/V head's query heads that
+    read the same key rows (those with its offset), and dK/dV go straight to the K/V heads
+    (no fp32 per query head, no summing pass). ``shared``: with ``grouped``, some K/V
+    group is run by several launches (a ``head_split`` branch ending inside it, say), so
+    its dK/dV add up in fp32 accumulators."""
+    if (
+        kv_group == 1
+        or dq_add
+        or not all(
+            la.h_first % kv_group == 0 and la.num_heads % kv_group == 0 for _, la in launches
+        )
+    ):
+        return False, False
+    seen: set[int] = set()
+    for _, la in launches:
+        groups = set(range(la.h_first // kv_group, (la.h_first + la.num_heads) // kv_group))
+        if groups & seen:
+            return True, True
+        seen |= groups
+    return True, False
 
 
 def _sum_query_heads(grad: Tensor, kv_group: int) -> Tensor:
