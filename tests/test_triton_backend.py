@@ -213,22 +213,25 @@ def test_grouped_query_attention(branch_mixing, is_causal) -> None:
 @interpreted
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize(
-    "H, H_kv, ws, rs, branch_mixing, grouped, shared",
+    "H, H_kv, ws, rs, branch_mixing, grouped",
     [
         # 4 query heads per K/V head: at r = 2 two offset classes of 2 heads, at r = 4
         # four of 1; softmax mixing adds every branch into the K/V-head accumulators.
-        (8, 2, [8, 16, 32], [1, 2, 4], "softmax", True, True),
+        (8, 2, [8, 16, 32], [1, 2, 4], "softmax", True),
         # r = 4 > 2 query heads per K/V head: 2 of the 4 offsets per K/V head.
-        (4, 2, [8, 32], [1, 4], "softmax", True, True),
+        (4, 2, [8, 32], [1, 4], "softmax", True),
+        # 3 query heads per K/V head at r = 2: classes of 2 and 1 heads (the loop must
+        # stop at the group's end, not run into the next group's heads).
+        (6, 2, [6, 12], [1, 2], "softmax", True),
         # head_split, branches of whole K/V groups: dK/dV written straight, and the rows
         # of the r = 4 branch's K/V heads that none of their query heads reads stay 0.
-        (8, 4, [8, 32], [1, 4], "head_split", True, False),
+        (8, 4, [8, 32], [1, 4], "head_split", True),
         # head_split ending inside a K/V group: the per-query-head path.
-        (6, 3, [8, 16], [1, 2], "head_split", False, False),
+        (6, 3, [8, 16], [1, 2], "head_split", False),
     ],
 )
 def test_grouped_dkdv_programs(
-    kernels, monkeypatch, H, H_kv, ws, rs, branch_mixing, grouped, shared, is_causal
+    kernels, monkeypatch, H, H_kv, ws, rs, branch_mixing, grouped, is_causal
 ) -> None:
     # With grouped-query attention a dK/dV program sums the shares of the query heads of
     # one K/V head that read the same key rows (_grouped_dkdv), where the launches run
@@ -238,7 +241,7 @@ def test_grouped_dkdv_programs(
     monkeypatch.setattr(kernels, "_grouped_dkdv", lambda *a: taken.append(real(*a)) or taken[-1])
     _compare(1, 61, H, ws, rs, kv_heads=H_kv, mask_p=0.2, is_causal=is_causal,
              branch_mixing=branch_mixing)  # fmt: skip
-    assert taken and all(t == (grouped, shared) for t in taken)
+    assert taken and all(t == grouped for t in taken)
 
 
 @interpreted

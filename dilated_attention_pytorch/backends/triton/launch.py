@@ -617,9 +617,11 @@ def dilated_backward(
     out and LSE pair ``(2, B, N, H)`` of :func:`dilated_forward`; written into ``grads``
     when given (token-major, unit stride on D, dk and dv with equal strides).
 
-    With grouped-query attention (k, v with ``H_kv < H`` heads) the dK/dV kernels write
-    one fp32 gradient per query head (the heads of a K/V head read different dilated
-    positions, or the same ones, so they cannot share the target), summed per K/V head.
+    With grouped-query attention (k, v with ``H_kv < H`` heads) a dK/dV program adds up
+    the shares of a K/V head's query heads that read the same dilated key rows (those
+    with the same offset) and writes per K/V head (:func:`_grouped_dkdv`); where a launch
+    does not run whole K/V groups, or dQ is added by the dK/dV kernel (``DQ_MODE``), the
+    kernels write one fp32 gradient per query head instead, summed per K/V head after.
     """
     B, N, H, D = q.shape
     sched = _schedule(plan)
@@ -649,15 +651,14 @@ def dilated_backward(
         lc = lse[:, :, :, hs]
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
-        grouped, shared = _grouped_dkdv(launches, g, dq_add)
+        grouped = _grouped_dkdv(launches, g, dq_add)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
         for which in ("dkdv",) if dq_add else ("dkdv", "dq"):
-            # Through fp32 accumulators: several branches, per-query-head dK/dV, or K/V
-            # groups whose heads several launches run.
+            # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
-            through = sched.multi or per_query_head or (which == "dkdv" and shared)
+            through = sched.multi or per_query_head
             if through and which == "dkdv":
                 kv_shape = (B, N, (c_hi - c_lo) // g, D) if grouped else shape
                 dk_acc, dv_acc = torch.zeros(kv_shape, **f32), torch.zeros(kv_shape, **f32)
@@ -699,29 +700,19 @@ def dilated_backward(
     return dq, dk, dv
 
 
-def _grouped_dkdv(launches: list[tuple[int, _Launch]], kv_group: int, dq_add: int) -> tuple:
-    """``(grouped, shared)`` for the dK/dV pass of a chunk's launches. ``grouped``: with
-    grouped-query attention (``kv_group > 1``), dQ in its own kernel and every launch
-    running whole K/V groups, a program sums the shares of a K/V head's query heads that
-    read the same key rows (those with its offset), and dK/dV go straight to the K/V heads
-    (no fp32 per query head, no summing pass). ``shared``: with ``grouped``, some K/V
-    group is run by several launches (a ``head_split`` branch ending inside it, say), so
-    its dK/dV add up in fp32 accumulators."""
-    if (
-        kv_group == 1
-        or dq_add
-        or not all(
-            la.h_first % kv_group == 0 and la.num_heads % kv_group == 0 for _, la in launches
-        )
-    ):
-        return False, False
-    seen: set[int] = set()
-    for _, la in launches:
-        groups = set(range(la.h_first // kv_group, (la.h_first + la.num_heads) // kv_group))
-        if groups & seen:
-            return True, True
-        seen |= groups
-    return True, False
+def _grouped_dkdv(launches: list[tuple[int, _Launch]], kv_group: int, dq_add: int) -> bool:
+    """Whether the dK/dV pass of a chunk's launches runs a program per (K/V head, offset
+    class): with grouped-query attention (``kv_group > 1``), dQ in its own kernel and
+    every launch running whole K/V groups. Such a program adds up the shares of the query
+    heads of its K/V head that read the same key rows (those with its offset) and writes
+    dK/dV per K/V head: no fp32 dK/dV per query head, no summing pass. Two launches run
+    the same K/V group only when two branches cover its heads (softmax mixing), where
+    the pass goes through fp32 accumulators (per K/V head) anyway."""
+    return (
+        kv_group > 1
+        and not dq_add
+        and all(la.h_first % kv_group == 0 and la.num_heads % kv_group == 0 for _, la in launches)
+    )
 
 
 def _sum_query_heads(grad: Tensor, kv_group: int) -> Tensor:
