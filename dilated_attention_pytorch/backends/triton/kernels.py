@@ -614,8 +614,9 @@ def _bwd_dkdv_kernel(
             )  # fmt: skip
         h_out = hk
     else:
-        # One head, called outside any loop: the same machine code as before the grouped
-        # form existed (checked with benchmarks/kernel_resources.py for sm_90).
+        # One head, called outside any loop, as before the grouped form existed: compiled
+        # for sm_90 its forms keep the registers and spills they had then
+        # (benchmarks/kernel_resources.py's helpers).
         dk, dv = _bwd_dkdv_head(
             dk, dv, k, v, k_dq, keep_k, offs_n, offs_d, n0, b, h, tok_q, len_q,
             Q, DO, Lse, Delta, DQacc,
