@@ -785,7 +785,7 @@ def triton_block_backward(
     ``(Bb, Lq, Hs)`` and may be ``-inf`` for rows with no key (their probabilities are 0).
     """
     kpm = _block_kpm(key_keep, dropout)
-    Bb, Lq, Hs, D = q.shape
+    Lq, Hs = q.shape[1], q.shape[2]
     Lk = k.shape[1]
     # Every row is written (dK/dV tiles cover the keys, dQ tiles the queries), except
     # when a block is empty.
@@ -798,20 +798,13 @@ def triton_block_backward(
     lse, delta = _backward_rows(dout, out, lse)
     g = Hs // k.shape[2]
     launch = _Launch(Lq, Lk, 1, 0, 0, Hs, g)
-    # With grouped-query attention, dK/dV per query head in fp32, then summed.
-    per_head = (Bb, Lk, Hs, D)
-    dk_t, dv_t = (
-        (dk, dv)
-        if g == 1
-        else (torch.empty(per_head, dtype=torch.float32, device=q.device) for _ in range(2))
-    )
-    grads = (dq, dk_t, dv_t)
+    grads = (dq, dk, dv)
     for which in ("dkdv", "dq"):
+        # With grouped-query attention a dK/dV program adds up the shares of all query
+        # heads of its K/V head (r = 1: one offset class) and writes dK/dV directly.
         _launch_backward(
             dout, q, k, v, lse, delta, kpm, grads, grads, launch,
             scale=scale, causal=causal, acc_in=False, which=which,
+            grouped=_grouped_dkdv([(0, launch)], g, 0),
         )  # fmt: skip
-    if g > 1:
-        dk.copy_(_sum_query_heads(dk_t, g))
-        dv.copy_(_sum_query_heads(dv_t, g))
     return dq, dk, dv
