@@ -191,6 +191,34 @@ def test_triton_block_ops_key_mask(is_causal) -> None:
         _check(f"d{n}", g, rg, lg)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_block_ops_grouped_query(D, is_causal) -> None:
+    # The ring's blocks with 4 query heads per K/V head: dK/dV through the grouped
+    # programs. Low-precision baseline: PyTorch's flash op on K/V repeated per query head,
+    # its dK/dV summed over each group.
+    Bb, L, H, Hkv, scale = 2, 2048, 8, 2, D**-0.5
+    dtype = torch.bfloat16
+    q, dout = (torch.randn(Bb, L, H, D, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(Bb, L, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+    kw = dict(scale=scale, causal=is_causal)
+    ref = math_block_forward(q.float(), k.float(), v.float(), **kw)
+    ref_g = math_block_backward(dout.float(), q.float(), k.float(), v.float(), *ref, **kw)
+    kr, vr = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v))
+    low = flash_block_forward(q, kr, vr, **kw)
+    low_g = list(flash_block_backward(dout, q, kr, vr, *low, **kw))
+    for i in (1, 2):
+        low_g[i] = low_g[i].float().unflatten(2, (Hkv, H // Hkv)).sum(3).to(dtype)
+    _poison(((Bb, L, H, D), dtype), ((Bb, L, Hkv, D), dtype), ((Bb, L, Hkv, D), torch.float32))
+    out, lse = triton_block_forward(q, k, v, **kw)
+    grads = triton_block_backward(dout, q, k, v, out, lse, **kw)
+    _check("out", out, ref[0], low[0])
+    _check("lse", lse, ref[1], low[1])
+    for n, g, rg, lg in zip("qkv", grads, ref_g, low_g, strict=True):
+        assert g.shape == rg.shape, f"d{n}: shape {tuple(g.shape)}, expected {tuple(rg.shape)}"
+        _check(f"d{n}", g, rg, lg)
+
+
 @pytest.mark.parametrize("dq_mode", ["atomic", "tma"])
 @pytest.mark.parametrize(
     "case",
@@ -233,8 +261,9 @@ def _compare_grouped(B, N, H, H_kv, D, ws, rs, **kwargs) -> None:
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
 def test_triton_grouped_query_attention(D, is_causal) -> None:
-    # The default (separate) dQ kernel with 4 query heads per K/V head: per-query-head
-    # dK/dV summed per K/V head. backend="auto" trains such calls on Triton.
+    # The default (separate) dQ kernel with 4 query heads per K/V head: the grouped dK/dV
+    # programs (one per K/V head and offset class, adding up their query heads' shares).
+    # backend="auto" trains such calls on Triton.
     B, N, H, _, ws, rs = CASES[0]
     _compare_grouped(B, N, H, H // 4, D, ws, rs, is_causal=is_causal)
 
