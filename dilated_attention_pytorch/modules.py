@@ -244,6 +244,7 @@ class DilatedAttention(nn.Module):
         else ``"pytorch"``, which also runs a ring's blocks; pass ``backend=`` to count
         another). ``kwargs`` are its other keywords
         (``dtype``, ``device`` (``"cuda"`` by default; ``"cpu"`` for a CPU run),
+        ``num_kv_heads`` (grouped-query attention: k and v with fewer heads),
         ``already_split``, ``embed_dim``, ...).
         """
         return get_memory_estimate(
@@ -282,6 +283,13 @@ class DilatedAttention(nn.Module):
             and min(num_heads, head_dim) >= 1
         ):
             return "pytorch"  # the CPU, or an argument get_memory_estimate reports
+        try:
+            plan = make_plan(
+                self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing,
+                kwargs.get("num_kv_heads"),
+            )  # fmt: skip
+        except (TypeError, ValueError):  # get_memory_estimate reports it
+            return "pytorch"
         call = AttentionCall(
             device_type="cuda",
             dtype=dtype,
@@ -289,9 +297,7 @@ class DilatedAttention(nn.Module):
             is_causal=False,
             dropout=self.training and self.dropout > 0.0,
             key_padding_mask=False,
-            plan=make_plan(
-                self.segment_lengths, self.dilation_rates, num_heads, self.branch_mixing
-            ),
+            plan=plan,
             requires_grad=bool(kwargs.get("with_backward", True)),
         )
         try:
@@ -638,7 +644,8 @@ class MultiheadDilatedAttention(nn.Module):
         parameters in their dtype, the projections, the norm, ``out_proj``, the saved
         tensors and every gradient are counted). ``kwargs``: ``dtype`` (default: the
         parameters' dtype), ``already_split``, ``with_backward``; ``recompute_qkv`` is this
-        layer's.
+        layer's. With ``num_kv_heads < num_heads`` (grouped-query attention) ``k_proj``,
+        ``v_proj``, k, v and their gradients are counted with that many heads.
 
         Raises:
             TypeError: the inner attention has no ``get_memory_estimate``.
@@ -651,13 +658,12 @@ class MultiheadDilatedAttention(nn.Module):
                 f"the inner attention {type(self.attention).__name__} has no "
                 f"get_memory_estimate; use a DilatedAttention or ring attention module."
             )
-        if not self.layer_norm or self.q_proj.bias is None or self.num_kv_heads != self.num_heads:
+        if not self.layer_norm or self.q_proj.bias is None:
             raise ValueError(
-                "get_memory_estimate counts the default layer (bias=True, layer_norm=True, "
-                "num_kv_heads=num_heads); this one was built with bias=False, "
-                "layer_norm=False or fewer K/V heads."
+                "get_memory_estimate counts the default layer (bias=True, layer_norm=True); "
+                "this one was built with bias=False or layer_norm=False."
             )
-        for name in ("num_heads", "head_dim", "embed_dim"):
+        for name in ("num_heads", "head_dim", "embed_dim", "num_kv_heads"):
             if name in kwargs:
                 raise TypeError(f"{name} is this layer's own; do not pass it.")
         kwargs.setdefault("dtype", self.q_proj.weight.dtype)
@@ -673,8 +679,9 @@ class MultiheadDilatedAttention(nn.Module):
         else:  # another inner attention: the layer runs separate nodes
             kwargs.setdefault("recompute_qkv", False)
         return estimate(
-            seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim, **kwargs
-        )
+            seq_len, batch_size, self.num_heads, self.head_dim, embed_dim=self.embed_dim,
+            num_kv_heads=self.num_kv_heads, **kwargs,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         kv = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"

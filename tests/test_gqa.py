@@ -20,6 +20,7 @@ from dilated_attention_pytorch import (
 )
 from dilated_attention_pytorch.backends.pytorch import PyTorchBackend
 from dilated_attention_pytorch.decoding import DilatedKVCache, cached_dilated_attention
+from dilated_attention_pytorch.memory import get_memory_estimate
 from dilated_attention_pytorch.plan import make_plan
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -162,8 +163,18 @@ def test_multihead_layer_with_fewer_kv_heads() -> None:
     v = layer.v_proj(x).view(2, 32, H_kv, D)
     ref = dense_dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True)
     torch.testing.assert_close(out, layer.out_proj(ref.reshape(2, 32, E)), **TOL)
-    with pytest.raises(ValueError, match="num_kv_heads=num_heads"):
+    with pytest.raises(ValueError, match="layer_norm=False"):
         layer.get_memory_estimate(32)
+    # The default layer's estimate counts k, v, k_proj and v_proj with its K/V heads.
+    normed = MultiheadDilatedAttention(E, H, [8, 16], [1, 2], num_kv_heads=H_kv, backend="pytorch")
+    est = normed.get_memory_estimate(32)
+    assert est["num_kv_heads"] == H_kv
+    assert est == get_memory_estimate(
+        32, 1, H, D, segment_lengths=[8, 16], dilation_rates=[1, 2], embed_dim=E,
+        num_kv_heads=H_kv, dtype=torch.float32, backend="pytorch",
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="num_kv_heads is this layer's own"):
+        normed.get_memory_estimate(32, num_kv_heads=H)
 
 
 def test_decoding_cache_with_kv_heads() -> None:
