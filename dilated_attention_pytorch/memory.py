@@ -228,7 +228,9 @@ def _segment_view_shapes(B: int, N: int, w: int, r: int, o: int) -> list[tuple[i
     shapes = []
     num_full = N // w
     full_len = num_dilated_positions(w, r, o)
-    if num_full and full_len:
+    if num_full == 1 and full_len:  # one segment per batch element: one view of all B
+        shapes.append((B, full_len, B == 1 or N == w))
+    elif num_full and full_len:
         merged = B == 1 or N == num_full * w
         shapes += [(B * num_full, full_len, True)] if merged else [(num_full, full_len, True)] * B
     rem_len = num_dilated_positions(N - num_full * w, r, o)
@@ -238,16 +240,21 @@ def _segment_view_shapes(B: int, N: int, w: int, r: int, o: int) -> list[tuple[i
 
 
 def _tiles(blk: _Block, max_elements: int) -> list[tuple[int, int]]:
-    """``(b, lq)`` of the first two tiles of ``blocks._tiles`` (the later ones are not
-    larger, and only a tile and its predecessor are ever live together)."""
+    """``(b, lq)`` of tiles of ``blocks._tiles``, in an order that has every pair of
+    consecutive tile sizes the block has (only a tile and its predecessor are ever live
+    together, and a larger tile after a smaller one peaks differently from the reverse):
+    whole segments batched, then the shorter last batch; or, for segments cut into query
+    rows, up to two full tiles, the segment's shorter last tile and the next segment's
+    first tile."""
     row = blk.hs * max(blk.lk, 1)
     if blk.lq * row <= max_elements:
         step = max(1, max_elements // max(1, blk.lq * row))
         return [(min(blk.bb, a + step) - a, blk.lq) for a in range(0, min(blk.bb, 2 * step), step)]
     rows = max(1, max_elements // row)
-    tiles = [(1, min(blk.lq, q0 + rows) - q0) for q0 in range(0, min(blk.lq, 2 * rows), rows)]
-    if len(tiles) < 2 and blk.bb > 1:  # the next tile is the next segment's first
-        tiles.append(tiles[0])
+    full, short = divmod(blk.lq, rows)
+    tiles = [(1, rows)] * min(full, 2) + ([(1, short)] if short else [])
+    if blk.bb > 1:  # the next segment's first tile
+        tiles.append((1, rows))
     return tiles
 
 
@@ -1270,8 +1277,8 @@ def get_memory_estimate(
     ``v_proj`` have ``num_kv_heads`` heads; the math path folds each K/V head's query
     heads into its rows, cuDNN / flash run once per strided view of query heads, and
     Triton's dK/dV accumulators are per K/V head where its grouped programs run. Checked
-    to the byte on gloo rings of 2 ranks, within 0.3% of CPU runs of the attention and
-    2.3% of the layer, and within 0.3% of bf16 peaks on an H200 (32 query and 8 K/V
+    to the byte on gloo rings of 2 ranks and CPU runs of the layer, within 0.3% of CPU
+    runs of the attention, and within 0.3% of bf16 peaks on an H200 (32 query and 8 K/V
     heads, D=128, N = 256K and 1M, both backends;
     ``benchmarks/results/dilated_bench_h200_20261206_gqa_before_grouped_dkdv.json``,
     Triton before its grouped dK/dV programs).

@@ -357,6 +357,11 @@ def _measure_attention(B, N, H, D, ws, rs, dtype, mixing, with_backward, H_kv=No
         # head_dim % 8 != 0: bf16 blocks take the math path (fp32 copies) on CUDA as here.
         (1, 8192, 4, 36, [128, 512], [1, 2], torch.bfloat16, "softmax", True),
         (1, 4096, 2, 16, [256, 1024], [1, 4], torch.float64, "softmax", True),
+        # One full segment per batch element and a shorter last one: one view of all B.
+        (3, 1243, 4, 32, [256, 1024, 4096], [1, 2, 4], torch.float32, "softmax", False),
+        # Segments cut into query rows, two per block: a segment's short last tile, then
+        # the next segment's full first one.
+        (2, 2048, 6, 20, [2048], [1], torch.float32, "softmax", True),
     ],
 )
 def test_estimate_matches_measured_peak(B, N, H, D, ws, rs, dtype, mixing, with_backward) -> None:
@@ -411,14 +416,14 @@ def test_grouped_query_layer_estimate_matches_measured_peak(H_kv, recompute) -> 
         layer = MultiheadDilatedAttention(
             E, H, ws, rs, backend="pytorch", num_kv_heads=H_kv, recompute_qkv=recompute
         )
-        x, dy = torch.randn(B, N, E), torch.randn(B, N, E)
+        # x requires grad, as inside a model: the estimate counts its gradient.
+        x, dy = torch.randn(B, N, E, requires_grad=True), torch.randn(B, N, E)
         y, _ = layer(x)
         y.backward(dy)
     est = layer.get_memory_estimate(N, B)
     E_kv = H_kv * D
     assert est["parts"]["parameters"] == (2 * (E * E + E) + 2 * (E_kv * E + E_kv) + 2 * E) * 4
-    # Measured (torch 2.13): 0-2.3% above the live bytes.
-    assert tracker.peak <= est["bytes_per_device"] <= 1.05 * tracker.peak
+    assert est["bytes_per_device"] == pytest.approx(tracker.peak, rel=0.01)
 
 
 def test_layer_estimate_matches_measured_peak() -> None:
@@ -426,14 +431,16 @@ def test_layer_estimate_matches_measured_peak() -> None:
     E, ws, rs = H * D, [256, 1024], [1, 2]
     with LiveStorageBytes() as tracker:
         layer = MultiheadDilatedAttention(E, H, ws, rs, backend="pytorch")
-        x, dy = torch.randn(B, N, E), torch.randn(B, N, E)
+        # x requires grad, as inside a model: the estimate counts its gradient (without
+        # it the recomputing backward never makes one: 4% less here).
+        x, dy = torch.randn(B, N, E, requires_grad=True), torch.randn(B, N, E)
         y, _ = layer(x)
         y.backward(dy)
     est = get_memory_estimate(
         N, B, H, D, segment_lengths=ws, dilation_rates=rs, dtype=torch.float32, embed_dim=E
     )
     assert est["parts"]["parameters"] == (4 * (E * E + E) + 2 * E) * 4
-    assert est["bytes_per_device"] == pytest.approx(tracker.peak, rel=0.05)
+    assert est["bytes_per_device"] == pytest.approx(tracker.peak, rel=0.01)
 
 
 def test_estimate_matches_recorded_h200_peaks() -> None:
@@ -522,7 +529,16 @@ def test_tiles_follow_the_math_path() -> None:
             (b1 - b0, q1 - q0) for b0, b1, q0, q1 in _tiles(bb, lq, hs, lk, _MAX_SCORE_ELEMENTS)
         ]
         mine = memory._tiles(memory._Block(bb, lq, lk, hs), _MAX_SCORE_ELEMENTS)
-        assert mine == tiles[:2], (bb, lq, hs, lk)
+        # The replayed tiles are consecutive tiles of the block, and each pair of
+        # consecutive tiles the block has is matched or exceeded (element-wise) by a
+        # replayed pair: the peak of (tile, its predecessor) is replayed.
+        real = set(zip(tiles, tiles[1:], strict=False))
+        replayed = set(zip(mine, mine[1:], strict=False))
+        assert mine[0] == tiles[0] and replayed <= real, (bb, lq, hs, lk)
+        for a, b in real:
+            assert any(
+                a[0] <= c[0] and a[1] <= c[1] and b[0] <= d[0] and b[1] <= d[1] for c, d in replayed
+            ), (bb, lq, hs, lk, a, b)
 
 
 def _ring_worker(rank: int, world_size: int, cases: list) -> list[int]:
