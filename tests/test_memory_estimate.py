@@ -523,7 +523,7 @@ def test_tiles_follow_the_math_path() -> None:
     from dilated_attention_pytorch.backends.blocks import _MAX_SCORE_ELEMENTS, _tiles
 
     for bb, lq, hs, lk in itertools.product(
-        [1, 2, 7, 64], [1, 5, 2048, 70000], [1, 3, 16], [1, 5, 2048, 70000]
+        [1, 2, 7, 64], [1, 5, 2048, 3000, 70000], [1, 3, 16], [1, 5, 2048, 70000]
     ):
         tiles = [
             (b1 - b0, q1 - q0) for b0, b1, q0, q1 in _tiles(bb, lq, hs, lk, _MAX_SCORE_ELEMENTS)
