@@ -73,6 +73,37 @@ def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size) 
         torch.testing.assert_close(g, rg, **TOL)
 
 
+@pytest.mark.parametrize(
+    ("pattern_type", "H_kv"),
+    [("local_window", 1), ("random", 2), ("dilated_sparse", 2), ("global_local", 3)],
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_grouped_query_matches_masked_dense_attention(pattern_type, H_kv, is_causal) -> None:
+    # k, v with fewer heads: query head h reads K/V head h // (H / H_kv); the reference
+    # repeats the K/V heads (its autograd sums their gradients over each group).
+    H, N, bs = 6, 203, 16
+    gen = torch.Generator().manual_seed(H_kv + 10 * is_causal)
+    q, dout = (torch.randn(2, N, H, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, N, H_kv, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=bs, sparsity_ratio=0.6, is_causal=is_causal,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, pattern, backend="pytorch")
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = ref_leaves
+    g = H // H_kv
+    ref = masked_dense(
+        rq, rk.repeat_interleave(g, dim=2), rv.repeat_interleave(g, dim=2), pattern.token_mask()
+    )
+    torch.testing.assert_close(out, ref, **TOL)
+    grads = torch.autograd.grad(out, leaves, dout)
+    for g_, rg in zip(grads, torch.autograd.grad(ref, ref_leaves, dout), strict=True):
+        assert g_.shape == rg.shape
+        torch.testing.assert_close(g_, rg, **TOL)
+
+
 def test_dropout_drops_the_hashed_entries_and_replays_them() -> None:
     N, H = 96, 2
     q, k, v, dout = _inputs(2, N, H, 8, seed=3)

@@ -81,6 +81,34 @@ def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size, 
 
 
 @interpreted
+@pytest.mark.parametrize(
+    ("pattern_type", "is_causal", "N", "block_size", "H_kv"),
+    [("random", True, 70, 16, 2), ("local_window", False, 96, 32, 1)],
+)
+def test_grouped_query_matches_masked_dense_attention(
+    pattern_type, is_causal, N, block_size, H_kv
+) -> None:
+    # k, v with fewer heads: the kernels read K/V head h // (H / H_kv); dK/dV per query
+    # head, summed per K/V head. Per-head patterns are per query head.
+    H, D = 4, 16
+    q, dout = (torch.randn(2, N, H, D, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, N, H_kv, D, dtype=torch.float64) for _ in range(2))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=block_size, sparsity_ratio=0.5, is_causal=is_causal,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, pattern, backend="triton")
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = ref_leaves
+    g = H // H_kv
+    ref = masked_dense(
+        rq, rk.repeat_interleave(g, dim=2), rv.repeat_interleave(g, dim=2), pattern.token_mask()
+    )
+    _check(out, leaves, ref, ref_leaves, dout)
+
+
+@interpreted
 def test_kernels_with_no_held_key_blocks() -> None:
     # A ring step may hold no key blocks at all: empty tables, empty lists. The kernels
     # must not read them (rows without keys: output 0, LSE -inf, no gradient).

@@ -230,22 +230,35 @@ def test_fused_ops_run_once_per_query_head_of_a_run_without_kv_copies() -> None:
         torch.testing.assert_close(g, rg, **TOL)
 
 
-def test_block_sparse_attention_refuses_fewer_kv_heads() -> None:
+def test_block_sparse_attention_with_fewer_kv_heads() -> None:
     from dilated_attention_pytorch import (
         BlockSparseAttention,
+        RingBlockSparseAttention,
         block_sparse_attention,
         make_block_sparse_pattern,
     )
 
-    q, k, v = (t.detach() for t in _qkv(1, 32, 4, 2))
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 32, 4, 2))
     pattern = make_block_sparse_pattern("local_window", 32, block_size=16)
-    with pytest.raises(ValueError, match="no grouped-query form: repeat the K/V heads"):
-        block_sparse_attention(q, k, v, pattern)
+    out = block_sparse_attention(q, k, v, pattern)
+    # The same as repeating each K/V head for its query heads (gradients summed).
+    kr, vr = (t.detach().repeat_interleave(2, dim=2).requires_grad_() for t in (k, v))
+    ref = block_sparse_attention(q.detach(), kr, vr, pattern)
+    torch.testing.assert_close(out, ref, **TOL)
+    dout = torch.randn_like(out)
+    dk, dv = torch.autograd.grad(out, (k, v), dout)
+    rdk, rdv = torch.autograd.grad(ref, (kr, vr), dout)
+    torch.testing.assert_close(dk, rdk.unflatten(2, (2, 2)).sum(3), **TOL)
+    torch.testing.assert_close(dv, rdv.unflatten(2, (2, 2)).sum(3), **TOL)
     layer = MultiheadDilatedAttention(
         32, 4, num_kv_heads=2, attention=BlockSparseAttention(block_size=16, sparsity_ratio=0.5)
     )
-    with pytest.raises(ValueError, match="no grouped-query form"):
-        layer(torch.randn(1, 32, 32))
+    y, _ = layer(torch.randn(1, 32, 32))
+    assert y.shape == (1, 32, 32)
+    # The ring module without a process group runs on this device (a ring of several
+    # ranks refuses fewer K/V heads, on every rank).
+    ring = RingBlockSparseAttention(block_size=16, sparsity_ratio=0.5)
+    torch.testing.assert_close(ring(q, k, v), layer.attention(q, k, v), **TOL)
 
 
 def _repeat_kv_projections(gqa: torch.nn.Module, mha: torch.nn.Module, group: int, D: int) -> None:

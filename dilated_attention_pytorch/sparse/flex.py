@@ -84,12 +84,14 @@ def flex_block_mask(pattern: BlockSparsePattern, device: torch.device) -> BlockM
 def flex_block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: BlockSparsePattern, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """``(B, N, H, D)`` q, k, v -> out ``(B, N, H, D)``, lse ``(B, N, H)`` fp32, differentiable."""
+    """``(B, N, H, D)`` q, k, v -> out ``(B, N, H, D)``, lse ``(B, N, H)`` fp32, differentiable.
+    k, v with fewer heads (``H_kv`` dividing ``H``): FlexAttention's grouped-query form."""
     global _COMPILED
     if _COMPILED is None:
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     out, lse = _COMPILED(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         block_mask=flex_block_mask(pattern, q.device), scale=scale, return_lse=True,
+        enable_gqa=k.shape[2] != q.shape[2],
     )  # fmt: skip
     return out.transpose(1, 2), lse.transpose(1, 2).float()

@@ -183,7 +183,7 @@ def _triton_settings(call: SparseCall) -> dict:
 def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Out and LSE of the queries ``q`` against the held ``k``/``v`` (either kernel)."""
     if call.kernel != "triton":
-        return run_heads(sparse_forward, call, call.per_head_mask, q, k, v)
+        return run_heads(sparse_forward, call, call.per_head_mask, q, k, v, kv_in=(1, 2))
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, _ = _device_lists(mask, q.device, key=mask)
     sched, _ = _device_schedules(mask, q.shape[2], q.device)
@@ -196,7 +196,10 @@ def block_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (compute dtype) of ``q`` and of the held ``k``/``v`` (either kernel)."""
     if call.kernel != "triton":
-        return run_heads(sparse_backward, call, call.per_head_mask, dout, q, k, v, out, lse)
+        return run_heads(
+            sparse_backward, call, call.per_head_mask, dout, q, k, v, out, lse,
+            kv_in=(2, 3), kv_out=(1, 2),
+        )  # fmt: skip
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, t_lists = _device_lists(mask, q.device, key=mask)
     return triton_kernels.sparse_backward_triton(
@@ -259,9 +262,23 @@ def _keep(call: SparseCall, q_tok: Tensor, k_glob: Tensor, B: int, H: int) -> Te
     return keep.view(B, c, *keep.shape[1:])
 
 
+def _kv_chunk(x: Tensor, k_tok: Tensor, cdt: torch.dtype, kv_group: int) -> Tensor:
+    """The kept key rows ``k_tok`` of k or v in the compute dtype, ``(B, c, K, H, D)``:
+    each K/V head repeated for its ``kv_group`` query heads (a copy of this chunk only)."""
+    xc = x[:, k_tok].to(cdt)
+    return xc if kv_group == 1 else xc.repeat_interleave(kv_group, dim=3)
+
+
+def _sum_groups(x: Tensor, kv_group: int) -> Tensor:
+    """``(..., H, D)`` per query head -> ``(..., H / kv_group, D)`` per K/V head."""
+    return x if kv_group == 1 else x.unflatten(-2, (-1, kv_group)).sum(-2)
+
+
 def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[Tensor, Tensor]:
-    """q ``(B, Lq, H, D)``; k, v ``(B, Lk, H, D)`` -> out (compute dtype), lse ``(B, Lq, H)``."""
+    """q ``(B, Lq, H, D)``; k, v ``(B, Lk, H_kv, D)`` (``H_kv`` dividing ``H``) -> out
+    (compute dtype), lse ``(B, Lq, H)``."""
     B, Lq, H, D = q.shape
+    g = H // k.shape[2]
     cdt = compute_dtype(q.dtype)
     out = torch.zeros(B, Lq, H, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.full((B, Lq, H), -math.inf, dtype=cdt, device=q.device)
@@ -270,7 +287,7 @@ def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[T
     for a, b in _chunks(num, idx.shape[1], B, H, bs, q.device):
         q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
         qc = q[:, q_tok].to(cdt)  # (B, c, bs, H, D)
-        kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)  # (B, c, K, H, D)
+        kc, vc = _kv_chunk(k, k_tok, cdt, g), _kv_chunk(v, k_tok, cdt, g)  # (B, c, K, H, D)
         s = torch.einsum("bcqhd,bckhd->bchqk", qc, kc) * call.scale
         s = s.masked_fill(~allowed[None, :, None], -math.inf)
         lse_c = torch.logsumexp(s, dim=-1)  # (B, c, H, bs)
@@ -289,8 +306,10 @@ def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[T
 def sparse_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, call: SparseCall
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (compute dtype) of q ``(B, Lq, H, D)`` and of the held k, v ``(B, Lk, H, D)``."""
+    """Gradients (compute dtype) of q ``(B, Lq, H, D)`` and of the held k, v
+    ``(B, Lk, H_kv, D)``."""
     B, Lq, H, D = q.shape
+    g = H // k.shape[2]
     cdt = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
@@ -300,7 +319,7 @@ def sparse_backward(
     for a, b in _chunks(num, idx.shape[1], B, H, bs, q.device):
         q_tok, q_ok, k_tok, k_glob, allowed = _chunk_tokens(call, idx, num, a, b, Lq, q.device)
         qc, doc, oc = (t[:, q_tok].to(cdt) for t in (q, dout, out))  # (B, c, bs, H, D)
-        kc, vc = k[:, k_tok].to(cdt), v[:, k_tok].to(cdt)
+        kc, vc = _kv_chunk(k, k_tok, cdt, g), _kv_chunk(v, k_tok, cdt, g)
         lse_c = lse[:, q_tok].to(cdt).permute(0, 1, 3, 2)  # (B, c, H, bs)
         lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c)
         s = torch.einsum("bcqhd,bckhd->bchqk", qc, kc) * call.scale
@@ -319,21 +338,37 @@ def sparse_backward(
         dk_c = torch.einsum("bchqk,bcqhd->bckhd", ds, qc) * call.scale
         dq[:, q_tok[q_ok]] += dq_c[:, q_ok]
         flat = k_tok.flatten()
-        dk.index_add_(1, flat, dk_c.flatten(1, 2))
-        dv.index_add_(1, flat, dv_c.flatten(1, 2))
+        dk.index_add_(1, flat, _sum_groups(dk_c, g).flatten(1, 2))
+        dv.index_add_(1, flat, _sum_groups(dv_c, g).flatten(1, 2))
     return dq, dk, dv
 
 
-def run_heads(fn, call: SparseCall, per_head_mask: Tensor | None, *tensors: Tensor):
-    """Run ``fn(*tensors, call)`` for a shared pattern, or head by head for a per-head one."""
+def run_heads(
+    fn, call: SparseCall, per_head_mask: Tensor | None, *tensors: Tensor,
+    kv_in: tuple[int, ...] = (), kv_out: tuple[int, ...] = (),
+):  # fmt: skip
+    """Run ``fn(*tensors, call)`` for a shared pattern, or head by head for a per-head one.
+
+    ``kv_in``: positions of K/V-shaped tensors (``H_kv`` heads: query head ``h`` reads
+    head ``h // (H / H_kv)``); ``kv_out``: positions of K/V-shaped results, summed over
+    the query heads of each K/V head.
+    """
     if per_head_mask is None:
         return fn(*tensors, call)
+    H = per_head_mask.shape[0]
+    g = H // tensors[kv_in[0]].shape[2] if kv_in else 1
     results = []
-    for h in range(per_head_mask.shape[0]):
+    for h in range(H):
         sub = replace(call, block_mask=per_head_mask[h], head=h, per_head_mask=None)
-        view = [t[:, :, h : h + 1] for t in tensors]
+        view = [
+            t[:, :, h // g : h // g + 1] if i in kv_in else t[:, :, h : h + 1]
+            for i, t in enumerate(tensors)
+        ]
         results.append(fn(*view, sub))
-    return tuple(torch.cat(parts, dim=2) for parts in zip(*results, strict=True))
+    return tuple(
+        _sum_groups(torch.cat(parts, dim=2), g) if j in kv_out else torch.cat(parts, dim=2)
+        for j, parts in enumerate(zip(*results, strict=True))
+    )
 
 
 class _BlockSparseFunction(torch.autograd.Function):
@@ -425,7 +460,10 @@ def block_sparse_attention(
     never read. Exact gradients.
 
     Args:
-        q, k, v: ``(B, N, H, D)`` (batch, tokens, heads, head dim), one dtype and device.
+        q, k, v: ``(B, N, H, D)`` (batch, tokens, heads, head dim), one dtype and device;
+            k and v may have fewer heads, ``(B, N, H_kv, D)`` with ``H_kv`` dividing ``H``
+            (grouped-query attention: query head ``h`` reads K/V head
+            ``h // (H / H_kv)``; a per-head pattern is per query head).
         pattern: from :func:`~dilated_attention_pytorch.sparse.make_block_sparse_pattern`
             for this ``N``, or a bool block mask ``(nb, nb)`` / ``(H, nb, nb)`` (blocks of
             ``ceil(N / nb)`` tokens; the diagonal is added); a per-head pattern needs
@@ -449,7 +487,7 @@ def block_sparse_attention(
     Returns:
         ``(B, N, H, D)`` in ``q.dtype`` (and the LSE).
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped_query=True)
     if is_causal is None:
         is_causal = pattern.is_causal if isinstance(pattern, BlockSparsePattern) else False
     check_scalars(scale=scale, dropout_p=dropout_p, is_causal=is_causal)

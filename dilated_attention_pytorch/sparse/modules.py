@@ -154,7 +154,7 @@ class BlockSparseAttention(nn.Module):
         """Attend ``q`` ``(B, N, H, D)`` to ``k``/``v`` over the kept blocks; the 4th
         positional argument is ``is_causal``, as in ``DilatedAttention``."""
         _no_mask(key_padding_mask)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped_query=True)
         check_is_causal(is_causal)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling():

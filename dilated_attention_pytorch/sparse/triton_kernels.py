@@ -159,12 +159,13 @@ def _edge(k0, g0, last_q, len_k, seq_len, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 def _sparse_fwd(
     Q, K, V, Out, Lse, KvNum, KvIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale,
+    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
     b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
+    hk = h // kv_group  # the K/V head of query head h (grouped-query attention)
     m0 = qb * BS + sub * BLOCK_M
     if m0 >= len_q:
         return
@@ -185,7 +186,7 @@ def _sparse_fwd(
     k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
     for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
-        k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+        k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
         qk = _dot(q, tl.trans(k), IEEE) * qk_scale
         # Only tiles at the end of the sequence or on the causal diagonal need a mask.
         if CAUSAL or not EVEN_K:
@@ -196,7 +197,7 @@ def _sparse_fwd(
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
+        v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
         k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, BS, BLOCK_N, DIRECT)
@@ -235,14 +236,17 @@ def _sparse_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
-    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale,
+    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
-    # A program per key tile (BLOCK_N rows of held block kb): over the query blocks
-    # that keep kb. Lse and Delta share their strides (s_l*); DK and DV too (s_g*).
+    # A program per key tile (BLOCK_N rows of held block kb) and query head h: over the
+    # query blocks that keep kb. Lse and Delta share their strides (s_l*); DK and DV too
+    # (s_g*). With grouped-query attention the program reads K/V head h // kv_group and
+    # writes the share of query head h (DK, DV per query head, summed by the caller).
     b, h, kb, sub = _program(Sched, n_kb, BS // BLOCK_N, SCHED)
+    hk = h // kv_group
     j0 = sub * BLOCK_N
     if DIRECT:
         k0 = kb * BS + j0
@@ -255,8 +259,8 @@ def _sparse_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
     kg = g0 + offs_n
-    k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
-    v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
+    k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+    v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     num = tl.load(QNum + h * s_numh + kb)
@@ -294,12 +298,13 @@ def _sparse_dq(
     Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, KFirst, KGlob, Sched,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
-    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, scale,
+    s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
     DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
     b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
+    hk = h // kv_group
     m0 = qb * BS + sub * BLOCK_M
     if m0 >= len_q:
         return
@@ -319,8 +324,8 @@ def _sparse_dq(
     k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
     for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
-        k = _load(_tile_ptrs(K, b, h, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
-        v = _load(_tile_ptrs(V, b, h, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
+        k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+        v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
         if CAUSAL or not EVEN_K:
             if _edge(k0, g0, q_start + m0, len_k, seq_len, BLOCK_N, CAUSAL, EVEN_K):
@@ -424,7 +429,8 @@ def sparse_forward_triton(
     is_causal: bool, interpreting: bool = False, direct: bool = False,
     sched: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """q ``(B, Lq, H, D)``; held k, v ``(B, Lk, H, D)`` -> out (q.dtype), lse ``(B, Lq, H)`` fp32.
+    """q ``(B, Lq, H, D)``; held k, v ``(B, Lk, H_kv, D)`` (``H_kv`` dividing ``H``; query
+    head ``h`` reads K/V head ``h // (H / H_kv)``) -> out (q.dtype), lse ``(B, Lq, H)`` fp32.
 
     ``lists``: ``(kv_num (Qb,) or (H, Qb), kv_idx (..., Qb, Kmax))`` into held blocks;
     ``k_first``/``k_glob``: int32 first local row / first global token of each held block.
@@ -442,7 +448,7 @@ def sparse_forward_triton(
         q, k, v, out, lse, num, idx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(lse),
         s_numh, s_idxh, s_idxq, Lq, k.shape[1], seq_len, q_start, n_qb, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
+        H // k.shape[2], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
         IEEE=q.dtype == torch.float32, SCHED=use_sched,
         **_even(Lq, k.shape[1], seq_len, block_size, direct),
         num_warps=warps, num_stages=stages,
@@ -465,15 +471,21 @@ def sparse_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (``grad_dtype``) of q and of the held k, v; ``t_lists`` are the
     transposed lists (for each held key block, the query blocks that keep it);
-    ``scheds``: the program orders of the dQ and dK/dV kernels (:func:`schedules`)."""
+    ``scheds``: the program orders of the dQ and dK/dV kernels (:func:`schedules`).
+    With grouped-query attention (k, v with ``H_kv < H`` heads) the dK/dV kernel writes
+    each query head's share into float32 buffers of ``H`` heads, summed per K/V head."""
     B, Lq, H, D = q.shape
-    Lk = k.shape[1]
+    Lk, kv_group = k.shape[1], H // k.shape[2]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     # LSE and delta heads-first, with the same strides (the kernels read both with s_l*).
     lse, delta = _backward_rows(dout, out, lse)
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)  # unkept rows stay 0
-    dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
+    # Unkept rows stay 0.
+    kv_shape, kv_dtype = (B, Lk, H, D), torch.float32  # per query head, summed below
+    if kv_group == 1:
+        kv_shape, kv_dtype = k.shape, grad_dtype
+    dk = torch.zeros(kv_shape, dtype=kv_dtype, device=q.device)
+    dv = torch.zeros(kv_shape, dtype=kv_dtype, device=q.device)
     ieee = q.dtype == torch.float32
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
     tnum, tidx, t_numh, t_idxh, t_idxk = _lists(*t_lists, q.device)
@@ -485,7 +497,7 @@ def sparse_backward_triton(
     _sparse_dkdv[(H * n_kb * (block_size // bn), B)](
         q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
-        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale,
+        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale, kv_group,
         BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting, ieee)
@@ -494,9 +506,11 @@ def sparse_backward_triton(
     _sparse_dq[(H * n_qb * (block_size // bm), B)](
         q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dq),
-        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale,
+        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale, kv_group,
         BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
+    if kv_group > 1:
+        dk, dv = (t.unflatten(2, (-1, kv_group)).sum(3).to(grad_dtype) for t in (dk, dv))
     return dq, dk, dv
 
 

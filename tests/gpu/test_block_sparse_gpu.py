@@ -20,8 +20,9 @@ def _run(q, k, v, dout, pattern, backend):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if backend == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in leaves), attn_mask=pattern.token_mask("cuda")
-        ).transpose(1, 2)
+            *(t.transpose(1, 2) for t in leaves), attn_mask=pattern.token_mask("cuda"),
+            enable_gqa=k.shape[2] != q.shape[2],
+        ).transpose(1, 2)  # fmt: skip
     else:
         out = block_sparse_attention(*leaves, pattern, backend=backend)
     return [out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
@@ -50,6 +51,27 @@ def test_matches_pytorch_backend(pattern_type, is_causal, backend, N, D, block_s
     low = _run(q, k, v, dout, pattern, "sdpa")
     got = _run(q, k, v, dout, pattern, backend)
     for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low, strict=True):
+        err = (g.double() - r.double()).abs().max().item()
+        low_err = (lo.double() - r.double()).abs().max().item()
+        assert err <= 2 * low_err + 1e-4, f"{name}: {err:.3g} vs {low_err:.3g}"
+
+
+@pytest.mark.parametrize("pattern_type", ["local_window", "random"])
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_grouped_query_attention(pattern_type, backend) -> None:
+    # k, v with 2 heads for 8 query heads (causal; random: a pattern per query head).
+    H, H_kv, N, D = 8, 2, 2048, 64
+    q, dout = (torch.randn(2, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(2, N, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=128, sparsity_ratio=0.8, is_causal=True,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    ref = _run(q.float(), k.float(), v.float(), dout.float(), pattern, "pytorch")
+    low = _run(q, k, v, dout, pattern, "sdpa")
+    got = _run(q, k, v, dout, pattern, backend)
+    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low, strict=True):
+        assert g.shape == r.shape, name
         err = (g.double() - r.double()).abs().max().item()
         low_err = (lo.double() - r.double()).abs().max().item()
         assert err <= 2 * low_err + 1e-4, f"{name}: {err:.3g} vs {low_err:.3g}"
