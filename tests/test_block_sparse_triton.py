@@ -141,8 +141,11 @@ def test_dropped_blocks_are_never_read() -> None:
 
 
 @interpreted
-@pytest.mark.parametrize(("pattern_type", "is_causal"), [("local_window", False), ("random", True)])
-def test_memory_estimate_matches_live_tensor_bytes(pattern_type, is_causal) -> None:
+@pytest.mark.parametrize(
+    ("pattern_type", "is_causal", "H_kv"),
+    [("local_window", False, 4), ("random", True, 4), ("random", False, 2)],
+)
+def test_memory_estimate_matches_live_tensor_bytes(pattern_type, is_causal, H_kv) -> None:
     from test_memory_estimate import LiveStorageBytes
 
     N, bs, B, H, D = 256, 32, 2, 4, 16
@@ -152,13 +155,14 @@ def test_memory_estimate_matches_live_tensor_bytes(pattern_type, is_causal) -> N
     )  # fmt: skip
 
     def step() -> None:
-        q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+        q = torch.randn(B, N, H, D, requires_grad=True)
+        k, v = (torch.randn(B, N, H_kv, D, requires_grad=True) for _ in range(2))
         block_sparse_attention(q, k, v, pattern, backend="triton").backward(torch.randn(B, N, H, D))
 
     step()  # builds the cached index lists, which the estimate counts as held
     with LiveStorageBytes() as tracker:
         step()
-    est = block_sparse_memory_estimate(pattern, B, H, D, dtype=torch.float32)
+    est = block_sparse_memory_estimate(pattern, B, H, D, dtype=torch.float32, num_kv_heads=H_kv)
     lists = est["parts"]["index_lists"]
     # Everything but the lists is allocated inside the tracker: equal up to the lists'
     # int32 launch copies (counted in the estimate, < 1% here).

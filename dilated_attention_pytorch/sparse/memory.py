@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..validation import check_bool, check_choice, check_positive_int
+from ..validation import check_bool, check_choice, check_num_kv_heads, check_positive_int
 from .patterns import BlockSparsePattern
 
 __all__ = ["block_sparse_memory_estimate"]
@@ -66,6 +66,7 @@ def block_sparse_memory_estimate(
     backend: str = "triton",
     ring_size: int = 1,
     with_backward: bool = True,
+    num_kv_heads: int | None = None,
 ) -> dict:
     """Per-rank bytes of one forward (+ backward) of block-sparse attention with ``pattern``.
 
@@ -82,6 +83,10 @@ def block_sparse_memory_estimate(
     - ``backend="flex"``: FlexAttention's own buffers, modelled as one more input-sized
       buffer (measured on an H200), and its cached ``BlockMask``, whose index tables
       are padded to ``N / block_size`` entries per block row (quadratic in ``N``).
+    - grouped-query attention (``num_kv_heads < num_heads``, one device): k, v and their
+      gradients have ``num_kv_heads`` heads; the Triton backward also holds float32 dK
+      and dV of every query head, summed per K/V head at the end (not measured on a
+      GPU; flex's grouped-query buffers are modelled as its other calls').
     - a ring of ``k`` ranks (Triton kernels, each rank passes its shard of ``L = N/k``
       tokens): the rank saves its key/value blocks plus the ``R`` blocks it received,
       and in the backward holds float32 gradients of all of them, the float32
@@ -98,6 +103,8 @@ def block_sparse_memory_estimate(
             allocates chunk-sized temporaries and is not modelled).
         ring_size: ranks sharing the sequence (``N/k`` a multiple of the block size).
         with_backward: ``False`` for a forward under ``no_grad``.
+        num_kv_heads: K/V heads (a divisor of ``num_heads``; ``None``: ``num_heads``);
+            one device only (the ring needs as many K/V heads as query heads).
 
     Returns:
         A dict: ``bytes_per_device``, ``total_per_device_gb`` (GiB), ``parts`` (bytes by
@@ -123,7 +130,13 @@ def block_sparse_memory_estimate(
             f"the pattern has one block mask per head for {pattern.block_mask.shape[0]} heads, "
             f"but num_heads={H}."
         )
+    H_kv = check_num_kv_heads(num_kv_heads, H)
     N, bs = pattern.seq_len, pattern.block_size
+    if k > 1 and H_kv != H:
+        raise ValueError(
+            f"block-sparse ring attention needs as many K/V heads as query heads ({H}), got "
+            f"num_kv_heads={H_kv}; repeat the K/V heads, or estimate one device."
+        )
     if k > 1 and (N % k or (N // k) % bs):
         raise ValueError(
             f"a ring of {k} ranks needs N/{k} to be a multiple of block_size={bs}; N={N}."
@@ -142,16 +155,24 @@ def block_sparse_memory_estimate(
     )  # fmt: skip
     peak_rank, received, sent = 0, 0, 0
     if k == 1:
-        parts["inputs"] = (3 + with_backward) * N * per_token * s
+        kv_token = B * H_kv * D  # elements of one token of k (or v)
+        q_and_kv = N * (per_token + 2 * kv_token) * s
+        parts["inputs"] = q_and_kv + (N * per_token * s if with_backward else 0)  # and dout
         parts["output"] = N * per_token * s
         parts["index_lists"] = _flex_list_bytes(mask) if backend == "flex" else _list_bytes(mask)
         parts["saved"] = rows if with_backward else 0
         if with_backward:
-            parts["gradients"] = 3 * N * per_token * s + rows  # dq, dk, dv and delta
+            parts["gradients"] = q_and_kv + rows  # dq, dk, dv and delta
             if backend == "flex":
                 parts["gradients"] += _FLEX_EXTRA_INPUTS * N * per_token * s
             else:
                 parts["gradients"] += rows  # the LSE, heads-first for the kernels
+                if H_kv != H:
+                    # float32 dK, dV per query head; at the last cast the float32 sum of
+                    # dV is live too (unless the inputs are float32: the cast is a no-op).
+                    parts["gradients"] += 2 * N * per_token * 4 + (
+                        N * kv_token * 4 if s != 4 else 0
+                    )
     else:
         best = None
         for position in range(k):
@@ -185,6 +206,7 @@ def block_sparse_memory_estimate(
         "local_seq_len": L,
         "backend": backend,
         "dtype": str(dtype),
+        "num_kv_heads": H_kv,
         "with_backward": with_backward,
         "kept_blocks": int(pattern.block_mask.sum()),
         "received_blocks": received,

@@ -197,7 +197,8 @@ class BlockSparseAttention(nn.Module):
         ``backend`` (default: what ``auto`` runs on CUDA: ``"triton"``, or ``"flex"``
         on one device where the Triton kernels do not take the block size or head dim;
         ``"triton"`` over a ring or for ``backend="triton"``, ``"flex"`` for
-        ``backend="flex"``), ``with_backward``.
+        ``backend="flex"``), ``with_backward``, ``num_kv_heads`` (grouped-query attention,
+        one device).
         """
         if "embed_dim" in kwargs:
             raise TypeError(
