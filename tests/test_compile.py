@@ -162,6 +162,17 @@ def test_block_sparse_modules_compile_without_graph_breaks() -> None:
     _assert_same(torch.compile(fn, fullgraph=True), fn, x)
 
 
+def test_block_sparse_grouped_query_and_a_second_head_count_compile() -> None:
+    # Grouped-query K/V through the operator; then a per-head module with another head
+    # count in the same process, where dynamo makes the head count symbolic (its check
+    # used to reject the right count there).
+    for H, H_kv, kw in ((4, 2, {}), (6, 3, {"pattern_type": "random", "num_heads": 6})):
+        attn = BlockSparseAttention(block_size=16, sparsity_ratio=0.5, **kw)
+        q = torch.randn(1, 64, H, 16, requires_grad=True)
+        k, v = (torch.randn(1, 64, H_kv, 16, requires_grad=True) for _ in range(2))
+        _assert_same(torch.compile(attn, fullgraph=True), attn, q, k, v)
+
+
 def test_compiled_block_sparse_module_checks_per_head_patterns() -> None:
     attn = BlockSparseAttention(block_size=16, sparsity_ratio=0.5, pattern_type="random",
                                 num_heads=2)  # fmt: skip

@@ -158,7 +158,12 @@ class BlockSparseAttention(nn.Module):
         check_is_causal(is_causal)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling():
-            if self.pattern_type == "random" and self.num_heads not in (None, q.shape[2]):
+            # (Not `in (None, H)`: with a symbolic head count that test is always False.)
+            if (
+                self.pattern_type == "random"
+                and self.num_heads is not None
+                and (self.num_heads != q.shape[2])
+            ):
                 raise ValueError(  # the eager call's check of a per-head pattern
                     f"the pattern has one block mask per head for {self.num_heads} heads, but "
                     f"q has {q.shape[2]}; build it with num_heads={q.shape[2]}."
@@ -428,12 +433,13 @@ def create_block_sparse_attention(
     ``out_proj``) with a :class:`BlockSparseAttention` inside. ``kwargs``: the
     attention's ``seed``, ``dropout``, ``scale``, ``num_heads_pattern`` (per-head random
     patterns) and the layer's ``bias``, ``layer_norm``, ``gamma_init``, ``device``,
-    ``dtype``.
+    ``dtype``, ``num_kv_heads`` (grouped-query attention: ``k_proj``/``v_proj`` give that
+    many heads, which the block-sparse attention reads in place).
     """
     attention_keys = {"seed", "dropout", "scale"}
     attention_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in attention_keys}
     per_head = kwargs.pop("num_heads_pattern", False)
-    layer_keys = {"bias", "layer_norm", "gamma_init", "device", "dtype"}
+    layer_keys = {"bias", "layer_norm", "gamma_init", "device", "dtype", "num_kv_heads"}
     unknown = set(kwargs) - layer_keys
     if unknown:
         raise TypeError(
