@@ -34,8 +34,11 @@ TOL = {"atol": 1e-10, "rtol": 1e-10}
 
 
 def masked_dense(q, k, v, token_mask, *, scale=None, keep=None, p=0.0):
-    """Softmax over the allowed keys, written from the definition; O(N^2)."""
+    """Softmax over the allowed keys, written from the definition; O(N^2). k, v with fewer
+    heads (grouped-query): each K/V head repeated for its query heads (autograd sums
+    their gradients)."""
     B, N, H, D = q.shape
+    k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (D**-0.5 if scale is None else scale)
     mask = token_mask if token_mask.dim() == 3 else token_mask[None]
     s = s.masked_fill(~mask[None], -math.inf)
@@ -92,11 +95,7 @@ def test_grouped_query_matches_masked_dense_attention(pattern_type, H_kv, is_cau
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention(*leaves, pattern, backend="pytorch")
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    rq, rk, rv = ref_leaves
-    g = H // H_kv
-    ref = masked_dense(
-        rq, rk.repeat_interleave(g, dim=2), rv.repeat_interleave(g, dim=2), pattern.token_mask()
-    )
+    ref = masked_dense(*ref_leaves, pattern.token_mask())
     torch.testing.assert_close(out, ref, **TOL)
     grads = torch.autograd.grad(out, leaves, dout)
     for g_, rg in zip(grads, torch.autograd.grad(ref, ref_leaves, dout), strict=True):

@@ -20,6 +20,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_block_sparse import masked_dense  # noqa: E402
+
 from dilated_attention_pytorch import (  # noqa: E402
     BlockSparseAttention,
     RingBlockSparseAttention,
@@ -40,14 +42,6 @@ def test_interpreted_suite_in_subprocess() -> None:
     from conftest import run_file_interpreted
 
     run_file_interpreted(__file__)
-
-
-def masked_dense(q, k, v, token_mask):
-    B, N, H, D = q.shape
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * D**-0.5
-    mask = token_mask if token_mask.dim() == 3 else token_mask[None]
-    probs = torch.softmax(s.masked_fill(~mask[None], -math.inf), dim=-1)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _check(out, leaves, ref, ref_leaves, dout) -> None:
@@ -100,11 +94,7 @@ def test_grouped_query_matches_masked_dense_attention(
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     out = block_sparse_attention(*leaves, pattern, backend="triton")
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    rq, rk, rv = ref_leaves
-    g = H // H_kv
-    ref = masked_dense(
-        rq, rk.repeat_interleave(g, dim=2), rv.repeat_interleave(g, dim=2), pattern.token_mask()
-    )
+    ref = masked_dense(*ref_leaves, pattern.token_mask())
     _check(out, leaves, ref, ref_leaves, dout)
 
 
