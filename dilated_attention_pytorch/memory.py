@@ -214,8 +214,10 @@ class _Config:
     def acc_bytes(self, tokens: int) -> int:
         return self.B * tokens * self.H * self.D * self.acc
 
-    def kv_acc_bytes(self, tokens: int) -> int:
-        return self.B * tokens * self.Hkv * self.D * self.acc
+    def acc_io_bytes(self, tokens: int) -> tuple[int, int, int]:
+        """The dq, dk, dv accumulators of ``tokens`` tokens (dk, dv: ``Hkv`` heads)."""
+        kv = self.B * tokens * self.Hkv * self.D * self.acc
+        return self.acc_bytes(tokens), kv, kv
 
     def lse_bytes(self, tokens: int, itemsize: int | None = None) -> int:
         return self.B * tokens * self.H * (self.acc if itemsize is None else itemsize)
@@ -561,7 +563,7 @@ def _mirror_pytorch_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = F
     """``PyTorchBackend.backward`` (``into``: ``backward_into``, which casts into the
     caller's buffers); returns the handles of the ``(dq, dk, dv)`` it allocates."""
     scaled = _mirror_scaled_dout(tl, cfg, N) if heads_merge_branches(cfg.plan) else None
-    accs = [tl.new("accumulators", n) for n in (cfg.acc_bytes(N), *[cfg.kv_acc_bytes(N)] * 2)]
+    accs = [tl.new("accumulators", n) for n in cfg.acc_io_bytes(N)]
     prev: tuple = ()
     for blk in _single_blocks(cfg, N):
         grads = _mirror_block_backward(tl, cfg, blk)
@@ -855,7 +857,7 @@ def _mirror_ring_backward(
     recomputing layer's ``_ring_backward_accumulate`` copied into its buffer (returns
     nothing)."""
     scaled = _mirror_scaled_dout(tl, cfg, L) if ring_merges_blocks(layout) else None
-    accs = [tl.new("accumulators", n) for n in (cfg.acc_bytes(L), *[cfg.kv_acc_bytes(L)] * 2)]
+    accs = [tl.new("accumulators", n) for n in cfg.acc_io_bytes(L)]
     residue: list = []  # `dq_blk, dk_blk, dv_blk` of the previous task
 
     def compute(blk: _Block) -> tuple:
