@@ -21,12 +21,13 @@ BS, L, B, H, D = 16, 64, 2, 3, 8  # 4 blocks per rank
 
 
 def _compare(rank: int, world: int, pattern_type: str, causal: bool, ring_size: int | None,
-             split: bool) -> dict[str, Any]:  # fmt: skip
+             split: bool, kv_heads: int = H) -> dict[str, Any]:  # fmt: skip
     k = world if ring_size is None else ring_size
     ring_index, j = rank // k, rank % k
     N = L * k
     torch.manual_seed(100 + ring_index)  # every ring its own data, the same within a ring
-    q, kk, v, dout = (torch.randn(B, N, H, D, dtype=torch.float64) for _ in range(4))
+    q, dout = (torch.randn(B, N, H, D, dtype=torch.float64) for _ in range(2))
+    kk, v = (torch.randn(B, N, kv_heads, D, dtype=torch.float64) for _ in range(2))
     module = RingBlockSparseAttention(
         sparsity_ratio=0.7, pattern_type=pattern_type, block_size=BS, ring_size=ring_size,
         num_heads=H if pattern_type == "random" else None, dropout=0.2,
@@ -56,6 +57,10 @@ CASES = [(p, c, s) for p in PATTERN_TYPES for c in (False, True) for s in (False
 
 def _worker(rank: int, world: int, _: Any) -> dict[str, Any]:
     res = {f"{p}-{c}-{s}": _compare(rank, world, p, c, None, s) for p, c, s in CASES}
+    # Grouped-query attention: one K/V head for the 3 query heads (per-head and shared
+    # patterns; the single-device reference is checked against repeated K/V elsewhere).
+    res["gqa-random"] = _compare(rank, world, "random", True, None, True, kv_heads=1)
+    res["gqa-dilated"] = _compare(rank, world, "dilated_sparse", False, None, False, kv_heads=1)
     if world == 4:  # two rings of 2 side by side
         res["rings2"] = _compare(rank, world, "dilated_sparse", True, 2, True)
     return res
@@ -89,18 +94,21 @@ def _bytes_worker(rank: int, world: int, _: Any) -> dict[str, Any]:
     dist.batch_isend_irecv = p2p
     out: dict[str, Any] = {}
     try:
-        for pattern_type in ("local_window", "random"):
+        # K/V heads: H, or 1 (grouped-query attention: only that head's blocks travel).
+        for pattern_type, kv_heads in (("local_window", H), ("random", H), ("random", 1)):
             module = RingBlockSparseAttention(
                 sparsity_ratio=0.8, pattern_type=pattern_type, block_size=BS
             )
-            q, k, v = (torch.randn(B, L, H, D, requires_grad=True) for _ in range(3))
+            q = torch.randn(B, L, H, D, requires_grad=True)
+            k, v = (torch.randn(B, L, kv_heads, D, requires_grad=True) for _ in range(2))
             sent.clear()
             y = module(q, k, v, already_split=True)
             forward = list(sent)
             sent.clear()
             y.sum().backward()
             mask = module.pattern(L * world).block_mask
-            out[pattern_type] = {"forward": forward, "backward": list(sent), "mask": mask}
+            out[pattern_type, kv_heads] = {"forward": forward, "backward": list(sent),
+                                           "mask": mask}  # fmt: skip
     finally:
         dist.batch_isend_irecv = original
     return out
@@ -112,12 +120,15 @@ def byte_results() -> dict[int, list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("pattern_type", ["local_window", "random"])
-def test_bytes_are_the_kept_blocks(byte_results, world: int, pattern_type: str) -> None:
+@pytest.mark.parametrize(("pattern_type", "kv_heads"), [("local_window", H), ("random", H),
+                                                        ("random", 1)])  # fmt: skip
+def test_bytes_are_the_kept_blocks(byte_results, world: int, pattern_type: str,
+                                   kv_heads: int) -> None:  # fmt: skip
     n = L // BS
-    per_block = 2 * B * BS * H * D * 4  # K and V (forward) or dK and dV (backward), fp32
+    # K and V (forward) or dK and dV (backward) of one block, fp32, their K/V heads only.
+    per_block = 2 * B * BS * kv_heads * D * 4
     for rank, res in enumerate(byte_results[world]):
-        r = res[pattern_type]
+        r = res[pattern_type, kv_heads]
         mask = r["mask"]
         for peer in range(world):
             if peer == rank:
@@ -132,7 +143,8 @@ def test_bytes_are_the_kept_blocks(byte_results, world: int, pattern_type: str) 
             assert bwd == int(peer_needed) * per_block, (rank, peer)
     if pattern_type == "local_window":
         # A window talks to neighbours only: the bytes per rank do not grow with the ranks.
-        per_rank = [sum(b for _, b in res[pattern_type]["forward"]) for res in byte_results[world]]
+        per_rank = [sum(b for _, b in res[pattern_type, kv_heads]["forward"])
+                    for res in byte_results[world]]  # fmt: skip
         assert max(per_rank) <= 2 * per_block * (n if world > 1 else 0)
 
 
@@ -175,6 +187,25 @@ def _bad_worker(rank: int, world: int, _: Any) -> dict[str, str | None]:
                 pattern_type="local_window", block_size=16, dropout=0.5 if rank else 0.0
             )
         ),
+        # Grouped-query attention with a different K/V head count on rank 1.
+        "kv-heads-differ": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16
+        )(
+            torch.randn(1, 64, 2, 8),
+            *(torch.randn(1, 64, 1 if rank else 2, 8) for _ in range(2)),
+            already_split=True,
+        ),
+        "kv-heads-not-a-divisor": lambda: RingBlockSparseAttention(
+            pattern_type="local_window", block_size=16
+        )(
+            torch.randn(1, 64, 3, 8),
+            *(torch.randn(1, 64, 2, 8) for _ in range(2)),
+            already_split=True,
+        ),
+        # A per-head pattern for 4 heads and q of 2 (it used to run on the first 2 masks).
+        "per-head-count": lambda: RingBlockSparseAttention(
+            pattern_type="random", block_size=16, sparsity_ratio=0.5, num_heads=4
+        )(*(torch.randn(1, 64, 2, 8) for _ in range(3)), already_split=True),
         # The whole sequence, wrong on rank 0 only: rank 1 raises too instead of waiting.
         "one-rank-length": lambda: RingBlockSparseAttention(
             pattern_type="local_window", block_size=16
@@ -192,6 +223,9 @@ def test_bad_input_raises_on_every_rank() -> None:
         "scale-differs": r"the ranks of a ring disagree.*scale=None.*scale=0.3",
         "dropout-differs": r"the ranks of a ring disagree.*dropout_p=0.0.*dropout_p=0.5",
         "dropout-differs-after-eval": r"the ranks of a ring disagree.*dropout_p=0.0.*dropout_p=0.5",
+        "kv-heads-differ": r"the ranks of a ring disagree.*rank 0 has q shape/K/V heads/dtype/device/causal \(\(1, 64, 2, 8\), 2, .*rank 1 has .*\(\(1, 64, 2, 8\), 1, ",
+        "kv-heads-not-a-divisor": r"invalid input on rank\(s\) \[0, 1\].*k has 2 heads, which must divide q's 3 heads",
+        "per-head-count": r"invalid input on rank\(s\) \[0, 1\].*one block mask per head for 4 heads, but q has 2; build it with num_heads=2",
         "one-rank-length": r"invalid input on rank\(s\) \[0\] .*63 tokens.*does not cut into 2 equal shards",
     }  # fmt: skip
     for rank, errors in enumerate(spawn(_bad_worker, 2)):

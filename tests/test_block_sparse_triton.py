@@ -165,9 +165,12 @@ def _ring_worker(rank: int, world: int, _: object) -> list[float]:
 
     patch_triton_interpreter()
     errors = []
-    for pattern_type, is_causal in [("dilated_sparse", True), ("random", False)]:
+    # K/V heads: 2 (as many as query heads) or 1 (grouped-query attention).
+    for pattern_type, is_causal, H_kv in [("dilated_sparse", True, 2), ("random", False, 2),
+                                          ("random", True, 1)]:  # fmt: skip
         torch.manual_seed(0)  # the same whole tensors on every rank
-        q, k, v, dout = (torch.randn(2, 128, 2, 16) for _ in range(4))
+        q, dout = (torch.randn(2, 128, 2, 16) for _ in range(2))
+        k, v = (torch.randn(2, 128, H_kv, 16) for _ in range(2))
         kw = dict(pattern_type=pattern_type, block_size=16, sparsity_ratio=0.6,
                   num_heads=2 if pattern_type == "random" else None)  # fmt: skip
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -188,19 +191,22 @@ def _ring_memory_worker(rank: int, world: int, _: object) -> list[tuple[int, int
 
     patch_triton_interpreter()
     peaks = []
-    for pattern_type in ("local_window", "random"):
+    # K/V heads: 2 (as many as query heads) or 1 (grouped-query attention).
+    for pattern_type, H_kv in [("local_window", 2), ("random", 2), ("random", 1)]:
         module = RingBlockSparseAttention(pattern_type=pattern_type, block_size=16,
                                           sparsity_ratio=0.6, backend="triton")  # fmt: skip
         B, L, H, D = 2, 64, 2, 16
 
-        def step(module=module, B=B, L=L, H=H, D=D) -> None:
-            q, k, v = (torch.randn(B, L, H, D, requires_grad=True) for _ in range(3))
+        def step(module=module, B=B, L=L, H=H, H_kv=H_kv, D=D) -> None:
+            q = torch.randn(B, L, H, D, requires_grad=True)
+            k, v = (torch.randn(B, L, H_kv, D, requires_grad=True) for _ in range(2))
             module(q, k, v, already_split=True).backward(torch.randn(B, L, H, D))
 
         step()
         with LiveStorageBytes() as tracker:
             step()
-        est = module.get_memory_estimate(L * world, B, H, D, dtype=torch.float32)
+        est = module.get_memory_estimate(L * world, B, H, D, dtype=torch.float32,
+                                         num_kv_heads=H_kv)  # fmt: skip
         peaks.append((tracker.peak, est["bytes_per_device"]))
     return peaks
 

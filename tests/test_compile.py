@@ -508,6 +508,11 @@ def _sparse_ring_compile_worker(rank: int, world_size: int, _: object) -> dict[s
             counted[f"{name}-compiled"] = sent[0]
     finally:
         dist.batch_isend_irecv = original
+    # Grouped-query attention: 2 K/V heads for the 4 query heads.
+    kv2 = [t[:, part, :2].clone().requires_grad_() for t in (k, v)]
+    gqa = lambda a, b, c: ring(a, b, c, is_causal=True, already_split=True)  # noqa: E731
+    eager += _grads(gqa, shards[0], *kv2)
+    compiled += _grads(torch.compile(gqa, fullgraph=True, backend="aot_eager"), shards[0], *kv2)
     layer = create_block_sparse_attention(embed_dim=32, num_heads=4, sparsity_ratio=0.5,
                                           block_size=16, dtype=torch.float64)  # fmt: skip
     layer.attention = RingBlockSparseAttention(block_size=16, sparsity_ratio=0.5)

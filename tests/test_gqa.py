@@ -258,8 +258,8 @@ def test_block_sparse_attention_with_fewer_kv_heads() -> None:
     assert y.shape == (1, 32, 32)
     made = create_block_sparse_attention(32, 4, 0.5, "local_window", 16, num_kv_heads=2)
     assert made.num_kv_heads == 2 and made.k_proj.weight.shape == (16, 32)
-    # The ring module without a process group runs on this device (a ring of several
-    # ranks refuses fewer K/V heads, on every rank).
+    # The ring module without a process group runs on this device (rings of several
+    # ranks: tests/test_block_sparse_ring.py).
     ring = RingBlockSparseAttention(block_size=16, sparsity_ratio=0.5)
     torch.testing.assert_close(ring(q, k, v), layer.attention(q, k, v), **TOL)
 

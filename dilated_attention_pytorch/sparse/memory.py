@@ -83,10 +83,11 @@ def block_sparse_memory_estimate(
     - ``backend="flex"``: FlexAttention's own buffers, modelled as one more input-sized
       buffer (measured on an H200), and its cached ``BlockMask``, whose index tables
       are padded to ``N / block_size`` entries per block row (quadratic in ``N``).
-    - grouped-query attention (``num_kv_heads < num_heads``, one device): k, v and their
-      gradients have ``num_kv_heads`` heads; the Triton backward also holds float32 dK
-      and dV of every query head, summed per K/V head at the end (not measured on a
-      GPU; flex's grouped-query buffers are modelled as its other calls').
+    - grouped-query attention (``num_kv_heads < num_heads``): k, v, their gradients and
+      (over a ring) the blocks sent and received have ``num_kv_heads`` heads; the
+      Triton backward also holds float32 dK and dV of every query head (of every held
+      block, over a ring), summed per K/V head at the end (not measured on a GPU;
+      flex's grouped-query buffers are modelled as its other calls').
     - a ring of ``k`` ranks (Triton kernels, each rank passes its shard of ``L = N/k``
       tokens): the rank saves its key/value blocks plus the ``R`` blocks it received,
       and in the backward holds float32 gradients of all of them, the float32
@@ -103,8 +104,7 @@ def block_sparse_memory_estimate(
             allocates chunk-sized temporaries and is not modelled).
         ring_size: ranks sharing the sequence (``N/k`` a multiple of the block size).
         with_backward: ``False`` for a forward under ``no_grad``.
-        num_kv_heads: K/V heads (a divisor of ``num_heads``; ``None``: ``num_heads``);
-            one device only (the ring needs as many K/V heads as query heads).
+        num_kv_heads: K/V heads (a divisor of ``num_heads``; ``None``: ``num_heads``).
 
     Returns:
         A dict: ``bytes_per_device``, ``total_per_device_gb`` (GiB), ``parts`` (bytes by
@@ -132,11 +132,6 @@ def block_sparse_memory_estimate(
         )
     H_kv = check_num_kv_heads(num_kv_heads, H)
     N, bs = pattern.seq_len, pattern.block_size
-    if k > 1 and H_kv != H:
-        raise ValueError(
-            f"block-sparse ring attention needs as many K/V heads as query heads ({H}), got "
-            f"num_kv_heads={H_kv}; repeat the K/V heads, or estimate one device."
-        )
     if k > 1 and (N % k or (N // k) % bs):
         raise ValueError(
             f"a ring of {k} ranks needs N/{k} to be a multiple of block_size={bs}; N={N}."
@@ -146,7 +141,8 @@ def block_sparse_memory_estimate(
     s = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     L = N // k
-    per_token = B * H * D  # elements of one token of q (or k, or v)
+    per_token = B * H * D  # elements of one token of q (or dout, or the output)
+    kv_token = B * H_kv * D  # elements of one token of k (or v)
     rows = B * L * H * 4  # one float32 value per query row (lse, delta)
     mask = pattern.block_mask
     parts = dict.fromkeys(
@@ -155,7 +151,6 @@ def block_sparse_memory_estimate(
     )  # fmt: skip
     peak_rank, received, sent = 0, 0, 0
     if k == 1:
-        kv_token = B * H_kv * D  # elements of one token of k (or v)
         q_and_kv = N * (per_token + 2 * kv_token) * s
         parts["inputs"] = q_and_kv + (N * per_token * s if with_backward else 0)  # and dout
         parts["output"] = N * per_token * s
@@ -182,23 +177,31 @@ def block_sparse_memory_estimate(
         received, sent, peak_rank = best
         R, S = received * bs, sent * bs  # tokens
         local_mask = mask[..., peak_rank * (L // bs) : (peak_rank + 1) * (L // bs), :]
-        parts["inputs"] = (3 + with_backward) * L * per_token * s
+        parts["inputs"] = (1 + with_backward) * L * per_token * s + 2 * L * kv_token * s
         parts["output"] = L * per_token * s
         parts["index_lists"] = _list_bytes(local_mask[..., : L // bs + received])
-        parts["received_blocks"] = 2 * R * per_token * s
-        parts["saved"] = 2 * L * per_token * s + (rows if with_backward else 0)  # K/V held
+        parts["received_blocks"] = 2 * R * kv_token * s
+        parts["saved"] = 2 * L * kv_token * s + (rows if with_backward else 0)  # K/V held
         if with_backward:
-            casts = 3 * L * per_token * s if s != acc else 0
-            parts["gradients"] = (
-                L * per_token * acc  # dq
-                + 2 * (L + R) * per_token * acc  # dK/dV of every held block
-                + 2 * L * per_token * acc  # this rank's dK/dV
+            casts = (L * per_token + 2 * L * kv_token) * s if s != acc else 0
+            held_grads = 2 * (L + R) * kv_token * acc  # dK/dV of every held block
+            parts["transfer_buffers"] = 2 * (R + S) * kv_token * acc
+            after_kernels = (
+                held_grads
+                + 2 * L * kv_token * acc  # this rank's dK/dV
                 + casts
                 + 2 * rows  # delta and the heads-first LSE
             )
-            parts["transfer_buffers"] = 2 * (R + S) * per_token * acc
+            parts["gradients"] = L * per_token * acc + after_kernels  # dq and the rest
+            if H_kv != H:
+                # At the kernels' end the dK/dV of every query head (float32, every held
+                # block) and their sums per K/V head are live; the exchange after them
+                # holds less than that when the groups are large.
+                in_kernels = 2 * (L + R) * per_token * acc + held_grads + 2 * rows
+                exchange = after_kernels + parts["transfer_buffers"]
+                parts["gradients"] += max(0, in_kernels - exchange)
         else:
-            parts["transfer_buffers"] = 2 * R * per_token * s  # receive buffers
+            parts["transfer_buffers"] = 2 * R * kv_token * s  # receive buffers
     total = sum(parts.values())
     return {
         "seq_len": N,

@@ -158,16 +158,9 @@ class BlockSparseAttention(nn.Module):
         check_is_causal(is_causal)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling():
-            # (Not `in (None, H)`: with a symbolic head count that test is always False.)
-            if (
-                self.pattern_type == "random"
-                and self.num_heads is not None
-                and (self.num_heads != q.shape[2])
-            ):
-                raise ValueError(  # the eager call's check of a per-head pattern
-                    f"the pattern has one block mask per head for {self.num_heads} heads, but "
-                    f"q has {q.shape[2]}; build it with num_heads={q.shape[2]}."
-                )
+            heads_error = self._heads_error(q)
+            if heads_error is not None:  # the eager call's check of a per-head pattern
+                raise ValueError(heads_error)
             # One opaque operator that builds the pattern itself (see sparse/ops.py): the
             # triton kernels on CUDA where they run, else the pytorch path (FlexAttention
             # is not used under torch.compile).
@@ -180,6 +173,20 @@ class BlockSparseAttention(nn.Module):
             q, k, v, self.pattern(q.shape[1], is_causal), scale=self.scale,
             dropout_p=dropout_p, backend=self.backend,
         )  # fmt: skip
+
+    def _heads_error(self, q: Tensor) -> str | None:
+        """Why a per-head pattern cannot take ``q``'s heads, or ``None``."""
+        # (Not `in (None, H)`: with a symbolic head count that test is always False.)
+        if (
+            self.pattern_type == "random"
+            and self.num_heads is not None
+            and (self.num_heads != q.shape[2])
+        ):
+            return (
+                f"the pattern has one block mask per head for {self.num_heads} heads, but "
+                f"q has {q.shape[2]}; build it with num_heads={q.shape[2]}."
+            )
+        return None
 
     def memory_ring_size(self) -> int:
         """Ranks per ring for :meth:`get_memory_estimate` (1: one device)."""
@@ -202,8 +209,7 @@ class BlockSparseAttention(nn.Module):
         ``backend`` (default: what ``auto`` runs on CUDA: ``"triton"``, or ``"flex"``
         on one device where the Triton kernels do not take the block size or head dim;
         ``"triton"`` over a ring or for ``backend="triton"``, ``"flex"`` for
-        ``backend="flex"``), ``with_backward``, ``num_kv_heads`` (grouped-query attention,
-        one device).
+        ``backend="flex"``), ``with_backward``, ``num_kv_heads`` (grouped-query attention).
         """
         if "embed_dim" in kwargs:
             raise TypeError(
@@ -257,7 +263,9 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
     Computes exactly :class:`BlockSparseAttention`; rank ``j`` of a ring of ``k`` holds
     tokens ``[j*N/k, (j+1)*N/k)``, and a rank receives only the key/value blocks its
     queries keep (each once, by P2P) and returns only their gradients; ranks whose
-    queries keep none of each other's blocks exchange nothing. ``already_split``,
+    queries keep none of each other's blocks exchange nothing. k and v may have fewer
+    heads than q (grouped-query attention, ``H_kv`` dividing ``H``, the same on every
+    rank): only their ``H_kv`` heads travel. ``already_split``,
     ``ring_size``, ``process_group`` (shared by ``copy.deepcopy``, left out of pickles)
     and ``timeout`` are those of :class:`~dilated_attention_pytorch.StandardRingAttention`; without
     ``torch.distributed`` it is a ring of one. ``N/k`` must be a multiple of
@@ -368,7 +376,8 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
                 is_causal=is_causal,
                 kernel=ring_kernel(q, self.backend, self.block_size, dropout_p),
                 stats=self._stats, validate=self.validate, config=self._agreed[self.training],
-                error=error or _mask_error(key_padding_mask), owner=id(self),
+                error=error or _mask_error(key_padding_mask) or self._heads_text(q),
+                owner=id(self),
             )  # fmt: skip
             out = ring_block_sparse_op(
                 q, k, v, spec, scale=self.scale, dropout_p=dropout_p, timeout=self.timeout
@@ -403,8 +412,14 @@ class RingBlockSparseAttention(ProcessGroupPickling, BlockSparseAttention):
             q, k, v, is_causal, group, members, block_size=self.block_size,
             timeout=self.timeout, config=self._agreed_now(self.training), mode=self.training,
             validated=self._validated if self.validate == "once" else None,
-            error=error or _mask_error(mask),
+            error=error or _mask_error(mask) or self._heads_text(q),
         )  # fmt: skip
+
+    def _heads_text(self, q: object) -> str | None:
+        """:meth:`_heads_error` as the collective check's text (q not a tensor: its own
+        check says so)."""
+        error = self._heads_error(q) if isinstance(q, Tensor) and q.dim() == 4 else None
+        return None if error is None else f"ValueError: {error}"
 
     def memory_ring_size(self) -> int:
         """``ring_size``, else the process group's size (1 without ``torch.distributed``)."""

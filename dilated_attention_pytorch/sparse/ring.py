@@ -11,7 +11,9 @@ Forward: the local queries attend to the local key blocks and the received ones 
 block computation of :mod:`.functional`, with global block numbers). The received
 blocks are kept for the backward (they are the kept remote blocks: the memory of the
 sparsity, not of the sequence). Backward: the gradients of the received blocks go
-back to their owners (compute dtype), which add them to their own.
+back to their owners (compute dtype), which add them to their own. With grouped-query
+attention (k, v with ``H_kv`` heads dividing q's ``H``) the blocks and their gradients
+travel with ``H_kv`` heads.
 """
 
 from __future__ import annotations
@@ -211,10 +213,10 @@ def _ring_backward(
     for peer, (gk, gv) in remote.items():
         comm.send(torch.stack([gk, gv]).to(acc).contiguous(), setup.ring[peer])
     incoming = {}
-    B, _, H, D = q.shape
+    B, _, H_kv, D = held.k.shape  # dK/dV travel with the K/V heads (grouped-query: fewer)
     for peer, blocks in held.send.items():
         if blocks.numel():
-            buf = torch.empty(2, B, blocks.numel() * setup.block_size, H, D, dtype=acc,
+            buf = torch.empty(2, B, blocks.numel() * setup.block_size, H_kv, D, dtype=acc,
                               device=q.device)  # fmt: skip
             incoming[peer] = comm.recv(buf, setup.ring[peer])
     comm.commit()
@@ -275,16 +277,17 @@ def check_ring_sparse_call(
     try:
         if error is not None:
             raise _Reported(error)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped_query=True)
         check_is_causal(is_causal)
-        assert isinstance(q, Tensor)
+        assert isinstance(q, Tensor) and isinstance(k, Tensor)
         if q.shape[1] % block_size != 0:
             raise ValueError(
                 f"each rank's shard has {q.shape[1]} tokens, not a multiple of "
                 f"block_size={block_size}; blocks must not straddle ranks: choose N "
                 f"with N/{len(members)} a multiple of {block_size}."
             )
-        signature = (tuple(q.shape), str(q.dtype), q.device.type, is_causal, id(group), mode)
+        signature = (tuple(q.shape), k.shape[2], str(q.dtype), q.device.type, is_causal,
+                     id(group), mode)  # fmt: skip
     except _Reported:
         signature = None
     except (TypeError, ValueError) as exc:
@@ -305,9 +308,9 @@ def check_ring_sparse_call(
         )
     ring_rows = [rows[m] for m in members]
     # The group's id is this process's own; compare the rest.
-    if len({(None if sig is None else sig[:4], cfg) for _, sig, cfg in ring_rows}) > 1:
+    if len({(None if sig is None else sig[:5], cfg) for _, sig, cfg in ring_rows}) > 1:
         details = "; ".join(
-            f"rank {m} has shape/dtype/device/causal {sig[:4]} and {cfg}"
+            f"rank {m} has q shape/K/V heads/dtype/device/causal {sig[:5]} and {cfg}"
             for m, (_, sig, cfg) in zip(members, ring_rows, strict=True)
         )
         raise ValueError(
