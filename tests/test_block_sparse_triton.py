@@ -77,13 +77,19 @@ def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size, 
 @interpreted
 @pytest.mark.parametrize(
     ("pattern_type", "is_causal", "N", "block_size", "H_kv"),
-    [("random", True, 70, 16, 2), ("local_window", False, 96, 32, 1)],
+    # global_local: its global blocks' long lists reorder the programs (a schedule over
+    # the K/V heads for the dK/dV pass).
+    [
+        ("random", True, 70, 16, 2),
+        ("local_window", False, 96, 32, 1),
+        ("global_local", False, 256, 16, 2),
+    ],
 )
 def test_grouped_query_matches_masked_dense_attention(
     pattern_type, is_causal, N, block_size, H_kv
 ) -> None:
-    # k, v with fewer heads: the kernels read K/V head h // (H / H_kv); dK/dV per query
-    # head, summed per K/V head. Per-head patterns are per query head.
+    # k, v with fewer heads: the kernels read K/V head h // (H / H_kv); a dK/dV program
+    # per K/V head adds up its query heads' shares. Per-head patterns are per query head.
     H, D = 4, 16
     q, dout = (torch.randn(2, N, H, D, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(2, N, H_kv, D, dtype=torch.float64) for _ in range(2))

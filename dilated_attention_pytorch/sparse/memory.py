@@ -84,10 +84,9 @@ def block_sparse_memory_estimate(
       buffer (measured on an H200), and its cached ``BlockMask``, whose index tables
       are padded to ``N / block_size`` entries per block row (quadratic in ``N``).
     - grouped-query attention (``num_kv_heads < num_heads``): k, v, their gradients and
-      (over a ring) the blocks sent and received have ``num_kv_heads`` heads; the
-      Triton backward also holds float32 dK and dV of every query head (of every held
-      block, over a ring), summed per K/V head at the end (not measured on a GPU;
-      flex's grouped-query buffers are modelled as its other calls').
+      (over a ring) the blocks sent and received have ``num_kv_heads`` heads (the
+      Triton dK/dV programs add up a K/V head's query heads themselves; flex's
+      grouped-query buffers are modelled as its other calls', not measured on a GPU).
     - a ring of ``k`` ranks (Triton kernels, each rank passes its shard of ``L = N/k``
       tokens): the rank saves its key/value blocks plus the ``R`` blocks it received,
       and in the backward holds float32 gradients of all of them, the float32
@@ -162,12 +161,6 @@ def block_sparse_memory_estimate(
                 parts["gradients"] += _FLEX_EXTRA_INPUTS * N * per_token * s
             else:
                 parts["gradients"] += rows  # the LSE, heads-first for the kernels
-                if H_kv != H:
-                    # float32 dK, dV per query head; at the last cast the float32 sum of
-                    # dV is live too (unless the inputs are float32: the cast is a no-op).
-                    parts["gradients"] += 2 * N * per_token * 4 + (
-                        N * kv_token * 4 if s != 4 else 0
-                    )
     else:
         best = None
         for position in range(k):
@@ -184,22 +177,14 @@ def block_sparse_memory_estimate(
         parts["saved"] = 2 * L * kv_token * s + (rows if with_backward else 0)  # K/V held
         if with_backward:
             casts = (L * per_token + 2 * L * kv_token) * s if s != acc else 0
-            held_grads = 2 * (L + R) * kv_token * acc  # dK/dV of every held block
-            parts["transfer_buffers"] = 2 * (R + S) * kv_token * acc
-            after_kernels = (
-                held_grads
+            parts["gradients"] = (
+                L * per_token * acc  # dq
+                + 2 * (L + R) * kv_token * acc  # dK/dV of every held block
                 + 2 * L * kv_token * acc  # this rank's dK/dV
                 + casts
                 + 2 * rows  # delta and the heads-first LSE
             )
-            parts["gradients"] = L * per_token * acc + after_kernels  # dq and the rest
-            if H_kv != H:
-                # At the kernels' end the dK/dV of every query head (float32, every held
-                # block) and their sums per K/V head are live; the exchange after them
-                # holds less than that when the groups are large.
-                in_kernels = 2 * (L + R) * per_token * acc + held_grads + 2 * rows
-                exchange = after_kernels + parts["transfer_buffers"]
-                parts["gradients"] += max(0, in_kernels - exchange)
+            parts["transfer_buffers"] = 2 * (R + S) * kv_token * acc
         else:
             parts["transfer_buffers"] = 2 * R * kv_token * s  # receive buffers
     total = sum(parts.values())

@@ -232,37 +232,17 @@ def _load_row_vec(X, b, h, r0, offs, s_b, s_n, s_h, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _sparse_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched,
-    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
-    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale, kv_group,
+def _dkdv_head(
+    Q, DO, Lse, Delta, QNum, QIdx, b, h, kb, k, v, dk, dv, k0, g0, kg, kmask,
+    s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh, s_idxh, s_idxk,
+    len_q, len_k, seq_len, q_start, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-    DIRECT: tl.constexpr, SCHED: tl.constexpr,
 ):  # fmt: skip
-    # A program per key tile (BLOCK_N rows of held block kb) and query head h: over the
-    # query blocks that keep kb. Lse and Delta share their strides (s_l*); DK and DV too
-    # (s_g*). With grouped-query attention the program reads K/V head h // kv_group and
-    # writes the share of query head h (DK, DV per query head, summed by the caller).
-    b, h, kb, sub = _program(Sched, n_kb, BS // BLOCK_N, SCHED)
-    hk = h // kv_group
-    j0 = sub * BLOCK_N
-    if DIRECT:
-        k0 = kb * BS + j0
-        g0 = k0
-    else:
-        k0 = tl.load(KFirst + kb) + j0
-        g0 = tl.load(KGlob + kb) + j0
-    offs_n = tl.arange(0, BLOCK_N)
+    # Query head h's share of the key tile's dK (unscaled) and dV, added to dk, dv: over
+    # the query blocks of head h that keep key block kb.
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
-    kg = g0 + offs_n
-    k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
-    v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     num = tl.load(QNum + h * s_numh + kb)
     idx = QIdx + h * s_idxh + kb * s_idxk
     n_steps = num * (BS // BLOCK_M)
@@ -286,10 +266,62 @@ def _sparse_dkdv(
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
         q0 = _next_row(idx, t, n_steps, q0, BS, BLOCK_M)
+    return dk, dv
+
+
+@triton.jit
+def _sparse_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched,
+    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+    s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
+    s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale, kv_group,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr, GROUPED: tl.constexpr,
+):  # fmt: skip
+    # A program per key tile (BLOCK_N rows of held block kb) and head hp: over the query
+    # blocks that keep kb. Lse and Delta share their strides (s_l*); DK and DV too (s_g*).
+    # GROUPED (grouped-query attention): hp is a K/V head; the program adds up the shares
+    # of its kv_group query heads (each over its own list) and writes dK/dV of head hp.
+    b, hp, kb, sub = _program(Sched, n_kb, BS // BLOCK_N, SCHED)
+    if GROUPED:
+        hk = hp
+    else:
+        hk = hp // kv_group
+    j0 = sub * BLOCK_N
+    if DIRECT:
+        k0 = kb * BS + j0
+        g0 = k0
+    else:
+        k0 = tl.load(KFirst + kb) + j0
+        g0 = tl.load(KGlob + kb) + j0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
+    kg = g0 + offs_n
+    k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
+    v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if GROUPED:
+        for i in range(kv_group):
+            dk, dv = _dkdv_head(
+                Q, DO, Lse, Delta, QNum, QIdx, b, hp * kv_group + i, kb, k, v, dk, dv, k0, g0,
+                kg, kmask, s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh,
+                s_idxh, s_idxk, len_q, len_k, seq_len, q_start, qk_scale, HEAD_DIM, BLOCK_M,
+                BLOCK_N, BS, CAUSAL, IEEE, EVEN_Q, EVEN_K,
+            )  # fmt: skip
+    else:
+        dk, dv = _dkdv_head(
+            Q, DO, Lse, Delta, QNum, QIdx, b, hp, kb, k, v, dk, dv, k0, g0, kg, kmask,
+            s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh, s_idxh, s_idxk,
+            len_q, len_k, seq_len, q_start, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BS, CAUSAL,
+            IEEE, EVEN_Q, EVEN_K,
+        )  # fmt: skip
     krows = (k0 + offs_n).to(tl.int64)
-    tl.store(_rows(DK, b, h, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
+    tl.store(_rows(DK, b, hp, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
              mask=kmask[:, None])  # fmt: skip
-    tl.store(_rows(DV, b, h, krows, s_gb, s_gn, s_gh, offs_d), dv.to(DV.dtype.element_ty),
+    tl.store(_rows(DV, b, hp, krows, s_gb, s_gn, s_gh, offs_d), dv.to(DV.dtype.element_ty),
              mask=kmask[:, None])  # fmt: skip
 
 
@@ -409,12 +441,18 @@ def _schedule(num: Tensor, heads: int) -> Tensor | None:
 
 
 def schedules(lists: tuple[Tensor, Tensor], t_lists: tuple[Tensor, Tensor], heads: int,
-              device: torch.device) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+              device: torch.device, kv_group: int = 1) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
     """Program orders of the query-block kernels and of the dK/dV kernel (see
-    :func:`_schedule`), on ``device``; compute them once per pattern and pass them on."""
+    :func:`_schedule`), on ``device``; compute them once per pattern and pass them on.
+    With grouped-query attention (``kv_group`` query heads per K/V head) the dK/dV
+    programs are per K/V head, ordered by their query heads' summed list lengths."""
     out = []
-    for num in (lists[0], t_lists[0]):  # only the counts are read
-        order = _schedule(num.cpu(), heads)
+    # Only the counts are read.
+    for num, h, g in ((lists[0], heads, 1), (t_lists[0], heads // kv_group, kv_group)):
+        counts = num.cpu()
+        if g > 1 and counts.dim() == 2:
+            counts = counts.view(h, g, -1).sum(1)
+        order = _schedule(counts, h)
         out.append(None if order is None else order.to(device))
     return out[0], out[1]
 
@@ -471,21 +509,20 @@ def sparse_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (``grad_dtype``) of q and of the held k, v; ``t_lists`` are the
     transposed lists (for each held key block, the query blocks that keep it);
-    ``scheds``: the program orders of the dQ and dK/dV kernels (:func:`schedules`).
-    With grouped-query attention (k, v with ``H_kv < H`` heads) the dK/dV kernel writes
-    each query head's share into float32 buffers of ``H`` heads, summed per K/V head."""
+    ``scheds``: the program orders of the dQ and dK/dV kernels (:func:`schedules`; the
+    dK/dV one over K/V heads with grouped-query attention). With grouped-query attention
+    (k, v with ``H_kv < H`` heads) a dK/dV program per K/V head adds up the shares of its
+    query heads: dK/dV are written once, per K/V head."""
     B, Lq, H, D = q.shape
-    Lk, kv_group = k.shape[1], H // k.shape[2]
+    Lk, H_kv = k.shape[1], k.shape[2]
+    kv_group = H // H_kv
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     # LSE and delta heads-first, with the same strides (the kernels read both with s_l*).
     lse, delta = _backward_rows(dout, out, lse)
     dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
     # Unkept rows stay 0.
-    kv_shape, kv_dtype = (B, Lk, H, D), torch.float32  # per query head, summed below
-    if kv_group == 1:
-        kv_shape, kv_dtype = k.shape, grad_dtype
-    dk = torch.zeros(kv_shape, dtype=kv_dtype, device=q.device)
-    dv = torch.zeros(kv_shape, dtype=kv_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
     ieee = q.dtype == torch.float32
     num, idx, s_numh, s_idxh, s_idxq = _lists(*lists, q.device)
     tnum, tidx, t_numh, t_idxh, t_idxk = _lists(*t_lists, q.device)
@@ -494,11 +531,12 @@ def sparse_backward_triton(
     bm, bn, warps, stages = _tiles("dkdv", block_size, D, interpreting, ieee)
     n_kb = k_first.numel()
     order, use_sched = _sched_args(scheds[1], tnum)
-    _sparse_dkdv[(H * n_kb * (block_size // bn), B)](
+    _sparse_dkdv[(H_kv * n_kb * (block_size // bn), B)](
         q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob, order,
         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
         t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale, kv_group,
-        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
+        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, GROUPED=kv_group > 1, num_warps=warps,
+        num_stages=stages, **common,
     )  # fmt: skip
     bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting, ieee)
     n_qb = triton.cdiv(Lq, block_size)
@@ -509,8 +547,6 @@ def sparse_backward_triton(
         s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale, kv_group,
         BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
-    if kv_group > 1:
-        dk, dv = (t.unflatten(2, (-1, kv_group)).sum(3).to(grad_dtype) for t in (dk, dv))
     return dq, dk, dv
 
 
