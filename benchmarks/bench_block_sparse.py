@@ -4,7 +4,8 @@
     python benchmarks/bench_block_sparse.py --cpu          # smoke test, tiny sizes
     python benchmarks/bench_block_sparse.py --tune         # tile sizes of the Triton kernels
 
-For every pattern, sparsity ratio, sequence length and head dim (bf16, B=1, H=16):
+For every pattern, sparsity ratio, sequence length and head dim (bf16, B=1, H=16;
+``--kv-heads`` gives k, v fewer heads, grouped-query attention, dense with ``enable_gqa``):
 forward and forward+backward time (median, CUDA events) and peak memory of
 
 - ``triton``: ``block_sparse_attention(..., backend="triton")`` (our kernels walking
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true", help="causal patterns and dense")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="K/V heads (grouped-query attention; default: --heads)")  # fmt: skip
     parser.add_argument("--pytorch-max-tokens", type=int, default=32768)
     parser.add_argument("--methods", nargs="+", default=["triton", "flex", "pytorch"])
     parser.add_argument("--tag", default=None, help="extra word in the JSON file's name")
@@ -153,19 +156,27 @@ def main() -> None:
     path = result_path(args.out, "block_sparse", device, *tags)
     rows: list[dict[str, Any]] = []
     H, causal = args.heads, args.causal
+    H_kv = H if args.kv_heads is None else args.kv_heads
+    if H % H_kv:
+        sys.exit(f"--kv-heads {H_kv} must divide --heads {H}")
+    if H_kv != H:
+        tags.append(f"kv{H_kv}")
+        path = result_path(args.out, "block_sparse", device, *tags)
     if args.tune:
         return _tune(args, device, dtype)
     for N in args.tokens:
         for D in args.head_dims:
-            q, k, v, dout = (torch.randn(1, N, H, D, device=device, dtype=dtype) for _ in range(4))
+            q, dout = (torch.randn(1, N, H, D, device=device, dtype=dtype) for _ in range(2))
+            k, v = (torch.randn(1, N, H_kv, D, device=device, dtype=dtype) for _ in range(2))
             leaves = [t.requires_grad_() for t in (q, k, v)]
             dense_ms = {}
             for backward in (False, True):
 
                 def dense(a, b, c):
                     return F.scaled_dot_product_attention(
-                        a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), is_causal=causal
-                    ).transpose(1, 2)
+                        a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2),
+                        is_causal=causal, enable_gqa=H_kv != H,
+                    ).transpose(1, 2)  # fmt: skip
 
                 m = measure(_step(dense, leaves, dout, backward), device)
                 pairs = N * (N + 1) // 2 if causal else N * N
@@ -210,8 +221,9 @@ def main() -> None:
                                 if method in ("triton", "flex") and backward:
                                     # A training step, as the estimate counts it.
                                     est = block_sparse_memory_estimate(
-                                        pattern, 1, H, D, dtype=dtype, backend=method
-                                    )
+                                        pattern, 1, H, D, dtype=dtype, backend=method,
+                                        num_kv_heads=H_kv,
+                                    )  # fmt: skip
                                     row["estimate_gib"] = est["total_per_device_gb"]
                             except Exception:  # noqa: BLE001 (recorded, the sweep goes on)
                                 row["error"] = traceback.format_exc(limit=2)[-300:]
