@@ -483,6 +483,19 @@ def test_grouped_query_estimate_matches_recorded_h200_peaks(monkeypatch) -> None
     _check_recorded_single_device_rows(data)
 
 
+def test_grouped_query_estimate_matches_recorded_h100_peaks() -> None:
+    """The same calls on an H100 after the grouped dK/dV programs (N = 256K and 512K):
+    the Triton rows hold dK/dV accumulators per K/V head only (11.2 GiB at 256K, where
+    the H200 run before those programs held 12.4)."""
+    path = RESULTS / "dilated_bench_h100_20261207_gqa_grouped_dkdv.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert {(r["H"], r["H_kv"]) for r in rows} == {(32, 8)} and len(rows) == 8
+    _check_recorded_single_device_rows(data)
+
+
 def _check_recorded_single_device_rows(data: dict) -> None:
     """Each row of a ``bench_dilated.py`` JSON (bf16, one device) within 1% of its
     recorded peak; forward-only rows also hold the output gradient the benchmark made."""
