@@ -72,16 +72,17 @@ def _versus_flex(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
 
 _CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4),
-            (128, 128, 8, 2), (64, 128, 4, 3)],
+            (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 8, 4)],
     "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3),
-             (64, 128, 8, 2), (128, 64, 8, 3)],
+             (64, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 4), (64, 128, 8, 5)],
     "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 8, 3),
-           (128, 64, 4, 3)],
+           (128, 64, 4, 3), (128, 64, 8, 4)],
 }  # fmt: skip
 
 
 def _tune(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    """Each kernel's candidate tiles in turn, the others at their best so far."""
+    """Each kernel's candidate tiles in turn, the others at their best so far, on the first
+    of ``--patterns`` (default ``local_window``), ``--tokens`` and ``--ratios``."""
     from dilated_attention_pytorch.sparse.triton_kernels import TILE_CONFIGS
 
     N, ratio, rows = args.tokens[0], args.ratios[0], []
@@ -90,7 +91,7 @@ def _tune(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         q, k, v, dout = (torch.randn(1, N, args.heads, D, device=device, dtype=dtype)
                          for _ in range(4))  # fmt: skip
         leaves = [t.requires_grad_() for t in (q, k, v)]
-        pattern = make_block_sparse_pattern("local_window", N, block_size=args.block_size,
+        pattern = make_block_sparse_pattern(args.patterns[0], N, block_size=args.block_size,
                                             sparsity_ratio=ratio, is_causal=args.causal)  # fmt: skip
 
         def fn(a, b, c, pattern=pattern):
@@ -100,7 +101,8 @@ def _tune(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
             best = None
             for cand in candidates:
                 TILE_CONFIGS[kernel][D] = cand
-                row = {"head_dim": D, "kernel": kernel, "tiles": str(cand)}
+                row = {"pattern": args.patterns[0], "head_dim": D, "kernel": kernel,
+                       "tiles": str(cand)}  # fmt: skip
                 try:
                     m = measure(_step(fn, leaves, dout, kernel != "fwd"), device)
                     row["ms"] = m.ms
@@ -111,12 +113,12 @@ def _tune(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
                 rows.append(row)
             if best is not None:
                 TILE_CONFIGS[kernel][D] = best[1]
-                rows.append({"head_dim": D, "kernel": kernel, "tiles": f"best {best[1]}",
-                             "ms": best[0]})  # fmt: skip
+                rows.append({"pattern": args.patterns[0], "head_dim": D, "kernel": kernel,
+                             "tiles": f"best {best[1]}", "ms": best[0]})  # fmt: skip
         del q, k, v, dout, leaves
     report["rows"] = rows
     print_table("Triton block-sparse kernels: tile candidates (fwd: forward ms; dkdv, dq: "
-                "forward+backward ms)", rows, ["head_dim", "kernel", "tiles", "ms"])  # fmt: skip
+                "forward+backward ms)", rows, ["pattern", "head_dim", "kernel", "tiles", "ms"])  # fmt: skip
     print(f"\nwrote {write_json(result_path(args.out, 'block_sparse_tune', device), report)}")
 
 
@@ -139,8 +141,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["triton", "flex", "pytorch"])
     parser.add_argument("--tag", default=None, help="extra word in the JSON file's name")
     parser.add_argument("--tune", action="store_true",
-                        help="time candidate tile sizes of each Triton kernel (local_window, "
-                             "the first --tokens and --ratios) and print the fastest")  # fmt: skip
+                        help="time candidate tile sizes of each Triton kernel (the first "
+                             "--patterns, --tokens and --ratios) and print the fastest")  # fmt: skip
     args = parser.parse_args()
     use_cuda = torch.cuda.is_available() and not args.cpu
     if not use_cuda and not args.cpu:
