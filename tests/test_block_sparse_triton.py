@@ -82,7 +82,7 @@ def test_matches_masked_dense_attention(pattern_type, is_causal, N, block_size, 
     [
         ("random", True, 70, 16, 2),
         ("local_window", False, 96, 32, 1),
-        ("global_local", False, 256, 16, 2),
+        ("global_local", False, 144, 16, 2),
     ],
 )
 def test_grouped_query_matches_masked_dense_attention(
