@@ -3,6 +3,7 @@ bytes it moves: exactly the kept key/value blocks a rank's queries need."""
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -11,7 +12,11 @@ import torch
 import torch.distributed as dist
 from distributed_utils import spawn, value_errors
 
-from dilated_attention_pytorch import RingBlockSparseAttention, block_sparse_attention
+from dilated_attention_pytorch import (
+    RingBlockSparseAttention,
+    block_sparse_attention,
+    create_block_sparse_attention,
+)
 from dilated_attention_pytorch.sparse import PATTERN_TYPES
 
 pytestmark = pytest.mark.distributed
@@ -232,3 +237,32 @@ def test_bad_input_raises_on_every_rank() -> None:
         for name, pattern in expected.items():
             assert errors[name] is not None, f"rank {rank} did not raise for {name}"
             assert re.search(pattern, errors[name], flags=re.S), errors[name]
+
+
+def _layer_worker(rank: int, world: int, _: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # The multi-head layer with 2 K/V heads for its 4 query heads and the ring as its
+    # inner attention, on the whole sequence (the same on every rank), against the same
+    # layer on one device: output, input and parameter gradients.
+    torch.manual_seed(0)
+    layer = create_block_sparse_attention(
+        embed_dim=32, num_heads=4, sparsity_ratio=0.5, pattern_type="random", block_size=16,
+        dtype=torch.float64, num_kv_heads=2,
+    )  # fmt: skip
+    one_device = copy.deepcopy(layer)
+    layer.attention = RingBlockSparseAttention(block_size=16, sparsity_ratio=0.5,
+                                               pattern_type="random")  # fmt: skip
+    x = torch.randn(2, 32 * world, 32, dtype=torch.float64)
+    results = []
+    for m in (layer, one_device):
+        leaf = x.clone().requires_grad_()
+        out = m(leaf, is_causal=True)[0]
+        results.append([out.detach(), *torch.autograd.grad(out.sum(), [leaf, *m.parameters()])])
+    return list(zip(*results, strict=True))
+
+
+def test_grouped_query_layer_over_the_ring() -> None:
+    for rank, pairs in enumerate(spawn(_layer_worker, 2)):
+        for i, (got, want) in enumerate(pairs):
+            torch.testing.assert_close(
+                got, want, **TOL, msg=lambda m, i=i, r=rank: f"rank {r} #{i}: {m}"
+            )
