@@ -63,6 +63,14 @@ class LiveStorageBytes(TorchDispatchMode):
         return out
 
 
+def _recorded(name: str) -> dict:
+    """A JSON of ``benchmarks/results`` (the test is skipped where the checkout lacks it)."""
+    path = RESULTS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    return json.loads(path.read_text())
+
+
 def _longnet(seq_len: int, base: int = 2048) -> tuple[list[int], list[int]]:
     """The schedule of benchmarks/bench_ring.py: ``w = base * 4**i`` below ``N``, then ``N``."""
     ws, w = [], base
@@ -448,10 +456,7 @@ def test_estimate_matches_recorded_h200_peaks() -> None:
     backward steps on an H200 (benchmarks/bench_ring.py), inputs included. Measured after
     the backward gained its ``dout * exp(-lo)`` copy (the LSE pair); the 2-GPU rows of
     ring_nvidia-h200_2gpu_20261121.json predate it (about 0.5 GiB less at 256K tokens)."""
-    path = RESULTS / "ring_nvidia-h200_1gpu_20261204.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not in this checkout")
-    data = json.loads(path.read_text())
+    data = _recorded("ring_nvidia-h200_1gpu_20261204.json")
     cfg = data["config"]
     rows = [r for r in data["weak_scaling"] + data["memory_scaling"] if not r["causal"]]
     assert rows
@@ -472,10 +477,7 @@ def test_grouped_query_estimate_matches_recorded_h200_peaks(monkeypatch) -> None
     view of query heads (``blocks.fused_grouped_forward``/``_backward``). The Triton rows
     were measured before the grouped dK/dV programs, with per-query-head fp32 dK/dV
     accumulators: replayed with those (``_grouped_dkdv`` off), they match too."""
-    path = RESULTS / "dilated_bench_h200_20261206_gqa_before_grouped_dkdv.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not in this checkout")
-    data = json.loads(path.read_text())
+    data = _recorded("dilated_bench_h200_20261206_gqa_before_grouped_dkdv.json")
     rows = data["rows"]
     assert {(r["H"], r["H_kv"]) for r in rows} == {(32, 8)} and len(rows) == 16
     if "triton" in available_backends():
@@ -487,10 +489,7 @@ def test_grouped_query_estimate_matches_recorded_h100_peaks() -> None:
     """The same calls on an H100 after the grouped dK/dV programs (N = 256K and 512K):
     the Triton rows hold dK/dV accumulators per K/V head only (11.2 GiB at 256K, where
     the H200 run before those programs held 12.4)."""
-    path = RESULTS / "dilated_bench_h100_20261207_gqa_grouped_dkdv.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not in this checkout")
-    data = json.loads(path.read_text())
+    data = _recorded("dilated_bench_h100_20261207_gqa_grouped_dkdv.json")
     rows = data["rows"]
     assert {(r["H"], r["H_kv"]) for r in rows} == {(32, 8)} and len(rows) == 8
     _check_recorded_single_device_rows(data)
@@ -523,10 +522,7 @@ def test_estimate_matches_recorded_h100_single_device_peaks(causal: bool) -> Non
     (``with_backward=False``) does not count. Causal calls are estimated as non-causal (an
     upper bound); on one device the buffers are the same."""
     name = "_causal" if causal else ""
-    path = RESULTS / f"dilated_bench_h100_20261206_auto_training{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not in this checkout")
-    data = json.loads(path.read_text())
+    data = _recorded(f"dilated_bench_h100_20261206_auto_training{name}.json")
     rows = data["rows"]
     assert {r["impl"] for r in rows} == {"triton", "pytorch"} and len(rows) == 16
     _check_recorded_single_device_rows(data)
