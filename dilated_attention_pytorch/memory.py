@@ -628,7 +628,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
                 kv_size = size // g if grouped else size
                 accs = tl.new("accumulators", kv_size), tl.new("accumulators", kv_size)
                 launches(lo, hi)
-                if per_query_head:  # _sum_query_heads of dk, then of dv, copied
+                if per_query_head:  # sum_query_heads of dk, then of dv, copied
                     for _ in range(2):
                         tl.free(tl.new("temporaries", size // g))
                 tl.free(*accs)

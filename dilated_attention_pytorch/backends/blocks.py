@@ -49,6 +49,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sum_query_heads(x: Tensor, kv_group: int) -> Tensor:
+    """``(..., H, D)`` per query head -> ``(..., H / kv_group, D)`` per K/V head: the sum
+    over each K/V head's ``kv_group`` query heads (grouped-query K/V gradients)."""
+    return x if kv_group == 1 else x.unflatten(-2, (-1, kv_group)).sum(-2)
+
+
 def _tiles(Bb: int, Lq: int, Hs: int, Lk: int, budget: int) -> list[tuple[int, int, int, int]]:
     """``(b0, b1, q0, q1)`` tiles whose score matrices hold at most ``budget`` elements.
 

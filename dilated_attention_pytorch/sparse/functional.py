@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..autograd import first_order_only
-from ..backends.blocks import compute_dtype, max_score_elements
+from ..backends.blocks import compute_dtype, max_score_elements, sum_query_heads
 from ..dropout import draw_seed, dropout_keep
 from ..segments import token_major
 from ..validation import check_choice, check_qkv, check_scalars
@@ -271,11 +271,6 @@ def _kv_chunk(x: Tensor, k_tok: Tensor, cdt: torch.dtype, kv_group: int) -> Tens
     return xc if kv_group == 1 else xc.repeat_interleave(kv_group, dim=3)
 
 
-def _sum_groups(x: Tensor, kv_group: int) -> Tensor:
-    """``(..., H, D)`` per query head -> ``(..., H / kv_group, D)`` per K/V head."""
-    return x if kv_group == 1 else x.unflatten(-2, (-1, kv_group)).sum(-2)
-
-
 def sparse_forward(q: Tensor, k: Tensor, v: Tensor, call: SparseCall) -> tuple[Tensor, Tensor]:
     """q ``(B, Lq, H, D)``; k, v ``(B, Lk, H_kv, D)`` (``H_kv`` dividing ``H``) -> out
     (compute dtype), lse ``(B, Lq, H)``."""
@@ -340,8 +335,8 @@ def sparse_backward(
         dk_c = torch.einsum("bchqk,bcqhd->bckhd", ds, qc) * call.scale
         dq[:, q_tok[q_ok]] += dq_c[:, q_ok]
         flat = k_tok.flatten()
-        dk.index_add_(1, flat, _sum_groups(dk_c, g).flatten(1, 2))
-        dv.index_add_(1, flat, _sum_groups(dv_c, g).flatten(1, 2))
+        dk.index_add_(1, flat, sum_query_heads(dk_c, g).flatten(1, 2))
+        dv.index_add_(1, flat, sum_query_heads(dv_c, g).flatten(1, 2))
     return dq, dk, dv
 
 
@@ -368,7 +363,7 @@ def run_heads(
         ]
         results.append(fn(*view, sub))
     return tuple(
-        _sum_groups(torch.cat(parts, dim=2), g) if j in kv_out else torch.cat(parts, dim=2)
+        sum_query_heads(torch.cat(parts, dim=2), g) if j in kv_out else torch.cat(parts, dim=2)
         for j, parts in enumerate(zip(*results, strict=True))
     )
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from triton.runtime import _allocation
 
 from ...plan import Branch, DilatedPlan
+from ..blocks import sum_query_heads
 from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
 
 __all__ = [
@@ -680,8 +681,8 @@ def dilated_backward(
                 )  # fmt: skip
                 del lb, db
             if per_query_head:
-                dkc.copy_(_sum_query_heads(accs[1], g))
-                dvc.copy_(_sum_query_heads(accs[2], g))
+                dkc.copy_(sum_query_heads(accs[1], g))
+                dvc.copy_(sum_query_heads(accs[2], g))
             elif through and sched.final is None:
                 if which == "dkdv":
                     dkc.copy_(accs[1])
@@ -713,12 +714,6 @@ def _grouped_dkdv(launches: list[tuple[int, _Launch]], kv_group: int, dq_add: in
         and not dq_add
         and all(la.h_first % kv_group == 0 and la.num_heads % kv_group == 0 for _, la in launches)
     )
-
-
-def _sum_query_heads(grad: Tensor, kv_group: int) -> Tensor:
-    """``(B, N, H, D)`` per-query-head K/V gradients summed to ``(B, N, H / kv_group, D)``."""
-    B, N, H, D = grad.shape
-    return grad.view(B, N, H // kv_group, kv_group, D).sum(3)
 
 
 # --------------------------------------------------------------------------- block ops
