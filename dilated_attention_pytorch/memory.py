@@ -1283,7 +1283,8 @@ def get_memory_estimate(
     runs of the attention, and within 0.3% of bf16 peaks on an H200 (32 query and 8 K/V
     heads, D=128, N = 256K and 1M, both backends;
     ``benchmarks/results/dilated_bench_h200_20261206_gqa_before_grouped_dkdv.json``,
-    Triton before its grouped dK/dV programs).
+    Triton before its grouped dK/dV programs) and on an H100 after them (N = 256K and
+    512K; ``dilated_bench_h100_20261207_gqa_grouped_dkdv.json``).
 
     Args:
         seq_len: ``N``, the global sequence length.
