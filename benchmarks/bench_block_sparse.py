@@ -10,6 +10,9 @@ forward and forward+backward time (median, CUDA events) and peak memory of
 
 - ``triton``: ``block_sparse_attention(..., backend="triton")`` (our kernels walking
   per-query-block lists of kept key blocks, and the transposed lists for dK/dV),
+- ``triton-in-order`` (only when asked for): the same kernels with every list walked
+  from its first block (``triton_kernels.SWEEP["enabled"] = False``), the order before
+  sweep starts, side by side,
 - ``flex``: ``backend="flex"`` (PyTorch's compiled FlexAttention with the pattern as
   its ``BlockMask``, the same kept blocks),
 - ``pytorch``: ``backend="pytorch"`` (kept blocks gathered, matmuls), only up to
@@ -50,6 +53,14 @@ def _step(fn, tensors, dout, backward: bool):
             out.backward(dout)
 
     return run
+
+
+def _swept() -> list[str]:
+    """The Triton kernels that ran with sweep starts for the cached patterns."""
+    from dilated_attention_pytorch.sparse.functional import _SCHEDULES
+
+    return sorted({key[0] for _, sweep in _SCHEDULES.values()
+                   for key, table in sweep._tables.items() if table is not None})  # fmt: skip
 
 
 def _tflops(pairs: int, D: int, H: int, ms: float, backward: bool) -> float:
@@ -203,8 +214,15 @@ def main() -> None:
                         for backward in (False, True):
 
                             def fn(a, b, c, pattern=pattern, method=method):
-                                return block_sparse_attention(a, b, c, pattern, backend=method)
+                                if method.startswith("triton"):
+                                    # The backward reads the flag too (it runs after fn).
+                                    from dilated_attention_pytorch.sparse import triton_kernels
 
+                                    triton_kernels.SWEEP["enabled"] = method == "triton"
+                                backend = method.split("-")[0]
+                                return block_sparse_attention(a, b, c, pattern, backend=backend)
+
+                            backend = method.split("-")[0]
                             row = {
                                 "method": method, "pattern": pattern_type, "seq_len": N,
                                 "head_dim": D, "backward": backward,
@@ -220,10 +238,12 @@ def main() -> None:
                                     peak_gib=None if m.peak_bytes is None else m.peak_bytes / GiB,
                                     speedup_vs_dense=dense_ms[backward] / m.ms,
                                 )
-                                if method in ("triton", "flex") and backward:
+                                if method.startswith("triton"):
+                                    row["swept"] = ",".join(_swept()) or "-"
+                                if method != "pytorch" and backward:
                                     # A training step, as the estimate counts it.
                                     est = block_sparse_memory_estimate(
-                                        pattern, 1, H, D, dtype=dtype, backend=method,
+                                        pattern, 1, H, D, dtype=dtype, backend=backend,
                                         num_kv_heads=H_kv,
                                     )  # fmt: skip
                                     row["estimate_gib"] = est["total_per_device_gb"]
@@ -235,7 +255,7 @@ def main() -> None:
                             write_json(path, report)
             del q, k, v, dout, leaves
     cols = ["method", "pattern", "seq_len", "head_dim", "backward", "sparsity", "ms", "tflops",
-            "peak_gib", "estimate_gib", "speedup_vs_dense", "triton_vs_flex"]  # fmt: skip
+            "peak_gib", "estimate_gib", "speedup_vs_dense", "triton_vs_flex", "swept"]  # fmt: skip
     print_table("block-sparse attention", rows, cols)
     print(f"\nwrote {write_json(path, report)}")
 

@@ -104,6 +104,88 @@ def test_grouped_query_matches_masked_dense_attention(
     _check(out, leaves, ref, ref_leaves, dout)
 
 
+@pytest.fixture
+def sweeps_on(monkeypatch: pytest.MonkeyPatch):
+    # The interpreter has no occupancy: say 3 programs are resident and rotate every
+    # pattern's lists (on a GPU only patterns whose blocks overflow the L2 cache are).
+    from dilated_attention_pytorch.sparse import functional, triton_kernels
+
+    monkeypatch.setitem(triton_kernels.SWEEP, "resident", 3)
+    monkeypatch.setitem(triton_kernels.SWEEP, "min_bytes", -1)
+    functional.clear_sparse_caches()
+    yield triton_kernels
+    functional.clear_sparse_caches()
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("pattern_type", "is_causal", "N", "block_size", "H_kv"),
+    [
+        ("random", True, 70, 16, 4),  # per-head lists, a shorter last block, causal
+        ("dilated_sparse", False, 192, 32, 4),  # two tiles per block in every kernel
+        ("random", False, 64, 16, 2),  # grouped: a dK/dV program walks 2 heads' lists
+        ("global_local", False, 144, 16, 2),  # long lists reorder the programs
+    ],
+)
+def test_rotated_walks_match_masked_dense_attention(
+    sweeps_on, pattern_type, is_causal, N, block_size, H_kv
+) -> None:
+    # Every kernel walks each list from its sweep start, wrapping around: the same
+    # attention and gradients, to float32 roundoff (the sum runs in another order).
+    H, D = 4, 16
+    q, dout = (torch.randn(1, N, H, D, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, N, H_kv, D, dtype=torch.float64) for _ in range(2))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=block_size, sparsity_ratio=0.5, is_causal=is_causal,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    calls = []
+    real = sweeps_on._rotation
+
+    def spy(sweep, name, *args):
+        table, rot = real(sweep, name, *args)
+        calls.append((name, rot, int((table > 0).sum())))
+        return table, rot
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweeps_on, "_rotation", spy)
+        out = block_sparse_attention(*leaves, pattern, backend="triton")
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = masked_dense(*ref_leaves, pattern.token_mask())
+        _check(out, leaves, ref, ref_leaves, dout)
+    # Forward, dK/dV, dQ: each rotated, each with lists that do not start at their start.
+    assert [c[:2] for c in calls] == [("fwd", True), ("dkdv", True), ("dq", True)], calls
+    assert all(c[2] > 0 for c in calls), calls
+
+
+def test_sweep_starts_follow_the_simulated_dispatch() -> None:
+    from dilated_attention_pytorch.sparse.triton_kernels import sweep_starts, working_set_blocks
+
+    # 4 query blocks keeping every one of 8 key blocks, 2 resident programs, 1 step per
+    # block: programs 0, 1 start at t = 2 (the prologue), 2, 3 at t = 2 + 8 + 1 + 2 = 13.
+    # The mean walk is 8 steps: 2 / 8 -> key 2; 13 / 8 -> 5/8 of 8 keys -> key 5.
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    assert sweep_starts(mask, 1, None, 2, 1, 1).tolist() == [[2, 2, 5, 5]]
+    # Past the last kept block the walk starts at the first; a list keeps its own
+    # positions (block 0 keeps keys 4..7 only: key 2 is its position 0).
+    mask[0, :4] = False
+    assert sweep_starts(mask, 1, None, 2, 1, 1).tolist()[0][0] == 0
+    # Launch order: slot 3 first, then 2, 1, 0 (heads x blocks = 1 x 4).
+    order = torch.tensor([3, 2, 1, 0])
+    assert sweep_starts(torch.ones(4, 8, dtype=torch.bool), 1, order, 2, 1, 1).tolist() == [
+        [5, 5, 2, 2]
+    ]
+    # A grouped program walks its heads' lists one after the other: head 1 of the group
+    # starts 8 steps after head 0, a whole walk later (same phase).
+    two = torch.ones(2, 4, 8, dtype=torch.bool)
+    starts = sweep_starts(two, 2, None, 4, 1, 1, group=2)
+    assert starts.tolist() == [[2, 2, 2, 2], [2, 2, 2, 2]]
+    # Working set: 2 consecutive rows of a diagonal mask keep 2 distinct columns.
+    assert working_set_blocks(torch.eye(8, dtype=torch.bool), 2) == 2.0
+    assert working_set_blocks(torch.ones(8, 8, dtype=torch.bool), 2) == 8.0
+
+
 @interpreted
 def test_kernels_with_no_held_key_blocks() -> None:
     # A ring step may hold no key blocks at all: empty tables, empty lists. The kernels

@@ -135,9 +135,11 @@ _SCHEDULES: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _device_schedules(mask: Tensor, heads: int, device: torch.device, kv_group: int) -> tuple:
-    """Program orders of the Triton kernels for a ``(..., Qb, Kb)`` block mask (cached per
-    mask, like its lists): blocks with long lists first (``triton_kernels.schedules``;
-    ``kv_group``: query heads per K/V head)."""
+    """``((query-block order, dK/dV order), sweep)`` of the Triton kernels for a
+    ``(..., Qb, Kb)`` block mask (cached per mask, like its lists): program orders with
+    the blocks of long lists first (``triton_kernels.schedules``; ``kv_group``: query
+    heads per K/V head), and where each program starts its list
+    (``triton_kernels.Sweep``)."""
     key = (mask, heads, str(device), kv_group)
     if key in _SCHEDULES:
         _SCHEDULES.move_to_end(key)
@@ -145,6 +147,7 @@ def _device_schedules(mask: Tensor, heads: int, device: torch.device, kv_group: 
     counts = mask.sum(-1), mask.sum(-2)  # kept key blocks per query block, and transposed
     scheds = triton_kernels.schedules((counts[0], None), (counts[1], None), heads, device,
                                       kv_group)  # fmt: skip
+    scheds = (scheds, triton_kernels.Sweep(mask, heads, kv_group, scheds))
     _SCHEDULES[key] = scheds
     while len(_SCHEDULES) > 32:
         _SCHEDULES.popitem(last=False)
@@ -188,9 +191,9 @@ def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Te
         return run_heads(sparse_forward, call, call.per_head_mask, q, k, v, kv_in=(1, 2))
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, _ = _device_lists(mask, q.device, key=mask)
-    sched, _ = _device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2])
+    (sched, _), sweep = _device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2])
     return triton_kernels.sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
-                                 sched=sched, **_triton_settings(call))  # fmt: skip
+                                 sched=sched, sweep=sweep, **_triton_settings(call))  # fmt: skip
 
 
 def block_backward(
@@ -204,9 +207,10 @@ def block_backward(
         )  # fmt: skip
     mask = call.block_mask if call.per_head_mask is None else call.per_head_mask
     lists, t_lists = _device_lists(mask, q.device, key=mask)
+    scheds, sweep = _device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2])
     return triton_kernels.sparse_backward_triton(
         dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
-        scheds=_device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2]),
+        scheds=scheds, sweep=sweep,
         grad_dtype=q.dtype if call.grads_in_input_dtype else compute_dtype(q.dtype),
         **_triton_settings(call),
     )  # fmt: skip

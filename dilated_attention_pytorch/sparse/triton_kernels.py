@@ -27,6 +27,8 @@ blocks with much longer lists than the rest first, so they do not run alone at t
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 import triton
 import triton.language as tl
@@ -90,27 +92,47 @@ def _block_start(kb, ok, KFirst, KGlob, BS: tl.constexpr, DIRECT: tl.constexpr):
 
 
 @triton.jit
-def _first_key_tile(Idx, KFirst, KGlob, n_steps, BS: tl.constexpr, DIRECT: tl.constexpr):
-    # First local and global key of a query tile's first step (its first kept block).
-    ok = n_steps > 0
-    return _block_start(tl.load(Idx, mask=ok, other=0), ok, KFirst, KGlob, BS, DIRECT)
+def _start(Rot, h, blk, n_blocks, ROT: tl.constexpr):
+    # Where block blk of head h starts walking its list (0 unless ROT; see Sweep).
+    if ROT:
+        return tl.load(Rot + h * n_blocks + blk)
+    else:
+        return 0
 
 
 @triton.jit
-def _next_key_tile(Idx, KFirst, KGlob, t, n_steps, k0, g0, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
+def _entry(j, rot, num, ROT: tl.constexpr):
+    # List position of the j-th block walked (j < num) when the walk starts at rot and
+    # wraps around.
+    if ROT:
+        j = j + rot
+        j = tl.where(j >= num, j - num, j)
+    return j
+
+
+@triton.jit
+def _first_key_tile(Idx, KFirst, KGlob, n_steps, rot, BS: tl.constexpr, DIRECT: tl.constexpr):
+    # First local and global key of a query tile's first step (the kept block it starts at).
+    ok = n_steps > 0
+    return _block_start(tl.load(Idx + rot, mask=ok, other=0), ok, KFirst, KGlob, BS, DIRECT)
+
+
+@triton.jit
+def _next_key_tile(Idx, KFirst, KGlob, t, n_steps, k0, g0, rot, num, BS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr):  # fmt: skip
     # First local and global key of step t + 1 from step t's (k0, g0): the next tile of
     # the same block, or the first of the next kept block. See _next_row.
     u = t + 1
-    kb = tl.load(Idx + u // (BS // BLOCK_N), mask=u < n_steps, other=0,
-                 eviction_policy="evict_last")  # fmt: skip
+    j = _entry(u // (BS // BLOCK_N), rot, num, ROT)
+    kb = tl.load(Idx + j, mask=u < n_steps, other=0, eviction_policy="evict_last")
     nk0, ng0 = _block_start(kb, u < n_steps, KFirst, KGlob, BS, DIRECT)
     same = u % (BS // BLOCK_N) != 0
     return tl.where(same, k0 + BLOCK_N, nk0), tl.where(same, g0 + BLOCK_N, ng0)
 
 
 @triton.jit
-def _next_row(Idx, t, n_steps, r0, BS: tl.constexpr, TILE: tl.constexpr):
+def _next_row(Idx, t, n_steps, r0, rot, num, BS: tl.constexpr, TILE: tl.constexpr,
+              ROT: tl.constexpr):  # fmt: skip
     # First row of step t + 1's query tile from step t's (r0): the next tile of the same
     # block, or the first of the next kept block. The lists are read with plain loads
     # into loop-carried values (FlexAttention's way): the software pipeliner then loads
@@ -118,8 +140,8 @@ def _next_row(Idx, t, n_steps, r0, BS: tl.constexpr, TILE: tl.constexpr):
     # becomes an asynchronous copy the pipeliner waits for in full at every step (Triton
     # 3.6), leaving each tile's load latency exposed.
     u = t + 1
-    nxt = tl.load(Idx + u // (BS // TILE), mask=u < n_steps, other=0,
-                  eviction_policy="evict_last")  # fmt: skip
+    j = _entry(u // (BS // TILE), rot, num, ROT)
+    nxt = tl.load(Idx + j, mask=u < n_steps, other=0, eviction_policy="evict_last")
     return tl.where(u % (BS // TILE) == 0, nxt * BS, r0 + TILE)
 
 
@@ -157,12 +179,12 @@ def _edge(k0, g0, last_q, len_k, seq_len, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 
 @triton.jit
 def _sparse_fwd(
-    Q, K, V, Out, Lse, KvNum, KvIdx, KFirst, KGlob, Sched,
+    Q, K, V, Out, Lse, KvNum, KvIdx, KFirst, KGlob, Sched, Rot,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
     s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-    DIRECT: tl.constexpr, SCHED: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
     b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
     hk = h // kv_group  # the K/V head of query head h (grouped-query attention)
@@ -183,7 +205,8 @@ def _sparse_fwd(
     # One flat loop over (kept block, key tile of the block): the software pipeliner
     # overlaps the loads of the next tiles with this one's matmuls.
     n_steps = num * (BS // BLOCK_N)
-    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
+    rot = _start(Rot, h, qb, n_qb, ROT)
+    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, rot, BS, DIRECT)
     for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
         k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
@@ -200,7 +223,8 @@ def _sparse_fwd(
         v = _load(_tile_ptrs(V, b, hk, k0, s_vb, s_vn, s_vh, offs_n, offs_d), kmask, EVEN_K)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, BS, BLOCK_N, DIRECT)
+        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, rot, num, BS, BLOCK_N,
+                                DIRECT, ROT)  # fmt: skip
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -233,11 +257,12 @@ def _load_row_vec(X, b, h, r0, offs, s_b, s_n, s_h, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _dkdv_head(
-    Q, DO, Lse, Delta, QNum, QIdx, b, h, kb, k, v, dk, dv, k0, g0, kg, kmask,
+    Q, DO, Lse, Delta, QNum, QIdx, Rot, b, h, kb, k, v, dk, dv, k0, g0, kg, kmask,
     s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh, s_idxh, s_idxk,
-    len_q, len_k, seq_len, q_start, qk_scale,
+    len_q, len_k, seq_len, q_start, n_kb, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
+    ROT: tl.constexpr,
 ):  # fmt: skip
     # Query head h's share of the key tile's dK (unscaled) and dV, added to dk, dv: over
     # the query blocks of head h that keep key block kb.
@@ -246,7 +271,8 @@ def _dkdv_head(
     num = tl.load(QNum + h * s_numh + kb)
     idx = QIdx + h * s_idxh + kb * s_idxk
     n_steps = num * (BS // BLOCK_M)
-    q0 = tl.load(idx, mask=n_steps > 0, other=0) * BS
+    rot = _start(Rot, h, kb, n_kb, ROT)
+    q0 = tl.load(idx + rot, mask=n_steps > 0, other=0) * BS
     for t in range(n_steps):
         q0 = tl.multiple_of(q0, BLOCK_M)  # a tile's first row: aligned row-vector loads
         qmask = q0 + offs_m < len_q
@@ -265,19 +291,19 @@ def _dkdv_head(
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
-        q0 = _next_row(idx, t, n_steps, q0, BS, BLOCK_M)
+        q0 = _next_row(idx, t, n_steps, q0, rot, num, BS, BLOCK_M, ROT)
     return dk, dv
 
 
 @triton.jit
 def _sparse_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched,
+    Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, KFirst, KGlob, Sched, Rot,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
     s_numh, s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-    DIRECT: tl.constexpr, SCHED: tl.constexpr, GROUPED: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr, GROUPED: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
     # A program per key tile (BLOCK_N rows of held block kb) and head hp: over the query
     # blocks that keep kb. Lse and Delta share their strides (s_l*); DK and DV too (s_g*).
@@ -306,17 +332,17 @@ def _sparse_dkdv(
     if GROUPED:
         for i in range(kv_group):
             dk, dv = _dkdv_head(
-                Q, DO, Lse, Delta, QNum, QIdx, b, hp * kv_group + i, kb, k, v, dk, dv, k0, g0,
-                kg, kmask, s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh,
-                s_idxh, s_idxk, len_q, len_k, seq_len, q_start, qk_scale, HEAD_DIM, BLOCK_M,
-                BLOCK_N, BS, CAUSAL, IEEE, EVEN_Q, EVEN_K,
+                Q, DO, Lse, Delta, QNum, QIdx, Rot, b, hp * kv_group + i, kb, k, v, dk, dv, k0,
+                g0, kg, kmask, s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh,
+                s_idxh, s_idxk, len_q, len_k, seq_len, q_start, n_kb, qk_scale, HEAD_DIM,
+                BLOCK_M, BLOCK_N, BS, CAUSAL, IEEE, EVEN_Q, EVEN_K, ROT,
             )  # fmt: skip
     else:
         dk, dv = _dkdv_head(
-            Q, DO, Lse, Delta, QNum, QIdx, b, hp, kb, k, v, dk, dv, k0, g0, kg, kmask,
+            Q, DO, Lse, Delta, QNum, QIdx, Rot, b, hp, kb, k, v, dk, dv, k0, g0, kg, kmask,
             s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_numh, s_idxh, s_idxk,
-            len_q, len_k, seq_len, q_start, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BS, CAUSAL,
-            IEEE, EVEN_Q, EVEN_K,
+            len_q, len_k, seq_len, q_start, n_kb, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BS,
+            CAUSAL, IEEE, EVEN_Q, EVEN_K, ROT,
         )  # fmt: skip
     krows = (k0 + offs_n).to(tl.int64)
     tl.store(_rows(DK, b, hp, krows, s_gb, s_gn, s_gh, offs_d), (dk * scale).to(DK.dtype.element_ty),
@@ -327,13 +353,13 @@ def _sparse_dkdv(
 
 @triton.jit
 def _sparse_dq(
-    Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, KFirst, KGlob, Sched,
+    Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, KFirst, KGlob, Sched, Rot,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_gb, s_gn, s_gh,
     s_numh, s_idxh, s_idxq, len_q, len_k, seq_len, q_start, n_qb, qk_scale, scale, kv_group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr,
-    DIRECT: tl.constexpr, SCHED: tl.constexpr,
+    DIRECT: tl.constexpr, SCHED: tl.constexpr, ROT: tl.constexpr,
 ):  # fmt: skip
     b, h, qb, sub = _program(Sched, n_qb, BS // BLOCK_M, SCHED)
     hk = h // kv_group
@@ -353,7 +379,8 @@ def _sparse_dq(
     num = tl.load(KvNum + h * s_numh + qb)
     idx = KvIdx + h * s_idxh + qb * s_idxq
     n_steps = num * (BS // BLOCK_N)
-    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, BS, DIRECT)
+    rot = _start(Rot, h, qb, n_qb, ROT)
+    k0, g0 = _first_key_tile(idx, KFirst, KGlob, n_steps, rot, BS, DIRECT)
     for t in range(n_steps):
         kmask = (k0 + offs_n < len_k) & (g0 + offs_n < seq_len)
         k = _load(_tile_ptrs(K, b, hk, k0, s_kb, s_kn, s_kh, offs_n, offs_d), kmask, EVEN_K)
@@ -365,7 +392,8 @@ def _sparse_dq(
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
-        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, BS, BLOCK_N, DIRECT)
+        k0, g0 = _next_key_tile(idx, KFirst, KGlob, t, n_steps, k0, g0, rot, num, BS, BLOCK_N,
+                                DIRECT, ROT)  # fmt: skip
     rows = (m0 + offs_m).to(tl.int64)
     tl.store(_rows(DQ, b, h, rows, s_gb, s_gn, s_gh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask[:, None])  # fmt: skip
@@ -461,11 +489,160 @@ def _sched_args(sched: Tensor | None, like: Tensor) -> tuple[Tensor, bool]:
     return (like, False) if sched is None else (sched, True)
 
 
+# --------------------------------------------------------------------------- sweeps
+
+# ``enabled``: compute sweep starts (False: every list from its first entry). The rest
+# are for tests and benchmarks: ``resident`` overrides the programs resident on the GPU
+# at once (needed under the interpreter, which has no occupancy), ``min_bytes`` the
+# working set above which the starts are rotated (None: half the GPU's L2 cache).
+SWEEP: dict = {"enabled": True, "resident": None, "min_bytes": None}
+# Time of a program outside its loop, in loop steps (loading q, storing out): the
+# simulated dispatch only needs it roughly.
+_PROLOGUE, _EPILOGUE = 2.0, 1.0
+
+
+def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
+                 tiles_per_block: int, steps_per_block: int, group: int = 1) -> Tensor:  # fmt: skip
+    """Where each list's walk starts, so that the programs on the GPU at the same time walk
+    the same part of the keys (int32 ``(heads, NB)``: a position in the list; the walk
+    wraps around to the list's start).
+
+    ``mask`` ``(NB, NK)`` or ``(heads, NB, NK)``: block ``i``'s list is row ``i``'s kept
+    columns in order. Programs are dispatched in launch order (``order``: slot ->
+    ``h // group * NB + block``, None: in order; ``tiles_per_block`` programs per slot;
+    a program walks the lists of its ``group`` heads one after the other,
+    ``steps_per_block`` loop steps per kept block) onto ``resident`` places, each to
+    the first one free: a greedy dispatch simulated in loop steps. A program starting at
+    time ``s`` starts at the kept block nearest to ``NK * frac(s / T)`` (``T``: the
+    mean walk), where the programs started before it, which walk their lists at about one
+    list per ``T``, then are. Then the K/V blocks (or Q/dO blocks) a position needs are
+    loaded once into the L2 cache and read by every resident program that keeps them,
+    instead of the resident programs spreading over the whole sequence.
+    """
+    m = mask.cpu()
+    shared = m.dim() == 2
+    NB, NK = m.shape[-2:]
+    H = heads
+    counts = m.sum(-1).expand(H, NB)
+    steps = (counts * steps_per_block).tolist()
+    mean = float(counts.double().mean()) * steps_per_block
+    start = [[0.0] * NB for _ in range(H)]
+    free = [0.0] * max(1, resident)
+    slots = range(H // group * NB) if order is None else order.cpu().tolist()
+    for slot in slots:
+        hp, blk = divmod(int(slot), NB)
+        for sub in range(tiles_per_block):
+            t = heapq.heappop(free) + _PROLOGUE
+            walked = 0.0
+            for h in range(hp * group, hp * group + group):
+                if sub == 0:
+                    start[h][blk] = t + walked
+                walked += steps[h][blk]
+            heapq.heappush(free, t + walked + _EPILOGUE)
+    where = torch.tensor(start, dtype=torch.float64) / max(mean, 1e-9)
+    where = ((where - where.floor()) * NK).ceil().long()  # the first key block at or past it
+    # A list's position of that block: the kept blocks before it, counted by a search in
+    # the flat sorted keys (list, block) of all kept blocks.
+    lists = torch.arange(NB) if shared else torch.arange(H * NB).view(H, NB)
+    flat = m.reshape(-1).nonzero().flatten()  # list * NK + block, increasing
+    rot = torch.searchsorted(flat, lists * NK + where) - torch.searchsorted(flat, lists * NK)
+    return torch.where(rot >= counts, torch.zeros_like(rot), rot).to(torch.int32)
+
+
+def working_set_blocks(mask: Tensor, resident_blocks: int) -> float:
+    """Mean number of distinct columns kept by ``resident_blocks`` consecutive rows of
+    ``mask`` (its first head): the blocks the programs resident at once read when each
+    walks its list from the start."""
+    m = mask[0] if mask.dim() == 3 else mask
+    NB = m.shape[0]
+    w = max(1, min(NB, resident_blocks))
+    firsts = range(0, NB - w + 1, max(1, (NB - w) // 8 or 1))
+    return sum(int(m[i : i + w].any(0).sum()) for i in firsts) / len(firsts)
+
+
+class Sweep:
+    """A pattern's sweep starts (:func:`sweep_starts`) for each kernel and occupancy,
+    computed on first use; cached with the pattern's lists."""
+
+    def __init__(self, mask: Tensor, heads: int, kv_group: int,
+                 orders: tuple[Tensor | None, Tensor | None]) -> None:  # fmt: skip
+        self.mask = mask.detach().cpu()
+        self.heads, self.kv_group, self.orders = heads, kv_group, orders
+        self._tables: dict[tuple, Tensor | None] = {}
+
+    def table(self, kernel: str, resident: int, tiles_per_block: int, steps_per_block: int,
+              block_bytes: int, min_bytes: int, device: torch.device) -> Tensor | None:  # fmt: skip
+        """Starts of ``kernel`` ("fwd", "dq": lists of key blocks; "dkdv": of query
+        blocks) on ``device``, or None when the blocks the resident programs read from
+        their lists' starts fit in ``min_bytes`` (``block_bytes`` per block) anyway."""
+        key = (kernel, resident, tiles_per_block, steps_per_block, block_bytes, min_bytes,
+               str(device))  # fmt: skip
+        if key not in self._tables:
+            dkdv = kernel == "dkdv"
+            mask = self.mask.transpose(-1, -2) if dkdv else self.mask
+            group = self.kv_group if dkdv else 1
+            blocks = working_set_blocks(mask, -(-resident // tiles_per_block) * group)
+            table = None
+            if blocks * block_bytes > min_bytes:
+                table = sweep_starts(mask, self.heads, self.orders[1 if dkdv else 0], resident,
+                                     tiles_per_block, steps_per_block, group).to(device)  # fmt: skip
+            self._tables[key] = table
+        return self._tables[key]
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_programs(kernel, grid: tuple, args: tuple, kwargs: dict,
+                       device: torch.device) -> int:  # fmt: skip
+    """Programs of ``kernel`` (compiled for these arguments) the GPU holds at once:
+    multiprocessors times the blocks one holds by registers, shared memory and threads
+    (the compiled kernel's own counts, as Triton's persistent-kernel tutorials compute
+    them)."""
+    key = (kernel.fn.__name__, str(device), args[0].dtype, tuple(sorted(kwargs.items())))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * kwargs["num_warps"]
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+        shared = compiled.metadata.shared
+        per_sm = min(regs // max(1, compiled.n_regs * threads),
+                     smem // (shared + 1024) if shared else 32,
+                     props.max_threads_per_multi_processor // threads, 32)  # fmt: skip
+        _RESIDENT[key] = max(1, per_sm) * props.multi_processor_count
+    return _RESIDENT[key]
+
+
+def _rotation(sweep: Sweep | None, name: str, kernel, grid: tuple, args: list, kwargs: dict,
+              tiles_per_block: int, steps_per_block: int, block_bytes: int,
+              device: torch.device) -> tuple[Tensor | None, bool]:  # fmt: skip
+    """``(table, ROT)`` of a launch: its sweep starts, or ``(None, False)`` when the
+    pattern needs none (or sweeps are off, or the occupancy is unknown)."""
+    if sweep is None or not SWEEP["enabled"]:
+        return None, False
+    resident = SWEEP["resident"]
+    if resident is None:
+        if device.type != "cuda":
+            return None, False
+        resident = _resident_programs(kernel, grid, tuple(args), {**kwargs, "ROT": True},
+                                      device)  # fmt: skip
+    min_bytes = SWEEP["min_bytes"]
+    if min_bytes is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        min_bytes = getattr(props, "L2_cache_size", 0) // 2
+    table = sweep.table(name, resident, tiles_per_block, steps_per_block, block_bytes,
+                        min_bytes, device)  # fmt: skip
+    return table, table is not None
+
+
 def sparse_forward_triton(
     q: Tensor, k: Tensor, v: Tensor, lists: tuple[Tensor, Tensor], k_first: Tensor,
     k_glob: Tensor, *, block_size: int, q_start: int, seq_len: int, scale: float,
     is_causal: bool, interpreting: bool = False, direct: bool = False,
-    sched: Tensor | None = None,
+    sched: Tensor | None = None, sweep: Sweep | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """q ``(B, Lq, H, D)``; held k, v ``(B, Lk, H_kv, D)`` (``H_kv`` dividing ``H``; query
     head ``h`` reads K/V head ``h // (H / H_kv)``) -> out (q.dtype), lse ``(B, Lq, H)`` fp32.
@@ -473,7 +650,8 @@ def sparse_forward_triton(
     ``lists``: ``(kv_num (Qb,) or (H, Qb), kv_idx (..., Qb, Kmax))`` into held blocks;
     ``k_first``/``k_glob``: int32 first local row / first global token of each held block.
     ``direct``: the held blocks are the sequence's blocks in order and ``q_start`` is 0
-    (one device). ``sched``: program order from :func:`schedules` (None: plain order).
+    (one device). ``sched``: program order from :func:`schedules` (None: plain order);
+    ``sweep``: the pattern's :class:`Sweep` (None: every list walked from its start).
     """
     B, Lq, H, D = q.shape
     out = torch.empty_like(q)
@@ -482,16 +660,30 @@ def sparse_forward_triton(
     bm, bn, warps, stages = _tiles("fwd", block_size, D, interpreting, q.element_size() == 4)
     n_qb = triton.cdiv(Lq, block_size)
     order, use_sched = _sched_args(sched, num)
-    _sparse_fwd[(H * n_qb * (block_size // bm), B)](
-        q, k, v, out, lse, num, idx, k_first, k_glob, order,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(lse),
-        s_numh, s_idxh, s_idxq, Lq, k.shape[1], seq_len, q_start, n_qb, scale * LOG2E,
-        H // k.shape[2], HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
-        IEEE=q.dtype == torch.float32, SCHED=use_sched,
-        **_even(Lq, k.shape[1], seq_len, block_size, direct),
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    grid = (H * n_qb * (block_size // bm), B)
+    args = [q, k, v, out, lse, num, idx, k_first, k_glob, order, num,
+            *_s3(q), *_s3(k), *_s3(v), *_s3(out), *_s3(lse),
+            s_numh, s_idxh, s_idxq, Lq, k.shape[1], seq_len, q_start, n_qb, scale * LOG2E,
+            H // k.shape[2]]  # fmt: skip
+    kwargs = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BS=block_size, CAUSAL=is_causal,
+                  IEEE=q.dtype == torch.float32, SCHED=use_sched,
+                  **_even(Lq, k.shape[1], seq_len, block_size, direct),
+                  num_warps=warps, num_stages=stages)  # fmt: skip
+    _launch(_sparse_fwd, "fwd", grid, args, kwargs, sweep, block_size // bm, block_size // bn,
+            2 * block_size * D * k.element_size())  # fmt: skip
     return out, lse
+
+
+def _launch(kernel, name: str, grid: tuple, args: list, kwargs: dict, sweep: Sweep | None,
+            tiles_per_block: int, steps_per_block: int, block_bytes: int,
+            rot_arg: int = 10) -> None:  # fmt: skip
+    # The launch, with the sweep starts (args[rot_arg], the Rot argument; a placeholder
+    # tensor otherwise) when the pattern has them.
+    table, rot = _rotation(sweep, name, kernel, grid, args, kwargs, tiles_per_block,
+                           steps_per_block, block_bytes, args[0].device)  # fmt: skip
+    if rot:
+        args[rot_arg] = table
+    kernel[grid](*args, ROT=rot, **kwargs)
 
 
 def _even(len_q: int, len_k: int, seq_len: int, block_size: int, direct: bool) -> dict:
@@ -506,6 +698,7 @@ def sparse_backward_triton(
     k_glob: Tensor, *, block_size: int, q_start: int, seq_len: int, scale: float,
     is_causal: bool, grad_dtype: torch.dtype, interpreting: bool = False,
     direct: bool = False, scheds: tuple[Tensor | None, Tensor | None] = (None, None),
+    sweep: Sweep | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients (``grad_dtype``) of q and of the held k, v; ``t_lists`` are the
     transposed lists (for each held key block, the query blocks that keep it);
@@ -531,21 +724,29 @@ def sparse_backward_triton(
     bm, bn, warps, stages = _tiles("dkdv", block_size, D, interpreting, ieee)
     n_kb = k_first.numel()
     order, use_sched = _sched_args(scheds[1], tnum)
-    _sparse_dkdv[(H_kv * n_kb * (block_size // bn), B)](
-        q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob, order,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
-        t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale, kv_group,
-        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, GROUPED=kv_group > 1, num_warps=warps,
-        num_stages=stages, **common,
+    # Q and dO tiles are what the dK/dV programs read from their lists.
+    block_bytes = 2 * block_size * D * q.element_size()
+    _launch(
+        _sparse_dkdv, "dkdv", (H_kv * n_kb * (block_size // bn), B),
+        [q, k, v, dout, lse, delta, dk, dv, tnum, tidx, k_first, k_glob, order, tnum,
+         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dk),
+         t_numh, t_idxh, t_idxk, Lq, Lk, seq_len, q_start, n_kb, scale * LOG2E, scale, kv_group],
+        dict(BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, GROUPED=kv_group > 1, num_warps=warps,
+             num_stages=stages, **common),
+        sweep, block_size // bn, block_size // bm, block_bytes, rot_arg=13,
     )  # fmt: skip
     bm, bn, warps, stages = _tiles("dq", block_size, D, interpreting, ieee)
     n_qb = triton.cdiv(Lq, block_size)
     order, use_sched = _sched_args(scheds[0], num)
-    _sparse_dq[(H * n_qb * (block_size // bm), B)](
-        q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob, order,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dq),
-        s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale, kv_group,
-        BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages, **common,
+    _launch(
+        _sparse_dq, "dq", (H * n_qb * (block_size // bm), B),
+        [q, k, v, dout, lse, delta, dq, num, idx, k_first, k_glob, order, num,
+         *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(lse), *_s3(dq),
+         s_numh, s_idxh, s_idxq, Lq, Lk, seq_len, q_start, n_qb, scale * LOG2E, scale, kv_group],
+        dict(BLOCK_M=bm, BLOCK_N=bn, SCHED=use_sched, num_warps=warps, num_stages=stages,
+             **common),
+        sweep, block_size // bm, block_size // bn, 2 * block_size * D * k.element_size(),
+        rot_arg=12,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -80,3 +80,43 @@ def test_grouped_query_attention(pattern_type, backend) -> None:
         err = (g.double() - r.double()).abs().max().item()
         low_err = (lo.double() - r.double()).abs().max().item()
         assert err <= 2 * low_err + 1e-4, f"{name}: {err:.3g} vs {low_err:.3g}"
+
+
+@pytest.mark.parametrize(("pattern_type", "H_kv", "is_causal"),
+                         [("random", 4, False), ("random", 2, True), ("dilated_sparse", 4, False)])  # fmt: skip
+def test_sweep_starts_on_the_gpu(monkeypatch, pattern_type, H_kv, is_causal) -> None:
+    # The sweep starts with the GPU's own occupancy (compiled kernels' registers and
+    # shared memory), every kernel rotated: the tolerance rule above, and the occupancy
+    # and tables are what was used.
+    from dilated_attention_pytorch.sparse import functional, triton_kernels
+
+    monkeypatch.setitem(triton_kernels.SWEEP, "min_bytes", -1)
+    functional.clear_sparse_caches()
+    H, N, D = 4, 4096, 128
+    q, dout = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, N, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pattern = make_block_sparse_pattern(
+        pattern_type, N, block_size=64, sparsity_ratio=0.8, is_causal=is_causal,
+        num_heads=H if pattern_type == "random" else None,
+    )  # fmt: skip
+    calls = []
+    real = triton_kernels._rotation
+
+    def spy(sweep, name, *args):
+        table, rot = real(sweep, name, *args)
+        calls.append((name, rot, 0 if table is None else int((table > 0).sum())))
+        return table, rot
+
+    monkeypatch.setattr(triton_kernels, "_rotation", spy)
+    ref = _run(q.float(), k.float(), v.float(), dout.float(), pattern, "pytorch")
+    low = _run(q, k, v, dout, pattern, "sdpa")
+    got = _run(q, k, v, dout, pattern, "triton")
+    functional.clear_sparse_caches()
+    assert [c[:2] for c in calls] == [("fwd", True), ("dkdv", True), ("dq", True)], calls
+    assert all(c[2] > 0 for c in calls), calls
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert all(r % sms == 0 for r in triton_kernels._RESIDENT.values()), triton_kernels._RESIDENT
+    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low, strict=True):
+        err = (g.double() - r.double()).abs().max().item()
+        low_err = (lo.double() - r.double()).abs().max().item()
+        assert err <= 2 * low_err + 1e-4, f"{name}: {err:.3g} vs {low_err:.3g}"
