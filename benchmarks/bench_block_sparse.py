@@ -22,9 +22,11 @@ forward and forward+backward time (median, CUDA events) and peak memory of
 
 Columns: ms, TFLOP/s over the kept pairs (``4 * D`` per pair forward, 3.5x that
 forward+backward), peak memory (inputs included; each pattern's cached lists only)
-next to ``block_sparse_memory_estimate``, speedup over dense, and for ``triton`` its
-speedup over ``flex`` on the same row. Prints a table, writes
-``block_sparse_<device>_<date>.json`` (device, date, versions, command) into ``--out``.
+next to ``block_sparse_memory_estimate``, speedup over dense, for ``triton`` its
+speedup over ``flex`` on the same row, and ``swept``: the Triton kernels that started
+their walks at sweep starts (``-``: none, the pattern's blocks fit in the L2 cache).
+Prints a table, writes ``block_sparse_<device>_<date>.json`` (device, date, versions,
+command) into ``--out``.
 """
 
 from __future__ import annotations

@@ -185,6 +185,12 @@ def _triton_settings(call: SparseCall) -> dict:
                 direct=call.held_in_order)  # fmt: skip
 
 
+def _one_device(call: SparseCall, sweep: triton_kernels.Sweep) -> triton_kernels.Sweep | None:
+    # Sweep starts on one device only: a ring step's held blocks make a new mask at every
+    # call, whose starts would be simulated again each time (and are unmeasured there).
+    return sweep if call.held_in_order else None
+
+
 def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Out and LSE of the queries ``q`` against the held ``k``/``v`` (either kernel)."""
     if call.kernel != "triton":
@@ -193,7 +199,8 @@ def block_forward(call: SparseCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Te
     lists, _ = _device_lists(mask, q.device, key=mask)
     (sched, _), sweep = _device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2])
     return triton_kernels.sparse_forward_triton(q, k, v, lists, *_triton_ids(call, q.device),
-                                 sched=sched, sweep=sweep, **_triton_settings(call))  # fmt: skip
+                                 sched=sched, sweep=_one_device(call, sweep),
+                                 **_triton_settings(call))  # fmt: skip
 
 
 def block_backward(
@@ -210,7 +217,7 @@ def block_backward(
     scheds, sweep = _device_schedules(mask, q.shape[2], q.device, q.shape[2] // k.shape[2])
     return triton_kernels.sparse_backward_triton(
         dout, q, k, v, out, lse, lists, t_lists, *_triton_ids(call, q.device),
-        scheds=scheds, sweep=sweep,
+        scheds=scheds, sweep=_one_device(call, sweep),
         grad_dtype=q.dtype if call.grads_in_input_dtype else compute_dtype(q.dtype),
         **_triton_settings(call),
     )  # fmt: skip

@@ -512,10 +512,12 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
     ``h // group * NB + block``, None: in order; ``tiles_per_block`` programs per slot;
     a program walks the lists of its ``group`` heads one after the other,
     ``steps_per_block`` loop steps per kept block) onto ``resident`` places, each to
-    the first one free: a greedy dispatch simulated in loop steps. A program starting at
-    time ``s`` starts at the kept block nearest to ``NK * frac(s / T)`` (``T``: the
-    mean walk), where the programs started before it, which walk their lists at about one
-    list per ``T``, then are. Then the K/V blocks (or Q/dO blocks) a position needs are
+    the first one free: a greedy dispatch simulated in loop steps, for the first batch
+    (the next batches' programs repeat its order and take its starts). A program
+    starting at time ``s`` starts at its first kept block at or past
+    ``NK * frac(s / T)`` (``T``: the mean walk; past its last kept block, at its first),
+    where the programs started before it, which walk their lists at about one list per
+    ``T``, then are. Then the K/V blocks (or Q/dO blocks) a position needs are
     loaded once into the L2 cache and read by every resident program that keeps them,
     instead of the resident programs spreading over the whole sequence.
     """
@@ -550,13 +552,16 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
 
 
 def working_set_blocks(mask: Tensor, resident_blocks: int) -> float:
-    """Mean number of distinct columns kept by ``resident_blocks`` consecutive rows of
-    ``mask`` (its first head): the blocks the programs resident at once read when each
-    walks its list from the start."""
+    """Distinct columns kept by ``resident_blocks`` consecutive rows of ``mask`` (its
+    first head), averaged over up to 9 evenly spaced windows: about the blocks the
+    programs resident at once read when each walks its list from the start. 0 for a
+    mask without rows."""
     m = mask[0] if mask.dim() == 3 else mask
     NB = m.shape[0]
+    if NB == 0:
+        return 0.0
     w = max(1, min(NB, resident_blocks))
-    firsts = range(0, NB - w + 1, max(1, (NB - w) // 8 or 1))
+    firsts = range(0, NB - w + 1, max(1, (NB - w) // 8))
     return sum(int(m[i : i + w].any(0).sum()) for i in firsts) / len(firsts)
 
 
