@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=None,
                         help="K/V heads (grouped-query attention; default: --heads)")  # fmt: skip
     parser.add_argument("--pytorch-max-tokens", type=int, default=32768)
+    parser.add_argument("--dense-max-tokens", type=int, default=None,
+                        help="skip dense SDPA above this length (no speedup column there)")  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=["triton", "flex", "pytorch"])
     parser.add_argument("--tag", default=None, help="extra word in the JSON file's name")
     parser.add_argument("--tune", action="store_true",
@@ -186,6 +188,9 @@ def main() -> None:
             leaves = [t.requires_grad_() for t in (q, k, v)]
             dense_ms = {}
             for backward in (False, True):
+                if args.dense_max_tokens is not None and N > args.dense_max_tokens:
+                    dense_ms[backward] = None
+                    continue
 
                 def dense(a, b, c):
                     return F.scaled_dot_product_attention(
@@ -238,7 +243,9 @@ def main() -> None:
                                     ms=m.ms,
                                     tflops=_tflops(pairs, D, H, m.ms, backward),
                                     peak_gib=None if m.peak_bytes is None else m.peak_bytes / GiB,
-                                    speedup_vs_dense=dense_ms[backward] / m.ms,
+                                    speedup_vs_dense=None
+                                    if dense_ms[backward] is None
+                                    else dense_ms[backward] / m.ms,
                                 )
                                 if method.startswith("triton"):
                                     row["swept"] = ",".join(_swept()) or "-"

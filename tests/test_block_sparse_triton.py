@@ -107,11 +107,11 @@ def test_grouped_query_matches_masked_dense_attention(
 @pytest.fixture
 def sweeps_on(monkeypatch: pytest.MonkeyPatch):
     # The interpreter has no occupancy: say 3 programs are resident and rotate every
-    # pattern's lists (on a GPU only patterns whose blocks overflow the L2 cache are).
+    # pattern's lists (on a GPU only where the cache model prefers it).
     from dilated_attention_pytorch.sparse import functional, triton_kernels
 
     monkeypatch.setitem(triton_kernels.SWEEP, "resident", 3)
-    monkeypatch.setitem(triton_kernels.SWEEP, "min_bytes", -1)
+    monkeypatch.setitem(triton_kernels.SWEEP, "force", True)
     functional.clear_sparse_caches()
     yield triton_kernels
     functional.clear_sparse_caches()
@@ -184,6 +184,33 @@ def test_sweep_starts_follow_the_simulated_dispatch() -> None:
     # Working set: 2 consecutive rows of a diagonal mask keep 2 distinct columns.
     assert working_set_blocks(torch.eye(8, dtype=torch.bool), 2) == 2.0
     assert working_set_blocks(torch.ones(8, 8, dtype=torch.bool), 2) == 8.0
+
+
+@pytest.mark.parametrize(
+    ("pattern_type", "swept"),
+    [("random", True), ("local_window", False), ("dilated_sparse", False), ("global_local", False)],
+)
+def test_cache_model_takes_sweep_starts_for_scattered_lists(pattern_type, swept) -> None:
+    # 512 query blocks at 0.9, 64 programs resident, a cache of 96 blocks: the resident
+    # programs read more blocks than it holds for every pattern. Lists scattered
+    # independently of the query (random) hit far more often with sweep starts; lists
+    # that follow the query keep the launch order's locality and start at their start.
+    from dilated_attention_pytorch.sparse import triton_kernels as tk
+
+    mask = make_block_sparse_pattern(
+        pattern_type, 32768, block_size=64, sparsity_ratio=0.9
+    ).block_mask
+    assert tk.working_set_blocks(mask, 64) > 96
+    walks = tk._dispatch(mask.sum(-1).expand(2, -1).tolist(), None, 64, 1, 1, 1)
+    starts = tk.sweep_starts(mask, 2, None, 64, 1, 1, walks=walks)
+    gain = tk.cache_hit_rate(mask, walks, starts, 64, 1, 96) - tk.cache_hit_rate(
+        mask, walks, None, 64, 1, 96
+    )
+    assert (gain >= 0.2) if swept else (gain < 0.05), gain
+    table = tk.Sweep(mask, 2, 1, (None, None)).table("fwd", 64, 1, 1, 1, 96, torch.device("cpu"))
+    assert (table is not None) == swept
+    if swept:
+        assert torch.equal(table, starts)
 
 
 @interpreted

@@ -28,6 +28,7 @@ blocks with much longer lists than the rest first, so they do not run alone at t
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 
 import torch
 import triton
@@ -491,18 +492,43 @@ def _sched_args(sched: Tensor | None, like: Tensor) -> tuple[Tensor, bool]:
 
 # --------------------------------------------------------------------------- sweeps
 
-# ``enabled``: compute sweep starts (False: every list from its first entry). The rest
-# are for tests and benchmarks: ``resident`` overrides the programs resident on the GPU
-# at once (needed under the interpreter, which has no occupancy), ``min_bytes`` the
-# working set above which the starts are rotated (None: half the GPU's L2 cache).
-SWEEP: dict = {"enabled": True, "resident": None, "min_bytes": None}
+# ``enabled``: sweep starts where the cache model prefers them (False: every list from
+# its first entry). For tests and benchmarks: ``resident`` overrides the programs resident
+# on the GPU at once (needed under the interpreter, which has no occupancy), and
+# ``force`` takes the sweep starts whatever the model says.
+SWEEP: dict = {"enabled": True, "resident": None, "force": False}
 # Time of a program outside its loop, in loop steps (loading q, storing out): the
 # simulated dispatch only needs it roughly.
 _PROLOGUE, _EPILOGUE = 2.0, 1.0
+# The cache model: walks simulated (in multiples of the resident programs, the first
+# third only warming the cache up), and the hit-rate gain that takes sweep starts.
+_MODEL_WALKS, _MODEL_GAIN = 6, 0.05
+
+
+def _dispatch(counts: list[list[int]], order: Tensor | None, resident: int,
+              tiles_per_block: int, steps_per_block: int, group: int) -> list[tuple]:  # fmt: skip
+    """Start time (in loop steps) of every list's walk, in launch order:
+    ``[(time, head, block)]``; see :func:`sweep_starts`."""
+    NB = len(counts[0])
+    free = [0.0] * max(1, resident)
+    walks = []
+    slots = range(len(counts) // group * NB) if order is None else order.cpu().tolist()
+    for slot in slots:
+        hp, blk = divmod(int(slot), NB)
+        for sub in range(tiles_per_block):
+            t = heapq.heappop(free) + _PROLOGUE
+            walked = 0.0
+            for h in range(hp * group, hp * group + group):
+                if sub == 0:
+                    walks.append((t + walked, h, blk))
+                walked += counts[h][blk] * steps_per_block
+            heapq.heappush(free, t + walked + _EPILOGUE)
+    return walks
 
 
 def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
-                 tiles_per_block: int, steps_per_block: int, group: int = 1) -> Tensor:  # fmt: skip
+                 tiles_per_block: int, steps_per_block: int, group: int = 1,
+                 walks: list[tuple] | None = None) -> Tensor:  # fmt: skip
     """Where each list's walk starts, so that the programs on the GPU at the same time walk
     the same part of the keys (int32 ``(heads, NB)``: a position in the list; the walk
     wraps around to the list's start).
@@ -519,29 +545,23 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
     where the programs started before it, which walk their lists at about one list per
     ``T``, then are. Then the K/V blocks (or Q/dO blocks) a position needs are
     loaded once into the L2 cache and read by every resident program that keeps them,
-    instead of the resident programs spreading over the whole sequence.
+    instead of the resident programs spreading over the whole sequence. ``walks``: the
+    simulated dispatch, when already computed.
     """
     m = mask.cpu()
     shared = m.dim() == 2
     NB, NK = m.shape[-2:]
     H = heads
     counts = m.sum(-1).expand(H, NB)
-    steps = (counts * steps_per_block).tolist()
+    if walks is None:
+        walks = _dispatch(counts.tolist(), order, resident, tiles_per_block, steps_per_block,
+                          group)  # fmt: skip
     mean = float(counts.double().mean()) * steps_per_block
-    start = [[0.0] * NB for _ in range(H)]
-    free = [0.0] * max(1, resident)
-    slots = range(H // group * NB) if order is None else order.cpu().tolist()
-    for slot in slots:
-        hp, blk = divmod(int(slot), NB)
-        for sub in range(tiles_per_block):
-            t = heapq.heappop(free) + _PROLOGUE
-            walked = 0.0
-            for h in range(hp * group, hp * group + group):
-                if sub == 0:
-                    start[h][blk] = t + walked
-                walked += steps[h][blk]
-            heapq.heappush(free, t + walked + _EPILOGUE)
-    where = torch.tensor(start, dtype=torch.float64) / max(mean, 1e-9)
+    where = torch.zeros(H, NB, dtype=torch.float64)
+    if walks:
+        t, h, blk = (torch.tensor(c) for c in zip(*walks, strict=True))
+        where[h, blk] = t.double()
+    where = where / max(mean, 1e-9)
     where = ((where - where.floor()) * NK).ceil().long()  # the first key block at or past it
     # A list's position of that block: the kept blocks before it, counted by a search in
     # the flat sorted keys (list, block) of all kept blocks.
@@ -549,6 +569,44 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
     flat = m.reshape(-1).nonzero().flatten()  # list * NK + block, increasing
     rot = torch.searchsorted(flat, lists * NK + where) - torch.searchsorted(flat, lists * NK)
     return torch.where(rot >= counts, torch.zeros_like(rot), rot).to(torch.int32)
+
+
+def cache_hit_rate(mask: Tensor, walks: list[tuple], starts: Tensor | None, resident: int,
+                   steps_per_block: int, capacity: int) -> float:  # fmt: skip
+    """Modelled L2 hit rate of the block reads of ``6 * resident`` walks from the middle
+    of the simulated dispatch ``walks`` (:func:`_dispatch`), in the order of their
+    loop steps, in a least-recently-used cache of ``capacity`` blocks; the first third of
+    them only fill the cache. ``starts``: sweep starts (None: lists walked from their
+    first entry). A model, not the GPU's cache: it ranks the two orders."""
+    m = mask.cpu()
+    count = min(len(walks), _MODEL_WALKS * max(1, resident))
+    first = (len(walks) - count) // 2
+    sample = walks[first : first + count]
+    if not sample or capacity <= 0:
+        return 0.0
+    warm = sample[count // 3][0]
+    reads = []
+    for t0, h, blk in sample:
+        cols = (m[h, blk] if m.dim() == 3 else m[blk]).nonzero().flatten().tolist()
+        r = int(starts[h, blk]) if starts is not None and cols else 0
+        cols = cols[r:] + cols[:r]
+        reads += [(t0 + j * steps_per_block, h, c) for j, c in enumerate(cols)]
+    reads.sort()
+    cache: OrderedDict = OrderedDict()
+    hits = counted = 0
+    for t, h, c in reads:
+        key = (h, c)
+        hit = key in cache
+        if hit:
+            cache.move_to_end(key)
+        else:
+            cache[key] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+        if t >= warm:
+            counted += 1
+            hits += hit
+    return hits / max(1, counted)
 
 
 def working_set_blocks(mask: Tensor, resident_blocks: int) -> float:
@@ -576,21 +634,39 @@ class Sweep:
         self._tables: dict[tuple, Tensor | None] = {}
 
     def table(self, kernel: str, resident: int, tiles_per_block: int, steps_per_block: int,
-              block_bytes: int, min_bytes: int, device: torch.device) -> Tensor | None:  # fmt: skip
+              block_bytes: int, cache_bytes: int, device: torch.device,
+              force: bool = False) -> Tensor | None:  # fmt: skip
         """Starts of ``kernel`` ("fwd", "dq": lists of key blocks; "dkdv": of query
-        blocks) on ``device``, or None when the blocks the resident programs read from
-        their lists' starts fit in ``min_bytes`` (``block_bytes`` per block) anyway."""
-        key = (kernel, resident, tiles_per_block, steps_per_block, block_bytes, min_bytes,
-               str(device))  # fmt: skip
+        blocks) on ``device``, or None (lists walked from their first entry) unless
+        ``force`` or both: the blocks the resident programs read overflow ``cache_bytes``
+        (``block_bytes`` per block), and in a cache of that size the model
+        (:func:`cache_hit_rate`) hits at least 5 points more often with the starts.
+
+        Patterns whose lists follow the query (``local_window``, ``dilated_sparse``,
+        ``global_local``) keep the launch order's locality and walk from the start; lists
+        scattered independently of the query (``random``) take the starts."""
+        key = (kernel, resident, tiles_per_block, steps_per_block, block_bytes, cache_bytes,
+               str(device), force)  # fmt: skip
         if key not in self._tables:
             dkdv = kernel == "dkdv"
             mask = self.mask.transpose(-1, -2) if dkdv else self.mask
             group = self.kv_group if dkdv else 1
-            blocks = working_set_blocks(mask, -(-resident // tiles_per_block) * group)
+            order = self.orders[1 if dkdv else 0]
             table = None
-            if blocks * block_bytes > min_bytes:
-                table = sweep_starts(mask, self.heads, self.orders[1 if dkdv else 0], resident,
-                                     tiles_per_block, steps_per_block, group).to(device)  # fmt: skip
+            blocks = working_set_blocks(mask, -(-resident // tiles_per_block) * group)
+            if force or blocks * block_bytes > cache_bytes:
+                counts = mask.sum(-1).expand(self.heads, mask.shape[-2]).tolist()
+                walks = _dispatch(counts, order, resident, tiles_per_block, steps_per_block,
+                                  group)  # fmt: skip
+                starts = sweep_starts(mask, self.heads, order, resident, tiles_per_block,
+                                      steps_per_block, group, walks)  # fmt: skip
+                capacity = cache_bytes // max(1, block_bytes)
+                gain = force or (
+                    cache_hit_rate(mask, walks, starts, resident, steps_per_block, capacity)
+                    - cache_hit_rate(mask, walks, None, resident, steps_per_block, capacity)
+                    >= _MODEL_GAIN
+                )  # fmt: skip
+                table = starts.to(device) if gain else None
             self._tables[key] = table
         return self._tables[key]
 
@@ -634,12 +710,11 @@ def _rotation(sweep: Sweep | None, name: str, kernel, grid: tuple, args: list, k
             return None, False
         resident = _resident_programs(kernel, grid, tuple(args), {**kwargs, "ROT": True},
                                       device)  # fmt: skip
-    min_bytes = SWEEP["min_bytes"]
-    if min_bytes is None:
-        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        min_bytes = getattr(props, "L2_cache_size", 0) // 2
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    # The model's cache: half the L2 (H100/H200: each half is nearer to half the SMs).
+    cache_bytes = getattr(props, "L2_cache_size", 50 * 2**20) // 2
     table = sweep.table(name, resident, tiles_per_block, steps_per_block, block_bytes,
-                        min_bytes, device)  # fmt: skip
+                        cache_bytes, device, SWEEP["force"])  # fmt: skip
     return table, table is not None
 
 
