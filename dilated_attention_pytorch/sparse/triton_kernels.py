@@ -629,7 +629,7 @@ class Sweep:
 
     def __init__(self, mask: Tensor, heads: int, kv_group: int,
                  orders: tuple[Tensor | None, Tensor | None]) -> None:  # fmt: skip
-        self.mask = mask.detach().cpu()
+        self.mask = mask.detach()  # copied to the host only if a table is computed
         self.heads, self.kv_group, self.orders = heads, kv_group, orders
         self._tables: dict[tuple, Tensor | None] = {}
 
@@ -649,7 +649,8 @@ class Sweep:
                str(device), force)  # fmt: skip
         if key not in self._tables:
             dkdv = kernel == "dkdv"
-            mask = self.mask.transpose(-1, -2) if dkdv else self.mask
+            mask = self.mask.cpu()
+            mask = mask.transpose(-1, -2) if dkdv else mask
             group = self.kv_group if dkdv else 1
             order = self.orders[1 if dkdv else 0]
             table = None
