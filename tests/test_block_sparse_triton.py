@@ -196,8 +196,7 @@ def test_cache_model_takes_sweep_starts_for_scattered_lists(pattern_type, swept)
         pattern_type, 32768, block_size=64, sparsity_ratio=0.9
     ).block_mask
     assert tk.working_set_blocks(mask, 64) > 96
-    walks = tk._dispatch(mask.sum(-1).expand(2, -1).tolist(), None, 64, 1, 1, 1)
-    starts = tk.sweep_starts(mask, 2, None, 64, 1, 1, walks=walks)
+    starts, walks = tk._starts_and_walks(mask, 2, None, 64, 1, 1, 1)
     gain = tk.cache_hit_rate(mask, walks, starts, 64, 1, 96) - tk.cache_hit_rate(
         mask, walks, None, 64, 1, 96
     )

@@ -527,8 +527,7 @@ def _dispatch(counts: list[list[int]], order: Tensor | None, resident: int,
 
 
 def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
-                 tiles_per_block: int, steps_per_block: int, group: int = 1,
-                 walks: list[tuple] | None = None) -> Tensor:  # fmt: skip
+                 tiles_per_block: int, steps_per_block: int, group: int = 1) -> Tensor:  # fmt: skip
     """Where each list's walk starts, so that the programs on the GPU at the same time walk
     the same part of the keys (int32 ``(heads, NB)``: a position in the list; the walk
     wraps around to the list's start).
@@ -545,17 +544,22 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
     where the programs started before it, which walk their lists at about one list per
     ``T``, then are. Then the K/V blocks (or Q/dO blocks) a position needs are
     loaded once into the L2 cache and read by every resident program that keeps them,
-    instead of the resident programs spreading over the whole sequence. ``walks``: the
-    simulated dispatch, when already computed.
+    instead of the resident programs spreading over the whole sequence.
     """
+    return _starts_and_walks(mask, heads, order, resident, tiles_per_block, steps_per_block,
+                             group)[0]  # fmt: skip
+
+
+def _starts_and_walks(mask: Tensor, heads: int, order: Tensor | None, resident: int,
+                      tiles_per_block: int, steps_per_block: int,
+                      group: int) -> tuple[Tensor, list[tuple]]:  # fmt: skip
+    # sweep_starts and the simulated dispatch it came from (for cache_hit_rate).
     m = mask.cpu()
     shared = m.dim() == 2
     NB, NK = m.shape[-2:]
     H = heads
     counts = m.sum(-1).expand(H, NB)
-    if walks is None:
-        walks = _dispatch(counts.tolist(), order, resident, tiles_per_block, steps_per_block,
-                          group)  # fmt: skip
+    walks = _dispatch(counts.tolist(), order, resident, tiles_per_block, steps_per_block, group)
     mean = float(counts.double().mean()) * steps_per_block
     where = torch.zeros(H, NB, dtype=torch.float64)
     if walks:
@@ -568,7 +572,7 @@ def sweep_starts(mask: Tensor, heads: int, order: Tensor | None, resident: int,
     lists = torch.arange(NB) if shared else torch.arange(H * NB).view(H, NB)
     flat = m.reshape(-1).nonzero().flatten()  # list * NK + block, increasing
     rot = torch.searchsorted(flat, lists * NK + where) - torch.searchsorted(flat, lists * NK)
-    return torch.where(rot >= counts, torch.zeros_like(rot), rot).to(torch.int32)
+    return torch.where(rot >= counts, torch.zeros_like(rot), rot).to(torch.int32), walks
 
 
 def cache_hit_rate(mask: Tensor, walks: list[tuple], starts: Tensor | None, resident: int,
@@ -656,11 +660,8 @@ class Sweep:
             table = None
             blocks = working_set_blocks(mask, -(-resident // tiles_per_block) * group)
             if force or blocks * block_bytes > cache_bytes:
-                counts = mask.sum(-1).expand(self.heads, mask.shape[-2]).tolist()
-                walks = _dispatch(counts, order, resident, tiles_per_block, steps_per_block,
-                                  group)  # fmt: skip
-                starts = sweep_starts(mask, self.heads, order, resident, tiles_per_block,
-                                      steps_per_block, group, walks)  # fmt: skip
+                starts, walks = _starts_and_walks(mask, self.heads, order, resident,
+                                                  tiles_per_block, steps_per_block, group)  # fmt: skip
                 capacity = cache_bytes // max(1, block_bytes)
                 gain = force or (
                     cache_hit_rate(mask, walks, starts, resident, steps_per_block, capacity)
