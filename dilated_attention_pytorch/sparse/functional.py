@@ -117,13 +117,17 @@ _LISTS: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tuple:
-    """``(kv lists, transposed lists)`` of a ``(..., Qb, Kb)`` block mask on ``device``
-    (cached per ``key``, e.g. a pattern: building them costs a sort of the mask)."""
+    """``(kv lists, transposed lists)`` of a ``(..., Qb, Kb)`` block mask on ``device``,
+    int32 as the Triton kernels read them (cached per ``key``, e.g. a pattern: building
+    them costs a sort of the mask, and casting them at every call a launch each)."""
     if key is not None and (key, str(device)) in _LISTS:
         _LISTS.move_to_end((key, str(device)))
         return _LISTS[(key, str(device))][1]
     mask = mask.to(device)
-    lists = (kv_block_lists(mask), kv_block_lists(mask.transpose(-1, -2)))
+    lists = tuple(
+        tuple(t.to(torch.int32) for t in kv_block_lists(m))
+        for m in (mask, mask.transpose(-1, -2))
+    )
     if key is not None:
         _LISTS[(key, str(device))] = (mask, lists)  # the mask keeps id(key) unique
         while len(_LISTS) > 32:

@@ -23,8 +23,9 @@ _FLEX_EXTRA_INPUTS = 1
 
 def _list_bytes(mask: torch.Tensor) -> int:
     """Bytes of the cached index lists of a ``(..., Qb, Kb)`` block mask on the device:
-    the mask, then for it and its transpose the counts and indices (int64) and the
-    int32 copies the launches pass."""
+    the mask, then for it and its transpose the counts and indices: int32 as they are
+    cached, plus the int64 lists they are cast from while they are built (a ring step
+    builds them next to its buffers), an upper bound for one device."""
     counts_q, counts_k = mask.sum(-1), mask.sum(-2)
     heads = mask.shape[0] if mask.dim() == 3 else 1
     kmax_q = max(1, int(counts_q.max()))
