@@ -125,8 +125,7 @@ def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tup
         return _LISTS[(key, str(device))][1]
     mask = mask.to(device)
     lists = tuple(
-        tuple(t.to(torch.int32) for t in kv_block_lists(m))
-        for m in (mask, mask.transpose(-1, -2))
+        tuple(t.to(torch.int32) for t in kv_block_lists(m)) for m in (mask, mask.transpose(-1, -2))
     )
     if key is not None:
         _LISTS[(key, str(device))] = (mask, lists)  # the mask keeps id(key) unique
