@@ -87,6 +87,30 @@ def time_ms(
     return statistics.median(times)
 
 
+def time_ms_streamed(fn: Callable[[], object], device: torch.device | str, *, reps: int) -> float:
+    """Mean milliseconds per run of ``reps`` runs queued back to back, after one untimed
+    run: CUDA events around the whole loop and one synchronisation at its end, so the
+    host may run ahead of the GPU as in a training loop (:func:`time_ms` synchronises
+    after each run, so a short run's time there includes the host work before its first
+    kernel). ``time.perf_counter`` elsewhere."""
+    device = torch.device(device)
+    fn()
+    sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / reps
+
+
 def reps_for(ms_estimate: float, *, budget_ms: float = 700.0, lo: int = 5, hi: int = 50) -> int:
     """Runs that fit in about ``budget_ms`` of timing, between ``lo`` and ``hi``."""
     return int(min(hi, max(lo, budget_ms / max(ms_estimate, 1e-3))))
