@@ -124,8 +124,10 @@ def _device_lists(mask: Tensor, device: torch.device, key: object = None) -> tup
         _LISTS.move_to_end((key, str(device)))
         return _LISTS[(key, str(device))][1]
     mask = mask.to(device)
+    # Contiguous too: the transposed mask's lists come out column-major.
     lists = tuple(
-        tuple(t.to(torch.int32) for t in kv_block_lists(m)) for m in (mask, mask.transpose(-1, -2))
+        tuple(t.to(torch.int32).contiguous() for t in kv_block_lists(m))
+        for m in (mask, mask.transpose(-1, -2))
     )
     if key is not None:
         _LISTS[(key, str(device))] = (mask, lists)  # the mask keeps id(key) unique

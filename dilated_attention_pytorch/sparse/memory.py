@@ -25,7 +25,9 @@ def _list_bytes(mask: torch.Tensor) -> int:
     """Bytes of the cached index lists of a ``(..., Qb, Kb)`` block mask on the device:
     the mask, then for it and its transpose the counts and indices: int32 as they are
     cached, plus the int64 lists they are cast from while they are built (a ring step
-    builds them next to its buffers), an upper bound for one device."""
+    builds them next to its buffers). The sort that builds them briefly takes more
+    (int64 over the whole mask), before the attention's own buffers exist on one
+    device."""
     counts_q, counts_k = mask.sum(-1), mask.sum(-2)
     heads = mask.shape[0] if mask.dim() == 3 else 1
     kmax_q = max(1, int(counts_q.max()))
