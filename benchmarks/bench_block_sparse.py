@@ -225,18 +225,17 @@ def main() -> None:
                     for method in methods:
                         if method == "pytorch" and N > args.pytorch_max_tokens:
                             continue
+                        backend = method.split("-")[0]  # triton-in-order: triton
                         for backward in (False, True):
 
-                            def fn(a, b, c, pattern=pattern, method=method):
-                                if method.startswith("triton"):
+                            def fn(a, b, c, pattern=pattern, method=method, backend=backend):
+                                if backend == "triton":
                                     # The backward reads the flag too (it runs after fn).
                                     from dilated_attention_pytorch.sparse import triton_kernels
 
                                     triton_kernels.SWEEP["enabled"] = method == "triton"
-                                backend = method.split("-")[0]
                                 return block_sparse_attention(a, b, c, pattern, backend=backend)
 
-                            backend = method.split("-")[0]
                             row = {
                                 "method": method, "pattern": pattern_type, "seq_len": N,
                                 "head_dim": D, "backward": backward,
@@ -256,7 +255,7 @@ def main() -> None:
                                     if dense_ms[backward] is None
                                     else dense_ms[backward] / m.ms,
                                 )
-                                if method.startswith("triton"):
+                                if backend == "triton":
                                     row["swept"] = ",".join(_swept()) or "-"
                                 if method != "pytorch" and backward:
                                     # A training step, as the estimate counts it.
