@@ -45,7 +45,14 @@ from dilated_attention_pytorch.plan import make_plan
 
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
-KERNELS = ("_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+KERNELS = (
+    "_fwd_kernel",
+    "_delta_kernel",
+    "_bwd_dkdv_kernel",
+    "_bwd_dq_kernel",
+    "_fused_fwd_kernel",
+    "_fused_dq_kernel",
+)
 SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
 
 
@@ -158,7 +165,8 @@ def launch_forms(
         # The dilation rate as the kernel sees it: 1 is a compile-time constant (Triton
         # specialises integers equal to 1). Launches that differ only in other values'
         # specialisations compile alike: the first stands in.
-        dil = a[fn.arg_names.index("dil")]
+        # The fused kernels run every branch in one launch: no rate argument ("all").
+        dil = a[fn.arg_names.index("dil")] if "dil" in fn.arg_names else "all"
         key = (name, tuple(settings.items()), dil == 1, kw["num_warps"], kw["num_stages"],
                kw.get("maxnreg"))  # fmt: skip
         if key not in seen:
@@ -166,7 +174,7 @@ def launch_forms(
             seen[key] = {
                 "kernel": name.strip("_").removesuffix("_kernel"),
                 **{s.lower(): v for s, v in settings.items()},
-                "dil": 1 if dil == 1 else "> 1",
+                "dil": dil if dil in (1, "all") else "> 1",
                 "num_warps": kw["num_warps"],
                 "num_stages": kw["num_stages"],
                 "maxnreg": kw.get("maxnreg"),
@@ -175,7 +183,7 @@ def launch_forms(
             }
             r = seen[key]
             print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
-                  f"acc_in={r['acc_in']!s:<5} dq_add={r.get('dq_add', '-')} "
+                  f"acc_in={r.get('acc_in', '-')!s:<5} dq_add={r.get('dq_add', '-')} "
                   f"tma_loads={r['tma_loads']!s:<5} "
                   f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
                   f"{'' if r['maxnreg'] is None else ' cap ' + str(r['maxnreg'])}: "

@@ -63,6 +63,7 @@ if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py do
     from .backends.triton.launch import (
         _compacts,
         _dq_add,
+        _fused_branches,
         _grouped_dkdv,
         _head_chunks,
         _launches_for_chunk,
@@ -590,10 +591,13 @@ def _cast_grads(tl: _Timeline, cfg: _Config, tokens: int, accs: list, residue: t
 
 def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``backends.triton.launch.dilated_forward``: out in the input dtype, lse fp32 and,
-    when several branches cover a position, one fp32 accumulator per head chunk."""
+    when several branches cover a position and the fused forward does not run them
+    (``_fused_branches``), one fp32 accumulator per head chunk."""
     out = tl.new("output", cfg.qkv_bytes(N))
     lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, 4))  # the (hi, lo) pair
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
+    if cfg.extra["triton_fused"]:
+        return out, lse
     for lo, hi in chunks:
         # acc is deleted at the end of each chunk (`del acc`).
         tl.free(tl.new("accumulators", cfg.B * N * (hi - lo) * cfg.D * 4) if multi else None)
@@ -605,7 +609,9 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     before the dQ pass's one (with ``DQ_MODE`` adding dQ from the dK/dV kernel: the dQ
     buffer first, live through the pass), and while each launch runs its branch's own
     rows of the row terms (``_compact_rows``, largest for the least dilated branch);
-    ``into``: the gradients go to the caller's buffers. With grouped-query attention the
+    ``into``: the gradients go to the caller's buffers. Where the fused kernels run the
+    plan (``_fused_branches``, dQ in its own kernel) one launch writes dQ before the
+    chunks, and the chunks run only the dK/dV pass. With grouped-query attention the
     dK/dV accumulators are per K/V head where the grouped programs run
     (``_grouped_dkdv``), else per query head and summed per K/V head afterwards."""
     grads = () if into else tuple(tl.new("gradients", n) for n in cfg.io_bytes(N))
@@ -634,7 +640,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
                 tl.free(*accs)
             else:
                 launches(lo, hi)
-            if not dq_add:
+            if not dq_add and not cfg.extra["triton_fused"]:
                 dq = tl.new("accumulators", size) if multi else None
                 launches(lo, hi)
             tl.free(dq)
@@ -963,9 +969,7 @@ def _chunk_config(cfg: _Config, N: int, first: int, stop: int) -> _Config:
     H = stop - first
     extra = {"interleaved": True}
     if cfg.kernel == "triton" and "triton_multi" in cfg.extra:  # one device
-        sched = _schedule(plan)
-        extra.update(triton_multi=sched.multi,
-                     triton_chunks=_head_chunks(sched.multi, cfg.B, N, H, cfg.D, cfg.kv_group))  # fmt: skip
+        extra.update(_triton_extra(plan, cfg.B, N, H, cfg.D, cfg.kv_group))
     return dataclasses.replace(cfg, H=H, Hkv=H // cfg.kv_group, plan=plan, extra=extra)
 
 
@@ -1165,13 +1169,21 @@ def _config(
     extra = {}
     Hkv = H if Hkv is None else Hkv
     if backend == "triton" and ring == 1:
-        sched = _schedule(plan)
-        extra = {
-            "triton_multi": sched.multi,
-            "triton_chunks": _head_chunks(sched.multi, B, N, H, D, H // Hkv),
-        }
+        extra = _triton_extra(plan, B, N, H, D, H // Hkv)
     tile = _MAX_SCORE_ELEMENTS if device == "cuda" else _MAX_SCORE_ELEMENTS_CPU
     return _Config(B, H, D, itemsize, acc, kernel, plan, tile, extra, Hkv)
+
+
+def _triton_extra(plan: DilatedPlan, B: int, N: int, H: int, D: int, kv_group: int) -> dict:
+    """What the Triton launches of a (non-causal, unpacked) call on one device allocate:
+    whether branches accumulate (``multi``), the head chunks, and whether the fused
+    forward runs the plan (no accumulator in the forward)."""
+    sched = _schedule(plan)
+    return {
+        "triton_multi": sched.multi,
+        "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
+        "triton_fused": _fused_branches(sched, H, causal=False, documents=None) is not None,
+    }
 
 
 def _ranks(ring: int) -> list[int]:
@@ -1249,7 +1261,9 @@ def get_memory_estimate(
       constant (``5 * 64 MiB`` in fp32) that dominates small inputs.
     - ``triton`` backend: out and lse written in place; fp32 accumulators only when
       several branches cover a position, per head chunk of at most
-      ``ACC_CHUNK_BYTES``; ``delta`` in the backward.
+      ``ACC_CHUNK_BYTES``, and only for dK/dV where the fused kernels run the forward and
+      dQ (softmax mixing whose rates and segment lengths nest, as LongNet's do);
+      ``delta`` in the backward.
     - ring (``ring_size = k > 1``, ``L = N / k``): the same per-block work on the shard;
       each branch with ``w > L`` packs its dilated K/V (about ``2T / r`` elements) and
       holds it plus the incoming one (three during a step change: the previous one is
@@ -1260,7 +1274,9 @@ def get_memory_estimate(
       rank: ``O(N)`` per rank.
 
     Not modelled: the causal variant (it sends fewer blocks: this is an upper bound
-    for contiguous shards), the zigzag layout (the ring modules' causal calls on the
+    for contiguous shards; on one device the Triton backend's causal calls run the
+    forward and dQ per branch, so a causal forward without backward may hold one fp32
+    accumulator chunk, at most ``ACC_CHUNK_BYTES``, more than estimated), the zigzag layout (the ring modules' causal calls on the
     whole sequence: three half-size K/V buffers per branch with ``w > L`` instead of one,
     and one reordered copy of q, k, v or the output at a time),
     key padding masks and dropout (the math path's masks), cuDNN's internal workspace,

@@ -476,22 +476,34 @@ def test_grouped_query_estimate_matches_recorded_h200_peaks(monkeypatch) -> None
     both mixings, both backends). The pytorch backend's blocks run cuDNN once per strided
     view of query heads (``blocks.fused_grouped_forward``/``_backward``). The Triton rows
     were measured before the grouped dK/dV programs, with per-query-head fp32 dK/dV
-    accumulators: replayed with those (``_grouped_dkdv`` off), they match too."""
+    accumulators: replayed with those (``_grouped_dkdv`` off), they match too. The
+    forward then merged branches through fp32 accumulators (before the fused forward)."""
     data = _recorded("dilated_bench_h200_20261206_gqa_before_grouped_dkdv.json")
     rows = data["rows"]
     assert {(r["H"], r["H_kv"]) for r in rows} == {(32, 8)} and len(rows) == 16
     if "triton" in available_backends():
         monkeypatch.setattr(memory, "_grouped_dkdv", lambda *args: False)
+        _per_branch_forward(monkeypatch)
     _check_recorded_single_device_rows(data)
 
 
-def test_grouped_query_estimate_matches_recorded_h100_peaks() -> None:
+def _per_branch_forward(monkeypatch) -> None:
+    """Replay the Triton forward as it ran before the fused forward: a launch per branch,
+    merging through fp32 accumulators (``BRANCH_MODE = "per_branch"``)."""
+    from dilated_attention_pytorch.backends.triton import launch
+
+    monkeypatch.setattr(launch, "BRANCH_MODE", "per_branch")
+
+
+def test_grouped_query_estimate_matches_recorded_h100_peaks(monkeypatch) -> None:
     """The same calls on an H100 after the grouped dK/dV programs (N = 256K and 512K):
     the Triton rows hold dK/dV accumulators per K/V head only (11.2 GiB at 256K, where
-    the H200 run before those programs held 12.4)."""
+    the H200 run before those programs held 12.4). Measured before the fused forward."""
     data = _recorded("dilated_bench_h100_20261207_gqa_grouped_dkdv.json")
     rows = data["rows"]
     assert {(r["H"], r["H_kv"]) for r in rows} == {(32, 8)} and len(rows) == 8
+    if "triton" in available_backends():
+        _per_branch_forward(monkeypatch)
     _check_recorded_single_device_rows(data)
 
 
@@ -514,13 +526,16 @@ def _check_recorded_single_device_rows(data: dict) -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_estimate_matches_recorded_h100_single_device_peaks(causal: bool) -> None:
+def test_estimate_matches_recorded_h100_single_device_peaks(monkeypatch, causal: bool) -> None:
     """bf16, one device, both backends: ``torch.cuda.max_memory_allocated`` of
     ``benchmarks/bench_dilated.py`` calls on an H100 (LongNet's 2048..32768 / 1..16, N = 1M,
     H = 16, D = 64 and 128, both mixings), inputs included. The benchmark also holds the
     output gradient ``dout`` during a forward-only call, which the estimate of a forward
     (``with_backward=False``) does not count. Causal calls are estimated as non-causal (an
-    upper bound); on one device the buffers are the same."""
+    upper bound); on one device the buffers are the same. Measured before the fused
+    forward (the Triton forward merged branches through fp32 accumulators)."""
+    if "triton" in available_backends():
+        _per_branch_forward(monkeypatch)
     name = "_causal" if causal else ""
     data = _recorded(f"dilated_bench_h100_20261206_auto_training{name}.json")
     rows = data["rows"]

@@ -7,7 +7,9 @@ gather/scatter copy of q, k, v, out or the gradients is ever made.
 
 A program of the forward, dK/dV and dQ kernels runs one tile of dilated positions of
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
-once per branch.
+once per branch. The fused forward and dQ kernels run every branch of a plan whose
+branches nest in one launch, a program per tile of positions covered by the same
+branches (:func:`_fused_tile`).
 
 Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
 only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``, the product and the
@@ -405,6 +407,119 @@ def _fwd_kernel(
         tl.store(lse_ptrs, lse_hi + lse_lo, mask=qmask)
 
 
+@triton.jit
+def _fused_tile(
+    Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M: tl.constexpr,
+    NUM_BRANCHES: tl.constexpr,
+):  # fmt: skip
+    # The tile of the fused kernels (_fused_fwd_kernel, _fused_dq_kernel) this program
+    # runs. Every branch of a softmax-mixing plan whose rates and segment lengths nest
+    # (each divides the next, the first rate 1, the first segment length a multiple of
+    # the last rate; launch._fused_branches) runs in one launch: a query's keys are those
+    # of every branch that covers it. With offsets o_j = (h - head0_j) % r_j that nest
+    # too, a position covered by branch j is covered by every branch before it, so each
+    # position has a class c (the last branch that covers it), and the positions of a
+    # class within a unit (the first segment length, which divides every other) are
+    # views of constant stride: for c below the last branch, the residues o_c + i * r_c
+    # modulo r_{c+1} other than o_{c+1}, stride r_{c+1}; for the last, o_c modulo r_c.
+    # Programs[e] = (c, view, tile) lists them heaviest first; grid axis 0 = (unit,
+    # entry): the programs of a unit run side by side and share its keys in L2; axis 1
+    # = (batch, head). Returns c, b (int64), h, the unit's first token (int64), the
+    # tile's first position in its view, the view's length, its first token and stride.
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    e = pid % num_programs
+    u = pid // num_programs
+    c = tl.load(Programs + 3 * e)
+    view = tl.load(Programs + 3 * e + 1)
+    m0 = tl.load(Programs + 3 * e + 2) * BLOCK_M
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    r_c = tl.load(Rates + c)
+    resid = (h - tl.load(Head0 + c)) % r_c
+    stride = r_c
+    if c < NUM_BRANCHES - 1:
+        r_n = tl.load(Rates + c + 1)
+        o_n = (h - tl.load(Head0 + c + 1)) % r_n
+        skip = (o_n - resid) // r_c  # the residue of the next branch, not this class
+        resid = resid + (view + (view >= skip).to(tl.int32)) * r_c
+        stride = r_n
+    first = u.to(tl.int64) * unit
+    len_q = _dilated_len(tl.minimum(unit, n - first).to(tl.int32), resid, stride)
+    return c, b, h, first, m0, len_q, first + resid, stride
+
+
+@triton.jit
+def _fused_branch(j, Rates, Segs, Head0, h, first, n):
+    # Branch j's keys for a tile of the unit starting at token `first`: its rate, the
+    # number of dilated keys of its segment there and the token of the first one.
+    r_j = tl.load(Rates + j)
+    w_j = tl.load(Segs + j)
+    o_j = (h - tl.load(Head0 + j)) % r_j
+    seg_first = (first // w_j) * w_j
+    len_k = _dilated_len(tl.minimum(w_j, n - seg_first).to(tl.int32), o_j, r_j)
+    return r_j, len_k, seg_first + o_j
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    Q, K, V, Out, Lse, Kpm, Programs, Rates, Segs, Head0,
+    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+    s_ob, s_on, s_oh, s_lb, s_ln, s_lh, s_mb, s_mn,
+    n, unit, num_programs, num_heads, kv_group, sm_scale, s_lp,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
+    NEG_SCALE: tl.constexpr,
+):  # fmt: skip
+    # Every branch in one launch (_fused_tile): one online softmax per query over the
+    # keys of every branch that covers it, which is the LSE merge of the branches'
+    # outputs, so no fp32 accumulator; out and the LSE pair written once.
+    c, b, h, first, m0, len_q, tok_q, stride = _fused_tile(
+        Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M, NUM_BRANCHES
+    )
+    if m0 >= len_q:
+        return
+    offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, stride, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+    hk = h // kv_group
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
+    for j in range(0, c + 1):  # the branches that cover class c
+        r_j, len_k, tok_k = _fused_branch(j, Rates, Segs, Head0, h, first, n)
+        k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
+                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
+                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        m_base = Kpm + b * s_mb + tok_k * s_mn
+        full_hi = (len_k // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
+            r_j * s_mn, 0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, False,
+            HAS_KPM, TMA_LOADS, NEG_SCALE,
+        )  # fmt: skip
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
+            r_j * s_mn, full_hi, len_k, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, False,
+            HAS_KPM, TMA_LOADS, NEG_SCALE,
+        )  # fmt: skip
+    # The epilogue of _fwd_kernel without a merge (see there).
+    has_key = l_i != 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out = tl.where(bad_i[:, None], float("nan"), out)
+    lse_hi = tl.where(has_key, tl.where(m_i == float("-inf"), 0.0, m_i), float("-inf"))
+    lse_lo = tl.log2(l_safe) * LN2
+    _store_rows(_rows_ptr(Out, b, h, rows_q, s_ob, s_on, s_oh, offs_d), out, qmask)
+    lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
+    tl.store(lse_ptrs, lse_hi, mask=qmask)
+    tl.store(lse_ptrs + s_lp, lse_lo, mask=qmask)
+
+
 # --------------------------------------------------------------------------- backward
 
 
@@ -713,3 +828,50 @@ def _bwd_dq_kernel(
     if ACC_IN:
         dq += _load_rows(_rows_ptr(DQacc, b, h, rows_q, s_ab, s_an, s_ah, offs_d), qmask)
     _store_rows(_rows_ptr(DQ, b, h, rows_q, s_gb, s_gn, s_gh, offs_d), dq, qmask)
+
+
+@triton.jit
+def _fused_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Kpm, Programs, Rates, Segs, Head0,
+    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_mb, s_mn,
+    n, unit, num_programs, num_heads, kv_group, sm_scale, s_lp,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
+):  # fmt: skip
+    # dQ of every branch in one launch (_fused_tile): a query tile's dQ summed over the
+    # keys of every branch that covers it, in registers, written once in dQ's dtype (no
+    # fp32 accumulator). Lse and Delta: the backward's heads-first row terms of the
+    # whole sequence (_row_terms without COMPACT).
+    c, b, h, first, m0, len_q, tok_q, stride = _fused_tile(
+        Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M, NUM_BRANCHES
+    )
+    if m0 >= len_q:
+        return
+    offs_m, qmask, rows_q = _tile_rows(m0, len_q, tok_q, stride, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(_rows_ptr(Q, b, h, rows_q, s_qb, s_qn, s_qh, offs_d), qmask)
+    do = _load_rows(_rows_ptr(DO, b, h, rows_q, s_db, s_dn, s_dh, offs_d), qmask)
+    lse_hi, lse_lo = _load_lse(_ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh), s_lp, qmask, True)
+    delta = tl.load(_ptr(Delta, b, h, rows_q, s_eb, s_en, s_eh), mask=qmask, other=0.0)
+    hk = h // kv_group
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, c + 1):  # the branches that cover class c
+        r_j, len_k, tok_k = _fused_branch(j, Rates, Segs, Head0, h, first, n)
+        k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
+                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
+                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        m_base = Kpm + b * s_mb + tok_k * s_mn
+        full_hi = (len_k // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
+            r_j * s_mn, 0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, False, HAS_KPM,
+            TMA_LOADS,
+        )  # fmt: skip
+        dq = _bwd_dq_inner(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
+            r_j * s_mn, full_hi, len_k, len_k, offs_m, sm_scale, BLOCK_N, True, False, HAS_KPM,
+            TMA_LOADS,
+        )  # fmt: skip
+    _store_rows(_rows_ptr(DQ, b, h, rows_q, s_gb, s_gn, s_gh, offs_d), dq * sm_scale, qmask)

@@ -23,6 +23,12 @@ accumulator stays <= ``ACC_CHUNK_BYTES``; the branch with ``r = 1`` (it covers
 every position) runs last and writes the final dtype directly, so there is no
 separate cast pass. With a single branch per head ("head_split", or one
 branch) every kernel writes its final output directly.
+
+Fused branches (``BRANCH_MODE = "fused"``, the default): where the branches nest
+(LongNet's plans, not causal; :func:`_fused_branches`) the forward and the dQ pass
+run all branches in one launch each, a program per tile of positions that the same
+branches cover, over the keys of every one of them: no fp32 accumulator and no
+merge. The dK/dV pass stays per branch.
 """
 
 from __future__ import annotations
@@ -41,7 +47,14 @@ from triton.runtime import _allocation
 
 from ...plan import Branch, DilatedPlan
 from ..blocks import sum_query_heads
-from .kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _delta_kernel, _fwd_kernel
+from .kernels import (
+    _bwd_dkdv_kernel,
+    _bwd_dq_kernel,
+    _delta_kernel,
+    _fused_dq_kernel,
+    _fused_fwd_kernel,
+    _fwd_kernel,
+)
 
 __all__ = [
     "ACC_CHUNK_BYTES",
@@ -52,6 +65,8 @@ __all__ = [
     "LOAD_MODE",
     "LOAD_MODES",
     "DQ_CONFIGS",
+    "BRANCH_MODE",
+    "BRANCH_MODES",
     "FWD_CONFIGS",
     "KernelConfig",
     "dilated_backward",
@@ -135,6 +150,15 @@ DQ_MODE = "separate"
 # faster, "pointer" elsewhere, the interpreter included).
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
+
+# How the forward and the dQ pass run a softmax-mixing plan: "fused" (one launch for all
+# branches: one online softmax per query over every covering branch's keys, and dQ summed
+# over them in registers, no fp32 accumulators; plans whose rates, segment lengths and
+# head offsets nest, see _fused_branches, not causal, no packed documents) or
+# "per_branch" (a launch per branch merging into fp32 accumulators; every plan). The
+# dK/dV pass always runs per branch.
+BRANCH_MODES = ("fused", "per_branch")
+BRANCH_MODE = "fused"
 
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
 
@@ -565,9 +589,15 @@ def dilated_forward(
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
     out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
+    fused = _fused_branches(sched, H, causal=causal, documents=documents)
+    if fused is not None:
+        # One launch writes every (position, head) of out and the LSE pair.
+        if N > 0:
+            _fused_forward(q, k, v, out, lse, kpm, fused, scale=scale)
+        return out, lse
     # The LSE is read back by later branches (multi) or may stay uncovered: start at
     # (-inf, 0).
-    lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
     if sched.multi or not sched.full:
         lse[0].fill_(-math.inf)
         lse[1].zero_()
@@ -597,6 +627,135 @@ def dilated_forward(
             oc.copy_(acc)  # no branch covers everything: one cast pass
         del acc
     return out, lse
+
+
+@dataclass(frozen=True)
+class _FusedBranches:
+    """A plan the fused forward runs: its branches by rising rate (rates, segment
+    lengths, ``head0`` of the offset rule)."""
+
+    rates: tuple[int, ...]
+    segments: tuple[int, ...]
+    head0: tuple[int, ...]
+
+
+def _fused_branches(
+    sched: _Schedule, num_heads: int, *, causal: bool, documents: Sequence[int] | None
+) -> _FusedBranches | None:
+    """The fused kernels' view of a plan, or ``None`` where they do not apply.
+
+    They apply (with :data:`BRANCH_MODE` ``"fused"``, not causal, no packed documents)
+    when several branches run every head, their rates rise from 1 with each dividing the
+    next, each segment length divides the next one and the first is a multiple of the
+    largest rate, and the head offsets nest (``o_j % r_{j-1} == o_{j-1}`` for every
+    head), as in LongNet's plans. Then a position that branch ``j`` covers is covered by
+    every branch before it, so one launch runs each query over the keys of all the
+    branches that cover it: one online softmax in the forward (``_fused_forward``), one
+    dQ sum in the backward (``_fused_dq``).
+    """
+    if BRANCH_MODE not in BRANCH_MODES:
+        raise ValueError(
+            f"BRANCH_MODE must be one of {BRANCH_MODES}, got {BRANCH_MODE!r}; 'fused' "
+            "(the default) runs nesting softmax-mixing plans in one launch"
+        )
+    items = sorted(sched.branches, key=lambda it: it[0].dilation_rate)
+    if BRANCH_MODE != "fused" or causal or documents is not None or len(items) < 2:
+        return None
+    if any(start != 0 or stop != num_heads for _, _, start, stop in items):
+        return None
+    rates = tuple(b.dilation_rate for b, _, _, _ in items)
+    segs = tuple(b.segment_length for b, _, _, _ in items)
+    head0 = tuple(h0 for _, h0, _, _ in items)
+    # The first segment length, a multiple of every rate: every unit of it starts at a
+    # position that is 0 modulo each rate, so a class's residues are the same in each.
+    if rates[0] != 1 or segs[0] % rates[-1]:
+        return None
+    for j in range(1, len(items)):
+        if rates[j] <= rates[j - 1] or rates[j] % rates[j - 1] or segs[j] % segs[j - 1]:
+            return None
+        for h in range(num_heads):
+            if (h - head0[j]) % rates[j] % rates[j - 1] != (h - head0[j - 1]) % rates[j - 1]:
+                return None
+    return _FusedBranches(rates, segs, head0)
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_programs(
+    rates: tuple[int, ...], unit: int, block_m: int
+) -> tuple[tuple[int, int, int], ...]:
+    """``(class, view, tile)`` of the fused kernels' programs in one unit of ``unit``
+    positions (see ``kernels._fused_tile``), the classes covered by the most branches
+    first: they run longest."""
+    out = []
+    last = len(rates) - 1
+    for c in range(last, -1, -1):
+        stride = rates[c] if c == last else rates[c + 1]
+        views = 1 if c == last else rates[c + 1] // rates[c] - 1
+        tiles = triton.cdiv(triton.cdiv(unit, stride), block_m)
+        out += [(c, v, t) for v in range(views) for t in range(tiles)]
+    return tuple(out)
+
+
+def _fused_forward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kpm: Tensor | None,
+    fused: _FusedBranches, *, scale: float,
+) -> None:  # fmt: skip
+    # out, lse: the call's whole output and (2, B, N, H) LSE pair, written once.
+    tensors = (q, k, v, out, lse[0])
+    _launch_fused(_fused_fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, fused,
+                  scales=(scale, lse.stride(0)), NEG_SCALE=scale < 0)  # fmt: skip
+
+
+def _fused_dq(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dq: Tensor,
+    kpm: Tensor | None, fused: _FusedBranches, *, scale: float,
+) -> None:  # fmt: skip
+    # lse, delta: the whole sequence's row terms of _backward_rows; dq written once.
+    tensors = (q, k, v, dout, lse[0], delta, dq)
+    _launch_fused(_fused_dq_kernel, DQ_CONFIGS, tensors, tensors, kpm, fused,
+                  scales=(scale, lse.stride(0)))  # fmt: skip
+
+
+def _launch_fused(
+    kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
+    strided: tuple[Tensor, ...], kpm: Tensor | None, fused: _FusedBranches, *, scales: tuple,
+    **constexprs: bool,
+) -> None:  # fmt: skip
+    """Launch a fused kernel (``_fused_fwd_kernel``, ``_fused_dq_kernel``) over every
+    branch, head and batch: a program per (unit, program-table entry) and (batch, head).
+    ``tensors``: its tensor arguments before ``Kpm``, q, k and v first; ``strided``: those
+    whose ``(B, N, H)`` strides it takes; ``scales``: its arguments after ``kv_group``."""
+    q, k, v = tensors[:3]
+    B, N, H, D = q.shape
+    cfg = _config(table, D)
+    unit = fused.segments[0]
+    programs, rates, segs, head0 = _fused_tables(fused, cfg.block_m, q.device)
+    entries = programs.numel() // 3
+    kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
+    tma_loads = _tma_loads(q, k, v)
+    if tma_loads and not interpreting():
+        _ensure_allocator()
+    grid = (entries * triton.cdiv(N, unit), B * H)
+    kernel[grid](
+        *tensors, kpm_t, programs, rates, segs, head0,
+        *[s for t in strided for s in _s3(t)], s_mb, s_mn,
+        N, unit, entries, H, H // k.shape[2], *scales,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NUM_BRANCHES=len(fused.rates), HAS_KPM=kpm is not None, TMA_LOADS=tma_loads,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs, **_cap(cfg),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_tables(
+    fused: _FusedBranches, block_m: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # The fused forward's program table and branch tables (int32, on the device).
+    programs = _fused_programs(fused.rates, fused.segments[0], block_m)
+    return tuple(  # type: ignore[return-value]
+        torch.tensor(x, dtype=torch.int32, device=device).reshape(-1)
+        for x in (programs, fused.rates, fused.segments, fused.head0)
+    )
 
 
 def dilated_backward(
@@ -645,6 +804,10 @@ def dilated_backward(
     lse, delta = _backward_rows(dout, out, lse)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
+    # dQ of every branch in one launch where the plan nests (dQ in its own kernel).
+    fused = None if dq_add else _fused_branches(sched, H, causal=causal, documents=documents)
+    if fused is not None:
+        _fused_dq(dout, q, k, v, lse, delta, dq, kpm, fused, scale=scale)
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
@@ -656,7 +819,7 @@ def dilated_backward(
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
-        for which in ("dkdv",) if dq_add else ("dkdv", "dq"):
+        for which in ("dkdv",) if dq_add or fused else ("dkdv", "dq"):
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
             through = sched.multi or per_query_head
