@@ -50,8 +50,8 @@ KERNELS = (
     "_delta_kernel",
     "_bwd_dkdv_kernel",
     "_bwd_dq_kernel",
-    "_fused_fwd_kernel",
-    "_fused_dq_kernel",
+    "_joint_fwd_kernel",
+    "_joint_dq_kernel",
 )
 SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
 
@@ -165,7 +165,7 @@ def launch_forms(
         # The dilation rate as the kernel sees it: 1 is a compile-time constant (Triton
         # specialises integers equal to 1). Launches that differ only in other values'
         # specialisations compile alike: the first stands in.
-        # The fused kernels run every branch in one launch: no rate argument ("all").
+        # The joint kernels run every branch in one launch: no rate argument ("all").
         dil = a[fn.arg_names.index("dil")] if "dil" in fn.arg_names else "all"
         key = (name, tuple(settings.items()), dil == 1, kw["num_warps"], kw["num_stages"],
                kw.get("maxnreg"))  # fmt: skip

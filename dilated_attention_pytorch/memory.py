@@ -61,13 +61,18 @@ MEMORY_PARTS = (
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
     from .backends.triton.launch import (
+        DQ_CONFIGS,
+        FWD_CONFIGS,
         _compacts,
         _dq_add,
-        _fused_branches,
         _grouped_dkdv,
         _head_chunks,
+        _joint_branches,
         _launches_for_chunk,
         _schedule,
+    )
+    from .backends.triton.launch import (
+        _config as _launch_config,
     )
 
 _BACKENDS = ("pytorch", "triton")
@@ -591,12 +596,12 @@ def _cast_grads(tl: _Timeline, cfg: _Config, tokens: int, accs: list, residue: t
 
 def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``backends.triton.launch.dilated_forward``: out in the input dtype, lse fp32 and,
-    when several branches cover a position and the fused forward does not run them
-    (``_fused_branches``), one fp32 accumulator per head chunk."""
+    when several branches cover a position and the joint forward does not run them
+    (``_joint_branches``), one fp32 accumulator per head chunk."""
     out = tl.new("output", cfg.qkv_bytes(N))
     lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, 4))  # the (hi, lo) pair
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
-    if cfg.extra["triton_fused"]:
+    if cfg.extra["triton_joint_forward"]:
         return out, lse
     for lo, hi in chunks:
         # acc is deleted at the end of each chunk (`del acc`).
@@ -609,8 +614,8 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     before the dQ pass's one (with ``DQ_MODE`` adding dQ from the dK/dV kernel: the dQ
     buffer first, live through the pass), and while each launch runs its branch's own
     rows of the row terms (``_compact_rows``, largest for the least dilated branch);
-    ``into``: the gradients go to the caller's buffers. Where the fused kernels run the
-    plan (``_fused_branches``, dQ in its own kernel) one launch writes dQ before the
+    ``into``: the gradients go to the caller's buffers. Where the joint kernels run the
+    plan (``_joint_branches``, dQ in its own kernel) one launch writes dQ before the
     chunks, and the chunks run only the dK/dV pass. With grouped-query attention the
     dK/dV accumulators are per K/V head where the grouped programs run
     (``_grouped_dkdv``), else per query head and summed per K/V head afterwards."""
@@ -640,7 +645,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
                 tl.free(*accs)
             else:
                 launches(lo, hi)
-            if not dq_add and not cfg.extra["triton_fused"]:
+            if not dq_add and not cfg.extra["triton_joint_dq"]:
                 dq = tl.new("accumulators", size) if multi else None
                 launches(lo, hi)
             tl.free(dq)
@@ -1176,13 +1181,21 @@ def _config(
 
 def _triton_extra(plan: DilatedPlan, B: int, N: int, H: int, D: int, kv_group: int) -> dict:
     """What the Triton launches of a (non-causal, unpacked) call on one device allocate:
-    whether branches accumulate (``multi``), the head chunks, and whether the fused
-    forward runs the plan (no accumulator in the forward)."""
+    whether branches accumulate (``multi``), the head chunks, and whether the joint
+    kernels run the forward and the dQ pass (no accumulator in either)."""
     sched = _schedule(plan)
+
+    def joint(table: dict) -> bool:
+        block_m = _launch_config(table, D).block_m
+        return (
+            _joint_branches(sched, H, N, causal=False, documents=None, block_m=block_m) is not None
+        )
+
     return {
         "triton_multi": sched.multi,
         "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
-        "triton_fused": _fused_branches(sched, H, causal=False, documents=None) is not None,
+        "triton_joint_forward": joint(FWD_CONFIGS),
+        "triton_joint_dq": joint(DQ_CONFIGS),
     }
 
 
@@ -1261,7 +1274,7 @@ def get_memory_estimate(
       constant (``5 * 64 MiB`` in fp32) that dominates small inputs.
     - ``triton`` backend: out and lse written in place; fp32 accumulators only when
       several branches cover a position, per head chunk of at most
-      ``ACC_CHUNK_BYTES``, and only for dK/dV where the fused kernels run the forward and
+      ``ACC_CHUNK_BYTES``, and only for dK/dV where the joint kernels run the forward and
       dQ (softmax mixing whose rates and segment lengths nest, as LongNet's do);
       ``delta`` in the backward.
     - ring (``ring_size = k > 1``, ``L = N / k``): the same per-block work on the shard;
@@ -1276,7 +1289,8 @@ def get_memory_estimate(
     Not modelled: the causal variant (it sends fewer blocks: this is an upper bound
     for contiguous shards; on one device the Triton backend's causal calls run the
     forward and dQ per branch, so a causal forward without backward may hold one fp32
-    accumulator chunk, at most ``ACC_CHUNK_BYTES``, more than estimated), the zigzag layout (the ring modules' causal calls on the
+    accumulator chunk, at most ``ACC_CHUNK_BYTES``, more than estimated), the zigzag
+    layout (the ring modules' causal calls on the
     whole sequence: three half-size K/V buffers per branch with ``w > L`` instead of one,
     and one reordered copy of q, k, v or the output at a time),
     key padding masks and dropout (the math path's masks), cuDNN's internal workspace,

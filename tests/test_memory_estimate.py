@@ -532,7 +532,8 @@ def test_estimate_matches_recorded_h100_single_device_peaks(monkeypatch, causal:
     H = 16, D = 64 and 128, both mixings), inputs included. The benchmark also holds the
     output gradient ``dout`` during a forward-only call, which the estimate of a forward
     (``with_backward=False``) does not count. Causal calls are estimated as non-causal (an
-    upper bound); on one device the buffers are the same. Measured before the fused
+    upper bound with the per-branch forward replayed here); on one device the buffers are
+    the same. Measured before the fused
     forward (the Triton forward merged branches through fp32 accumulators)."""
     if "triton" in available_backends():
         _per_branch_forward(monkeypatch)

@@ -104,84 +104,159 @@ def test_key_padding_mask(branch_mixing, is_causal) -> None:
     )
 
 
-def _fused(kernels, ws, rs, H, *, mixing="softmax", causal=False, documents=None):
+def _joint(kernels, ws, rs, H, *, n=1 << 20, block_m=4, mixing="softmax", **kw):
     sched = kernels._schedule(make_plan(ws, rs, H, branch_mixing=mixing))
-    return kernels._fused_branches(sched, H, causal=causal, documents=documents)
+    return kernels._joint_branches(
+        sched, H, n, causal=kw.get("causal", False), documents=kw.get("documents"),
+        block_m=block_m,
+    )  # fmt: skip
 
 
-def test_fused_forward_takes_nesting_softmax_plans(kernels, monkeypatch) -> None:
-    # LongNet's plan: rates 1..16 nest, 2048 is a multiple of 16, offsets h % r nest.
-    fused = _fused(kernels, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], 16)
-    assert fused is not None and fused.rates == (1, 2, 4, 8, 16)
-    assert fused.segments == (2048, 4096, 8192, 16384, 32768) and fused.head0 == (0,) * 5
-    assert _fused(kernels, [12, 36], [1, 3], 4) is not None  # a ratio of 3: two views
-    # Not taken: causal, packed documents, head_split, a single branch, the first segment
-    # not a multiple of the largest rate (units would start off the rates' grid), rates
-    # that do not divide each other, no r = 1 branch, segments that do not nest.
-    assert _fused(kernels, [8, 32], [1, 2], 4, causal=True) is None
-    assert _fused(kernels, [8, 32], [1, 2], 4, documents=[20, 44]) is None
-    assert _fused(kernels, [8, 32], [1, 2], 4, mixing="head_split") is None
-    assert _fused(kernels, [32], [1], 4) is None
-    assert _fused(kernels, [1000, 3000], [1, 3], 4) is None
-    assert _fused(kernels, [12, 24, 48], [1, 2, 3], 6) is None
-    assert _fused(kernels, [8, 32], [2, 4], 4) is None
-    assert _fused(kernels, [8, 20], [1, 2], 4) is None
+def test_joint_branches_take_nesting_softmax_plans(kernels, monkeypatch) -> None:
+    # LongNet's plan: rates 1..16 nest, 2048 is a multiple of 16, offsets h % r nest, and
+    # a unit holds 2048 / 16 = 128 positions of each view of the class of rate 16.
+    longnet = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
+    joint = _joint(kernels, *longnet, 16, block_m=128)
+    assert joint is not None and joint.rates == (1, 2, 4, 8, 16) and joint.unit == 2048
+    assert joint.segments == (2048, 4096, 8192, 16384, 32768) and joint.head0 == (0,) * 5
+    assert _joint(kernels, *longnet, 16, n=1000, block_m=128).unit == 1000  # N < 2048
+    assert _joint(kernels, [12, 36], [1, 3], 4) is not None  # a ratio of 3: two views
+    # Not taken: views shorter than a tile (most of each tile would be padding, looping
+    # over every branch's keys), causal, packed documents, head_split, a single branch,
+    # no tokens, the first segment not a multiple of the largest rate (units would start
+    # off the rates' grid), rates that do not divide each other, no r = 1 branch,
+    # segments that do not nest, segments past int32.
+    assert _joint(kernels, *longnet, 16, block_m=256) is None
+    assert _joint(kernels, [64, 4096], [1, 2], 4, block_m=64) is None
+    assert _joint(kernels, [8, 32], [1, 2], 4, causal=True) is None
+    assert _joint(kernels, [8, 32], [1, 2], 4, documents=[20, 44]) is None
+    assert _joint(kernels, [8, 32], [1, 2], 4, mixing="head_split") is None
+    assert _joint(kernels, [32], [1], 4) is None
+    assert _joint(kernels, [8, 32], [1, 2], 4, n=0) is None
+    assert _joint(kernels, [1000, 3000], [1, 3], 4) is None
+    assert _joint(kernels, [12, 24, 48], [1, 2, 3], 6) is None
+    assert _joint(kernels, [8, 32], [2, 4], 4) is None
+    assert _joint(kernels, [8, 20], [1, 2], 4) is None
+    assert _joint(kernels, [2**39, 2**40], [1, 2], 4) is None
     monkeypatch.setattr(kernels, "BRANCH_MODE", "per_branch")
-    assert _fused(kernels, [8, 32], [1, 2], 4) is None
-    monkeypatch.setattr(kernels, "BRANCH_MODE", "fast")
-    with pytest.raises(ValueError, match=r"BRANCH_MODE must be one of \('fused', 'per_branch'\)"):
-        _fused(kernels, [8, 32], [1, 2], 4)
+    assert _joint(kernels, [8, 32], [1, 2], 4) is None
+    monkeypatch.setattr(kernels, "BRANCH_MODE", "fused")
+    with pytest.raises(ValueError, match=r"BRANCH_MODE must be one of \('joint', 'per_branch'\)"):
+        _joint(kernels, [8, 32], [1, 2], 4)
 
 
-def test_fused_forward_programs(kernels) -> None:
+def test_joint_programs(kernels) -> None:
     # (class, view, tile) per unit, the class covered by most branches first. Rates 1, 2,
     # 8 in units of 16 positions with 2-row tiles: class 2 (rate 8: stride 8, 2 rows, one
     # tile), class 1 (rate 2 not 8: 3 views of stride 8, one tile each), class 0 (rate 1
     # not 2: stride 2, 8 rows, four tiles).
-    assert kernels._fused_programs((1, 2, 8), 16, 2) == (
+    assert kernels._joint_programs((1, 2, 8), 16, 2) == (
         (2, 0, 0), (1, 0, 0), (1, 1, 0), (1, 2, 0), (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3),
     )  # fmt: skip
+
+
+def _count_joint_launches(kernels, monkeypatch) -> list:
+    ran: list = []
+    for name in ("_joint_forward", "_joint_dq"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, fn=fn, name=name, **kw: ran.append(name) or fn(*a, **kw)
+        )
+    return ran
+
+
+# Plans the joint kernels take with the interpreter's 16-row tiles: the first segment
+# length is at least 16 times the largest rate.
+JOINT_CASES = {
+    "longnet": ([64, 128, 256], [1, 2, 4], dict(B=2, N=150, H=4)),
+    "ratio3_gqa": ([48, 144], [1, 3], dict(B=1, N=100, H=6, kv_heads=2)),
+    "mask": ([32, 64], [1, 2], dict(B=2, N=90, H=3, mask_p=0.3)),
+    "short": ([64, 128], [1, 2], dict(B=1, N=40, H=2)),  # N below the first segment
+}
 
 
 @interpreted
 @pytest.mark.parametrize(
     ("case", "load_mode"),
-    [("longnet", "pointer"), ("ratio3_gqa", "pointer"), ("mask", "tma"), ("longnet", "tma")],
+    [("longnet", "pointer"), ("ratio3_gqa", "pointer"), ("mask", "tma"), ("short", "tma")],
 )
-def test_fused_kernels_match_per_branch_and_oracle(kernels, monkeypatch, case, load_mode):
-    # The fused forward (one launch, one online softmax over every covering branch's
-    # keys) and fused dQ (one launch, dQ summed over them in registers) against the dense
+def test_joint_kernels_match_per_branch_and_oracle(kernels, monkeypatch, case, load_mode):
+    # The joint forward (one launch, one online softmax over every covering branch's
+    # keys) and joint dQ (one launch, dQ summed over them in registers) against the dense
     # oracle, and against the per-branch launches merging through fp32 accumulators: the
     # same output, LSE pair and gradients up to float32 rounding. Ragged N (the last unit
     # and segments short), grouped-query heads, key padding, both load forms.
     monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)
-    ran = []
-    for name in ("_fused_forward", "_fused_dq"):
-        fn = getattr(kernels, name)
-        monkeypatch.setattr(
-            kernels, name, lambda *a, fn=fn, name=name, **kw: ran.append(name) or fn(*a, **kw)
-        )
-    ws, rs, kw = {
-        "longnet": ([8, 16, 32], [1, 2, 4], dict(B=2, N=75, H=4)),
-        "ratio3_gqa": ([12, 36], [1, 3], dict(B=1, N=61, H=6, kv_heads=2)),
-        "mask": ([8, 32], [1, 2], dict(B=2, N=61, H=3, mask_p=0.3)),
-    }[case]
+    ran = _count_joint_launches(kernels, monkeypatch)
+    ws, rs, kw = JOINT_CASES[case]
     _compare(ws=ws, rs=rs, **kw)
-    assert ran == ["_fused_forward", "_fused_dq"]
+    assert ran == ["_joint_forward", "_joint_dq"]
     B, N, H = kw["B"], kw["N"], kw["H"]
     q = torch.randn(B, N, H, 16, requires_grad=True)
     k, v = (torch.randn(B, N, kw.get("kv_heads", H), 16, requires_grad=True) for _ in range(2))
     mask = torch.rand(B, N) < 0.3 if case == "mask" else None
     results = {}
-    for mode in ("fused", "per_branch"):
+    for mode in ("joint", "per_branch"):
         monkeypatch.setattr(kernels, "BRANCH_MODE", mode)
         out, lse = dilated_attention(
             q, k, v, ws, rs, key_padding_mask=mask, return_lse=True, backend="triton"
         )
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         results[mode] = (out, lse, *grads)
-    torch.testing.assert_close(results["fused"], results["per_branch"], **TOL)
-    assert ran == ["_fused_forward", "_fused_dq"] * 2
+    torch.testing.assert_close(results["joint"], results["per_branch"], **TOL)
+    assert ran == ["_joint_forward", "_joint_dq"] * 2
+
+
+@interpreted
+def test_joint_kernels_on_head_chunks(kernels, monkeypatch) -> None:
+    # Parts of a plan (plan.heads_plan, as the recomputing layer's backward runs them):
+    # heads 1..4 and 3..5 start at heads whose offsets are not 0 (head0 of the offset
+    # rule < 0). Each part's output, LSE pair and gradients are those heads' of the
+    # whole plan.
+    from dilated_attention_pytorch.plan import heads_plan
+
+    ran = _count_joint_launches(kernels, monkeypatch)
+    B, N, H, D = 1, 150, 6, 16
+    plan = make_plan([64, 128, 256], [1, 2, 4], H)
+    q, k, v, dout = (torch.randn(B, N, H, D) for _ in range(4))
+    out, lse = kernels.dilated_forward(q, k, v, plan, scale=0.25)
+    grads = kernels.dilated_backward(dout, q, k, v, out, lse, plan, scale=0.25)
+    for lo, hi in ((1, 4), (3, 6)):
+        part = heads_plan(plan, lo, hi)
+        qs, ks, vs, ds = (t[:, :, lo:hi].contiguous() for t in (q, k, v, dout))
+        o, pair = kernels.dilated_forward(qs, ks, vs, part, scale=0.25)
+        g = kernels.dilated_backward(ds, qs, ks, vs, o, pair, part, scale=0.25)
+        torch.testing.assert_close(o, out[:, :, lo:hi], **TOL)
+        torch.testing.assert_close(pair, lse[..., lo:hi], **TOL)
+        for a, b in zip(g, grads, strict=True):
+            torch.testing.assert_close(a, b[:, :, lo:hi], **TOL)
+    assert ran == ["_joint_forward", "_joint_dq"] * 3
+
+
+@interpreted
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_joint_kernels_with_an_infinite_key(kernels, monkeypatch, value) -> None:
+    # A key entry of +-inf gives some rows a score of +inf: their LSE is +inf (as the
+    # dense softmax and the per-branch merge give it), not NaN, so the backward's P of
+    # their other keys stays 0 and finite keys keep finite gradients. The joint and the
+    # per-branch kernels agree on every non-finite element.
+    ws, rs, N = [32, 64], [1, 2], 80
+    q, k, v, dout = (torch.randn(1, N, 2, 16) for _ in range(4))
+    k[0, 3, 0, 5] = value
+    results = {}
+    for mode in ("joint", "per_branch"):
+        monkeypatch.setattr(kernels, "BRANCH_MODE", mode)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = dilated_attention(qq, kk, vv, ws, rs, backend="triton", return_lse=True)
+        results[mode] = (out, lse, *torch.autograd.grad(out, (qq, kk, vv), dout))
+    ref_lse = dense_dilated_attention(q, k, v, ws, rs, return_lse=True)[1]
+    assert torch.isposinf(results["joint"][1]).any()
+    assert torch.equal(torch.isposinf(results["joint"][1]), torch.isposinf(ref_lse))
+    for a, b in zip(results["joint"], results["per_branch"], strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(a)
+        torch.testing.assert_close(a[finite], b[finite], **TOL)
 
 
 @interpreted
@@ -601,7 +676,7 @@ def test_scale_of_either_sign(kernels, monkeypatch, is_causal, scale, load_mode)
     # LSE and gradients, with padded keys.
     # Scores are |scale| times larger than at scale 1, and so is their float32 rounding,
     # which the gradients carry (dQ and dK take another factor of the scale): the
-    # tolerance grows with |scale| (at 3.0 both the fused and the per-branch kernels
+    # tolerance grows with |scale| (at 3.0 both the joint and the per-branch kernels
     # were measured up to 9e-5 from a float64 oracle on 12 seeds, 2.9e-5 from the
     # float32 one).
     monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)

@@ -7,9 +7,9 @@ gather/scatter copy of q, k, v, out or the gradients is ever made.
 
 A program of the forward, dK/dV and dQ kernels runs one tile of dilated positions of
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
-once per branch. The fused forward and dQ kernels run every branch of a plan whose
+once per branch. The joint forward and dQ kernels run every branch of a plan whose
 branches nest in one launch, a program per tile of positions covered by the same
-branches (:func:`_fused_tile`).
+branches (:func:`_joint_tile`).
 
 Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
 only after the row maximum is subtracted (``exp2((S - m) * LOG2E)``, the product and the
@@ -408,14 +408,14 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fused_tile(
+def _joint_tile(
     Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M: tl.constexpr,
     NUM_BRANCHES: tl.constexpr,
 ):  # fmt: skip
-    # The tile of the fused kernels (_fused_fwd_kernel, _fused_dq_kernel) this program
+    # The tile of the joint kernels (_joint_fwd_kernel, _joint_dq_kernel) this program
     # runs. Every branch of a softmax-mixing plan whose rates and segment lengths nest
     # (each divides the next, the first rate 1, the first segment length a multiple of
-    # the last rate; launch._fused_branches) runs in one launch: a query's keys are those
+    # the last rate; launch._joint_branches) runs in one launch: a query's keys are those
     # of every branch that covers it. With offsets o_j = (h - head0_j) % r_j that nest
     # too, a position covered by branch j is covered by every branch before it, so each
     # position has a class c (the last branch that covers it), and the positions of a
@@ -450,7 +450,7 @@ def _fused_tile(
 
 
 @triton.jit
-def _fused_branch(j, Rates, Segs, Head0, h, first, n):
+def _joint_branch(j, Rates, Segs, Head0, h, first, n):
     # Branch j's keys for a tile of the unit starting at token `first`: its rate, the
     # number of dilated keys of its segment there and the token of the first one.
     r_j = tl.load(Rates + j)
@@ -462,7 +462,7 @@ def _fused_branch(j, Rates, Segs, Head0, h, first, n):
 
 
 @triton.jit
-def _fused_fwd_kernel(
+def _joint_fwd_kernel(
     Q, K, V, Out, Lse, Kpm, Programs, Rates, Segs, Head0,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_ob, s_on, s_oh, s_lb, s_ln, s_lh, s_mb, s_mn,
@@ -471,10 +471,10 @@ def _fused_fwd_kernel(
     NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
     NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    # Every branch in one launch (_fused_tile): one online softmax per query over the
+    # Every branch in one launch (_joint_tile): one online softmax per query over the
     # keys of every branch that covers it, which is the LSE merge of the branches'
     # outputs, so no fp32 accumulator; out and the LSE pair written once.
-    c, b, h, first, m0, len_q, tok_q, stride = _fused_tile(
+    c, b, h, first, m0, len_q, tok_q, stride = _joint_tile(
         Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M, NUM_BRANCHES
     )
     if m0 >= len_q:
@@ -490,7 +490,7 @@ def _fused_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     for j in range(0, c + 1):  # the branches that cover class c
-        r_j, len_k, tok_k = _fused_branch(j, Rates, Segs, Head0, h, first, n)
+        r_j, len_k, tok_k = _joint_branch(j, Rates, Segs, Head0, h, first, n)
         k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
                               BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
         v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
@@ -507,13 +507,16 @@ def _fused_fwd_kernel(
             r_j * s_mn, full_hi, len_k, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, False,
             HAS_KPM, TMA_LOADS, NEG_SCALE,
         )  # fmt: skip
-    # The epilogue of _fwd_kernel without a merge (see there).
+    # The epilogue of _fwd_kernel without a merge (see there), except for a row with a
+    # score of +inf: its l is NaN (inf - inf), and its LSE is +inf (lo = 0 after hi =
+    # +inf), as the per-branch launches' merge and the dense softmax give it; a NaN LSE
+    # would make the backward's P NaN for every key of the row.
     has_key = l_i != 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     out = tl.where(bad_i[:, None], float("nan"), out)
     lse_hi = tl.where(has_key, tl.where(m_i == float("-inf"), 0.0, m_i), float("-inf"))
-    lse_lo = tl.log2(l_safe) * LN2
+    lse_lo = tl.where(m_i == float("inf"), 0.0, tl.log2(l_safe) * LN2)
     _store_rows(_rows_ptr(Out, b, h, rows_q, s_ob, s_on, s_oh, offs_d), out, qmask)
     lse_ptrs = _ptr(Lse, b, h, rows_q, s_lb, s_ln, s_lh)
     tl.store(lse_ptrs, lse_hi, mask=qmask)
@@ -831,7 +834,7 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _fused_dq_kernel(
+def _joint_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Kpm, Programs, Rates, Segs, Head0,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
     s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_mb, s_mn,
@@ -839,11 +842,11 @@ def _fused_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):  # fmt: skip
-    # dQ of every branch in one launch (_fused_tile): a query tile's dQ summed over the
+    # dQ of every branch in one launch (_joint_tile): a query tile's dQ summed over the
     # keys of every branch that covers it, in registers, written once in dQ's dtype (no
     # fp32 accumulator). Lse and Delta: the backward's heads-first row terms of the
     # whole sequence (_row_terms without COMPACT).
-    c, b, h, first, m0, len_q, tok_q, stride = _fused_tile(
+    c, b, h, first, m0, len_q, tok_q, stride = _joint_tile(
         Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M, NUM_BRANCHES
     )
     if m0 >= len_q:
@@ -857,7 +860,7 @@ def _fused_dq_kernel(
     hk = h // kv_group
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for j in range(0, c + 1):  # the branches that cover class c
-        r_j, len_k, tok_k = _fused_branch(j, Rates, Segs, Head0, h, first, n)
+        r_j, len_k, tok_k = _joint_branch(j, Rates, Segs, Head0, h, first, n)
         k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
                               BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
         v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,

@@ -1,6 +1,7 @@
 """Launching the Triton kernels: tile configs, a plan's branches, block ops.
 
-Launch structure (one branch ``(w, r)`` per launch, grid
+Launch structure (one branch ``(w, r)`` per launch, except the joint launches at the
+end, grid
 ``(segments * tiles_per_segment, B * heads_of_the_branch)``):
 
 - forward: each program owns one tile of dilated query positions of one
@@ -24,11 +25,12 @@ every position) runs last and writes the final dtype directly, so there is no
 separate cast pass. With a single branch per head ("head_split", or one
 branch) every kernel writes its final output directly.
 
-Fused branches (``BRANCH_MODE = "fused"``, the default): where the branches nest
-(LongNet's plans, not causal; :func:`_fused_branches`) the forward and the dQ pass
+Joint branches (``BRANCH_MODE = "joint"``, the default): where the branches nest
+(LongNet's plans, not causal; :func:`_joint_branches`) the forward and the dQ pass
 run all branches in one launch each, a program per tile of positions that the same
 branches cover, over the keys of every one of them: no fp32 accumulator and no
-merge. The dK/dV pass stays per branch.
+merge, so what the two paragraphs above say of several branches applies to them only
+where a plan does not nest, and to the dK/dV pass, which stays per branch.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ from .kernels import (
     _bwd_dkdv_kernel,
     _bwd_dq_kernel,
     _delta_kernel,
-    _fused_dq_kernel,
-    _fused_fwd_kernel,
     _fwd_kernel,
+    _joint_dq_kernel,
+    _joint_fwd_kernel,
 )
 
 __all__ = [
@@ -151,14 +153,14 @@ DQ_MODE = "separate"
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
 
-# How the forward and the dQ pass run a softmax-mixing plan: "fused" (one launch for all
+# How the forward and the dQ pass run a softmax-mixing plan: "joint" (one launch for all
 # branches: one online softmax per query over every covering branch's keys, and dQ summed
 # over them in registers, no fp32 accumulators; plans whose rates, segment lengths and
-# head offsets nest, see _fused_branches, not causal, no packed documents) or
+# head offsets nest, see _joint_branches, not causal, no packed documents) or
 # "per_branch" (a launch per branch merging into fp32 accumulators; every plan). The
 # dK/dV pass always runs per branch.
-BRANCH_MODES = ("fused", "per_branch")
-BRANCH_MODE = "fused"
+BRANCH_MODES = ("joint", "per_branch")
+BRANCH_MODE = "joint"
 
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
 
@@ -590,11 +592,11 @@ def dilated_forward(
     kpm = _kpm_u8(key_padding_mask)
     out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
-    fused = _fused_branches(sched, H, causal=causal, documents=documents)
-    if fused is not None:
+    joint = _joint_branches(sched, H, N, causal=causal, documents=documents,
+                            block_m=_config(FWD_CONFIGS, D).block_m)  # fmt: skip
+    if joint is not None:
         # One launch writes every (position, head) of out and the LSE pair.
-        if N > 0:
-            _fused_forward(q, k, v, out, lse, kpm, fused, scale=scale)
+        _joint_forward(q, k, v, out, lse, kpm, joint, scale=scale)
         return out, lse
     # The LSE is read back by later branches (multi) or may stay uncovered: start at
     # (-inf, 0).
@@ -630,36 +632,44 @@ def dilated_forward(
 
 
 @dataclass(frozen=True)
-class _FusedBranches:
-    """A plan the fused forward runs: its branches by rising rate (rates, segment
-    lengths, ``head0`` of the offset rule)."""
+class _JointBranches:
+    """A plan the joint kernels run: its branches by rising rate (rates, segment
+    lengths, ``head0`` of the offset rule), and the length of their units (the first
+    segment length, or ``N`` where that is shorter)."""
 
     rates: tuple[int, ...]
     segments: tuple[int, ...]
     head0: tuple[int, ...]
+    unit: int
 
 
-def _fused_branches(
-    sched: _Schedule, num_heads: int, *, causal: bool, documents: Sequence[int] | None
-) -> _FusedBranches | None:
-    """The fused kernels' view of a plan, or ``None`` where they do not apply.
+def _joint_branches(
+    sched: _Schedule, num_heads: int, n: int, *, causal: bool,
+    documents: Sequence[int] | None, block_m: int,
+) -> _JointBranches | None:  # fmt: skip
+    """The joint kernels' view of a plan on ``n`` tokens, or ``None`` where they do not
+    apply.
 
-    They apply (with :data:`BRANCH_MODE` ``"fused"``, not causal, no packed documents)
-    when several branches run every head, their rates rise from 1 with each dividing the
-    next, each segment length divides the next one and the first is a multiple of the
-    largest rate, and the head offsets nest (``o_j % r_{j-1} == o_{j-1}`` for every
-    head), as in LongNet's plans. Then a position that branch ``j`` covers is covered by
-    every branch before it, so one launch runs each query over the keys of all the
-    branches that cover it: one online softmax in the forward (``_fused_forward``), one
-    dQ sum in the backward (``_fused_dq``).
+    They apply (with :data:`BRANCH_MODE` ``"joint"``, not causal, no packed documents,
+    ``n > 0``) when several branches run every head, their rates rise from 1 with each
+    dividing the next, each segment length divides the next one and the first is a
+    multiple of the largest rate, and the head offsets nest (``o_j % r_{j-1} ==
+    o_{j-1}`` for every head), as in LongNet's plans. Then a position that branch ``j``
+    covers is covered by every branch before it, so one launch runs each query over the
+    keys of all the branches that cover it: one online softmax in the forward
+    (``_joint_forward``), one dQ sum in the backward (``_joint_dq``). A program's tile
+    holds positions of one class in one unit (the first segment length), ``1 / r`` of
+    them for the largest rate ``r``: where that is less than a tile of ``block_m`` rows
+    (the kernel's), most of every tile would be padding, each looping over all the
+    covering branches' keys, and the plan runs per branch instead.
     """
     if BRANCH_MODE not in BRANCH_MODES:
         raise ValueError(
-            f"BRANCH_MODE must be one of {BRANCH_MODES}, got {BRANCH_MODE!r}; 'fused' "
+            f"BRANCH_MODE must be one of {BRANCH_MODES}, got {BRANCH_MODE!r}; 'joint' "
             "(the default) runs nesting softmax-mixing plans in one launch"
         )
     items = sorted(sched.branches, key=lambda it: it[0].dilation_rate)
-    if BRANCH_MODE != "fused" or causal or documents is not None or len(items) < 2:
+    if BRANCH_MODE != "joint" or causal or documents is not None or len(items) < 2 or n == 0:
         return None
     if any(start != 0 or stop != num_heads for _, _, start, stop in items):
         return None
@@ -668,7 +678,10 @@ def _fused_branches(
     head0 = tuple(h0 for _, h0, _, _ in items)
     # The first segment length, a multiple of every rate: every unit of it starts at a
     # position that is 0 modulo each rate, so a class's residues are the same in each.
-    if rates[0] != 1 or segs[0] % rates[-1]:
+    # The kernels index segments in int32.
+    if rates[0] != 1 or segs[0] % rates[-1] or segs[-1] >= 2**31:
+        return None
+    if segs[0] // rates[-1] < block_m:
         return None
     for j in range(1, len(items)):
         if rates[j] <= rates[j - 1] or rates[j] % rates[j - 1] or segs[j] % segs[j - 1]:
@@ -676,15 +689,15 @@ def _fused_branches(
         for h in range(num_heads):
             if (h - head0[j]) % rates[j] % rates[j - 1] != (h - head0[j - 1]) % rates[j - 1]:
                 return None
-    return _FusedBranches(rates, segs, head0)
+    return _JointBranches(rates, segs, head0, min(segs[0], n))
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_programs(
+def _joint_programs(
     rates: tuple[int, ...], unit: int, block_m: int
 ) -> tuple[tuple[int, int, int], ...]:
-    """``(class, view, tile)`` of the fused kernels' programs in one unit of ``unit``
-    positions (see ``kernels._fused_tile``), the classes covered by the most branches
+    """``(class, view, tile)`` of the joint kernels' programs in one unit of ``unit``
+    positions (see ``kernels._joint_tile``), the classes covered by the most branches
     first: they run longest."""
     out = []
     last = len(rates) - 1
@@ -696,65 +709,62 @@ def _fused_programs(
     return tuple(out)
 
 
-def _fused_forward(
+def _joint_forward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kpm: Tensor | None,
-    fused: _FusedBranches, *, scale: float,
+    joint: _JointBranches, *, scale: float,
 ) -> None:  # fmt: skip
     # out, lse: the call's whole output and (2, B, N, H) LSE pair, written once.
-    tensors = (q, k, v, out, lse[0])
-    _launch_fused(_fused_fwd_kernel, FWD_CONFIGS, tensors, tensors, kpm, fused,
+    _launch_joint(_joint_fwd_kernel, FWD_CONFIGS, (q, k, v, out, lse[0]), kpm, joint,
                   scales=(scale, lse.stride(0)), NEG_SCALE=scale < 0)  # fmt: skip
 
 
-def _fused_dq(
+def _joint_dq(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dq: Tensor,
-    kpm: Tensor | None, fused: _FusedBranches, *, scale: float,
+    kpm: Tensor | None, joint: _JointBranches, *, scale: float,
 ) -> None:  # fmt: skip
     # lse, delta: the whole sequence's row terms of _backward_rows; dq written once.
-    tensors = (q, k, v, dout, lse[0], delta, dq)
-    _launch_fused(_fused_dq_kernel, DQ_CONFIGS, tensors, tensors, kpm, fused,
+    _launch_joint(_joint_dq_kernel, DQ_CONFIGS, (q, k, v, dout, lse[0], delta, dq), kpm, joint,
                   scales=(scale, lse.stride(0)))  # fmt: skip
 
 
-def _launch_fused(
+def _launch_joint(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
-    strided: tuple[Tensor, ...], kpm: Tensor | None, fused: _FusedBranches, *, scales: tuple,
-    **constexprs: bool,
+    kpm: Tensor | None, joint: _JointBranches, *, scales: tuple, **constexprs: bool,
 ) -> None:  # fmt: skip
-    """Launch a fused kernel (``_fused_fwd_kernel``, ``_fused_dq_kernel``) over every
+    """Launch a joint kernel (``_joint_fwd_kernel``, ``_joint_dq_kernel``) over every
     branch, head and batch: a program per (unit, program-table entry) and (batch, head).
-    ``tensors``: its tensor arguments before ``Kpm``, q, k and v first; ``strided``: those
-    whose ``(B, N, H)`` strides it takes; ``scales``: its arguments after ``kv_group``."""
+    ``tensors``: its ``(B, N, H, ...)`` tensor arguments before ``Kpm``, q, k and v
+    first, whose strides it takes in the same order; ``scales``: its arguments after
+    ``kv_group``."""
     q, k, v = tensors[:3]
     B, N, H, D = q.shape
     cfg = _config(table, D)
-    unit = fused.segments[0]
-    programs, rates, segs, head0 = _fused_tables(fused, cfg.block_m, q.device)
+    programs, rates, segs, head0 = _joint_tables(joint, cfg.block_m, q.device)
     entries = programs.numel() // 3
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
     tma_loads = _tma_loads(q, k, v)
     if tma_loads and not interpreting():
         _ensure_allocator()
-    grid = (entries * triton.cdiv(N, unit), B * H)
+    grid = (entries * triton.cdiv(N, joint.unit), B * H)
     kernel[grid](
         *tensors, kpm_t, programs, rates, segs, head0,
-        *[s for t in strided for s in _s3(t)], s_mb, s_mn,
-        N, unit, entries, H, H // k.shape[2], *scales,
+        *[s for t in tensors for s in _s3(t)], s_mb, s_mn,
+        N, joint.unit, entries, H, H // k.shape[2], *scales,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        NUM_BRANCHES=len(fused.rates), HAS_KPM=kpm is not None, TMA_LOADS=tma_loads,
+        NUM_BRANCHES=len(joint.rates), HAS_KPM=kpm is not None, TMA_LOADS=tma_loads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs, **_cap(cfg),
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_tables(
-    fused: _FusedBranches, block_m: int, device: torch.device
+def _joint_tables(
+    joint: _JointBranches, block_m: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # The fused forward's program table and branch tables (int32, on the device).
-    programs = _fused_programs(fused.rates, fused.segments[0], block_m)
+    # The joint kernels' program table and branch tables (int32, on the device).
+    programs = _joint_programs(joint.rates, joint.unit, block_m)
     return tuple(  # type: ignore[return-value]
         torch.tensor(x, dtype=torch.int32, device=device).reshape(-1)
-        for x in (programs, fused.rates, fused.segments, fused.head0)
+        for x in (programs, joint.rates, joint.segments, joint.head0)
     )
 
 
@@ -805,9 +815,12 @@ def dilated_backward(
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
     # dQ of every branch in one launch where the plan nests (dQ in its own kernel).
-    fused = None if dq_add else _fused_branches(sched, H, causal=causal, documents=documents)
-    if fused is not None:
-        _fused_dq(dout, q, k, v, lse, delta, dq, kpm, fused, scale=scale)
+    joint = None
+    if not dq_add:
+        joint = _joint_branches(sched, H, N, causal=causal, documents=documents,
+                                block_m=_config(DQ_CONFIGS, D).block_m)  # fmt: skip
+    if joint is not None:
+        _joint_dq(dout, q, k, v, lse, delta, dq, kpm, joint, scale=scale)
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
@@ -819,7 +832,7 @@ def dilated_backward(
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
-        for which in ("dkdv",) if dq_add or fused else ("dkdv", "dq"):
+        for which in ("dkdv",) if dq_add or joint else ("dkdv", "dq"):
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
             through = sched.multi or per_query_head
