@@ -450,15 +450,27 @@ def _joint_tile(
 
 
 @triton.jit
-def _joint_branch(j, Rates, Segs, Head0, h, first, n):
-    # Branch j's keys for a tile of the unit starting at token `first`: its rate, the
-    # number of dilated keys of its segment there and the token of the first one.
+def _joint_branch(
+    j, Rates, Segs, Head0, K, V, Kpm, b, h, hk, first, n, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+    s_mb, s_mn, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA_LOADS: tl.constexpr,
+):  # fmt: skip
+    # Branch j's keys for a tile of the unit starting at token `first`, as the inner
+    # loops (_fwd_inner, _bwd_dq_inner) read them: the sources of its K and V rows (K/V
+    # head hk), the padding mask's base, the three row steps, the number of dilated keys
+    # of its segment there and where its whole key tiles end.
     r_j = tl.load(Rates + j)
     w_j = tl.load(Segs + j)
     o_j = (h - tl.load(Head0 + j)) % r_j
     seg_first = (first // w_j) * w_j
     len_k = _dilated_len(tl.minimum(w_j, n - seg_first).to(tl.int32), o_j, r_j)
-    return r_j, len_k, seg_first + o_j
+    tok_k = seg_first + o_j
+    k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+    v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
+                          BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
+    m_base = Kpm + b * s_mb + tok_k * s_mn
+    full_hi = (len_k // BLOCK_N) * BLOCK_N
+    return k_base, v_base, m_base, r_j * s_kn, r_j * s_vn, r_j * s_mn, len_k, full_hi
 
 
 @triton.jit
@@ -490,22 +502,19 @@ def _joint_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     bad_i = tl.zeros([BLOCK_M], dtype=tl.int1)
     for j in range(0, c + 1):  # the branches that cover class c
-        r_j, len_k, tok_k = _joint_branch(j, Rates, Segs, Head0, h, first, n)
-        k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
-                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
-                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        m_base = Kpm + b * s_mb + tok_k * s_mn
-        full_hi = (len_k // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i, bad_i = _fwd_inner(
-            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
-            r_j * s_mn, 0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, False,
-            HAS_KPM, TMA_LOADS, NEG_SCALE,
+        k_base, v_base, m_base, row_k, row_v, row_m, len_k, full_hi = _joint_branch(
+            j, Rates, Segs, Head0, K, V, Kpm, b, h, hk, first, n, s_kb, s_kn, s_kh,
+            s_vb, s_vn, s_vh, s_mb, s_mn, offs_d, BLOCK_N, HEAD_DIM, TMA_LOADS,
         )  # fmt: skip
         acc, l_i, m_i, bad_i = _fwd_inner(
-            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
-            r_j * s_mn, full_hi, len_k, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, False,
-            HAS_KPM, TMA_LOADS, NEG_SCALE,
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+            0, full_hi, len_k, offs_m, offs_n, sm_scale, BLOCK_N, False, False, HAS_KPM,
+            TMA_LOADS, NEG_SCALE,
+        )  # fmt: skip
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, k_base, v_base, m_base, row_k, row_v, row_m,
+            full_hi, len_k, len_k, offs_m, offs_n, sm_scale, BLOCK_N, True, False, HAS_KPM,
+            TMA_LOADS, NEG_SCALE,
         )  # fmt: skip
     # The epilogue of _fwd_kernel without a merge (see there), except for a row with a
     # score of +inf: its l is NaN (inf - inf), and its LSE is +inf (lo = 0 after hi =
@@ -860,21 +869,16 @@ def _joint_dq_kernel(
     hk = h // kv_group
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for j in range(0, c + 1):  # the branches that cover class c
-        r_j, len_k, tok_k = _joint_branch(j, Rates, Segs, Head0, h, first, n)
-        k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
-                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
-                              BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        m_base = Kpm + b * s_mb + tok_k * s_mn
-        full_hi = (len_k // BLOCK_N) * BLOCK_N
-        dq = _bwd_dq_inner(
-            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
-            r_j * s_mn, 0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, False, HAS_KPM,
-            TMA_LOADS,
+        k_base, v_base, m_base, row_k, row_v, row_m, len_k, full_hi = _joint_branch(
+            j, Rates, Segs, Head0, K, V, Kpm, b, h, hk, first, n, s_kb, s_kn, s_kh,
+            s_vb, s_vn, s_vh, s_mb, s_mn, offs_d, BLOCK_N, HEAD_DIM, TMA_LOADS,
         )  # fmt: skip
         dq = _bwd_dq_inner(
-            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, r_j * s_kn, r_j * s_vn,
-            r_j * s_mn, full_hi, len_k, len_k, offs_m, sm_scale, BLOCK_N, True, False, HAS_KPM,
-            TMA_LOADS,
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
+            0, full_hi, len_k, offs_m, sm_scale, BLOCK_N, False, False, HAS_KPM, TMA_LOADS,
+        )  # fmt: skip
+        dq = _bwd_dq_inner(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, m_base, row_k, row_v, row_m,
+            full_hi, len_k, len_k, offs_m, sm_scale, BLOCK_N, True, False, HAS_KPM, TMA_LOADS,
         )  # fmt: skip
     _store_rows(_rows_ptr(DQ, b, h, rows_q, s_gb, s_gn, s_gh, offs_d), dq * sm_scale, qmask)
