@@ -52,6 +52,7 @@ KERNELS = (
     "_bwd_dq_kernel",
     "_joint_fwd_kernel",
     "_joint_dq_kernel",
+    "_joint_dkdv_kernel",
 )
 SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
 

@@ -61,6 +61,7 @@ MEMORY_PARTS = (
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
     from .backends.triton.launch import (
+        DKDV_CONFIGS,
         DQ_CONFIGS,
         FWD_CONFIGS,
         _compacts,
@@ -615,10 +616,12 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     buffer first, live through the pass), and while each launch runs its branch's own
     rows of the row terms (``_compact_rows``, largest for the least dilated branch);
     ``into``: the gradients go to the caller's buffers. Where the joint kernels run the
-    plan (``_joint_branches``, dQ in its own kernel) one launch writes dQ before the
-    chunks, and the chunks run only the dK/dV pass. With grouped-query attention the
-    dK/dV accumulators are per K/V head where the grouped programs run
-    (``_grouped_dkdv``), else per query head and summed per K/V head afterwards."""
+    plan (``_joint_branches``, dQ in its own kernel) one launch writes dK and dV and one
+    writes dQ before the chunks (no accumulators), and the chunks run what is left (dK/dV
+    with grouped-query attention, or a pass whose tiles do not fit the plan). With
+    grouped-query attention the dK/dV accumulators are per K/V head where the grouped
+    programs run (``_grouped_dkdv``), else per query head and summed per K/V head
+    afterwards."""
     grads = () if into else tuple(tl.new("gradients", n) for n in cfg.io_bytes(N))
     lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
     delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
@@ -629,13 +632,20 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     def launches(lo: int, hi: int) -> None:  # a pass's launches: one branch's rows at a time
         tl.free(tl.new("temporaries", _compact_rows_bytes(cfg, N, lo, hi)))
 
+    joint_dq = not dq_add and cfg.extra["triton_joint_dq"]
+    joint_dkdv = not dq_add and cfg.extra["triton_joint_dkdv"]
+    if joint_dq and joint_dkdv:  # two launches, no accumulators, no gathered rows
+        tl.free(delta, lse_copy)
+        return grads
     if multi or g > 1 or dq_add:
         for lo, hi in _head_chunks(True, cfg.B, N, cfg.H, cfg.D, g):
             size = cfg.B * N * (hi - lo) * cfg.D * 4
             grouped = _grouped_dkdv(_launches_for_chunk(sched, lo, hi, g), g, dq_add)
             per_query_head = g > 1 and not grouped
             dq = tl.new("accumulators", size) if dq_add else None
-            if multi or per_query_head:
+            if joint_dkdv:  # written by its joint launch before the chunks
+                pass
+            elif multi or per_query_head:
                 kv_size = size // g if grouped else size
                 accs = tl.new("accumulators", kv_size), tl.new("accumulators", kv_size)
                 launches(lo, hi)
@@ -645,7 +655,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
                 tl.free(*accs)
             else:
                 launches(lo, hi)
-            if not dq_add and not cfg.extra["triton_joint_dq"]:
+            if not dq_add and not joint_dq:
                 dq = tl.new("accumulators", size) if multi else None
                 launches(lo, hi)
             tl.free(dq)
@@ -1182,20 +1192,19 @@ def _config(
 def _triton_extra(plan: DilatedPlan, B: int, N: int, H: int, D: int, kv_group: int) -> dict:
     """What the Triton launches of a (non-causal, unpacked) call on one device allocate:
     whether branches accumulate (``multi``), the head chunks, and whether the joint
-    kernels run the forward and the dQ pass (no accumulator in either)."""
+    kernels run the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV
+    with one K/V head per query head only)."""
     sched = _schedule(plan)
 
-    def joint(table: dict) -> bool:
-        block_m = _launch_config(table, D).block_m
-        return (
-            _joint_branches(sched, H, N, causal=False, documents=None, block_m=block_m) is not None
-        )
+    def joint(rows: int) -> bool:
+        return _joint_branches(sched, H, N, causal=False, documents=None, block_m=rows) is not None
 
     return {
         "triton_multi": sched.multi,
         "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
-        "triton_joint_forward": joint(FWD_CONFIGS),
-        "triton_joint_dq": joint(DQ_CONFIGS),
+        "triton_joint_forward": joint(_launch_config(FWD_CONFIGS, D).block_m),
+        "triton_joint_dq": joint(_launch_config(DQ_CONFIGS, D).block_m),
+        "triton_joint_dkdv": kv_group == 1 and joint(_launch_config(DKDV_CONFIGS, D).block_n),
     }
 
 

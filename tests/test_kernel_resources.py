@@ -38,10 +38,11 @@ def kr():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_launches_per_dq_mode(kr, causal) -> None:
-    # LongNet's 5 branches: "separate" launches a dQ kernel per branch (one joint dQ
-    # launch for all of them where not causal); "atomic" and "tma" none, their dK/dV
-    # launches adding dQ (DQ_ADD 1 and 2 as on a GPU of capability 9.0). The forward is
-    # one joint launch where not causal, one launch per branch where causal.
+    # LongNet's 5 branches: "separate" launches a dQ kernel and a dK/dV kernel per
+    # branch (where not causal one joint dQ launch and one joint dK/dV launch for all of
+    # them); "atomic" and "tma" no dQ kernel, their per-branch dK/dV launches adding dQ
+    # (DQ_ADD 1 and 2 as on a GPU of capability 9.0). The forward is one joint launch
+    # where not causal, one launch per branch where causal.
     data_ptr = torch.Tensor.data_ptr
     with kr.as_on_gpu():
         runs = {
@@ -52,11 +53,14 @@ def test_launches_per_dq_mode(kr, causal) -> None:
         names = [c[0] for c in runs[mode]]
         assert names.count("_fwd_kernel") == (5 if causal else 0)
         assert names.count("_joint_fwd_kernel") == (0 if causal else 1)
-        assert names.count("_bwd_dkdv_kernel") == 5
         separate = expected == 0
+        joint = separate and not causal
+        assert names.count("_bwd_dkdv_kernel") == (0 if joint else 5)
+        assert names.count("_joint_dkdv_kernel") == (1 if joint else 0)
         assert names.count("_bwd_dq_kernel") == (5 if separate and causal else 0)
         assert names.count("_joint_dq_kernel") == (1 if separate and not causal else 0)
-        assert {c[3]["DQ_ADD"] for c in runs[mode] if c[0] == "_bwd_dkdv_kernel"} == {expected}
+        dq_add = {c[3]["DQ_ADD"] for c in runs[mode] if c[0] == "_bwd_dkdv_kernel"}
+        assert dq_add == (set() if joint else {expected})
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
@@ -84,11 +88,11 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
     with kr.as_on_gpu():
         kr.candidate_forms(1 << 16, 64, "pointer", 90, seen)
     assert {name: dict(getattr(launch, name)) for name in defaults} == defaults
-    # Without causality the forward and dQ run jointly (one launch for all branches, no
-    # CAUSAL setting), with it per branch.
+    # Without causality the forward, dK/dV and dQ run jointly (one launch for all
+    # branches, no CAUSAL setting), with it per branch.
     kernel_of = {
         "fwd": ("fwd", "joint_fwd"),
-        "dkdv": ("bwd_dkdv",),
+        "dkdv": ("bwd_dkdv", "joint_dkdv"),
         "dq": ("bwd_dq", "joint_dq"),
         "dkdv_dq": ("bwd_dkdv",),
     }

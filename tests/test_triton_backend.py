@@ -157,7 +157,7 @@ def test_joint_programs(kernels) -> None:
 
 def _count_joint_launches(kernels, monkeypatch) -> list:
     ran: list = []
-    for name in ("_joint_forward", "_joint_dq"):
+    for name in ("_joint_forward", "_joint_dkdv", "_joint_dq"):
         fn = getattr(kernels, name)
         monkeypatch.setattr(
             kernels, name, lambda *a, fn=fn, name=name, **kw: ran.append(name) or fn(*a, **kw)
@@ -182,15 +182,21 @@ JOINT_CASES = {
 )
 def test_joint_kernels_match_per_branch_and_oracle(kernels, monkeypatch, case, load_mode):
     # The joint forward (one launch, one online softmax over every covering branch's
-    # keys) and joint dQ (one launch, dQ summed over them in registers) against the dense
-    # oracle, and against the per-branch launches merging through fp32 accumulators: the
-    # same output, LSE pair and gradients up to float32 rounding. Ragged N (the last unit
-    # and segments short), grouped-query heads, key padding, both load forms.
+    # keys), joint dK/dV (one launch over key tiles, each looping over the query tiles of
+    # every branch that reads it) and joint dQ (one launch, dQ summed over the covering
+    # branches' keys in registers) against the dense oracle, and against the per-branch
+    # launches merging through fp32 accumulators: the same output, LSE pair and
+    # gradients up to float32 rounding. Ragged N (the last unit and segments short),
+    # grouped-query heads (dK/dV per branch), key padding, both load forms.
     monkeypatch.setattr(kernels, "LOAD_MODE", load_mode)
     ran = _count_joint_launches(kernels, monkeypatch)
     ws, rs, kw = JOINT_CASES[case]
     _compare(ws=ws, rs=rs, **kw)
-    assert ran == ["_joint_forward", "_joint_dq"]
+    # dK/dV runs jointly with one K/V head per query head only.
+    launches = ["_joint_forward", "_joint_dq"]
+    if "kv_heads" not in kw:
+        launches.insert(1, "_joint_dkdv")
+    assert ran == launches
     B, N, H = kw["B"], kw["N"], kw["H"]
     q = torch.randn(B, N, H, 16, requires_grad=True)
     k, v = (torch.randn(B, N, kw.get("kv_heads", H), 16, requires_grad=True) for _ in range(2))
@@ -204,7 +210,23 @@ def test_joint_kernels_match_per_branch_and_oracle(kernels, monkeypatch, case, l
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         results[mode] = (out, lse, *grads)
     torch.testing.assert_close(results["joint"], results["per_branch"], **TOL)
-    assert ran == ["_joint_forward", "_joint_dq"] * 2
+    assert ran == launches * 2
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("tiles", "joint"),
+    [((16, 32), ["_joint_forward", "_joint_dq"]), ((32, 16), ["_joint_dkdv"])],
+)
+def test_joint_passes_decided_by_their_own_tiles(kernels, monkeypatch, tiles, joint) -> None:
+    # The forward and dQ passes take a plan jointly when their query tiles (block_m rows)
+    # fit the first segment's views, the dK/dV pass when its key tiles (block_n rows) do:
+    # with 16 rows per view, a 32-row tile sends a pass back to the per-branch launches
+    # while the others stay joint, and the results are the oracle's either way.
+    monkeypatch.setattr(kernels, "_INTERPRET_CONFIG", kernels.KernelConfig(*tiles, 1, 1))
+    ran = _count_joint_launches(kernels, monkeypatch)
+    _compare(2, 70, 3, [32, 64], [1, 2])
+    assert ran == joint
 
 
 @interpreted
@@ -230,7 +252,7 @@ def test_joint_kernels_on_head_chunks(kernels, monkeypatch) -> None:
         torch.testing.assert_close(pair, lse[..., lo:hi], **TOL)
         for a, b in zip(g, grads, strict=True):
             torch.testing.assert_close(a, b[:, :, lo:hi], **TOL)
-    assert ran == ["_joint_forward", "_joint_dq"] * 3
+    assert ran == ["_joint_forward", "_joint_dkdv", "_joint_dq"] * 3
 
 
 @interpreted

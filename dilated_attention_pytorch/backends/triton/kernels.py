@@ -450,6 +450,19 @@ def _joint_tile(
 
 
 @triton.jit
+def _joint_rows(j, Rates, Segs, Head0, h, first, n):
+    # Branch j's dilated positions of head h in the segment holding the unit that starts
+    # at token `first`: its rate (the step between them), the first one's token (int64)
+    # and how many there are.
+    r_j = tl.load(Rates + j)
+    w_j = tl.load(Segs + j)
+    o_j = (h - tl.load(Head0 + j)) % r_j
+    seg_first = (first // w_j) * w_j
+    length = _dilated_len(tl.minimum(w_j, n - seg_first).to(tl.int32), o_j, r_j)
+    return r_j, seg_first + o_j, length
+
+
+@triton.jit
 def _joint_branch(
     j, Rates, Segs, Head0, K, V, Kpm, b, h, hk, first, n, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
     s_mb, s_mn, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA_LOADS: tl.constexpr,
@@ -458,12 +471,7 @@ def _joint_branch(
     # loops (_fwd_inner, _bwd_dq_inner) read them: the sources of its K and V rows (K/V
     # head hk), the padding mask's base, the three row steps, the number of dilated keys
     # of its segment there and where its whole key tiles end.
-    r_j = tl.load(Rates + j)
-    w_j = tl.load(Segs + j)
-    o_j = (h - tl.load(Head0 + j)) % r_j
-    seg_first = (first // w_j) * w_j
-    len_k = _dilated_len(tl.minimum(w_j, n - seg_first).to(tl.int32), o_j, r_j)
-    tok_k = seg_first + o_j
+    r_j, tok_k, len_k = _joint_rows(j, Rates, Segs, Head0, h, first, n)
     k_base = _rows_source(K, b, hk, tok_k, s_kb, s_kn, s_kh, r_j * s_kn, len_k, offs_d,
                           BLOCK_N, HEAD_DIM, TMA_LOADS)  # fmt: skip
     v_base = _rows_source(V, b, hk, tok_k, s_vb, s_vn, s_vh, r_j * s_vn, len_k, offs_d,
@@ -882,3 +890,63 @@ def _joint_dq_kernel(
             full_hi, len_k, len_k, offs_m, sm_scale, BLOCK_N, True, False, HAS_KPM, TMA_LOADS,
         )  # fmt: skip
     _store_rows(_rows_ptr(DQ, b, h, rows_q, s_gb, s_gn, s_gh, offs_d), dq * sm_scale, qmask)
+
+
+@triton.jit
+def _joint_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Kpm, Programs, Rates, Segs, Head0,
+    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+    s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_gb, s_gn, s_gh, s_mb, s_mn,
+    n, unit, num_programs, num_heads, kv_group, sm_scale, s_lp,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
+):  # fmt: skip
+    # dK and dV of every branch in one launch (_joint_tile, over key tiles): a key of
+    # class c is read by the queries of every branch j <= c in j's segment holding it,
+    # so a program loops over the query tiles of each and sums the key tile's dK and dV
+    # in registers, written once in their dtype (no fp32 accumulators). One K/V head per
+    # query head (kv_group 1: the launcher runs grouped-query plans per branch). s_g*:
+    # strides of DK and DV (the same layout). Lse and Delta: the backward's heads-first
+    # row terms of the whole sequence (_row_terms without COMPACT), a branch's rows every
+    # r-th; they are read as _bwd_dkdv_head reads them (SCALAR_BASE, the same rule).
+    c, b, h, first, n0, len_k, tok_k, stride = _joint_tile(
+        Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_N, NUM_BRANCHES
+    )
+    if n0 >= len_k:
+        return
+    offs_n, kmask, rows_k = _tile_rows(n0, len_k, tok_k, stride, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_rows(_rows_ptr(K, b, h, rows_k, s_kb, s_kn, s_kh, offs_d), kmask)
+    v = _load_rows(_rows_ptr(V, b, h, rows_k, s_vb, s_vn, s_vh, offs_d), kmask)
+    keep_k = kmask
+    if HAS_KPM:
+        keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    SCALAR_BASE: tl.constexpr = HEAD_DIM > 64 or BLOCK_M >= 64
+    for j in range(0, c + 1):  # the branches whose queries read class c
+        r_j, tok_q, len_q = _joint_rows(j, Rates, Segs, Head0, h, first, n)
+        q_base = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, r_j * s_qn, len_q, offs_d,
+                              BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, r_j * s_dn, len_q, offs_d,
+                               BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
+        lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
+        dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
+        whole = 0
+        if SCALAR_BASE:
+            whole = (len_q // BLOCK_M) * BLOCK_M
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, dl_base,
+                r_j * s_qn, r_j * s_dn, r_j * s_ln, r_j * s_en, s_lp,
+                0, whole, len_q, offs_n, keep_k, sm_scale, k, 0, 0, 0,
+                BLOCK_M, False, HAS_KPM, True, 0, TMA_LOADS, True, True,
+            )  # fmt: skip
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, dl_base,
+            r_j * s_qn, r_j * s_dn, r_j * s_ln, r_j * s_en, s_lp,
+            whole, len_q, len_q, offs_n, keep_k, sm_scale, k, 0, 0, 0,
+            BLOCK_M, False, HAS_KPM, True, 0, TMA_LOADS, SCALAR_BASE, False,
+        )  # fmt: skip
+    # dV first, then dK, as _bwd_dkdv_kernel stores them.
+    _store_rows(_rows_ptr(DV, b, h, rows_k, s_gb, s_gn, s_gh, offs_d), dv, kmask)
+    _store_rows(_rows_ptr(DK, b, h, rows_k, s_gb, s_gn, s_gh, offs_d), dk * sm_scale, kmask)

@@ -54,6 +54,7 @@ from .kernels import (
     _bwd_dq_kernel,
     _delta_kernel,
     _fwd_kernel,
+    _joint_dkdv_kernel,
     _joint_dq_kernel,
     _joint_fwd_kernel,
 )
@@ -727,19 +728,35 @@ def _joint_dq(
                   scales=(scale, lse.stride(0)))  # fmt: skip
 
 
+def _joint_dkdv(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor,
+    dv: Tensor, kpm: Tensor | None, joint: _JointBranches, *, scale: float,
+) -> None:  # fmt: skip
+    # lse, delta: the whole sequence's row terms of _backward_rows; dk, dv (one K/V head
+    # per query head, equal strides) written once. The program table's tiles are key
+    # tiles.
+    tensors = (q, k, v, dout, lse[0], delta, dk, dv)
+    _launch_joint(_joint_dkdv_kernel, DKDV_CONFIGS, tensors, kpm, joint,
+                  scales=(scale, lse.stride(0)), strided=tensors[:-1], key_tiles=True)  # fmt: skip
+
+
 def _launch_joint(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
-    kpm: Tensor | None, joint: _JointBranches, *, scales: tuple, **constexprs: bool,
+    kpm: Tensor | None, joint: _JointBranches, *, scales: tuple,
+    strided: tuple[Tensor, ...] | None = None, key_tiles: bool = False, **constexprs: bool,
 ) -> None:  # fmt: skip
-    """Launch a joint kernel (``_joint_fwd_kernel``, ``_joint_dq_kernel``) over every
-    branch, head and batch: a program per (unit, program-table entry) and (batch, head).
-    ``tensors``: its ``(B, N, H, ...)`` tensor arguments before ``Kpm``, q, k and v
-    first, whose strides it takes in the same order; ``scales``: its arguments after
-    ``kv_group``."""
+    """Launch a joint kernel (``_joint_fwd_kernel``, ``_joint_dq_kernel``,
+    ``_joint_dkdv_kernel``) over every branch, head and batch: a program per (unit,
+    program-table entry) and (batch, head). ``tensors``: its ``(B, N, H, ...)`` tensor
+    arguments before ``Kpm``, q, k and v first; ``strided``: those whose strides it
+    takes, in order (default: all); ``scales``: its arguments after ``kv_group``;
+    ``key_tiles``: the table's tiles are ``block_n`` key rows (else ``block_m`` query
+    rows)."""
     q, k, v = tensors[:3]
     B, N, H, D = q.shape
     cfg = _config(table, D)
-    programs, rates, segs, head0 = _joint_tables(joint, cfg.block_m, q.device)
+    rows = cfg.block_n if key_tiles else cfg.block_m
+    programs, rates, segs, head0 = _joint_tables(joint, rows, q.device)
     entries = programs.numel() // 3
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
     tma_loads = _tma_loads(q, k, v)
@@ -748,7 +765,7 @@ def _launch_joint(
     grid = (entries * triton.cdiv(N, joint.unit), B * H)
     kernel[grid](
         *tensors, kpm_t, programs, rates, segs, head0,
-        *[s for t in tensors for s in _s3(t)], s_mb, s_mn,
+        *[s for t in (tensors if strided is None else strided) for s in _s3(t)], s_mb, s_mn,
         N, joint.unit, entries, H, H // k.shape[2], *scales,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         NUM_BRANCHES=len(joint.rates), HAS_KPM=kpm is not None, TMA_LOADS=tma_loads,
@@ -814,13 +831,25 @@ def dilated_backward(
     lse, delta = _backward_rows(dout, out, lse)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
-    # dQ of every branch in one launch where the plan nests (dQ in its own kernel).
-    joint = None
+    # dQ of every branch in one launch where the plan nests (dQ in its own kernel), and
+    # dK/dV of every branch in another (also one K/V head per query head). Each decides
+    # by its own tiles (_joint_branches' tile rule); what they leave runs per branch.
+    joint_dq = joint_dkdv = None
     if not dq_add:
-        joint = _joint_branches(sched, H, N, causal=causal, documents=documents,
-                                block_m=_config(DQ_CONFIGS, D).block_m)  # fmt: skip
-    if joint is not None:
-        _joint_dq(dout, q, k, v, lse, delta, dq, kpm, joint, scale=scale)
+        joint_dq = _joint_branches(sched, H, N, causal=causal, documents=documents,
+                                   block_m=_config(DQ_CONFIGS, D).block_m)  # fmt: skip
+        if g == 1:
+            joint_dkdv = _joint_branches(sched, H, N, causal=causal, documents=documents,
+                                         block_m=_config(DKDV_CONFIGS, D).block_n)  # fmt: skip
+    if joint_dkdv is not None:
+        _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale)
+    if joint_dq is not None:
+        _joint_dq(dout, q, k, v, lse, delta, dq, kpm, joint_dq, scale=scale)
+    passes = () if joint_dkdv else ("dkdv",)
+    if not dq_add and joint_dq is None:
+        passes += ("dq",)
+    if not passes:
+        return dq, dk, dv
     for c_lo, c_hi in _head_chunks(sched.multi or g > 1 or dq_add > 0, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         doc, qc, dlc, dqc = (t[:, :, hs] for t in (dout, q, delta, dq))
@@ -832,7 +861,7 @@ def dilated_backward(
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
-        for which in ("dkdv",) if dq_add or joint else ("dkdv", "dq"):
+        for which in passes:
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
             through = sched.multi or per_query_head
