@@ -7,8 +7,8 @@ gather/scatter copy of q, k, v, out or the gradients is ever made.
 
 A program of the forward, dK/dV and dQ kernels runs one tile of dilated positions of
 one segment of one ``(batch, head)`` (:func:`_tile`); :mod:`.launch` launches them
-once per branch. The joint forward and dQ kernels run every branch of a plan whose
-branches nest in one launch, a program per tile of positions covered by the same
+once per branch. The joint forward, dQ and dK/dV kernels run every branch of a plan
+whose branches nest in one launch, a program per tile of positions covered by the same
 branches (:func:`_joint_tile`).
 
 Scores stay in natural-log units (``S = scale * q.k``) and are converted to log2 units
@@ -412,7 +412,8 @@ def _joint_tile(
     Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_M: tl.constexpr,
     NUM_BRANCHES: tl.constexpr,
 ):  # fmt: skip
-    # The tile of the joint kernels (_joint_fwd_kernel, _joint_dq_kernel) this program
+    # The tile of the joint kernels (_joint_fwd_kernel, _joint_dq_kernel: query rows;
+    # _joint_dkdv_kernel: key rows, the same classes, BLOCK_M its key tile) this program
     # runs. Every branch of a softmax-mixing plan whose rates and segment lengths nest
     # (each divides the next, the first rate 1, the first segment length a multiple of
     # the last rate; launch._joint_branches) runs in one launch: a query's keys are those

@@ -26,11 +26,13 @@ separate cast pass. With a single branch per head ("head_split", or one
 branch) every kernel writes its final output directly.
 
 Joint branches (``BRANCH_MODE = "joint"``, the default): where the branches nest
-(LongNet's plans, not causal; :func:`_joint_branches`) the forward and the dQ pass
-run all branches in one launch each, a program per tile of positions that the same
-branches cover, over the keys of every one of them: no fp32 accumulator and no
-merge, so what the two paragraphs above say of several branches applies to them only
-where a plan does not nest, and to the dK/dV pass, which stays per branch.
+(LongNet's plans, not causal; :func:`_joint_branches`) the forward, the dQ pass and
+the dK/dV pass run all branches in one launch each, a program per tile of positions
+that the same branches cover: over the keys of every one of them (forward, dQ), or
+over the queries of every branch that reads them (dK/dV, one K/V head per query
+head). No fp32 accumulator and no merge, so what the two paragraphs above say of
+several branches applies only where a plan does not nest (and to the dK/dV pass of
+grouped-query attention).
 """
 
 from __future__ import annotations
@@ -154,12 +156,13 @@ DQ_MODE = "separate"
 LOAD_MODES = ("auto", "pointer", "tma")
 LOAD_MODE = "auto"
 
-# How the forward and the dQ pass run a softmax-mixing plan: "joint" (one launch for all
-# branches: one online softmax per query over every covering branch's keys, and dQ summed
-# over them in registers, no fp32 accumulators; plans whose rates, segment lengths and
-# head offsets nest, see _joint_branches, not causal, no packed documents) or
-# "per_branch" (a launch per branch merging into fp32 accumulators; every plan). The
-# dK/dV pass always runs per branch.
+# How the forward and the backward run a softmax-mixing plan: "joint" (one launch for all
+# branches per pass: one online softmax per query over every covering branch's keys; dQ
+# summed over them, and dK/dV over the queries of every branch reading a key, in
+# registers; no fp32 accumulators; plans whose rates, segment lengths and head offsets
+# nest, see _joint_branches, not causal, no packed documents; dK/dV with one K/V head
+# per query head, dQ in its own kernel) or "per_branch" (a launch per branch merging
+# into fp32 accumulators; every plan).
 BRANCH_MODES = ("joint", "per_branch")
 BRANCH_MODE = "joint"
 
@@ -658,11 +661,13 @@ def _joint_branches(
     o_{j-1}`` for every head), as in LongNet's plans. Then a position that branch ``j``
     covers is covered by every branch before it, so one launch runs each query over the
     keys of all the branches that cover it: one online softmax in the forward
-    (``_joint_forward``), one dQ sum in the backward (``_joint_dq``). A program's tile
+    (``_joint_forward``), one dQ sum in the backward (``_joint_dq``); and each key over
+    the queries of all the branches that read it (``_joint_dkdv``). A program's tile
     holds positions of one class in one unit (the first segment length), ``1 / r`` of
     them for the largest rate ``r``: where that is less than a tile of ``block_m`` rows
-    (the kernel's), most of every tile would be padding, each looping over all the
-    covering branches' keys, and the plan runs per branch instead.
+    (the kernel's: query rows, or key rows for dK/dV), most of every tile would be
+    padding, each looping over all the covering branches' keys, and that pass runs per
+    branch instead.
     """
     if BRANCH_MODE not in BRANCH_MODES:
         raise ValueError(
