@@ -127,3 +127,40 @@ def test_register_cap_reaches_the_compiler(kr, monkeypatch) -> None:
     assert 0 < kr.compile_launch(source, options, 90)["registers"] <= 128
     monkeypatch.setattr(launch, "interpreting", lambda: True)
     assert launch._cap(launch.FWD_CONFIGS[64]) == {}
+
+
+LONGNET = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
+
+
+@pytest.mark.parametrize(
+    ("ws", "rs", "H", "H_kv", "D", "joint"),
+    [
+        (*LONGNET, 16, 16, 64, {"fwd", "dq", "dkdv"}),
+        (*LONGNET, 16, 16, 128, {"fwd", "dq", "dkdv"}),
+        (*LONGNET, 16, 4, 64, {"fwd", "dq"}),  # grouped-query: dK/dV per branch
+        # 64 positions per view: only the dQ pass's 64-row tiles fit (D=64: forward 128
+        # query rows, dK/dV 128 key rows); at D=128 every pass's do.
+        ([512, 4096], [1, 8], 8, 8, 64, {"dq"}),
+        ([512, 4096], [1, 8], 8, 8, 128, {"fwd", "dq", "dkdv"}),
+    ],
+)
+def test_memory_estimate_knows_which_passes_run_jointly(kr, ws, rs, H, H_kv, D, joint) -> None:
+    # get_memory_estimate counts no accumulator for a pass the joint kernels run
+    # (memory._triton_extra): its decision is the launcher's, pass by pass.
+    from dilated_attention_pytorch import memory
+    from dilated_attention_pytorch.backends.triton import launch
+    from dilated_attention_pytorch.plan import make_plan
+
+    N = 1 << 16
+    plan = make_plan(ws, rs, H)
+    q, dout = (torch.empty(1, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.empty(1, N, H_kv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    calls: list = []
+    with kr.recording(calls):
+        out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5)
+        launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5)
+    launched = {c[0].removeprefix("_joint_").removesuffix("_kernel") for c in calls}
+    assert launched & {"fwd", "dq", "dkdv"} == joint
+    extra = memory._triton_extra(plan, 1, N, H, D, H // H_kv)
+    names = {"fwd": "forward", "dq": "dq", "dkdv": "dkdv"}
+    assert {p for p, name in names.items() if extra[f"triton_joint_{name}"]} == joint
