@@ -984,7 +984,8 @@ def _chunk_config(cfg: _Config, N: int, first: int, stop: int) -> _Config:
     H = stop - first
     extra = {"interleaved": True}
     if cfg.kernel == "triton" and "triton_multi" in cfg.extra:  # one device
-        extra.update(_triton_extra(plan, cfg.B, N, H, cfg.D, cfg.kv_group))
+        causal = cfg.extra["triton_causal"]
+        extra.update(_triton_extra(plan, cfg.B, N, H, cfg.D, cfg.kv_group, causal))
     return dataclasses.replace(cfg, H=H, Hkv=H // cfg.kv_group, plan=plan, extra=extra)
 
 
@@ -1170,7 +1171,7 @@ def _check_backend(backend: object, dtype: torch.dtype, head_dim: int, plan: Dil
 
 def _config(
     B: int, N: int, H: int, D: int, ring: int, plan: DilatedPlan, dtype: torch.dtype, backend: str,
-    device: str = "cuda", Hkv: int | None = None,
+    device: str = "cuda", Hkv: int | None = None, causal: bool = False,
 ) -> _Config:  # fmt: skip
     acc, itemsize = compute_dtype(dtype).itemsize, dtype.itemsize
     if backend == "triton":
@@ -1184,22 +1185,25 @@ def _config(
     extra = {}
     Hkv = H if Hkv is None else Hkv
     if backend == "triton" and ring == 1:
-        extra = _triton_extra(plan, B, N, H, D, H // Hkv)
+        extra = _triton_extra(plan, B, N, H, D, H // Hkv, causal)
     tile = _MAX_SCORE_ELEMENTS if device == "cuda" else _MAX_SCORE_ELEMENTS_CPU
     return _Config(B, H, D, itemsize, acc, kernel, plan, tile, extra, Hkv)
 
 
-def _triton_extra(plan: DilatedPlan, B: int, N: int, H: int, D: int, kv_group: int) -> dict:
-    """What the Triton launches of a (non-causal, unpacked) call on one device allocate:
-    whether branches accumulate (``multi``), the head chunks, and whether the joint
-    kernels run the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV
-    with one K/V head per query head only)."""
+def _triton_extra(
+    plan: DilatedPlan, B: int, N: int, H: int, D: int, kv_group: int, causal: bool = False
+) -> dict:
+    """What the Triton launches of an unpacked call on one device allocate: whether
+    branches accumulate (``multi``), the head chunks, and whether the joint kernels run
+    the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV with one
+    K/V head per query head only; never causal)."""
     sched = _schedule(plan)
 
     def joint(rows: int) -> bool:
-        return _joint_branches(sched, H, N, causal=False, documents=None, block_m=rows) is not None
+        return _joint_branches(sched, H, N, causal=causal, documents=None, block_m=rows) is not None
 
     return {
+        "triton_causal": causal,
         "triton_multi": sched.multi,
         "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
         "triton_joint_forward": joint(_launch_config(FWD_CONFIGS, D).block_m),
@@ -1250,6 +1254,7 @@ def get_memory_estimate(
     recompute_qkv: bool = True,
     device: str | torch.device = "cuda",
     num_kv_heads: int | None = None,
+    is_causal: bool = False,
 ) -> dict:
     """Per-rank memory of one forward (+ backward) of this library's dilated attention.
 
@@ -1283,9 +1288,10 @@ def get_memory_estimate(
       constant (``5 * 64 MiB`` in fp32) that dominates small inputs.
     - ``triton`` backend: out and lse written in place; fp32 accumulators only when
       several branches cover a position, per head chunk of at most
-      ``ACC_CHUNK_BYTES``, and only for dK/dV where the joint kernels run the forward and
-      dQ (softmax mixing whose rates and segment lengths nest, as LongNet's do);
-      ``delta`` in the backward.
+      ``ACC_CHUNK_BYTES``, and none for the passes the joint kernels run (non-causal
+      softmax mixing whose rates and segment lengths nest, as LongNet's do; dK/dV with
+      one K/V head per query head); the backward's copies of the row terms and
+      ``delta``.
     - ring (``ring_size = k > 1``, ``L = N / k``): the same per-block work on the shard;
       each branch with ``w > L`` packs its dilated K/V (about ``2T / r`` elements) and
       holds it plus the incoming one (three during a step change: the previous one is
@@ -1295,10 +1301,9 @@ def get_memory_estimate(
       keeps q, k, v, the output, its gradient and the input gradients whole on every
       rank: ``O(N)`` per rank.
 
-    Not modelled: the causal variant (it sends fewer blocks: this is an upper bound
-    for contiguous shards; on one device the Triton backend's causal calls run the
-    forward and dQ per branch, so a causal forward without backward may hold one fp32
-    accumulator chunk, at most ``ACC_CHUNK_BYTES``, more than estimated), the zigzag
+    Not modelled: the causal ring (it sends fewer blocks: the estimate is an upper bound
+    for contiguous shards; ``is_causal`` changes only the Triton backend's one-device
+    estimate, where causal calls run every pass per branch), the zigzag
     layout (the ring modules' causal calls on the
     whole sequence: three half-size K/V buffers per branch with ``w > L`` instead of one,
     and one reordered copy of q, k, v or the output at a time),
@@ -1352,6 +1357,12 @@ def get_memory_estimate(
             ``2**24``.
         num_kv_heads: K/V heads for grouped-query attention (a divisor of ``num_heads``;
             ``None``: ``num_heads``): k and v are ``(B, N, num_kv_heads, D)``.
+        is_causal: the call is causal. On one device the Triton backend then runs every
+            pass per branch, through fp32 accumulators where branches overlap (the
+            joint kernels, which need none, take non-causal calls only): for LongNet's
+            plan at 1M tokens, D=64, that is 2 GiB more in training. Elsewhere it
+            changes nothing (a causal ring is estimated as a non-causal one, an upper
+            bound).
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):
@@ -1392,6 +1403,7 @@ def get_memory_estimate(
     split = check_bool("already_split", already_split)
     with_backward = check_bool("with_backward", with_backward)
     recompute_qkv = check_bool("recompute_qkv", recompute_qkv)
+    causal = check_bool("is_causal", is_causal)
     if isinstance(device, torch.device) or (isinstance(device, str) and ":" in device):
         device = torch.device(device).type  # torch.device("cpu"), "cuda:0"
     device = check_choice("device", device, ("cuda", "cpu"))
@@ -1415,7 +1427,7 @@ def get_memory_estimate(
             )
         check_shard_length(plan, N // k, k)
 
-    cfg = _config(B, N, H, D, k, plan, dtype, backend, device, H_kv)
+    cfg = _config(B, N, H, D, k, plan, dtype, backend, device, H_kv, causal)
     # The layer recomputes q, k, v in training (MultiheadDilatedAttention with
     # recompute_qkv=True; under no_grad it runs the projections as usual), on one device
     # and on a ring's shards (the whole sequence on every rank runs separate nodes).
@@ -1424,7 +1436,7 @@ def get_memory_estimate(
     if k == 1:
         reduction = 1.0
     else:
-        single = _peak(_config(B, N, H, D, 1, plan, dtype, backend, device, H_kv), N, 1, split,
+        single = _peak(_config(B, N, H, D, 1, plan, dtype, backend, device, H_kv, causal), N, 1, split,
                        with_backward, embed_dim, recompute)[0]  # fmt: skip
         reduction = single.peak / tl.peak
     whole = N if (k > 1 and not split) else N // k

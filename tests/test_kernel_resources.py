@@ -144,9 +144,13 @@ LONGNET = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
         ([512, 4096], [1, 8], 8, 8, 128, {"fwd", "dq", "dkdv"}),
     ],
 )
-def test_memory_estimate_knows_which_passes_run_jointly(kr, ws, rs, H, H_kv, D, joint) -> None:
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_estimate_knows_which_passes_run_jointly(
+    kr, ws, rs, H, H_kv, D, joint, causal
+) -> None:
     # get_memory_estimate counts no accumulator for a pass the joint kernels run
-    # (memory._triton_extra): its decision is the launcher's, pass by pass.
+    # (memory._triton_extra): its decision is the launcher's, pass by pass; causal calls
+    # (is_causal=True) run every pass per branch.
     from dilated_attention_pytorch import memory
     from dilated_attention_pytorch.backends.triton import launch
     from dilated_attention_pytorch.plan import make_plan
@@ -157,10 +161,11 @@ def test_memory_estimate_knows_which_passes_run_jointly(kr, ws, rs, H, H_kv, D, 
     k, v = (torch.empty(1, N, H_kv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
     calls: list = []
     with kr.recording(calls):
-        out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5)
-        launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5)
+        out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5, causal=causal)
+        launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5, causal=causal)
+    joint = set() if causal else joint
     launched = {c[0].removeprefix("_joint_").removesuffix("_kernel") for c in calls}
     assert launched & {"fwd", "dq", "dkdv"} == joint
-    extra = memory._triton_extra(plan, 1, N, H, D, H // H_kv)
+    extra = memory._triton_extra(plan, 1, N, H, D, H // H_kv, causal)
     names = {"fwd": "forward", "dq": "dq", "dkdv": "dkdv"}
     assert {p for p, name in names.items() if extra[f"triton_joint_{name}"]} == joint

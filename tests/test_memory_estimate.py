@@ -698,3 +698,23 @@ def test_module_estimate_counts_the_backend_auto_runs() -> None:
     # An explicit backend is counted as given.
     pinned = DilatedAttention(**branches, backend="pytorch")
     assert peak(pinned.get_memory_estimate(1024, 2, 4, 64)) == direct(64, "pytorch")
+
+
+@pytest.mark.skipif("triton" not in available_backends(), reason="Triton is not installed")
+def test_triton_causal_training_counts_the_per_branch_accumulators(monkeypatch) -> None:
+    # LongNet at 1M tokens: a non-causal call runs every pass jointly (no accumulator);
+    # a causal one runs each pass per branch, its dK/dV through two fp32 accumulators of
+    # 1 GiB (a head chunk of 4 heads at D=64) while the r = 2 branch reads its gathered
+    # row terms (3 fp32 values per dilated row of the chunk: 24 MiB). The estimate says
+    # that much more, as BRANCH_MODE "per_branch" gives for the non-causal call.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    kw = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16],
+              backend="triton")  # fmt: skip
+    joint = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
+    causal = get_memory_estimate(1 << 20, 1, 16, 64, is_causal=True, **kw)["bytes_per_device"]
+    assert causal - joint == 2 * GiB + 3 * 4 * (1 << 19) * 4
+    monkeypatch.setattr(launch, "BRANCH_MODE", "per_branch")
+    assert get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"] == causal
+    with pytest.raises(TypeError, match="is_causal must be a bool, got str"):
+        get_memory_estimate(1024, is_causal="yes")
