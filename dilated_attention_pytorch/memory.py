@@ -1360,9 +1360,9 @@ def get_memory_estimate(
         is_causal: the call is causal. On one device the Triton backend then runs every
             pass per branch, through fp32 accumulators where branches overlap (the
             joint kernels, which need none, take non-causal calls only): for LongNet's
-            plan at 1M tokens, D=64, about 2 GiB more in training. Elsewhere it
-            changes nothing (a causal ring is estimated as a non-causal one, an upper
-            bound).
+            plan at 1M tokens, D=64, about 2 GiB more in training. A causal ring is
+            estimated as a non-causal one (an upper bound); with ``backend="triton"``
+            its ``memory_reduction_factor`` is over the causal one-device estimate.
 
     Returns:
         A dict; sizes per rank, ``*_gb`` in GiB (``2**30`` bytes):

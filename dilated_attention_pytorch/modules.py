@@ -245,7 +245,8 @@ class DilatedAttention(nn.Module):
         another). ``kwargs`` are its other keywords
         (``dtype``, ``device`` (``"cuda"`` by default; ``"cpu"`` for a CPU run),
         ``num_kv_heads`` (grouped-query attention: k and v with fewer heads),
-        ``already_split``, ``embed_dim``, ...).
+        ``is_causal`` (causal calls; the Triton backend then runs every branch on its
+        own), ``already_split``, ``embed_dim``, ...).
         """
         return get_memory_estimate(
             seq_len,
@@ -643,8 +644,8 @@ class MultiheadDilatedAttention(nn.Module):
         layer's heads, head dim and ``embed_dim`` (self-attention; the input, the
         parameters in their dtype, the projections, the norm, ``out_proj``, the saved
         tensors and every gradient are counted). ``kwargs``: ``dtype`` (default: the
-        parameters' dtype), ``already_split``, ``with_backward``; ``recompute_qkv`` is this
-        layer's. With ``num_kv_heads < num_heads`` (grouped-query attention) ``k_proj``,
+        parameters' dtype), ``already_split``, ``with_backward``, ``is_causal``;
+        ``recompute_qkv`` is this layer's. With ``num_kv_heads < num_heads`` (grouped-query attention) ``k_proj``,
         ``v_proj``, k, v and their gradients are counted with that many heads.
 
         Raises:

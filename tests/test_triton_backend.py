@@ -282,6 +282,29 @@ def test_joint_kernels_with_an_infinite_key(kernels, monkeypatch, value) -> None
 
 
 @interpreted
+def test_joint_dkdv_reads_an_unaligned_dout_by_pointer(kernels, monkeypatch) -> None:
+    # The joint dK/dV kernel reads dO in its loops: with LOAD_MODE "tma" it takes
+    # descriptor loads only when dO allows them too. A gradient narrowed from a wider
+    # tensor (strides of 17 elements, not a multiple of 16 bytes) reads by pointer, and
+    # the gradients are the oracle's; a descriptor of it would be rejected.
+    monkeypatch.setattr(kernels, "LOAD_MODE", "tma")
+    ran = _count_joint_launches(kernels, monkeypatch)
+    ws, rs, (B, N, H, D) = [32, 64], [1, 2], (1, 40, 2, 16)
+    q, k, v = (torch.randn(B, N, H, D, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn(B, N, H, D + 1)[..., :D]
+    assert not kernels._tma_loads(dout)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out = dilated_attention(qf, kf, vf, ws, rs, backend="triton")
+    grads = torch.autograd.grad(out, (qf, kf, vf), dout)
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = dense_dilated_attention(qd, kd, vd, ws, rs)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+    assert "_joint_dkdv" in ran
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg.float(), **TOL)
+
+
+@interpreted
 @pytest.mark.parametrize("shape", [(2, 37, 3), (1, 5, 1), (3, 1, 4), (1, 1, 1)])
 @pytest.mark.parametrize("pair", [False, True])
 def test_backward_rows_heads_first(kernels, shape, pair) -> None:

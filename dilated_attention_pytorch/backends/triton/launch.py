@@ -11,9 +11,10 @@ end, grid
   :mod:`.kernels`). Within a launch every ``(position, head)``
   belongs to one program and launches run in order, so the read-modify-write
   is race free.
-- backward: ``delta = rowsum(dO * O)`` once, then per branch a dK/dV kernel (a
-  program per key tile loops over the query tiles of the segment) and a dQ
-  kernel (a program per query tile loops over the key tiles). ``P`` is rebuilt
+- backward: ``delta = rowsum(dO * O)`` once, then per branch (where the branches
+  do not nest, see "Joint branches" below) a dK/dV kernel (a program per key tile
+  loops over the query tiles of the segment) and a dQ kernel (a program per query
+  tile loops over the key tiles). ``P`` is rebuilt
   from the *final* mixed LSE, so summing the branches gives the exact gradient
   of the joint softmax.
 
@@ -742,21 +743,24 @@ def _joint_dkdv(
     # tiles.
     tensors = (q, k, v, dout, lse[0], delta, dk, dv)
     _launch_joint(_joint_dkdv_kernel, DKDV_CONFIGS, tensors, kpm, joint,
-                  scales=(scale, lse.stride(0)), strided=tensors[:-1], key_tiles=True)  # fmt: skip
+                  scales=(scale, lse.stride(0)), strided=tensors[:-1], loaded=tensors[:4],
+                  key_tiles=True)  # fmt: skip
 
 
 def _launch_joint(
     kernel: triton.JITFunction, table: dict[int, KernelConfig], tensors: tuple[Tensor, ...],
     kpm: Tensor | None, joint: _JointBranches, *, scales: tuple,
-    strided: tuple[Tensor, ...] | None = None, key_tiles: bool = False, **constexprs: bool,
+    strided: tuple[Tensor, ...] | None = None, loaded: tuple[Tensor, ...] | None = None,
+    key_tiles: bool = False, **constexprs: bool,
 ) -> None:  # fmt: skip
     """Launch a joint kernel (``_joint_fwd_kernel``, ``_joint_dq_kernel``,
     ``_joint_dkdv_kernel``) over every branch, head and batch: a program per (unit,
     program-table entry) and (batch, head). ``tensors``: its ``(B, N, H, ...)`` tensor
     arguments before ``Kpm``, q, k and v first; ``strided``: those whose strides it
-    takes, in order (default: all); ``scales``: its arguments after ``kv_group``;
-    ``key_tiles``: the table's tiles are ``block_n`` key rows (else ``block_m`` query
-    rows)."""
+    takes, in order (default: all); ``loaded``: those its loops read through tensor
+    descriptors where every one of them allows it (``_tma_loads``; default: q, k, v);
+    ``scales``: its arguments after ``kv_group``; ``key_tiles``: the table's tiles are
+    ``block_n`` key rows (else ``block_m`` query rows)."""
     q, k, v = tensors[:3]
     B, N, H, D = q.shape
     cfg = _config(table, D)
@@ -764,7 +768,7 @@ def _launch_joint(
     programs, rates, segs, head0 = _joint_tables(joint, rows, q.device)
     entries = programs.numel() // 3
     kpm_t, s_mb, s_mn = (q, 0, 0) if kpm is None else (kpm, kpm.stride(0), kpm.stride(1))
-    tma_loads = _tma_loads(q, k, v)
+    tma_loads = _tma_loads(*(tensors[:3] if loaded is None else loaded))
     if tma_loads and not interpreting():
         _ensure_allocator()
     grid = (entries * triton.cdiv(N, joint.unit), B * H)
