@@ -909,7 +909,7 @@ def _joint_dkdv_kernel(
     # query head (kv_group 1: the launcher runs grouped-query plans per branch). s_g*:
     # strides of DK and DV (the same layout). Lse and Delta: the backward's heads-first
     # row terms of the whole sequence (_row_terms without COMPACT), a branch's rows every
-    # r-th; they are read as _bwd_dkdv_head reads them (SCALAR_BASE, the same rule).
+    # r-th.
     c, b, h, first, n0, len_k, tok_k, stride = _joint_tile(
         Programs, Rates, Head0, n, unit, num_programs, num_heads, BLOCK_N, NUM_BRANCHES
     )
@@ -924,29 +924,17 @@ def _joint_dkdv_kernel(
         keep_k = tl.load(Kpm + b * s_mb + rows_k * s_mn, mask=kmask, other=1) == 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    SCALAR_BASE: tl.constexpr = HEAD_DIM > 64 or BLOCK_M >= 64
     for j in range(0, c + 1):  # the branches whose queries read class c
         r_j, tok_q, len_q = _joint_rows(j, Rates, Segs, Head0, h, first, n)
-        q_base = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, r_j * s_qn, len_q, offs_d,
-                              BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, r_j * s_dn, len_q, offs_d,
-                               BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
-        lse_base = _ptr(Lse, b, h, tok_q, s_lb, s_ln, s_lh)
-        dl_base = _ptr(Delta, b, h, tok_q, s_eb, s_en, s_eh)
-        whole = 0
-        if SCALAR_BASE:
-            whole = (len_q // BLOCK_M) * BLOCK_M
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-                r_j * s_qn, r_j * s_dn, r_j * s_ln, r_j * s_en, s_lp,
-                0, whole, len_q, offs_n, keep_k, sm_scale, k, 0, 0, 0,
-                BLOCK_M, False, HAS_KPM, True, 0, TMA_LOADS, True, True,
-            )  # fmt: skip
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, dl_base,
-            r_j * s_qn, r_j * s_dn, r_j * s_ln, r_j * s_en, s_lp,
-            whole, len_q, len_q, offs_n, keep_k, sm_scale, k, 0, 0, 0,
-            BLOCK_M, False, HAS_KPM, True, 0, TMA_LOADS, SCALAR_BASE, False,
+        # The per-branch kernel's loop over branch j's query tiles (not causal, dQ in its
+        # own kernel, the sequence's row terms every r_j-th row; DK stands in for the
+        # unused fp32 dQ buffer).
+        dk, dv = _bwd_dkdv_head(
+            dk, dv, k, v, k, keep_k, offs_n, offs_d, n0, b, h, tok_q, len_q,
+            Q, DO, Lse, Delta, DK,
+            s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
+            s_gb, s_gn, s_gh, r_j, 0, 1, sm_scale, s_lp, 0,
+            HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_KPM, True, 0, TMA_LOADS, False,
         )  # fmt: skip
     # dV first, then dK, as _bwd_dkdv_kernel stores them.
     _store_rows(_rows_ptr(DV, b, h, rows_k, s_gb, s_gn, s_gh, offs_d), dv, kmask)
