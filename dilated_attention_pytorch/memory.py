@@ -61,19 +61,13 @@ MEMORY_PARTS = (
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
     from .backends.triton.launch import (
-        DKDV_CONFIGS,
-        DQ_CONFIGS,
-        FWD_CONFIGS,
         _compacts,
         _dq_add,
         _grouped_dkdv,
         _head_chunks,
-        _joint_branches,
+        _joint_pass,
         _launches_for_chunk,
         _schedule,
-    )
-    from .backends.triton.launch import (
-        _config as _launch_config,
     )
 
 _BACKENDS = ("pytorch", "triton")
@@ -598,7 +592,7 @@ def _cast_grads(tl: _Timeline, cfg: _Config, tokens: int, accs: list, residue: t
 def _mirror_triton_forward(tl: _Timeline, cfg: _Config, N: int) -> tuple:
     """``backends.triton.launch.dilated_forward``: out in the input dtype, lse fp32 and,
     when several branches cover a position and the joint forward does not run them
-    (``_joint_branches``), one fp32 accumulator per head chunk."""
+    (``_joint_pass``), one fp32 accumulator per head chunk."""
     out = tl.new("output", cfg.qkv_bytes(N))
     lse = tl.new("saved_tensors", 2 * cfg.lse_bytes(N, 4))  # the (hi, lo) pair
     multi, chunks = cfg.extra["triton_multi"], cfg.extra["triton_chunks"]
@@ -616,7 +610,7 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     buffer first, live through the pass), and while each launch runs its branch's own
     rows of the row terms (``_compact_rows``, largest for the least dilated branch);
     ``into``: the gradients go to the caller's buffers. Where the joint kernels run the
-    plan (``_joint_branches``, dQ in its own kernel) one launch writes dK and dV and one
+    plan (``_joint_pass``, dQ in its own kernel) one launch writes dK and dV and one
     writes dQ before the chunks (no accumulators), and the chunks run what is left (dK/dV
     with grouped-query attention, or a pass whose tiles do not fit the plan). With
     grouped-query attention the dK/dV accumulators are per K/V head where the grouped
@@ -1199,16 +1193,18 @@ def _triton_extra(
     K/V head per query head only; never causal)."""
     sched = _schedule(plan)
 
-    def joint(rows: int) -> bool:
-        return _joint_branches(sched, H, N, causal=causal, documents=None, block_m=rows) is not None
+    def joint(which: str) -> bool:
+        return (
+            _joint_pass(which, sched, H, N, D, kv_group, causal=causal, documents=None) is not None
+        )
 
     return {
         "triton_causal": causal,
         "triton_multi": sched.multi,
         "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
-        "triton_joint_forward": joint(_launch_config(FWD_CONFIGS, D).block_m),
-        "triton_joint_dq": joint(_launch_config(DQ_CONFIGS, D).block_m),
-        "triton_joint_dkdv": kv_group == 1 and joint(_launch_config(DKDV_CONFIGS, D).block_n),
+        "triton_joint_forward": joint("forward"),
+        "triton_joint_dq": joint("dq"),
+        "triton_joint_dkdv": joint("dkdv"),
     }
 
 

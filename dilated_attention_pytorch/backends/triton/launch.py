@@ -597,8 +597,8 @@ def dilated_forward(
     kpm = _kpm_u8(key_padding_mask)
     out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
-    joint = _joint_branches(sched, H, N, causal=causal, documents=documents,
-                            block_m=_config(FWD_CONFIGS, D).block_m)  # fmt: skip
+    joint = _joint_pass("forward", sched, H, N, D, H // k.shape[2], causal=causal,
+                        documents=documents)  # fmt: skip
     if joint is not None:
         # One launch writes every (position, head) of out and the LSE pair.
         _joint_forward(q, k, v, out, lse, kpm, joint, scale=scale)
@@ -697,6 +697,30 @@ def _joint_branches(
             if (h - head0[j]) % rates[j] % rates[j - 1] != (h - head0[j - 1]) % rates[j - 1]:
                 return None
     return _JointBranches(rates, segs, head0, min(segs[0], n))
+
+
+# The tile rows each joint pass's programs hold: the kernel table and the field.
+_JOINT_TILE_ROWS = {
+    "forward": (FWD_CONFIGS, "block_m"),
+    "dq": (DQ_CONFIGS, "block_m"),
+    "dkdv": (DKDV_CONFIGS, "block_n"),
+}
+
+
+def _joint_pass(
+    which: str, sched: _Schedule, num_heads: int, n: int, head_dim: int, kv_group: int, *,
+    causal: bool, documents: Sequence[int] | None, dq_add: int = 0,
+) -> _JointBranches | None:  # fmt: skip
+    """Whether one pass (``"forward"``, ``"dq"``, ``"dkdv"``) of a call runs jointly:
+    :func:`_joint_branches` with that pass's tile rows, except that with ``dq_add``
+    (``DQ_MODE``: the dK/dV kernel adds dQ) the backward runs per branch, and the joint
+    dK/dV needs one K/V head per query head. The launchers and the memory estimate
+    (``memory._triton_extra``) decide through it."""
+    if which != "forward" and (dq_add or (which == "dkdv" and kv_group > 1)):
+        return None
+    table, field = _JOINT_TILE_ROWS[which]
+    rows = getattr(_config(table, head_dim), field)
+    return _joint_branches(sched, num_heads, n, causal=causal, documents=documents, block_m=rows)
 
 
 @functools.lru_cache(maxsize=64)
@@ -842,14 +866,11 @@ def dilated_backward(
     dq_add = _dq_add(q.device)
     # dQ of every branch in one launch where the plan nests (dQ in its own kernel), and
     # dK/dV of every branch in another (also one K/V head per query head). Each decides
-    # by its own tiles (_joint_branches' tile rule); what they leave runs per branch.
-    joint_dq = joint_dkdv = None
-    if not dq_add:
-        joint_dq = _joint_branches(sched, H, N, causal=causal, documents=documents,
-                                   block_m=_config(DQ_CONFIGS, D).block_m)  # fmt: skip
-        if g == 1:
-            joint_dkdv = _joint_branches(sched, H, N, causal=causal, documents=documents,
-                                         block_m=_config(DKDV_CONFIGS, D).block_n)  # fmt: skip
+    # by its own tiles (_joint_pass); what they leave runs per branch.
+    joint_dq, joint_dkdv = (
+        _joint_pass(which, sched, H, N, D, g, causal=causal, documents=documents, dq_add=dq_add)
+        for which in ("dq", "dkdv")
+    )
     if joint_dkdv is not None:
         _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale)
     if joint_dq is not None:
