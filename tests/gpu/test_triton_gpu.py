@@ -108,12 +108,12 @@ def test_triton_other_head_dims(D, is_causal) -> None:
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_triton_key_padding_mask(is_causal) -> None:
+def test_triton_key_padding_mask(is_causal, ws=(256, 1024, 2048), rs=(1, 2, 4)) -> None:
     # The pytorch backend takes its fp32 math path when a mask is given, so the
     # low-precision baseline here is the dense oracle computed in bf16 (O(N^2), hence
     # the smaller N), and the truth the same oracle in fp64.
     B, N, H, D = 2, 2048 + 33, 4, 64
-    ws, rs = [256, 1024, 2048], [1, 2, 4]
+    ws, rs = list(ws), list(rs)
     mask = torch.rand(B, N, device="cuda") < 0.2
     mask[1, :300] = True  # the first segments of one batch element lose most keys
     q, k, v, dout = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -283,6 +283,42 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
     monkeypatch.setattr(launch, "_tma_loads", lambda *t: chosen.append(tma_loads(*t)) or chosen[-1])
     test_triton_dq_added_by_the_dkdv_kernel(case, dq_mode, monkeypatch)
     assert chosen and all(chosen)
+
+
+@pytest.mark.parametrize("case", ["pointer", "tma", "D128", "mask", "mask-causal"])
+def test_triton_joint_passes(case, monkeypatch) -> None:
+    # LongNet plans whose forward, dQ and dK/dV passes each run in one launch for all
+    # branches (the first segment holds w_0 / r_max = 128 or more positions of each class
+    # per unit, at least every kernel's tile), with a ragged last segment: the joint
+    # launches run (none causal: those run per branch) and meet the same tolerance rule.
+    from dilated_attention_pytorch.backends.triton import launch
+
+    ran = []
+
+    def counted(name):
+        run = getattr(launch, name)
+
+        def wrapper(*args, **kwargs):
+            ran.append(name)
+            return run(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("_joint_forward", "_joint_dq", "_joint_dkdv"):
+        monkeypatch.setattr(launch, name, counted(name))
+    if case == "tma":
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("tensor descriptors need a Hopper GPU")
+        monkeypatch.setattr(launch, "LOAD_MODE", "tma")
+    if case.startswith("mask"):
+        # The dense oracle (fp64 truth, bf16 baseline) with a key padding mask.
+        test_triton_key_padding_mask(case == "mask-causal", [512, 1024, 2048], [1, 2, 4])
+    else:
+        D = 128 if case == "D128" else 64
+        ws, rs = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
+        _compare(1, 16384 + 2048 + 97, 8, D, ws, rs, torch.bfloat16)
+    expected = [] if case == "mask-causal" else ["_joint_forward", "_joint_dkdv", "_joint_dq"]
+    assert ran == expected
 
 
 def test_triton_deterministic_backward_is_bitwise_repeatable(monkeypatch) -> None:
