@@ -285,12 +285,15 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
     assert chosen and all(chosen)
 
 
-@pytest.mark.parametrize("case", ["pointer", "tma", "D128", "mask", "mask-causal"])
+@pytest.mark.parametrize(
+    "case", ["pointer", "tma", "D128", "D128-dkdv-per-branch", "mask", "mask-causal"]
+)
 def test_triton_joint_passes(case, monkeypatch) -> None:
     # LongNet plans whose forward, dQ and dK/dV passes each run in one launch for all
     # branches (the first segment holds w_0 / r_max = 128 or more positions of each class
     # per unit, at least every kernel's tile), with a ragged last segment: the joint
     # launches run (none causal: those run per branch) and meet the same tolerance rule.
+    # "dkdv-per-branch": JOINT_DKDV_MAX_HEAD_DIM below D, the forward and dQ joint only.
     from dilated_attention_pytorch.backends.triton import launch
 
     ran = []
@@ -310,14 +313,18 @@ def test_triton_joint_passes(case, monkeypatch) -> None:
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("tensor descriptors need a Hopper GPU")
         monkeypatch.setattr(launch, "LOAD_MODE", "tma")
+    if case.endswith("dkdv-per-branch"):
+        monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", 64)
     if case.startswith("mask"):
         # The dense oracle (fp64 truth, bf16 baseline) with a key padding mask.
         test_triton_key_padding_mask(case == "mask-causal", [512, 1024, 2048], [1, 2, 4])
     else:
-        D = 128 if case == "D128" else 64
+        D = 128 if case.startswith("D128") else 64
         ws, rs = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
         _compare(1, 16384 + 2048 + 97, 8, D, ws, rs, torch.bfloat16)
     expected = [] if case == "mask-causal" else ["_joint_forward", "_joint_dkdv", "_joint_dq"]
+    if case.endswith("dkdv-per-branch"):
+        expected.remove("_joint_dkdv")
     assert ran == expected
 
 

@@ -167,6 +167,14 @@ LOAD_MODE = "auto"
 BRANCH_MODES = ("joint", "per_branch")
 BRANCH_MODE = "joint"
 
+# The joint dK/dV runs for head dims up to this one (None: every head dim; 0: none);
+# larger ones run the dK/dV pass per branch, their forward and dQ staying joint. Timed
+# against the per-branch dK/dV interleaved in one process on H100s (2026-12-07, LongNet
+# at N = 1M, H = 16, bf16, forward+backward; benchmarks/bench_joint_passes.py), the joint
+# dK/dV was 2.0% and 4.6% faster at D = 64 in two runs, and 3.1% faster and 3.6% slower
+# at D = 128, within the runs' spread; it holds 2 GiB less at both.
+JOINT_DKDV_MAX_HEAD_DIM: int | None = None
+
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
 
 
@@ -714,9 +722,13 @@ def _joint_pass(
     """Whether one pass (``"forward"``, ``"dq"``, ``"dkdv"``) of a call runs jointly:
     :func:`_joint_branches` with that pass's tile rows, except that with ``dq_add``
     (``DQ_MODE``: the dK/dV kernel adds dQ) the backward runs per branch, and the joint
-    dK/dV needs one K/V head per query head. The launchers and the memory estimate
+    dK/dV needs one K/V head per query head and a head dim of at most
+    :data:`JOINT_DKDV_MAX_HEAD_DIM`. The launchers and the memory estimate
     (``memory._triton_extra``) decide through it."""
-    if which != "forward" and (dq_add or (which == "dkdv" and kv_group > 1)):
+    if which != "forward" and dq_add:
+        return None
+    cap = JOINT_DKDV_MAX_HEAD_DIM
+    if which == "dkdv" and (kv_group > 1 or (cap is not None and head_dim > cap)):
         return None
     table, field = _JOINT_TILE_ROWS[which]
     rows = getattr(_config(table, head_dim), field)
