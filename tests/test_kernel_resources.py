@@ -145,16 +145,21 @@ LONGNET = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
     ],
 )
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cap", [None, 64, 0])
 def test_memory_estimate_knows_which_passes_run_jointly(
-    kr, ws, rs, H, H_kv, D, joint, causal
+    kr, monkeypatch, ws, rs, H, H_kv, D, joint, causal, cap
 ) -> None:
     # get_memory_estimate counts no accumulator for a pass the joint kernels run
     # (memory._triton_extra): its decision is the launcher's, pass by pass; causal calls
-    # (is_causal=True) run every pass per branch.
+    # (is_causal=True) run every pass per branch, and JOINT_DKDV_MAX_HEAD_DIM (cap)
+    # sends the dK/dV of larger head dims per branch.
     from dilated_attention_pytorch import memory
     from dilated_attention_pytorch.backends.triton import launch
     from dilated_attention_pytorch.plan import make_plan
 
+    monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", cap)
+    if cap is not None and D > cap:
+        joint = joint - {"dkdv"}
     N = 1 << 16
     plan = make_plan(ws, rs, H)
     q, dout = (torch.empty(1, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
