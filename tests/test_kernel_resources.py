@@ -174,3 +174,16 @@ def test_memory_estimate_knows_which_passes_run_jointly(
     extra = memory._triton_extra(plan, 1, N, H, D, H // H_kv, causal)
     names = {"fwd": "forward", "dq": "dq", "dkdv": "dkdv"}
     assert {p for p, name in names.items() if extra[f"triton_joint_{name}"]} == joint
+
+
+@pytest.mark.parametrize("cap", [-1, 64.0, "64", True])
+def test_joint_dkdv_cap_must_be_a_head_dim(kr, monkeypatch, cap) -> None:
+    from dilated_attention_pytorch.backends.triton import launch
+    from dilated_attention_pytorch.plan import make_plan
+
+    monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", cap)
+    sched = launch._schedule(make_plan(*LONGNET, 16))
+    with pytest.raises(
+        ValueError, match=r"JOINT_DKDV_MAX_HEAD_DIM must be None or an int >= 0, got"
+    ):
+        launch._joint_pass("dkdv", sched, 16, 1 << 16, 64, 1, causal=False, documents=None)

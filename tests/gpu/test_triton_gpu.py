@@ -313,8 +313,11 @@ def test_triton_joint_passes(case, monkeypatch) -> None:
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("tensor descriptors need a Hopper GPU")
         monkeypatch.setattr(launch, "LOAD_MODE", "tma")
-    if case.endswith("dkdv-per-branch"):
-        monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", 64)
+    if case == "pointer":  # "auto" reads through descriptors on Hopper
+        monkeypatch.setattr(launch, "LOAD_MODE", "pointer")
+    monkeypatch.setattr(
+        launch, "JOINT_DKDV_MAX_HEAD_DIM", 64 if case.endswith("dkdv-per-branch") else None
+    )
     if case.startswith("mask"):
         # The dense oracle (fp64 truth, bf16 baseline) with a key padding mask.
         test_triton_key_padding_mask(case == "mask-causal", [512, 1024, 2048], [1, 2, 4])

@@ -171,7 +171,7 @@ BRANCH_MODE = "joint"
 # larger ones run the dK/dV pass per branch, their forward and dQ staying joint. Timed
 # against the per-branch dK/dV interleaved in one process on H100s (2026-12-07, LongNet
 # at N = 1M, H = 16, bf16, forward+backward; benchmarks/bench_joint_passes.py), the joint
-# dK/dV was 2.0% and 4.6% faster at D = 64 in two runs, and 3.1% faster and 3.6% slower
+# dK/dV was 2.1% and 4.6% faster at D = 64 in two runs, and 3.1% faster and 3.6% slower
 # at D = 128, within the runs' spread; it holds 2 GiB less at both.
 JOINT_DKDV_MAX_HEAD_DIM: int | None = None
 
@@ -728,6 +728,11 @@ def _joint_pass(
     if which != "forward" and dq_add:
         return None
     cap = JOINT_DKDV_MAX_HEAD_DIM
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise ValueError(
+            f"JOINT_DKDV_MAX_HEAD_DIM must be None or an int >= 0, got {cap!r}; None (the "
+            "default) runs the joint dK/dV at every head dim, 0 at none"
+        )
     if which == "dkdv" and (kv_group > 1 or (cap is not None and head_dim > cap)):
         return None
     table, field = _JOINT_TILE_ROWS[which]
