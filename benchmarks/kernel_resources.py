@@ -20,6 +20,15 @@ memory, and whether the PTX holds the Hopper bulk tensor reduce-add
 on two cores (Triton caches what it compiled). ``--candidates`` adds the forms of every tile
 config ``bench_dilated.py --tune`` tries (rows marked ``candidate``), so the tuning run on
 a GPU can be read next to what each tile costs in registers.
+
+``--loops`` also disassembles each form (Triton's bundled ``nvdisasm``) and counts the
+instructions per thread of its innermost loops that hold tensor-core instructions (the
+loops over key or query tiles), by class: ``mma`` (``HGMMA``/``HMMA``), ``mma_sync``
+(``WARPGROUP`` arrive/wait), ``exp`` (``MUFU``), ``fp32``, ``convert``, ``shared``,
+``global`` (loads, copies, tensor-memory-accelerator operations), ``spill`` (``LDL``/
+``STL``), ``barrier`` and ``integer_and_control`` (address arithmetic, predicates,
+branches, moves). A static count, not a timing: use it to see where a loop's issue slots
+go before spending GPU time on a change.
 """
 
 from __future__ import annotations
@@ -123,9 +132,10 @@ def specialize(fn: triton.JITFunction, args: tuple, kwargs: dict, arch: int) -> 
     return ASTSource(fn, signature, constexprs, attrs), options
 
 
-def compile_launch(source: ASTSource, options: Any, arch: int) -> dict:
-    """Compile one launch form for ``sm_<arch>``; returns its resources (``ptxas -v``) and
-    whether its PTX uses the bulk tensor reduce-add."""
+def compile_launch(source: ASTSource, options: Any, arch: int, loops: bool = False) -> dict:
+    """Compile one launch form for ``sm_<arch>``; returns its resources (``ptxas -v``),
+    whether its PTX uses the bulk tensor reduce-add and, with ``loops``, the instruction
+    counts of its innermost tensor-core loops (:func:`sass_loops`)."""
     target = GPUTarget("cuda", arch, 32)
     kernel = triton.compile(source, target=target, options=options.__dict__)
     ptx = kernel.asm["ptx"]
@@ -144,21 +154,99 @@ def compile_launch(source: ASTSource, options: Any, arch: int) -> dict:
         found = re.findall(pattern, report)
         return int(found[-1]) if found else 0
 
-    return {
+    got = {
         "registers": number(r"Used (\d+) registers"),
         "spill_stores": number(r"(\d+) bytes spill stores"),
         "spill_loads": number(r"(\d+) bytes spill loads"),
         "shared_bytes": kernel.metadata.shared,
         "tma_reduce": "cp.reduce.async.bulk" in ptx,
     }
+    if loops:
+        got["loops"] = sass_loops(disassemble(kernel.asm["cubin"]))
+    return got
+
+
+_SASS_INSTRUCTION = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);"
+)
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_CLASSES = {
+    "mma": ("HGMMA", "HMMA"),
+    "mma_sync": ("WARPGROUP",),
+    "exp": ("MUFU",),
+    "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FFMA2", "FMUL2", "FADD2"),
+    "convert": ("F2FP", "F2F", "I2F", "F2I", "I2FP", "F2IP"),
+    "shared": ("LDS", "STS", "LDSM", "STSM"),
+    "global": ("LDG", "STG", "LDGSTS", "LDGDEPBAR", "UTMALDG", "UTMASTG", "UTMAREDG",
+               "UBLKCP", "UBLKRED", "RED", "REDG", "ATOMG"),
+    "spill": ("LDL", "STL"),
+    "barrier": ("BAR", "SYNCS", "MEMBAR", "DEPBAR", "FENCE", "ERRBAR"),
+}  # fmt: skip
+_SASS_CLASS_OF = {op: name for name, ops in _SASS_CLASSES.items() for op in ops}
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The innermost loops of disassembled SASS that hold tensor-core instructions, in
+    address order: per loop, ``instructions`` (per thread, one iteration) and the count of
+    each class (``_SASS_CLASSES``; the rest is ``integer_and_control``). A loop is the
+    span from a label to a later branch back to it."""
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    code: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = _SASS_INSTRUCTION.search(line)
+        if found:
+            address = int(found.group(1), 16)
+            for name in pending:
+                labels[name] = address
+            pending = []
+            code.append((address, found.group(2), found.group(3)))
+    index = {address: i for i, (address, _, _) in enumerate(code)}
+    spans = []
+    for i, (address, opcode, operands) in enumerate(code):
+        target = re.search(r"(\.L_x_\d+)", operands)
+        if opcode.split(".")[0] != "BRA" or not target or target.group(1) not in labels:
+            continue
+        start = labels[target.group(1)]
+        if start <= address and start in index:
+            body = code[index[start] : i + 1]
+            if any(_SASS_CLASS_OF.get(op.split(".")[0]) == "mma" for _, op, _ in body):
+                spans.append((index[start], i))
+    innermost = [
+        (a, b)
+        for a, b in spans
+        if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)
+    ]
+    loops = []
+    for a, b in sorted(innermost):
+        counts = dict.fromkeys([*_SASS_CLASSES, "integer_and_control"], 0)
+        for _, opcode, _ in code[a : b + 1]:
+            counts[_SASS_CLASS_OF.get(opcode.split(".")[0], "integer_and_control")] += 1
+        loops.append({"instructions": b - a + 1, **counts})
+    return loops
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a compiled kernel, through the ``nvdisasm`` bundled with Triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
 def launch_forms(
-    seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict
-) -> None:
+    seq_len: int, D: int, causal: bool, mode: str, load_mode: str, arch: int, seen: dict,
+    loops: bool = False,
+) -> None:  # fmt: skip
     """Compile each launch form of one configuration not in ``seen`` (keyed by kernel,
-    compile-time settings, ``r == 1``, warps, stages and register cap), adding its row;
-    call inside :func:`as_on_gpu`."""
+    compile-time settings, ``r == 1``, warps, stages and register cap), adding its row
+    (with ``loops``, its loops' instruction counts); call inside :func:`as_on_gpu`."""
     for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode):
         if name == "_delta_kernel":
             continue
@@ -179,7 +267,7 @@ def launch_forms(
                 "num_warps": kw["num_warps"],
                 "num_stages": kw["num_stages"],
                 "maxnreg": kw.get("maxnreg"),
-                **compile_launch(source, options, arch),
+                **compile_launch(source, options, arch, loops),
                 "dq_modes": [],
             }
             r = seen[key]
@@ -191,6 +279,9 @@ def launch_forms(
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "
                   f"shared {r['shared_bytes']} B" + (", TMA reduce-add" if r["tma_reduce"] else ""),
                   flush=True)  # fmt: skip
+            for i, loop in enumerate(r.get("loops", [])):
+                counts = ", ".join(f"{k} {v}" for k, v in loop.items() if k != "instructions" and v)
+                print(f"    loop {i}: {loop['instructions']} instructions ({counts})", flush=True)
         if mode not in seen[key]["dq_modes"]:
             seen[key]["dq_modes"].append(mode)
 
@@ -233,6 +324,11 @@ def main() -> None:
     parser.add_argument("--dq-modes", default=",".join(launch.DQ_MODES))
     parser.add_argument("--load-modes", default="pointer,tma")
     parser.add_argument(
+        "--loops",
+        action="store_true",
+        help="also count the instructions of each form's tensor-core loops (nvdisasm)",
+    )
+    parser.add_argument(
         "--candidates",
         action="store_true",
         help="also every tile config bench_dilated.py --tune tries (pointer loads)",
@@ -246,7 +342,9 @@ def main() -> None:
             for causal in (False, True):
                 for mode in args.dq_modes.split(","):
                     for load_mode in args.load_modes.split(","):
-                        launch_forms(args.seq_len, D, causal, mode, load_mode, args.arch, seen)
+                        launch_forms(
+                            args.seq_len, D, causal, mode, load_mode, args.arch, seen, args.loops
+                        )
             if args.candidates:
                 candidate_forms(args.seq_len, D, "pointer", args.arch, seen)
     report = {

@@ -75,6 +75,50 @@ def test_tma_dq_form_compiles_for_sm90(kr) -> None:
     assert got["shared_bytes"] <= SM90_SHARED_PER_BLOCK
 
 
+_SASS = """
+_k:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS R2, [R3] ;
+.L_x_1:
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/                   MUFU.EX2 R5, R6 ;
+        /*0040*/                   FFMA R7, R5, R8, R9 ;
+        /*0050*/                   STL [R1], R7 ;
+        /*0060*/               @P0 BRA `(.L_x_1) ;
+        /*0070*/                   IADD3 R3, R3, 0x10, RZ ;
+        /*0080*/               @P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0090*/                   FADD R1, R1, R1 ;
+        /*00a0*/               @P2 BRA `(.L_x_2) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_sass_loops_counts_the_innermost_tensor_core_loop(kr) -> None:
+    # Three loops: the outer one holds the inner (not innermost), the last has no MMA.
+    (loop,) = kr.sass_loops(_SASS)
+    assert loop["instructions"] == 5
+    assert (loop["mma"], loop["exp"], loop["fp32"], loop["spill"]) == (1, 1, 1, 1)
+    assert loop["integer_and_control"] == 1  # the branch
+    assert sum(v for k, v in loop.items() if k != "instructions") == loop["instructions"]
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
+def test_joint_dkdv_loop_counted_for_sm90(kr) -> None:
+    # D = 64: the joint dK/dV's query-tile loop runs four matmuls of a 32 x 128 tile per
+    # step (two 64 x 32 x 16 and one 64 x 64 x 16 HGMMA per warpgroup slice each: 24),
+    # one exp per score (32 per thread), and a first loop (the whole tiles) is found.
+    with kr.as_on_gpu():
+        calls = kr.launches(1 << 16, 64, False, "separate", "tma")
+        _, fn, args, kwargs = next(c for c in calls if c[0] == "_joint_dkdv_kernel")
+        source, options = kr.specialize(fn, args, kwargs, 90)
+    loops = kr.compile_launch(source, options, 90, loops=True)["loops"]
+    assert loops and loops[0]["mma"] == 24 and loops[0]["exp"] == 32
+    for loop in loops:
+        assert sum(v for k, v in loop.items() if k != "instructions") == loop["instructions"]
+
+
 def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
     # --candidates: each config bench_dilated --tune tries is launched as the launcher's
     # config (compilation stubbed here), and the tables get their defaults back.
