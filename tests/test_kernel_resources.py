@@ -126,7 +126,7 @@ def test_candidate_forms_cover_every_tune_config(kr, monkeypatch) -> None:
 
     monkeypatch.setattr(kr, "specialize", lambda fn, a, kw, arch: (None, None))
     stub = {"registers": 1, "spill_stores": 0, "spill_loads": 0, "shared_bytes": 0, "tma_reduce": 0}
-    monkeypatch.setattr(kr, "compile_launch", lambda source, options, arch: dict(stub))
+    monkeypatch.setattr(kr, "compile_launch", lambda source, options, arch, loops=False: dict(stub))
     defaults = {name: dict(getattr(launch, name)) for name, _ in kr._TABLES.values()}
     seen: dict = {}
     with kr.as_on_gpu():
