@@ -29,6 +29,7 @@ from measure import GiB, result_path, stamp, write_json
 
 import dilated_attention_pytorch as dap
 from dilated_attention_pytorch.backends.triton import launch
+from dilated_attention_pytorch.plan import make_plan
 
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
@@ -38,14 +39,29 @@ WAYS = {
     "joint_fwd_dq": ("joint", 0),
     "per_branch": ("per_branch", None),
 }
+# The passes each way runs jointly.
+JOINT_PASSES = {
+    "joint": frozenset({"forward", "dq", "dkdv"}),
+    "joint_fwd_dq": frozenset({"forward", "dq"}),
+    "per_branch": frozenset(),
+}
 
 
-def default_way(D: int) -> str:
-    """The way the library's current settings run head dim ``D``."""
-    if launch.BRANCH_MODE == "per_branch":
-        return "per_branch"
-    cap = launch.JOINT_DKDV_MAX_HEAD_DIM
-    return "joint" if cap is None or D <= cap else "joint_fwd_dq"
+def joint_passes(D: int, H: int, N: int) -> frozenset[str]:
+    """The passes the launcher, with its current settings, runs jointly for this plan."""
+    sched = launch._schedule(make_plan(SEGMENTS, RATES, H))
+    return frozenset(
+        p
+        for p in ("forward", "dq", "dkdv")
+        if launch._joint_pass(p, sched, H, N, D, 1, causal=False, documents=None) is not None
+    )
+
+
+def default_way(D: int, H: int = 16, N: int = 1 << 20) -> str:
+    """The way the library's current settings run head dim ``D`` (by the launcher's own
+    decisions)."""
+    found = joint_passes(D, H, N)
+    return next(way for way, passes in JOINT_PASSES.items() if passes == found)
 
 
 def run_dim(D: int, N: int, H: int, rounds: int) -> dict:
@@ -87,7 +103,7 @@ def run_dim(D: int, N: int, H: int, rounds: int) -> dict:
         w: dict(ms=statistics.median(t), reps=[round(x, 2) for x in t], peak_gib=peaks[w])
         for w, t in times.items()
     }
-    return dict(D=D, N=N, H=H, default=default_way(D), ways=ways)
+    return dict(D=D, N=N, H=H, default=default_way(D, H, N), ways=ways)
 
 
 def main() -> None:

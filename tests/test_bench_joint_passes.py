@@ -18,25 +18,15 @@ def bench():
 @pytest.mark.parametrize("D", [64, 128])
 def test_ways_run_the_passes_they_name(bench, monkeypatch, D) -> None:
     from dilated_attention_pytorch.backends.triton import launch
-    from dilated_attention_pytorch.plan import make_plan
 
-    H, N = 16, 1 << 20
-    sched = launch._schedule(make_plan(bench.SEGMENTS, bench.RATES, H))
-    expected = {
-        "joint": {"forward", "dq", "dkdv"},
-        "joint_fwd_dq": {"forward", "dq"},
-        "per_branch": set(),
-    }
-    assert set(bench.WAYS) == set(expected)
+    assert set(bench.WAYS) == set(bench.JOINT_PASSES)
+    assert bench.JOINT_PASSES["joint"] == {"forward", "dq", "dkdv"}
+    assert bench.JOINT_PASSES["joint_fwd_dq"] == {"forward", "dq"}
+    assert bench.JOINT_PASSES["per_branch"] == set()
     for way, (mode, cap) in bench.WAYS.items():
         monkeypatch.setattr(launch, "BRANCH_MODE", mode)
         monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", cap)
-        joint = {
-            p
-            for p in ("forward", "dq", "dkdv")
-            if launch._joint_pass(p, sched, H, N, D, 1, causal=False, documents=None)
-        }
-        assert joint == expected[way], way
+        assert bench.joint_passes(D, 16, 1 << 20) == bench.JOINT_PASSES[way], way
         assert bench.default_way(D) == way
 
 
