@@ -52,6 +52,8 @@ from triton.runtime.jit import create_function_from_signature
 from dilated_attention_pytorch.backends.triton import launch
 from dilated_attention_pytorch.plan import make_plan
 
+# Triton's bundled CUDA tools (ptxas, nvdisasm).
+_TRITON_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 KERNELS = (
@@ -139,7 +141,7 @@ def compile_launch(source: ASTSource, options: Any, arch: int, loops: bool = Fal
     target = GPUTarget("cuda", arch, 32)
     kernel = triton.compile(source, target=target, options=options.__dict__)
     ptx = kernel.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = os.path.join(_TRITON_BIN, "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -232,7 +234,7 @@ def sass_loops(sass: str) -> list[dict]:
 
 def disassemble(cubin: bytes) -> str:
     """SASS of a compiled kernel, through the ``nvdisasm`` bundled with Triton."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    tool = os.path.join(_TRITON_BIN, "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -295,10 +297,13 @@ _TABLES = {
 }
 
 
-def candidate_forms(seq_len: int, D: int, load_mode: str, arch: int, seen: dict) -> None:
+def candidate_forms(
+    seq_len: int, D: int, load_mode: str, arch: int, seen: dict, loops: bool = False
+) -> None:
     """Compile the forms of every tile config ``bench_dilated.py --tune`` tries (its
     ``tune_candidates``), each installed in turn as the launcher's config; the rows this
-    adds (forms the defaults do not launch) get ``"candidate": True``."""
+    adds (forms the defaults do not launch) get ``"candidate": True`` (with ``loops``,
+    their loops' instruction counts too)."""
     for kernel in TUNE_KERNELS:
         table_name, mode = _TABLES[kernel]
         table = getattr(launch, table_name)
@@ -308,7 +313,7 @@ def candidate_forms(seq_len: int, D: int, load_mode: str, arch: int, seen: dict)
                 table[D] = launch.KernelConfig(*config)
                 for causal in (False, True):
                     before = set(seen)
-                    launch_forms(seq_len, D, causal, mode, load_mode, arch, seen)
+                    launch_forms(seq_len, D, causal, mode, load_mode, arch, seen, loops)
                     for key in set(seen) - before:
                         seen[key]["candidate"] = True
         finally:
@@ -346,7 +351,7 @@ def main() -> None:
                             args.seq_len, D, causal, mode, load_mode, args.arch, seen, args.loops
                         )
             if args.candidates:
-                candidate_forms(args.seq_len, D, "pointer", args.arch, seen)
+                candidate_forms(args.seq_len, D, "pointer", args.arch, seen, args.loops)
     report = {
         **stamp(torch.device("cpu")),
         "target": f"sm_{args.arch}",
