@@ -1,12 +1,16 @@
 """The Triton backend's joint passes against per-branch ones, interleaved in one process.
 
-    python benchmarks/bench_joint_passes.py --out benchmarks/results
+    python benchmarks/bench_joint_passes.py --out benchmarks/results [--ways joint,per_branch]
 
-For each head dim, three ways of running LongNet's plan (segments 2048..32768, rates
-1..16, softmax mixing, not causal) on ``(1, N, H, D)`` bf16 inputs, forward+backward:
+For each head dim, ways of running LongNet's plan (segments 2048..32768, rates 1..16,
+softmax mixing, not causal) on ``(1, N, H, D)`` bf16 inputs, forward+backward, each a set
+of the launcher's settings (``backends/triton/launch.py``):
 
 - ``joint``: every pass joint (the forward, dQ and dK/dV kernels of all branches,
-  ``launch.JOINT_DKDV_MAX_HEAD_DIM = None``);
+  ``launch.JOINT_DKDV_MAX_HEAD_DIM = None``), the dK/dV kernel reading each query row's
+  LSE pair and delta as one packed word (``launch.PACKED_ROW_TERMS = True``);
+- ``joint_unpacked``: the same, the row terms read as three separate values
+  (``PACKED_ROW_TERMS = False``);
 - ``joint_fwd_dq``: the forward and dQ joint, dK/dV per branch
   (``JOINT_DKDV_MAX_HEAD_DIM = 0``);
 - ``per_branch``: every pass per branch (``launch.BRANCH_MODE = "per_branch"``).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Sequence
 
 import torch
 from measure import GiB, result_path, stamp, write_json
@@ -34,17 +39,27 @@ from dilated_attention_pytorch.plan import make_plan
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 WAYS = {
-    # name: (BRANCH_MODE, JOINT_DKDV_MAX_HEAD_DIM)
-    "joint": ("joint", None),
-    "joint_fwd_dq": ("joint", 0),
-    "per_branch": ("per_branch", None),
+    # name: the launcher's settings
+    "joint": dict(BRANCH_MODE="joint", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=True),
+    "joint_unpacked": dict(
+        BRANCH_MODE="joint", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=False
+    ),
+    "joint_fwd_dq": dict(BRANCH_MODE="joint", JOINT_DKDV_MAX_HEAD_DIM=0, PACKED_ROW_TERMS=True),
+    "per_branch": dict(BRANCH_MODE="per_branch", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=True),
 }
 # The passes each way runs jointly.
 JOINT_PASSES = {
     "joint": frozenset({"forward", "dq", "dkdv"}),
+    "joint_unpacked": frozenset({"forward", "dq", "dkdv"}),
     "joint_fwd_dq": frozenset({"forward", "dq"}),
     "per_branch": frozenset(),
 }
+
+
+def apply(settings: dict) -> None:
+    """Set the launcher's settings of a way."""
+    for name, value in settings.items():
+        setattr(launch, name, value)
 
 
 def joint_passes(D: int, H: int, N: int) -> frozenset[str]:
@@ -59,12 +74,15 @@ def joint_passes(D: int, H: int, N: int) -> frozenset[str]:
 
 def default_way(D: int, H: int = 16, N: int = 1 << 20) -> str:
     """The way the library's current settings run head dim ``D`` (by the launcher's own
-    decisions)."""
+    decisions, and its ``PACKED_ROW_TERMS`` where the dK/dV pass runs jointly)."""
     found = joint_passes(D, H, N)
-    return next(way for way, passes in JOINT_PASSES.items() if passes == found)
+    ways = [w for w, passes in JOINT_PASSES.items() if passes == found]
+    return next(
+        (w for w in ways if WAYS[w]["PACKED_ROW_TERMS"] == launch.PACKED_ROW_TERMS), ways[0]
+    )
 
 
-def run_dim(D: int, N: int, H: int, rounds: int) -> dict:
+def run_dim(D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAYS)) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (
         torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
@@ -76,18 +94,18 @@ def run_dim(D: int, N: int, H: int, rounds: int) -> dict:
         out = dap.dilated_attention(q, k, v, SEGMENTS, RATES, backend="triton")
         torch.autograd.grad(out, (q, k, v), dout)
 
-    saved = launch.BRANCH_MODE, launch.JOINT_DKDV_MAX_HEAD_DIM
-    times: dict[str, list[float]] = {w: [] for w in WAYS}
+    saved = {name: getattr(launch, name) for name in WAYS["joint"]}
+    times: dict[str, list[float]] = {w: [] for w in ways}
     peaks: dict[str, float] = {}
     try:
-        for settings in WAYS.values():  # compile and warm up
-            launch.BRANCH_MODE, launch.JOINT_DKDV_MAX_HEAD_DIM = settings
+        for way in ways:  # compile and warm up
+            apply(WAYS[way])
             step()
             step()
         torch.cuda.synchronize()
         for _ in range(rounds):
-            for way, settings in WAYS.items():
-                launch.BRANCH_MODE, launch.JOINT_DKDV_MAX_HEAD_DIM = settings
+            for way in ways:
+                apply(WAYS[way])
                 torch.cuda.reset_peak_memory_stats()
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -98,9 +116,12 @@ def run_dim(D: int, N: int, H: int, rounds: int) -> dict:
                 times[way].append(start.elapsed_time(end))
                 peaks[way] = torch.cuda.max_memory_allocated() / GiB
     finally:
-        launch.BRANCH_MODE, launch.JOINT_DKDV_MAX_HEAD_DIM = saved
+        apply(saved)
     ways = {
-        w: dict(ms=statistics.median(t), reps=[round(x, 2) for x in t], peak_gib=peaks[w])
+        w: dict(
+            ms=statistics.median(t), reps=[round(x, 2) for x in t], peak_gib=peaks[w],
+            settings=WAYS[w],
+        )
         for w, t in times.items()
     }
     return dict(D=D, N=N, H=H, default=default_way(D, H, N), ways=ways)
@@ -113,20 +134,25 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1 << 20)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--ways", default=",".join(WAYS), help="the ways to time, in turn")
     args = parser.parse_args()
+    ways = args.ways.split(",")
+    unknown = sorted(set(ways) - set(WAYS))
+    if unknown or not ways:
+        parser.error(f"--ways takes names from {list(WAYS)}, got {unknown or ways}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_joint_passes.py times the Triton kernels: it needs a CUDA GPU")
     result = stamp("cuda")
     result.update(segments=SEGMENTS, rates=RATES, dtype="bfloat16", rows=[])
     path = result_path(args.out, "joint_passes", "cuda")
     print(
-        "| D | way | fwd+bwd ms | vs per_branch | peak GiB |\n| ---: | --- | ---: | ---: | ---: |"
+        f"| D | way | fwd+bwd ms | vs {ways[-1]} | peak GiB |\n| ---: | --- | ---: | ---: | ---: |"
     )
     for D in (int(d) for d in args.dims.split(",")):
-        row = run_dim(D, args.seq_len, args.heads, args.rounds)
+        row = run_dim(D, args.seq_len, args.heads, args.rounds, ways)
         result["rows"].append(row)
         write_json(path, result)
-        base = row["ways"]["per_branch"]["ms"]
+        base = row["ways"][ways[-1]]["ms"]
         for way, r in row["ways"].items():
             mark = " (default)" if way == row["default"] else ""
             print(

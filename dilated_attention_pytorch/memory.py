@@ -60,6 +60,7 @@ MEMORY_PARTS = (
 """The keys of ``get_memory_estimate(...)["parts"]``."""
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
+    from .backends.triton import launch as _triton_launch  # its settings, read per call
     from .backends.triton.launch import (
         _compacts,
         _dq_add,
@@ -617,17 +618,20 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     programs run (``_grouped_dkdv``), else per query head and summed per K/V head
     afterwards."""
     grads = () if into else tuple(tl.new("gradients", n) for n in cfg.io_bytes(N))
-    lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
-    delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
     multi, g = cfg.extra["triton_multi"], cfg.kv_group
     dq_add = _dq_add(torch.device("meta"))
     sched = _schedule(cfg.plan)
+    joint_dq = not dq_add and cfg.extra["triton_joint_dq"]
+    joint_dkdv = not dq_add and cfg.extra["triton_joint_dkdv"]
+    if joint_dkdv and cfg.extra["triton_packed_rows"]:  # (hi, lo, delta, 0) per row
+        lse_copy, delta = tl.new("temporaries", 4 * cfg.lse_bytes(N, 4)), None
+    else:
+        lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
+        delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
 
     def launches(lo: int, hi: int) -> None:  # a pass's launches: one branch's rows at a time
         tl.free(tl.new("temporaries", _compact_rows_bytes(cfg, N, lo, hi)))
 
-    joint_dq = not dq_add and cfg.extra["triton_joint_dq"]
-    joint_dkdv = not dq_add and cfg.extra["triton_joint_dkdv"]
     if joint_dq and joint_dkdv:  # two launches, no accumulators, no gathered rows
         tl.free(delta, lse_copy)
         return grads
@@ -1190,7 +1194,8 @@ def _triton_extra(
     """What the Triton launches of an unpacked call on one device allocate: whether
     branches accumulate (``multi``), the head chunks, and whether the joint kernels run
     the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV with one
-    K/V head per query head only; never causal)."""
+    K/V head per query head only; never causal), and whether a joint dK/dV pass takes
+    the row terms packed (``PACKED_ROW_TERMS``: four values per row instead of three)."""
     sched = _schedule(plan)
 
     def joint(which: str) -> bool:
@@ -1205,6 +1210,7 @@ def _triton_extra(
         "triton_joint_forward": joint("forward"),
         "triton_joint_dq": joint("dq"),
         "triton_joint_dkdv": joint("dkdv"),
+        "triton_packed_rows": _triton_launch.PACKED_ROW_TERMS,
     }
 
 

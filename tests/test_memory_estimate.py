@@ -559,7 +559,8 @@ def test_estimate_matches_recorded_joint_pass_peaks(monkeypatch, name: str) -> N
         pytest.skip("the estimate of the triton backend needs triton")
     from dilated_attention_pytorch.backends.triton import launch
 
-    settings = {
+    # Runs that do not record their settings predate PACKED_ROW_TERMS (unpacked).
+    legacy = {
         "joint": ("joint", None), "joint_dkdv": ("joint", None),
         "joint_fwd_dq": ("joint", 0), "per_branch_dkdv": ("joint", 0),
         "per_branch": ("per_branch", None),
@@ -568,11 +569,15 @@ def test_estimate_matches_recorded_joint_pass_peaks(monkeypatch, name: str) -> N
     checked = 0
     for row in data["rows"]:
         for way, r in row["ways"].items():
-            if way not in settings:  # a rejected tile config: the estimate ignores tiles
+            if "settings" in r:
+                settings = r["settings"]
+            elif way in legacy:
+                settings = dict(zip(("BRANCH_MODE", "JOINT_DKDV_MAX_HEAD_DIM"), legacy[way]))
+                settings["PACKED_ROW_TERMS"] = False
+            else:  # a rejected tile config: the estimate ignores tiles
                 continue
-            mode, cap = settings[way]
-            monkeypatch.setattr(launch, "BRANCH_MODE", mode)
-            monkeypatch.setattr(launch, "JOINT_DKDV_MAX_HEAD_DIM", cap)
+            for setting, value in settings.items():
+                monkeypatch.setattr(launch, setting, value)
             est = get_memory_estimate(
                 row["N"], 1, row["H"], row["D"], segment_lengths=data["segments"],
                 dilation_rates=data["rates"],
@@ -745,12 +750,18 @@ def test_triton_causal_training_counts_the_per_branch_accumulators(monkeypatch) 
     # a causal one runs each pass per branch, its dK/dV through two fp32 accumulators of
     # 1 GiB (a head chunk of 4 heads at D=64) while the r = 2 branch reads its gathered
     # row terms (3 fp32 values per dilated row of the chunk: 24 MiB). The estimate says
-    # that much more, as BRANCH_MODE "per_branch" gives for the non-causal call.
+    # that much more, as BRANCH_MODE "per_branch" gives for the non-causal call. With the
+    # joint dK/dV reading packed row terms (PACKED_ROW_TERMS), the joint call holds one
+    # more fp32 value per row and head (the packed word's fourth: 64 MiB).
     from dilated_attention_pytorch.backends.triton import launch
 
     kw = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16],
               backend="triton")  # fmt: skip
+    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", True)
+    packed = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
+    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", False)
     joint = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
+    assert packed - joint == (1 << 20) * 16 * 4
     causal = get_memory_estimate(1 << 20, 1, 16, 64, is_causal=True, **kw)["bytes_per_device"]
     assert causal - joint == 2 * GiB + 3 * 4 * (1 << 19) * 4
     monkeypatch.setattr(launch, "BRANCH_MODE", "per_branch")

@@ -286,14 +286,19 @@ def test_triton_tma_loads(case, dq_mode, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["pointer", "tma", "D128", "D128-dkdv-per-branch", "mask", "mask-causal"]
-)
+    "case",
+    [
+        "pointer", "tma", "pointer-unpacked", "tma-unpacked", "D128", "D128-dkdv-per-branch",
+        "mask", "mask-causal",
+    ],
+)  # fmt: skip
 def test_triton_joint_passes(case, monkeypatch) -> None:
     # LongNet plans whose forward, dQ and dK/dV passes each run in one launch for all
     # branches (the first segment holds w_0 / r_max = 128 or more positions of each class
     # per unit, at least every kernel's tile), with a ragged last segment: the joint
     # launches run (none causal: those run per branch) and meet the same tolerance rule.
     # "dkdv-per-branch": JOINT_DKDV_MAX_HEAD_DIM below D, the forward and dQ joint only.
+    # "unpacked": the joint dK/dV reads the row terms as three values (PACKED_ROW_TERMS).
     from dilated_attention_pytorch.backends.triton import launch
 
     ran = []
@@ -309,12 +314,13 @@ def test_triton_joint_passes(case, monkeypatch) -> None:
 
     for name in ("_joint_forward", "_joint_dq", "_joint_dkdv"):
         monkeypatch.setattr(launch, name, counted(name))
-    if case == "tma":
+    if case.startswith("tma"):
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("tensor descriptors need a Hopper GPU")
         monkeypatch.setattr(launch, "LOAD_MODE", "tma")
-    if case == "pointer":  # "auto" reads through descriptors on Hopper
+    if case.startswith("pointer"):  # "auto" reads through descriptors on Hopper
         monkeypatch.setattr(launch, "LOAD_MODE", "pointer")
+    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", not case.endswith("unpacked"))
     monkeypatch.setattr(
         launch, "JOINT_DKDV_MAX_HEAD_DIM", 64 if case.endswith("dkdv-per-branch") else None
     )

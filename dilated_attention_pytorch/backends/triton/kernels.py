@@ -179,6 +179,21 @@ def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr, EVEN: tl.constexpr = Fal
 
 
 @triton.jit
+def _load_packed_rows(src, start, offs64, row, mask, TMA: tl.constexpr, BLOCK: tl.constexpr):
+    # (hi, lo2, delta) of a tile's rows from the packed row terms (launch._backward_rows
+    # with packed: one 16-byte (hi, lo2, delta, 0) word per row, hi already +inf for rows
+    # with no key), src a _rows_source of them with HEAD_DIM 4: one descriptor tile or
+    # one vector load per row instead of three 4-byte loads and addresses. Rows outside
+    # read as 0: their query and dO rows read as 0 too, so P = 1 there multiplies zeros
+    # and they add nothing to dK or dV.
+    t = _load_tile(src, start, offs64, row, mask, TMA)
+    even, odd = tl.split(tl.reshape(t, [BLOCK, 2, 2]))  # columns (0, 2) and (1, 3)
+    hi, delta = tl.split(even)
+    lo, _ = tl.split(odd)
+    return hi, lo, delta
+
+
+@triton.jit
 def _finite_rows(x):
     # (rows,) bool: whether every element of a (rows, D) block is finite (NaN < inf and
     # inf < inf are both false).
@@ -570,6 +585,7 @@ def _bwd_dkdv_inner(
     start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
     DQ_ADD: tl.constexpr, TMA: tl.constexpr, SCALAR_BASE: tl.constexpr, EVEN: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
@@ -581,7 +597,9 @@ def _bwd_dkdv_inner(
     # the tile. SCALAR_BASE: their addresses are a 64-bit scalar per tile plus
     # loop-invariant 32-bit row offsets (not a 64-bit product per row and step), and
     # EVEN: every query tile of [start, stop) is whole (no masks on those loads).
-    if SCALAR_BASE:
+    # PACKED: lse_base is a _rows_source of the packed row terms (_load_packed_rows) and
+    # dl_base unused.
+    if SCALAR_BASE and not PACKED:
         loc_l = tl.arange(0, BLOCK_M) * row_l
         loc_dl = tl.arange(0, BLOCK_M) * row_dl
     for m in range(start, stop, BLOCK_M):
@@ -590,7 +608,9 @@ def _bwd_dkdv_inner(
         offs64 = offs.to(tl.int64)
         q = _load_tile(q_base, m, offs64, row_q, qmask, TMA)
         do = _load_tile(do_base, m, offs64, row_do, qmask, TMA)
-        if SCALAR_BASE:
+        if PACKED:
+            hi, lo, delta = _load_packed_rows(lse_base, m, offs64, row_l, qmask, TMA, BLOCK_M)
+        elif SCALAR_BASE:
             m64 = tl.cast(m, tl.int64)
             hi, lo = _load_lse((lse_base + m64 * row_l) + loc_l, s_lp, qmask, LSE_PAIR, EVEN)
             dl_ptrs = (dl_base + m64 * row_dl) + loc_dl
@@ -636,8 +656,10 @@ def _bwd_dkdv_head(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
     DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):  # fmt: skip
     # Query head h's share of the key tile's dK and dV (unscaled dK), added to dk, dv.
+    # PACKED: Lse holds the packed row terms (_load_packed_rows; Delta unused).
     q_base = _rows_source(Q, b, h, tok_q, s_qb, s_qn, s_qh, dil * s_qn, len_q, offs_d,
                           BLOCK_M, HEAD_DIM, TMA_LOADS)  # fmt: skip
     do_base = _rows_source(DO, b, h, tok_q, s_db, s_dn, s_dh, dil * s_dn, len_q, offs_d,
@@ -645,6 +667,9 @@ def _bwd_dkdv_head(
     lh, lrow0, lstep = _row_terms(h, tok_q, dil, h_first, l_seg, tiles_per_seg, COMPACT)
     lse_base = _ptr(Lse, b, lh, lrow0, s_lb, s_ln, s_lh)
     dl_base = _ptr(Delta, b, lh, lrow0, s_eb, s_en, s_eh)
+    if PACKED:
+        lse_base = _rows_source(Lse, b, lh, lrow0, s_lb, s_ln, s_lh, lstep * s_ln, len_q,
+                                tl.arange(0, 4), BLOCK_M, 4, TMA_LOADS)  # fmt: skip
     dqa_base = _ptr(DQacc, b, h, tok_q, s_cb, s_cn, s_ch) + offs_d[None, :]
     dq_desc = 0
     if DQ_ADD == 2:
@@ -673,7 +698,7 @@ def _bwd_dkdv_head(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
             dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             lo, free, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-            BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False,
+            BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False, PACKED,
         )  # fmt: skip
     whole = free
     if SCALAR_BASE:
@@ -682,13 +707,13 @@ def _bwd_dkdv_head(
             dk, dv, k, v, q_base, do_base, lse_base, dl_base,
             dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             free, whole, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-            BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, True, True,
+            BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, True, True, PACKED,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
         whole, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
-        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False,
+        BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False, PACKED,
     )  # fmt: skip
     return dk, dv
 
@@ -901,6 +926,7 @@ def _joint_dkdv_kernel(
     n, unit, num_programs, num_heads, kv_group, sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
+    PACKED: tl.constexpr = True,
 ):  # fmt: skip
     # dK and dV of every branch in one launch (_joint_tile, over key tiles): a key of
     # class c is read by the queries of every branch j <= c in j's segment holding it,
@@ -934,7 +960,7 @@ def _joint_dkdv_kernel(
             Q, DO, Lse, Delta, DK,
             s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
             s_gb, s_gn, s_gh, r_j, 0, 1, sm_scale, s_lp, 0,
-            HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_KPM, True, 0, TMA_LOADS, False,
+            HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_KPM, True, 0, TMA_LOADS, False, PACKED,
         )  # fmt: skip
     # dV first, then dK, as _bwd_dkdv_kernel stores them.
     _store_rows(_rows_ptr(DV, b, h, rows_k, s_gb, s_gn, s_gh, offs_d), dv, kmask)

@@ -175,6 +175,11 @@ BRANCH_MODE = "joint"
 # at D = 128, within the runs' spread; it holds 2 GiB less at both.
 JOINT_DKDV_MAX_HEAD_DIM: int | None = None
 
+# The joint dK/dV kernel reads each query row's LSE pair and delta as one packed 16-byte
+# word (``_backward_rows`` with ``packed``) instead of three 4-byte loads. (Under
+# measurement.)
+PACKED_ROW_TERMS = True
+
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
 
 
@@ -290,14 +295,34 @@ def _lse_args(lse: Tensor) -> tuple[Tensor, int, bool]:
     return (lse[0], lse.stride(0), True) if pair else (lse, 0, False)
 
 
-def _backward_rows(dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+def _backward_rows(
+    dout: Tensor, out: Tensor, lse: Tensor, packed: bool = False
+) -> tuple[Tensor, Tensor]:
     """The backward's per-row terms, each head's rows next to each other in memory: the
     LSE (a ``(B, N, H)`` LSE or a ``(2, B, N, H)`` pair, same shape, copied into a
     heads-first buffer; a pair's ``lo`` plane in log2 units, ``lo * log2(e)``, which the
     kernels' ``_load_lse`` expects) and ``delta`` (``(B, N, H)``, the strides of one LSE
     plane). The dK/dV kernel reads both for a tile's queries at every step: with a row
     stride of 1 (at ``r = 1``) that is a few wide loads from one base instead of a 4-byte
-    load and an address per row."""
+    load and an address per row.
+
+    ``packed`` (for the joint dK/dV kernel, ``_joint_dkdv``): one ``(B, H, N, 4)`` fp32
+    buffer holding each row's ``(hi, lo2, delta, 0)``, ``hi`` with ``-inf`` (a row with
+    no key) already ``+inf``; the pair and ``delta`` returned are views of it (``lo`` one
+    element after ``hi``, rows 4 apart), which every kernel reads through its strides,
+    and the joint dK/dV kernel reads as one 16-byte word per row."""
+    if packed:
+        B, N, H = out.shape[:3]
+        buf = torch.empty(B, H, N, 4, dtype=torch.float32, device=out.device)
+        pair = buf[..., :2].permute(3, 0, 2, 1)  # (2, B, N, H)
+        hi = lse[0] if lse.dim() == 4 else lse
+        torch.nan_to_num(hi, nan=math.nan, posinf=math.inf, neginf=math.inf, out=pair[0])
+        if lse.dim() == 4:
+            torch.mul(lse[1], LOG2E, out=pair[1])
+        else:
+            pair[1].zero_()
+        buf[..., 3].zero_()
+        return pair, _compute_delta(dout, out, into=buf[..., 2].transpose(1, 2))
     copy = torch.empty_like(lse.transpose(-1, -2), memory_format=torch.contiguous_format)
     copy = copy.transpose(-1, -2)  # heads-first, shaped like lse
     if lse.dim() == 4:
@@ -785,7 +810,7 @@ def _joint_dkdv(
     tensors = (q, k, v, dout, lse[0], delta, dk, dv)
     _launch_joint(_joint_dkdv_kernel, DKDV_CONFIGS, tensors, kpm, joint,
                   scales=(scale, lse.stride(0)), strided=tensors[:-1], loaded=tensors[:4],
-                  key_tiles=True)  # fmt: skip
+                  key_tiles=True, PACKED=lse.stride(0) == 1)  # fmt: skip
 
 
 def _launch_joint(
@@ -878,7 +903,6 @@ def dilated_backward(
                 t.zero_()
     if N == 0:
         return dq, dk, dv
-    lse, delta = _backward_rows(dout, out, lse)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_add = _dq_add(q.device)
     # dQ of every branch in one launch where the plan nests (dQ in its own kernel), and
@@ -888,6 +912,7 @@ def dilated_backward(
         _joint_pass(which, sched, H, N, D, g, causal=causal, documents=documents, dq_add=dq_add)
         for which in ("dq", "dkdv")
     )
+    lse, delta = _backward_rows(dout, out, lse, packed=joint_dkdv is not None and PACKED_ROW_TERMS)
     if joint_dkdv is not None:
         _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale)
     if joint_dq is not None:
