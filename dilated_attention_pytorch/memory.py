@@ -623,14 +623,15 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     sched = _schedule(cfg.plan)
     joint_dq = not dq_add and cfg.extra["triton_joint_dq"]
     joint_dkdv = not dq_add and cfg.extra["triton_joint_dkdv"]
-    if joint_dkdv and cfg.extra["triton_packed_rows"]:  # (hi, lo, delta, 0) per row
+    packed = not dq_add and cfg.extra["triton_packed_rows"]
+    if packed:  # (hi, lo, delta, 0) per row
         lse_copy, delta = tl.new("temporaries", 4 * cfg.lse_bytes(N, 4)), None
     else:
         lse_copy = tl.new("temporaries", 2 * cfg.lse_bytes(N, 4))  # the pair, heads-first
         delta = tl.new("temporaries", cfg.lse_bytes(N, 4))
 
     def launches(lo: int, hi: int) -> None:  # a pass's launches: one branch's rows at a time
-        tl.free(tl.new("temporaries", _compact_rows_bytes(cfg, N, lo, hi)))
+        tl.free(tl.new("temporaries", _compact_rows_bytes(cfg, N, lo, hi, packed)))
 
     if joint_dq and joint_dkdv:  # two launches, no accumulators, no gathered rows
         tl.free(delta, lse_copy)
@@ -663,11 +664,13 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     return grads
 
 
-def _compact_rows_bytes(cfg: _Config, N: int, lo: int, hi: int) -> int:
+def _compact_rows_bytes(cfg: _Config, N: int, lo: int, hi: int, packed: bool = False) -> int:
     """Bytes of the largest ``_compact_rows`` pair and delta of one launch on heads
-    ``[lo, hi)``: 3 fp32 values per dilated row of each of its heads."""
+    ``[lo, hi)``: 3 fp32 values per dilated row of each of its heads (4 ``packed``,
+    ``_compact_words``)."""
     launches = _launches_for_chunk(_schedule(cfg.plan), lo, hi, cfg.kv_group)
-    sizes = [3 * 4 * cfg.B * (N // la.dil) * la.num_heads for _, la in launches if _compacts(la, N)]
+    per_row = (4 if packed else 3) * 4 * cfg.B
+    sizes = [per_row * (N // la.dil) * la.num_heads for _, la in launches if _compacts(la, N)]
     return max(sizes, default=0)
 
 
@@ -1194,8 +1197,9 @@ def _triton_extra(
     """What the Triton launches of an unpacked call on one device allocate: whether
     branches accumulate (``multi``), the head chunks, and whether the joint kernels run
     the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV with one
-    K/V head per query head only; never causal), and whether a joint dK/dV pass takes
-    the row terms packed (``PACKED_ROW_TERMS``: four values per row instead of three)."""
+    K/V head per query head only; never causal), and whether the backward takes the row
+    terms packed (``PACKED_ROW_TERMS``, dQ in its own kernel: four values per row
+    instead of three)."""
     sched = _schedule(plan)
 
     def joint(which: str) -> bool:

@@ -751,20 +751,23 @@ def test_triton_causal_training_counts_the_per_branch_accumulators(monkeypatch) 
     # 1 GiB (a head chunk of 4 heads at D=64) while the r = 2 branch reads its gathered
     # row terms (3 fp32 values per dilated row of the chunk: 24 MiB). The estimate says
     # that much more, as BRANCH_MODE "per_branch" gives for the non-causal call. With the
-    # joint dK/dV reading packed row terms (PACKED_ROW_TERMS), the joint call holds one
-    # more fp32 value per row and head (the packed word's fourth: 64 MiB).
+    # dK/dV kernels reading packed row terms (PACKED_ROW_TERMS, the default), each call
+    # holds one more fp32 value per row and head (64 MiB for the whole sequence) and the
+    # gathered rows hold 4 values per row.
     from dilated_attention_pytorch.backends.triton import launch
 
     kw = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16],
               backend="triton")  # fmt: skip
-    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", True)
-    packed = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
-    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", False)
-    joint = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
-    assert packed - joint == (1 << 20) * 16 * 4
-    causal = get_memory_estimate(1 << 20, 1, 16, 64, is_causal=True, **kw)["bytes_per_device"]
-    assert causal - joint == 2 * GiB + 3 * 4 * (1 << 19) * 4
-    monkeypatch.setattr(launch, "BRANCH_MODE", "per_branch")
-    assert get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"] == causal
+    found = {}
+    for packed in (False, True):
+        monkeypatch.setattr(launch, "PACKED_ROW_TERMS", packed)
+        monkeypatch.setattr(launch, "BRANCH_MODE", "joint")
+        joint = get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"]
+        causal = get_memory_estimate(1 << 20, 1, 16, 64, is_causal=True, **kw)["bytes_per_device"]
+        assert causal - joint == 2 * GiB + (4 if packed else 3) * 4 * (1 << 19) * 4
+        monkeypatch.setattr(launch, "BRANCH_MODE", "per_branch")
+        assert get_memory_estimate(1 << 20, 1, 16, 64, **kw)["bytes_per_device"] == causal
+        found[packed] = joint
+    assert found[True] - found[False] == (1 << 20) * 16 * 4
     with pytest.raises(TypeError, match="is_causal must be a bool, got str"):
         get_memory_estimate(1024, is_causal="yes")

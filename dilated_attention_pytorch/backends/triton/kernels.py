@@ -729,12 +729,13 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_IN: tl.constexpr, LSE_PAIR: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ADD: tl.constexpr, TMA_LOADS: tl.constexpr, COMPACT: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, PACKED: tl.constexpr = False,
 ):  # fmt: skip
     # A program per key tile. s_g*: strides of DK and DV (same layout); s_a*: strides
     # of DKacc and DVacc; s_c*: strides of DQacc, the fp32 dQ buffer that DQ_ADD > 0
     # adds this tile's share of dQ into (unused with DQ_ADD 0). Lse and Delta: the row
-    # terms, laid out as _row_terms says (l_seg, COMPACT).
+    # terms, laid out as _row_terms says (l_seg, COMPACT); PACKED: Lse holds them as packed
+    # words (_load_packed_rows).
     # GROUPED (grouped-query attention, DQ_ADD 0, the launch's heads whole K/V groups):
     # a program per key tile of each (K/V head, offset class); DK, DV and their
     # accumulators have the K/V heads. Else a program per key tile of each query head,
@@ -772,6 +773,7 @@ def _bwd_dkdv_kernel(
                 s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
                 s_cb, s_cn, s_ch, dil, h_first, tiles_per_seg, sm_scale, s_lp, l_seg,
                 HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, COMPACT,
+                PACKED,
             )  # fmt: skip
         h_out = hk
     else:
@@ -784,6 +786,7 @@ def _bwd_dkdv_kernel(
             s_qb, s_qn, s_qh, s_db, s_dn, s_dh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh,
             s_cb, s_cn, s_ch, dil, h_first, tiles_per_seg, sm_scale, s_lp, l_seg,
             HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, COMPACT,
+            PACKED,
         )  # fmt: skip
         h_out = h
     dk = dk * sm_scale
@@ -926,7 +929,7 @@ def _joint_dkdv_kernel(
     n, unit, num_programs, num_heads, kv_group, sm_scale, s_lp,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_BRANCHES: tl.constexpr, HAS_KPM: tl.constexpr, TMA_LOADS: tl.constexpr,
-    PACKED: tl.constexpr = True,
+    PACKED: tl.constexpr,
 ):  # fmt: skip
     # dK and dV of every branch in one launch (_joint_tile, over key tiles): a key of
     # class c is read by the queries of every branch j <= c in j's segment holding it,

@@ -175,9 +175,9 @@ BRANCH_MODE = "joint"
 # at D = 128, within the runs' spread; it holds 2 GiB less at both.
 JOINT_DKDV_MAX_HEAD_DIM: int | None = None
 
-# The joint dK/dV kernel reads each query row's LSE pair and delta as one packed 16-byte
-# word (``_backward_rows`` with ``packed``) instead of three 4-byte loads. (Under
-# measurement.)
+# The dK/dV kernels (joint and per branch, dQ in its own kernel) read each query row's
+# LSE pair and delta as one packed 16-byte word (``_backward_rows`` with ``packed``)
+# instead of three 4-byte values, at the cost of a fourth fp32 value per row and head.
 PACKED_ROW_TERMS = True
 
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
@@ -313,16 +313,16 @@ def _backward_rows(
     and the joint dK/dV kernel reads as one 16-byte word per row."""
     if packed:
         B, N, H = out.shape[:3]
-        buf = torch.empty(B, H, N, 4, dtype=torch.float32, device=out.device)
-        pair = buf[..., :2].permute(3, 0, 2, 1)  # (2, B, N, H)
+        words = torch.empty(B, H, N, 4, dtype=torch.float32, device=out.device)
+        pair, delta = _packed_views(words)
         hi = lse[0] if lse.dim() == 4 else lse
         torch.nan_to_num(hi, nan=math.nan, posinf=math.inf, neginf=math.inf, out=pair[0])
         if lse.dim() == 4:
             torch.mul(lse[1], LOG2E, out=pair[1])
         else:
             pair[1].zero_()
-        buf[..., 3].zero_()
-        return pair, _compute_delta(dout, out, into=buf[..., 2].transpose(1, 2))
+        words[..., 3].zero_()
+        return pair, _compute_delta(dout, out, into=delta)
     copy = torch.empty_like(lse.transpose(-1, -2), memory_format=torch.contiguous_format)
     copy = copy.transpose(-1, -2)  # heads-first, shaped like lse
     if lse.dim() == 4:
@@ -334,12 +334,43 @@ def _backward_rows(
     return copy, _compute_delta(dout, out, into=torch.empty_like(plane))
 
 
+def _row_words(pair: Tensor) -> Tensor:
+    """The ``(B, H, N, 4)`` words of packed row terms (``_backward_rows`` with
+    ``packed``) under their ``(2, B, N, H)`` pair view, or under a view of some of its
+    heads."""
+    _, B, N, H = pair.shape
+    return pair.as_strided(
+        (B, H, N, 4), (pair.stride(1), pair.stride(3), pair.stride(2), 1), pair.storage_offset()
+    )
+
+
+def _packed_views(words: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``(2, B, N, H)`` pair and ``(B, N, H)`` delta views of packed row terms, words
+    ``(B, H, N, 4)`` holding ``(hi, lo2, delta, 0)``."""
+    return words[..., :2].permute(3, 0, 2, 1), words[..., 2].transpose(1, 2)
+
+
 def _compacts(launch: _Launch, n: int) -> bool:
     """Whether a launch over ``n`` tokens reads its own gathered row terms
     (:func:`_compact_rows`): ``r > 1``, no packed documents, ``n`` and the segment length
     multiples of ``r``."""
     r = launch.dil
     return r > 1 and launch.segments is None and n % r == 0 and launch.seg_q % r == 0
+
+
+def _compact_words(pair: Tensor, launch: _Launch) -> tuple[Tensor, Tensor] | None:
+    """:func:`_compact_rows` of packed row terms (``pair``: their ``(2, B, N, Hc)`` pair
+    view): the launch's rows gathered as packed words, ``(B, num_heads, N / r, 4)``, given
+    as their pair and delta views (:func:`_packed_views`)."""
+    r, n = launch.dil, pair.shape[-2]
+    if not _compacts(launch, n):
+        return None
+    words = _row_words(pair)[:, launch.h_first : launch.h_first + launch.num_heads]
+    src = words.unflatten(2, (n // r, r))  # (B, heads, N / r, r, 4), a view
+    heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=pair.device)
+    index = ((heads - launch.head0) % r).view(1, -1, 1, 1, 1)
+    index = index.expand(words.shape[0], launch.num_heads, n // r, 1, 4)
+    return _packed_views(torch.gather(src, 3, index).squeeze(3))
 
 
 def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
@@ -362,9 +393,15 @@ def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
     return torch.gather(src, -1, index).squeeze(-1).transpose(-1, -2)
 
 
-def _branch_rows(lse: Tensor, delta: Tensor, launch: _Launch) -> tuple[Tensor, Tensor, bool]:
+def _branch_rows(
+    lse: Tensor, delta: Tensor, launch: _Launch, packed: bool = False
+) -> tuple[Tensor, Tensor, bool]:
     """The row terms a launch reads: ``(lse, delta, compact)``, its own gathered rows
-    (:func:`_compact_rows`, ``compact`` True) where it takes them, else those given."""
+    (:func:`_compact_rows`, or :func:`_compact_words` where they are ``packed``;
+    ``compact`` True) where it takes them, else those given."""
+    if packed:
+        words = _compact_words(lse, launch)
+        return (*words, True) if words is not None else (lse, delta, False)
     rows = _compact_rows(lse, launch), _compact_rows(delta, launch)
     return (*rows, True) if rows[0] is not None else (lse, delta, False)
 
@@ -386,13 +423,16 @@ def _launch_backward(
     grads: tuple[Tensor, Tensor, Tensor], accs: tuple[Tensor, Tensor, Tensor], launch: _Launch,
     *, scale: float, causal: bool, acc_in: bool, which: str, dq_add: int = 0,
     dq_acc: Tensor | None = None, compact: bool = False, grouped: bool = False,
+    packed: bool = False,
 ) -> None:  # fmt: skip
     # which: "dkdv" or "dq". grads/accs: (dq, dk, dv) targets and fp32 accumulators.
     # lse, delta: the row terms of _backward_rows, lse (2, B, N, H) (hi, lo2) planes or
     # one (B, N, H) LSE; with compact, both the branch's own rows (_compact_rows). dq_add
     # > 0 (dkdv only): the kernel also adds its share of dQ into the fp32 buffer dq_acc
     # (see _dq_add). grouped (dkdv only, see _grouped_dkdv): dK/dV targets and
-    # accumulators with the K/V heads, a program per (K/V head, offset class).
+    # accumulators with the K/V heads, a program per (K/V head, offset class). packed:
+    # lse and delta are views of packed row terms (_backward_rows), which the dK/dV
+    # kernel reads as one word per row.
     lse_hi, s_lp, pair = _lse_args(lse)
     inputs = (q, k, v, dout, lse_hi, delta)
     constexprs = {"COMPACT": compact}
@@ -409,6 +449,7 @@ def _launch_backward(
         tensors = (*inputs, grads[1], grads[2], accs[1], accs[2], dq_t)
         strided = (*inputs, grads[1], accs[1], dq_t)
         constexprs["DQ_ADD"] = dq_add
+        constexprs["PACKED"] = packed
         if dq_add == 2:
             _ensure_allocator()
     else:
@@ -802,15 +843,15 @@ def _joint_dq(
 
 def _joint_dkdv(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor,
-    dv: Tensor, kpm: Tensor | None, joint: _JointBranches, *, scale: float,
+    dv: Tensor, kpm: Tensor | None, joint: _JointBranches, *, scale: float, packed: bool,
 ) -> None:  # fmt: skip
-    # lse, delta: the whole sequence's row terms of _backward_rows; dk, dv (one K/V head
-    # per query head, equal strides) written once. The program table's tiles are key
-    # tiles.
+    # lse, delta: the whole sequence's row terms of _backward_rows (packed: views of its
+    # packed words); dk, dv (one K/V head per query head, equal strides) written once.
+    # The program table's tiles are key tiles.
     tensors = (q, k, v, dout, lse[0], delta, dk, dv)
     _launch_joint(_joint_dkdv_kernel, DKDV_CONFIGS, tensors, kpm, joint,
                   scales=(scale, lse.stride(0)), strided=tensors[:-1], loaded=tensors[:4],
-                  key_tiles=True, PACKED=lse.stride(0) == 1)  # fmt: skip
+                  key_tiles=True, PACKED=packed)  # fmt: skip
 
 
 def _launch_joint(
@@ -912,9 +953,10 @@ def dilated_backward(
         _joint_pass(which, sched, H, N, D, g, causal=causal, documents=documents, dq_add=dq_add)
         for which in ("dq", "dkdv")
     )
-    lse, delta = _backward_rows(dout, out, lse, packed=joint_dkdv is not None and PACKED_ROW_TERMS)
+    packed = PACKED_ROW_TERMS and not dq_add
+    lse, delta = _backward_rows(dout, out, lse, packed=packed)
     if joint_dkdv is not None:
-        _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale)
+        _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale, packed=packed)
     if joint_dq is not None:
         _joint_dq(dout, q, k, v, lse, delta, dq, kpm, joint_dq, scale=scale)
     passes = () if joint_dkdv else ("dkdv",)
@@ -949,12 +991,13 @@ def dilated_backward(
             for j, (i, launch) in enumerate(launches):
                 final = not through or (i == sched.final and not per_query_head)
                 # A branch with r > 1 reads its own rows of the row terms, gathered here
-                # (3 fp32 values per row it runs, freed after its launch).
-                lb, db, compact = _branch_rows(lc, dlc, launch)
+                # (3 fp32 values per row it runs, 4 packed, freed after its launch).
+                lb, db, compact = _branch_rows(lc, dlc, launch, packed)
                 _launch_backward(
                     doc, qc, kc, vc, lb, db, kpm, (dqc, dkc, dvc) if final else accs, accs,
                     launch, scale=scale, causal=causal, acc_in=through and j > 0, which=which,
                     dq_add=dq_add, dq_acc=dq_acc, compact=compact, grouped=grouped,
+                    packed=packed,
                 )  # fmt: skip
                 del lb, db
             if per_query_head:
