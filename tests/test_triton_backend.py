@@ -329,6 +329,29 @@ def test_backward_rows_heads_first(kernels, shape, pair) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("shape", [(2, 37, 3), (1, 1, 1)])
+@pytest.mark.parametrize("pair", [False, True])
+def test_backward_rows_packed(kernels, shape, pair) -> None:
+    # Packed row terms: one (hi, lo2, delta, 0) word per row, heads-first, hi with -inf
+    # (a row with no key) as +inf; the pair and delta returned are views of the words
+    # with the values the unpacked form holds.
+    B, N, H = shape
+    lse = torch.randn(2, B, N, H) if pair else torch.randn(B, N, H)
+    (lse[0] if pair else lse)[0, 0, 0] = -math.inf
+    dout, out = torch.randn(B, N, H, 16), torch.randn(B, N, H, 16)
+    packed_pair, delta = kernels._backward_rows(dout, out, lse, packed=True)
+    words = kernels._row_words(packed_pair)
+    assert words.shape == (B, H, N, 4) and words.is_contiguous()
+    hi = (lse[0] if pair else lse).masked_fill(torch.isneginf(lse[0] if pair else lse), math.inf)
+    assert torch.equal(packed_pair[0], hi)
+    lo = lse[1] * math.log2(math.e) if pair else torch.zeros(B, N, H)
+    assert torch.equal(packed_pair[1], lo)
+    assert torch.equal(words[..., 2], delta.transpose(1, 2))
+    torch.testing.assert_close(delta, (dout * out).sum(-1), **TOL)
+    assert torch.equal(words[..., 3], torch.zeros(B, H, N))
+
+
+@interpreted
 @pytest.mark.parametrize(
     "n, w, r, head0, h_first, num_heads",
     [(64, 16, 2, 0, 0, 3), (96, 32, 4, -1, 1, 2), (48, 48, 16, 2, 0, 4), (40, 8, 8, 0, 2, 1)],
@@ -354,17 +377,38 @@ def test_compact_rows(kernels, n, w, r, head0, h_first, num_heads) -> None:
     assert kernels._compact_rows(delta, kernels._Launch(w + 1, w + 1, r, 0, 0, 2)) is None
     docs = kernels._Launch(w, w, r, 0, 0, 2, 1, (delta, delta), w)
     assert kernels._compact_rows(delta, docs) is None
+    # Packed row terms (one (hi, lo, delta, 0) word per row): the same rows, gathered as
+    # whole words into a new packed buffer.
+    words = torch.randn(B, H, n, 4)
+    pair, delta = kernels._packed_views(words)
+    got_pair, got_delta = kernels._compact_words(pair, launch)
+    got = kernels._row_words(got_pair)
+    assert got.shape == (B, num_heads, n // r, 4) and got.is_contiguous()
+    assert got_delta.data_ptr() == got.data_ptr() + 2 * got.element_size()
+    for i in range(num_heads):
+        h = h_first + i
+        tokens = [s * w + (h - head0) % r + r * t for s in range(n // w) for t in range(w // r)]
+        assert torch.equal(got[:, i], words[:, h, tokens])
+        assert torch.equal(got_pair[..., i], pair[..., tokens, h])
+        assert torch.equal(got_delta[..., i], delta[..., tokens, h])
+    assert kernels._compact_words(pair, kernels._Launch(w, w, 1, 0, 0, 2)) is None
+    assert kernels._compact_words(pair, docs) is None
 
 
 @interpreted
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize(
     "branch_mixing, H, kv_heads, chunk", [("softmax", 4, 2, False), ("head_split", 6, None, True)]
 )
-def test_compact_row_terms(kernels, monkeypatch, branch_mixing, H, kv_heads, chunk, is_causal):
+def test_compact_row_terms(
+    kernels, monkeypatch, branch_mixing, H, kv_heads, chunk, is_causal, packed
+):  # fmt: skip
     # N and every w a multiple of every r: the r > 1 branches read their own rows of the
     # backward's row terms (COMPACT). Against the oracle, and bit for bit against the
-    # strided form (same arithmetic, other addresses); with head chunks and grouped K/V.
+    # strided form (same arithmetic, other addresses); with head chunks and grouped K/V;
+    # row terms packed (PACKED_ROW_TERMS, gathered by _compact_words) or not.
+    monkeypatch.setattr(kernels, "PACKED_ROW_TERMS", packed)
     if chunk:
         monkeypatch.setattr(kernels, "ACC_CHUNK_BYTES", 2 * 64 * 16 * 4 * 2)
     ws, rs, N = [16, 32, 64], [1, 2, 4], 128
@@ -374,7 +418,8 @@ def test_compact_row_terms(kernels, monkeypatch, branch_mixing, H, kv_heads, chu
     k, v = (torch.randn(2, N, kv_heads or H, 16, requires_grad=True) for _ in range(2))
     dout = torch.randn(2, N, H, 16)
     seen = []
-    compact_rows = kernels._compact_rows
+    name = "_compact_words" if packed else "_compact_rows"
+    compact_rows = getattr(kernels, name)
 
     def counted(rows, launch):
         seen.append(compact_rows(rows, launch) is not None)
@@ -382,7 +427,7 @@ def test_compact_row_terms(kernels, monkeypatch, branch_mixing, H, kv_heads, chu
 
     grads = []
     for rule in (counted, lambda rows, launch: None):
-        monkeypatch.setattr(kernels, "_compact_rows", rule)
+        monkeypatch.setattr(kernels, name, rule)
         out = dilated_attention(q, k, v, ws, rs, backend="triton", **kw)
         grads.append(torch.autograd.grad(out, (q, k, v), dout))
     assert any(seen) and not all(seen)  # the r > 1 launches compact, r = 1 does not
