@@ -45,7 +45,9 @@ WAYS = {
         BRANCH_MODE="joint", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=False
     ),
     "joint_fwd_dq": dict(BRANCH_MODE="joint", JOINT_DKDV_MAX_HEAD_DIM=0, PACKED_ROW_TERMS=True),
-    "per_branch": dict(BRANCH_MODE="per_branch", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=True),
+    "per_branch": dict(
+        BRANCH_MODE="per_branch", JOINT_DKDV_MAX_HEAD_DIM=None, PACKED_ROW_TERMS=True
+    ),
 }
 # The passes each way runs jointly.
 JOINT_PASSES = {
@@ -119,7 +121,9 @@ def run_dim(D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAY
         apply(saved)
     ways = {
         w: dict(
-            ms=statistics.median(t), reps=[round(x, 2) for x in t], peak_gib=peaks[w],
+            ms=statistics.median(t),
+            reps=[round(x, 2) for x in t],
+            peak_gib=peaks[w],
             settings=WAYS[w],
         )
         for w, t in times.items()
