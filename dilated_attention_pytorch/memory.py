@@ -60,7 +60,6 @@ MEMORY_PARTS = (
 """The keys of ``get_memory_estimate(...)["parts"]``."""
 
 if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py does
-    from .backends.triton import launch as _triton_launch  # its settings, read per call
     from .backends.triton.launch import (
         _compacts,
         _dq_add,
@@ -68,6 +67,7 @@ if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py do
         _head_chunks,
         _joint_pass,
         _launches_for_chunk,
+        _packed_row_terms,
         _schedule,
     )
 
@@ -1214,7 +1214,7 @@ def _triton_extra(
         "triton_joint_forward": joint("forward"),
         "triton_joint_dq": joint("dq"),
         "triton_joint_dkdv": joint("dkdv"),
-        "triton_packed_rows": _triton_launch.PACKED_ROW_TERMS,
+        "triton_packed_rows": _packed_row_terms(),
     }
 
 
