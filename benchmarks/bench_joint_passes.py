@@ -20,7 +20,8 @@ median): interleaving in one process keeps the GPU's clocks and temperature and 
 allocator's state alike for all of them, which separate processes (``bench_commits.py``)
 do not. Also the peak memory of a call (``torch.cuda.max_memory_allocated``, inputs and
 the output gradient included). ``default`` in the JSON names the way the library's
-settings take at that head dim.
+settings take at that head dim. ``--profile`` also runs each way once more under
+``torch.profiler`` and records the GPU time of each kernel of that call (``kernels``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 from collections.abc import Sequence
 
 import torch
+from bench_commits import kernel_ms
 from measure import GiB, result_path, stamp, write_json
 
 import dilated_attention_pytorch as dap
@@ -84,7 +86,9 @@ def default_way(D: int, H: int = 16, N: int = 1 << 20) -> str:
     )
 
 
-def run_dim(D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAYS)) -> dict:
+def run_dim(
+    D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAYS), profile: bool = False
+) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (
         torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
@@ -117,6 +121,10 @@ def run_dim(D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAY
                 torch.cuda.synchronize()
                 times[way].append(start.elapsed_time(end))
                 peaks[way] = torch.cuda.max_memory_allocated() / GiB
+        kernels = {}
+        for way in ways if profile else ():  # one more call of each way, profiled
+            apply(WAYS[way])
+            kernels[way] = kernel_ms(step)
     finally:
         apply(saved)
     ways = {
@@ -125,6 +133,7 @@ def run_dim(D: int, N: int, H: int, rounds: int, ways: Sequence[str] = tuple(WAY
             reps=[round(x, 2) for x in t],
             peak_gib=peaks[w],
             settings=WAYS[w],
+            **({"kernels": kernels[w]} if profile else {}),
         )
         for w, t in times.items()
     }
@@ -139,6 +148,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--ways", default=",".join(WAYS), help="the ways to time, in turn")
+    parser.add_argument(
+        "--profile", action="store_true", help="GPU time per kernel of one more call per way"
+    )
     args = parser.parse_args()
     ways = args.ways.split(",")
     unknown = sorted(set(ways) - set(WAYS))
@@ -153,7 +165,7 @@ def main() -> None:
         f"| D | way | fwd+bwd ms | vs {ways[-1]} | peak GiB |\n| ---: | --- | ---: | ---: | ---: |"
     )
     for D in (int(d) for d in args.dims.split(",")):
-        row = run_dim(D, args.seq_len, args.heads, args.rounds, ways)
+        row = run_dim(D, args.seq_len, args.heads, args.rounds, ways, args.profile)
         result["rows"].append(row)
         write_json(path, result)
         base = row["ways"][ways[-1]]["ms"]
@@ -162,6 +174,9 @@ def main() -> None:
             print(
                 f"| {D} | {way}{mark} | {r['ms']:.1f} | {r['ms'] / base:.3f} | {r['peak_gib']:.2f} |"
             )
+        for way, r in row["ways"].items():
+            for name, ms in list(r.get("kernels", {}).items())[:4]:
+                print(f"    D={D} {way}: {ms:8.2f} ms  {name}")
     print(f"wrote {path}")
 
 
