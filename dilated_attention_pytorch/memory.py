@@ -619,11 +619,10 @@ def _mirror_triton_backward(tl: _Timeline, cfg: _Config, N: int, into: bool = Fa
     afterwards."""
     grads = () if into else tuple(tl.new("gradients", n) for n in cfg.io_bytes(N))
     multi, g = cfg.extra["triton_multi"], cfg.kv_group
-    dq_add = _dq_add(torch.device("meta"))
+    dq_add = cfg.extra["triton_dq_add"]
     sched = _schedule(cfg.plan)
-    joint_dq = not dq_add and cfg.extra["triton_joint_dq"]
-    joint_dkdv = not dq_add and cfg.extra["triton_joint_dkdv"]
-    packed = not dq_add and cfg.extra["triton_packed_rows"]
+    joint_dq, joint_dkdv = cfg.extra["triton_joint_dq"], cfg.extra["triton_joint_dkdv"]
+    packed = cfg.extra["triton_packed_rows"]
     if packed:  # (hi, lo, delta, 0) per row
         lse_copy, delta = tl.new("temporaries", 4 * cfg.lse_bytes(N, 4)), None
     else:
@@ -1199,22 +1198,28 @@ def _triton_extra(
     the forward, the dQ pass and the dK/dV pass (no accumulator in any; dK/dV with one
     K/V head per query head only; never causal), and whether the backward takes the row
     terms packed (``PACKED_ROW_TERMS``, dQ in its own kernel: four values per row
-    instead of three)."""
+    instead of three), all as the launcher decides them with ``dq_add`` (``DQ_MODE``:
+    the dK/dV kernel adds dQ, on the device the estimate is for)."""
     sched = _schedule(plan)
+    dq_add = _dq_add(torch.device("meta"))
 
     def joint(which: str) -> bool:
         return (
-            _joint_pass(which, sched, H, N, D, kv_group, causal=causal, documents=None) is not None
+            _joint_pass(
+                which, sched, H, N, D, kv_group, causal=causal, documents=None, dq_add=dq_add
+            )
+            is not None
         )
 
     return {
         "triton_causal": causal,
         "triton_multi": sched.multi,
         "triton_chunks": _head_chunks(sched.multi, B, N, H, D, kv_group),
+        "triton_dq_add": dq_add,
         "triton_joint_forward": joint("forward"),
         "triton_joint_dq": joint("dq"),
         "triton_joint_dkdv": joint("dkdv"),
-        "triton_packed_rows": _packed_row_terms(),
+        "triton_packed_rows": _packed_row_terms(dq_add),
     }
 
 

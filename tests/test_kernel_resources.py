@@ -220,6 +220,43 @@ def test_memory_estimate_knows_which_passes_run_jointly(
     assert {p for p, name in names.items() if extra[f"triton_joint_{name}"]} == joint
 
 
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_memory_estimate_follows_the_dq_mode_and_packing(kr, monkeypatch, dq_mode, packed):
+    # With DQ_MODE adding dQ from the dK/dV kernel, the backward runs per branch and reads
+    # the row terms unpacked whatever PACKED_ROW_TERMS says; the estimate's decisions
+    # (memory._triton_extra) are the launcher's: the joint launches it records and the
+    # row terms _launch_backward is told are packed.
+    from dilated_attention_pytorch import memory
+    from dilated_attention_pytorch.backends.triton import launch
+    from dilated_attention_pytorch.plan import make_plan
+
+    monkeypatch.setattr(launch, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(launch, "PACKED_ROW_TERMS", packed)
+    N, H, D = 1 << 16, 16, 64
+    plan = make_plan(*LONGNET, H)
+    q, k, v, dout = (torch.empty(1, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(4))
+    flags: list = []
+    launch_backward = launch._launch_backward
+    monkeypatch.setattr(
+        launch, "_launch_backward",
+        lambda *a, **kw: flags.append(kw["packed"]) or launch_backward(*a, **kw),
+    )  # fmt: skip
+    calls: list = []
+    with kr.recording(calls):
+        out, lse = launch.dilated_forward(q, k, v, plan, scale=D**-0.5)
+        launch.dilated_backward(dout, q, k, v, out, lse, plan, scale=D**-0.5)
+    launched = {c[0] for c in calls}
+    extra = memory._triton_extra(plan, 1, N, H, D, 1)
+    added = dq_mode != "separate"
+    assert extra["triton_dq_add"] == (1 if added else 0)
+    assert extra["triton_joint_dq"] == extra["triton_joint_dkdv"] == (not added)
+    assert ("_joint_dkdv_kernel" in launched) == extra["triton_joint_dkdv"]
+    assert ("_joint_dq_kernel" in launched) == extra["triton_joint_dq"]
+    assert extra["triton_packed_rows"] == (packed and not added)
+    assert set(flags) == (set() if not added else {False})  # per-branch launches: unpacked
+
+
 @pytest.mark.parametrize("cap", [-1, 64.0, "64", True])
 def test_joint_dkdv_cap_must_be_a_head_dim(kr, monkeypatch, cap) -> None:
     from dilated_attention_pytorch.backends.triton import launch

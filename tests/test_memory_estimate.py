@@ -786,7 +786,7 @@ def test_packed_row_terms_must_be_a_bool(monkeypatch, value) -> None:
     monkeypatch.setattr(launch, "PACKED_ROW_TERMS", value)
     match = rf"PACKED_ROW_TERMS must be a bool, got {value!r}; True \(the default\)"
     with pytest.raises(ValueError, match=match):
-        launch._packed_row_terms()
+        launch._packed_row_terms(0)
     with pytest.raises(ValueError, match=match):
         get_memory_estimate(4096, 1, 4, 64, segment_lengths=[1024], dilation_rates=[1],
                             backend="triton")  # fmt: skip

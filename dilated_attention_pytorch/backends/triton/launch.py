@@ -783,16 +783,18 @@ _JOINT_TILE_ROWS = {
 }
 
 
-def _packed_row_terms() -> bool:
-    """:data:`PACKED_ROW_TERMS`, checked (the backward and ``get_memory_estimate`` read it
-    through here)."""
+def _packed_row_terms(dq_add: int) -> bool:
+    """Whether the backward packs its row terms (``_backward_rows`` with ``packed``):
+    :data:`PACKED_ROW_TERMS`, checked, with dQ in its own kernel (``dq_add`` 0; the
+    ``DQ_MODE`` forms read them as separate values). ``dilated_backward`` and
+    ``get_memory_estimate`` decide through here."""
     if not isinstance(PACKED_ROW_TERMS, bool):
         raise ValueError(
             f"PACKED_ROW_TERMS must be a bool, got {PACKED_ROW_TERMS!r}; True (the default) "
             "reads the backward's row terms as one packed word per row, False as separate "
             "values"
         )
-    return PACKED_ROW_TERMS
+    return PACKED_ROW_TERMS and not dq_add
 
 
 def _joint_pass(
@@ -967,7 +969,7 @@ def dilated_backward(
         _joint_pass(which, sched, H, N, D, g, causal=causal, documents=documents, dq_add=dq_add)
         for which in ("dq", "dkdv")
     )
-    packed = _packed_row_terms() and not dq_add
+    packed = _packed_row_terms(dq_add)
     lse, delta = _backward_rows(dout, out, lse, packed=packed)
     if joint_dkdv is not None:
         _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale, packed=packed)
