@@ -280,8 +280,9 @@ def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
 
     Installs the fastest config per kernel for this run and returns what it chose; the
     library defaults (``backends/triton/launch.py``, ``*_CONFIGS``) are set from such a run.
-    The backward reads its row terms as the library does (a branch with ``rate > 1`` its
-    own gathered rows, ``launch._compact_rows``).
+    The backward reads its row terms as the library does (packed words where
+    ``launch.PACKED_ROW_TERMS`` says so, except in the ``dkdv_dq`` form; a branch with
+    ``rate > 1`` its own gathered rows, ``launch._branch_rows``).
     """
     from dilated_attention_pytorch.backends.triton import launch as tk
 
@@ -300,7 +301,9 @@ def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
         q, k, v, out, acc, lse, None, launch, scale=scale, causal=False, acc_in=False
     )
     # The backward's layout of the LSE and delta: heads-first (see dilated_backward).
-    lse_b, delta, compact = tk._branch_rows(*tk._backward_rows(dout, out, lse), launch)
+    packed = tk._packs_row_terms(0)
+    rows = tk._backward_rows(dout, out, lse, packed=packed)
+    lse_b, delta, compact = tk._branch_rows(*rows, launch, packed)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
 
     def run_fwd():
@@ -314,7 +317,7 @@ def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
         tk._launch_backward(
             dout, q, k, v, lse_b, delta, None, grads, grads, launch,
             scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
-            compact=compact,
+            compact=compact, packed=packed and not dq_add,
         )  # fmt: skip
 
     jobs = {

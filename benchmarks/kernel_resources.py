@@ -65,7 +65,10 @@ KERNELS = (
     "_joint_dq_kernel",
     "_joint_dkdv_kernel",
 )
-SETTINGS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS")
+SETTINGS = (
+    "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS",
+    "PACKED",
+)  # fmt: skip
 
 
 class _Recorder:
@@ -275,7 +278,7 @@ def launch_forms(
             r = seen[key]
             print(f"{r['kernel']:>9} D={D:<3} causal={causal!s:<5} r={r['dil']:<3} "
                   f"acc_in={r.get('acc_in', '-')!s:<5} dq_add={r.get('dq_add', '-')} "
-                  f"tma_loads={r['tma_loads']!s:<5} "
+                  f"tma_loads={r['tma_loads']!s:<5} packed={r.get('packed', '-')!s:<5} "
                   f"tiles {r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
                   f"{'' if r['maxnreg'] is None else ' cap ' + str(r['maxnreg'])}: "
                   f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, "

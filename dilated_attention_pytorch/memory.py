@@ -67,7 +67,7 @@ if importlib.util.find_spec("triton") is not None:  # as backends/__init__.py do
         _head_chunks,
         _joint_pass,
         _launches_for_chunk,
-        _packed_row_terms,
+        _packs_row_terms,
         _schedule,
     )
 
@@ -1219,7 +1219,7 @@ def _triton_extra(
         "triton_joint_forward": joint("forward"),
         "triton_joint_dq": joint("dq"),
         "triton_joint_dkdv": joint("dkdv"),
-        "triton_packed_rows": _packed_row_terms(dq_add),
+        "triton_packed_rows": _packs_row_terms(dq_add),
     }
 
 

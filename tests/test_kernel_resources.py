@@ -61,6 +61,11 @@ def test_launches_per_dq_mode(kr, causal) -> None:
         assert names.count("_joint_dq_kernel") == (1 if separate and not causal else 0)
         dq_add = {c[3]["DQ_ADD"] for c in runs[mode] if c[0] == "_bwd_dkdv_kernel"}
         assert dq_add == (set() if joint else {expected})
+        # The dK/dV kernels read packed row terms where dQ has its own kernel
+        # (PACKED_ROW_TERMS, on by default), separate values where they add dQ.
+        dkdv = ("_bwd_dkdv_kernel", "_joint_dkdv_kernel")
+        packed = {c[3]["PACKED"] for c in runs[mode] if c[0] in dkdv}
+        assert packed == {separate}
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")

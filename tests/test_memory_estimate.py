@@ -779,14 +779,14 @@ def test_triton_causal_training_counts_the_per_branch_accumulators(monkeypatch) 
 
 @pytest.mark.skipif("triton" not in available_backends(), reason="Triton is not installed")
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_packed_row_terms_must_be_a_bool(monkeypatch, value) -> None:
+def test_packs_row_terms_must_be_a_bool(monkeypatch, value) -> None:
     # The backward and the estimate read launch.PACKED_ROW_TERMS through one check.
     from dilated_attention_pytorch.backends.triton import launch
 
     monkeypatch.setattr(launch, "PACKED_ROW_TERMS", value)
     match = rf"PACKED_ROW_TERMS must be a bool, got {value!r}; True \(the default\)"
     with pytest.raises(ValueError, match=match):
-        launch._packed_row_terms(0)
+        launch._packs_row_terms(0)
     with pytest.raises(ValueError, match=match):
         get_memory_estimate(4096, 1, 4, 64, segment_lengths=[1024], dilation_rates=[1],
                             backend="triton")  # fmt: skip

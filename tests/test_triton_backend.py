@@ -338,12 +338,14 @@ def test_backward_rows_packed(kernels, shape, pair) -> None:
     B, N, H = shape
     lse = torch.randn(2, B, N, H) if pair else torch.randn(B, N, H)
     (lse[0] if pair else lse)[0, 0, 0] = -math.inf
+    (lse[0] if pair else lse)[-1, -1, -1] = math.nan  # stays NaN (the forward's own NaN)
     dout, out = torch.randn(B, N, H, 16), torch.randn(B, N, H, 16)
     packed_pair, delta = kernels._backward_rows(dout, out, lse, packed=True)
     words = kernels._row_words(packed_pair)
     assert words.shape == (B, H, N, 4) and words.is_contiguous()
     hi = (lse[0] if pair else lse).masked_fill(torch.isneginf(lse[0] if pair else lse), math.inf)
-    assert torch.equal(packed_pair[0], hi)
+    torch.testing.assert_close(packed_pair[0], hi, rtol=0, atol=0, equal_nan=True)
+    assert packed_pair[0].isnan().sum() == 1 and packed_pair[0][-1, -1, -1].isnan()
     lo = lse[1] * math.log2(math.e) if pair else torch.zeros(B, N, H)
     assert torch.equal(packed_pair[1], lo)
     assert torch.equal(words[..., 2], delta.transpose(1, 2))

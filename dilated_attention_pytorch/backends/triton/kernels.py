@@ -182,8 +182,10 @@ def _load_lse(ptrs, s_lp, mask, LSE_PAIR: tl.constexpr, EVEN: tl.constexpr = Fal
 def _load_packed_rows(src, start, offs64, row, mask, TMA: tl.constexpr, BLOCK: tl.constexpr):
     # (hi, lo2, delta) of a tile's rows from the packed row terms (launch._backward_rows
     # with packed: one 16-byte (hi, lo2, delta, 0) word per row, hi already +inf for rows
-    # with no key), src a _rows_source of them with HEAD_DIM 4: one descriptor tile or
-    # one vector load per row instead of three 4-byte loads and addresses. Rows outside
+    # with no key), src a _rows_source of them with HEAD_DIM 4: one descriptor tile, or
+    # one pointer load of the tile's words from one base (compiled for sm_90: four 4-byte
+    # copies per row, not one 16-byte one), instead of three loads with their own
+    # addresses. Rows outside
     # read as 0: their query and dO rows read as 0 too, so P = 1 there multiplies zeros
     # and they add nothing to dK or dV.
     t = _load_tile(src, start, offs64, row, mask, TMA)

@@ -178,8 +178,9 @@ JOINT_DKDV_MAX_HEAD_DIM: int | None = None
 # The dK/dV kernels (joint and per branch, dQ in its own kernel) read each query row's
 # LSE pair and delta as one packed 16-byte word (``_backward_rows`` with ``packed``)
 # instead of three 4-byte values, at the cost of a fourth fp32 value per row and head.
-# Measured on an H200 and an H100 (N = 1M, LongNet's plan): the joint dK/dV kernel
-# 107 -> 79 ms at D = 64, causal calls 12-15% faster. False: three separate values.
+# Measured on an H200 and an H100 (N = 1M, LongNet's plan; README "Packed row terms"):
+# forward+backward 15% faster at D = 64 (joint dK/dV), causal calls 12-15% faster.
+# False: three separate values.
 PACKED_ROW_TERMS = True
 
 LOG2E = 1.4426950408889634  # log2(e), as the kernels' constant
@@ -312,7 +313,7 @@ def _backward_rows(
     buffer holding each row's ``(hi, lo2, delta, 0)``, ``hi`` with ``-inf`` (a row with
     no key) already ``+inf``; the pair and ``delta`` returned are views of it (``lo`` one
     element after ``hi``, rows 4 apart), which every kernel reads through its strides,
-    and the joint dK/dV kernel reads as one 16-byte word per row."""
+    and the dK/dV kernels read as one 16-byte word per row."""
     if packed:
         B, N, H = out.shape[:3]
         words = torch.empty(B, H, N, 4, dtype=torch.float32, device=out.device)
@@ -360,39 +361,39 @@ def _compacts(launch: _Launch, n: int) -> bool:
     return r > 1 and launch.segments is None and n % r == 0 and launch.seg_q % r == 0
 
 
+def _gather_branch_rows(src: Tensor, launch: _Launch) -> Tensor:
+    """A launch's own rows of per-row values ``src`` (``(..., Hc, N, C)``, any strides):
+    ``(..., num_heads, N / r, C)``, new and contiguous, row ``s * (w / r) + t`` of head
+    ``h_first + i`` holding token ``s * w + o + r * t`` of that head
+    (``o = (h - head0) % r``; the layout :func:`_compacts` allows)."""
+    r, n, c = launch.dil, src.shape[-2], src.shape[-1]
+    part = src[..., launch.h_first : launch.h_first + launch.num_heads, :, :]
+    part = part.unflatten(-2, (n // r, r))  # (..., heads, N / r, r, C), a view
+    heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=src.device)
+    index = ((heads - launch.head0) % r).view(-1, 1, 1, 1)
+    return torch.gather(part, -2, index.expand(*part.shape[:-2], 1, c)).squeeze(-2)
+
+
 def _compact_words(pair: Tensor, launch: _Launch) -> tuple[Tensor, Tensor] | None:
     """:func:`_compact_rows` of packed row terms (``pair``: their ``(2, B, N, Hc)`` pair
     view): the launch's rows gathered as packed words, ``(B, num_heads, N / r, 4)``, given
     as their pair and delta views (:func:`_packed_views`)."""
-    r, n = launch.dil, pair.shape[-2]
-    if not _compacts(launch, n):
+    if not _compacts(launch, pair.shape[-2]):
         return None
-    words = _row_words(pair)[:, launch.h_first : launch.h_first + launch.num_heads]
-    src = words.unflatten(2, (n // r, r))  # (B, heads, N / r, r, 4), a view
-    heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=pair.device)
-    index = ((heads - launch.head0) % r).view(1, -1, 1, 1, 1)
-    index = index.expand(words.shape[0], launch.num_heads, n // r, 1, 4)
-    return _packed_views(torch.gather(src, 3, index).squeeze(3))
+    return _packed_views(_gather_branch_rows(_row_words(pair), launch))
 
 
 def _compact_rows(rows: Tensor, launch: _Launch) -> Tensor | None:
     """The rows of a branch with ``r > 1`` taken out of the backward's heads-first row
     terms (``rows``: ``(..., N, Hc)``, unit stride on ``N``), or ``None`` where the layout
     does not allow it (``r == 1``, packed documents, ``N`` or the segment length not a
-    multiple of ``r``): ``(..., N / r, num_heads)`` for the launch's heads, heads-first,
-    row ``s * (w / r) + t`` of head ``h_first + i`` holding token ``s * w + o + r * t`` of
-    that head (``o = (h - head0) % r``). The kernels then read a query tile's row terms
-    from consecutive addresses (``COMPACT``) instead of every ``r``-th."""
-    r, n = launch.dil, rows.shape[-2]
-    if not _compacts(launch, n) or rows.stride(-2) != 1:
+    multiple of ``r``): ``(..., N / r, num_heads)`` for the launch's heads, heads-first
+    (:func:`_gather_branch_rows`). The kernels then read a query tile's row terms from
+    consecutive addresses (``COMPACT``) instead of every ``r``-th."""
+    if not _compacts(launch, rows.shape[-2]) or rows.stride(-2) != 1:
         return None
-    heads = torch.arange(launch.h_first, launch.h_first + launch.num_heads, device=rows.device)
-    lead = rows.shape[:-2]
-    src = rows[..., launch.h_first : launch.h_first + launch.num_heads]
-    src = src.transpose(-1, -2).unflatten(-1, (n // r, r))  # (..., heads, N / r, r), a view
-    index = ((heads - launch.head0) % r).view(*(1,) * len(lead), -1, 1, 1)
-    index = index.expand(*lead, launch.num_heads, n // r, 1)
-    return torch.gather(src, -1, index).squeeze(-1).transpose(-1, -2)
+    gathered = _gather_branch_rows(rows.transpose(-1, -2).unsqueeze(-1), launch)
+    return gathered.squeeze(-1).transpose(-1, -2)
 
 
 def _branch_rows(
@@ -783,7 +784,7 @@ _JOINT_TILE_ROWS = {
 }
 
 
-def _packed_row_terms(dq_add: int) -> bool:
+def _packs_row_terms(dq_add: int) -> bool:
     """Whether the backward packs its row terms (``_backward_rows`` with ``packed``):
     :data:`PACKED_ROW_TERMS`, checked, with dQ in its own kernel (``dq_add`` 0; the
     ``DQ_MODE`` forms read them as separate values). ``dilated_backward`` and
@@ -969,7 +970,7 @@ def dilated_backward(
         _joint_pass(which, sched, H, N, D, g, causal=causal, documents=documents, dq_add=dq_add)
         for which in ("dq", "dkdv")
     )
-    packed = _packed_row_terms(dq_add)
+    packed = _packs_row_terms(dq_add)
     lse, delta = _backward_rows(dout, out, lse, packed=packed)
     if joint_dkdv is not None:
         _joint_dkdv(dout, q, k, v, lse, delta, dk, dv, kpm, joint_dkdv, scale=scale, packed=packed)
