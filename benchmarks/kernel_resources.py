@@ -194,7 +194,8 @@ def sass_loops(sass: str) -> list[dict]:
     """The innermost loops of disassembled SASS that hold tensor-core instructions, in
     address order: per loop, ``instructions`` (per thread, one iteration) and the count of
     each class (``_SASS_CLASSES``; the rest is ``integer_and_control``). A loop is the
-    span from a label to a later branch back to it."""
+    span from a label to a later branch back to it, unless it starts inside another such
+    span and ends past it (a jump back into a loop from out-of-line code)."""
     labels: dict[str, int] = {}
     pending: list[str] = []
     code: list[tuple[int, str, str]] = []  # (address, opcode, operands)
@@ -221,6 +222,10 @@ def sass_loops(sass: str) -> list[dict]:
             body = code[index[start] : i + 1]
             if any(_SASS_CLASS_OF.get(op.split(".")[0]) == "mma" for _, op, _ in body):
                 spans.append((index[start], i))
+    # A span that starts inside another and ends past it is no loop: out-of-line code
+    # (ptxas puts a barrier wait's retry after the kernel body) jumping back into a
+    # loop's body.
+    spans = [(a, b) for a, b in spans if not any(c < a <= d < b for c, d in spans)]
     innermost = [
         (a, b)
         for a, b in spans

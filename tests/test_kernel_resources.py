@@ -87,24 +87,33 @@ _k:
         /*0010*/                   LDS R2, [R3] ;
 .L_x_1:
         /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
-        /*0030*/                   MUFU.EX2 R5, R6 ;
-        /*0040*/                   FFMA R7, R5, R8, R9 ;
-        /*0050*/                   STL [R1], R7 ;
-        /*0060*/               @P0 BRA `(.L_x_1) ;
-        /*0070*/                   IADD3 R3, R3, 0x10, RZ ;
-        /*0080*/               @P1 BRA `(.L_x_0) ;
+.L_x_4:
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR6], R24 ;
+        /*0040*/                   MUFU.EX2 R5, R6 ;
+        /*0050*/                   FFMA R7, R5, R8, R9 ;
+        /*0060*/                   STL [R1], R7 ;
+        /*0070*/               @P0 BRA `(.L_x_1) ;
+        /*0080*/                   IADD3 R3, R3, 0x10, RZ ;
+        /*0090*/               @P1 BRA `(.L_x_0) ;
 .L_x_2:
-        /*0090*/                   FADD R1, R1, R1 ;
-        /*00a0*/               @P2 BRA `(.L_x_2) ;
-        /*00b0*/                   EXIT ;
+        /*00a0*/                   FADD R1, R1, R1 ;
+        /*00b0*/               @P2 BRA `(.L_x_2) ;
+        /*00c0*/                   EXIT ;
+.L_x_3:
+        /*00d0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P3, [UR8], R4 ;
+        /*00e0*/              @!P3 BRA `(.L_x_3) ;
+        /*00f0*/                   BRA `(.L_x_4) ;
 """
 
 
 def test_sass_loops_counts_the_innermost_tensor_core_loop(kr) -> None:
-    # Three loops: the outer one holds the inner (not innermost), the last has no MMA.
+    # Loops: the outer one holds the inner (not innermost), .L_x_2 has no MMA, and the
+    # out-of-line wait at the end jumps back into the inner loop's body (the way ptxas
+    # places a barrier's retry): that span overlaps the inner loop without nesting in
+    # it, so it is not a loop. One loop is counted.
     (loop,) = kr.sass_loops(_SASS)
-    assert loop["instructions"] == 5
-    assert (loop["mma"], loop["exp"], loop["fp32"], loop["spill"]) == (1, 1, 1, 1)
+    assert loop["instructions"] == 6
+    assert (loop["mma"], loop["exp"], loop["fp32"], loop["spill"]) == (2, 1, 1, 1)
     assert loop["integer_and_control"] == 1  # the branch
     assert sum(v for k, v in loop.items() if k != "instructions") == loop["instructions"]
 
@@ -119,7 +128,9 @@ def test_joint_dkdv_loop_counted_for_sm90(kr) -> None:
         _, fn, args, kwargs = next(c for c in calls if c[0] == "_joint_dkdv_kernel")
         source, options = kr.specialize(fn, args, kwargs, 90)
     loops = kr.compile_launch(source, options, 90, loops=True)["loops"]
-    assert loops and loops[0]["mma"] == 24 and loops[0]["exp"] == 32
+    # One loop: the spans from the barrier waits' out-of-line retries back into its body
+    # are not loops (they were counted as two more before).
+    assert len(loops) == 1 and loops[0]["mma"] == 24 and loops[0]["exp"] == 32
     for loop in loops:
         assert sum(v for k, v in loop.items() if k != "instructions") == loop["instructions"]
 
