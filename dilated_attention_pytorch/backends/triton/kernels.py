@@ -185,9 +185,8 @@ def _load_packed_rows(src, start, offs64, row, mask, TMA: tl.constexpr, BLOCK: t
     # with no key), src a _rows_source of them with HEAD_DIM 4: one descriptor tile, or
     # one pointer load of the tile's words from one base (compiled for sm_90: four 4-byte
     # copies per row, not one 16-byte one), instead of three loads with their own
-    # addresses. Rows outside
-    # read as 0: their query and dO rows read as 0 too, so P = 1 there multiplies zeros
-    # and they add nothing to dK or dV.
+    # addresses. Rows outside read as 0: their query and dO rows read as 0 too, so P = 1
+    # there multiplies zeros and they add nothing to dK or dV.
     t = _load_tile(src, start, offs64, row, mask, TMA)
     even, odd = tl.split(tl.reshape(t, [BLOCK, 2, 2]))  # columns (0, 2) and (1, 3)
     hi, delta = tl.split(even)
