@@ -317,7 +317,7 @@ def tune(N: int, D: int, kernels: list[str], rate: int = 1) -> dict:
         tk._launch_backward(
             dout, q, k, v, lse_b, delta, None, grads, grads, launch,
             scale=scale, causal=False, acc_in=False, which=which, dq_add=dq_add, dq_acc=dq_acc,
-            compact=compact, packed=packed and not dq_add,
+            compact=compact, packed=tk._packs_row_terms(dq_add),
         )  # fmt: skip
 
     jobs = {

@@ -1199,7 +1199,7 @@ def _triton_extra(
     K/V head per query head only; never causal), and whether the backward takes the row
     terms packed (``PACKED_ROW_TERMS``, dQ in its own kernel: four values per row
     instead of three), all as the launcher decides them with ``dq_add`` (``DQ_MODE``:
-    the dK/dV kernel adds dQ, on the device the estimate is for)."""
+    whether the dK/dV kernel adds dQ; the form it takes does not change the buffers)."""
     sched = _schedule(plan)
     dq_add = _dq_add(torch.device("meta"))
 
