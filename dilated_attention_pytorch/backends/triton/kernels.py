@@ -586,7 +586,7 @@ def _bwd_dkdv_inner(
     start, stop, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, row_dqa, dq_desc,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, LSE_PAIR: tl.constexpr,
     DQ_ADD: tl.constexpr, TMA: tl.constexpr, SCALAR_BASE: tl.constexpr, EVEN: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, DP_FIRST: tl.constexpr = True,
 ):  # fmt: skip
     # Transposed formulation: scores are (keys, queries), so dK/dV stay in registers.
     # DQ_ADD 0: dQ has its own kernel (recomputing S and dP; deterministic). 1: this
@@ -623,11 +623,14 @@ def _bwd_dkdv_inner(
             hi, lo = _load_lse(lse_base + offs64 * row_l, s_lp, qmask, LSE_PAIR)
             delta = tl.load(dl_base + offs64 * row_dl, mask=qmask, other=0.0)
         qk_t = tl.dot(k, tl.trans(q)) * sm_scale
-        # V dO^T does not need P: issued here, its tensor-core work runs while the exp2
-        # below does (issued after P V's update, it waited for the exp: on an H100 at
-        # N = 1M the joint dK/dV kernel took 75.9 -> 68.4 ms at D=64, 148.0 -> 130.3 at
-        # D=128; docs/triton.md).
-        dp_t = tl.dot(v, tl.trans(do))
+        if DP_FIRST:
+            # V dO^T does not need P: issued here, its tensor-core work runs while the
+            # exp2 below does (issued after P V's update, it waited for the exp: on an
+            # H100 at N = 1M the joint dK/dV kernel took 75.9 -> 68.4 ms at D=64, 148.0
+            # -> 130.3 at D=128; docs/triton.md). The causal kernel keeps the old order:
+            # compiled for sm_90 this order raised its spills (D=64: 116-272 -> 196-512
+            # bytes per thread), and it was not timed.
+            dp_t = tl.dot(v, tl.trans(do))
         p_t = tl.exp2((qk_t - hi[None, :]) * LOG2E - lo[None, :])
         if MASK:
             p_t = tl.where(offs[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -637,6 +640,8 @@ def _bwd_dkdv_inner(
             # fused dQ would add their inf * 0 = NaN, so they count nowhere.
             p_t = tl.where(keep_k[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
+        if not DP_FIRST:
+            dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         if MASK or HAS_KPM:
             # Pairs that do not count give 0 even where a value is not finite (0 * inf).
@@ -704,6 +709,7 @@ def _bwd_dkdv_head(
             dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             lo, free, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
             BLOCK_M, True, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False, PACKED,
+            not CAUSAL,
         )  # fmt: skip
     whole = free
     if SCALAR_BASE:
@@ -713,12 +719,14 @@ def _bwd_dkdv_head(
             dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
             free, whole, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
             BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, True, True, PACKED,
+            not CAUSAL,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, dl_base,
         dil * s_qn, dil * s_dn, lstep * s_ln, lstep * s_en, s_lp,
         whole, len_q, len_q, offs_n, keep_k, sm_scale, k_dq, dqa_base, dil * s_cn, dq_desc,
         BLOCK_M, False, HAS_KPM, LSE_PAIR, DQ_ADD, TMA_LOADS, SCALAR_BASE, False, PACKED,
+        not CAUSAL,
     )  # fmt: skip
     return dk, dv
 
