@@ -6,8 +6,9 @@ For each head dim: forward+backward of ``block_sparse_attention(..., backend="tr
 and ``backend="flex"`` under ``torch.profiler``, CUDA time per kernel (mean per call),
 then the Triton kernels with other tile sizes (``--sweep``). Bf16, B=1, H=16, blocks of
 128, ``local_window`` at sparsity 0.9 unless ``--patterns`` says otherwise (``name:ratio``
-each; the sweep runs on the first). ``--orig`` adds the kernels of an earlier commit, side
-by side in the same process: copy that commit's file next to the current one first,
+each; the sweep runs on the first), not causal unless ``--causal``. ``--orig`` adds the
+kernels of an earlier commit, side by side in the same process: copy that commit's file
+next to the current one first,
 
     git show <commit>:dilated_attention_pytorch/sparse/triton_kernels.py \
         > dilated_attention_pytorch/sparse/_orig_kernels.py
@@ -108,6 +109,7 @@ def main() -> None:
         action="store_true",
         help="also the kernels of sparse/_orig_kernels.py (an earlier triton_kernels.py)",
     )
+    parser.add_argument("--causal", action="store_true", help="causal patterns")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-flex", action="store_true")
     args = parser.parse_args()
@@ -116,7 +118,12 @@ def main() -> None:
     for spec in args.patterns:
         name, ratio = spec.split(":")
         patterns.append(
-            (spec, make_block_sparse_pattern(name, N, block_size=128, sparsity_ratio=float(ratio)))
+            (
+                spec,
+                make_block_sparse_pattern(
+                    name, N, block_size=128, sparsity_ratio=float(ratio), is_causal=args.causal
+                ),
+            )
         )
     methods = ["triton"] + (["orig"] if args.orig else []) + ([] if args.no_flex else ["flex"])
     for D in args.head_dims:

@@ -282,6 +282,7 @@ def _dkdv_head(
         lse2 = _load_lse2(Lse, b, h, q0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
         delta = _load_row_vec(Delta, b, h, q0, offs_m, s_lb, s_ln, s_lh, qmask, EVEN_Q)
         st = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M): S transposed
+        dpt = _dot(v, tl.trans(do), IEEE)  # before the exp2, which its matmul overlaps
         pt = tl.exp2(st - lse2[None, :])
         # Rows past len_q have lse +inf, so p = 0 there; only keys need a mask.
         if CAUSAL or not EVEN_K:
@@ -289,7 +290,6 @@ def _dkdv_head(
                 qg = q_start + q0 + offs_m
                 pt = tl.where(tl.trans(_valid(qg, kg, kmask, CAUSAL)), pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
         q0 = _next_row(idx, t, n_steps, q0, rot, num, BS, BLOCK_M, ROT)
