@@ -46,7 +46,7 @@ def test_joint_ways_differ_in_how_the_row_terms_are_read(bench, monkeypatch) -> 
     lse = torch.zeros(2, 1, 64, 2)
     monkeypatch.setattr(launch, "_INTERPRET_CONFIG", launch.KernelConfig(8, 8, 1, 1))
     monkeypatch.setattr(launch, "interpreting", lambda: True)
-    monkeypatch.setattr(launch, "_compute_delta", lambda d, o, into=None: into)
+    monkeypatch.setattr(launch, "_compute_delta", lambda d, o, into=None, lse=None: into)
     for way in ("joint", "joint_unpacked"):
         for name, value in bench.WAYS[way].items():
             monkeypatch.setattr(launch, name, value)

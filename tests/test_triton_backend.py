@@ -355,6 +355,58 @@ def test_backward_rows_packed(kernels, shape, pair) -> None:
 
 @interpreted
 @pytest.mark.parametrize(
+    "ws, rs, H, mixing, kv_heads",
+    [
+        ([8, 16, 32], [1, 2, 4], 6, "head_split", None),  # heads 0-1 r=1, 2-3 r=2, 4-5 r=4
+        ([16, 8, 2], [5, 4, 1], 2, "head_split", None),  # one branch runs no head
+        ([12], [3], 5, "softmax", None),  # one branch, r=3, every offset used
+        ([12], [4], 2, "softmax", None),  # offsets 2 and 3 run by no head
+        ([8, 16], [1, 2], 4, "head_split", 2),  # grouped-query attention: full fill
+        ([8, 16], [1, 2], 4, "softmax", None),  # every head in two branches: full fill
+        ([8, 16], [1, 1], 4, "softmax", None),  # r=1 everywhere: covered, no fill
+    ],
+)
+@pytest.mark.filterwarnings("ignore:dilated attention with .* leaves some positions")
+def test_zero_uncovered_rows(kernels, ws, rs, H, mixing, kv_heads) -> None:
+    # Where each (position, head) is covered by at most one branch, the outputs and
+    # gradients are allocated empty and only the rows no branch covers are zeroed; the
+    # covered rows (here NaN) are left for the kernels. Coverage from the plan's head
+    # groups (position p of head h: (p mod w) mod r == the group's offset).
+    plan = make_plan(ws, rs, H, branch_mixing=mixing, num_kv_heads=kv_heads)
+    sched = kernels._schedule(plan)
+    g = H // (kv_heads or H)
+    cover = kernels._single_coverage(sched, H, g, None, torch.device("cpu"))
+    covered_twice = sched.multi
+    assert (cover is None) == (sched.full or covered_twice or g > 1)
+    if cover is None:
+        return
+    B, N, D = 2, 37, 16  # N not a multiple of any segment length: ragged last segments
+    covered = torch.zeros(N, H, dtype=torch.bool)
+    p = torch.arange(N)
+    for branch in plan.branches:
+        w, r = branch.segment_length, branch.dilation_rate
+        for group in branch.head_groups:
+            for h in group.heads:
+                assert not (covered[:, h] & ((p % w) % r == group.offset)).any()
+                covered[:, h] |= (p % w) % r == group.offset
+    assert not covered.all()
+    tensors = tuple(torch.full((B, N, H, D), math.nan, dtype=dt) for dt in (torch.float32,) * 3)
+    for num in (1, 3):
+        for t in tensors:
+            t.fill_(math.nan)
+        kernels._zero_uncovered(tensors[:num], cover)
+        for i, t in enumerate(tensors):
+            if i >= num:
+                assert t.isnan().all()  # not passed: untouched
+                continue
+            assert t[:, covered].isnan().all()
+            assert torch.equal(t[:, ~covered], torch.zeros_like(t[:, ~covered]))
+    with pytest.raises(ValueError, match="one shape and strides"):
+        kernels._zero_uncovered((tensors[0], tensors[1].transpose(1, 2)), cover)
+
+
+@interpreted
+@pytest.mark.parametrize(
     "n, w, r, head0, h_first, num_heads",
     [(64, 16, 2, 0, 0, 3), (96, 32, 4, -1, 1, 2), (48, 48, 16, 2, 0, 4), (40, 8, 8, 0, 2, 1)],
 )

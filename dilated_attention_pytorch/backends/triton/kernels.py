@@ -557,16 +557,48 @@ def _joint_fwd_kernel(
     tl.store(lse_ptrs + s_lp, lse_lo, mask=qmask)
 
 
+@triton.jit
+def _zero_uncovered_kernel(
+    X0, X1, X2, Cover, n, num_heads, s_b, s_n, s_h,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, NUM: tl.constexpr,
+):  # fmt: skip
+    # Zeros into the (position, head) rows that no branch covers of NUM (1 to 3)
+    # (B, N, H, D) tensors with the same strides. Cover: per head the rate r, offset o
+    # and segment length w of the one branch that runs it (three int32 rows of
+    # num_heads; o = -1 where none does). Position p is covered iff (p mod w) mod r == o.
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    r = tl.load(Cover + h)
+    o = tl.load(Cover + num_heads + h)
+    w = tl.load(Cover + 2 * num_heads + h)
+    rows = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    zero = (rows < n) & ((rows % w) % r != o)
+    off = _rows_off(b, h, rows, s_b, s_n, s_h, tl.arange(0, HEAD_DIM))
+    z = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
+    _store_rows(X0 + off, z, zero)
+    if NUM > 1:
+        _store_rows(X1 + off, z, zero)
+    if NUM > 2:
+        _store_rows(X2 + off, z, zero)
+
+
 # --------------------------------------------------------------------------- backward
 
 
 @triton.jit
 def _delta_kernel(
-    DO, Out, Delta, n, num_heads,
-    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    DO, Out, Delta, Lse, n, num_heads,
+    s_db, s_dn, s_dh, s_ob, s_on, s_oh, s_lb, s_ln, s_lh, s_eb, s_en, s_eh, s_ep,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr = False,
+    LSE_PAIR: tl.constexpr = False,
 ):  # fmt: skip
     # delta[b, p, h] = sum_d dO * O, in fp32: the softmax-backward row term.
+    # PACK: Delta is the delta of the packed row terms (launch._backward_rows), two
+    # elements into each row's 16-byte word, and the whole word (hi, lo2, delta, 0) is
+    # written here: hi from Lse with -inf (a row with no key) as +inf, lo2 = lo * log2(e)
+    # from the plane s_ep after it (LSE_PAIR; else 0).
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -577,7 +609,21 @@ def _delta_kernel(
     do = _load_rows(_rows_ptr(DO, b, h, rows, s_db, s_dn, s_dh, offs_d), mask)
     o = _load_rows(_rows_ptr(Out, b, h, rows, s_ob, s_on, s_oh, offs_d), mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(_ptr(Delta, b, h, rows, s_lb, s_ln, s_lh), delta, mask=mask)
+    if PACK:
+        lse_ptrs = _ptr(Lse, b, h, rows, s_eb, s_en, s_eh)
+        hi = tl.load(lse_ptrs, mask=mask, other=0.0)
+        hi = tl.where(hi == float("-inf"), float("inf"), hi)
+        if LSE_PAIR:
+            lo2 = tl.load(lse_ptrs + s_ep, mask=mask, other=0.0) * LOG2E
+        else:
+            lo2 = tl.zeros_like(hi)
+        c = tl.arange(0, 4)[None, :]
+        word = tl.where(c == 0, hi[:, None], tl.where(c == 1, lo2[:, None], 0.0))
+        word = tl.where(c == 2, delta[:, None], word)
+        word_ptrs = _ptr(Delta - 2, b, h, rows[:, None], s_lb, s_ln, s_lh) + c
+        tl.store(word_ptrs, word, mask=mask[:, None])
+    else:
+        tl.store(_ptr(Delta, b, h, rows, s_lb, s_ln, s_lh), delta, mask=mask)
 
 
 @triton.jit

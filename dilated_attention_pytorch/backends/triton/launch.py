@@ -60,6 +60,7 @@ from .kernels import (
     _joint_dkdv_kernel,
     _joint_dq_kernel,
     _joint_fwd_kernel,
+    _zero_uncovered_kernel,
 )
 
 __all__ = [
@@ -318,14 +319,7 @@ def _backward_rows(
         B, N, H = out.shape[:3]
         words = torch.empty(B, H, N, 4, dtype=torch.float32, device=out.device)
         pair, delta = _packed_views(words)
-        hi = lse[0] if lse.dim() == 4 else lse
-        torch.nan_to_num(hi, nan=math.nan, posinf=math.inf, neginf=math.inf, out=pair[0])
-        if lse.dim() == 4:
-            torch.mul(lse[1], LOG2E, out=pair[1])
-        else:
-            pair[1].zero_()
-        words[..., 3].zero_()
-        return pair, _compute_delta(dout, out, into=delta)
+        return pair, _compute_delta(dout, out, into=delta, lse=lse)
     copy = torch.empty_like(lse.transpose(-1, -2), memory_format=torch.contiguous_format)
     copy = copy.transpose(-1, -2)  # heads-first, shaped like lse
     if lse.dim() == 4:
@@ -409,15 +403,26 @@ def _branch_rows(
     return (*rows, True) if rows[0] is not None else (lse, delta, False)
 
 
-def _compute_delta(dout: Tensor, out: Tensor, into: Tensor | None = None) -> Tensor:
+def _compute_delta(
+    dout: Tensor, out: Tensor, into: Tensor | None = None, lse: Tensor | None = None
+) -> Tensor:
     """``rowsum(dout * out)`` in fp32, ``(B, N, H)``: into ``into`` (any strides), else a
-    new contiguous tensor."""
+    new contiguous tensor.
+
+    With ``lse`` (the forward's ``(B, N, H)`` LSE or ``(2, B, N, H)`` pair), ``into`` is
+    the delta view of packed row terms (:func:`_packed_views`) and the same launch writes
+    each row's whole word, ``(hi, lo2, delta, 0)`` (``_backward_rows`` with ``packed``),
+    instead of three more passes over them."""
     B, N, H, D = out.shape
     delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device) if into is None else into
     block = 16 if interpreting() else 64
+    pair = lse is not None and lse.dim() == 4
+    hi = dout if lse is None else (lse[0] if pair else lse)  # dout: a pointer never read
     _delta_kernel[(triton.cdiv(N, block), B * H)](
-        dout, out, delta, N, H, *_s3(dout), *_s3(out), *_s3(delta), HEAD_DIM=D, BLOCK=block
-    )
+        dout, out, delta, hi, N, H, *_s3(dout), *_s3(out), *_s3(delta),
+        *((0, 0, 0) if lse is None else _s3(hi)), lse.stride(0) if pair else 0,
+        HEAD_DIM=D, BLOCK=block, PACK=lse is not None, LSE_PAIR=pair,
+    )  # fmt: skip
     return delta
 
 
@@ -649,6 +654,54 @@ def _kpm_u8(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
 
 
+def _single_coverage(
+    sched: _Schedule, num_heads: int, kv_group: int, documents: Sequence[int] | None,
+    device: torch.device,
+) -> Tensor | None:  # fmt: skip
+    """Where the outputs need zeros in some rows only: the ``(3, H)`` int32 table of
+    :func:`_coverage_table` when no ``(position, head)`` is covered by more than one
+    branch (``head_split`` mixing, for one), the outputs are not all covered, K/V heads
+    are the query heads and there are no packed documents; else ``None`` (a full zero
+    fill where ``sched.full`` is False). :func:`_zero_uncovered` then writes only the rows
+    the kernels leave, instead of zeroing whole tensors that the kernels mostly
+    overwrite."""
+    if sched.full or sched.multi or kv_group != 1 or documents is not None:
+        return None
+    key = tuple((b.segment_length, b.dilation_rate, h0, lo, hi) for b, h0, lo, hi in sched.branches)
+    return _coverage_table(key, num_heads, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _coverage_table(
+    branches: tuple[tuple[int, int, int, int, int], ...], num_heads: int, device: torch.device
+) -> Tensor:
+    """Per head, ``(rate, offset, segment length)`` of the one branch that runs it (its
+    positions ``p`` with ``(p mod w) mod r == offset``, the kernels' offset rule
+    ``offset = (h - head0) mod r``), given ``(w, r, head0, head_start, head_stop)`` per
+    branch; ``(1, -1, 1)`` for a head no branch runs. Int32 ``(3, H)`` on ``device``."""
+    table = [[1] * num_heads, [-1] * num_heads, [1] * num_heads]
+    for w, r, head0, start, stop in branches:
+        for h in range(start, stop):
+            table[0][h], table[1][h], table[2][h] = r, (h - head0) % r, w
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
+def _zero_uncovered(tensors: tuple[Tensor, ...], cover: Tensor) -> None:
+    """Zeros into the rows of ``tensors`` (1 to 3 ``(B, N, H, D)`` tensors with equal
+    strides) that the branches of ``cover`` (:func:`_single_coverage`) leave."""
+    x = tensors[0]
+    B, N, H, D = x.shape
+    if any(t.stride() != x.stride() or t.shape != x.shape for t in tensors):
+        raise ValueError("_zero_uncovered wants tensors of one shape and strides")
+    if B * N * H == 0:
+        return
+    block = 16 if interpreting() else 64
+    padded = tensors + (x,) * (3 - len(tensors))
+    _zero_uncovered_kernel[(triton.cdiv(N, block), B * H)](
+        *padded, cover, N, H, *_s3(x), HEAD_DIM=D, BLOCK=block, NUM=len(tensors)
+    )
+
+
 def dilated_forward(
     q: Tensor,
     k: Tensor,
@@ -672,7 +725,12 @@ def dilated_forward(
     B, N, H, D = q.shape
     sched = _schedule(plan)
     kpm = _kpm_u8(key_padding_mask)
-    out = (torch.empty if sched.full else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    g = H // k.shape[2]
+    cover = _single_coverage(sched, H, g, documents, q.device)
+    alloc = torch.empty if sched.full or cover is not None else torch.zeros
+    out = alloc(q.shape, dtype=q.dtype, device=q.device)
+    if cover is not None:
+        _zero_uncovered((out,), cover)
     lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
     joint = _joint_pass("forward", sched, H, N, D, H // k.shape[2], causal=causal,
                         documents=documents)  # fmt: skip
@@ -687,7 +745,6 @@ def dilated_forward(
         lse[1].zero_()
     if N == 0:
         return out, lse
-    g = H // k.shape[2]
     for c_lo, c_hi in _head_chunks(sched.multi, B, N, H, D, g):
         hs, ks = slice(c_lo, c_hi), slice(c_lo // g, c_hi // g)
         qc, kc, vc, oc = q[:, :, hs], k[:, :, ks], v[:, :, ks], out[:, :, hs]
@@ -948,10 +1005,13 @@ def dilated_backward(
     kpm = _kpm_u8(key_padding_mask)
     g = H // k.shape[2]
     if grads is None:
-        alloc = torch.empty if sched.full else torch.zeros
+        cover = _single_coverage(sched, H, g, documents, q.device)
+        alloc = torch.empty if sched.full or cover is not None else torch.zeros
         dq = alloc(q.shape, dtype=q.dtype, device=q.device)
         dk = alloc(k.shape, dtype=k.dtype, device=k.device)
         dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+        if cover is not None:
+            _zero_uncovered((dq, dk, dv), cover)
     else:
         dq, dk, dv = grads
         if dk.stride() != dv.stride():
