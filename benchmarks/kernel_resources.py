@@ -64,6 +64,7 @@ KERNELS = (
     "_joint_fwd_kernel",
     "_joint_dq_kernel",
     "_joint_dkdv_kernel",
+    "_zero_uncovered_kernel",
 )
 SETTINGS = (
     "HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "ACC_IN", "LSE_PAIR", "DQ_ADD", "TMA_LOADS",
@@ -258,7 +259,7 @@ def launch_forms(
     compile-time settings, ``r == 1``, warps, stages and register cap), adding its row
     (with ``loops``, its loops' instruction counts); call inside :func:`as_on_gpu`."""
     for name, fn, a, kw in launches(seq_len, D, causal, mode, load_mode):
-        if name == "_delta_kernel":
+        if name in ("_delta_kernel", "_zero_uncovered_kernel"):
             continue
         settings = {s: kw[s] for s in SETTINGS if s in kw}
         # The dilation rate as the kernel sees it: 1 is a compile-time constant (Triton

@@ -59,6 +59,9 @@ def test_launches_per_dq_mode(kr, causal) -> None:
         assert names.count("_joint_dkdv_kernel") == (1 if joint else 0)
         assert names.count("_bwd_dq_kernel") == (5 if separate and causal else 0)
         assert names.count("_joint_dq_kernel") == (1 if separate and not causal else 0)
+        # Per-branch passes through fp32 accumulators (causal, dQ in its own kernel):
+        # each zeroes only the rows its first launch does not store.
+        assert names.count("_zero_uncovered_kernel") == (2 if separate and causal else 0)
         dq_add = {c[3]["DQ_ADD"] for c in runs[mode] if c[0] == "_bwd_dkdv_kernel"}
         assert dq_add == (set() if joint else {expected})
         # The dK/dV kernels read packed row terms where dQ has its own kernel

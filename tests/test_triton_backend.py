@@ -901,11 +901,21 @@ def test_explicit_triton_raises_with_reasons() -> None:
         ((2, 37, 6, [8, 16, 32], [1, 2, 4]), dict(branch_mixing="head_split")),
         ((1, 20, 2, [16, 8, 2], [5, 4, 1]), dict(branch_mixing="head_split", is_causal=True)),
         ((2, 30, 3, [12], [3]), dict(mask_p=0.3)),  # one branch, r > 1
-        ((1, 45, 4, [8, 16, 32], [1, 2, 4]), dict(is_causal=True)),  # fp32 accumulators
+        # fp32 accumulators: the first launch (r = 2) stores its rows, the rest start at 0
+        ((1, 45, 4, [8, 16, 32], [1, 2, 4]), dict(is_causal=True, mask_p=0.3)),
+        ((2, 40, 5, [8, 16], [1, 3]), dict(is_causal=True)),
         ((2, 40, 4, [8, 16], [2, 4]), dict()),  # no r = 1 branch: accumulators copied out
         ((1, 33, 4, [8, 16], [1, 2]), dict(kv_heads=2, branch_mixing="head_split")),
     ],
-    ids=["head_split", "head_split_causal", "one_branch_mask", "causal", "without_r1", "gqa"],
+    ids=[
+        "head_split",
+        "head_split_causal",
+        "one_branch_mask",
+        "causal_mask",
+        "causal_r3",
+        "without_r1",
+        "gqa",
+    ],  # fmt: skip
 )
 @pytest.mark.filterwarnings("ignore:dilated attention with .* leaves some positions")
 def test_unwritten_memory_is_never_read(monkeypatch, args, kwargs) -> None:

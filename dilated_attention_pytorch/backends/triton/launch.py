@@ -686,6 +686,26 @@ def _coverage_table(
     return torch.tensor(table, dtype=torch.int32, device=device)
 
 
+def _first_launch_coverage(
+    launches: list[tuple[int, _Launch]], sched: _Schedule, num_heads: int, kv_group: int,
+    dq_add: int, device: torch.device,
+) -> Tensor | None:  # fmt: skip
+    """For the fp32 accumulators of one head chunk's backward pass through several
+    branches: the :func:`_coverage_table` of the chunk's first launch, which stores the
+    rows it covers without reading the accumulators, so that only the other rows need
+    zeros first (:func:`_zero_uncovered`). ``None`` (zero-fill them whole) with
+    grouped-query attention, the ``DQ_MODE`` forms, packed documents, or where the first
+    launch is the final one (it writes the outputs, not the accumulators)."""
+    if kv_group != 1 or dq_add or len(launches) < 2:
+        return None
+    i, first = launches[0]
+    if i == sched.final or first.segments is not None:
+        return None
+    stop = first.h_first + first.num_heads
+    key = ((first.seg_q, first.dil, first.head0, first.h_first, stop),)
+    return _coverage_table(key, num_heads, device)
+
+
 def _zero_uncovered(tensors: tuple[Tensor, ...], cover: Tensor) -> None:
     """Zeros into the rows of ``tensors`` (1 to 3 ``(B, N, H, D)`` tensors with equal
     strides) that the branches of ``cover`` (:func:`_single_coverage`) leave."""
@@ -1056,12 +1076,23 @@ def dilated_backward(
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
             through = sched.multi or per_query_head
+            # The first launch stores the rows it covers: only the others start at zero.
+            first = (
+                _first_launch_coverage(launches, sched, c_hi - c_lo, g, dq_add, q.device)
+                if through
+                else None
+            )
+            acc_alloc = torch.empty if first is not None else torch.zeros
             if through and which == "dkdv":
                 kv_shape = (B, N, (c_hi - c_lo) // g, D) if grouped else shape
-                dk_acc, dv_acc = torch.zeros(kv_shape, **f32), torch.zeros(kv_shape, **f32)
+                dk_acc, dv_acc = acc_alloc(kv_shape, **f32), acc_alloc(kv_shape, **f32)
+                if first is not None:
+                    _zero_uncovered((dk_acc, dv_acc), first)
                 accs = (dk_acc, dk_acc, dv_acc)  # the dQ slot is unused here
             elif through:
-                dq_acc = torch.zeros(shape, **f32)
+                dq_acc = acc_alloc(shape, **f32)
+                if first is not None:
+                    _zero_uncovered((dq_acc,), first)
                 accs = (dq_acc, dq_acc, dq_acc)
             else:
                 accs = (dqc, dkc, dvc)
