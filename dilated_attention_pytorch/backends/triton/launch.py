@@ -708,7 +708,8 @@ def _first_launch_coverage(
 
 def _zero_uncovered(tensors: tuple[Tensor, ...], cover: Tensor) -> None:
     """Zeros into the rows of ``tensors`` (1 to 3 ``(B, N, H, D)`` tensors with equal
-    strides) that the branches of ``cover`` (:func:`_single_coverage`) leave."""
+    strides) that the branches of ``cover`` (:func:`_single_coverage` or
+    :func:`_first_launch_coverage`) leave."""
     x = tensors[0]
     B, N, H, D = x.shape
     if any(t.stride() != x.stride() or t.shape != x.shape for t in tensors):
@@ -752,8 +753,7 @@ def dilated_forward(
     if cover is not None:
         _zero_uncovered((out,), cover)
     lse = torch.empty((2, B, N, H), dtype=torch.float32, device=q.device)
-    joint = _joint_pass("forward", sched, H, N, D, H // k.shape[2], causal=causal,
-                        documents=documents)  # fmt: skip
+    joint = _joint_pass("forward", sched, H, N, D, g, causal=causal, documents=documents)
     if joint is not None:
         # One launch writes every (position, head) of out and the LSE pair.
         _joint_forward(q, k, v, out, lse, kpm, joint, scale=scale)
