@@ -1069,6 +1069,9 @@ def dilated_backward(
         shape = (B, N, c_hi - c_lo, D)
         launches = _launches_for_chunk(sched, c_lo, c_hi, g, documents, q.device)
         grouped = _grouped_dkdv(launches, g, dq_add)
+        # Accumulators: the first launch stores the rows it covers, only the others
+        # start at zero (None: zero-filled whole). The same for every pass.
+        first_cover = _first_launch_coverage(launches, sched, c_hi - c_lo, g, dq_add, q.device)
         # dK/dV for all branches first, then dQ: at most two fp32 accumulators live at once;
         # with dq_add the dK/dV pass also adds dQ into a third, and there is no dQ pass.
         dq_acc = torch.zeros(shape, **f32) if dq_add else None
@@ -1076,12 +1079,7 @@ def dilated_backward(
             # Through fp32 accumulators: several branches, or per-query-head dK/dV.
             per_query_head = g > 1 and which == "dkdv" and not grouped
             through = sched.multi or per_query_head
-            # The first launch stores the rows it covers: only the others start at zero.
-            first = (
-                _first_launch_coverage(launches, sched, c_hi - c_lo, g, dq_add, q.device)
-                if through
-                else None
-            )
+            first = first_cover if through else None
             acc_alloc = torch.empty if first is not None else torch.zeros
             if through and which == "dkdv":
                 kv_shape = (B, N, (c_hi - c_lo) // g, D) if grouped else shape
